@@ -1,0 +1,303 @@
+"""The run configuration: typed dataclasses, YAML loading, validation and the CLI flags built from them.
+
+Precedence is defaults < YAML < CLI flags. Field names follow the notebook vocabulary so that a user
+can move between a notebook, a YAML file and the command line without renaming anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATASET = "builtin:lumen"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    model_name: str = field(default=DEFAULT_MODEL, metadata={"help": (
+        "Model to fine-tune: 'smollm2-135m' (embedded, no download), a Hugging Face hub id, "
+        "a local directory with config.json + safetensors, or a .gguf file.")})
+    max_seq_length: int = field(default=512, metadata={"help": "Longest training sequence in tokens."})
+    dtype: str = field(default="auto", metadata={"help": (
+        "Weights and compute precision: auto (bf16 on GPUs that support it, fp16 on older GPUs, "
+        "fp32 on CPU), fp32, bf16 or fp16.")})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Quantise the frozen base to NF4 (QLoRA; CUDA only)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Quantise the frozen base to 8-bit (CUDA only)."})
+    cpu_fallback_16bit: bool = field(default=False, metadata={"help": (
+        "On a machine without CUDA, load a 4/8-bit request in 16/32-bit instead of refusing.")})
+    use_kernels: str = field(default="auto", metadata={"help": (
+        "Triton fast path for the Llama family: auto (on where CUDA and Triton are present), on, off.")})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repository to run."})
+    token: str | None = field(default=None, metadata={"help": "Hugging Face token for gated models (or set HF_TOKEN)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input path."})
+    target_modules: list[str] = field(default_factory=lambda: ["default"], metadata={"help": (
+        "Modules to adapt: 'default' (all seven projections of the Llama family, every linear "
+        "layer otherwise), 'all-linear', or names such as q_proj v_proj.")})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha / sqrt(r)."})
+    random_state: int = field(default=3407, metadata={"help": "Seed for the LoRA initialisation."})
+    bias: str = field(default="none", metadata={"help": "Only 'none' is supported: biases stay frozen."})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": (
+        "Training data: 'builtin:lumen' (embedded), a .json/.jsonl/.csv/.parquet file, a directory "
+        "saved with datasets.save_to_disk, or a hub dataset name (optionally name:split).")})
+    eval_dataset: str | None = field(default=None, metadata={"help": (
+        "Held-out data in the same format; 'builtin:lumen' uses the embedded held-out split.")})
+    format: str = field(default="auto", metadata={"help": "Row format: auto, alpaca, messages, completion."})
+    instruction_field: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
+    input_field: str = field(default="input", metadata={"help": "Alpaca input column (may be absent)."})
+    output_field: str = field(default="output", metadata={"help": "Alpaca output column."})
+    messages_field: str = field(default="messages", metadata={"help": (
+        "Chat column: OpenAI messages (role/content) or ShareGPT conversations (from/value).")})
+    text_field: str = field(default="text", metadata={"help": "Completion-format text column (dataset_text_field)."})
+    template: str = field(default="auto", metadata={"help": (
+        "Prompt template for alpaca rows: auto (alpaca), alpaca, chat (the tokenizer's chat template).")})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on prompt tokens, not only responses."})
+    on_bad_row: str = field(default="error", metadata={"help": "A malformed row: error (stop, naming it) or skip (count it)."})
+    on_long_row: str = field(default="truncate", metadata={"help": "A row over max_seq_length: truncate or drop."})
+    packing: str = field(default="auto", metadata={"help": (
+        "Pack several rows per sequence with attention kept inside each row: auto (on where exact), on, off.")})
+    max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (after validation)."})
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(default="runs/default", metadata={"help": "Run directory for adapter, checkpoints and logs."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimiser steps; -1 means use num_train_epochs."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the data when max_steps is -1."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a share of all steps (used if warmup_steps is 0)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine or constant (each after warmup)."})
+    optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, or adamw_8bit (bitsandbytes, CUDA only)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this; 0 disables clipping."})
+    precision: str = field(default="auto", metadata={"help": "Compute precision: auto, fp32, bf16, fp16 (mixed)."})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": (
+        "Activation memory: auto, off, on (recompute each layer), offload (layer inputs in pinned CPU "
+        "memory), selective.")})
+    logging_steps: int = field(default=1, metadata={"help": "Log a line every N steps."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps when an eval set is given (0: at the end)."})
+    seed: int = field(default=3407, metadata={"help": "Seed for data order, dropout and everything random."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    show_samples: int = field(default=3, metadata={"help": "Answer this many held-out questions before and after training."})
+    report: bool = field(default=True, metadata={"help": "Write loss.png and print the summary at the end."})
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "fp32", "bf16", "fp16"),
+    "use_kernels": ("auto", "on", "off"),
+    "format": ("auto", "alpaca", "messages", "completion"),
+    "template": ("auto", "alpaca", "chat"),
+    "on_bad_row": ("error", "skip"),
+    "on_long_row": ("truncate", "drop"),
+    "packing": ("auto", "on", "off"),
+    "lr_scheduler_type": ("linear", "cosine", "constant"),
+    "optim": ("adamw_torch", "adamw_8bit"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "gradient_checkpointing": ("auto", "off", "on", "offload", "selective"),
+    "bias": ("none",),
+}
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | str | float):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(section_obj: Any, name: str, value: Any, where: str) -> None:
+    cls = type(section_obj)
+    f = {f.name: f for f in fields(cls)}[name]
+    value = _coerce(value, _field_type(cls, f), where)
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[name])}")
+    setattr(section_obj, name, value)
+
+
+def _section_of(key: str) -> str | None:
+    for section, cls in SECTIONS.items():
+        if key in {f.name for f in fields(cls)}:
+            return section
+    return None
+
+
+def apply_overrides(cfg: RunConfig, values: dict[str, Any], source: str) -> RunConfig:
+    """Apply `{section: {key: value}}` or flat `{key: value}` (names are unique across sections)."""
+    for key, value in values.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section '{key}' must be a mapping")
+            known = {f.name for f in fields(SECTIONS[key])}
+            for sub, subval in value.items():
+                if sub not in known:
+                    raise ConfigError(f"{source}: unknown key '{key}.{sub}' (known: {', '.join(sorted(known))})")
+                _set(getattr(cfg, key), sub, subval, f"{source}: {key}.{sub}")
+        else:
+            section = _section_of(key)
+            if section is None:
+                raise ConfigError(f"{source}: unknown key '{key}'")
+            _set(getattr(cfg, section), key, value, f"{source}: {key}")
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path, cfg: RunConfig | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections or keys")
+    return apply_overrides(cfg or RunConfig(), data, str(path))
+
+
+def validate(cfg: RunConfig) -> None:
+    t, lo, m = cfg.train, cfg.lora, cfg.model
+    checks = [
+        (m.max_seq_length > 0, "max_seq_length must be positive"),
+        (lo.r > 0, "r must be positive"),
+        (0.0 <= lo.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
+        (t.per_device_train_batch_size > 0, "per_device_train_batch_size must be positive"),
+        (t.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
+        (t.max_steps == -1 or t.max_steps > 0, "max_steps must be positive or -1"),
+        (t.max_steps > 0 or t.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is -1"),
+        (t.learning_rate > 0, "learning_rate must be positive"),
+        (t.warmup_steps >= 0 and 0.0 <= t.warmup_ratio < 1.0, "warmup must be non-negative"),
+        (t.logging_steps > 0, "logging_steps must be positive"),
+        (t.save_steps >= 0 and t.eval_steps >= 0, "save_steps and eval_steps must be >= 0"),
+        (not (m.load_in_4bit and m.load_in_8bit), "load_in_4bit and load_in_8bit exclude each other"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+# ---- the CLI flags, generated from the same fields ----------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    """One `--name` flag per field; defaults shown in --help; values stay None unless given."""
+    for section in sections:
+        cls = SECTIONS[section]
+        group = parser.add_argument_group(f"{section} options")
+        defaults = cls()
+        for f in fields(cls):
+            tp = _field_type(cls, f)
+            default = getattr(defaults, f.name)
+            shown = " ".join(default) if isinstance(default, list) else default
+            help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+            kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": f.name}
+            if tp is bool:
+                kwargs["nargs"] = "?"
+                kwargs["const"] = "true"
+                kwargs["metavar"] = "BOOL"
+            elif typing.get_origin(tp) is list:
+                kwargs["nargs"] = "+"
+                kwargs["metavar"] = "NAME"
+            elif f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name]
+            else:
+                kwargs["metavar"] = {int: "N", float: "X"}.get(tp, "VALUE")
+            group.add_argument(f"--{f.name}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] = tuple(SECTIONS)) -> RunConfig:
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    flags = {}
+    for section in sections:
+        for f in fields(SECTIONS[section]):
+            value = getattr(args, f.name, None)
+            if value is not None:
+                flags[f.name] = value
+    return apply_overrides(cfg, flags, "command line")

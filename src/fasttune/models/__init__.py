@@ -1,0 +1,1 @@
+"""Models: our Llama family (llama.py), any other transformers model (generic.py), and loading."""
