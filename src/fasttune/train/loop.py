@@ -1,0 +1,211 @@
+"""The training loop: one function that reads top to bottom.
+
+Per optimiser step it takes `gradient_accumulation_steps` micro-batches, counts the trained tokens
+of the whole window first, and back-propagates each micro-batch's `loss_sum / window_tokens`, so
+the gradient is the mean over every trained token of the window: batch 2 x accumulation 4 gives
+the same update as batch 8, whatever the rows' lengths. Around that: mixed precision, clipping,
+optimizer and schedule, logging, eval, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fasttune.config import TrainConfig
+from fasttune.models.base import IGNORE_INDEX
+from fasttune.train.checkpoint import (
+    clear_checkpoints,
+    load_latest,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
+from fasttune.train.metrics import METRICS_FILE, MetricsWriter, memory_used, truncate_after
+from fasttune.train.optim import build_optimizer, build_scheduler
+from fasttune.train.precision import autocast, grad_scaler
+
+Batch = dict[str, torch.Tensor]
+
+
+class ResumableStream(Protocol):
+    """Endless micro-batches; `len` is micro-batches per epoch; state is JSON-serialisable."""
+
+    def __next__(self) -> Batch: ...
+    def __len__(self) -> int: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def count_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
+    """max_steps, or enough steps for num_train_epochs passes (the last window may reach into the next)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * micro_batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device,
+             precision: str) -> tuple[float, int]:
+    """Mean loss per trained token over all of `batches`, and that token count."""
+    was_training = model.training
+    model.eval()
+    loss_sum, n_tokens = torch.zeros((), device=device), 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(precision, device):
+            out = model(**batch)
+        loss_sum += out.loss_sum.float()
+        n_tokens += int(out.n_tokens)
+    model.train(was_training)
+    return float(loss_sum) / max(n_tokens, 1), n_tokens
+
+
+def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches: ResumableStream,
+               cfg: TrainConfig, run_dir: str | Path, *, eval_batches: Iterable[Batch] | None = None,
+               device: torch.device | None = None, precision: str = "fp32",
+               log: Callable[[str], None] = tqdm.write,
+               on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
+
+    `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
+    `log` receives the human-readable lines; `on_record` every metrics record as it is written.
+    With `cfg.resume`, the latest complete checkpoint in `run_dir` restores the adapter, optimizer,
+    schedule, random generators and data position, and training continues from its step.
+    """
+    run_dir, device = Path(run_dir), device or next(iter(params.values())).device
+    trainable = list(params.values())
+    accum, total = cfg.gradient_accumulation_steps, count_steps(cfg, len(batches))
+    optimizer = build_optimizer(trainable, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    scaler = grad_scaler(precision, device)
+    metrics_path = run_dir / METRICS_FILE
+    metrics = MetricsWriter(metrics_path)
+    st = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "first_loss": None,
+          "first_eval_loss": None, "eval_loss": None, "final_loss": None}
+
+    def record(rec: dict[str, Any]) -> None:
+        metrics.write(rec)
+        if on_record is not None:
+            on_record(rec)
+
+    def run_eval() -> None:
+        loss, n = evaluate(model, eval_batches, device, precision)
+        st["eval_loss"] = loss
+        st["first_eval_loss"] = loss if st["first_eval_loss"] is None else st["first_eval_loss"]
+        record({"kind": "eval", "step": st["step"], "eval_loss": loss, "eval_tokens": n})
+        log(f"step {st['step']:>5}/{total}  eval loss {loss:.4f}  ({n:,} tokens)")
+
+    ckpt = load_latest(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        missing = set(params) ^ set(ckpt.adapter)
+        if missing:
+            raise ValueError(f"checkpoint {ckpt.path} does not match the model's trainable tensors "
+                             f"(differs in {sorted(missing)[:3]}...): was the LoRA configuration changed?")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(ckpt.adapter[name])
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        if scaler is not None and ckpt.scaler is not None:
+            scaler.load_state_dict(ckpt.scaler)
+        set_rng_states(ckpt.rng)
+        batches.load_state_dict(ckpt.state["data_state"])
+        st.update({k: ckpt.state[k] for k in st if k in ckpt.state})
+        truncate_after(metrics_path, st["step"])  # steps after the checkpoint are logged again
+        log(f"resumed from {ckpt.path} at step {st['step']}/{total}")
+    else:
+        if cfg.resume:
+            log(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        if clear_checkpoints(run_dir):
+            log(f"replacing the checkpoints of an earlier run in {run_dir} (use --resume to continue one)")
+        metrics_path.unlink(missing_ok=True)
+        seed_everything(cfg.seed)
+        if eval_batches is not None:
+            run_eval()  # the baseline, so that the eval curve shows what training changed
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, st["step"], {k: p.detach() for k, p in params.items()}, optimizer,
+                        scheduler, scaler, rng_states(), batches.state_dict(), dict(st), cfg.save_total_limit)
+
+    model.train()
+    bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True,
+               disable=None)  # None: a bar on a terminal, none in a log file
+    window_log = {"loss_sum": 0.0, "trained": 0, "tokens": 0, "seconds": 0.0}
+    while st["step"] < total:
+        t0 = time.perf_counter()
+        window = [next(batches) for _ in range(accum)]
+        # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
+        # lengths then weigh the same whether they share a micro-batch or not.
+        window_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in window)
+        loss_sum = torch.zeros((), device=device)
+        for batch in window:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(precision, device):
+                out = model(**batch)
+            loss = out.loss_sum.float() / max(window_tokens, 1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += out.loss_sum.detach().float()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        lr = scheduler.get_last_lr()[0]  # the lr this update uses
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_loss = float(loss_sum) / max(window_tokens, 1)
+        seconds = time.perf_counter() - t0
+        n_input = sum(b["input_ids"].numel() for b in window)
+        st["step"] += 1
+        st["tokens"] += n_input
+        st["trained_tokens"] += window_tokens
+        st["train_seconds"] += seconds
+        st["final_loss"] = step_loss
+        st["first_loss"] = step_loss if st["first_loss"] is None else st["first_loss"]
+        for key, value in (("loss_sum", float(loss_sum)), ("trained", window_tokens), ("tokens", n_input),
+                           ("seconds", seconds)):
+            window_log[key] += value
+
+        mem, mem_kind = memory_used(device)
+        tok_s = window_log["tokens"] / max(window_log["seconds"], 1e-9)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mem=f"{mem:.2f}G")
+        bar.update(1)
+        if st["step"] % cfg.logging_steps == 0 or st["step"] == total:
+            mean_loss = window_log["loss_sum"] / max(window_log["trained"], 1)  # per token over the interval
+            record({"kind": "train", "step": st["step"], "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": tok_s, "trained_tokens": st["trained_tokens"], "memory_gib": mem,
+                    "memory_kind": mem_kind, "epoch": st["step"] * accum / len(batches)})
+            log(f"step {st['step']:>5}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
+                f"{tok_s:,.0f} tok/s  mem {mem:.2f} GiB")
+            window_log = dict.fromkeys(window_log, 0)
+        if eval_batches is not None and (
+                (cfg.eval_steps and st["step"] % cfg.eval_steps == 0) or st["step"] == total):
+            run_eval()
+        if (cfg.save_steps and st["step"] % cfg.save_steps == 0) or st["step"] == total:
+            checkpoint()
+    bar.close()
+
+    mem, mem_kind = memory_used(device)
+    return {**st, "steps": st["step"], "total_steps": total, "seconds": st["train_seconds"],
+            "tokens_per_s": st["tokens"] / max(st["train_seconds"], 1e-9), "memory_gib": mem,
+            "memory_kind": mem_kind}
