@@ -1,0 +1,125 @@
+"""Causal self-attention for our Llama family: which keys each query may see, and the SDPA call.
+
+`build_attention_mask` runs once per forward and decides between three cases:
+(a) plain causal (no packing, no padding on the left, no cache): SDPA's `is_causal`, no mask tensor;
+(b) packed rows: a row begins where `position_ids == 0` and attention never crosses a row boundary:
+```
+position_ids  0 1 2 0 1 2 3 4          doc ids = cumsum(position_ids == 0) = 1 1 1 2 2 2 2 2
+query 4 (d) sees keys 3, 4 only        mask[q, k] = doc[q] == doc[k] and k <= q
+```
+(c) generation with a KV cache and an optional `attention_mask` (B, T_total) of 1/0 for left-padded prompts:
+query i of this step sits at slot past_len + i and sees slots k <= past_len + i whose mask is 1.
+`attend` then runs `F.scaled_dot_product_attention`. A faster backend (flex_attention block masks, varlen
+flash with cu_seqlens from `doc_ids`) plugs in at `attend` without touching the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# `enable_gqa` lets SDPA read the small K/V directly (torch >= 2.5); older versions repeat K/V.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class AttentionMask:
+    """How the queries of one forward may look at the keys; built once, shared by every layer.
+
+    causal: True means plain causal attention over q_len == kv_len and `mask` is None.
+    mask: (B, 1, q_len, kv_len) bool, True where the query may attend (None with `causal`, or when every
+        key is visible, as for one decoding step without padding).
+    doc_ids: (B, T) packed-row ids when the batch is packed (for varlen/flex backends), else None.
+    """
+
+    causal: bool
+    mask: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+
+
+def is_packed(position_ids: torch.Tensor | None) -> bool:
+    """True when some row restarts its positions after the first token, i.e. several rows share a sequence."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return False
+    return bool((position_ids[:, 1:] == 0).any())
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Ones then zeros in every row: causal attention already keeps real queries off the padding."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def build_attention_mask(
+    q_len: int,
+    *,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_len: int = 0,
+    sliding_window: int | None = None,
+    device: torch.device | None = None,
+) -> AttentionMask:
+    """Decide the attention pattern of one forward of `q_len` new tokens after `past_len` cached ones.
+
+    position_ids: (B, q_len); restarts at 0 mark packed rows (only looked at without a cache).
+    attention_mask: (B, past_len + q_len) of 1 (real) / 0 (padding), or None.
+    sliding_window: Mistral-style window (a query sees keys with q - k < window), or None.
+    """
+    kv_len = past_len + q_len
+    key_ok = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[1] != kv_len:
+            raise ValueError(
+                f"attention_mask must be (batch, cached + new tokens) = (B, {kv_len}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        padded = not bool(attention_mask.bool().all())
+        if padded and not (past_len == 0 and _is_right_padded(attention_mask)):
+            key_ok = attention_mask.bool()[:, None, :]  # (B, 1, kv_len)
+
+    doc_ids = None
+    if past_len == 0 and is_packed(position_ids):
+        doc_ids = (position_ids == 0).cumsum(dim=1)  # (B, T)
+
+    windowed = sliding_window is not None and kv_len > sliding_window
+    if key_ok is None and doc_ids is None and not windowed:
+        if past_len == 0:
+            return AttentionMask(causal=True)
+        if q_len == 1:
+            return AttentionMask(causal=False)  # one new token sees every cached slot
+
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]  # (q_len, 1) slot of each query
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, kv_len)
+    allowed = k_pos <= q_pos  # (q_len, kv_len)
+    if windowed:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = allowed[None]  # (1, q_len, kv_len)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
+    if key_ok is not None:
+        allowed = allowed & key_ok
+    # A query always sees itself, so no row of the mask is empty (SDPA returns NaN for empty rows);
+    # this only changes the outputs at padding positions, which nothing reads.
+    allowed = allowed | (k_pos == q_pos)[None]
+    return AttentionMask(causal=False, mask=allowed[:, None], doc_ids=doc_ids)  # (B|1, 1, q_len, kv_len)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd); query head h reads kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    b, n_kv, t, hd = x.shape
+    return x[:, :, None].expand(b, n_kv, n_rep, t, hd).reshape(b, n_kv * n_rep, t, hd)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if mask.causal and _SDPA_HAS_GQA:
+        # The flash kernel takes GQA natively when there is no mask tensor.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+    # With a mask tensor the memory-efficient kernel runs, which does not take GQA in every torch release;
+    # repeating K/V keeps us off the quadratic-memory math fallback.
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.causal)

@@ -1,0 +1,443 @@
+"""Our Llama-family causal LM (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM) in plain PyTorch.
+
+Reads top to bottom: config -> RMSNorm and rotary embedding -> attention -> MLP -> decoder layer -> model.
+Parameter names are Hugging Face's (`model.layers.N.self_attn.q_proj`, ...), so an HF state dict loads
+as is. `use_kernels` picks the fasttune kernels (Triton where present) or their PyTorch references.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fasttune.kernels.cross_entropy import linear_cross_entropy
+from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
+from fasttune.kernels.rope import apply_rope, apply_rope_reference
+from fasttune.kernels.swiglu import swiglu, swiglu_reference
+from fasttune.models.attention import AttentionMask, attend, build_attention_mask
+from fasttune.models.base import IGNORE_INDEX, LMOutput
+from fasttune.models.kv_cache import KVCache
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = {  # rope_scaling["rope_type"] -> keys it needs
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+CHECKPOINT_MODES = ("off", "on", "offload")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (no GQA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Qwen3 sets it apart)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "dynamic", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v_proj (Qwen2; Llama/Qwen3 with attention_bias)
+    attention_out_bias: bool = False  # bias on o_proj (Llama/Qwen3 attention_bias; not Qwen2)
+    qk_norm: bool = False  # RMSNorm of each q/k head before RoPE (Qwen3)
+    model_type: str = "llama"
+    sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` keys
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"LlamaConfig.model_type={self.model_type!r}: expected one of {MODEL_TYPES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling = copy.deepcopy(dict(self.rope_scaling))
+            kind = rs.setdefault("rope_type", rs.get("type", "default"))
+            if kind == "default":
+                self.rope_scaling = None
+            elif kind not in ROPE_TYPES:
+                raise ValueError(
+                    f"LlamaConfig.rope_scaling rope_type={kind!r} is not supported; use one of "
+                    f"{sorted(ROPE_TYPES)} or None"
+                )
+            else:
+                missing = [key for key in ROPE_TYPES[kind] if key not in rs]
+                if missing:
+                    raise ValueError(f"LlamaConfig.rope_scaling ({kind}) lacks {missing}")
+
+
+# ---------------------------------------------------------------- leaf modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, use_kernels: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.use_kernels = use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = rms_norm if self.use_kernels else rms_norm_reference
+        return op(x, self.weight, self.eps)
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    rope_scaling: dict | None,
+    max_position_embeddings: int,
+    seq_len: int | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in fp32, computed exactly as transformers does per rope_type."""
+    kind = rope_scaling["rope_type"] if rope_scaling else "default"
+    if kind == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
+        # NTK-aware: stretch the base once the sequence outgrows the trained context.
+        factor = rope_scaling["factor"]
+        stretch = (factor * seq_len / max_position_embeddings) - (factor - 1)
+        theta = theta * stretch ** (head_dim / (head_dim - 2))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # (hd/2,)
+    if kind == "linear":
+        inv_freq = inv_freq / rope_scaling["factor"]
+    elif kind == "llama3":
+        factor = rope_scaling["factor"]
+        low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        old_len = rope_scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables (B, T, head_dim) computed in fp32, cast to the activations' dtype."""
+
+    def __init__(
+        self, head_dim: int, theta: float, rope_scaling: dict | None, max_position_embeddings: int
+    ) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.rope_scaling, self.max_position_embeddings = rope_scaling, max_position_embeddings
+        self.register_buffer("inv_freq", self._compute(), persistent=False)
+
+    def _compute(self, seq_len: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+        return rope_inv_freq(
+            self.head_dim, self.theta, self.rope_scaling, self.max_position_embeddings, seq_len, device
+        )
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32 or inv_freq.device != position_ids.device:
+            # Built on the meta device or cast with model.to(bf16): fp32 frequencies matter, recompute them.
+            inv_freq = self.inv_freq = self._compute(device=position_ids.device)
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.max_position_embeddings:
+                inv_freq = self._compute(seq_len, position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# ---------------------------------------------------------------- attention, MLP, block
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with separate q/k/v projections (the LoRA targets keep HF names)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        sliding_window: int | None = None,
+        use_kernels: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=out_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, use_kernels)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, use_kernels)
+        self.qk_norm = qk_norm_eps is not None
+        self.sliding_window = sliding_window
+        self.use_kernels = use_kernels
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rope_op = apply_rope if self.use_kernels else apply_rope_reference
+        q, k = rope_op(q, k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)  # (B, nkv, past + T, hd)
+        y = attend(q, k, v, mask)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, use_kernels: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.use_kernels = use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = swiglu if self.use_kernels else swiglu_reference
+        return self.down_proj(op(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: LlamaConfig, use_kernels: bool = False) -> None:
+        super().__init__()
+        c = config
+        self.self_attn = Attention(
+            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            qkv_bias=c.attention_bias, out_bias=c.attention_out_bias,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+            sliding_window=c.sliding_window, use_kernels=use_kernels,
+        )
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, use_kernels)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, use_kernels)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, use_kernels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm: input ids -> final hidden states (B, T, H)."""
+
+    def __init__(self, config: LlamaConfig, use_kernels: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, use_kernels) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_kernels)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+        )
+        self.gradient_checkpointing = "off"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = 0
+        if kv_cache is not None:
+            kv_cache.check_room(T, B)
+            past = kv_cache.length
+        if position_ids is None:
+            position_ids = default_position_ids(B, T, past, attention_mask, input_ids.device)
+        elif position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids {tuple(position_ids.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
+
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        rope = self.rotary_emb(position_ids, x.dtype)  # cos, sin: (B, T, hd)
+        mask = build_attention_mask(
+            T, position_ids=position_ids, attention_mask=attention_mask, past_len=past,
+            sliding_window=self.config.sliding_window, device=input_ids.device,
+        )
+        mode = self.gradient_checkpointing
+        recompute = mode != "off" and self.training and torch.is_grad_enabled() and kv_cache is None
+        for i, layer in enumerate(self.layers):
+            if not recompute:
+                x = layer(x, rope, mask, kv_cache, i)
+            elif mode == "on":
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = _offloaded_checkpoint(layer, x, rope, mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm(x)
+
+
+def default_position_ids(
+    batch: int, length: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """0, 1, 2, ... after the cached tokens; with padding in `attention_mask`, count real tokens only.
+
+    Counting real tokens is what left-padded prompts need (a prompt's first real token is position 0);
+    for right padding it changes only the positions of pads, which nothing reads.
+    """
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+        return pos[:, -length:]
+    return torch.arange(past, past + length, device=device).expand(batch, length)
+
+
+def _offloaded_checkpoint(layer: nn.Module, x: torch.Tensor, rope, mask) -> torch.Tensor:
+    """Recompute `layer` in the backward and keep its input in (pinned) CPU memory until then.
+
+    The reentrant checkpoint stores its tensor inputs with `save_for_backward`, which `save_on_cpu`
+    intercepts: only `x` goes to CPU (rope and mask travel as non-tensor arguments and stay put).
+    Reentrant mode needs an input that requires grad, or the layer's LoRA weights would get none.
+    """
+    if not x.requires_grad:
+        x = x.detach().requires_grad_()
+    with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
+        return checkpoint(layer, x, rope, mask, use_reentrant=True)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The trainable model: model(input_ids, position_ids, targets, attention_mask, kv_cache) -> LMOutput."""
+
+    supports_packing = True
+
+    def __init__(self, config: LlamaConfig, use_kernels: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.use_kernels = use_kernels
+        self.model = LlamaModel(config, use_kernels)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._register_load_state_dict_pre_hook(self._fill_tied_head)
+
+    def _fill_tied_head(self, state_dict, prefix, *args) -> None:
+        # Tied checkpoints often store only the embedding; the head is the same tensor.
+        head, emb = prefix + "lm_head.weight", prefix + "model.embed_tokens.weight"
+        if self.config.tie_word_embeddings and head not in state_dict and emb in state_dict:
+            state_dict[head] = state_dict[emb]
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random weights as transformers initialises this family (normal(0, std), norms at one)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    @property
+    def gradient_checkpointing(self) -> str:
+        return self.model.gradient_checkpointing
+
+    def set_gradient_checkpointing(self, mode: str) -> None:
+        """'off', 'on' (recompute each layer in the backward) or 'offload' (also keep layer inputs on CPU)."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
+        self.model.gradient_checkpointing = mode
+
+    def set_use_kernels(self, flag: bool) -> None:
+        self.use_kernels = flag
+        for m in self.modules():
+            if hasattr(m, "use_kernels"):
+                m.use_kernels = flag
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final (normed) hidden states (B, T, H), the input of lm_head."""
+        return self.model(input_ids, position_ids, attention_mask, kv_cache)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> LMOutput:
+        """With `targets` (B, T), already shifted, -100 ignored: loss_sum and n_tokens, never full logits.
+
+        Without: logits (B, T, V), or of the last `logits_to_keep` positions only (generation).
+        """
+        h = self.model(input_ids, position_ids, attention_mask, kv_cache)  # (B, T, H)
+        if targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets {tuple(targets.shape)} != input_ids {tuple(input_ids.shape)}")
+            loss_sum, n_tokens = self._loss(h, targets)
+            return LMOutput(loss_sum=loss_sum, n_tokens=n_tokens, kv_cache=kv_cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return LMOutput(logits=self.lm_head(h), kv_cache=kv_cache)
+
+    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
+        # A wrapped head (adapter, quantised): run it whole; slower, still exact.
+        logits = self.lm_head(h).float()  # (B, T, V)
+        y = targets.reshape(-1)
+        loss_sum = F.cross_entropy(
+            logits.reshape(y.numel(), -1), y, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss_sum, (y != IGNORE_INDEX).sum()

@@ -1,0 +1,231 @@
+"""Our Llama family against transformers' own classes with the same weights, and the model's invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from fasttune.models.base import IGNORE_INDEX
+from fasttune.models.hf import hf_config_from_llama
+from fasttune.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, rope_inv_freq
+
+
+def hf_twin(model: LlamaForCausalLM) -> transformers.PreTrainedModel:
+    """The transformers model of the same family holding our weights (strict: every name must match)."""
+    hf = transformers.AutoModelForCausalLM.from_config(
+        hf_config_from_llama(model.config), attn_implementation="eager"
+    )
+    hf.load_state_dict(model.state_dict(), strict=True)
+    return hf.eval()
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """HF labels (B, T) -> our targets: targets[t] = labels[t + 1], -100 at the end."""
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def test_logits_loss_and_grads_match_transformers(family_case, tiny_model):
+    model = tiny_model(**family_case)
+    hf = hf_twin(model)
+    x = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+
+    torch.testing.assert_close(model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
+
+    labels = x.clone()
+    labels[0, :4] = IGNORE_INDEX  # a masked prompt
+    labels[1, -2:] = IGNORE_INDEX
+    out = model(x, targets=shift(labels))
+    assert out.logits is None
+    assert out.n_tokens.item() == int((shift(labels) != IGNORE_INDEX).sum())
+    ours = out.loss_sum / out.n_tokens
+    theirs = hf(x, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+    ours.backward()
+    theirs.backward()
+    hf_params = dict(hf.named_parameters(remove_duplicate=False))
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
+    if model.config.attention_bias:
+        names.append("model.layers.1.self_attn.v_proj.bias")
+    if model.config.qk_norm:
+        names += ["model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"]
+    ours_params = dict(model.named_parameters(remove_duplicate=False))
+    for name in names:
+        ours_g, hf_g = ours_params[name].grad, hf_params[name].grad
+        torch.testing.assert_close(ours_g, hf_g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear", "dynamic"])
+def test_rope_frequencies_match_transformers(kind):
+    scaling = {
+        "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192),
+        "linear": dict(rope_type="linear", factor=4.0),
+        "dynamic": dict(rope_type="dynamic", factor=2.0),
+    }[kind]
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                      rope_scaling=scaling, max_position_embeddings=8192, num_hidden_layers=1)
+    hf_cfg = hf_config_from_llama(cfg)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    seq_len = 20000 if kind == "dynamic" else None
+    theirs, _ = ROPE_INIT_FUNCTIONS[kind](hf_cfg, None, seq_len=seq_len)
+    ours = rope_inv_freq(128, 500000.0, cfg.rope_scaling, 8192, seq_len=seq_len)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=1e-6)
+    assert not torch.allclose(ours, rope_inv_freq(128, 500000.0, None, 8192))  # the scaling did something
+
+
+def test_tied_head_is_the_embedding_and_loads_without_head_key(tiny_model):
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    sd = {k: v.clone() + 1.0 for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    other = LlamaForCausalLM(model.config)
+    other.load_state_dict(sd, strict=True)
+    assert torch.equal(other.lm_head.weight, sd["model.embed_tokens.weight"])
+    assert other.lm_head.weight is other.model.embed_tokens.weight
+
+
+def test_meta_device_build_then_assign_load_runs(tiny_model):
+    model = tiny_model(rope_scaling=dict(rope_type="linear", factor=2.0))
+    with torch.device("meta"):
+        shell = LlamaForCausalLM(model.config)
+    shell.load_state_dict(model.state_dict(), assign=True)
+    x = torch.randint(0, 97, (1, 9))
+    torch.testing.assert_close(shell.eval()(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_rope_tables_stay_fp32_after_casting_the_model():
+    rot = RotaryEmbedding(64, 10000.0, None, 4096)
+    pos = torch.arange(3000)[None]
+    cos32, sin32 = rot(pos, torch.float32)
+    rot.to(torch.bfloat16)  # what model.to(bf16) does to every floating buffer
+    cos, sin = rot(pos, torch.bfloat16)
+    torch.testing.assert_close(cos, cos32.bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(sin, sin32.bfloat16(), atol=0, rtol=0)
+
+
+def test_logits_to_keep_returns_the_last_positions(tiny_model):
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 7))
+    full = model(x).logits
+    last = model(x, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+
+
+def test_kernels_on_matches_reference(tiny_model):
+    ref = tiny_model(model_type="qwen3", qk_norm=True, head_dim=24)
+    fast = tiny_model(use_kernels=True, model_type="qwen3", qk_norm=True, head_dim=24)
+    x = torch.randint(0, 97, (2, 13))
+    targets = shift(x)
+    torch.testing.assert_close(fast(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
+    a, b = fast(x, targets=targets), ref(x, targets=targets)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum, atol=1e-4, rtol=1e-5)
+
+
+def _packed_rows(lengths: list[int], pad: int, seed: int = 3):
+    """Rows of random ids with targets masking each row's first token (its 'prompt'), packed into one."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(1, 97, (n,), generator=g) for n in lengths]
+    targets = []
+    for r in rows:
+        t = torch.cat([r[1:], torch.tensor([IGNORE_INDEX])])
+        t[0] = IGNORE_INDEX
+        targets.append(t)
+    ids = torch.cat(rows + [torch.zeros(pad, dtype=torch.long)])[None]
+    tgt = torch.cat(targets + [torch.full((pad,), IGNORE_INDEX)])[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    pos = torch.cat([pos, torch.arange(pad) + lengths[-1]])[None]  # pads continue counting
+    return rows, targets, ids, tgt, pos
+
+
+def test_packed_equals_unpacked(family_case, tiny_model):
+    model = tiny_model(**family_case)
+    lengths = [5, 3, 6]
+    rows, targets, ids, tgt, pos = _packed_rows(lengths, pad=2)
+    packed = model(ids, position_ids=pos, targets=tgt)
+    singles = [model(r[None], targets=t[None]) for r, t in zip(rows, targets)]
+    assert packed.n_tokens.item() == sum(s.n_tokens.item() for s in singles)
+    torch.testing.assert_close(packed.loss_sum, sum(s.loss_sum for s in singles), atol=1e-5, rtol=1e-5)
+
+    logits = model(ids, position_ids=pos).logits[0]
+    start = 0
+    for r in rows:
+        alone = model(r[None]).logits[0]
+        torch.testing.assert_close(logits[start:start + len(r)], alone, atol=1e-5, rtol=1e-5)
+        start += len(r)
+
+
+def test_packed_batch_differs_from_unmasked_attention(tiny_model):
+    """Guard for the test above: without the position restarts, the same tokens give another loss."""
+    model = tiny_model()
+    _, _, ids, tgt, pos = _packed_rows([5, 3, 6], pad=2)
+    packed = model(ids, position_ids=pos, targets=tgt).loss_sum
+    plain = model(ids, targets=tgt).loss_sum
+    assert not torch.allclose(packed, plain, atol=1e-3)
+
+
+def _loss_and_grads(model: LlamaForCausalLM, x, targets, pos):
+    model.zero_grad(set_to_none=True)
+    out = model(x, position_ids=pos, targets=targets)
+    (out.loss_sum / out.n_tokens).backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["on", "offload"])
+@pytest.mark.parametrize("frozen_base", [False, True])
+def test_gradient_checkpointing_matches_off(tiny_model, mode, frozen_base):
+    model = tiny_model(model_type="qwen3", qk_norm=True, head_dim=24).train()
+    if frozen_base:  # LoRA-like: the embedding is frozen, so layer 0's input does not require grad
+        for n, p in model.named_parameters():
+            p.requires_grad_("q_proj" in n or "down_proj" in n)
+    _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
+    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+
+    calls = []
+    hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    model.set_gradient_checkpointing(mode)
+    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    hook.remove()
+    assert len(calls) == 2, "the layer was not recomputed in the backward"
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model):
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match="targets"):
+        model(x, targets=x[:, :4])
+    with pytest.raises(ValueError, match="position_ids"):
+        model(x, position_ids=torch.arange(4)[None])
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        model.set_gradient_checkpointing("sometimes")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="model_type"):
+        LlamaConfig(model_type="gpt2")
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        LlamaConfig(num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="yarn"):
+        LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="low_freq_factor"):
+        LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    assert LlamaConfig(rope_scaling={"type": "default"}).rope_scaling is None
+    assert LlamaConfig(hidden_size=64, num_attention_heads=4).head_dim == 16
