@@ -119,7 +119,7 @@ def build_hf(args, liger: bool):
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device_map={"": 0},
+    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.bfloat16, device_map={"": 0},
                                                  attn_implementation="sdpa", **kw)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -139,7 +139,7 @@ def build_unsloth(args):
     from unsloth import FastLanguageModel  # must be the first import of the process
     import torch
 
-    model, _tok = FastLanguageModel.from_pretrained(args.model_dir, max_seq_length=args.seq, dtype=torch.bfloat16,
+    model, _tok = FastLanguageModel.from_pretrained(str(args.model_dir), max_seq_length=args.seq, dtype=torch.bfloat16,
                                                     load_in_4bit=args.mode == "qlora")
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth", random_state=3407)
