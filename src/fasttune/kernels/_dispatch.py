@@ -53,6 +53,11 @@ def use_triton(*tensors: torch.Tensor | None, force: bool | None = None) -> bool
     return True
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a launch grid."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (Triton block sizes must be powers of two)."""
     return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,16 +1,132 @@
 """Rotary position embedding on q and k, rotate-half convention (as transformers' Llama).
 
-q: (B, T, n_heads, head_dim), k: (B, T, n_kv_heads, head_dim), cos/sin: (B, T, head_dim).
-out = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1].
-(Triton kernel to come; `apply_rope` dispatches to the reference until then.)
+q: (B, T, n_heads, head_dim), k: (B, T, n_kv_heads, head_dim), cos/sin: (B, T, head_dim) (B may be 1).
+Forward, with x = [x1, x2], cos = [c1, c2], sin = [s1, s2] split in halves of head_dim:
+    out = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
+    out1 = x1 c1 - x2 s1,   out2 = x2 c2 + x1 s2
+Backward (the transpose of that linear map), for upstream g = [g1, g2]:
+    dx1 = g1 c1 + g2 s2,    dx2 = g2 c2 - g1 s1
+which is the forward map with (s1, s2) replaced by (-s2, -s1): a rotation by -sin when c1 = c2, s1 = s2.
+One launch rotates q and k together, one program per token, all heads of that token in one tile; math in
+fp32, one rounding to the output dtype. No gradient flows to cos/sin (they are not trained).
 """
 
 from __future__ import annotations
 
 import torch
 
+from fasttune.kernels._dispatch import jit, next_pow2, tl, to_dtype, use_triton
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+
+@jit
+def _rope_fwd_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
+    seq_len, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sqo_t, sko_t, sc_b, sc_t,
+    n_q_heads, n_k_heads,
+    HALF: tl.constexpr, QH_BLOCK: tl.constexpr, KH_BLOCK: tl.constexpr, D_BLOCK: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)  # flat (b, t) index
+    b = tok // seq_len
+    t = tok % seq_len
+    d = tl.arange(0, D_BLOCK)
+    dmask = d < HALF
+    c_base = cos_ptr + b * sc_b + t * sc_t
+    s_base = sin_ptr + b * sc_b + t * sc_t
+    c1 = tl.load(c_base + d, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_base + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_base + d, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_base + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    if BACKWARD:  # transpose: (s1, s2) -> (-s2, -s1)
+        s_first = s1
+        s1 = -s2
+        s2 = -s_first
+
+    # q: a (heads, half) tile for each half of head_dim
+    h = tl.arange(0, QH_BLOCK)[:, None]
+    m = (h < n_q_heads) & dmask[None, :]
+    src = q_ptr + b * sq_b + t * sq_t + h * sq_h + d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = qo_ptr + tok * sqo_t + h * (2 * HALF) + d[None, :]
+    tl.store(dst, to_dtype(x1 * c1[None, :] - x2 * s1[None, :], qo_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, to_dtype(x2 * c2[None, :] + x1 * s2[None, :], qo_ptr.dtype.element_ty), mask=m)
+
+    h = tl.arange(0, KH_BLOCK)[:, None]
+    m = (h < n_k_heads) & dmask[None, :]
+    src = k_ptr + b * sk_b + t * sk_t + h * sk_h + d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = ko_ptr + tok * sko_t + h * (2 * HALF) + d[None, :]
+    tl.store(dst, to_dtype(x1 * c1[None, :] - x2 * s1[None, :], ko_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, to_dtype(x2 * c2[None, :] + x1 * s2[None, :], ko_ptr.dtype.element_ty), mask=m)
+
+
+# The backward is the same kernel with BACKWARD=True; the alias keeps the file anatomy readable.
+_rope_bwd_kernel = _rope_fwd_kernel
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
+    """Rotate q and k into fresh contiguous tensors (B, T, nh, hd) and (B, T, nkv, hd)."""
+    B, T, nh, hd = q.shape
+    nkv = k.shape[2]
+    # Only the last dimension must be unit-stride; the others go to the kernel as strides.
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    cos = cos.expand(B, T, hd)  # (B, T, hd); a batch of 1 broadcasts through stride 0
+    sin = sin.expand(B, T, hd)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    q_out = torch.empty((B, T, nh, hd), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((B, T, nkv, hd), dtype=k.dtype, device=k.device)
+    if B * T == 0:
+        return q_out, k_out
+    half = hd // 2
+    tile = next_pow2(max(nh, nkv)) * next_pow2(half)
+    num_warps = 4 if tile <= 4096 else 8
+    _rope_fwd_kernel[(B * T,)](
+        q, k, q_out, k_out, cos, sin,
+        T, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(1), k_out.stride(1), cos.stride(0), cos.stride(1), nh, nkv,
+        HALF=half, QH_BLOCK=next_pow2(nh), KH_BLOCK=next_pow2(nkv), D_BLOCK=next_pow2(half),
+        BACKWARD=backward, num_warps=num_warps,
+    )
+    return q_out, k_out
+
+
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _launch(q, k, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors  # an unused output's gradient arrives as zeros (materialize_grads)
+        dq, dk = _launch(dq, dk, cos, sin, backward=True)
+        return dq, dk, None, None
+
+
+def _check(q, k, cos, sin) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"apply_rope: q and k must be (B, T, heads, head_dim), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    B, T, _, hd = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != hd or hd % 2:
+        raise ValueError(f"apply_rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} "
+                         "(same B, T and an even head_dim)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != T or t.shape[2] != hd:
+            raise ValueError(f"apply_rope: {name} must be ({B} or 1, {T}, {hd}), got {tuple(t.shape)}")
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, force_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by the angles in cos/sin; returns (q, k). Triton on CUDA, else the reference."""
+    _check(q, k, cos, sin)
+    if use_triton(q, k, cos, sin, force=force_triton):
+        return RoPEFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
 
 
