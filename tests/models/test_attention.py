@@ -1,0 +1,71 @@
+"""Which keys each query sees: causal, packed rows, padding, cache, sliding window; and `attend` itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttune.models.attention import AttentionMask, attend, build_attention_mask, is_packed
+
+
+def test_plain_and_right_padded_batches_use_the_causal_fast_path():
+    assert build_attention_mask(5).causal
+    pos = torch.arange(5).expand(2, 5)
+    right = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    m = build_attention_mask(5, position_ids=pos, attention_mask=right)
+    assert m.causal and m.mask is None
+
+
+def test_packed_rows_follow_the_documented_example():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    assert is_packed(pos)
+    m = build_attention_mask(8, position_ids=pos)
+    assert not m.causal
+    assert m.doc_ids.tolist() == [[1, 1, 1, 2, 2, 2, 2, 2]]
+    allowed = m.mask[0, 0]
+    assert allowed[4].tolist() == [False, False, False, True, True, False, False, False]
+    assert allowed[2].tolist() == [True, True, True, False, False, False, False, False]
+
+
+def test_left_padding_and_cache_offsets():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    m = build_attention_mask(2, attention_mask=mask, past_len=3)
+    assert m.mask.shape == (2, 1, 2, 5)
+    # Row 0, query at slot 3 sees slots 2, 3 (not the pads, not slot 4); row 1 sees 0..3.
+    assert m.mask[0, 0, 0].tolist() == [False, False, True, True, False]
+    assert m.mask[1, 0, 1].tolist() == [True] * 5
+    # A padding query still sees itself, so SDPA never gets an empty row.
+    m = build_attention_mask(5, attention_mask=mask)
+    assert m.mask[0, 0, 0].tolist() == [True, False, False, False, False]
+
+
+def test_single_decoding_step_without_padding_needs_no_mask():
+    m = build_attention_mask(1, past_len=7)
+    assert not m.causal and m.mask is None
+
+
+def test_sliding_window():
+    m = build_attention_mask(6, sliding_window=3)
+    assert m.mask[0, 0, 5].tolist() == [False, False, False, True, True, True]
+    assert build_attention_mask(3, sliding_window=3).causal  # short sequences never reach the window
+
+
+def test_mask_shape_is_checked():
+    with pytest.raises(ValueError, match="attention_mask"):
+        build_attention_mask(4, attention_mask=torch.ones(1, 3), past_len=2)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_attend_matches_explicit_softmax(n_kv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g)
+    k = torch.randn(2, n_kv, 6, 8, generator=g)
+    v = torch.randn(2, n_kv, 6, 8, generator=g)
+    rep = 4 // n_kv
+    kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = q @ kk.transpose(-1, -2) / 8**0.5
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    want = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(attend(q, k, v, AttentionMask(causal=True)), want, atol=1e-5, rtol=1e-5)
+    explicit = AttentionMask(causal=False, mask=causal[None, None])
+    torch.testing.assert_close(attend(q, k, v, explicit), want, atol=1e-5, rtol=1e-5)
