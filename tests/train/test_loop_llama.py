@@ -35,13 +35,17 @@ def test_accumulation_equals_big_batch_on_llama(rows, collate_fn, tmp_path):
     grads = {}
     for name, (b, a) in {"big": (8, 1), "accum": (2, 4)}.items():
         model, params = tiny_lora_llama()
-        seen = []
-        handle = register_optimizer_step_pre_hook(
-            lambda opt, args, kw: seen.append([p.grad.clone() for p in opt.param_groups[0]["params"]]))
+        seen: list[list[torch.Tensor]] = []
+
+        def hook(opt, args, kwargs, seen=seen):
+            seen.append([p.grad.clone() for p in opt.param_groups[0]["params"]])
+
+        handle = register_optimizer_step_pre_hook(hook)
+        cfg = TrainConfig(per_device_train_batch_size=b, gradient_accumulation_steps=a, max_steps=2,
+                          learning_rate=1e-2, max_grad_norm=0.0)
         try:
-            train_loop(model, params, BatchStream(data, b, collate_fn, shuffle=False),
-                       TrainConfig(per_device_train_batch_size=b, gradient_accumulation_steps=a, max_steps=2,
-                                   learning_rate=1e-2, max_grad_norm=0.0), tmp_path / name, log=lambda s: None)
+            train_loop(model, params, BatchStream(data, b, collate_fn, shuffle=False), cfg, tmp_path / name,
+                       log=lambda s: None)
         finally:
             handle.remove()
         grads[name] = seen
@@ -72,6 +76,6 @@ def test_resume_equals_uninterrupted_on_llama(rows, collate_fn, tmp_path):
     cfg.resume = True
     model, params = tiny_lora_llama(dropout=0.2)
     train_loop(model, params, BatchStream(data, 2, collate_fn, seed=4), cfg, tmp_path / "b", log=quiet)
-    losses = [[r["loss"] for r in read_metrics(d / "metrics.jsonl")] for d in (tmp_path / "a", tmp_path / "b")]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
     assert len(losses[0]) == len(losses[1]) == 6
     assert max(abs(x - y) for x, y in zip(*losses)) < 1e-6
