@@ -1,1 +1,4 @@
-"""fasttune.data"""
+"""fasttune.data: dataset files → validated rows → prompt + tokens + loss mask → micro-batches.
+
+Modules are imported where used, so `import fasttune.data` stays cheap.
+"""

@@ -1,0 +1,157 @@
+"""Row formats: detect alpaca / messages / completion, validate every row, normalise it.
+
+Normalised rows are plain dicts, whatever the column names in the file were:
+    alpaca      {"instruction": str, "input": str, "output": str}        (input "" when absent)
+    messages    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    completion  {"text": str}
+ShareGPT rows (`conversations` of {from: human/gpt/system, value}) become messages rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fasttune.config import DataConfig
+from fasttune.data.errors import DataError
+from fasttune.data.sources import read_rows
+
+FORMATS = ("alpaca", "messages", "completion")
+SHAREGPT_FIELD = "conversations"
+ROLES = {"system": "system", "user": "user", "assistant": "assistant",
+         "human": "user", "gpt": "assistant"}  # ShareGPT names on the right of the first three
+
+
+def detect_format(row: dict[str, Any], cfg: DataConfig) -> str | None:
+    """The format a row's keys say, or None when they match none."""
+    if cfg.instruction_field in row and cfg.output_field in row:
+        return "alpaca"
+    if cfg.messages_field in row or SHAREGPT_FIELD in row:
+        return "messages"
+    if cfg.text_field in row:
+        return "completion"
+    return None
+
+
+def _string(row: dict[str, Any], key: str, *, required: bool, nonempty: bool) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise DataError("missing", field=key, reason="missing field")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, found {type(value).__name__} {_short(value)}", field=key,
+                        reason="wrong type")
+    if nonempty and not value.strip():
+        raise DataError("empty string", field=key, reason=f"empty {key}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    # OpenAI content parts: [{"type": "text", "text": "..."}]; only text parts make sense here.
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)
+    if value is None:
+        raise DataError("missing", field=where, reason="missing field")
+    raise DataError(f"expected a string, found {type(value).__name__} {_short(value)}", field=where,
+                    reason="wrong type")
+
+
+def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
+    key = cfg.messages_field if cfg.messages_field in row else SHAREGPT_FIELD
+    turns = row.get(key)
+    if turns is None:
+        raise DataError("missing", field=cfg.messages_field, reason="missing field")
+    if not isinstance(turns, list):
+        raise DataError(f"expected a list of messages, found {type(turns).__name__}", field=key,
+                        reason="wrong type")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"expected an object, found {type(turn).__name__}", field=where,
+                            reason="wrong type")
+        role_key, content_key = ("role", "content") if "role" in turn else ("from", "value")
+        role = turn.get(role_key)
+        if role is None:
+            raise DataError("missing 'role' (or ShareGPT 'from')", field=where, reason="missing field")
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            raise DataError(f"unknown role {role!r} (known: system, user, assistant; ShareGPT human, gpt)",
+                            field=f"{where}.{role_key}", reason="unknown role")
+        role = ROLES[role.lower()]
+        content = _content(turn.get(content_key), f"{where}.{content_key}")
+        if role == "assistant" and not content.strip():
+            raise DataError("empty string", field=f"{where}.{content_key}", reason="empty assistant turn")
+        out.append({"role": role, "content": content})
+    if not any(t["role"] == "assistant" for t in out):
+        raise DataError("no assistant turn: nothing to train on", field=key, reason="no assistant turn")
+    return out
+
+
+def normalise_row(row: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, Any]:
+    """The normalised row, or DataError naming the field (file and row are added by the caller)."""
+    if fmt == "alpaca":
+        return {"instruction": _string(row, cfg.instruction_field, required=True, nonempty=True),
+                "input": _string(row, cfg.input_field, required=False, nonempty=False),
+                "output": _string(row, cfg.output_field, required=True, nonempty=True)}
+    if fmt == "messages":
+        return {"messages": _messages(row, cfg)}
+    if fmt == "completion":
+        return {"text": _string(row, cfg.text_field, required=True, nonempty=True)}
+    raise DataError(f"unknown format '{fmt}' (known: {', '.join(FORMATS)})")
+
+
+@dataclass
+class ValidRows:
+    """The rows that passed validation, each with its row number in the file, and what was skipped."""
+
+    source: str
+    format: str
+    rows: list[tuple[int, dict[str, Any]]]
+    read: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def load_rows(source: str, cfg: DataConfig, split: str | None = None) -> ValidRows:
+    """Read, detect the format (cfg.format='auto': from the first readable row) and validate every row.
+
+    cfg.on_bad_row='error' raises the first DataError; 'skip' counts skipped rows by reason.
+    cfg.max_rows stops after that many valid rows.
+    """
+    fmt = None if cfg.format == "auto" else cfg.format
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"unknown format '{fmt}' (known: auto, {', '.join(FORMATS)})")
+    out = ValidRows(source=source, format=fmt or "", rows=[])
+    for number, raw in read_rows(source, split):
+        out.read += 1
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            if fmt is None:
+                fmt = detect_format(raw, cfg)
+                if fmt is None:
+                    raise DataError(
+                        f"cannot tell the format from the keys {sorted(raw)[:12]}: expected "
+                        f"'{cfg.instruction_field}' + '{cfg.output_field}' (alpaca), "
+                        f"'{cfg.messages_field}' or '{SHAREGPT_FIELD}' (messages), or '{cfg.text_field}' "
+                        "(completion); set format and the *_field options to match your columns",
+                        file=source, row=number, reason="unknown format")
+                out.format = fmt
+            out.rows.append((number, normalise_row(raw, fmt, cfg)))
+        except DataError as e:
+            if cfg.on_bad_row != "skip" or e.reason == "unknown format":
+                raise e.at(file=source, row=number) from None
+            out.skipped[e.reason] += 1
+        if cfg.max_rows is not None and len(out.rows) >= cfg.max_rows:
+            break
+    if not out.format:
+        out.format = fmt or ""
+    return out

@@ -1,0 +1,180 @@
+"""Examples → micro-batches (the batch contract in docs/ARCHITECTURE.md), packed or padded, with a
+seeded per-epoch order and a resumable position.
+
+Worked example, rows `a b EOS` and `c d EOS` (prompts a, c masked) packed into one sequence, T=8:
+    input_ids     a     b     EOS   c     d     EOS   pad   pad
+    position_ids  0     1     2     0     1     2     3     4
+    targets       b     EOS   -100  d     EOS   -100  -100  -100
+    attention     1     1     1     1     1     1     0     0
+Targets are shifted inside each row before packing, so no row predicts the next row's first token.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fasttune.models.base import IGNORE_INDEX
+
+PAD_MULTIPLE = 8
+
+# A plan: micro-batches → sequences → indices of the examples packed into that sequence, in order.
+Plan = list[list[list[int]]]
+
+
+def shift_targets(labels: Sequence[int]) -> list[int]:
+    """targets[t] = labels[t + 1]; the last position predicts nothing."""
+    return list(labels[1:]) + [IGNORE_INDEX]
+
+
+def resolve_packing(setting: str, exact: bool) -> bool:
+    """DataConfig.packing ('auto'/'on'/'off') → bool; 'auto' packs only where the model keeps
+    attention inside each packed row (`exact`)."""
+    return setting == "on" or (setting == "auto" and exact)
+
+
+def padded_length(longest: int, max_seq_length: int) -> int:
+    """The batch width: the longest sequence rounded up to a multiple of 8, never past max_seq_length."""
+    rounded = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    return max(longest, min(rounded, max_seq_length))
+
+
+def pack_bins(lengths: Sequence[int], capacity: int, order: Sequence[int]) -> list[list[int]]:
+    """Best-fit decreasing: visit rows longest first (ties in `order`), put each in the fullest
+    sequence it still fits, else open a new one. O(n log n); no row is ever split."""
+    by_length = sorted(order, key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, bin index)
+    for i in by_length:
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            room, b = free.pop(j)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+def plan_epoch(lengths: Sequence[int], batch_size: int, max_seq_length: int, packing: bool, seed: int,
+               epoch: int) -> Plan:
+    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), then rows packed into
+    sequences (packing) or one row per sequence, `batch_size` sequences per micro-batch."""
+    too_long = [i for i, n in enumerate(lengths) if n > max_seq_length]
+    if too_long:
+        raise ValueError(f"{len(too_long)} examples are longer than max_seq_length={max_seq_length} "
+                         "(build_dataset truncates or drops them)")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    if packing:
+        sequences = pack_bins(lengths, max_seq_length, order)
+        sequences = [sequences[k] for k in rng.permutation(len(sequences)).tolist()]
+    else:
+        sequences = [[i] for i in order]
+    return [sequences[k:k + batch_size] for k in range(0, len(sequences), batch_size)]
+
+
+def collate(batch: list[list[int]], input_ids: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+            pad_id: int, max_seq_length: int) -> dict[str, torch.Tensor]:
+    """One micro-batch as tensors; `input_ids`/`targets` are per example (targets already shifted)."""
+    rows_ids, rows_tgt, rows_pos = [], [], []
+    for seq in batch:
+        ids, tgt, pos = [], [], []
+        for i in seq:
+            ids.extend(input_ids[i])
+            tgt.extend(targets[i])
+            pos.extend(range(len(input_ids[i])))
+        rows_ids.append(ids)
+        rows_tgt.append(tgt)
+        rows_pos.append(pos)
+    T = padded_length(max(len(r) for r in rows_ids), max_seq_length)
+    B = len(batch)
+    out_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    out_tgt = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    out_pos = torch.empty((B, T), dtype=torch.long)
+    out_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, (ids, tgt, pos) in enumerate(zip(rows_ids, rows_tgt, rows_pos)):
+        n = len(ids)
+        out_ids[b, :n] = torch.tensor(ids, dtype=torch.long)
+        out_tgt[b, :n] = torch.tensor(tgt, dtype=torch.long)
+        out_pos[b, :n] = torch.tensor(pos, dtype=torch.long)
+        # Pads continue the last row's positions, so position 0 still marks only real row starts.
+        last = pos[-1] + 1 if n else 0
+        out_pos[b, n:] = torch.arange(last, last + T - n)
+        out_mask[b, :n] = 1
+    return {"input_ids": out_ids, "targets": out_tgt, "position_ids": out_pos, "attention_mask": out_mask}
+
+
+def make_batches(examples: Sequence[Any], batch_size: int, max_seq_length: int, pad_id: int, packing: bool,
+                 seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+    """Every micro-batch of one epoch (examples carry `input_ids` and unshifted `labels`)."""
+    ids = [e.input_ids for e in examples]
+    targets = [shift_targets(e.labels) for e in examples]
+    plan = plan_epoch([len(x) for x in ids], batch_size, max_seq_length, packing, seed, epoch)
+    return [collate(b, ids, targets, pad_id, max_seq_length) for b in plan]
+
+
+class BatchStream:
+    """Endless micro-batches across epochs with an exact, resumable position.
+
+    `state_dict()` is {"epoch", "index"}: the next batch is micro-batch `index` of epoch `epoch`
+    (plans are rebuilt from the seed, so nothing else need be saved). `len()` is micro-batches per
+    epoch for this rank. With `world_size` > 1 each rank takes every world_size-th micro-batch and
+    all ranks get the same count (the remainder of an epoch is left out).
+    """
+
+    def __init__(self, examples: Sequence[Any], batch_size: int, max_seq_length: int, pad_id: int,
+                 packing: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if not examples:
+            raise ValueError("no examples to batch")
+        self.input_ids = [list(e.input_ids) for e in examples]
+        self.targets = [shift_targets(e.labels) for e in examples]
+        self.lengths = [len(x) for x in self.input_ids]
+        self.batch_size, self.max_seq_length, self.pad_id = batch_size, max_seq_length, pad_id
+        self.packing, self.seed, self.rank, self.world_size = packing, seed, rank, world_size
+        self.epoch, self.index = 0, 0
+        self._plan: tuple[int, Plan] | None = None
+        if len(self) == 0:
+            raise ValueError(f"{len(self.plan(0)) * world_size} micro-batches cannot be shared by "
+                             f"{world_size} ranks; use more data or a smaller batch")
+
+    def plan(self, epoch: int) -> Plan:
+        """This rank's micro-batches of `epoch` (cached for the last epoch asked for)."""
+        if self._plan is None or self._plan[0] != epoch:
+            full = plan_epoch(self.lengths, self.batch_size, self.max_seq_length, self.packing, self.seed,
+                              epoch)
+            per_rank = len(full) // self.world_size
+            mine = full[self.rank::self.world_size][:per_rank] if self.world_size > 1 else full
+            self._plan = (epoch, mine)
+        return self._plan[1]
+
+    def __len__(self) -> int:
+        # The number of sequences does not depend on the epoch: packing sees the same lengths each time.
+        return len(self.plan(self.epoch))
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        plan = self.plan(self.epoch)
+        batch = collate(plan[self.index], self.input_ids, self.targets, self.pad_id, self.max_seq_length)
+        self.index += 1
+        if self.index >= len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if not 0 <= self.index < len(self.plan(self.epoch)):
+            raise ValueError(f"data position {state} is outside an epoch of {len(self)} micro-batches; "
+                             "was the dataset or batch size changed since the checkpoint?")

@@ -1,0 +1,50 @@
+"""A human check of what will be trained: each example decoded with its trained tokens marked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fasttune.models.base import IGNORE_INDEX
+
+GREEN, RESET = "\033[32m", "\033[0m"
+OPEN, CLOSE = "«", "»"
+
+
+def _spans(input_ids: Sequence[int], labels: Sequence[int]) -> list[tuple[bool, list[int]]]:
+    """Consecutive runs of (trained?, ids)."""
+    runs: list[tuple[bool, list[int]]] = []
+    for tok, lab in zip(input_ids, labels):
+        trained = lab != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tok)
+        else:
+            runs.append((trained, [tok]))
+    return runs
+
+
+def render_example(example: Any, tokenizer: Any, color: bool) -> str:
+    """The example's text; trained spans in green (color) or between « and » (plain)."""
+    parts = []
+    for trained, ids in _spans(example.input_ids, example.labels):
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        if trained:
+            text = f"{GREEN}{text}{RESET}" if color else f"{OPEN}{text}{CLOSE}"
+        parts.append(text)
+    return "".join(parts)
+
+
+def preview_rows(examples: Sequence[Any], tokenizer: Any, n: int = 3, color: bool = False,
+                 summary: Any = None) -> str:
+    """The first `n` examples rendered with trained tokens marked, then the summary if given."""
+    legend = "trained tokens in green" if color else f"trained tokens between {OPEN} and {CLOSE}"
+    out = [f"showing {min(n, len(examples))} of {len(examples)} examples; {legend}"]
+    for k, ex in enumerate(examples[:n]):
+        trained = sum(1 for x in ex.labels if x != IGNORE_INDEX)
+        where = f"row {ex.row}" if getattr(ex, "row", None) is not None else f"example {k + 1}"
+        out.append(f"── {where}: {len(ex.input_ids)} tokens, {trained} trained ──")
+        out.append(render_example(ex, tokenizer, color))
+    if summary is not None:
+        out.append("")
+        out.append(str(summary))
+    return "\n".join(out)

@@ -1,0 +1,221 @@
+"""Reading raw rows from wherever the data lives: JSON, JSONL, CSV/TSV, Parquet, a directory saved
+with `datasets.save_to_disk`, a hub dataset, or an embedded 'builtin:' dataset.
+
+`read_rows` yields `(row_number, row)` where `row` is a dict, or a `DataError` for a row that could
+not be read (bad JSON line, bad UTF-8, ...) so that the caller decides whether to stop or skip.
+Row numbers are 1-based and what the user sees: the line of a JSONL file, the spreadsheet row of a
+CSV file (header = row 1), the element of a JSON list, the record of a Parquet file or dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from importlib.resources import as_file
+from pathlib import Path
+from typing import Any
+
+from fasttune.data.builtin import builtin_file, is_builtin
+from fasttune.data.errors import DataError
+
+Row = tuple[int, dict[str, Any] | DataError]
+
+SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
+            ".parquet": "parquet", ".pq": "parquet"}
+EVAL_SPLITS = ("validation", "test", "eval", "valid")
+# owner/name or owner/name:split — the hub's repository id grammar
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+
+
+def read_rows(source: str, split: str | None = None) -> Iterator[Row]:
+    """Every row of `source` in order. Raises DataError for a source that cannot be opened at all."""
+    if is_builtin(source):
+        resource = builtin_file(source, split)
+        with as_file(resource) as path:
+            yield from _read_file(Path(path), f"{source} ({resource.name})")
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        yield from _read_saved(path, split, source)
+    elif path.is_file():
+        yield from _read_file(path, source)
+    elif _HUB_NAME.match(source) and path.suffix.lower() not in SUFFIXES:
+        yield from _read_hub(source, split)
+    else:
+        raise DataError(f"dataset file not found: {source}")
+
+
+def _read_file(path: Path, name: str) -> Iterator[Row]:
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"unknown dataset file type '{path.suffix}' for {name} "
+                        f"(known: {', '.join(sorted(SUFFIXES))})")
+    if kind == "json":
+        yield from _read_json(path, name)
+    elif kind == "jsonl":
+        yield from _read_jsonl(path.read_bytes(), name)
+    elif kind == "csv":
+        yield from _read_csv(path, name, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    else:
+        yield from _read_parquet(path, name)
+
+
+def _decode_whole(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"not valid UTF-8 text (line {line}, byte {e.start}); save the file as UTF-8",
+                        file=name, reason="invalid UTF-8") from None
+
+
+def _read_json(path: Path, name: str) -> Iterator[Row]:
+    data = path.read_bytes()
+    text = _decode_whole(data, name)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            # One JSON value per line saved as .json (what `datasets` writes by default): read it as JSONL.
+            yield from _read_jsonl(data, name)
+            return
+        raise DataError(f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}",
+                        file=name, reason="not JSON") from None
+    if isinstance(obj, dict):
+        key = next((k for k in ("data", "train", "rows", "examples") if isinstance(obj.get(k), list)), None)
+        if key is None:
+            raise DataError("a JSON dataset must be a list of objects, or an object with a 'data' or "
+                            f"'train' list; found an object with keys {sorted(obj)[:10]}", file=name)
+        obj = obj[key]
+    if not isinstance(obj, list):
+        raise DataError(f"a JSON dataset must be a list of objects, found {type(obj).__name__}", file=name)
+    for i, item in enumerate(obj, start=1):
+        yield i, _as_object(item, name, i)
+
+
+def _as_object(item: Any, name: str, row: int) -> dict[str, Any] | DataError:
+    if isinstance(item, dict):
+        return item
+    return DataError(f"expected a JSON object, found {type(item).__name__}", file=name, row=row,
+                     reason="not an object")
+
+
+def _read_jsonl(data: bytes, name: str) -> Iterator[Row]:
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield lineno, DataError(f"not valid UTF-8 (byte {e.start} of the line)", file=name, row=lineno,
+                                    reason="invalid UTF-8")
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, DataError(f"not valid JSON (column {e.colno}): {e.msg}", file=name, row=lineno,
+                                    reason="not JSON")
+            continue
+        yield lineno, _as_object(item, name, lineno)
+
+
+def _read_csv(path: Path, name: str, delimiter: str) -> Iterator[Row]:
+    text = _decode_whole(path.read_bytes(), name)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"not a valid CSV header: {e}", file=name, row=1) from None
+    if not header or len(set(header)) != len(header):
+        raise DataError(f"the header row must name every column once, found {header}", file=name, row=1)
+    row = 1  # the header is row 1, as a spreadsheet shows it
+    while True:
+        row += 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield row, DataError(f"not valid CSV: {e}", file=name, row=row, reason="not CSV")
+            continue
+        if not cells:
+            continue
+        if len(cells) > len(header):
+            yield row, DataError(f"{len(cells)} cells but the header names {len(header)} columns",
+                                 file=name, row=row, reason="not CSV")
+            continue
+        # Cells the row lacks are None (missing), not "" (present and empty).
+        yield row, dict(zip(header, cells + [None] * (len(header) - len(cells))))
+
+
+def _read_parquet(path: Path, name: str) -> Iterator[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet files needs pyarrow: pip install 'fasttune[data]'",
+                        file=name) from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError for a damaged file
+        raise DataError(f"not a readable Parquet file: {e}", file=name) from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for item in batch.to_pylist():
+            row += 1
+            yield row, item
+
+
+def _datasets_module(name: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading saved or hub datasets needs the datasets library: "
+                        "pip install 'fasttune[data]'", file=name) from None
+    return datasets
+
+
+def _pick_split(ds: Any, split: str | None, name: str) -> Any:
+    """A Dataset from a Dataset or DatasetDict: the named split, 'train' by default; split 'eval' means
+    the first of validation, test, eval, valid that exists."""
+    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):
+        want = split or "train"
+        if want == "eval":
+            want = next((s for s in EVAL_SPLITS if s in ds), "validation")
+        if want not in ds:
+            raise DataError(f"no split '{want}' (splits: {', '.join(ds.keys())})", file=name)
+        return ds[want]
+    return ds
+
+
+def _read_saved(path: Path, split: str | None, name: str) -> Iterator[Row]:
+    if not any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        raise DataError("a dataset directory must be one saved with datasets.save_to_disk "
+                        "(no dataset_dict.json or dataset_info.json found)", file=name)
+    datasets = _datasets_module(name)
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for a damaged directory
+        raise DataError(f"could not load the saved dataset: {type(e).__name__}: {e}", file=name) from None
+    yield from enumerate(_pick_split(ds, split, name), start=1)
+
+
+def _read_hub(source: str, split: str | None) -> Iterator[Row]:
+    repo, _, name_split = source.partition(":")
+    want = name_split or split or "train"
+    datasets = _datasets_module(source)
+    try:
+        # split 'eval' is ours, not the hub's: load every split and pick one below.
+        ds = datasets.load_dataset(repo, split=None if want == "eval" else want)
+    except Exception as e:  # offline, unknown repo, gated, missing split: all end here
+        raise DataError(
+            f"no local file of that name, and loading it as a Hugging Face hub dataset (split '{want}') "
+            f"failed: {type(e).__name__}: {str(e)[:500]}. Hub datasets need network access or a local "
+            "cache; to use a file, check its path.", file=source) from None
+    yield from enumerate(_pick_split(ds, want, source), start=1)

@@ -1,0 +1,266 @@
+"""Rows → token ids and labels (the loss mask), and the whole dataset → examples with a summary.
+
+A row is rendered to one text in which some character spans are trained (the response, each
+assistant turn with its end-of-turn token); the text is tokenized once and a token is trained when
+it starts inside a trained span. Tokenizing the whole text once (not prompt and answer apart) gives
+the same tokens the model sees in a whole conversation, whatever the tokenizer does at boundaries.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fasttune.config import DataConfig
+from fasttune.data.errors import DataError
+from fasttune.data.formats import load_rows
+from fasttune.data.templates import (
+    PromptContract,
+    alpaca_as_user_message,
+    alpaca_text,
+    make_contract,
+    render_chat,
+)
+from fasttune.models.base import IGNORE_INDEX
+
+
+@dataclass
+class Example:
+    """One tokenized row. labels[t] is input_ids[t] where trained, IGNORE_INDEX (-100) elsewhere;
+    they are not shifted (packing.shift_targets does that). `row` is the row number in the file."""
+
+    input_ids: list[int]
+    labels: list[int]
+    row: int | None = None
+
+    @property
+    def n_trained(self) -> int:
+        """Tokens that will be predicted: position 0 has no previous token, so labels[0] never counts."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
+
+
+def _strip_end(text: str, markers: tuple[str | None, ...]) -> str:
+    """A response minus a trailing EOS/end-of-turn string the data already carried, so that the
+    end token appears exactly once."""
+    changed = True
+    while changed:
+        changed = False
+        stripped = text.rstrip()
+        for m in markers:
+            if m and stripped.endswith(m):
+                text, changed = stripped[: -len(m)], True
+    return text
+
+
+def _tokenize_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` and, per token, whether it starts inside one of the character spans."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        starts = [s for s, _ in offsets]
+    except (NotImplementedError, ValueError, KeyError):
+        # Tokenizers without offsets: count the tokens of each prefix ending at a span boundary.
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        trained = [False] * len(ids)
+        for a, b in spans:
+            na = len(tokenizer(text[:a], add_special_tokens=False)["input_ids"])
+            nb = len(tokenizer(text[:b], add_special_tokens=False)["input_ids"])
+            for t in range(na, min(nb, len(ids))):
+                trained[t] = True
+        return ids, trained
+    return ids, [any(a <= s < b for a, b in spans) for s in starts]
+
+
+def _chat_spans(messages: list[dict[str, str]], contract: PromptContract,
+                tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text and the character span of every assistant turn (content + end token).
+
+    The prompt before each assistant turn is rendered on its own (with the generation prompt); where
+    it is a prefix of the whole text (true of every incremental template) the search for the answer
+    starts there, otherwise after the previous answer.
+    """
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages = messages[: last + 1]  # trailing user turns would only add masked tokens
+    markers = (contract.end_of_turn, contract.eos_token)
+    messages = [dict(m, content=_strip_end(m["content"], markers)) if m["role"] == "assistant" else m
+                for m in messages]
+    full = render_chat(messages, contract, tokenizer, add_generation_prompt=False)
+    spans, inserts, cursor = [], [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = cursor
+        try:
+            prefix = render_chat(messages[:i], contract, tokenizer, add_generation_prompt=True)
+            if full.startswith(prefix) and len(prefix) >= cursor:
+                start = len(prefix)
+        except Exception:  # a template that rejects a partial conversation: search from the cursor
+            pass
+        content = m["content"].strip()
+        begin = full.find(content, start)
+        if begin < 0:
+            raise DataError("the chat template changed this assistant turn's text, so its tokens cannot be "
+                            "located for the loss mask", field="messages", reason="template error")
+        end = begin + len(content)
+        marker = full.find(contract.end_of_turn, end) if contract.end_of_turn else -1
+        if marker >= 0 and not full[end:marker].strip():
+            end = marker + len(contract.end_of_turn)
+        else:
+            inserts.append(end)  # the template closes this turn with no token: EOS is added and trained
+        spans.append((begin, end))
+        cursor = end
+    # Insert EOS where needed, shifting later spans by what was inserted before them.
+    text, out, shift, prev = "", [], 0, 0
+    for a, b in spans:
+        text += full[prev:b]
+        extra = contract.eos_token if b in inserts else ""
+        text += extra
+        out.append((a + shift, b + shift + len(extra)))
+        shift += len(extra)
+        prev = b
+    return text + full[prev:], out
+
+
+def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, contract: PromptContract,
+               train_on_inputs: bool = False) -> Example:
+    """Tokenize one normalised row (see formats.py) into input ids and unshifted labels.
+
+    Worked example (alpaca, contract.add_bos False):  prompt "…### Response:\\n" + output "Hi" + EOS
+        input_ids  p0   p1  …  pk   Hi   EOS
+        labels    -100 -100 … -100  Hi   EOS
+    """
+    eos_markers = (contract.eos_token, contract.end_of_turn)
+    append_eos = False
+    if contract.template == "chat":
+        if fmt == "messages":
+            messages = row["messages"]
+        else:
+            messages = [{"role": "user", "content": alpaca_as_user_message(row["instruction"], row["input"])},
+                        {"role": "assistant", "content": row["output"]}]
+        try:
+            text, spans = _chat_spans(messages, contract, tokenizer)
+        except DataError:
+            raise
+        except Exception as e:  # jinja errors from the template, e.g. "roles must alternate"
+            raise DataError(f"the chat template rejected this conversation: {e}", field="messages",
+                            reason="template error") from None
+    elif fmt == "alpaca":
+        prompt = alpaca_text(row["instruction"], row["input"], contract)
+        text = prompt + _strip_end(row["output"], eos_markers)
+        spans, append_eos = [(len(prompt), len(text))], True
+    elif fmt == "completion":
+        text = _strip_end(row["text"], eos_markers)
+        spans, append_eos = [(0, len(text))], True
+    else:
+        raise DataError(f"template '{contract.template}' cannot render {fmt} rows")
+
+    ids, trained = _tokenize_spans(text, spans, tokenizer)
+    if append_eos:
+        ids.append(contract.eos_id)
+        trained.append(True)
+    if contract.add_bos and contract.bos_id is not None and (not ids or ids[0] != contract.bos_id):
+        ids.insert(0, contract.bos_id)
+        trained.insert(0, False)
+    labels = list(ids) if train_on_inputs else [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
+    return Example(input_ids=ids, labels=labels)
+
+
+@dataclass
+class DataSummary:
+    """What happened to the rows of one split, for the log and `fasttune data preview`."""
+
+    source: str
+    split: str
+    format: str
+    template: str
+    rows_read: int = 0
+    rows_valid: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_untrainable: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    longest: int = 0
+
+    def __str__(self) -> str:
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        lines = [
+            f"{self.split} data: {self.source} ({self.format} rows, template {self.template})",
+            f"  rows read {self.rows_read}, valid {self.rows_valid}, skipped {skipped}"
+            + (f" ({reasons})" if skipped else ""),
+            f"  examples {self.examples}, truncated {self.truncated}, "
+            f"dropped as too long {self.dropped_long}, "
+            f"dropped with nothing trained left {self.dropped_untrainable}",
+            f"  tokens {self.tokens} ({self.trained_tokens} trained), longest example {self.longest}",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class TokenizedData:
+    examples: list[Example]
+    summary: DataSummary
+    contract: PromptContract
+    format: str
+
+
+def build_dataset(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, split: str = "train",
+                  contract: PromptContract | None = None) -> TokenizedData | None:
+    """Read, validate and tokenize one split. split='eval' reads data_cfg.eval_dataset (None → None).
+
+    Pass the training run's `contract` for the eval split so both render alike. Raises DataError when
+    no example has a trained token ("all labels are masked"), before any training starts.
+    """
+    source = data_cfg.dataset if split == "train" else data_cfg.eval_dataset
+    if source is None:
+        return None
+    valid = load_rows(source, data_cfg, split=None if split == "train" else "eval")
+    if not valid.rows:
+        raise DataError(f"no usable rows in {source} ({valid.read} read"
+                        + (f", skipped: {dict(valid.skipped)}" if valid.skipped else "") + ")")
+    contract = contract or make_contract(data_cfg.template, valid.format, tokenizer)
+    summary = DataSummary(source=source, split=split, format=valid.format, template=contract.template,
+                          rows_read=valid.read, rows_valid=len(valid.rows))
+    skipped: Counter[str] = Counter(valid.skipped)
+    examples = []
+    for number, row in valid.rows:
+        try:
+            ex = encode_row(row, valid.format, tokenizer, contract, data_cfg.train_on_inputs)
+        except DataError as e:
+            if data_cfg.on_bad_row != "skip":
+                raise e.at(file=source, row=number) from None
+            skipped[e.reason] += 1
+            continue
+        ex.row = number
+        if len(ex.input_ids) > max_seq_length:
+            if data_cfg.on_long_row == "drop":
+                summary.dropped_long += 1
+                continue
+            ex.input_ids, ex.labels = ex.input_ids[:max_seq_length], ex.labels[:max_seq_length]
+            summary.truncated += 1
+            if ex.n_trained == 0:
+                summary.dropped_untrainable += 1
+                continue
+        examples.append(ex)
+    summary.skipped = dict(skipped)
+    summary.examples = len(examples)
+    summary.tokens = sum(len(e.input_ids) for e in examples)
+    summary.trained_tokens = sum(e.n_trained for e in examples)
+    summary.longest = max((len(e.input_ids) for e in examples), default=0)
+    if summary.trained_tokens == 0:
+        why = []
+        if summary.dropped_untrainable:
+            why.append(f"{summary.dropped_untrainable} rows lost every trained token to max_seq_length="
+                       f"{max_seq_length} (raise it, or shorten the prompts)")
+        if summary.dropped_long:
+            why.append(f"{summary.dropped_long} rows were longer than max_seq_length={max_seq_length} and "
+                       "on_long_row is drop")
+        if sum(skipped.values()):
+            why.append(f"skipped rows: {dict(skipped)}")
+        raise DataError(f"all labels are masked: nothing to train in {source} ({split})"
+                        + (": " + "; ".join(why) if why else ""))
+    return TokenizedData(examples=examples, summary=summary, contract=contract, format=valid.format)
