@@ -40,7 +40,18 @@ _DEVICES = [
 ]
 
 
+# For pure-torch ops (no Triton inside): the CPU always, CUDA where present.
+_ANY_DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A test with a `device` argument runs once per device: interpreted on the CPU, compiled on CUDA."""
+    """`device`: once per device, Triton interpreted on the CPU and compiled on CUDA; `any_device`: the
+    CPU always and CUDA where present, for ops without a Triton kernel."""
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", _DEVICES)
+    if "any_device" in metafunc.fixturenames:
+        metafunc.parametrize("any_device", _ANY_DEVICES)

@@ -1,0 +1,274 @@
+"""LoRA linear layers with a hand-written backward that never computes gradients of the frozen base.
+
+`lora_linear`, for x (N, in), base weight W (out, in), bias b (out,), adapters A (r, in), B (out, r), scale s:
+    forward:   xA = x A^T                     (N, r)     saved, with x
+               y  = x W^T + b + s xA B^T      (N, out)
+    backward:  dyB = dy B                     (N, r)
+               dx  = dy W + s dyB A           (N, in)
+               dA  = s dyB^T x                (r, in)
+               dB  = s dy^T xA                (out, r)
+               dW  = dy^T x, db = sum_N dy    only if W / b require grad (never, for a frozen base)
+With LoRA dropout the adapter reads x' = dropout(x) (passed as `x_lora`): xA = x' A^T, dA uses x', and the
+adapter's share of dx, s dyB A, goes to x' (autograd carries it through the dropout back to x).
+
+`lora_mlp` is the Llama MLP with LoRA on gate/up/down, one autograd node for the whole block:
+    forward:   g = lora_linear(x, gate), u = lora_linear(x, up), h = silu(g) u, y = lora_linear(h, down)
+    saved:     x, g, u and the three (N, r) products; h (N, inter), the largest activation, is NOT saved
+    backward:  h recomputed from g, u; dh from the down backward; dg, du by the SwiGLU backward
+               (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
+
+The matmuls run through torch (cuBLAS); the elementwise SwiGLU of `lora_mlp` runs the Triton kernel on CUDA.
+All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
+gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
+(e.g. an NF4 dequantisation into a reused buffer, called once in the forward and once in the backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fasttune.kernels._dispatch import use_triton
+from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
+
+WeightLike = torch.Tensor | Callable[[], torch.Tensor]
+
+
+class LoRAWeights(NamedTuple):
+    """One adapted projection: base weight (out, in) or its dequantiser, bias, A (r, in), B (out, r), s."""
+
+    weight: WeightLike
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _dense(weight: WeightLike, dtype: torch.dtype) -> torch.Tensor:
+    w = weight() if callable(weight) and not isinstance(weight, torch.Tensor) else weight
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _forward(x2, w, bias, a, b, s, xl2=None):
+    """y = x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None); returns (y, xA)."""
+    xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r)
+    y = F.linear(x2, w, bias)  # (N, out)
+    y.addmm_(xa, b.t(), alpha=s)
+    return y, xa
+
+
+def _backward(dy2, x2, w, a, b, s, xl2, xa, needs):
+    """Gradients (x, W, bias, A, B, x') of `_forward`, each only if flagged in `needs`.
+
+    With `xl2` None (x' = x) the adapter's share of dx is added into dx and the x' gradient is None.
+    """
+    want_x, want_w, want_bias, want_a, want_b, want_xl = needs
+    dyb = dy2 @ b  # (N, r)
+    dx = dw = dbias = da = db = dxl = None
+    if want_x:
+        dx = dy2 @ w  # (N, in)
+        if xl2 is None:
+            dx.addmm_(dyb, a, alpha=s)
+    if want_xl and xl2 is not None:
+        dxl = (dyb @ a).mul_(s)  # (N, in)
+    if want_a:
+        da = (dyb.t() @ (x2 if xl2 is None else xl2)).mul_(s)  # (r, in)
+    if want_b:
+        db = (dy2.t() @ xa).mul_(s)  # (out, r)
+    if want_w:
+        dw = dy2.t() @ x2  # (out, in)
+    if want_bias:
+        dbias = dy2.sum(0)
+    return dx, dw, dbias, da, db, dxl
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, x_lora, dequant):
+        dt = _compute_dtype(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, in)
+        xl2 = None if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dt)  # (N, in)
+        w = _dense(dequant if weight is None else weight, dt)
+        a, b = lora_A.to(dt), lora_B.to(dt)
+        y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2)
+        ctx.dequant, ctx.scaling, ctx.has_x_lora = dequant, scaling, x_lora is not None
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, lora_A, lora_B, x_lora)]
+        # x is needed only for dW (frozen: never) and for dA when there is no dropout (x' = x).
+        keep_x = ctx.needs_input_grad[1] or x_lora is None
+        ctx.save_for_backward(x2 if keep_x else None, xl2, xa, None if weight is None else w, a, b)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x2, xl2, xa, w, a, b = ctx.saved_tensors
+        if w is None:  # a quantised base: dequantise again rather than keep the dense copy alive
+            w = _dense(ctx.dequant, a.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(a.dtype)  # (N, out)
+        n = ctx.needs_input_grad
+        grads = _backward(dy2, x2, w, a, b, ctx.scaling, xl2, xa, (n[0], n[1], n[2], n[3], n[4], n[6]))
+        dx, dw, dbias, da, db, dxl = (_cast(g, dt) for g, dt in zip(grads, ctx.dtypes))
+        lead = dy.shape[:-1]
+        dx = None if dx is None else dx.view(*lead, dx.shape[-1])
+        dxl = None if dxl is None else dxl.view(*lead, dxl.shape[-1])
+        return dx, dw, dbias, da, db, None, dxl, None
+
+
+def _check_linear(name: str, in_features: int, p: LoRAWeights) -> None:
+    if isinstance(p.weight, torch.Tensor) and (p.weight.dim() != 2 or p.weight.shape[1] != in_features):
+        raise ValueError(f"{name}: weight {tuple(p.weight.shape)} does not take inputs of {in_features}")
+    r = p.lora_A.shape[0]
+    if p.lora_A.shape[1] != in_features or p.lora_B.shape[1] != r:
+        raise ValueError(f"{name}: lora_A {tuple(p.lora_A.shape)} and lora_B {tuple(p.lora_B.shape)} do not "
+                         f"fit inputs of {in_features}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: WeightLike,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x W^T + b + scaling (x' A^T) B^T with x' = `x_lora` (dropout(x)) or x; hand-written backward.
+
+    x: (..., in); weight: (out, in) tensor, or a callable returning it (a 4-bit base's dequantiser);
+    bias: (out,) or None; lora_A: (r, in); lora_B: (out, r). Pure torch, so it runs on any device.
+    """
+    _check_linear("lora_linear", x.shape[-1], LoRAWeights(weight, bias, lora_A, lora_B, scaling))
+    if isinstance(weight, torch.Tensor):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, x_lora, None)
+    return LoRALinearFunction.apply(x, None, bias, lora_A, lora_B, scaling, x_lora, weight)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: WeightLike,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    dt = x.dtype
+    xl = x if x_lora is None else x_lora
+    lora = F.linear(F.linear(xl, lora_A.to(dt)), lora_B.to(dt))
+    return F.linear(x, _dense(weight, dt), _cast(bias, dt)) + scaling * lora
+
+
+def _silu_mul(g: torch.Tensor, u: torch.Tensor, triton: bool) -> torch.Tensor:
+    return _swiglu_fwd(g, u) if triton else F.silu(g) * u
+
+
+def _silu_mul_grad(dh, g, u, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) of h = silu(g) u; the torch branch follows the kernel's fp32 formula."""
+    if triton:
+        return _swiglu_bwd(dh, g, u)
+    gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
+    du = dhf * gf * sig
+    dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
+    return dg.to(g.dtype), du.to(u.dtype)
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) with LoRA on all three; tensor inputs: x, then (W, bias, A, B) x 3."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd, scalings, dequants, triton):
+        dt = _compute_dtype(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, hidden)
+        dense = [_dense(dq if w is None else w, dt) for w, dq in zip((wg, wu, wd), dequants)]
+        lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
+        sg, su, sd = scalings
+        g, xag = _forward(x2, dense[0], _cast(bg, dt), *lora[0], sg)  # (N, inter), (N, r)
+        u, xau = _forward(x2, dense[1], _cast(bu, dt), *lora[1], su)  # (N, inter), (N, r)
+        h = _silu_mul(g, u, triton)  # (N, inter)
+        y, had = _forward(h, dense[2], _cast(bd, dt), *lora[2], sd)  # (N, hidden), (N, r)
+        del h  # recomputed in the backward: the largest activation of the block is never kept
+        ctx.scalings, ctx.dequants, ctx.triton = scalings, dequants, triton
+        ctx.dtypes = [None if t is None else t.dtype
+                      for t in (x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd)]
+        kept = [None if w is None else d for w, d in zip((wg, wu, wd), dense)]
+        ctx.save_for_backward(x2, g, u, xag, xau, had, *kept, *lora[0], *lora[1], *lora[2])
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x2, g, u, xag, xau, had, wg, wu, wd, ag, bbg, au, bbu, ad, bbd = ctx.saved_tensors
+        dt = x2.dtype
+        wg, wu, wd = (_dense(dq, dt) if w is None else w for w, dq in zip((wg, wu, wd), ctx.dequants))
+        sg, su, sd = ctx.scalings
+        n = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
+        h = _silu_mul(g, u, ctx.triton)  # (N, inter), recomputed
+        dh, dwd, dbd, dad, dbbd, _ = _backward(dy2, h, wd, ad, bbd, sd, None, had,
+                                               (True, n[9], n[10], n[11], n[12], False))
+        del h
+        dg, du = _silu_mul_grad(dh, g, u, ctx.triton)
+        del dh
+        dx, dwg, dbg, dag, dbbg, _ = _backward(dg, x2, wg, ag, bbg, sg, None, xag,
+                                               (n[0], n[1], n[2], n[3], n[4], False))
+        dxu, dwu, dbu, dau, dbbu, _ = _backward(du, x2, wu, au, bbu, su, None, xau,
+                                                (n[0], n[5], n[6], n[7], n[8], False))
+        if dx is not None:
+            dx += dxu
+        grads = (dx, dwg, dbg, dag, dbbg, dwu, dbu, dau, dbbu, dwd, dbd, dad, dbbd)
+        grads = [_cast(gr, t) for gr, t in zip(grads, ctx.dtypes)]
+        if grads[0] is not None:
+            grads[0] = grads[0].view(dy.shape)
+        return (*grads, None, None, None)
+
+
+def lora_mlp(
+    x: torch.Tensor,
+    gate: LoRAWeights,
+    up: LoRAWeights,
+    down: LoRAWeights,
+    force_triton: bool | None = None,
+) -> torch.Tensor:
+    """The Llama MLP down(silu(gate(x)) * up(x)), each projection a LoRA linear, as one autograd node.
+
+    Saves x, gate(x), up(x) and the rank-r products; recomputes silu(g) u in the backward. The SwiGLU runs
+    the Triton kernel on CUDA (or when forced), torch elsewhere. LoRA dropout is not supported here: with
+    dropout on, call `lora_linear` per projection.
+    """
+    _check_linear("lora_mlp gate", x.shape[-1], gate)
+    _check_linear("lora_mlp up", x.shape[-1], up)
+    _check_linear("lora_mlp down", gate.lora_B.shape[0], down)
+    triton = use_triton(x, force=force_triton)
+    args: list = [x]
+    dequants = []
+    for p in (gate, up, down):
+        is_tensor = isinstance(p.weight, torch.Tensor)
+        args += [p.weight if is_tensor else None, p.bias, p.lora_A, p.lora_B]
+        dequants.append(None if is_tensor else p.weight)
+    scalings = (gate.scaling, up.scaling, down.scaling)
+    return LoRAMLPFunction.apply(*args, scalings, tuple(dequants), triton)
+
+
+def lora_mlp_reference(
+    x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights
+) -> torch.Tensor:
+    g = lora_linear_reference(x, *gate)
+    u = lora_linear_reference(x, *up)
+    return lora_linear_reference(F.silu(g) * u, *down)

@@ -1,0 +1,197 @@
+"""LoRA linear and LoRA MLP autograd Functions vs their references: outputs and gradients, frozen base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_checks import assert_bf16_close, assert_fp32_close
+
+from fasttune.kernels.lora import (
+    LoRAWeights,
+    lora_linear,
+    lora_linear_reference,
+    lora_mlp,
+    lora_mlp_reference,
+)
+
+# (leading shape, in, out, r)
+SHAPES = [((1, 1), 7, 5, 1), ((2, 5), 13, 11, 4), ((3,), 32, 48, 8)]
+
+
+def _params(lead, d_in, d_out, r, device, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    b = torch.randn(d_out, generator=g) if bias else None
+    a = torch.randn(r, d_in, generator=g) / d_in**0.5
+    bb = torch.randn(d_out, r, generator=g)  # non-zero, so every gradient path is exercised
+    dy = torch.randn(*lead, d_out, generator=g)
+    return [None if t is None else t.to(device) for t in (x, w, b, a, bb, dy)]
+
+
+def _run(fn, x, w, b, a, bb, dy, s, x_lora_mask=None, train_base=False):
+    """Output and gradients (x, A, B[, W, bias]) of fn(x, w, b, a, bb, s[, x_lora])."""
+    x = x.detach().clone().requires_grad_(True)
+    a = a.detach().clone().requires_grad_(True)
+    bb = bb.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(train_base)
+    b = None if b is None else b.detach().clone().requires_grad_(train_base)
+    extra = () if x_lora_mask is None else (x * x_lora_mask,)
+    y = fn(x, w, b, a, bb, s, *extra)
+    y.backward(dy.to(y.dtype))
+    out = [y.detach(), x.grad, a.grad, bb.grad]
+    if train_base:
+        out += [w.grad] + ([] if b is None else [b.grad])
+    else:
+        assert w.grad is None and (b is None or b.grad is None)
+    return out
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_linear_fp32(any_device, shape, dropout):
+    x, w, b, a, bb, dy = _params(*shape, any_device)
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(9)) > 0.3).to(x) / 0.7 \
+        if dropout else None
+    kern = _run(lora_linear, x, w, b, a, bb, dy, 0.5, mask)
+    exact = _run(lora_linear_reference, *[t.double() for t in (x, w, b, a, bb, dy)], 0.5,
+                 None if mask is None else mask.double())
+    for k, e, what in zip(kern, exact, ["y", "dx", "dA", "dB"]):
+        assert k.dtype == torch.float32
+        assert_fp32_close(k, e, f"lora_linear {what} {shape}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_linear_bf16_with_fp32_adapters(any_device, shape):
+    # PEFT keeps adapters in fp32 on a bf16 base: products run in bf16, gradients come back in fp32.
+    x, w, b, a, bb, dy = _params(*shape, any_device, seed=1)
+    xb, wb, bbias, dyb = x.bfloat16(), w.bfloat16(), b.bfloat16(), dy.bfloat16()
+    kern = _run(lora_linear, xb, wb, bbias, a, bb, dyb, 2.0)
+    eager = _run(lora_linear_reference, xb, wb, bbias, a.bfloat16(), bb.bfloat16(), dyb, 2.0)
+    exact = _run(lora_linear_reference, *[t.double() for t in (xb, wb, bbias, a, bb, dyb)], 2.0)
+    assert kern[0].dtype == kern[1].dtype == torch.bfloat16
+    assert kern[2].dtype == kern[3].dtype == torch.float32
+    for k, e, x64, what in zip(kern, eager, exact, ["y", "dx", "dA", "dB"]):
+        assert_bf16_close(k, e, x64, f"lora_linear {what} {shape}")
+
+
+def test_lora_linear_trainable_base_gets_its_gradients(any_device):
+    x, w, b, a, bb, dy = _params((2, 3), 9, 6, 2, any_device, seed=2)
+    kern = _run(lora_linear, x, w, b, a, bb, dy, 1.5, train_base=True)
+    exact = _run(lora_linear_reference, *[t.double() for t in (x, w, b, a, bb, dy)], 1.5, train_base=True)
+    for k, e, what in zip(kern, exact, ["y", "dx", "dA", "dB", "dW", "dbias"]):
+        assert_fp32_close(k, e, f"lora_linear {what}")
+
+
+def test_lora_linear_dequant_callable_is_called_once_per_pass(any_device):
+    x, w, _, a, bb, dy = _params((4,), 8, 6, 2, any_device, seed=3, bias=False)
+    calls = []
+
+    def dequant():
+        calls.append(1)
+        return w
+
+    x = x.requires_grad_(True)
+    y = lora_linear(x, dequant, None, a.requires_grad_(True), bb, 0.25)
+    assert len(calls) == 1
+    y.backward(dy)
+    assert len(calls) == 2
+    torch.testing.assert_close(y, lora_linear_reference(x, w, None, a, bb, 0.25))
+    xr = x.detach().clone().requires_grad_(True)
+    lora_linear_reference(xr, w, None, a, bb, 0.25).backward(dy)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_lora_linear_zero_B_is_the_base_layer(any_device):
+    x, w, b, a, bb, _ = _params((2, 5), 13, 11, 4, any_device)
+    torch.testing.assert_close(lora_linear(x, w, b, a, torch.zeros_like(bb), 2.0), F.linear(x, w, b))
+
+
+def test_lora_linear_saves_no_copy_of_the_frozen_base(any_device):
+    # Only x, x A^T, A, B and the (frozen) weight itself may be saved, the weight without a copy.
+    x, w, b, a, bb, _ = _params((3, 4), 16, 24, 2, any_device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear(x.requires_grad_(True), w, b, a.requires_grad_(True), bb.requires_grad_(True), 1.0)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(12, 16), (12, 2), (24, 16), (2, 16), (24, 2)])
+    assert any(t.data_ptr() == w.data_ptr() for t in saved)
+
+
+def test_lora_linear_shape_errors():
+    x, w, b, a, bb, _ = _params((2,), 8, 6, 2, "cpu")
+    with pytest.raises(ValueError, match="lora_linear: weight"):
+        lora_linear(x, w[:, :5], b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        lora_linear(x, w, b, a[:, :5], bb, 1.0)
+
+
+def _mlp_params(lead, hidden, inter, r, device, seed, dtype=torch.float32, bias=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def proj(d_in, d_out, s):
+        return LoRAWeights(
+            (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device, dtype),
+            (torch.randn(d_out, generator=g).to(device, dtype) if bias else None),
+            (torch.randn(r, d_in, generator=g) / d_in**0.5).to(device),
+            torch.randn(d_out, r, generator=g).to(device), s)
+
+    x = torch.randn(*lead, hidden, generator=g).to(device, dtype)
+    dy = torch.randn(*lead, hidden, generator=g).to(device, dtype)
+    return x, proj(hidden, inter, 0.5), proj(hidden, inter, 2.0), proj(inter, hidden, 1.0), dy
+
+
+def _run_mlp(fn, x, gate, up, down, dy):
+    x = x.detach().clone().requires_grad_(True)
+    ps = [p._replace(lora_A=p.lora_A.detach().clone().requires_grad_(True),
+                     lora_B=p.lora_B.detach().clone().requires_grad_(True)) for p in (gate, up, down)]
+    y = fn(x, *ps)
+    y.backward(dy.to(y.dtype))
+    return [y.detach(), x.grad] + [t for p in ps for t in (p.lora_A.grad, p.lora_B.grad)]
+
+
+def _double(p: LoRAWeights) -> LoRAWeights:
+    return LoRAWeights(*[t.double() if isinstance(t, torch.Tensor) else t for t in p])
+
+
+MLP_NAMES = ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lead", [(1, 1), (2, 3)])
+def test_lora_mlp_torch_path_fp32(any_device, lead, bias):
+    x, gate, up, down, dy = _mlp_params(lead, 12, 20, 3, any_device, seed=4, bias=bias)
+    kern = _run_mlp(lambda *a: lora_mlp(*a, force_triton=False), x, gate, up, down, dy)
+    exact = _run_mlp(lora_mlp_reference, x.double(), *map(_double, (gate, up, down)), dy.double())
+    for k, e, what in zip(kern, exact, MLP_NAMES):
+        assert_fp32_close(k, e, f"lora_mlp {what}")
+
+
+def test_lora_mlp_triton_swiglu(device):
+    x, gate, up, down, dy = _mlp_params((2, 3), 12, 20, 3, device, seed=5)
+    kern = _run_mlp(lambda *a: lora_mlp(*a, force_triton=True), x, gate, up, down, dy)
+    exact = _run_mlp(lora_mlp_reference, x.double(), *map(_double, (gate, up, down)), dy.double())
+    for k, e, what in zip(kern, exact, MLP_NAMES):
+        assert_fp32_close(k, e, f"lora_mlp {what}")
+
+
+def test_lora_mlp_bf16(any_device):
+    x, gate, up, down, dy = _mlp_params((3, 5), 16, 40, 4, any_device, seed=6, dtype=torch.bfloat16)
+    kern = _run_mlp(lambda *a: lora_mlp(*a, force_triton=False), x, gate, up, down, dy)
+    bf16 = [p._replace(lora_A=p.lora_A.bfloat16(), lora_B=p.lora_B.bfloat16()) for p in (gate, up, down)]
+    eager = _run_mlp(lora_mlp_reference, x, *bf16, dy)
+    exact = _run_mlp(lora_mlp_reference, x.double(), *map(_double, (gate, up, down)), dy.double())
+    for k, e, x64, what in zip(kern, eager, exact, MLP_NAMES):
+        assert_bf16_close(k, e, x64, f"lora_mlp {what}")
+
+
+def test_lora_mlp_does_not_save_the_swiglu_output(any_device):
+    lead, hidden, inter = (2, 3), 12, 20
+    x, gate, up, down, _ = _mlp_params(lead, hidden, inter, 3, any_device, seed=7)
+    saved = []
+    ps = [p._replace(lora_A=p.lora_A.requires_grad_(True)) for p in (gate, up, down)]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_mlp(x, *ps, force_triton=False)
+    assert sum(tuple(t.shape) == (6, inter) for t in saved) == 2  # gate(x) and up(x), not silu(g) u
+
