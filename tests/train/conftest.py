@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttune.data.packing import BatchStream
+from fasttune.data.tokenize import Example
 from fasttune.models.base import IGNORE_INDEX, LMOutput
 
 
@@ -40,29 +42,20 @@ class ToyLM(nn.Module):
         return LMOutput(loss_sum=loss_sum, n_tokens=(targets != IGNORE_INDEX).sum())
 
 
-def ragged_rows(n: int, vocab: int = 37, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Rows of very different lengths and masked prompt prefixes (so trained-token counts differ)."""
+def ragged_examples(n: int, vocab: int = 37, seed: int = 1) -> list[Example]:
+    """Rows of very different lengths with masked prompt prefixes (so trained-token counts differ)."""
     g = torch.Generator().manual_seed(seed)
-    rows = []
+    examples = []
     for i in range(n):
         length = 3 + (i * 7) % 19
-        ids = torch.randint(1, vocab, (length,), generator=g)
-        targets = torch.cat([ids[1:], torch.tensor([0])])
-        targets[: (i % 3)] = IGNORE_INDEX
-        rows.append({"input_ids": ids, "targets": targets})
-    return rows
+        ids = torch.randint(1, vocab, (length,), generator=g).tolist()
+        prompt = 1 + i % 3
+        examples.append(Example(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:]))
+    return examples
 
 
-def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row with id 0 and target -100."""
-    T = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = r["input_ids"]
-        targets[i, : len(r["targets"])] = r["targets"]
-    pos = torch.arange(T).expand(len(rows), T).contiguous()
-    return {"input_ids": ids, "targets": targets, "position_ids": pos}
+def stream(examples: list[Example], batch_size: int, seed: int = 0, packing: bool = False) -> BatchStream:
+    return BatchStream(examples, batch_size, max_seq_length=32, pad_id=0, packing=packing, seed=seed)
 
 
 @pytest.fixture
@@ -71,10 +64,10 @@ def toy():
 
 
 @pytest.fixture
-def rows():
-    return ragged_rows
+def examples():
+    return ragged_examples
 
 
 @pytest.fixture
-def collate_fn():
-    return collate
+def make_stream():
+    return stream

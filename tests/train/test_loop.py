@@ -9,7 +9,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fasttune.config import TrainConfig
 from fasttune.train.loop import count_steps, train_loop
 from fasttune.train.metrics import read_metrics
-from fasttune.train.stream import BatchStream
 
 
 def trainables(model):
@@ -34,15 +33,15 @@ def cfg_for(**kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("batch,accum", [(2, 4), (1, 8), (3, 3)])
-def test_accumulation_equals_big_batch(toy, rows, collate_fn, tmp_path, batch, accum):
-    data = rows(batch * accum * 2)
+def test_accumulation_equals_big_batch(toy, examples, make_stream, tmp_path, batch, accum):
+    data = examples(batch * accum * 2)
     grads = {}
     weights = {}
     for name, (b, a) in {"big": (batch * accum, 1), "accum": (batch, accum)}.items():
         model = toy()
         seen, handle = capture_grads()
         try:
-            train_loop(model, trainables(model), BatchStream(data, b, collate_fn, shuffle=False),
+            train_loop(model, trainables(model), make_stream(data, b),
                        cfg_for(per_device_train_batch_size=b, gradient_accumulation_steps=a, max_steps=2),
                        tmp_path / name, log=lambda s: None)
         finally:
@@ -56,18 +55,18 @@ def test_accumulation_equals_big_batch(toy, rows, collate_fn, tmp_path, batch, a
         torch.testing.assert_close(weights["accum"][n], p, rtol=1e-5, atol=1e-6)
 
 
-def test_per_micro_batch_normalisation_would_differ(toy, rows, collate_fn):
+def test_per_micro_batch_normalisation_would_differ(toy, examples, make_stream):
     """The data above is ragged enough that dividing each micro-batch by its own tokens is wrong."""
-    data = rows(8)
+    data = examples(8)
     model = toy()
     loss_of = lambda batch: model(**batch)
-    big = collate_fn(data)
-    out = loss_of(big)
+    out = loss_of(next(make_stream(data, 8)))
     (out.loss_sum / out.n_tokens).backward()
     right = model.proj.weight.grad.clone()
     model.zero_grad()
-    for i in range(0, 8, 2):
-        out = loss_of(collate_fn(data[i:i + 2]))
+    small = make_stream(data, 2)
+    for _ in range(4):
+        out = loss_of(next(small))
         (out.loss_sum / out.n_tokens / 4).backward()
     assert not torch.allclose(model.proj.weight.grad, right, rtol=1e-3, atol=1e-6)
 
@@ -76,16 +75,16 @@ def run_losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
 
 
-def test_resume_equals_uninterrupted(toy, rows, collate_fn, tmp_path):
-    data = rows(20)
-    eval_data = [collate_fn(rows(4, seed=9))]
+def test_resume_equals_uninterrupted(toy, examples, make_stream, tmp_path):
+    data = examples(20)
+    eval_data = [next(make_stream(examples(4, seed=9), 4))]
     cfg = cfg_for(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=3,
                   lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=0.5, weight_decay=0.1,
                   eval_steps=2)
 
     def fresh():
         model = toy(dropout=0.3)  # dropout draws from the torch RNG, so RNG restore matters
-        return model, BatchStream(data, 2, collate_fn, seed=11)
+        return model, make_stream(data, 2, seed=11)
 
     model, stream = fresh()
     straight = train_loop(model, trainables(model), stream, cfg, tmp_path / "a", eval_batches=eval_data,
@@ -120,15 +119,15 @@ def test_resume_equals_uninterrupted(toy, rows, collate_fn, tmp_path):
     assert resumed["first_loss"] == pytest.approx(straight["first_loss"])
 
 
-def test_resume_without_rng_restore_would_differ(toy, rows, collate_fn, tmp_path, monkeypatch):
+def test_resume_without_rng_restore_would_differ(toy, examples, make_stream, tmp_path, monkeypatch):
     """Guards the test above: with dropout, skipping the RNG restore changes the curve."""
     import fasttune.train.loop as loop
 
-    data = rows(20)
+    data = examples(20)
     cfg = cfg_for(per_device_train_batch_size=2, max_steps=4, save_steps=2)
     model = toy(dropout=0.3)
     quiet = lambda s: None
-    train_loop(model, trainables(model), BatchStream(data, 2, collate_fn), cfg, tmp_path / "a", log=quiet)
+    train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "a", log=quiet)
 
     def stop_at_3(rec):
         if rec["step"] == 3:
@@ -136,25 +135,25 @@ def test_resume_without_rng_restore_would_differ(toy, rows, collate_fn, tmp_path
 
     model = toy(dropout=0.3)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(model, trainables(model), BatchStream(data, 2, collate_fn), cfg, tmp_path / "b",
+        train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "b",
                    log=lambda s: None, on_record=stop_at_3)
     monkeypatch.setattr(loop, "set_rng_states", lambda states: None)
     torch.manual_seed(99)
     cfg.resume = True
     model = toy(dropout=0.3)
-    train_loop(model, trainables(model), BatchStream(data, 2, collate_fn), cfg, tmp_path / "b", log=quiet)
+    train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "b", log=quiet)
     a, b = run_losses(tmp_path / "a"), run_losses(tmp_path / "b")
     assert a[:2] == b[:2] and abs(a[3] - b[3]) > 1e-6
 
 
-def test_loss_falls_and_metrics_are_written(toy, rows, collate_fn, tmp_path):
-    data = rows(16)
+def test_loss_falls_and_metrics_are_written(toy, examples, make_stream, tmp_path):
+    data = examples(16)
     model = toy()
     lines = []
-    result = train_loop(model, trainables(model), BatchStream(data, 4, collate_fn),
+    result = train_loop(model, trainables(model), make_stream(data, 4),
                         cfg_for(per_device_train_batch_size=4, max_steps=30, logging_steps=10,
                                 learning_rate=3e-2),
-                        tmp_path, eval_batches=[collate_fn(data[:4])], log=lines.append)
+                        tmp_path, eval_batches=[next(make_stream(data[:4], 4))], log=lines.append)
     records = read_metrics(tmp_path / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -173,24 +172,3 @@ def test_epochs_to_steps():
     assert count_steps(TrainConfig(num_train_epochs=1, gradient_accumulation_steps=4), 10) == 3
     assert count_steps(TrainConfig(num_train_epochs=2.5, gradient_accumulation_steps=1), 10) == 25
     assert count_steps(TrainConfig(num_train_epochs=0.01), 10) == 1
-
-
-def test_stream_resumes_at_the_same_batch(rows, collate_fn):
-    data = rows(7)
-    a = BatchStream(data, 2, collate_fn, seed=3)
-    taken = [next(a)["input_ids"] for _ in range(6)]  # crosses into the second epoch (4 batches/epoch)
-    b = BatchStream(data, 2, collate_fn, seed=3)
-    for _ in range(3):
-        next(b)
-    c = BatchStream(data, 2, collate_fn, seed=3)
-    c.load_state_dict(b.state_dict())
-    for expected in taken[3:]:
-        assert torch.equal(next(c)["input_ids"], expected)
-    assert len(a) == 4
-    # each epoch visits every row once (ids are >= 1, padding is 0), in a new order per epoch
-    def rows_of(batches):
-        return [tuple(t for t in row if t) for b in batches for row in b.tolist()]
-
-    assert sorted(rows_of(taken[:4])) == sorted(tuple(r["input_ids"].tolist()) for r in data)
-    epoch2 = [next(a)["input_ids"] for _ in range(2)]
-    assert rows_of(taken[4:6] + epoch2) != rows_of(taken[:4])

@@ -11,7 +11,6 @@ from fasttune.lora.apply import apply_lora
 from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
 from fasttune.train.loop import train_loop
 from fasttune.train.metrics import read_metrics
-from fasttune.train.stream import BatchStream
 
 VOCAB = 37
 
@@ -30,8 +29,8 @@ def tiny_lora_llama(dropout: float = 0.0) -> tuple[LlamaForCausalLM, dict[str, t
     return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_accumulation_equals_big_batch_on_llama(rows, collate_fn, tmp_path):
-    data = rows(16, vocab=VOCAB)
+def test_accumulation_equals_big_batch_on_llama(examples, make_stream, tmp_path):
+    data = examples(16, vocab=VOCAB)
     grads = {}
     for name, (b, a) in {"big": (8, 1), "accum": (2, 4)}.items():
         model, params = tiny_lora_llama()
@@ -44,7 +43,7 @@ def test_accumulation_equals_big_batch_on_llama(rows, collate_fn, tmp_path):
         cfg = TrainConfig(per_device_train_batch_size=b, gradient_accumulation_steps=a, max_steps=2,
                           learning_rate=1e-2, max_grad_norm=0.0)
         try:
-            train_loop(model, params, BatchStream(data, b, collate_fn, shuffle=False), cfg, tmp_path / name,
+            train_loop(model, params, make_stream(data, b), cfg, tmp_path / name,
                        log=lambda s: None)
         finally:
             handle.remove()
@@ -56,14 +55,14 @@ def test_accumulation_equals_big_batch_on_llama(rows, collate_fn, tmp_path):
             torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-6)
 
 
-def test_resume_equals_uninterrupted_on_llama(rows, collate_fn, tmp_path):
-    data = rows(24, vocab=VOCAB)
+def test_resume_equals_uninterrupted_on_llama(examples, make_stream, tmp_path):
+    data = examples(24, vocab=VOCAB)
     cfg = TrainConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=3,
                       learning_rate=5e-3, warmup_steps=1, lr_scheduler_type="cosine", seed=3)
     quiet = lambda s: None
 
     model, params = tiny_lora_llama(dropout=0.2)
-    train_loop(model, params, BatchStream(data, 2, collate_fn, seed=4), cfg, tmp_path / "a", log=quiet)
+    train_loop(model, params, make_stream(data, 2, seed=4), cfg, tmp_path / "a", log=quiet)
 
     def crash(rec):
         if rec["step"] == 5:
@@ -71,11 +70,11 @@ def test_resume_equals_uninterrupted_on_llama(rows, collate_fn, tmp_path):
 
     model, params = tiny_lora_llama(dropout=0.2)
     with pytest.raises(RuntimeError):
-        train_loop(model, params, BatchStream(data, 2, collate_fn, seed=4), cfg, tmp_path / "b", log=quiet,
+        train_loop(model, params, make_stream(data, 2, seed=4), cfg, tmp_path / "b", log=quiet,
                    on_record=crash)
     cfg.resume = True
     model, params = tiny_lora_llama(dropout=0.2)
-    train_loop(model, params, BatchStream(data, 2, collate_fn, seed=4), cfg, tmp_path / "b", log=quiet)
+    train_loop(model, params, make_stream(data, 2, seed=4), cfg, tmp_path / "b", log=quiet)
     losses = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
     assert len(losses[0]) == len(losses[1]) == 6
     assert max(abs(x - y) for x, y in zip(*losses)) < 1e-6
