@@ -14,6 +14,7 @@ from fasttune.kernels.lora import (
     lora_mlp,
     lora_mlp_reference,
 )
+from fasttune.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 
 # (leading shape, in, out, r)
 SHAPES = [((1, 1), 7, 5, 1), ((2, 5), 13, 11, 4), ((3,), 32, 48, 8)]
@@ -195,3 +196,18 @@ def test_lora_mlp_does_not_save_the_swiglu_output(any_device):
         lora_mlp(x, *ps, force_triton=False)
     assert sum(tuple(t.shape) == (6, inter) for t in saved) == 2  # gate(x) and up(x), not silu(g) u
 
+
+
+def test_lora_mlp_with_nf4_bases_sharing_one_buffer(any_device):
+    # Three dequantisers write into the same shared buffer: each must be used before the next one runs.
+    x, gate, up, down, dy = _mlp_params((2, 3), 64, 128, 4, any_device, seed=8)
+    q = {name: quantize_nf4(p.weight) for name, p in (("g", gate), ("u", up), ("d", down))}
+    dense = {name: dequantize_nf4_reference(w) for name, w in q.items()}
+    quantised = [p._replace(weight=lambda w=q[k]: dequantize_nf4(w, reuse_buffer=True))
+                 for k, p in zip("gud", (gate, up, down))]
+    kern = _run_mlp(lambda *a: lora_mlp(*a, force_triton=False), x, *quantised, dy)
+    exact = _run_mlp(lora_mlp_reference, x.double(),
+                     *[_double(p._replace(weight=dense[k])) for k, p in zip("gud", (gate, up, down))],
+                     dy.double())
+    for k, e, what in zip(kern, exact, MLP_NAMES):
+        assert_fp32_close(k, e, f"lora_mlp nf4 {what}")

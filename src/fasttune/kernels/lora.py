@@ -58,6 +58,11 @@ def _dense(weight: WeightLike, dtype: torch.dtype) -> torch.Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
+def _dense_or(w: torch.Tensor | None, dequant: Callable[[], torch.Tensor] | None, dtype) -> torch.Tensor:
+    """The kept dense weight, or a fresh dequantisation when the base is quantised."""
+    return w if w is not None else _dense(dequant, dtype)
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
@@ -196,19 +201,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         dt = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, hidden)
-        dense = [_dense(dq if w is None else w, dt) for w, dq in zip((wg, wu, wd), dequants)]
+        # Dense weights are cast once and kept; a dequantiser is called right before its product, because
+        # dequantisers may share one output buffer (nf4_buffer) across projections.
+        dense = [None if w is None else _dense(w, dt) for w in (wg, wu, wd)]
         lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
-        g, xag = _forward(x2, dense[0], _cast(bg, dt), *lora[0], sg)  # (N, inter), (N, r)
-        u, xau = _forward(x2, dense[1], _cast(bu, dt), *lora[1], su)  # (N, inter), (N, r)
+        g, xag = _forward(x2, _dense_or(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg)  # (N, inter)
+        u, xau = _forward(x2, _dense_or(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su)  # (N, inter)
         h = _silu_mul(g, u, triton)  # (N, inter)
-        y, had = _forward(h, dense[2], _cast(bd, dt), *lora[2], sd)  # (N, hidden), (N, r)
+        y, had = _forward(h, _dense_or(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, hidden)
         del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton = scalings, dequants, triton
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd)]
-        kept = [None if w is None else d for w, d in zip((wg, wu, wd), dense)]
-        ctx.save_for_backward(x2, g, u, xag, xau, had, *kept, *lora[0], *lora[1], *lora[2])
+        ctx.save_for_backward(x2, g, u, xag, xau, had, *dense, *lora[0], *lora[1], *lora[2])
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -216,19 +222,19 @@ class LoRAMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, g, u, xag, xau, had, wg, wu, wd, ag, bbg, au, bbu, ad, bbd = ctx.saved_tensors
         dt = x2.dtype
-        wg, wu, wd = (_dense(dq, dt) if w is None else w for w, dq in zip((wg, wu, wd), ctx.dequants))
+        dqg, dqu, dqd = ctx.dequants
         sg, su, sd = ctx.scalings
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         h = _silu_mul(g, u, ctx.triton)  # (N, inter), recomputed
-        dh, dwd, dbd, dad, dbbd, _ = _backward(dy2, h, wd, ad, bbd, sd, None, had,
+        dh, dwd, dbd, dad, dbbd, _ = _backward(dy2, h, _dense_or(wd, dqd, dt), ad, bbd, sd, None, had,
                                                (True, n[9], n[10], n[11], n[12], False))
         del h
         dg, du = _silu_mul_grad(dh, g, u, ctx.triton)
         del dh
-        dx, dwg, dbg, dag, dbbg, _ = _backward(dg, x2, wg, ag, bbg, sg, None, xag,
+        dx, dwg, dbg, dag, dbbg, _ = _backward(dg, x2, _dense_or(wg, dqg, dt), ag, bbg, sg, None, xag,
                                                (n[0], n[1], n[2], n[3], n[4], False))
-        dxu, dwu, dbu, dau, dbbu, _ = _backward(du, x2, wu, au, bbu, su, None, xau,
+        dxu, dwu, dbu, dau, dbbu, _ = _backward(du, x2, _dense_or(wu, dqu, dt), au, bbu, su, None, xau,
                                                 (n[0], n[5], n[6], n[7], n[8], False))
         if dx is not None:
             dx += dxu
