@@ -1,0 +1,362 @@
+"""What an export reads: a run, adapter or model directory resolved to its base checkpoint and LoRA deltas.
+
+`resolve_source` finds the pieces; `CheckpointReader` reads a safetensors checkpoint one tensor at a
+time with plain file reads (no mmap, so resident memory is only what is being worked on);
+`iter_merged` yields each base tensor with its adapter's `scaling * B @ A` already added in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+# bitsandbytes 4-bit checkpoints store each weight as packed uint8 plus these companions.
+_BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+_BNB_STATE = ".quant_state.bitsandbytes__"
+
+
+# ---- the checkpoint on disk -------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    file: Path
+    dtype: str
+    shape: list[int]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint (one file or an index of shards), read on demand."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.entries: dict[str, _Entry] = {}
+        for path in _weight_files(self.dir):
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            # Keys in file-offset order, so reading walks each file forwards.
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if info["dtype"] not in _ST_DTYPES:
+                    raise ValueError(
+                        f"{path}: tensor {key} has dtype {info['dtype']}, which fasttune cannot read"
+                    )
+                s, e = info["data_offsets"]
+                self.entries[key] = _Entry(path, info["dtype"], list(info["shape"]), 8 + n + s, 8 + n + e)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> list[int]:
+        return self.entries[key].shape
+
+    def nbytes(self, key: str) -> int:
+        e = self.entries[key]
+        return e.end - e.start
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        buf = bytearray(e.end - e.start)
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            f.readinto(buf)
+        if not buf:
+            return torch.empty(e.shape, dtype=_ST_DTYPES[e.dtype])
+        return torch.frombuffer(buf, dtype=_ST_DTYPES[e.dtype]).reshape(e.shape)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise ValueError(
+            f"{model_dir}: only pickle weights (*.bin/*.pt) found; fasttune reads safetensors "
+            "only (convert the checkpoint with transformers' save_pretrained first)"
+        )
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+# ---- the adapter ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraDelta:
+    """One adapted layer: delta = scaling * B @ A, transposed where the base stores (in, out) (Conv1D)."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        d = (self.B.to(device, torch.float32) @ self.A.to(device, torch.float32)) * self.scaling  # (out, in)
+        return d.T if self.fan_in_fan_out else d
+
+
+@dataclass
+class Adapter:
+    config: dict
+    deltas: dict[str, LoraDelta]  # module path (PEFT key without prefix) -> delta
+    replaced: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # modules_to_save: module.weight -> tensor
+
+
+def _pattern_value(pattern: dict, path: str, default: float) -> float:
+    # PEFT matches a pattern key against the end of the module path.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def read_adapter(adapter_dir: str | Path) -> Adapter:
+    """A PEFT LoRA adapter as merge deltas; errors name the file and the feature that cannot be merged."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {config['peft_type']!r}; only LoRA adapters can be merged")
+    for key, what in (
+        ("use_dora", "DoRA"),
+        ("lora_bias", "LoRA bias"),
+        ("layer_replication", "layer_replication"),
+        ("trainable_token_indices", "trainable_token_indices"),
+    ):
+        if config.get(key):
+            raise ValueError(f"{cfg_path}: {key}={config[key]!r} ({what}) cannot be merged by fasttune")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_path}: bias={config['bias']!r}; only adapters with bias='none' can be merged")
+    if not w_path.is_file():
+        pickle = (
+            " (adapter_model.bin is pickle; fasttune reads safetensors only)"
+            if (adapter_dir / "adapter_model.bin").exists()
+            else ""
+        )
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}{pickle}")
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    for key, value in load_file(str(w_path)).items():
+        key = key.removeprefix(PEFT_PREFIX)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = value
+        elif ".modules_to_save." in key:
+            replaced[re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", key)] = value
+        else:
+            raise ValueError(
+                f"{w_path}: tensor {key!r} is not a LoRA A/B weight or a modules_to_save copy; "
+                "fasttune merges linear LoRA layers only (no embedding LoRA, no DoRA)"
+            )
+    alpha, r_default = config.get("lora_alpha", 8), config.get("r", 8)
+    deltas = {}
+    for path, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{w_path}: {path} has {sorted(ab)} but needs both lora_A and lora_B")
+        r = ab["lora_A"].shape[0]
+        a = _pattern_value(config.get("alpha_pattern") or {}, path, alpha)
+        if r != _pattern_value(config.get("rank_pattern") or {}, path, r_default):
+            raise ValueError(f"{w_path}: {path}.lora_A has rank {r}, the config says otherwise")
+        scaling = a / math.sqrt(r) if config.get("use_rslora") else a / r
+        deltas[path] = LoraDelta(ab["lora_A"], ab["lora_B"], scaling, bool(config.get("fan_in_fan_out")))
+    return Adapter(config, deltas, replaced)
+
+
+# ---- the run / adapter / model directory ------------------------------------------------------------
+
+
+@dataclass
+class ExportSource:
+    """Everything an export needs to know about what it exports."""
+
+    path: Path  # what the user named
+    base_dir: Path  # config.json + safetensors of the base model
+    base_name: str  # the base as the run named it
+    adapter_dir: Path | None = None  # None: a plain model directory, nothing to merge
+    run_dir: Path | None = None
+
+    @property
+    def hf_config(self) -> dict:
+        return json.loads((self.base_dir / "config.json").read_text())
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The run's tokenizer files (saved with the adapter) if there are any, else the base model's."""
+        if self.adapter_dir is not None and any(
+            (self.adapter_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
+        ):
+            return self.adapter_dir
+        return self.base_dir
+
+    @property
+    def run_yaml(self) -> dict:
+        if self.run_dir is None or not (self.run_dir / "run.yaml").is_file():
+            return {}
+        import yaml
+
+        return yaml.safe_load((self.run_dir / "run.yaml").read_text()) or {}
+
+
+def resolve_source(path: str | Path, base: str | None = None) -> ExportSource:
+    """`runs/x`, `runs/x/adapter`, any PEFT adapter directory, or a model directory -> ExportSource.
+
+    `base` overrides the base model the run or adapter names (a hub id, preset, directory or .gguf).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such run, adapter or model directory")
+    run_dir = None
+    if (p / "adapter" / ADAPTER_CONFIG).is_file():
+        run_dir, adapter_dir = p, p / "adapter"
+    elif (p / ADAPTER_CONFIG).is_file():
+        adapter_dir = p
+        run_dir = p.parent if (p.parent / "run.yaml").is_file() else None
+    elif (p / "config.json").is_file():
+        return ExportSource(path=p, base_dir=p, base_name=str(p))
+    elif (p / "run.yaml").is_file():
+        raise FileNotFoundError(
+            f"{p}: a run directory without adapter/{ADAPTER_CONFIG}; has training finished?"
+        )
+    else:
+        raise FileNotFoundError(
+            f"{p}: neither a run directory (with adapter/), an adapter directory "
+            f"({ADAPTER_CONFIG}) nor a model directory (config.json)"
+        )
+    src = ExportSource(path=p, base_dir=p, base_name="", adapter_dir=adapter_dir, run_dir=run_dir)
+    adapter_cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    model_cfg = src.run_yaml.get("model") or {}
+    name = base or model_cfg.get("model_name") or adapter_cfg.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(
+            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty and no run.yaml "
+            "names the model; pass the base model explicitly (--base)"
+        )
+    src.base_name = str(name)
+    src.base_dir = resolve_base_checkpoint(
+        str(name), revision=None if base else (model_cfg.get("revision") or adapter_cfg.get("revision"))
+    )
+    return src
+
+
+def resolve_base_checkpoint(name: str, revision: str | None = None) -> Path:
+    """A local directory with config.json + safetensors for a preset, hub id, directory or .gguf file."""
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    from fasttune.models import loading
+
+    return Path(loading.checkpoint_dir(name, revision=revision))
+
+
+# ---- the merged tensors -----------------------------------------------------------------------------
+
+
+def _module_to_key(adapter: Adapter, reader: CheckpointReader) -> dict[str, str]:
+    """Base weight key of each adapted module; tolerates a base saved without its outer prefix."""
+    keys = set(reader.keys())
+    found = {}
+    for path in list(adapter.deltas) + [k.removesuffix(".weight") for k in adapter.replaced]:
+        for cand in (path, path.split(".", 1)[-1]):
+            if f"{cand}.weight" in keys:
+                found[path] = f"{cand}.weight"
+                break
+        else:
+            raise KeyError(
+                f"adapter layer {path!r} has no weight in the base checkpoint {reader.dir} "
+                "(is this adapter for another model?)"
+            )
+    return found
+
+
+def is_bnb_4bit(hf_config: dict) -> bool:
+    q = hf_config.get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
+def logical_keys(reader: CheckpointReader) -> list[str]:
+    """Tensor keys without bitsandbytes' companion tensors (absmax, quant_map, quant_state, ...)."""
+    return [k for k in reader.keys() if not (k.endswith(_BNB_SUFFIXES) or _BNB_STATE in k)]
+
+
+def _dequantize_bnb_4bit(reader: CheckpointReader, key: str) -> torch.Tensor:
+    state_key = next((k for k in reader.keys() if k.startswith(key + _BNB_STATE)), None)
+    if state_key is None:
+        return reader.get(key)  # a tensor bitsandbytes left unquantised (norms, embeddings)
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{reader.dir} is a pre-quantised bitsandbytes 4-bit checkpoint; dequantising it to "
+            "16-bit for the merge needs bitsandbytes on a CUDA GPU. Merge on a GPU machine, or "
+            "point --base at the original 16-bit checkpoint."
+        )
+    import bitsandbytes.functional as bnbf
+
+    state = {k[len(key) + 1 :]: reader.get(k) for k in reader.keys() if k.startswith(key + ".") and k != key}
+    qs = bnbf.QuantState.from_dict(state, device=torch.device("cuda"))
+    return bnbf.dequantize_4bit(reader.get(key).cuda(), qs).float().cpu()
+
+
+def iter_merged(
+    src: ExportSource, *, device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every base tensor; adapted weights come merged in fp32, the rest as stored.
+
+    Only one base tensor (plus its delta) is in memory at a time.
+    """
+    reader = CheckpointReader(src.base_dir)
+    adapter = read_adapter(src.adapter_dir) if src.adapter_dir is not None else Adapter({}, {})
+    targets = {key: path for path, key in _module_to_key(adapter, reader).items()}
+    quantized = is_bnb_4bit(src.hf_config)
+    for key in logical_keys(reader):
+        t = _dequantize_bnb_4bit(reader, key) if quantized else reader.get(key)
+        path = targets.get(key)
+        if path in adapter.deltas:
+            d = adapter.deltas[path]
+            if tuple(t.shape) != _delta_shape(d):
+                raise ValueError(
+                    f"adapter layer {path}: delta shape {_delta_shape(d)} does not match base "
+                    f"weight {key} {tuple(t.shape)}"
+                )
+            t = (t.to(device, torch.float32) + d.delta(device)).cpu()
+        elif path is not None:  # modules_to_save: the adapter carries the whole trained tensor
+            t = adapter.replaced[path + ".weight"]
+        yield key, t
+
+
+def _delta_shape(d: LoraDelta) -> tuple[int, int]:
+    out_in = (d.B.shape[0], d.A.shape[1])
+    return out_in[::-1] if d.fan_in_fan_out else out_in
