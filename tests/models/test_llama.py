@@ -205,6 +205,23 @@ def test_gradient_checkpointing_matches_off(tiny_model, mode, frozen_base):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_offload_moves_exactly_the_layer_inputs_through_save_on_cpu(tiny_model, monkeypatch):
+    packed = []
+
+    class Recording(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            inner = self.pack_hook
+            self.pack_hook = lambda t: (packed.append(tuple(t.shape)), inner(t))[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    model = tiny_model().train()
+    model.set_gradient_checkpointing("offload")
+    x = torch.randint(0, 97, (2, 9))
+    model(x, targets=x).loss_sum.backward()
+    assert packed == [(2, 9, 64)] * model.config.num_hidden_layers
+
+
 def test_bad_inputs_raise_clear_errors(tiny_model):
     model = tiny_model()
     x = torch.randint(0, 97, (2, 5))

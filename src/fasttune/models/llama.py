@@ -333,14 +333,12 @@ def default_position_ids(
 def _offloaded_checkpoint(layer: nn.Module, x: torch.Tensor, rope, mask) -> torch.Tensor:
     """Recompute `layer` in the backward and keep its input in (pinned) CPU memory until then.
 
-    The reentrant checkpoint stores its tensor inputs with `save_for_backward`, which `save_on_cpu`
-    intercepts: only `x` goes to CPU (rope and mask travel as non-tensor arguments and stay put).
-    Reentrant mode needs an input that requires grad, or the layer's LoRA weights would get none.
+    The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where
+    it is called, so `save_on_cpu` moves exactly `x` off the device; rope and mask are not top-level
+    tensors (and are shared by every layer), so they stay where they are.
     """
-    if not x.requires_grad:
-        x = x.detach().requires_grad_()
     with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
-        return checkpoint(layer, x, rope, mask, use_reentrant=True)
+        return checkpoint(layer, x, rope, mask, use_reentrant=False)
 
 
 class LlamaForCausalLM(nn.Module):
