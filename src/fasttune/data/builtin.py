@@ -32,7 +32,7 @@ def builtin_file(source: str, split: str | None = None) -> Traversable:
         filename = held_out
     else:
         raise DataError(f"built-in dataset '{source}' has the splits train and eval, not '{split}'")
-    resource = files("fasttune").joinpath("assets", filename)
+    resource = files("fasttune") / "assets" / filename
     if not resource.is_file():
         raise DataError(f"built-in dataset file {filename} is missing from the installed package")
     return resource

@@ -184,7 +184,7 @@ def _datasets_module(name: str):
 def _pick_split(ds: Any, split: str | None, name: str) -> Any:
     """A Dataset from a Dataset or DatasetDict: the named split, 'train' by default; split 'eval' means
     the first of validation, test, eval, valid that exists."""
-    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):
+    if isinstance(ds, dict):  # DatasetDict is a dict of split name -> Dataset
         want = split or "train"
         if want == "eval":
             want = next((s for s in EVAL_SPLITS if s in ds), "validation")

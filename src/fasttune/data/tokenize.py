@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fasttune.config import DataConfig
+from fasttune.data.builtin import is_builtin
 from fasttune.data.errors import DataError
 from fasttune.data.formats import load_rows
 from fasttune.data.templates import (
@@ -53,23 +54,39 @@ def _strip_end(text: str, markers: tuple[str | None, ...]) -> str:
     return text
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _tokenize_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> tuple[list[int], list[bool]]:
-    """Token ids of `text` and, per token, whether it starts inside one of the character spans."""
+    """Token ids of `text` and, per token, whether it holds any character of the character spans.
+
+    A token that straddles a boundary (a template whose generation prompt ends in a space merges it
+    with the answer's first word, " a1" → " a" "1") is trained: it is the answer's first token.
+    """
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        starts = [s for s, _ in offsets]
     except (NotImplementedError, ValueError, KeyError):
-        # Tokenizers without offsets: count the tokens of each prefix ending at a span boundary.
+        # Tokenizers without offsets: compare the tokens of the prefix ending at each span boundary
+        # with the whole text's; where they part, a token straddles the boundary.
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         trained = [False] * len(ids)
         for a, b in spans:
-            na = len(tokenizer(text[:a], add_special_tokens=False)["input_ids"])
-            nb = len(tokenizer(text[:b], add_special_tokens=False)["input_ids"])
-            for t in range(na, min(nb, len(ids))):
+            pre_a = list(tokenizer(text[:a], add_special_tokens=False)["input_ids"])
+            pre_b = list(tokenizer(text[:b], add_special_tokens=False)["input_ids"])
+            first = _common_prefix(pre_a, ids)
+            shared_b = _common_prefix(pre_b, ids)
+            last = shared_b if shared_b == len(pre_b) else shared_b + 1
+            for t in range(first, min(last, len(ids))):
                 trained[t] = True
         return ids, trained
-    return ids, [any(a <= s < b for a, b in spans) for s in starts]
+    return ids, [any((s < b and e > a) or (s == e and a <= s < b) for a, b in spans) for s, e in offsets]
 
 
 def _chat_spans(messages: list[dict[str, str]], contract: PromptContract,
@@ -208,14 +225,23 @@ class TokenizedData:
     format: str
 
 
+def eval_source(data_cfg: DataConfig) -> str | None:
+    """The held-out source: eval_dataset, where 'auto' means the built-in dataset's held-out split when
+    training on a built-in dataset, else none."""
+    source = data_cfg.eval_dataset
+    if source == "auto":
+        return data_cfg.dataset if is_builtin(data_cfg.dataset) else None
+    return None if source in (None, "", "none") else source
+
+
 def build_dataset(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, split: str = "train",
                   contract: PromptContract | None = None) -> TokenizedData | None:
-    """Read, validate and tokenize one split. split='eval' reads data_cfg.eval_dataset (None → None).
+    """Read, validate and tokenize one split. split='eval' reads `eval_source(data_cfg)` (None → None).
 
     Pass the training run's `contract` for the eval split so both render alike. Raises DataError when
     no example has a trained token ("all labels are masked"), before any training starts.
     """
-    source = data_cfg.dataset if split == "train" else data_cfg.eval_dataset
+    source = data_cfg.dataset if split == "train" else eval_source(data_cfg)
     if source is None:
         return None
     valid = load_rows(source, data_cfg, split=None if split == "train" else "eval")

@@ -1,0 +1,165 @@
+"""Micro-batch layout: padding, packing, positions, targets, order and resumable position."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fasttune.data.packing import (
+    BatchStream,
+    make_batches,
+    pack_bins,
+    padded_length,
+    plan_epoch,
+    shift_targets,
+)
+from fasttune.data.tokenize import Example
+
+IGN = -100
+PAD = 99
+
+
+def random_examples(n: int, max_len: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        length = rng.randint(2, max_len)
+        ids = [rng.randint(100, 999) for _ in range(length)]
+        cut = rng.randint(1, length - 1)  # prompt tokens masked
+        out.append(Example(input_ids=ids, labels=[IGN] * cut + ids[cut:], row=k + 1))
+    return out
+
+
+def segments(batch: dict[str, torch.Tensor]) -> list[tuple[list[int], list[int]]]:
+    """The packed rows of a batch, cut where position_ids restart at 0, real tokens only."""
+    rows = []
+    for b in range(batch["input_ids"].shape[0]):
+        ids, tgt = batch["input_ids"][b], batch["targets"][b]
+        pos, mask = batch["position_ids"][b], batch["attention_mask"][b]
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # real tokens first, pads after
+        starts = [t for t in range(n) if pos[t] == 0] + [n]
+        assert starts[0] == 0
+        for a, z in zip(starts, starts[1:]):
+            assert pos[a:z].tolist() == list(range(z - a))
+            rows.append((ids[a:z].tolist(), tgt[a:z].tolist()))
+        # Pads: pad id, no target, positions continuing the last row.
+        assert (ids[n:] == PAD).all() and (tgt[n:] == IGN).all()
+        assert pos[n:].tolist() == list(range(int(pos[n - 1]) + 1, int(pos[n - 1]) + 1 + len(ids) - n))
+    return rows
+
+
+def test_shift_targets():
+    assert shift_targets([IGN, IGN, 5, 6, 2]) == [IGN, 5, 6, 2, IGN]
+    assert shift_targets([7]) == [IGN]
+
+
+def test_padded_length_rounds_to_8_within_max():
+    assert [padded_length(n, 512) for n in (1, 8, 9, 17)] == [8, 8, 16, 24]
+    assert padded_length(509, 510) == 510 and padded_length(510, 510) == 510
+
+
+def test_worked_example_from_the_architecture_doc():
+    a, b, c, d, eos = 10, 11, 12, 13, 2
+    rows = [Example([a, b, eos], [IGN, b, eos]), Example([c, d, eos], [IGN, d, eos])]
+    (batch,) = make_batches(rows, batch_size=1, max_seq_length=8, pad_id=PAD, packing=True, seed=0, epoch=0)
+    first = batch["input_ids"][0, 0].item()
+    order = [0, 1] if first == a else [1, 0]
+    want_ids = sum(([[a, b, eos], [c, d, eos]][i] for i in order), []) + [PAD, PAD]
+    want_tgt = sum(([[b, eos, IGN], [d, eos, IGN]][i] for i in order), []) + [IGN, IGN]
+    assert batch["input_ids"].tolist() == [want_ids]
+    assert batch["targets"].tolist() == [want_tgt]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
+    assert all(t.dtype == torch.int64 for t in batch.values())
+
+
+def test_unpacked_rows_are_right_padded_to_a_multiple_of_8():
+    rows = random_examples(10, 30)
+    batches = make_batches(rows, batch_size=4, max_seq_length=64, pad_id=PAD, packing=False, seed=1, epoch=0)
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
+    seen = []
+    for batch in batches:
+        T = batch["input_ids"].shape[1]
+        assert T % 8 == 0 and T - 8 < int(batch["attention_mask"].sum(1).max()) <= T
+        assert batch["position_ids"].tolist() == [list(range(T))] * batch["input_ids"].shape[0]
+        seen += segments(batch)
+    want = sorted((e.input_ids, shift_targets(e.labels)) for e in rows)
+    assert sorted(seen) == want
+
+
+@pytest.mark.parametrize("max_len", [16, 64, 100])
+def test_packed_segments_reproduce_unpacked_rows(max_len):
+    rows = random_examples(57, min(max_len, 40), seed=max_len)
+    packed = make_batches(rows, 3, max_len, PAD, packing=True, seed=5, epoch=2)
+    unpacked = make_batches(rows, 3, max_len, PAD, packing=False, seed=5, epoch=2)
+    seg_packed = sorted(s for b in packed for s in segments(b))
+    seg_unpacked = sorted(s for b in unpacked for s in segments(b))
+    # Every row appears exactly once, whole (never split), with its own shifted targets.
+    assert seg_packed == seg_unpacked == sorted((e.input_ids, shift_targets(e.labels)) for e in rows)
+    assert all(b["input_ids"].shape[1] <= max_len for b in packed)
+    assert len(packed) < len(unpacked)
+    # Trained tokens are the same in both layouts, so the loss sums agree.
+    assert sum(int((b["targets"] != IGN).sum()) for b in packed) == \
+        sum(int((b["targets"] != IGN).sum()) for b in unpacked)
+
+
+def test_packing_is_tight():
+    lengths = [random.Random(k).randint(1, 200) for k in range(500)]
+    bins = pack_bins(lengths, 256, list(range(500)))
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    lower_bound = -(-sum(lengths) // 256)
+    assert len(bins) <= 1.1 * lower_bound + 1
+
+
+def test_order_is_seeded_per_epoch():
+    lengths = [5 + k % 13 for k in range(40)]
+    for packing in (False, True):
+        p0 = plan_epoch(lengths, 4, 32, packing, seed=7, epoch=0)
+        assert p0 == plan_epoch(lengths, 4, 32, packing, seed=7, epoch=0)
+        assert p0 != plan_epoch(lengths, 4, 32, packing, seed=7, epoch=1)
+        assert p0 != plan_epoch(lengths, 4, 32, packing, seed=8, epoch=0)
+        # Same number of micro-batches every epoch.
+        assert len({len(plan_epoch(lengths, 4, 32, packing, 7, e)) for e in range(5)}) == 1
+
+
+def test_too_long_example_is_refused():
+    with pytest.raises(ValueError, match="longer than max_seq_length=4"):
+        make_batches([Example([1] * 5, [1] * 5)], 1, 4, PAD, packing=True, seed=0, epoch=0)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_stream_resumes_exactly_and_rolls_over_epochs():
+    rows = random_examples(23, 20)
+    stream = BatchStream(rows, batch_size=2, max_seq_length=48, pad_id=PAD, packing=True, seed=3)
+    n = len(stream)
+    assert n == len(make_batches(rows, 2, 48, PAD, True, 3, 0))
+    first_epoch = [next(stream) for _ in range(n)]
+    assert stream.state_dict() == {"epoch": 1, "index": 0}
+    for got, want in zip(first_epoch, make_batches(rows, 2, 48, PAD, True, 3, 0)):
+        assert _same(got, want)
+    next(stream)
+    state = stream.state_dict()
+    assert state == {"epoch": 1, "index": 1}
+    expected = [next(stream) for _ in range(n + 2)]  # runs into epoch 2
+    resumed = BatchStream(rows, batch_size=2, max_seq_length=48, pad_id=PAD, packing=True, seed=3)
+    resumed.load_state_dict(state)
+    assert all(_same(next(resumed), want) for want in expected)
+    with pytest.raises(ValueError, match="outside an epoch"):
+        resumed.load_state_dict({"epoch": 0, "index": n})
+
+
+def test_batch_stream_shards_across_ranks():
+    rows = random_examples(30, 12)
+    full = make_batches(rows, 2, 16, PAD, False, 0, 0)
+    shards = [BatchStream(rows, 2, 16, PAD, False, seed=0, rank=r, world_size=4) for r in range(4)]
+    assert [len(s) for s in shards] == [len(full) // 4] * 4
+    got = [next(s) for s in shards for _ in range(len(s))]
+    used = sorted(seg for b in got for seg in segments(b))
+    assert len(used) == 2 * 4 * (len(full) // 4) and len(set(map(str, used))) == len(used)
