@@ -13,6 +13,8 @@ from fasttune.kernels.lora import (
     lora_linear_reference,
     lora_mlp,
     lora_mlp_reference,
+    lora_qkv,
+    lora_qkv_reference,
 )
 from fasttune.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 
@@ -211,3 +213,70 @@ def test_lora_mlp_with_nf4_bases_sharing_one_buffer(any_device):
                      dy.double())
     for k, e, what in zip(kern, exact, MLP_NAMES):
         assert_fp32_close(k, e, f"lora_mlp nf4 {what}")
+
+
+def _qkv_params(lead, hidden, n_q, n_kv, r, device, seed, dtype=torch.float32, bias=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def proj(d_out, s):
+        return LoRAWeights(
+            (torch.randn(d_out, hidden, generator=g) / hidden**0.5).to(device, dtype),
+            (torch.randn(d_out, generator=g).to(device, dtype) if bias else None),
+            (torch.randn(r, hidden, generator=g) / hidden**0.5).to(device),
+            torch.randn(d_out, r, generator=g).to(device), s)
+
+    x = torch.randn(*lead, hidden, generator=g).to(device, dtype)
+    dys = [torch.randn(*lead, d, generator=g).to(device, dtype) for d in (n_q, n_kv, n_kv)]
+    return x, (proj(n_q, 0.5), proj(n_kv, 1.0), proj(n_kv, 2.0)), dys
+
+
+def _run_qkv(fn, x, projs, dys, use=(True, True, True)):
+    x = x.detach().clone().requires_grad_(True)
+    ps = [p._replace(lora_A=p.lora_A.detach().clone().requires_grad_(True),
+                     lora_B=p.lora_B.detach().clone().requires_grad_(True)) for p in projs]
+    outs = fn(x, *ps)
+    torch.autograd.backward([o for o, u in zip(outs, use) if u],
+                            [d.to(o.dtype) for o, d, u in zip(outs, dys, use) if u])
+    grads = [t if t is not None else torch.zeros_like(p.lora_A if i % 2 == 0 else p.lora_B)
+             for p in ps for i, t in enumerate((p.lora_A.grad, p.lora_B.grad))]
+    return [o.detach() for o in outs] + [x.grad] + grads
+
+
+QKV_NAMES = ["q", "k", "v", "dx", "dA_q", "dB_q", "dA_k", "dB_k", "dA_v", "dB_v"]
+
+
+@pytest.mark.parametrize("use", [(True, True, True), (True, False, True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_qkv_fp32(any_device, bias, use):
+    # GQA shapes (k, v narrower than q), qkv bias as in Qwen2, and an output that takes no gradient.
+    x, projs, dys = _qkv_params((2, 3), 16, 24, 8, 4, any_device, seed=10, bias=bias)
+    kern = _run_qkv(lora_qkv, x, projs, dys, use)
+    exact = _run_qkv(lora_qkv_reference, x.double(), [_double(p) for p in projs], [d.double() for d in dys],
+                     use)
+    for k, e, what in zip(kern, exact, QKV_NAMES):
+        assert_fp32_close(k, e, f"lora_qkv {what}")
+
+
+def test_lora_qkv_bf16(any_device):
+    x, projs, dys = _qkv_params((3, 5), 32, 32, 16, 4, any_device, seed=11, dtype=torch.bfloat16)
+    kern = _run_qkv(lora_qkv, x, projs, dys)
+    bf16 = [p._replace(lora_A=p.lora_A.bfloat16(), lora_B=p.lora_B.bfloat16()) for p in projs]
+    eager = _run_qkv(lora_qkv_reference, x, bf16, dys)
+    exact = _run_qkv(lora_qkv_reference, x.double(), [_double(p) for p in projs], [d.double() for d in dys])
+    for k, e, x64, what in zip(kern, eager, exact, QKV_NAMES):
+        assert_bf16_close(k, e, x64, f"lora_qkv {what}")
+
+
+def test_lora_qkv_with_nf4_bases_and_one_saved_x(any_device):
+    x, projs, dys = _qkv_params((4,), 64, 64, 32, 2, any_device, seed=12)
+    q = [quantize_nf4(p.weight) for p in projs]
+    quantised = [p._replace(weight=lambda w=w: dequantize_nf4(w, reuse_buffer=True))
+                 for p, w in zip(projs, q)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kern = _run_qkv(lora_qkv, x, quantised, dys)
+    assert sum(tuple(t.shape) == (4, 64) for t in saved) == 1  # x, once; no dense weight kept
+    dense = [_double(p._replace(weight=dequantize_nf4_reference(w))) for p, w in zip(projs, q)]
+    exact = _run_qkv(lora_qkv_reference, x.double(), dense, [d.double() for d in dys])
+    for k, e, what in zip(kern, exact, QKV_NAMES):
+        assert_fp32_close(k, e, f"lora_qkv nf4 {what}")

@@ -17,6 +17,9 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
     backward:  h recomputed from g, u; dh from the down backward; dg, du by the SwiGLU backward
                (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
 
+`lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
+the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buffer (in-place addmm).
+
 The matmuls run through torch (cuBLAS); the elementwise SwiGLU of `lora_mlp` runs the Triton kernel on CUDA.
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
 gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
@@ -75,16 +78,17 @@ def _forward(x2, w, bias, a, b, s, xl2=None):
     return y, xa
 
 
-def _backward(dy2, x2, w, a, b, s, xl2, xa, needs):
+def _backward(dy2, x2, w, a, b, s, xl2, xa, needs, dx_acc=None):
     """Gradients (x, W, bias, A, B, x') of `_forward`, each only if flagged in `needs`.
 
     With `xl2` None (x' = x) the adapter's share of dx is added into dx and the x' gradient is None.
+    `dx_acc`: a gradient of x from another projection of the same x, accumulated into in place.
     """
     want_x, want_w, want_bias, want_a, want_b, want_xl = needs
     dyb = dy2 @ b  # (N, r)
     dx = dw = dbias = da = db = dxl = None
     if want_x:
-        dx = dy2 @ w  # (N, in)
+        dx = dy2 @ w if dx_acc is None else dx_acc.addmm_(dy2, w)  # (N, in)
         if xl2 is None:
             dx.addmm_(dyb, a, alpha=s)
     if want_xl and xl2 is not None:
@@ -234,10 +238,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         del dh
         dx, dwg, dbg, dag, dbbg, _ = _backward(dg, x2, _dense_or(wg, dqg, dt), ag, bbg, sg, None, xag,
                                                (n[0], n[1], n[2], n[3], n[4], False))
-        dxu, dwu, dbu, dau, dbbu, _ = _backward(du, x2, _dense_or(wu, dqu, dt), au, bbu, su, None, xau,
-                                                (n[0], n[5], n[6], n[7], n[8], False))
-        if dx is not None:
-            dx += dxu
+        dx, dwu, dbu, dau, dbbu, _ = _backward(du, x2, _dense_or(wu, dqu, dt), au, bbu, su, None, xau,
+                                               (n[0], n[5], n[6], n[7], n[8], False), dx_acc=dx)
         grads = (dx, dwg, dbg, dag, dbbg, dwu, dbu, dau, dbbu, dwd, dbd, dad, dbbd)
         grads = [_cast(gr, t) for gr, t in zip(grads, ctx.dtypes)]
         if grads[0] is not None:
@@ -278,3 +280,68 @@ def lora_mlp_reference(
     g = lora_linear_reference(x, *gate)
     u = lora_linear_reference(x, *up)
     return lora_linear_reference(F.silu(g) * u, *down)
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """(q, k, v) = three LoRA linears of one x as one autograd node; tensor inputs: x, (W, bias, A, B) x 3."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, wq, bq, aq, bbq, wk, bk, ak, bbk, wv, bv, av, bbv, scalings, dequants):
+        dt = _compute_dtype(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, hidden)
+        dense = [None if w is None else _dense(w, dt) for w in (wq, wk, wv)]
+        lora = [(a.to(dt), b.to(dt)) for a, b in ((aq, bbq), (ak, bbk), (av, bbv))]
+        outs, xas = [], []
+        for w, dq, bias, (a, b), s in zip(dense, dequants, (bq, bk, bv), lora, scalings):
+            y, xa = _forward(x2, _dense_or(w, dq, dt), _cast(bias, dt), a, b, s)  # (N, out), (N, r)
+            outs.append(y.view(*shape[:-1], y.shape[-1]))
+            xas.append(xa)
+        ctx.scalings, ctx.dequants = scalings, dequants
+        ctx.dtypes = [None if t is None else t.dtype
+                      for t in (x, wq, bq, aq, bbq, wk, bk, ak, bbk, wv, bv, av, bbv)]
+        ctx.save_for_backward(x2, *xas, *dense, *lora[0], *lora[1], *lora[2])
+        return tuple(outs)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dq, dk, dv):
+        x2, *rest = ctx.saved_tensors
+        xas, dense, ab = rest[:3], rest[3:6], rest[6:]
+        n = ctx.needs_input_grad
+        dx, grads = None, []
+        for i, dy in enumerate((dq, dk, dv)):  # an unused output's gradient arrives as zeros
+            w = _dense_or(dense[i], ctx.dequants[i], x2.dtype)
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (N, out_i)
+            flags = (n[0], n[1 + 4 * i], n[2 + 4 * i], n[3 + 4 * i], n[4 + 4 * i], False)
+            dx, dw, dbias, da, db, _ = _backward(dy2, x2, w, ab[2 * i], ab[2 * i + 1], ctx.scalings[i], None,
+                                                 xas[i], flags, dx_acc=dx)
+            grads += [dw, dbias, da, db]
+        grads = [_cast(g, t) for g, t in zip([dx, *grads], ctx.dtypes)]
+        if grads[0] is not None:
+            grads[0] = grads[0].view(*dq.shape[:-1], grads[0].shape[-1])
+        return (*grads, None, None)
+
+
+def lora_qkv(
+    x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) projections of one x, each a LoRA linear, as one autograd node (one saved x, one dx buffer).
+
+    Pure torch, so it runs on any device. LoRA dropout is not supported here (use `lora_linear`).
+    """
+    args: list = [x]
+    dequants = []
+    for name, p in (("q", q), ("k", k), ("v", v)):
+        _check_linear(f"lora_qkv {name}", x.shape[-1], p)
+        is_tensor = isinstance(p.weight, torch.Tensor)
+        args += [p.weight if is_tensor else None, p.bias, p.lora_A, p.lora_B]
+        dequants.append(None if is_tensor else p.weight)
+    return LoRAQKVFunction.apply(*args, (q.scaling, k.scaling, v.scaling), tuple(dequants))
+
+
+def lora_qkv_reference(
+    x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return lora_linear_reference(x, *q), lora_linear_reference(x, *k), lora_linear_reference(x, *v)
