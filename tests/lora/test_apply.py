@@ -101,3 +101,30 @@ def test_count_parameters():
     assert total == total_before + trainable
     assert [n for n, _ in lora_modules(model)][:2] == ["model.layers.0.self_attn.q_proj",
                                                        "model.layers.0.self_attn.k_proj"]
+
+
+def test_our_llama_default_targets_and_training_changes_only_adapters():
+    from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg, use_kernels=False)
+    ids = torch.randint(0, 64, (2, 8))
+    base = model(ids).logits.detach()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = apply_lora(model, r=4, lora_alpha=8)
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)  # B = 0: the base model
+    opt = torch.optim.SGD(lora_parameters(model), lr=0.1)
+    for _ in range(2):
+        out = model(ids, targets=ids)
+        (out.loss_sum / out.n_tokens).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.allclose(model(ids).logits, base)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            torch.testing.assert_close(p, frozen[n.replace(".base_layer", "")], rtol=0, atol=0)
+    model.set_use_kernels(True)  # the model's switch reaches the LoRA layers
+    assert all(m.use_kernel for _, m in lora_modules(model))

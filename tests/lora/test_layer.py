@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -115,21 +116,63 @@ def test_quantised_base_refuses_merge():
         layer.merge()
 
 
-def test_kernel_seam_calls_fused_op(monkeypatch):
-    import fasttune.lora.layer as mod
-    seen = {}
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_kernel_path_matches_reference_forward_and_backward(dropout):
+    layer = _layer(in_f=13, out_f=7, r=4, dropout=dropout)
+    _randomise_b(layer)
+    layer.train()
+    x = torch.randn(3, 5, 13)
+    outs, grads = [], []
+    for use_kernel in (False, True):
+        layer.use_kernel = use_kernel
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7)  # the same dropout mask on both paths
+        y = layer(xi)
+        assert ("LoRALinearFunction" in type(y.grad_fn).__name__) == use_kernel
+        y.backward(torch.ones_like(y))
+        outs.append(y)
+        grads.append((xi.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()))
+        layer.zero_grad()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for g_kernel, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_kernel, g_ref, rtol=1e-5, atol=1e-5)
+    assert layer.base_layer.weight.grad is None
 
-    def fake(x, weight, bias, a, b, scaling):
-        seen["args"] = (weight, bias, a, b, scaling)
-        return torch.zeros(x.shape[:-1] + (weight.shape[0],))
 
-    monkeypatch.setattr(mod, "_fused_lora_linear", lambda: fake)
+def test_use_kernels_alias_follows_the_models_switch():
     layer = _layer()
-    x = torch.randn(2, 13)
-    assert not torch.equal(layer(x), torch.zeros(2, 7))  # off by default
+    model = nn.Sequential(layer)
+    for m in model.modules():  # what LlamaForCausalLM.set_use_kernels does
+        if hasattr(m, "use_kernels"):
+            m.use_kernels = True
+    assert layer.use_kernel is True
+
+
+def test_nf4_base_reaches_the_kernel_as_a_dequantiser():
+    """A stand-in for bitsandbytes' Linear4bit (same class name, packed weight + quant_state)."""
+    from fasttune.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+
+    dense = nn.Linear(64, 32, bias=False)
+    q = quantize_nf4(dense.weight.detach(), blocksize=64)
+    state = types.SimpleNamespace(quant_type="nf4", absmax=q.absmax, shape=torch.Size(q.shape),
+                                  dtype=torch.float32, blocksize=64, code=q.code, nested=False)
+
+    class Linear4bit(nn.Linear):
+        def forward(self, x):
+            return x @ dequantize_nf4_reference(q).T
+
+    base = Linear4bit(64, 32, bias=False)
+    base.weight = nn.Parameter(q.packed, requires_grad=False)
+    base.weight.quant_state = state
+    layer = LoRALinear(base, 4, 8)
+    _randomise_b(layer)
+    assert callable(layer.kernel_weight())
+    x = torch.randn(5, 64)
+    want = layer(x)
     layer.use_kernel = True
-    assert torch.equal(layer(x), torch.zeros(2, 7))
-    assert seen["args"][0] is layer.base_layer.weight and seen["args"][4] == layer.scaling
+    got = layer(x)
+    assert "LoRALinearFunction" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_rejects_non_linear():

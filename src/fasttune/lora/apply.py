@@ -83,12 +83,14 @@ def apply_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(random_state)
+    use_kernel = bool(getattr(model, "use_kernels", False))  # follow the model's fast-path switch
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora,
-                                          adapter_dtype=adapter_dtype, generator=generator))
+        layer = LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora,
+                           adapter_dtype=adapter_dtype, generator=generator)
+        layer.use_kernel = use_kernel
+        setattr(parent, child, layer)
     return names
 
 

@@ -102,15 +102,39 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 
+    # Our model's `set_use_kernels(flag)` sets `use_kernels` on every module that has it.
+    @property
+    def use_kernels(self) -> bool:
+        return self.use_kernel
+
+    @use_kernels.setter
+    def use_kernels(self, flag: bool) -> None:
+        self.use_kernel = bool(flag)
+
+    def kernel_weight(self) -> torch.Tensor | Callable[[], torch.Tensor] | None:
+        """The base weight for `fasttune.kernels.lora`: the dense tensor, a dequantiser for an NF4 base
+        (into a reused buffer), or None where the kernels cannot read the base (8-bit, FP4)."""
+        w = self.base_layer.weight
+        if not self.quantized:
+            return w
+        state = getattr(w, "quant_state", None)
+        if type(self.base_layer).__name__ in QUANTIZED_4BIT and getattr(state, "quant_type", None) == "nf4":
+            from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
+
+            nf4 = NF4Weight.from_bnb(w.data, state)
+            return lambda: dequantize_nf4(nf4, reuse_buffer=True)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         dropping = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        if self.use_kernel and not dropping and not self.quantized:
-            fn = _fused_lora_linear()
-            if fn is not None:
-                return fn(x, self.base_layer.weight, self.base_layer.bias,
-                          self.lora_A.weight, self.lora_B.weight, self.scaling)
+        if self.use_kernel:
+            fn, weight = _fused_lora_linear(), self.kernel_weight()
+            if fn is not None and weight is not None:
+                extra = {"x_lora": self.lora_dropout(x)} if dropping else {}
+                return fn(x, weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
+                          self.scaling, **extra)
         result = self.base_layer(x)
         x = x.to(self.lora_A.weight.dtype)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
