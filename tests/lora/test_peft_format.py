@@ -129,3 +129,15 @@ def test_errors_name_the_problem(tmp_path):
         load_adapter(ours, tmp_path / "qv")
     with pytest.raises(ValueError, match="r=8 but the model's LoRA layers have 2"):
         save_adapter(ours, tmp_path / "out", base_model_name_or_path=None, r=8)
+
+
+def test_wrapped_model_saves_unwrapped_paths(tmp_path):
+    ours, _ = _pair()
+    apply_lora(ours, r=2, lora_alpha=2, target_modules=["q_proj"])
+    wrapper = torch.nn.Module()
+    wrapper.module = ours  # as DistributedDataParallel holds it
+    save_adapter(wrapper, tmp_path, base_model_name_or_path=None)
+    from safetensors.torch import load_file
+
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

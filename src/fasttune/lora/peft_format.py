@@ -39,6 +39,14 @@ _UNSUPPORTED = (
 )
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP (`.module`) and torch.compile (`._orig_mod`), whose paths PEFT expects."""
+    for attr in ("module", "_orig_mod"):
+        while isinstance(getattr(model, attr, None), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
 def _only(values: set, what: str) -> object:
     if len(values) != 1:
         raise ValueError(f"save_adapter: the LoRA layers disagree on {what} ({sorted(values)}); "
@@ -80,6 +88,7 @@ def save_adapter(
     `target_modules` is accepted for symmetry with LoraConfig, but the file always records the modules
     that were actually adapted (names such as 'default' mean nothing to PEFT).
     """
+    model = unwrap(model)
     mods = list(lora_modules(model))
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers (call apply_lora first)")
@@ -179,6 +188,7 @@ def _strip_key(key: str) -> str:
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> list[str]:
     """Read a PEFT LoRA adapter into `model` (applying LoRA first if it has none); return adapted paths."""
     adapter_dir = Path(adapter_dir)
+    model = unwrap(model)
     config = read_adapter_config(adapter_dir)
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
