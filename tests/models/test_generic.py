@@ -59,7 +59,8 @@ def test_loss_logits_and_grads_match_transformers(name):
     model = GenericCausalLM(hf)
     x, mask, labels, targets = _batch()
 
-    out = model(x, targets=targets, attention_mask=mask)
+    pos = torch.arange(10).expand(2, 10)  # the training batch always carries positions (pads count on)
+    out = model(x, position_ids=pos, targets=targets, attention_mask=mask)
     assert model._chunked is CHUNKED[name]
     assert out.logits is None and out.n_tokens.item() == int((targets != IGNORE_INDEX).sum())
     ours = out.loss_sum / out.n_tokens
