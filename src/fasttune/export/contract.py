@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.data.templates import ALPACA_PROMPT_NO_INPUT, PromptContract
-from fasttune.export.source import ExportSource
+from fasttune.export.source import ExportError, ExportSource
 
 CONTRACT_FILE = "prompt_contract.json"
 
@@ -39,7 +39,7 @@ def alpaca_chat_template(contract: PromptContract) -> str:
     """
     prompt = contract.prompt_template_no_input or ALPACA_PROMPT_NO_INPUT
     if prompt.count("{instruction}") != 1:
-        raise ValueError("the run's alpaca prompt_template_no_input must contain {instruction} once")
+        raise ExportError("the run's alpaca prompt_template_no_input must contain {instruction} once")
     head, tail = (json.dumps(part, ensure_ascii=False) for part in prompt.split("{instruction}"))
     bos = json.dumps(contract.bos_token or "", ensure_ascii=False) if contract.add_bos else '""'
     return (

@@ -22,9 +22,10 @@ from fasttune.export.contract import chat_template_for, load_contract, load_toke
 from fasttune.export.gguf_tokenizer import vocab_from_tokenizer
 from fasttune.export.source import (
     CheckpointReader,
+    ExportError,
     ExportSource,
     iter_merged,
-    logical_keys,
+    logical_specs,
     resolve_source,
 )
 
@@ -51,7 +52,7 @@ ARCHS: dict[str, tuple[str, bool]] = {
 _ARCH_ENUM = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(ExportError):
     """The model or option cannot be written as GGUF; the message says what is missing."""
 
 
@@ -94,16 +95,15 @@ def _plan(reader: CheckpointReader, cfg: dict, arch: str, weight_type: Q, embed_
     n_layers = cfg["num_hidden_layers"]
     name_map = gguf.get_tensor_name_map(_ARCH_ENUM[arch], n_layers)
     tied = bool(cfg.get("tie_word_embeddings", False))
-    shapes = _logical_shapes(reader)
+    specs = logical_specs(reader)
     plan = []
-    for key in logical_keys(reader):
+    for key, (shape, _) in specs.items():
         if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
             continue
         stem, _, suffix = key.rpartition(".")
         name = name_map.get_name(stem)
         if name is None:
             raise GGUFExportError(f"GGUF export: no llama.cpp name for tensor {key!r} of this {arch} model")
-        shape = shapes[key]
         if len(shape) == 1:
             qtype = Q.F32  # norms and biases stay f32, as llama.cpp writes them
         else:
@@ -113,18 +113,6 @@ def _plan(reader: CheckpointReader, cfg: dict, arch: str, weight_type: Q, embed_
                 qtype = Q.F16  # a row that does not fill whole quantisation blocks
         plan.append(_Planned(key, f"{name}.{suffix}", shape, qtype))
     return plan
-
-
-def _logical_shapes(reader: CheckpointReader) -> dict[str, list[int]]:
-    """Shapes of the tensors as the model sees them (a bitsandbytes 4-bit weight's from its quant state)."""
-    import json
-
-    shapes = {k: reader.shape(k) for k in reader.keys()}
-    for key in reader.keys():
-        if ".quant_state.bitsandbytes__" in key:
-            state = json.loads(bytes(reader.get(key).tolist()).decode())
-            shapes[key.split(".quant_state.")[0]] = list(state["shape"])
-    return shapes
 
 
 def _nbytes(shape: list[int], qtype: Q) -> int:

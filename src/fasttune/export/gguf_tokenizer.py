@@ -18,6 +18,7 @@ from typing import Any
 import gguf
 
 from fasttune.data.templates import PromptContract
+from fasttune.export.source import ExportError
 
 # Pre-tokenizer names llama.cpp knows, best first, for a split regex transformers' GGUF reader maps.
 _PREFERRED_PRE = ("llama-bpe", "qwen2", "tekken", "gpt-4o", "deepseek-r1-qwen", "smaug-bpe")
@@ -60,7 +61,7 @@ class GGUFVocab:
 def _backend_state(tokenizer: Any) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(
+        raise ExportError(
             f"GGUF export needs a fast (tokenizers) tokenizer; {type(tokenizer).__name__} is not one "
             "(save the tokenizer with tokenizer.json)"
         )
@@ -127,21 +128,21 @@ def vocab_from_tokenizer(
     state = _backend_state(tokenizer)
     model = state["model"]
     if model.get("type") != "BPE":
-        raise ValueError(
+        raise ExportError(
             f"GGUF export covers BPE tokenizers (byte-level or sentencepiece-style); this one is "
             f"{model.get('type')}"
         )
     sentencepiece = bool(model.get("byte_fallback"))
     steps = _walk(state.get("pre_tokenizer"))
     if not sentencepiece and not any(s["type"] == "ByteLevel" for s in steps):
-        raise ValueError(
+        raise ExportError(
             "GGUF export: a BPE tokenizer without ByteLevel pre-tokenizer or byte fallback is "
             "neither GPT-2 style nor sentencepiece style; llama.cpp cannot reproduce it"
         )
 
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(
+        raise ExportError(
             f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}"
         )
     reverse = {i: t for t, i in vocab.items()}

@@ -1,24 +1,32 @@
 """`merge`: base model + LoRA adapter -> one 16-bit Hugging Face checkpoint, written shard by shard.
 
-Each base tensor is read, merged (`W + scaling * B @ A` in fp32), cast and appended to the current
-shard; a full shard is written and dropped before the next is filled, so peak memory is about one
-shard plus one layer, never the model twice. The output loads with `AutoModelForCausalLM` and carries
+Each base tensor is read, merged (`W + scaling * B @ A` in fp32), cast and written straight into its
+place in a shard file whose layout was planned from the base's headers, so peak memory is about one
+layer, never the model twice. The output loads with `AutoModelForCausalLM` and carries
 the run's tokenizer, chat template and prompt contract.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fasttune.export.contract import write_tokenizer_files
-from fasttune.export.source import ExportSource, iter_merged, resolve_source
+from fasttune.export.source import (
+    CheckpointReader,
+    ExportError,
+    ExportSource,
+    iter_merged,
+    logical_specs,
+    resolve_source,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -31,7 +39,7 @@ def parse_size(size: str | int) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", size, flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size {size!r}: expected a size such as 2GB, 500MB or 1GiB")
+        raise ExportError(f"max_shard_size {size!r}: expected a size such as 2GB, 500MB or 1GiB")
     unit = m.group(2).upper().rstrip("B")
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
     base = 1024 if unit.endswith("I") else 1000
@@ -39,12 +47,12 @@ def parse_size(size: str | int) -> int:
 
 
 def _cast(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if not t.is_floating_point():
+    if not t.is_floating_point() or not dtype.is_floating_point:
         return t
     if dtype == torch.float16:
         peak = t.abs().max().item() if t.numel() else 0.0
         if peak > _FP16_MAX:
-            raise ValueError(
+            raise ExportError(
                 f"merged tensor {key} reaches {peak:.4g}, beyond float16's range; "
                 "merge with dtype bf16 instead"
             )
@@ -70,13 +78,13 @@ def merge(
     Returns `out_dir`.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     limit = parse_size(max_shard_size)
     src = resolve_source(run_or_adapter, base=base)
     out = Path(out_dir)
     for existing in (src.base_dir, src.adapter_dir):
         if existing is not None and out.resolve() == existing.resolve():
-            raise ValueError(f"--out {out} is the input directory itself; choose a new directory")
+            raise ExportError(f"--out {out} is the input directory itself; choose a new directory")
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         stale.unlink()
@@ -87,40 +95,99 @@ def merge(
     return out
 
 
-def _write_shards(src: ExportSource, out: Path, dtype: torch.dtype, limit: int, device: str) -> list[Path]:
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
-    tmp_files: list[tuple[Path, list[str]]] = []
+_ST_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 
-    def flush() -> None:
-        nonlocal shard, size
-        path = out / f".shard-{len(tmp_files):05d}.tmp"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        tmp_files.append((path, list(shard)))
-        shard, size = {}, 0
 
-    for key, t in iter_merged(src, device=device):
-        t = _cast(key, t, dtype)
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > limit:
-            flush()
-        shard[key] = t
+def _plan_shards(
+    src: ExportSource, dtype: torch.dtype, limit: int
+) -> list[dict[str, tuple[list[int], torch.dtype]]]:
+    """Output tensors grouped into shards of at most `limit` bytes (a bigger tensor gets a shard alone)."""
+    shards: list[dict] = [{}]
+    size = 0
+    for key, (shape, stored) in logical_specs(CheckpointReader(src.base_dir)).items():
+        out_dtype = dtype if stored.is_floating_point else stored
+        nbytes = math.prod(shape) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = (shape, out_dtype)
         size += nbytes
-        total += nbytes
-    if shard or not tmp_files:
-        flush()
+    return shards
 
-    n = len(tmp_files)
+
+def _header(tensors: dict[str, tuple[list[int], torch.dtype]]) -> bytes:
+    """A safetensors header: 8-byte length, then JSON padded with spaces to a multiple of 8."""
+    entries, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, (shape, dtype) in tensors.items():
+        end = offset + math.prod(shape) * dtype.itemsize
+        entries[key] = {"dtype": _ST_NAMES[dtype], "shape": shape, "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _write_shards(src: ExportSource, out: Path, dtype: torch.dtype, limit: int, device: str) -> list[Path]:
+    """Stream every merged tensor straight into its place in a shard file; nothing is buffered.
+
+    The shard layout is planned from the base's headers first, so each file's header is written
+    before its data and only the tensor being merged is ever in memory.
+    """
+    plan = _plan_shards(src, dtype, limit)
+    n = len(plan)
     names = (
         ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
-    for (tmp, _), name in zip(tmp_files, names):
-        os.replace(tmp, out / name)
+    tmps = [out / f".{name}.tmp{os.getpid()}" for name in names]
+    order = [(i, key) for i, shard in enumerate(plan) for key in shard]
+    merged = iter_merged(src, device=device)
+    f = None
+    try:
+        current = -1
+        for (i, key), (got_key, t) in zip(order, merged, strict=True):
+            if got_key != key:
+                raise RuntimeError(f"merge: expected tensor {key}, read {got_key}")
+            if i != current:
+                if f is not None:
+                    f.close()
+                f = open(tmps[i], "wb")
+                f.write(_header(plan[i]))
+                current = i
+            shape, out_dtype = plan[i][key]
+            t = _cast(key, t, out_dtype)
+            if list(t.shape) != shape:
+                raise RuntimeError(f"merge: tensor {key} has shape {list(t.shape)}, planned {shape}")
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        if f is not None:
+            f.close()
+        if n == 1 and not plan[0]:
+            tmps[0].write_bytes(_header({}))
+        for tmp, name in zip(tmps, names):
+            os.replace(tmp, out / name)
+    finally:
+        if f is not None:
+            f.close()
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
     if n > 1:
-        weight_map = {key: name for (_, keys), name in zip(tmp_files, names) for key in keys}
+        total = sum(math.prod(s) * d.itemsize for shard in plan for s, d in shard.values())
+        weight_map = {key: name for shard, name in zip(plan, names) for key in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return [out / n for n in names]
+    return [out / name for name in names]
 
 
 def _write_config(src: ExportSource, out: Path, dtype: str) -> None:

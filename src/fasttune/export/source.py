@@ -41,6 +41,10 @@ _BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _BNB_STATE = ".quant_state.bitsandbytes__"
 
 
+class ExportError(ValueError):
+    """What the user asked to export cannot be exported as asked; the message names the file or option."""
+
+
 # ---- the checkpoint on disk -------------------------------------------------------------------------
 
 
@@ -67,7 +71,7 @@ class CheckpointReader:
             # Keys in file-offset order, so reading walks each file forwards.
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 if info["dtype"] not in _ST_DTYPES:
-                    raise ValueError(
+                    raise ExportError(
                         f"{path}: tensor {key} has dtype {info['dtype']}, which fasttune cannot read"
                     )
                 s, e = info["data_offsets"]
@@ -102,12 +106,15 @@ def _weight_files(model_dir: Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
+    others = sorted(model_dir.glob("*.safetensors"))
+    if others:
+        return others
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
-        raise ValueError(
+        raise ExportError(
             f"{model_dir}: only pickle weights (*.bin/*.pt) found; fasttune reads safetensors "
             "only (convert the checkpoint with transformers' save_pretrained first)"
         )
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    raise ExportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
 # ---- the adapter ------------------------------------------------------------------------------------
@@ -144,13 +151,18 @@ def _pattern_value(pattern: dict, path: str, default: float) -> float:
     return default
 
 
+def _saved_module(key: str, modules_to_save: list[str]) -> bool:
+    module = key.rsplit(".", 1)[0]
+    return any(module == m or module.endswith("." + m) for m in modules_to_save)
+
+
 def read_adapter(adapter_dir: str | Path) -> Adapter:
     """A PEFT LoRA adapter as merge deltas; errors name the file and the feature that cannot be merged."""
     adapter_dir = Path(adapter_dir)
     cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     config = json.loads(cfg_path.read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {config['peft_type']!r}; only LoRA adapters can be merged")
+        raise ExportError(f"{cfg_path}: peft_type {config['peft_type']!r}; only LoRA adapters can be merged")
     for key, what in (
         ("use_dora", "DoRA"),
         ("lora_bias", "LoRA bias"),
@@ -158,16 +170,18 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         ("trainable_token_indices", "trainable_token_indices"),
     ):
         if config.get(key):
-            raise ValueError(f"{cfg_path}: {key}={config[key]!r} ({what}) cannot be merged by fasttune")
+            raise ExportError(f"{cfg_path}: {key}={config[key]!r} ({what}) cannot be merged by fasttune")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: bias={config['bias']!r}; only adapters with bias='none' can be merged")
+        raise ExportError(
+            f"{cfg_path}: bias={config['bias']!r}; only adapters with bias='none' can be merged"
+        )
     if not w_path.is_file():
         pickle = (
             " (adapter_model.bin is pickle; fasttune reads safetensors only)"
             if (adapter_dir / "adapter_model.bin").exists()
             else ""
         )
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}{pickle}")
+        raise ExportError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}{pickle}")
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
@@ -176,10 +190,11 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = value
-        elif ".modules_to_save." in key:
+        elif ".modules_to_save." in key or _saved_module(key, config.get("modules_to_save") or []):
+            # PEFT saves a fully trained module (modules_to_save) under its own name.
             replaced[re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", key)] = value
         else:
-            raise ValueError(
+            raise ExportError(
                 f"{w_path}: tensor {key!r} is not a LoRA A/B weight or a modules_to_save copy; "
                 "fasttune merges linear LoRA layers only (no embedding LoRA, no DoRA)"
             )
@@ -187,11 +202,11 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     deltas = {}
     for path, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{w_path}: {path} has {sorted(ab)} but needs both lora_A and lora_B")
+            raise ExportError(f"{w_path}: {path} has {sorted(ab)} but needs both lora_A and lora_B")
         r = ab["lora_A"].shape[0]
         a = _pattern_value(config.get("alpha_pattern") or {}, path, alpha)
         if r != _pattern_value(config.get("rank_pattern") or {}, path, r_default):
-            raise ValueError(f"{w_path}: {path}.lora_A has rank {r}, the config says otherwise")
+            raise ExportError(f"{w_path}: {path}.lora_A has rank {r}, the config says otherwise")
         scaling = a / math.sqrt(r) if config.get("use_rslora") else a / r
         deltas[path] = LoraDelta(ab["lora_A"], ab["lora_B"], scaling, bool(config.get("fan_in_fan_out")))
     return Adapter(config, deltas, replaced)
@@ -239,7 +254,7 @@ def resolve_source(path: str | Path, base: str | None = None) -> ExportSource:
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such run, adapter or model directory")
+        raise ExportError(f"{p}: no such run, adapter or model directory")
     run_dir = None
     if (p / "adapter" / ADAPTER_CONFIG).is_file():
         run_dir, adapter_dir = p, p / "adapter"
@@ -249,11 +264,9 @@ def resolve_source(path: str | Path, base: str | None = None) -> ExportSource:
     elif (p / "config.json").is_file():
         return ExportSource(path=p, base_dir=p, base_name=str(p))
     elif (p / "run.yaml").is_file():
-        raise FileNotFoundError(
-            f"{p}: a run directory without adapter/{ADAPTER_CONFIG}; has training finished?"
-        )
+        raise ExportError(f"{p}: a run directory without adapter/{ADAPTER_CONFIG}; has training finished?")
     else:
-        raise FileNotFoundError(
+        raise ExportError(
             f"{p}: neither a run directory (with adapter/), an adapter directory "
             f"({ADAPTER_CONFIG}) nor a model directory (config.json)"
         )
@@ -262,7 +275,7 @@ def resolve_source(path: str | Path, base: str | None = None) -> ExportSource:
     model_cfg = src.run_yaml.get("model") or {}
     name = base or model_cfg.get("model_name") or adapter_cfg.get("base_model_name_or_path")
     if not name:
-        raise ValueError(
+        raise ExportError(
             f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty and no run.yaml "
             "names the model; pass the base model explicitly (--base)"
         )
@@ -278,9 +291,13 @@ def resolve_base_checkpoint(name: str, revision: str | None = None) -> Path:
     p = Path(name).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         return p
+    from fasttune.config import ModelConfig
     from fasttune.models import loading
 
-    return Path(loading.checkpoint_dir(name, revision=revision))
+    try:
+        return Path(loading.resolve_source(ModelConfig(model_name=name, revision=revision)))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ExportError(f"base model {name!r}: {e}") from None
 
 
 # ---- the merged tensors -----------------------------------------------------------------------------
@@ -296,7 +313,7 @@ def _module_to_key(adapter: Adapter, reader: CheckpointReader) -> dict[str, str]
                 found[path] = f"{cand}.weight"
                 break
         else:
-            raise KeyError(
+            raise ExportError(
                 f"adapter layer {path!r} has no weight in the base checkpoint {reader.dir} "
                 "(is this adapter for another model?)"
             )
@@ -305,7 +322,16 @@ def _module_to_key(adapter: Adapter, reader: CheckpointReader) -> dict[str, str]
 
 def is_bnb_4bit(hf_config: dict) -> bool:
     q = hf_config.get("quantization_config") or {}
-    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+    if q and q.get("quant_method") != "bitsandbytes":
+        raise ExportError(
+            f"quantization_config quant_method={q.get('quant_method')!r}: only bitsandbytes "
+            "4-bit (nf4) pre-quantised bases can be dequantised for merging"
+        )
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        raise ExportError(
+            "a bitsandbytes 8-bit pre-quantised base cannot be merged; use its 16-bit original (--base)"
+        )
+    return bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
 def logical_keys(reader: CheckpointReader) -> list[str]:
@@ -313,21 +339,51 @@ def logical_keys(reader: CheckpointReader) -> list[str]:
     return [k for k in reader.keys() if not (k.endswith(_BNB_SUFFIXES) or _BNB_STATE in k)]
 
 
+def logical_specs(reader: CheckpointReader) -> dict[str, tuple[list[int], torch.dtype]]:
+    """(shape, dtype) of each logical tensor as `iter_merged` yields it, in order, without reading data.
+
+    A bitsandbytes 4-bit weight takes its shape from its quant state and comes out fp32.
+    """
+    specs = {k: (reader.shape(k), _ST_DTYPES[reader.entries[k].dtype]) for k in logical_keys(reader)}
+    for key in reader.keys():
+        if _BNB_STATE in key:
+            state = json.loads(bytes(reader.get(key).tolist()).decode("utf-8"))
+            specs[key.split(".quant_state.")[0]] = (list(state["shape"]), torch.float32)
+    return specs
+
+
 def _dequantize_bnb_4bit(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """A bitsandbytes NF4 weight as saved by transformers (packed bytes + companions) -> fp32, on the CPU.
+
+    Companions of `key`: `.absmax`, `.quant_map`, optionally `.nested_absmax`/`.nested_quant_map`, and
+    `.quant_state.bitsandbytes__nf4` (uint8 bytes of a JSON dict: blocksize, dtype, shape, nested_*).
+    """
     state_key = next((k for k in reader.keys() if k.startswith(key + _BNB_STATE)), None)
     if state_key is None:
         return reader.get(key)  # a tensor bitsandbytes left unquantised (norms, embeddings)
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            f"{reader.dir} is a pre-quantised bitsandbytes 4-bit checkpoint; dequantising it to "
-            "16-bit for the merge needs bitsandbytes on a CUDA GPU. Merge on a GPU machine, or "
-            "point --base at the original 16-bit checkpoint."
-        )
-    import bitsandbytes.functional as bnbf
+    from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4_reference
 
-    state = {k[len(key) + 1 :]: reader.get(k) for k in reader.keys() if k.startswith(key + ".") and k != key}
-    qs = bnbf.QuantState.from_dict(state, device=torch.device("cuda"))
-    return bnbf.dequantize_4bit(reader.get(key).cuda(), qs).float().cpu()
+    state = json.loads(bytes(reader.get(state_key).tolist()).decode("utf-8"))
+    if state.get("quant_type", "nf4") != "nf4":
+        raise ExportError(
+            f"{reader.dir}: {key} is bitsandbytes {state.get('quant_type')!r}; only nf4 "
+            "4-bit checkpoints can be dequantised for merging"
+        )
+    nested = f"{key}.nested_absmax" in reader.entries
+    w = NF4Weight(
+        packed=reader.get(key),
+        absmax=reader.get(f"{key}.absmax"),
+        shape=tuple(state["shape"]),
+        dtype=torch.float32,
+        blocksize=int(state["blocksize"]),
+        code=reader.get(f"{key}.quant_map"),
+        nested_absmax=reader.get(f"{key}.nested_absmax") if nested else None,
+        nested_code=reader.get(f"{key}.nested_quant_map") if nested else None,
+        nested_blocksize=int(state.get("nested_blocksize", 256)),
+        offset=torch.tensor(float(state["nested_offset"])) if nested else None,
+    )
+    w.check()
+    return dequantize_nf4_reference(w)
 
 
 def iter_merged(
@@ -347,7 +403,7 @@ def iter_merged(
         if path in adapter.deltas:
             d = adapter.deltas[path]
             if tuple(t.shape) != _delta_shape(d):
-                raise ValueError(
+                raise ExportError(
                     f"adapter layer {path}: delta shape {_delta_shape(d)} does not match base "
                     f"weight {key} {tuple(t.shape)}"
                 )

@@ -1,0 +1,178 @@
+"""The check after every export: a held-out prompt decoded greedily from the artifact and from base + adapter.
+
+The reference is transformers + PEFT on the base checkpoint (the unmerged adapter), so the check also
+crosses libraries. The exported side reads the artifact as a user would: the merged directory with
+`AutoModelForCausalLM`, a GGUF file through transformers' GGUF reader (its own tokenizer included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fasttune.data.templates import PromptContract, encode_prompt, render_prompt
+from fasttune.export.contract import load_contract, load_tokenizer, stop_token_ids
+from fasttune.export.source import ExportSource, resolve_source
+
+FALLBACK_PROMPT = "Explain in one sentence what you can help with."
+
+
+@dataclass
+class CheckResult:
+    artifact: str
+    prompt: str
+    reference_ids: list[int]
+    exported_ids: list[int]
+    reference_text: str
+    exported_text: str
+    stop_ids: list[int] = field(default_factory=list)
+    prompt_ids_match: bool = True  # the artifact's tokenizer encodes the prompt as the run's did
+
+    @property
+    def agreement(self) -> float:
+        """Share of generated positions where the two agree (over the longer output)."""
+        n = max(len(self.reference_ids), len(self.exported_ids), 1)
+        return sum(a == b for a, b in zip(self.reference_ids, self.exported_ids)) / n
+
+    @property
+    def identical(self) -> bool:
+        return self.reference_ids == self.exported_ids
+
+    @property
+    def eos_reference(self) -> bool:
+        return bool(self.reference_ids) and self.reference_ids[-1] in self.stop_ids
+
+    @property
+    def eos_exported(self) -> bool:
+        return bool(self.exported_ids) and self.exported_ids[-1] in self.stop_ids
+
+    def summary(self) -> str:
+        verdict = "identical" if self.identical else f"{self.agreement:.0%} of tokens agree"
+        lines = [
+            f"check: {self.artifact}: greedy answer {verdict} with base + adapter "
+            f"(EOS reached: exported {'yes' if self.eos_exported else 'no'}, "
+            f"reference {'yes' if self.eos_reference else 'no'})",
+            f"  prompt:    {self.prompt.strip()[-200:]!r}",
+            f"  exported:  {self.exported_text!r}",
+        ]
+        if not self.identical:
+            lines.append(f"  reference: {self.reference_text!r}")
+        if not self.prompt_ids_match:
+            lines.append("  warning: the artifact's tokenizer encodes the prompt differently from the run's")
+        return "\n".join(lines)
+
+
+def held_out_prompt(src: ExportSource, contract: PromptContract | None, tokenizer: Any) -> str:
+    """The first held-out question of the run (its eval set, or the embedded one), rendered as in training."""
+    data = src.run_yaml.get("data") or {}
+    source = data.get("eval_dataset") or (
+        data.get("dataset") if str(data.get("dataset", "")).startswith("builtin:") else None
+    )
+    question, extra = FALLBACK_PROMPT, ""
+    if source:
+        try:
+            from fasttune.data.sources import read_rows
+
+            split = "eval" if str(source).startswith("builtin:") else None
+            for _, row in read_rows(str(source), split):
+                if isinstance(row, dict) and isinstance(
+                    row.get(data.get("instruction_field", "instruction")), str
+                ):
+                    question = row[data.get("instruction_field", "instruction")]
+                    extra = str(row.get(data.get("input_field", "input")) or "")
+                    break
+        except Exception:  # the check must not fail because the eval file moved; use the fallback
+            pass
+    if contract is None:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+        return question
+    return render_prompt(question, extra, contract, tokenizer)
+
+
+@torch.no_grad()
+def _greedy(model: Any, ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    x = torch.tensor([ids])
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids or None,
+        pad_token_id=stop_ids[0] if stop_ids else 0,
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def _cut(ids: list[int], stop_ids: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[: i + 1]
+    return ids
+
+
+def reference_model(src: ExportSource) -> Any:
+    """transformers base + PEFT adapter (unmerged), fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src.base_dir), dtype=torch.float32)
+    if src.adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+    return model.eval()
+
+
+def check_export(
+    run_or_adapter: str | Path,
+    artifact: str | Path,
+    *,
+    base: str | None = None,
+    max_new_tokens: int = 24,
+    prompt: str | None = None,
+) -> CheckResult:
+    """Decode one prompt greedily from `artifact` (merged dir or .gguf) and from base + adapter; compare."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(run_or_adapter, base=base)
+    tokenizer = load_tokenizer(src)
+    contract = load_contract(src)
+    text = prompt if prompt is not None else held_out_prompt(src, contract, tokenizer)
+    ids = (
+        encode_prompt(text, contract, tokenizer)
+        if contract is not None
+        else tokenizer(text, add_special_tokens=True)["input_ids"]
+    )
+    stops = stop_token_ids(contract, tokenizer)
+
+    artifact = Path(artifact)
+    if artifact.suffix == ".gguf":
+        kw = dict(gguf_file=artifact.name)
+        exported = AutoModelForCausalLM.from_pretrained(
+            str(artifact.parent), dtype=torch.float32, **kw
+        ).eval()
+        art_tok = AutoTokenizer.from_pretrained(str(artifact.parent), **kw)
+    else:
+        exported = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32).eval()
+        art_tok = AutoTokenizer.from_pretrained(str(artifact))
+    art_ids = art_tok(text, add_special_tokens=False)["input_ids"]
+    plain_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    got = _cut(_greedy(exported, ids, max_new_tokens, stops), stops)
+    del exported
+    ref = _cut(_greedy(reference_model(src), ids, max_new_tokens, stops), stops)
+    return CheckResult(
+        artifact=str(artifact),
+        prompt=text,
+        reference_ids=ref,
+        exported_ids=got,
+        reference_text=tokenizer.decode(ref, skip_special_tokens=False),
+        exported_text=tokenizer.decode(got, skip_special_tokens=False),
+        stop_ids=stops,
+        prompt_ids_match=art_ids == plain_ids,
+    )

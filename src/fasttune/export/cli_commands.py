@@ -1,0 +1,187 @@
+"""`fasttune merge` and `fasttune export gguf|ollama`: parse the options, call the export API, run the check.
+
+`register(subparsers)` adds them to the main parser (cli.py); no export logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+# The names of export.gguf.GGUF_TYPES, repeated so that building the parser imports no torch (tested).
+GGUF_TYPE_NAMES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+_INPUT_HELP = (
+    "a run directory (runs/NAME), its adapter/ directory, or any PEFT LoRA adapter directory "
+    "(its adapter_config.json names the base model)"
+)
+_BASE_HELP = (
+    "base model to merge into instead of the one the run names: a preset, hub id, local "
+    "directory or .gguf file (default: the run's model)"
+)
+_CHECK_HELP = (
+    "skip the check that decodes one held-out prompt from the export and from base + adapter "
+    "and compares them (default: the check runs)"
+)
+
+
+def _report(what: str, path: object, started: float) -> None:
+    print(f"fasttune: wrote {what} {path} in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def _check(args: argparse.Namespace, artifact: object) -> None:
+    if args.no_check:
+        return
+    from fasttune.export.check import check_export
+
+    print("fasttune: checking the export (skip with --no-check) ...", flush=True)
+    print(check_export(args.input, artifact, base=args.base).summary(), flush=True)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from fasttune.export.merge import merge
+
+    started = time.perf_counter()
+    out = merge(
+        args.input,
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        base=args.base,
+        device=args.device,
+    )
+    _report("merged checkpoint", out, started)
+    _check(args, out)
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from fasttune.export.gguf import export_gguf
+
+    started = time.perf_counter()
+    out = export_gguf(args.input, args.out, type=args.type, base=args.base, device=args.device)
+    _report(f"GGUF ({args.type})", out, started)
+    _check(args, out)
+    return 0
+
+
+def cmd_export_ollama(args: argparse.Namespace) -> int:
+    from fasttune.export.ollama import export_ollama
+
+    started = time.perf_counter()
+    modelfile = export_ollama(args.input, args.out, type=args.type, base=args.base, device=args.device)
+    _report("Ollama Modelfile and GGUF", modelfile.parent, started)
+    print(f"fasttune: to use it: ollama create NAME -f {modelfile} && ollama run NAME", flush=True)
+    _check(args, modelfile.parent / "model.gguf")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="RUN_OR_ADAPTER", help=_INPUT_HELP)
+    p.add_argument("--base", metavar="MODEL", default=None, help=_BASE_HELP)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="where the LoRA products B@A are computed: cpu or cuda (default: cpu)",
+    )
+    p.add_argument("--no-check", dest="no_check", action="store_true", help=_CHECK_HELP)
+
+
+def register(
+    subs: argparse._SubParsersAction, subparser: Callable[..., argparse.ArgumentParser] | None = None
+) -> None:
+    """Add `merge` and `export {gguf,ollama}` to the main parser's subcommands.
+
+    `subparser(subs, name, help, description, func)` is cli.py's helper (adds --debug); without it plain
+    `add_parser` is used.
+    """
+
+    def add(
+        parent: argparse._SubParsersAction,
+        name: str,
+        help_text: str,
+        description: str,
+        func: Callable[[argparse.Namespace], int],
+    ) -> argparse.ArgumentParser:
+        if subparser is not None:
+            return subparser(parent, name, help_text, description, func)
+        p = parent.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    merge = add(
+        subs,
+        "merge",
+        "merge a LoRA adapter into its base model (16-bit HF checkpoint)",
+        "Merge the run's LoRA adapter into its base model and save a Hugging Face checkpoint "
+        "(sharded safetensors, config.json, tokenizer with the run's chat template, prompt "
+        "contract) that transformers and vLLM load directly. Written shard by shard: peak memory "
+        "is about one shard plus one layer. A 4-bit base is dequantised to 16-bit first.\n"
+        "Example: fasttune merge runs/default --out merged/",
+        cmd_merge,
+    )
+    _common(merge)
+    merge.add_argument("--out", required=True, metavar="DIR", help="output directory (required)")
+    merge.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "fp16", "fp32"),
+        help="precision of the merged weights (default: bf16)",
+    )
+    merge.add_argument(
+        "--max_shard_size",
+        "--max-shard-size",
+        default="2GB",
+        metavar="SIZE",
+        help="largest safetensors shard, e.g. 2GB, 500MB (default: 2GB)",
+    )
+
+    export = subs.add_parser(
+        "export",
+        help="export for llama.cpp / Ollama (gguf, ollama)",
+        description="Export a run for other runtimes.",
+    )
+    export.set_defaults(func=lambda a: (export.print_help(), 0)[1])
+    export_subs = export.add_subparsers(dest="export_command", metavar="FORMAT")
+    types = ", ".join(GGUF_TYPE_NAMES)
+    gguf = add(
+        export_subs,
+        "gguf",
+        "write one GGUF file (llama.cpp, LM Studio, Ollama)",
+        "Merge the adapter and write a GGUF file from Python (no llama.cpp build): architecture, "
+        "hyperparameters, tokenizer, chat template and stop ids in the metadata. Covers the Llama "
+        "family (llama, mistral, qwen2, qwen3).\n"
+        "Example: fasttune export gguf runs/default --out model.q8_0.gguf --type q8_0",
+        cmd_export_gguf,
+    )
+    _common(gguf)
+    gguf.add_argument("--out", required=True, metavar="FILE", help="output .gguf file (required)")
+    gguf.add_argument(
+        "--type",
+        default="f16",
+        choices=tuple(GGUF_TYPE_NAMES),
+        help=f"tensor type: {types}; norms stay f32, 4/5-bit files keep embeddings and "
+        "output in q8_0 (default: f16)",
+    )
+    ollama = add(
+        export_subs,
+        "ollama",
+        "write a GGUF and an Ollama Modelfile",
+        "Write DIR/model.gguf and DIR/Modelfile with the TEMPLATE and stop parameters of the run's "
+        "prompt template, so the model stops where it was trained to stop.\n"
+        "Example: fasttune export ollama runs/default --out ollama/ && "
+        "ollama create mine -f ollama/Modelfile",
+        cmd_export_ollama,
+    )
+    _common(ollama)
+    ollama.add_argument("--out", required=True, metavar="DIR", help="output directory (required)")
+    ollama.add_argument(
+        "--type", default="q8_0", choices=GGUF_TYPE_NAMES, help=f"GGUF tensor type: {types} (default: q8_0)"
+    )
