@@ -49,6 +49,15 @@ def test_json_list_and_wrapped_list(tmp_path, wrap):
     assert list(read_rows(str(p))) == [(1, ROWS[0]), (2, ROWS[1])]
 
 
+def test_json_object_of_splits(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps({"train": ROWS, "test": ROWS[:1]}))
+    assert [r for _, r in read_rows(str(p))] == ROWS
+    assert [r for _, r in read_rows(str(p), split="eval")] == ROWS[:1]
+    with pytest.raises(DataError, match="an object with a 'validation' or 'data' list"):
+        list(read_rows(str(p), split="validation"))
+
+
 def test_json_file_holding_json_lines_is_read_as_jsonl(tmp_path):
     p = tmp_path / "d.json"
     p.write_text("\n".join(json.dumps(r) for r in ROWS))

@@ -35,26 +35,26 @@ def read_rows(source: str, split: str | None = None) -> Iterator[Row]:
     if is_builtin(source):
         resource = builtin_file(source, split)
         with as_file(resource) as path:
-            yield from _read_file(Path(path), f"{source} ({resource.name})")
+            yield from _read_file(Path(path), f"{source} ({resource.name})", None)
         return
     path = Path(source).expanduser()
     if path.is_dir():
         yield from _read_saved(path, split, source)
     elif path.is_file():
-        yield from _read_file(path, source)
+        yield from _read_file(path, source, split)
     elif _HUB_NAME.match(source) and path.suffix.lower() not in SUFFIXES:
         yield from _read_hub(source, split)
     else:
         raise DataError(f"dataset file not found: {source}")
 
 
-def _read_file(path: Path, name: str) -> Iterator[Row]:
+def _read_file(path: Path, name: str, split: str | None) -> Iterator[Row]:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"unknown dataset file type '{path.suffix}' for {name} "
                         f"(known: {', '.join(sorted(SUFFIXES))})")
     if kind == "json":
-        yield from _read_json(path, name)
+        yield from _read_json(path, name, split)
     elif kind == "jsonl":
         yield from _read_jsonl(path.read_bytes(), name)
     elif kind == "csv":
@@ -72,7 +72,7 @@ def _decode_whole(data: bytes, name: str) -> str:
                         file=name, reason="invalid UTF-8") from None
 
 
-def _read_json(path: Path, name: str) -> Iterator[Row]:
+def _read_json(path: Path, name: str, split: str | None) -> Iterator[Row]:
     data = path.read_bytes()
     text = _decode_whole(data, name)
     try:
@@ -85,11 +85,13 @@ def _read_json(path: Path, name: str) -> Iterator[Row]:
         raise DataError(f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}",
                         file=name, reason="not JSON") from None
     if isinstance(obj, dict):
-        key = next((k for k in ("data", "train", "rows", "examples") if isinstance(obj.get(k), list)), None)
-        if key is None:
-            raise DataError("a JSON dataset must be a list of objects, or an object with a 'data' or "
-                            f"'train' list; found an object with keys {sorted(obj)[:10]}", file=name)
-        obj = obj[key]
+        # {"train": [...], "test": [...]}: the split asked for; a bare {"data": [...]} serves any split.
+        wanted = {None: ("train",), "train": ("train",), "eval": EVAL_SPLITS}.get(split, (split,))
+        keys = [k for k in (*wanted, "data", "rows", "examples") if isinstance(obj.get(k), list)]
+        if not keys:
+            raise DataError(f"a JSON dataset must be a list of objects, or an object with a '{wanted[0]}' or "
+                            f"'data' list; found an object with keys {sorted(obj)[:10]}", file=name)
+        obj = obj[keys[0]]
     if not isinstance(obj, list):
         raise DataError(f"a JSON dataset must be a list of objects, found {type(obj).__name__}", file=name)
     for i, item in enumerate(obj, start=1):
