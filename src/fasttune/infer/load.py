@@ -1,0 +1,154 @@
+"""What generation, chat and eval load: a base model, plus a LoRA adapter, plus the run's prompt contract.
+
+Three ways to name it: a run directory (`runs/x`: run.yaml names the base, adapter/ holds the LoRA weights,
+tokenizer and prompt contract), an adapter directory (PEFT files; the base from its run.yaml or its
+adapter_config.json), or a base model alone (no contract: prompts are used as given).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fasttune.config import ModelConfig
+from fasttune.data.templates import PromptContract
+
+ADAPTER_CONFIG = "adapter_config.json"
+CONTRACT_FILE = "prompt_contract.json"
+
+
+@dataclass
+class InferenceModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    contract: PromptContract | None  # None for a base model without a run
+    eos_token_ids: list[int]
+    description: str  # what was loaded, for the first line the CLI prints
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+@dataclass
+class _Found:
+    base: ModelConfig
+    adapter_dir: Path | None
+    run_dir: Path | None
+
+
+def _preset_for_hub_id(name: str) -> str:
+    """Adapters record the hub id of a preset's base; map it back so nothing is downloaded."""
+    from fasttune.models.presets import PRESETS
+
+    for preset, spec in PRESETS.items():
+        if spec.get("hf_id") == name:
+            return preset
+    return name
+
+
+def locate(path: str | Path, model_name: str | None = None) -> _Found:
+    """A run or adapter directory -> the base model config and where the adapter is."""
+    from fasttune.config import load_yaml
+
+    p = Path(path)
+    if (p / "adapter" / ADAPTER_CONFIG).is_file():
+        run_dir, adapter_dir = p, p / "adapter"
+    elif (p / ADAPTER_CONFIG).is_file():
+        adapter_dir = p
+        run_dir = p.parent if (p.parent / "run.yaml").is_file() else None
+    elif (p / "run.yaml").is_file():
+        raise FileNotFoundError(f"{p}: a run directory without adapter/{ADAPTER_CONFIG}")
+    else:
+        raise FileNotFoundError(f"{p}: not a run directory (run.yaml + adapter/) or an adapter directory "
+                                f"({ADAPTER_CONFIG})")
+    base = load_yaml(run_dir / "run.yaml").model if run_dir is not None else ModelConfig()
+    if model_name is not None:
+        base.model_name = model_name
+    elif run_dir is None:
+        recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not recorded:
+            raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: names no base model; pass --model")
+        base.model_name = _preset_for_hub_id(recorded)
+    return _Found(base, adapter_dir, run_dir)
+
+
+def stop_ids(contract: PromptContract | None, tokenizer: Any, source: str | None = None) -> list[int]:
+    """Token ids that end an answer: the contract's EOS and end-of-turn token, or the tokenizer's EOS and
+    the base model's generation_config eos ids (Llama 3 instruct ends turns with <|eot_id|>)."""
+    ids: list[int] = []
+    if contract is not None:
+        ids.append(contract.eos_id)
+        if contract.end_of_turn:
+            eot = tokenizer.convert_tokens_to_ids(contract.end_of_turn)
+            if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+                ids.append(eot)
+    elif tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if source is not None and (Path(source) / "generation_config.json").is_file():
+        eos = json.loads((Path(source) / "generation_config.json").read_text()).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def attach_adapter(loaded: Any, adapter_dir: Path) -> None:
+    """Read a PEFT adapter into the loaded model: our LoRA layers, or PEFT's for the generic path."""
+    if loaded.family == "llama":
+        from fasttune.lora.peft_format import load_adapter
+
+        load_adapter(loaded.model, adapter_dir)
+    else:
+        from peft import PeftModel
+
+        loaded.model.hf_model = PeftModel.from_pretrained(loaded.model.hf_model, str(adapter_dir))
+    loaded.model.eval()
+
+
+def load_for_inference(
+    model_name: str | None = None,
+    *,
+    adapter: str | Path | None = None,
+    run: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    load_in_4bit: bool | None = None,
+    cpu_fallback_16bit: bool = False,
+) -> InferenceModel:
+    """Load what `fasttune generate/chat/eval` talk to. `run` is a run or adapter directory; `adapter` an
+    adapter directory on top of `model_name`; neither: the base model alone."""
+    from fasttune.models.loading import load_model
+    from fasttune.train.precision import resolve_device
+
+    if run is not None and adapter is not None:
+        raise ValueError("pass either a run directory or --adapter, not both")
+    found = locate(run or adapter, model_name) if (run or adapter) else _Found(
+        ModelConfig(model_name=model_name or ModelConfig().model_name), None, None)
+    base = replace(found.base, dtype=dtype,
+                   cpu_fallback_16bit=cpu_fallback_16bit or found.base.cpu_fallback_16bit)
+    if load_in_4bit is not None:
+        base.load_in_4bit = load_in_4bit
+    dev = resolve_device(device)
+    loaded = load_model(base, dev)
+    notes = list(loaded.notes)
+    tokenizer, contract = loaded.tokenizer, None
+    what = f"{base.model_name} ({loaded.family}, {str(loaded.dtype).removeprefix('torch.')}, {dev})"
+    if found.adapter_dir is not None:
+        attach_adapter(loaded, found.adapter_dir)
+        what += f" + adapter {found.adapter_dir}"
+        for d in (found.adapter_dir, found.run_dir):
+            if d is not None and (d / CONTRACT_FILE).is_file():
+                contract = PromptContract.load(d / CONTRACT_FILE)
+                break
+        if (found.adapter_dir / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(found.adapter_dir))
+        if contract is None:
+            notes.append(f"{found.adapter_dir}: no {CONTRACT_FILE}; prompts are used as given")
+    eos = stop_ids(contract, tokenizer, loaded.source)
+    return InferenceModel(loaded.model, tokenizer, contract, eos, what, notes)
