@@ -263,3 +263,35 @@ def test_embedded_smollm2_gguf_matches_transformers(tmp_path, monkeypatch):
     assert (tmp_path / "smollm2-135m" / "model.safetensors").stat().st_mtime == stamp  # not converted again
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits, lm.model(ids).logits, rtol=0, atol=0)
+
+
+def test_bitsandbytes_nf4_quantise_and_prequantised_round_trip(tmp_path):
+    """Runs where bitsandbytes is installed (its CPU backend suffices): NF4 layers, then their saved form."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import save_file
+
+    from fasttune.lora.apply import apply_lora
+    from fasttune.models import quantize
+    from fasttune.models.hf import llama_config_from_hf
+
+    hf = _tiny_llama_dir(tmp_path / "src")
+    llama_cfg = llama_config_from_hf(hf.config)
+    model = loading.load_llama(tmp_path / "src", llama_cfg, torch.device("cpu"), torch.bfloat16, False)
+    dense_logits = model(IDS).logits.float()
+    names = quantize.quantize_linears(model, "4bit", "cpu", compute_dtype=torch.bfloat16)
+    assert len(names) == 2 * 7 and type(model.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        q_logits = model(IDS).logits.float()
+    assert 0 < (q_logits - dense_logits).abs().max() < 0.1  # quantised, and close
+
+    out = tmp_path / "bnb-4bit"
+    out.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # untied: lm_head is its own tensor
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    again = loading.load_llama(out, llama_cfg, torch.device("cpu"), torch.bfloat16, False,
+                               prequantized="4bit")
+    assert sum(type(m).__name__ == "Linear4bit" for m in again.modules()) == 2 * 7
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits.float(), q_logits, rtol=0, atol=0)
+    apply_lora(again, r=2, lora_alpha=4)  # LoRA over 4-bit bases: only adapters train
+    assert all(p.dtype == torch.float32 for p in again.parameters() if p.requires_grad)

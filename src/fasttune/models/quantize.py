@@ -159,10 +159,11 @@ def load_prequantized_4bit(
         module=q,
     )
     used = [f"{name}.weight", *stats]
-    if lin.bias is not None:
-        q.bias = nn.Parameter(
-            state[f"{name}.bias"].to(device=device, dtype=compute_dtype), requires_grad=False
-        )
-        used.append(f"{name}.bias")
+    if lin.bias is not None:  # biases are stored in 16-bit; the loader has usually put it on `lin` already
+        bias = state.get(f"{name}.bias", lin.bias)
+        if bias.is_meta:
+            raise ValueError(f"pre-quantised checkpoint: {name}.bias is missing")
+        q.bias = nn.Parameter(bias.to(device=device, dtype=compute_dtype), requires_grad=False)
+        used += [f"{name}.bias"] if f"{name}.bias" in state else []
     _swap(model, name, q)
     return used
