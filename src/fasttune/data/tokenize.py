@@ -2,8 +2,9 @@
 
 A row is rendered to one text in which some character spans are trained (the response, each
 assistant turn with its end-of-turn token); the text is tokenized once and a token is trained when
-it starts inside a trained span. Tokenizing the whole text once (not prompt and answer apart) gives
-the same tokens the model sees in a whole conversation, whatever the tokenizer does at boundaries.
+it holds a character of a trained span. Tokenizing the whole text once (not prompt and answer apart)
+gives the same tokens the model sees in a whole conversation, whatever the tokenizer does at
+boundaries.
 """
 
 from __future__ import annotations
