@@ -69,3 +69,13 @@ def test_attend_matches_explicit_softmax(n_kv):
     torch.testing.assert_close(attend(q, k, v, AttentionMask(causal=True)), want, atol=1e-5, rtol=1e-5)
     explicit = AttentionMask(causal=False, mask=causal[None, None])
     torch.testing.assert_close(attend(q, k, v, explicit), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_mask_is_one_shared_aligned_bias_under_grad():
+    m = build_attention_mask(5, position_ids=torch.tensor([[0, 1, 0, 1, 2]]))
+    with torch.no_grad():
+        assert m.sdpa_mask(torch.float32) is m.mask  # nothing is saved: let SDPA take the bool mask
+    bias = m.sdpa_mask(torch.bfloat16)
+    assert bias is m.sdpa_mask(torch.bfloat16) and bias.dtype == torch.bfloat16
+    assert bias.stride(-2) % 16 == 0
+    assert torch.equal(bias == 0, m.mask) and torch.isneginf(bias[~m.mask]).all()

@@ -15,7 +15,7 @@ flash with cu_seqlens from `doc_ids`) plugs in at `attend` without touching the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,26 @@ class AttentionMask:
     causal: bool
     mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
+    _bias: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask for SDPA: bool when nothing is saved for a backward, else one shared additive bias.
+
+        SDPA turns a bool mask into a float bias (padded to 16 columns for the memory-efficient kernel)
+        on every call, and autograd keeps each layer's copy: L x B x T x T values. Building the bias
+        once, aligned, lets every layer save the same tensor.
+        """
+        if self.mask is None or not torch.is_grad_enabled():
+            return self.mask
+        bias = self._bias.get(dtype)
+        if bias is None:
+            *lead, kv_len = self.mask.shape
+            width = -(-kv_len // 16) * 16
+            bias = torch.full((*lead, width), float("-inf"), dtype=dtype, device=self.mask.device)
+            # (B, 1, q_len, kv_len) view whose rows start at multiples of 16 elements
+            bias = bias[..., :kv_len].masked_fill_(self.mask, 0.0)
+            self._bias[dtype] = bias
+        return bias
 
 
 def is_packed(position_ids: torch.Tensor | None) -> bool:
@@ -122,4 +142,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     # With a mask tensor the memory-efficient kernel runs, which does not take GQA in every torch release;
     # repeating K/V keeps us off the quadratic-memory math fallback.
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.sdpa_mask(q.dtype), is_causal=mask.causal)

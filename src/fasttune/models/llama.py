@@ -177,7 +177,6 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         qk_norm_eps: float | None = None,
-        sliding_window: int | None = None,
         use_kernels: bool = False,
     ) -> None:
         super().__init__()
@@ -190,7 +189,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, use_kernels)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, use_kernels)
         self.qk_norm = qk_norm_eps is not None
-        self.sliding_window = sliding_window
         self.use_kernels = use_kernels
 
     def forward(
@@ -239,8 +237,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(
             c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             qkv_bias=c.attention_bias, out_bias=c.attention_out_bias,
-            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
-            sliding_window=c.sliding_window, use_kernels=use_kernels,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None, use_kernels=use_kernels,
         )
         self.mlp = MLP(c.hidden_size, c.intermediate_size, use_kernels)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, use_kernels)
