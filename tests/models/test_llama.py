@@ -245,6 +245,9 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="low_freq_factor"):
         LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0})
     assert LlamaConfig(rope_scaling={"type": "default"}).rope_scaling is None
+    given = {"type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    cfg = LlamaConfig(rope_scaling=given)
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0} and cfg.rope_scaling is not given
     assert LlamaConfig(hidden_size=64, num_attention_heads=4).head_dim == 16
 
 

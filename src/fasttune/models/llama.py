@@ -7,7 +7,6 @@ as is. `use_kernels` picks the fasttune kernels (Triton where present) or their 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -68,8 +67,8 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
         if self.rope_scaling is not None:
-            rs = self.rope_scaling = copy.deepcopy(dict(self.rope_scaling))
-            kind = rs.setdefault("rope_type", rs.get("type", "default"))
+            rs = self.rope_scaling
+            kind = rs.get("rope_type", rs.get("type", "default"))
             if kind == "default":
                 self.rope_scaling = None
             elif kind not in ROPE_TYPES:
@@ -81,6 +80,9 @@ class LlamaConfig:
                 missing = [key for key in ROPE_TYPES[kind] if key not in rs]
                 if missing:
                     raise ValueError(f"LlamaConfig.rope_scaling ({kind}) lacks {missing}")
+                # A fresh dict of exactly the keys this kind uses: equal configs compare equal, and a
+                # caller's dict (transformers adds rope_theta to the one it is given) is never shared.
+                self.rope_scaling = {"rope_type": kind, **{k: rs[k] for k in ROPE_TYPES[kind]}}
 
 
 # ---------------------------------------------------------------- leaf modules
