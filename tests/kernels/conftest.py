@@ -18,15 +18,52 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-# A kernel module imported earlier in this process (by another test directory) was decorated for the compiler;
-# re-executing it decorates its kernels for the interpreter.
 _KERNEL_MODULES = ["_dispatch", "rms_norm", "rope", "swiglu", "lora", "nf4", "cross_entropy"]
-for _name in _KERNEL_MODULES:
-    _mod = sys.modules.get(f"fasttune.kernels.{_name}")
-    if _mod is not None and os.environ.get("TRITON_INTERPRET") == "1":
-        importlib.reload(_mod)
+
+
+def _redecorate_for_interpreter() -> None:
+    """Re-execute kernel modules whose kernels were decorated for the compiler.
+
+    That happens when another test directory in this process imported a kernel module while TRITON_INTERPRET
+    was unset (or unset by a test's monkeypatch). Reloading keeps each module object, so functions and
+    classes that tests imported earlier look up the re-decorated kernels at call time.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    stale = False
+    for name in _KERNEL_MODULES:
+        mod = sys.modules.get(f"fasttune.kernels.{name}")
+        kernels = [] if mod is None else [v for k, v in vars(mod).items() if k.endswith("_kernel")
+                                          or k == "to_dtype"]
+        stale = stale or any(type(k).__name__ == "JITFunction" for k in kernels)
+    if stale:
+        for name in _KERNEL_MODULES:  # _dispatch first: the others import its helpers
+            if f"fasttune.kernels.{name}" in sys.modules:
+                importlib.reload(sys.modules[f"fasttune.kernels.{name}"])
+
+
+_redecorate_for_interpreter()
 
 from fasttune.kernels._dispatch import HAS_TRITON, interpreting  # noqa: E402
+
+
+def _triton_decorated_for_compiler() -> bool:
+    """Triton's own library (tl.sum, tl.sigmoid, ...) is decorated when triton is first imported; if that
+    happened before TRITON_INTERPRET=1 was set, interpreted kernels cannot call it."""
+    if not HAS_TRITON:
+        return False
+    import triton.language as tl
+
+    return type(tl.sum).__name__ == "JITFunction"
+
+
+@pytest.fixture(autouse=True)
+def _interpreted_kernels(request: pytest.FixtureRequest):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cpu" and _triton_decorated_for_compiler():
+        pytest.skip("triton was imported in this process before TRITON_INTERPRET=1 was set (by another "
+                    "test directory); run `pytest tests/kernels` in its own process")
+    _redecorate_for_interpreter()
 
 _cpu_ok = HAS_TRITON and interpreting()
 _cuda_ok = HAS_TRITON and torch.cuda.is_available() and not interpreting()
