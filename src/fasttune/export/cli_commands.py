@@ -122,8 +122,8 @@ def register(
         "merge a LoRA adapter into its base model (16-bit HF checkpoint)",
         "Merge the run's LoRA adapter into its base model and save a Hugging Face checkpoint "
         "(sharded safetensors, config.json, tokenizer with the run's chat template, prompt "
-        "contract) that transformers and vLLM load directly. Written shard by shard: peak memory "
-        "is about one shard plus one layer. A 4-bit base is dequantised to 16-bit first.\n"
+        "contract) that transformers and vLLM load directly. Tensors stream one at a time into the "
+        "shard files: peak memory is about one layer. A 4-bit base is dequantised to 16-bit first.\n"
         "Example: fasttune merge runs/default --out merged/",
         cmd_merge,
     )

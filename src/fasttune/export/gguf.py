@@ -32,9 +32,9 @@ from fasttune.export.source import (
 Q = gguf.GGMLQuantizationType
 # --type -> (type of the 2-D weights, type of token_embd/output, file type recorded in the header)
 GGUF_TYPES: dict[str, tuple[Q, Q, gguf.LlamaFileType]] = {
-    "f32": (Q.F32, Q.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (Q.F16, Q.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (Q.BF16, Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "f32": (Q.F32, Q.F32, gguf.LlamaFileType.ALL_F32),
     "q8_0": (Q.Q8_0, Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     # Embeddings and the output head lose most from 4/5-bit; llama.cpp keeps them wider too.
     "q5_1": (Q.Q5_1, Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q5_1),

@@ -279,11 +279,21 @@ def resolve_source(path: str | Path, base: str | None = None) -> ExportSource:
             f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty and no run.yaml "
             "names the model; pass the base model explicitly (--base)"
         )
+    if not base and not model_cfg.get("model_name"):
+        name = _preset_for_hub_id(str(name))
     src.base_name = str(name)
     src.base_dir = resolve_base_checkpoint(
         str(name), revision=None if base else (model_cfg.get("revision") or adapter_cfg.get("revision"))
     )
     return src
+
+
+def _preset_for_hub_id(name: str) -> str:
+    """A run on an embedded preset records the preset's hub id in adapter_config.json (for PEFT users); it
+    was trained on the embedded weights, so merge into those (offline) unless the run says otherwise."""
+    from fasttune.models.presets import PRESETS
+
+    return next((preset for preset, spec in PRESETS.items() if spec.get("hf_id") == name), name)
 
 
 def resolve_base_checkpoint(name: str, revision: str | None = None) -> Path:

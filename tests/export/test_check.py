@@ -1,0 +1,70 @@
+"""check_export(): one held-out prompt decoded from the artifact and from base + adapter, compared."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from fasttune.export.check import CheckResult, check_export, held_out_prompt
+from fasttune.export.contract import load_contract, load_tokenizer
+from fasttune.export.gguf import export_gguf
+from fasttune.export.merge import merge
+from fasttune.export.source import resolve_source
+
+
+def test_merged_fp32_decodes_identically(run_dir, tmp_path):
+    out = merge(run_dir, tmp_path / "merged", dtype="fp32")
+    result = check_export(run_dir, out, max_new_tokens=16)
+    assert result.identical and result.agreement == 1.0
+    assert len(result.exported_ids) > 0 and result.prompt_ids_match
+    assert "identical" in result.summary() and "EOS reached" in result.summary()
+
+
+def test_check_sees_a_different_model(run_dir, llama_dir, tmp_path):
+    """The check must fail to agree with an artifact that lacks the adapter (the base itself)."""
+    result = check_export(run_dir, llama_dir, max_new_tokens=16)
+    assert not result.identical and result.agreement < 1.0
+    assert "reference:" in result.summary()
+
+
+def test_gguf_check_reports_agreement(run_dir, tmp_path):
+    path = export_gguf(run_dir, tmp_path / "m.gguf", type="q8_0")
+    result = check_export(run_dir, path, max_new_tokens=16)
+    assert result.prompt_ids_match  # the GGUF's own tokenizer encodes the prompt as the run's does
+    assert 0.0 <= result.agreement <= 1.0 and result.exported_ids
+    assert result.artifact.endswith("m.gguf")
+
+
+def test_held_out_prompt_comes_from_the_runs_eval_set(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "run.yaml").write_text(
+        json.dumps(
+            {
+                "model": json.loads((run_dir / "run.yaml").read_text())["model"],
+                "data": {"dataset": "builtin:lumen", "eval_dataset": None},
+            }
+        )
+    )
+    src = resolve_source(run)
+    prompt = held_out_prompt(src, load_contract(src), load_tokenizer(src))
+    from fasttune.data.builtin import builtin_file
+
+    first = json.loads(builtin_file("builtin:lumen", "eval").read_text().splitlines()[0])
+    assert first["instruction"] in prompt and prompt.startswith("<|im_start|>user\n")
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_eos_flags():
+    r = CheckResult(
+        "a",
+        "p",
+        reference_ids=[5, 6, 2],
+        exported_ids=[5, 7],
+        reference_text="",
+        exported_text="",
+        stop_ids=[2],
+    )
+    assert r.eos_reference and not r.eos_exported
+    assert r.agreement == 1 / 3 and not r.identical
+    assert "EOS reached: exported no, reference yes" in r.summary()

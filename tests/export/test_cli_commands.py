@@ -1,0 +1,76 @@
+"""`fasttune merge` / `fasttune export gguf|ollama`: options, defaults in --help, errors as exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from fasttune.cli import main
+from fasttune.export.cli_commands import GGUF_TYPE_NAMES, register
+from fasttune.export.gguf import GGUF_TYPES
+
+
+def _help(*argv: str) -> str:
+    parser = argparse.ArgumentParser(prog="fasttune")
+    register(parser.add_subparsers())
+    sub = parser
+    for name in argv:
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return " ".join(sub.format_help().split())  # help wraps lines; compare words
+
+
+def test_type_names_match_the_writer():
+    assert GGUF_TYPE_NAMES == tuple(GGUF_TYPES)
+
+
+def test_help_shows_every_default():
+    merge = _help("merge")
+    for text in (
+        "(default: bf16)",
+        "(default: 2GB)",
+        "(default: cpu)",
+        "--no-check",
+        "(default: the run's model)",
+    ):
+        assert text in merge
+    assert "(default: f16)" in _help("export", "gguf")
+    assert "(default: q8_0)" in _help("export", "ollama")
+
+
+def test_building_the_parser_imports_no_torch():
+    code = (
+        "import sys, argparse; from fasttune.export.cli_commands import register; "
+        "register(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_merge_command_writes_and_checks(run_dir, tmp_path, capsys):
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert "wrote merged checkpoint" in out and "greedy answer identical" in out
+
+
+def test_export_commands(run_dir, gpt2_adapter, tmp_path, capsys):
+    assert (
+        main(["export", "ollama", str(run_dir), "--out", str(tmp_path / "o"), "--type", "f16", "--no-check"])
+        == 0
+    )
+    assert (tmp_path / "o" / "Modelfile").is_file() and (tmp_path / "o" / "model.gguf").is_file()
+    assert "ollama create" in capsys.readouterr().out
+    # An architecture the writer does not cover: one line on stderr, exit status 2.
+    assert main(["export", "gguf", str(gpt2_adapter[1]), "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "covers llama, mistral, qwen2, qwen3" in err and "'gpt2'" in err
+    assert main(["merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
+    assert "no such run" in capsys.readouterr().err
+
+
+def test_bad_type_is_refused_by_the_parser(run_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["export", "gguf", str(run_dir), "--out", str(tmp_path / "x.gguf"), "--type", "q3_k"])
