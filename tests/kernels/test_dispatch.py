@@ -29,6 +29,20 @@ def test_forcing_on_cpu_needs_the_interpreter(monkeypatch):
         use_triton(x, force=True)
 
 
+def test_whole_model_switch_sends_cpu_ops_to_the_interpreter(monkeypatch):
+    # FASTTUNE_TRITON_ON_CPU=1 (with TRITON_INTERPRET=1) lets a model test run every public op's kernel.
+    if not _dispatch.interpreting():
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    from fasttune.kernels.rms_norm import rms_norm
+
+    x = torch.randn(2, 8, requires_grad=True)
+    assert "RMSNormFunction" not in type(rms_norm(x, torch.ones(8), 1e-6).grad_fn).__name__
+    monkeypatch.setenv("FASTTUNE_TRITON_ON_CPU", "1")
+    assert use_triton(x) is True
+    assert "RMSNormFunction" in type(rms_norm(x, torch.ones(8), 1e-6).grad_fn).__name__
+    assert use_triton(x, force=False) is False
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_take_triton():
     if not torch.cuda.is_available():

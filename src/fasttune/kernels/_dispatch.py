@@ -2,7 +2,8 @@
 
 Rule: the Triton path runs when every tensor is on CUDA and `triton` imports; otherwise the reference runs.
 Tests force the Triton path on CPU tensors (`force_triton=True`) under `TRITON_INTERPRET=1`, which Triton
-reads when a kernel is decorated, i.e. when the kernel module is first imported.
+reads when a kernel is decorated, i.e. when the kernel module is first imported. A test of a whole model
+can send every op on CPU tensors to the interpreted kernels by also setting FASTTUNE_TRITON_ON_CPU=1.
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def use_triton(*tensors: torch.Tensor | None, force: bool | None = None) -> bool
         return False
     on_cuda = all(t is None or t.is_cuda for t in tensors)
     if force is None:
-        return HAS_TRITON and on_cuda
+        if not HAS_TRITON:
+            return False
+        if on_cuda:
+            return True
+        on_cpu = all(t is None or t.device.type == "cpu" for t in tensors)
+        return on_cpu and interpreting() and os.environ.get("FASTTUNE_TRITON_ON_CPU", "0") == "1"
     if not HAS_TRITON:
         raise RuntimeError("fasttune.kernels: force_triton=True but triton is not installed")
     if not on_cuda and not interpreting():
