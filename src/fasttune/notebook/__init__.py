@@ -1,0 +1,19 @@
+"""The notebook vocabulary (Unsloth / TRL / transformers names) over fasttune: a notebook written for those
+libraries runs after changing only its import lines.
+
+    from fasttune import FastLanguageModel, SFTTrainer, TrainingArguments, is_bfloat16_supported
+"""
+
+from fasttune.notebook.arguments import SFTConfig, TrainingArguments
+from fasttune.notebook.model import FastLanguageModel, NotebookModel, is_bfloat16_supported
+from fasttune.notebook.trainer import SFTTrainer, TrainOutput
+
+__all__ = [
+    "FastLanguageModel",
+    "NotebookModel",
+    "SFTConfig",
+    "SFTTrainer",
+    "TrainOutput",
+    "TrainingArguments",
+    "is_bfloat16_supported",
+]

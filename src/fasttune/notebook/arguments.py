@@ -1,0 +1,372 @@
+"""`TrainingArguments` / `SFTConfig` with the field names and defaults of transformers and TRL, and their
+mapping onto fasttune's `TrainConfig`.
+
+`args` may be this module's classes or the real `transformers.TrainingArguments` (or TRL's `SFTConfig`):
+the mapping reads fields by name. Every field fasttune cannot honour is named: an error where ignoring it
+would change what is trained (deepspeed, fsdp, push_to_hub, label smoothing, ...), a warning where it only
+changes logging or speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fasttune.config import TrainConfig
+
+# Fields that change the training result or need infrastructure fasttune does not drive.
+UNSUPPORTED: dict[str, str] = {
+    "deepspeed": "DeepSpeed is not used; fasttune trains LoRA with its own loop (torchrun for several GPUs)",
+    "fsdp": "use fasttune's own multi-GPU training (torchrun) instead of the HF Trainer's FSDP",
+    "fsdp_config": "use fasttune's own multi-GPU training (torchrun) instead of the HF Trainer's FSDP",
+    "push_to_hub": "upload the saved adapter yourself (model.save_pretrained, then huggingface_hub)",
+    "torch_compile": "training is not compiled; fasttune's kernels are its fast path",
+    "neftune_noise_alpha": "NEFTune embedding noise is not implemented",
+    "label_smoothing_factor": "label smoothing is not implemented",
+    "lr_scheduler_kwargs": "schedules take no extra arguments (linear, cosine, constant, each with warmup)",
+    "optim_args": "optimizers take no extra arguments",
+    "optim_target_modules": "GaLore-style optimizers are not implemented",
+    "use_liger_kernel": "fasttune has its own kernels; Liger is not used",
+    "liger_kernel_config": "fasttune has its own kernels; Liger is not used",
+    "load_best_model_at_end": "the adapter of the last step is kept",
+    "metric_for_best_model": "the adapter of the last step is kept",
+    "resume_from_checkpoint": "call trainer.train(resume_from_checkpoint=True) to resume from output_dir",
+    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
+    "eval_on_start": "the baseline evaluation always runs when an eval_dataset is given",
+    "data_seed": "the data order follows `seed`",
+    "group_by_length": "rows are packed or padded per batch, not grouped by length",
+    "full_determinism": "not implemented",
+}
+
+# Fields with no effect on what is trained; set to a non-default value they draw one warning listing them.
+IGNORED = frozenset(
+    {
+        "logging_dir",
+        "logging_strategy",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "run_name",
+        "disable_tqdm",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_drop_last",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "remove_unused_columns",
+        "overwrite_output_dir",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "per_device_eval_batch_size",
+        "eval_accumulation_steps",
+        "save_safetensors",
+        "save_only_model",
+        "ddp_find_unused_parameters",
+        "log_level",
+        "log_level_replica",
+        "include_num_input_tokens_seen",
+        "torch_empty_cache_steps",
+        "average_tokens_across_devices",
+        "gradient_checkpointing_kwargs",
+        "tf32",
+        "label_names",
+        "prediction_loss_only",
+        "skip_memory_metrics",
+        "hub_model_id",
+        "hub_token",
+        "hub_private_repo",
+        "hub_strategy",
+        "project",
+        "use_cpu",
+        "dataset_kwargs",
+        "use_cache",
+        "bf16_full_eval",
+        "fp16_full_eval",
+        "save_on_each_node",
+        "log_on_each_node",
+        "ddp_timeout",
+    }
+)
+
+OPTIMIZERS = {
+    "adamw_torch": "adamw_torch",
+    "adamw_torch_fused": "adamw_torch",
+    "adamw_hf": "adamw_torch",
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_8bit",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "paged_adamw_8bit": "adamw_8bit",
+}
+SCHEDULES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+}
+
+
+@dataclass(init=False)
+class TrainingArguments:
+    """transformers' `TrainingArguments` fields that fasttune trains with, under the same names and defaults.
+
+    Other transformers field names are accepted as documented in this module (an error or a warning naming
+    them); a name neither class knows is a TypeError.
+    """
+
+    output_dir: str = "trainer_output"
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 0
+    warmup_ratio: float = 0.0
+    logging_steps: float = 500
+    save_strategy: str = "steps"
+    save_steps: float = 500
+    save_total_limit: int | None = None
+    eval_strategy: str = "no"
+    eval_steps: float | None = None
+    seed: int = 42
+    fp16: bool = False
+    bf16: bool = False
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    report_to: Any = "none"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # accepted transformers-only fields
+
+    def __init__(self, **kwargs: Any) -> None:
+        own = {f.name: f for f in fields(self) if f.name != "extra"}
+        if "evaluation_strategy" in kwargs:  # the name before transformers 4.46
+            kwargs.setdefault("eval_strategy", kwargs.pop("evaluation_strategy"))
+        for f in own.values():
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            setattr(self, f.name, kwargs.pop(f.name, value))
+        self.extra = {}
+        for name, value in kwargs.items():
+            if name not in UNSUPPORTED and name not in IGNORED:
+                raise TypeError(f"{type(self).__name__}: unknown field '{name}'")
+            self.extra[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no field '{name}'")
+
+
+@dataclass(init=False)
+class SFTConfig(TrainingArguments):
+    """TRL's `SFTConfig`: TrainingArguments plus how the dataset is read (same names and defaults)."""
+
+    dataset_text_field: str = "text"
+    max_seq_length: int | None = None
+    max_length: int | None = 1024
+    packing: bool = False
+    assistant_only_loss: bool = False
+    completion_only_loss: bool | None = None
+
+
+# ---- the mapping ----------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, str | list | dict | tuple) and not value)
+
+
+def _reference(args: Any) -> Any:
+    """A default-constructed object of the same class, to tell fields the user set from defaults that
+    transformers' __post_init__ rewrote."""
+    try:
+        return type(args)(output_dir=getattr(args, "output_dir", None) or "trainer_output")
+    except Exception:  # a class we cannot build with defaults: compare with field defaults instead
+        return None
+
+
+def changed_fields(args: Any) -> dict[str, Any]:
+    """Fields of `args` whose value differs from the class default."""
+    if isinstance(args, TrainingArguments):
+        out = {
+            f.name: getattr(args, f.name)
+            for f in fields(args)
+            if f.name != "extra" and getattr(args, f.name) != f.default
+        }
+        return {**out, **args.extra}
+    if not dataclasses.is_dataclass(args):
+        raise TypeError(f"args must be TrainingArguments or SFTConfig, got {type(args).__name__}")
+    ref = _reference(args)
+    out = {}
+    for f in fields(args):
+        value = _plain(getattr(args, f.name, None))
+        default = (
+            _plain(getattr(ref, f.name, None))
+            if ref is not None
+            else (f.default if f.default is not dataclasses.MISSING else None)
+        )
+        if value != default and not (_empty(value) and _empty(default)):
+            out[f.name] = value
+    return out
+
+
+MAPPED = frozenset(
+    {
+        "output_dir",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "num_train_epochs",
+        "max_steps",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "warmup_ratio",
+        "logging_steps",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "eval_strategy",
+        "eval_steps",
+        "seed",
+        "fp16",
+        "bf16",
+        "optim",
+        "gradient_checkpointing",
+        "report_to",
+        "dataset_text_field",
+        "max_seq_length",
+        "max_length",
+        "packing",
+        "assistant_only_loss",
+        "completion_only_loss",
+        "dataset_num_proc",  # tokenizing here is single-process and fast
+    }
+)
+
+
+def _steps(name: str, value: Any) -> int:
+    if isinstance(value, float) and 0 < value < 1:
+        raise ValueError(f"{name}={value}: a fraction of the total steps is not supported; give a step count")
+    return int(value)
+
+
+def check_fields(args: Any) -> list[str]:
+    """Raise for unsupported fields that are set; return warnings for ignored ones."""
+    changed = changed_fields(args)
+    for name in changed:
+        if name in UNSUPPORTED:
+            raise ValueError(
+                f"TrainingArguments.{name}={changed[name]!r} is not supported by fasttune: "
+                f"{UNSUPPORTED[name]}"
+            )
+    ignored = sorted(n for n in changed if n not in MAPPED)
+    return (
+        [f"TrainingArguments: fasttune ignores {', '.join(ignored)} (no effect on what is trained)"]
+        if ignored
+        else []
+    )
+
+
+def to_train_config(
+    args: Any, *, device_type: str, gradient_checkpointing: str | None = None, warn: bool = True
+) -> TrainConfig:
+    """fasttune's TrainConfig for `args`; warnings name every field that is set but has no effect here.
+
+    gradient_checkpointing: the mode get_peft_model chose ('on', 'offload', 'off'); it wins over the
+    `gradient_checkpointing` flag of args.
+    """
+    notes = check_fields(args)
+    get = lambda name, default=None: _plain(getattr(args, name, default))  # noqa: E731
+    optim = str(get("optim", "adamw_torch"))
+    if optim not in OPTIMIZERS:
+        raise ValueError(
+            f"TrainingArguments.optim={optim!r} is not supported (use one of {sorted(OPTIMIZERS)})"
+        )
+    optim = OPTIMIZERS[optim]
+    if optim == "adamw_8bit" and device_type != "cuda":
+        notes.append(
+            f"TrainingArguments.optim={get('optim')!r} needs bitsandbytes on a CUDA GPU; training on "
+            f"{device_type} with adamw_torch"
+        )
+        optim = "adamw_torch"
+    schedule = str(get("lr_scheduler_type", "linear"))
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"TrainingArguments.lr_scheduler_type={schedule!r} is not supported "
+            f"(use one of {sorted(SCHEDULES)})"
+        )
+    if get("fp16") and get("bf16"):
+        raise ValueError("TrainingArguments: fp16=True and bf16=True exclude each other")
+    precision = "bf16" if get("bf16") else "fp16" if get("fp16") else "auto"
+    if precision == "fp16" and device_type != "cuda":
+        notes.append(f"TrainingArguments.fp16=True needs a CUDA GPU; training on {device_type} in fp32")
+        precision = "fp32"
+    warmup, ratio = get("warmup_steps", 0) or 0, float(get("warmup_ratio", 0.0) or 0.0)
+    if isinstance(warmup, float) and 0 < warmup < 1:  # transformers 5: a float below 1 is a ratio
+        warmup, ratio = 0, warmup
+    save_strategy, eval_strategy = str(get("save_strategy", "steps")), str(get("eval_strategy", "no"))
+    for name, strategy in (("save_strategy", save_strategy), ("eval_strategy", eval_strategy)):
+        if strategy == "epoch":
+            notes.append(
+                f"TrainingArguments.{name}='epoch' is not supported; fasttune uses steps "
+                f"({name.split('_')[0]}_steps, and always at the end)"
+            )
+        elif strategy not in ("steps", "no", "best"):
+            raise ValueError(f"TrainingArguments.{name}={strategy!r}: expected 'steps' or 'no'")
+    report = get("report_to")
+    if report not in (None, "none", [], ["none"], "all"):
+        notes.append(
+            f"TrainingArguments.report_to={report!r} is ignored: fasttune writes metrics.jsonl and "
+            "loss.png in output_dir"
+        )
+    if gradient_checkpointing is None:
+        gradient_checkpointing = "on" if get("gradient_checkpointing") else "off"
+    eval_steps = get("eval_steps")
+    cfg = TrainConfig(
+        output_dir=str(get("output_dir") or "trainer_output"),
+        per_device_train_batch_size=int(get("per_device_train_batch_size", 8)),
+        gradient_accumulation_steps=int(get("gradient_accumulation_steps", 1)),
+        max_steps=int(get("max_steps", -1)),
+        num_train_epochs=float(get("num_train_epochs", 3.0)),
+        learning_rate=float(get("learning_rate", 5e-5)),
+        warmup_steps=_steps("warmup_steps", warmup),
+        warmup_ratio=ratio,
+        lr_scheduler_type=SCHEDULES[schedule],
+        optim=optim,
+        weight_decay=float(get("weight_decay", 0.0)),
+        adam_beta1=float(get("adam_beta1", 0.9)),
+        adam_beta2=float(get("adam_beta2", 0.999)),
+        adam_epsilon=float(get("adam_epsilon", 1e-8)),
+        max_grad_norm=float(get("max_grad_norm", 1.0) or 0.0),
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        logging_steps=max(1, _steps("logging_steps", get("logging_steps", 500))),
+        save_steps=0 if save_strategy != "steps" else _steps("save_steps", get("save_steps", 500)),
+        save_total_limit=int(get("save_total_limit") or 2),
+        eval_steps=0
+        if eval_strategy != "steps"
+        else _steps("eval_steps", eval_steps or get("logging_steps")),
+        seed=int(get("seed", 42)),
+        show_samples=0,
+        report=False,
+    )
+    if warn:
+        for note in notes:
+            warnings.warn(note, UserWarning, stacklevel=3)
+    return cfg

@@ -1,0 +1,330 @@
+"""`FastLanguageModel` and the model object it returns: the calls notebooks make on a model, over fasttune's.
+
+`FastLanguageModel.from_pretrained(...)` returns `(model, tokenizer)`; the model is a `NotebookModel`, a thin
+`nn.Module` around our Llama-family model (or the generic transformers one) that adds what notebooks call:
+`generate(**tokenizer(...), streamer=TextStreamer(tokenizer))`, `save_pretrained(dir)`, `print_trainable_
+parameters()`, `config`, `device`. `get_peft_model` adds LoRA to it in place (and returns it).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fasttune.config import LoraConfig, ModelConfig
+
+# from_pretrained arguments Unsloth takes that change nothing here; set, they draw a warning naming them.
+_IGNORED_LOAD = (
+    "fast_inference",
+    "gpu_memory_utilization",
+    "max_lora_rank",
+    "float8_kv_cache",
+    "use_exact_model_name",
+    "fix_tokenizer",
+    "device_map",
+    "attn_implementation",
+    "use_gradient_checkpointing",
+    "random_state",
+    "disable_log_stats",
+)
+_CHECKPOINTING = {
+    True: "on",
+    "unsloth": "offload",
+    False: "off",
+    "on": "on",
+    "off": "off",
+    "offload": "offload",
+}
+_DTYPES = {
+    None: "auto",
+    "auto": "auto",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "fp32": "fp32",
+    "bf16": "bf16",
+    "fp16": "fp16",
+}
+
+
+def is_bfloat16_supported() -> bool:
+    """True on a CUDA GPU with bf16 (Ampere and later); notebooks pick fp16 or bf16 with it."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class CausalLMOutput(dict):
+    """What `model(input_ids, labels=...)` returns in transformers' shape: `.loss` and `.logits`."""
+
+    __getattr__ = dict.get
+
+
+class NotebookModel(nn.Module):
+    """fasttune's model with the methods of a transformers/PEFT model that notebooks use."""
+
+    def __init__(self, loaded: Any, model_config: ModelConfig) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_config = model_config
+        self.max_seq_length = model_config.max_seq_length
+        self.lora_config: LoraConfig | None = None
+        self.prompt_contract = None  # set by SFTTrainer; saved next to the adapter
+
+    # ------------------------------------------------------------ what notebooks read
+    @property
+    def config(self) -> Any:
+        return self.loaded.hf_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def family(self) -> str:
+        return self.loaded.family
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self._modules.get("model")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def print_trainable_parameters(self) -> None:
+        from fasttune.lora.apply import count_parameters
+
+        trainable, total = count_parameters(self.model)
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # ------------------------------------------------------------ forward, generate, save
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Our contract (`targets` shifted, returns LMOutput), or transformers' (`labels` unshifted,
+        returns `.loss` as the mean over labelled tokens and `.logits`)."""
+        if labels is None:
+            return self.model(
+                input_ids, position_ids=position_ids, targets=targets, attention_mask=attention_mask, **kwargs
+            )
+        from fasttune.models.base import IGNORE_INDEX
+
+        shifted = torch.full_like(labels, IGNORE_INDEX)
+        shifted[:, :-1] = labels[:, 1:]  # targets[t] = labels[t + 1]
+        out = self.model(input_ids, position_ids=position_ids, targets=shifted, attention_mask=attention_mask)
+        return CausalLMOutput(loss=out.loss_sum / out.n_tokens.clamp(min=1), logits=None)
+
+    def generate(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """transformers-style generate: prompt + new ids (B, T + n); `streamer` gets tokens as they come."""
+        from fasttune.notebook.generation import notebook_generate
+
+        return notebook_generate(self, input_ids, attention_mask, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """The LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors), and the prompt
+        contract when this model was trained by SFTTrainer."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) is not supported; upload the directory with "
+                "huggingface_hub"
+            )
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("save_pretrained(safe_serialization=False): fasttune writes safetensors only")
+        other = sorted(k for k in kwargs if k not in ("push_to_hub", "safe_serialization", "token"))
+        if other:
+            warnings.warn(f"save_pretrained: fasttune ignores {', '.join(other)}", UserWarning, stacklevel=2)
+        out = Path(save_directory)
+        if self.loaded.family == "llama":
+            from fasttune.api import base_model_id
+            from fasttune.lora.peft_format import save_adapter
+
+            save_adapter(
+                self.model,
+                out,
+                base_model_name_or_path=base_model_id(self.model_config, self.loaded),
+                revision=self.model_config.revision,
+            )
+        else:
+            self.model.save_adapter(out)
+        if self.prompt_contract is not None:
+            from fasttune.infer.load import CONTRACT_FILE
+
+            self.prompt_contract.save(out / CONTRACT_FILE)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "push_to_hub is not supported: save_pretrained(dir), then upload the "
+            "directory with huggingface_hub"
+        )
+
+
+class FastLanguageModel:
+    """The notebook entry points: load a model, add LoRA, switch between training and inference."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str = "smollm2-135m",
+        max_seq_length: int = 2048,
+        dtype: Any = None,
+        load_in_4bit: bool = False,
+        token: str | None = None,
+        *,
+        load_in_8bit: bool = False,
+        full_finetuning: bool = False,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[NotebookModel, Any]:
+        """(model, tokenizer). 4-bit on a machine without CUDA loads in 16/32-bit instead, with a warning."""
+        from fasttune.api import load
+        from fasttune.train.precision import resolve_device
+
+        unknown = sorted(k for k in kwargs if k not in _IGNORED_LOAD)
+        if unknown:
+            raise TypeError(f"FastLanguageModel.from_pretrained: unknown argument(s) {', '.join(unknown)}")
+        if full_finetuning:
+            raise ValueError(
+                "from_pretrained(full_finetuning=True) is not supported: fasttune trains LoRA "
+                "adapters (call get_peft_model)"
+            )
+        if kwargs.get("fast_inference"):
+            warnings.warn(
+                "from_pretrained(fast_inference=True): vLLM is not used; generation runs on "
+                "fasttune's own decoder",
+                UserWarning,
+                stacklevel=2,
+            )
+        ignored = sorted(k for k in kwargs if k != "fast_inference")
+        if ignored:
+            warnings.warn(
+                f"FastLanguageModel.from_pretrained ignores {', '.join(ignored)}", UserWarning, stacklevel=2
+            )
+        if dtype not in _DTYPES:
+            raise ValueError(
+                f"from_pretrained: dtype={dtype!r} (use None, torch.float16, torch.bfloat16 or torch.float32)"
+            )
+        dev = resolve_device(device or "auto")
+        cfg = ModelConfig(
+            model_name=model_name,
+            max_seq_length=max_seq_length,
+            dtype=_DTYPES[dtype],
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            token=token,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+        if (load_in_4bit or load_in_8bit) and dev.type != "cuda":
+            warnings.warn(
+                f"load_in_{'4' if load_in_4bit else '8'}bit=True needs bitsandbytes on a CUDA GPU; "
+                f"loading {model_name} unquantised on {dev}",
+                UserWarning,
+                stacklevel=2,
+            )
+            cfg.cpu_fallback_16bit = True
+        loaded = load(cfg, dev)
+        return NotebookModel(loaded, cfg), loaded.tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model: NotebookModel,
+        r: int = 16,
+        target_modules: Any = None,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing: bool | str = "unsloth",
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        loftq_config: Any = None,
+        *,
+        max_seq_length: int | None = None,
+        modules_to_save: Any = None,
+        use_dora: bool = False,
+        init_lora_weights: Any = True,
+        layers_to_transform: Any = None,
+        **kwargs: Any,
+    ) -> NotebookModel:
+        """Attach LoRA adapters to `model` (in place) and return it; only the adapters train."""
+        from fasttune.api import attach_lora
+
+        if not isinstance(model, NotebookModel):
+            raise TypeError("get_peft_model: pass the model returned by FastLanguageModel.from_pretrained")
+        if kwargs:
+            raise TypeError(f"get_peft_model: unknown argument(s) {', '.join(sorted(kwargs))}")
+        refused = {  # name: (value, refused?)
+            "bias": (bias, bias != "none"),
+            "loftq_config": (loftq_config, bool(loftq_config)),
+            "modules_to_save": (modules_to_save, bool(modules_to_save)),
+            "use_dora": (use_dora, bool(use_dora)),
+            "init_lora_weights": (init_lora_weights, init_lora_weights is not True),
+            "layers_to_transform": (layers_to_transform, layers_to_transform is not None),
+        }
+        for name, (value, bad) in refused.items():
+            if bad:
+                raise ValueError(f"get_peft_model: {name}={value!r} is not supported by fasttune")
+        if use_gradient_checkpointing not in _CHECKPOINTING:
+            raise ValueError(
+                f"get_peft_model: use_gradient_checkpointing={use_gradient_checkpointing!r} "
+                "(use True, False or 'unsloth')"
+            )
+        if model.lora_config is not None:
+            raise ValueError("get_peft_model: this model already has LoRA adapters")
+        lora = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=float(lora_dropout),
+            target_modules=list(target_modules) if target_modules else ["default"],
+            use_rslora=use_rslora,
+            random_state=random_state,
+            bias=bias,
+        )
+        attach_lora(model.loaded, lora)
+        model.lora_config = lora
+        model.model.set_gradient_checkpointing(_CHECKPOINTING[use_gradient_checkpointing])
+        if max_seq_length:
+            model.max_seq_length = max_seq_length
+        return model
+
+    @staticmethod
+    def for_inference(model: NotebookModel) -> NotebookModel:
+        """Evaluation mode (no dropout); generation always uses the KV cache."""
+        model.eval()
+        return model
+
+    @staticmethod
+    def for_training(model: NotebookModel, use_gradient_checkpointing: bool | str = True) -> NotebookModel:
+        model.train()
+        return model
+
+
+def generation_defaults(model: NotebookModel) -> dict[str, Any]:
+    """The base model's generation_config.json, as transformers would read it."""
+    path = Path(model.loaded.source) / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
