@@ -1,0 +1,312 @@
+"""The Python API behind the CLI: `train(cfg)` runs a whole fine-tuning job and returns what it made.
+
+One function per arrow of the flow in DESIGN.md, called in order by `train`:
+config -> device/precision -> load model -> attach LoRA -> data -> batches -> answers before ->
+train_loop -> adapter + tokenizer + prompt contract + run.yaml + loss.png -> answers after -> summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fasttune.config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, validate
+from fasttune.data.builtin import is_builtin
+
+ADAPTER_DIR = "adapter"
+CONTRACT_FILE = "prompt_contract.json"
+PROBE_FILE = "lumen_probe.json"
+
+
+class ModelLoadError(RuntimeError):
+    """The model named by the configuration cannot be loaded (missing file, no GPU for 4-bit, ...)."""
+
+
+@dataclass
+class Sample:
+    question: str
+    answer: str
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    samples_before: list[Sample] = field(default_factory=list)
+    samples_after: list[Sample] = field(default_factory=list)
+    summary: str = ""
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+def load(model_cfg: ModelConfig, device: torch.device):
+    """fasttune.models.loading.load_model, with its failures turned into one clear ModelLoadError."""
+    from fasttune.models.loading import load_model
+
+    try:
+        return load_model(model_cfg, device)
+    except (OSError, RuntimeError, ValueError, ImportError) as e:
+        raise ModelLoadError(f"model_name '{model_cfg.model_name}': {e}") from e
+
+
+def attach_lora(loaded: Any, lora: LoraConfig) -> torch.nn.Module:
+    """Our LoRALinear for the Llama family, PEFT for any other architecture; only adapters train."""
+    if lora.bias != "none":
+        raise ConfigError("bias: only 'none' is supported")
+    kwargs = dict(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                  target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                  random_state=lora.random_state)
+    try:
+        if loaded.family == "llama":
+            from fasttune.lora.apply import apply_lora
+
+            apply_lora(loaded.model, **kwargs)
+        else:
+            from fasttune.models.generic import apply_lora_generic
+
+            apply_lora_generic(loaded.model, **kwargs)
+    except ValueError as e:  # unknown target module names and the like
+        raise ConfigError(f"target_modules: {e}") from e
+    return loaded.model
+
+
+def set_checkpointing(model: torch.nn.Module, mode: str, device: torch.device) -> str:
+    """'auto' recomputes activations on a GPU (memory is the limit there) and keeps them on the CPU
+    (time is). 'selective' is not implemented by any model yet and is refused."""
+    if mode == "auto":
+        mode = "on" if device.type == "cuda" else "off"
+    if mode == "selective":
+        raise ConfigError("gradient_checkpointing: 'selective' is not available yet; use on, offload or off")
+    model.set_gradient_checkpointing(mode)
+    return mode
+
+
+def base_model_id(model_cfg: ModelConfig, loaded: Any) -> str:
+    """What adapter_config.json names as the base: the hub id where there is one, else the local path."""
+    from fasttune.models.presets import PRESETS
+
+    name = model_cfg.model_name
+    if name in PRESETS:
+        return PRESETS[name]["hf_id"]
+    return str(Path(loaded.source).resolve()) if Path(name).expanduser().exists() else name
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def eval_config(data: DataConfig) -> DataConfig | None:
+    """The eval split's DataConfig: eval_dataset if given; for 'auto', a built-in dataset's held-out
+    split (other sources have none, so no eval)."""
+    source = data.eval_dataset
+    if source in (None, "none", ""):
+        return None
+    if source == "auto":
+        if not is_builtin(data.dataset):
+            return None
+        source = data.dataset
+    return dataclasses.replace(data, eval_dataset=source, max_rows=None)
+
+
+def questions_of(rows: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to n prompts from validated rows: alpaca instruction/input, or a conversation up to its
+    last user turn. Completion rows have no question and give none."""
+    out = []
+    for row in rows:
+        if len(out) >= n:
+            break
+        if "instruction" in row:
+            out.append({"instruction": row["instruction"], "input": row.get("input", "")})
+        elif "messages" in row:
+            msgs = row["messages"]
+            last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+            if last_user is not None:
+                out.append({"messages": msgs[: last_user + 1]})
+    return out
+
+
+def probe_questions() -> list[dict[str, Any]]:
+    """The embedded dataset's fixed probe set: instruction, input and the keywords an answer must hold."""
+    from importlib.resources import files
+
+    return json.loads(files("fasttune").joinpath("assets", PROBE_FILE).read_text())
+
+
+# ---- answers ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_continue(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
+                    stop_ids: set[int]) -> list[int]:
+    """Greedy decoding without a cache: short answers from a small model, where simplicity wins."""
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([prompt_ids], device=device)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids, logits_to_keep=1).logits[0, -1]  # (V,)
+        token = int(logits.argmax())
+        if token in stop_ids:
+            break
+        new.append(token)
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+    return new
+
+
+def answer(model: torch.nn.Module, tokenizer: Any, contract: Any, questions: Sequence[dict[str, Any]],
+           max_new_tokens: int = 48) -> list[Sample]:
+    """The model's greedy answer to each question, rendered with the run's prompt contract."""
+    from fasttune.data.templates import encode_prompt, render_messages, render_prompt
+
+    stop_ids = {contract.eos_id}
+    if contract.end_of_turn:
+        stop_ids.add(tokenizer.convert_tokens_to_ids(contract.end_of_turn))
+    was_training = model.training
+    model.eval()
+    samples = []
+    for q in questions:
+        if "messages" in q:
+            text, shown = render_messages(q["messages"], contract, tokenizer), q["messages"][-1]["content"]
+        else:
+            text = render_prompt(q["instruction"], q.get("input", ""), contract, tokenizer)
+            shown = q["instruction"] + (f" [{q['input']}]" if q.get("input") else "")
+        ids = greedy_continue(model, encode_prompt(text, contract, tokenizer), max_new_tokens, stop_ids)
+        reply = tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in contract.stop_strings or []:
+            reply = reply.split(stop)[0]
+        samples.append(Sample(shown, reply.strip()))
+    model.train(was_training)
+    return samples
+
+
+def format_samples(title: str, samples: Sequence[Sample]) -> str:
+    lines = [title]
+    for s in samples:
+        lines += [f"  Q: {s.question}", f"  A: {s.answer or '(empty)'}"]
+    return "\n".join(lines)
+
+
+# ---- the whole job --------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> RunResult:
+    """Run the fine-tuning job `cfg` describes; everything it writes goes to cfg.train.output_dir."""
+    from fasttune.data.packing import BatchStream, make_batches, resolve_packing
+    from fasttune.data.tokenize import build_dataset
+    from fasttune.lora.apply import count_parameters
+    from fasttune.train.loop import seed_everything, train_loop
+    from fasttune.train.metrics import METRICS_FILE, plot_loss, summary_text
+    from fasttune.train.precision import resolve_device, resolve_precision
+
+    validate(cfg)
+    t, run_dir = cfg.train, Path(cfg.train.output_dir)
+    device = resolve_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    seed_everything(t.seed)
+
+    log(f"loading {cfg.model.model_name} on {device}")
+    loaded = load(cfg.model, device)
+    for note in loaded.notes:
+        log(f"  note: {note}")
+    model, tokenizer = attach_lora(loaded, cfg.lora), loaded.tokenizer
+    checkpointing = set_checkpointing(model, t.gradient_checkpointing, device)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable, total = count_parameters(model)
+    log(f"  {loaded.family} model, weights {str(loaded.dtype).removeprefix('torch.')}, compute {precision}, "
+        f"kernels {'on' if loaded.use_kernels else 'off'}, gradient checkpointing {checkpointing}")
+    log(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / max(total, 1):.2f}%)")
+
+    max_len = cfg.model.max_seq_length
+    train_data = build_dataset(cfg.data, tokenizer, max_len, "train")
+    log(str(train_data.summary))
+    eval_cfg = eval_config(cfg.data)
+    eval_data = build_dataset(eval_cfg, tokenizer, max_len, "eval", contract=train_data.contract) \
+        if eval_cfg is not None else None
+    if eval_data is not None:
+        log(str(eval_data.summary))
+    contract = train_data.contract
+    packing = resolve_packing(cfg.data.packing, exact=getattr(model, "supports_packing", False))
+    batch_size = t.per_device_train_batch_size
+    stream = BatchStream(train_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed)
+    eval_batches = None if eval_data is None else make_batches(
+        eval_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed, epoch=0)
+    steps_per_epoch = math.ceil(len(stream) / t.gradient_accumulation_steps)
+    log(f"  packing {'on' if packing else 'off'}: {len(stream)} micro-batches of {batch_size} per epoch, "
+        f"accumulation {t.gradient_accumulation_steps} -> {steps_per_epoch} optimiser steps per epoch")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # resume: false, so that `fasttune train --config run.yaml` runs the job again from the start
+    dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False)).save(run_dir / "run.yaml")
+
+    from fasttune.data.formats import load_rows
+
+    sample_cfg = eval_cfg or cfg.data
+    source = sample_cfg.eval_dataset if eval_cfg is not None else sample_cfg.dataset
+    questions = questions_of([r for _, r in load_rows(source, sample_cfg, "eval" if eval_cfg else None).rows],
+                             t.show_samples) if t.show_samples > 0 else []
+    before = answer(model, tokenizer, contract, questions)
+    if before:
+        log(format_samples("answers before training:", before))
+
+    metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, device=device,
+                         precision=precision, log=log)
+
+    adapter_dir = save_run_adapter(model, loaded, cfg, contract, run_dir / ADAPTER_DIR)
+    after = answer(model, tokenizer, contract, questions)
+    if after:
+        log(format_samples("answers after training:", after))
+    summary = summary_text(metrics)
+    if t.report:
+        png = plot_loss(run_dir / METRICS_FILE, run_dir / "loss.png")
+        log("summary\n" + summary)
+        log(f"run directory {run_dir}: adapter/, run.yaml, metrics.jsonl"
+            + (", loss.png" if png else "") + ", checkpoints/")
+    return RunResult(run_dir, adapter_dir, metrics, before, after, summary)
+
+
+def save_run_adapter(model: torch.nn.Module, loaded: Any, cfg: RunConfig, contract: Any, out: Path) -> Path:
+    """adapter_model.safetensors + adapter_config.json (PEFT format), tokenizer files, prompt contract."""
+    if loaded.family == "llama":
+        from fasttune.lora.peft_format import save_adapter
+
+        save_adapter(model, out, base_model_name_or_path=base_model_id(cfg.model, loaded),
+                     revision=cfg.model.revision)
+    else:
+        model.save_adapter(out)
+    loaded.tokenizer.save_pretrained(str(out))
+    contract.save(out / CONTRACT_FILE)
+    return out
+
+
+def preview_data(cfg: RunConfig, n: int = 3, color: bool | None = None) -> str:
+    """`fasttune data preview`: the first n training examples with trained tokens marked, and the summary."""
+    import sys
+
+    from fasttune.data.preview import preview_rows
+    from fasttune.data.tokenize import build_dataset
+
+    validate(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_dataset(cfg.data, tokenizer, cfg.model.max_seq_length, "train")
+    color = sys.stdout.isatty() if color is None else color
+    return preview_rows(data.examples, tokenizer, n=n, color=color, summary=data.summary)
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> Any:
+    """The model's tokenizer alone (with the same pad-token fix as load_model), without loading weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fasttune.models.loading import fix_tokenizer, resolve_source
+
+    try:
+        directory = resolve_source(model_cfg)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=model_cfg.trust_remote_code)
+        fix_tokenizer(tokenizer, AutoConfig.from_pretrained(directory,
+                                                            trust_remote_code=model_cfg.trust_remote_code))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"model_name '{model_cfg.model_name}': {e}") from e
+    return tokenizer
