@@ -62,8 +62,9 @@ class DataConfig:
     dataset: str = field(default=DEFAULT_DATASET, metadata={"help": (
         "Training data: 'builtin:lumen' (embedded), a .json/.jsonl/.csv/.parquet file, a directory "
         "saved with datasets.save_to_disk, or a hub dataset name (optionally name:split).")})
-    eval_dataset: str | None = field(default=None, metadata={"help": (
-        "Held-out data in the same format; 'builtin:lumen' uses the embedded held-out split.")})
+    eval_dataset: str | None = field(default="auto", metadata={"help": (
+        "Held-out data in the same format: a file or directory, 'builtin:lumen' (its held-out split), "
+        "'auto' (the built-in dataset's held-out split when training on one, else none) or none.")})
     format: str = field(default="auto", metadata={"help": "Row format: auto, alpaca, messages, completion."})
     instruction_field: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
     input_field: str = field(default="input", metadata={"help": "Alpaca input column (may be absent)."})
@@ -104,7 +105,7 @@ class TrainConfig:
         "memory), selective.")})
     logging_steps: int = field(default=1, metadata={"help": "Log a line every N steps."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
-    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (0: keep all)."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps when an eval set is given (0: at the end)."})
     seed: int = field(default=3407, metadata={"help": "Seed for data order, dropout and everything random."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
