@@ -9,7 +9,9 @@ from kernel_checks import assert_bf16_close, assert_fp32_close
 from fasttune.kernels.rope import RoPEFunction, apply_rope, apply_rope_reference
 
 # (B, T, n_heads, n_kv_heads, head_dim, cos batch)
-SHAPES = [(1, 1, 1, 1, 2, 1), (2, 5, 3, 1, 6, 2), (1, 7, 4, 2, 16, 1), (3, 3, 5, 5, 10, 3)]
+# The last shape spans several (64-row) tiles of q and of k.
+SHAPES = [(1, 1, 1, 1, 2, 1), (2, 5, 3, 1, 6, 2), (1, 7, 4, 2, 16, 1), (3, 3, 5, 5, 10, 3),
+          (2, 40, 3, 1, 64, 1)]
 
 
 def _angles(B, T, hd, g, scatter=False):

@@ -14,88 +14,97 @@ from __future__ import annotations
 
 import torch
 
-from fasttune.kernels._dispatch import jit, row_block, tl, to_dtype, use_triton
+from fasttune.kernels._dispatch import cdiv, jit, next_pow2, row_block, tl, to_dtype, use_triton
 
 
 @jit
 def _rms_norm_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr,
+    x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_rows, n_cols, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # A (ROWS, BLOCK) tile: several short rows per program (head_dim-sized q/k norms), one long row otherwise.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    cmask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    tl.store(rstd_ptr + row, rstd)
-    n = to_dtype(xf * rstd, x.dtype).to(tl.float32)  # the reference's rounding point
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, to_dtype(w * n, y_ptr.dtype.element_ty), mask=mask)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)  # (ROWS,)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    n = to_dtype(xf * rstd[:, None], x.dtype).to(tl.float32)  # the reference's rounding point
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = to_dtype(w[None, :] * n, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
 
 
 @jit
 def _rms_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
-    stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
-    BLOCK: tl.constexpr,
+    stride_dy, stride_x, stride_dx, n_rows, n_cols, tiles_per_program,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Each program walks a contiguous range of rows and keeps its share of dw in registers.
+    # Each program walks a contiguous range of (ROWS, BLOCK) tiles and keeps its share of dw in registers.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    start = pid * rows_per_program
-    end = tl.minimum(start + rows_per_program, n_rows)
-    # Row pointers advance by their strides (64-bit offsets: N * D can pass 2^31).
-    x_ptr += start.to(tl.int64) * stride_x
-    dy_ptr += start.to(tl.int64) * stride_dy
-    dx_ptr += start.to(tl.int64) * stride_dx
-    for r in range(start, end):
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    # 64-bit row offsets: N * D can pass 2^31.
+    rows = pid.to(tl.int64) * tiles_per_program * ROWS + tl.arange(0, ROWS)
+    for _ in range(0, tiles_per_program):
+        rmask = rows < n_rows
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
         xf = x.to(tl.float32)
-        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + r)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)[:, None]  # (ROWS, 1)
         n = xf * rstd
-        dw_acc += dy * to_dtype(n, x.dtype).to(tl.float32)
-        dn = dy * w
-        dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / n_cols))
-        tl.store(dx_ptr + cols, to_dtype(dx, dx_ptr.dtype.element_ty), mask=mask)
-        x_ptr += stride_x
-        dy_ptr += stride_dy
-        dx_ptr += stride_dx
-    tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+        dw_acc += tl.sum(dy * to_dtype(n, x.dtype).to(tl.float32), axis=0)
+        dn = dy * w[None, :]
+        dx = rstd * (dn - n * (tl.sum(dn * n, axis=1) / n_cols)[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], to_dtype(dx, dx_ptr.dtype.element_ty),
+                 mask=mask)
+        rows += ROWS
+    tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=cmask)
+
+
+def _tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps): rows per tile so that a tile holds about 4096 elements, at least one row."""
+    block, num_warps = row_block(n_cols)
+    rows = max(1, min(64, 4096 // block, next_pow2(max(n_rows, 1))))
+    return rows, block, num_warps
 
 
 def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x2.shape
-    block, num_warps = row_block(n_cols)
+    rows, block, num_warps = _tile(n_rows, n_cols)
     y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows:
-        _rms_norm_fwd_kernel[(n_rows,)](
-            x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block, num_warps=num_warps)
+        _rms_norm_fwd_kernel[(cdiv(n_rows, rows),)](
+            x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
+            ROWS=rows, BLOCK=block, num_warps=num_warps)
     return y, rstd
 
 
-def _programs(n_rows: int, device: torch.device) -> int:
-    """Programs for a row-looping backward: a few per SM on a GPU, few in the (slow) interpreter."""
+def _programs(n_tiles: int, device: torch.device) -> int:
+    """Programs for a tile-looping backward: a few per SM on a GPU, few in the (slow) interpreter."""
     if device.type == "cuda":
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_rows, 4))
+        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_tiles, 4))
 
 
 def _rms_norm_bwd(dy2, x2, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x2.shape
-    block, num_warps = row_block(n_cols)
-    programs = _programs(n_rows, x2.device)
-    rows_per_program = -(-n_rows // programs) if n_rows else 1
+    rows, block, num_warps = _tile(n_rows, n_cols)
+    n_tiles = cdiv(n_rows, rows)
+    programs = _programs(n_tiles, x2.device)
     dx = torch.empty_like(x2)
     dw_part = torch.zeros((programs, n_cols), dtype=torch.float32, device=x2.device)
     if n_rows:
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-            n_rows, n_cols, rows_per_program, BLOCK=block, num_warps=num_warps)
+            n_rows, n_cols, cdiv(n_tiles, programs), ROWS=rows, BLOCK=block, num_warps=num_warps)
     return dx, dw_part.sum(0).to(weight.dtype)
 
 

@@ -7,59 +7,63 @@ Forward, with x = [x1, x2], cos = [c1, c2], sin = [s1, s2] split in halves of he
 Backward (the transpose of that linear map), for upstream g = [g1, g2]:
     dx1 = g1 c1 + g2 s2,    dx2 = g2 c2 - g1 s1
 which is the forward map with (s1, s2) replaced by (-s2, -s1): a rotation by -sin when c1 = c2, s1 = s2.
-One launch rotates q and k together, one program per token, all heads of that token in one tile; math in
-fp32, one rounding to the output dtype. No gradient flows to cos/sin (they are not trained).
+One launch rotates q and k together, each program a tile of (head-rows, head_dim / 2) of q or of k; math
+in fp32, one rounding to the output dtype. No gradient flows to cos/sin (they are not trained).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fasttune.kernels._dispatch import jit, next_pow2, tl, to_dtype, use_triton
+from fasttune.kernels._dispatch import cdiv, jit, next_pow2, tl, to_dtype, use_triton
+
+
+@jit
+def _rope_rows(
+    x_ptr, o_ptr, cos_ptr, sin_ptr, tile, n_rows, n_heads, seq_len, s_b, s_t, s_h, sc_b, sc_t,
+    HALF: tl.constexpr, ROWS: tl.constexpr, D_BLOCK: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """Rotate one tile of ROWS head-rows of x (B, T, heads, hd) into o (contiguous, same shape)."""
+    rows = tile.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # flat (b, t, head) indices
+    rmask = rows < n_rows
+    head = rows % n_heads
+    tok = rows // n_heads
+    b = tok // seq_len
+    t = tok % seq_len
+    d = tl.arange(0, D_BLOCK)
+    m = rmask[:, None] & (d < HALF)[None, :]
+    cs = (b * sc_b + t * sc_t)[:, None] + d[None, :]  # (ROWS, D_BLOCK) offsets into cos/sin
+    c1 = tl.load(cos_ptr + cs, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + cs + HALF, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + cs, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + cs + HALF, mask=m, other=0.0).to(tl.float32)
+    if BACKWARD:  # transpose: (s1, s2) -> (-s2, -s1)
+        s_first = s1
+        s1 = -s2
+        s2 = -s_first
+    src = x_ptr + (b * s_b + t * s_t + head * s_h)[:, None] + d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = o_ptr + rows[:, None] * (2 * HALF) + d[None, :]
+    tl.store(dst, to_dtype(x1 * c1 - x2 * s1, o_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, to_dtype(x2 * c2 + x1 * s2, o_ptr.dtype.element_ty), mask=m)
 
 
 @jit
 def _rope_fwd_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
-    seq_len, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sqo_t, sko_t, sc_b, sc_t,
-    n_q_heads, n_k_heads,
-    HALF: tl.constexpr, QH_BLOCK: tl.constexpr, KH_BLOCK: tl.constexpr, D_BLOCK: tl.constexpr,
-    BACKWARD: tl.constexpr,
+    seq_len, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sc_b, sc_t, n_q_rows, n_k_rows, n_q_heads, n_k_heads,
+    n_q_tiles,
+    HALF: tl.constexpr, ROWS: tl.constexpr, D_BLOCK: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)  # flat (b, t) index
-    b = tok // seq_len
-    t = tok % seq_len
-    d = tl.arange(0, D_BLOCK)
-    dmask = d < HALF
-    c_base = cos_ptr + b * sc_b + t * sc_t
-    s_base = sin_ptr + b * sc_b + t * sc_t
-    c1 = tl.load(c_base + d, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_base + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_base + d, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_base + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    if BACKWARD:  # transpose: (s1, s2) -> (-s2, -s1)
-        s_first = s1
-        s1 = -s2
-        s2 = -s_first
-
-    # q: a (heads, half) tile for each half of head_dim
-    h = tl.arange(0, QH_BLOCK)[:, None]
-    m = (h < n_q_heads) & dmask[None, :]
-    src = q_ptr + b * sq_b + t * sq_t + h * sq_h + d[None, :]
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-    dst = qo_ptr + tok * sqo_t + h * (2 * HALF) + d[None, :]
-    tl.store(dst, to_dtype(x1 * c1[None, :] - x2 * s1[None, :], qo_ptr.dtype.element_ty), mask=m)
-    tl.store(dst + HALF, to_dtype(x2 * c2[None, :] + x1 * s2[None, :], qo_ptr.dtype.element_ty), mask=m)
-
-    h = tl.arange(0, KH_BLOCK)[:, None]
-    m = (h < n_k_heads) & dmask[None, :]
-    src = k_ptr + b * sk_b + t * sk_t + h * sk_h + d[None, :]
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-    dst = ko_ptr + tok * sko_t + h * (2 * HALF) + d[None, :]
-    tl.store(dst, to_dtype(x1 * c1[None, :] - x2 * s1[None, :], ko_ptr.dtype.element_ty), mask=m)
-    tl.store(dst + HALF, to_dtype(x2 * c2[None, :] + x1 * s2[None, :], ko_ptr.dtype.element_ty), mask=m)
+    # One launch for both: the first n_q_tiles programs rotate q's head-rows, the rest k's.
+    pid = tl.program_id(0)
+    if pid < n_q_tiles:
+        _rope_rows(q_ptr, qo_ptr, cos_ptr, sin_ptr, pid, n_q_rows, n_q_heads, seq_len, sq_b, sq_t, sq_h,
+                   sc_b, sc_t, HALF, ROWS, D_BLOCK, BACKWARD)
+    else:
+        _rope_rows(k_ptr, ko_ptr, cos_ptr, sin_ptr, pid - n_q_tiles, n_k_rows, n_k_heads, seq_len, sk_b,
+                   sk_t, sk_h, sc_b, sc_t, HALF, ROWS, D_BLOCK, BACKWARD)
 
 
 # The backward is the same kernel with BACKWARD=True; the alias keeps the file anatomy readable.
@@ -82,14 +86,15 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if B * T == 0:
         return q_out, k_out
     half = hd // 2
-    tile = next_pow2(max(nh, nkv)) * next_pow2(half)
-    num_warps = 4 if tile <= 4096 else 8
-    _rope_fwd_kernel[(B * T,)](
+    d_block = next_pow2(half)
+    rows = max(1, min(64, 2048 // d_block))  # head-rows per program: a tile of about 2 x 2048 elements
+    n_q_rows, n_k_rows = B * T * nh, B * T * nkv
+    n_q_tiles = cdiv(n_q_rows, rows)
+    _rope_fwd_kernel[(n_q_tiles + cdiv(n_k_rows, rows),)](
         q, k, q_out, k_out, cos, sin,
         T, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(1), k_out.stride(1), cos.stride(0), cos.stride(1), nh, nkv,
-        HALF=half, QH_BLOCK=next_pow2(nh), KH_BLOCK=next_pow2(nkv), D_BLOCK=next_pow2(half),
-        BACKWARD=backward, num_warps=num_warps,
+        cos.stride(0), cos.stride(1), n_q_rows, n_k_rows, nh, nkv, n_q_tiles,
+        HALF=half, ROWS=rows, D_BLOCK=d_block, BACKWARD=backward,
     )
     return q_out, k_out
 
