@@ -128,6 +128,8 @@ def test_lora_linear_shape_errors():
         lora_linear(x, w[:, :5], b, a, bb, 1.0)
     with pytest.raises(ValueError, match="lora_A"):
         lora_linear(x, w, b, a[:, :5], bb, 1.0)
+    with pytest.raises(ValueError, match="outputs of 6"):
+        lora_linear(x, w, b, a, bb[:5], 1.0)
 
 
 def _mlp_params(lead, hidden, inter, r, device, seed, dtype=torch.float32, bias=False):

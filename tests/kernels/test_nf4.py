@@ -93,6 +93,9 @@ def test_nf4_from_bnb_reads_a_quant_state_by_attribute():
 
     w = NF4Weight.from_bnb(ref.packed.view(-1, 1), QuantState)
     assert torch.equal(dequantize_nf4_reference(w), dequantize_nf4_reference(ref))
+    # quant_storage=bf16 (as FSDP uses) stores the same bytes two to an element.
+    w = NF4Weight.from_bnb(ref.packed.view(torch.bfloat16), QuantState)
+    assert torch.equal(dequantize_nf4_reference(w), dequantize_nf4_reference(ref))
     QuantState.quant_type = "fp4"
     with pytest.raises(ValueError, match="quant_type 'fp4'"):
         NF4Weight.from_bnb(ref.packed, QuantState)

@@ -115,7 +115,7 @@ class LoRALinearFunction(torch.autograd.Function):
         w = _dense(dequant if weight is None else weight, dt)
         a, b = lora_A.to(dt), lora_B.to(dt)
         y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2)
-        ctx.dequant, ctx.scaling, ctx.has_x_lora = dequant, scaling, x_lora is not None
+        ctx.dequant, ctx.scaling = dequant, scaling
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, lora_A, lora_B, x_lora)]
         # x is needed only for dW (frozen: never) and for dA when there is no dropout (x' = x).
         keep_x = ctx.needs_input_grad[1] or x_lora is None
@@ -142,9 +142,10 @@ def _check_linear(name: str, in_features: int, p: LoRAWeights) -> None:
     if isinstance(p.weight, torch.Tensor) and (p.weight.dim() != 2 or p.weight.shape[1] != in_features):
         raise ValueError(f"{name}: weight {tuple(p.weight.shape)} does not take inputs of {in_features}")
     r = p.lora_A.shape[0]
-    if p.lora_A.shape[1] != in_features or p.lora_B.shape[1] != r:
+    out = p.weight.shape[0] if isinstance(p.weight, torch.Tensor) else p.lora_B.shape[0]
+    if p.lora_A.shape[1] != in_features or p.lora_B.shape != (out, r):
         raise ValueError(f"{name}: lora_A {tuple(p.lora_A.shape)} and lora_B {tuple(p.lora_B.shape)} do not "
-                         f"fit inputs of {in_features}")
+                         f"fit inputs of {in_features} and outputs of {out}")
 
 
 def lora_linear(

@@ -64,6 +64,8 @@ class NF4Weight:
         """From a bitsandbytes `Params4bit` data tensor and its `QuantState` (read by attribute name)."""
         if getattr(quant_state, "quant_type", "nf4") != "nf4":
             raise ValueError(f"nf4: quant_type {quant_state.quant_type!r} is not supported (only nf4)")
+        if packed.dtype != torch.uint8:  # quant_storage=bf16/fp32 (FSDP) holds the same bytes
+            packed = packed.contiguous().view(torch.uint8)
         nested = bool(getattr(quant_state, "nested", False))
         state2 = quant_state.state2 if nested else None
         offset = quant_state.offset if nested else None

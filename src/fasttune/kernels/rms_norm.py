@@ -8,6 +8,8 @@ Backward, with dy and the rounding of n treated as identity:
     dn = dy * w
     dx = rstd * (dn - n * mean(dn * n))       (n recomputed in fp32 from the saved x and rstd)
     dw = sum over rows of dy * round(n)       (per-program fp32 partial sums, reduced by torch after)
+Programs work on (rows, D) tiles of about 4096 elements: one row of a 4096-wide hidden state, or 32 rows of
+a head_dim-128 q/k norm.
 """
 
 from __future__ import annotations
