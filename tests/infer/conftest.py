@@ -76,3 +76,17 @@ def smollm2():
     from fasttune.models.loading import load_model
 
     return load_model(ModelConfig(model_name="smollm2-135m", dtype="fp32"), "cpu")
+
+
+def real_vocab_model(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny random Llama over SmolLM2's whole vocabulary, so that the real tokenizer's ids fit."""
+    return make_model(seed, vocab_size=49152, hidden_size=32, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A Hugging Face style directory (config.json, safetensors, tokenizer) of `real_vocab_model()`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    hf_twin(real_vocab_model()).save_pretrained(str(path))
+    smollm2_tokenizer.save_pretrained(str(path))
+    return path
