@@ -16,6 +16,7 @@ One line of JSON per measurement goes to `--out`; the last lines printed are the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -28,7 +29,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 SHAPES = {
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                         rope_theta=500000.0,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                          max_position_embeddings=131072, tie_word_embeddings=False),
@@ -71,38 +73,66 @@ def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
 # ---- one stack, one process -------------------------------------------------------------------
 
 def build_fasttune(args):
+    """Our Llama of `args.shape`, random weights, built in bf16 on the GPU; NF4 for qlora; LoRA on all 7."""
     import torch
+    from transformers import LlamaConfig
 
     from fasttune.lora.apply import apply_lora
     from fasttune.models.hf import llama_config_from_hf
     from fasttune.models.llama import LlamaForCausalLM
-    from fasttune.models.quantize import quantize_model
-    from transformers import LlamaConfig
+    from fasttune.models.quantize import quantize_linears
 
     cfg = llama_config_from_hf(LlamaConfig(**SHAPES[args.shape]))
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, use_kernels=args.kernels)
-    model.to_empty(device="cuda")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    model.to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no fp32 copy of 8B weights
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg, use_kernels=args.kernels)
+    finally:
+        torch.set_default_dtype(default)
     if args.mode == "qlora":
-        quantize_model(model, bits=4, compute_dtype=torch.bfloat16)
+        quantize_linears(model, "4bit", "cuda", torch.bfloat16)
     apply_lora(model, r=16, lora_alpha=16, target_modules=TARGETS)
-    model.set_gradient_checkpointing(args.checkpointing)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x):
         targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
         out = model(input_ids=x, targets=targets)
-        (out.loss_sum / out.n_tokens).backward()
-        return out.loss_sum / out.n_tokens
+        loss = out.loss_sum / out.n_tokens
+        loss.backward()
+        return loss.detach()
 
     return model, params, step
+
+
+def configure_fasttune(model, variant: str, args) -> dict:
+    """Apply one variant, e.g. 'offload', 'on+ref' (kernels off), 'selective:4', 'budget:19.6+flex'.
+
+    First token: off | on | offload | selective:K | budget:GiB (selective, K from the memory estimate).
+    Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend).
+    """
+    from fasttune.models.attention import set_attention_backend
+    from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
+
+    head, *flags = variant.split("+")
+    mode, _, arg = head.partition(":")
+    kernels = "ref" not in flags
+    model.set_use_kernels(kernels)
+    set_attention_backend("flex" if "flex" in flags else "sdpa" if "sdpa" in flags else "auto")
+    est_kw = dict(batch=args.batch, seq=args.seq, quantization="4bit" if args.mode == "qlora" else None,
+                  r=16, use_kernels=kernels)
+    keep = 0
+    if mode == "budget":
+        keep = plan_keep_layers(model.config, budget_bytes=int(float(arg) * GiB), **est_kw)
+        mode = "selective"
+    elif mode == "selective":
+        keep = int(arg or 0)
+    model.set_gradient_checkpointing(mode, keep_layers=keep)
+    est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, **est_kw)
+    print(f"[{variant}] keep_layers={keep} {est.describe()}", flush=True)
+    return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
+            "est_gib": est.total / GiB}
 
 
 def build_hf(args, liger: bool):
@@ -119,8 +149,8 @@ def build_hf(args, liger: bool):
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.bfloat16, device_map={"": 0},
-                                                 attn_implementation="sdpa", **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.bfloat16,
+                                                 device_map={"": 0}, attn_implementation="sdpa", **kw)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
@@ -136,13 +166,14 @@ def build_hf(args, liger: bool):
 
 
 def build_unsloth(args):
-    from unsloth import FastLanguageModel  # must be the first import of the process
+    from unsloth import FastLanguageModel  # noqa: I001  (must be the first import of the process)
     import torch
 
-    model, _tok = FastLanguageModel.from_pretrained(str(args.model_dir), max_seq_length=args.seq, dtype=torch.bfloat16,
-                                                    load_in_4bit=args.mode == "qlora")
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             use_gradient_checkpointing="unsloth", random_state=3407)
+    model, _tok = FastLanguageModel.from_pretrained(str(args.model_dir), max_seq_length=args.seq,
+                                                    dtype=torch.bfloat16, load_in_4bit=args.mode == "qlora")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             random_state=3407)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x):
@@ -153,21 +184,21 @@ def build_unsloth(args):
     return model, params, step
 
 
-def worker(args) -> dict:
-    if args.stack == "unsloth":
-        model, params, step = build_unsloth(args)
+def time_steps(params, step, batches, warmup: int, profile: str | None = None) -> dict:
+    """Median step time after `warmup` steps and the peak memory from the first step (optimiser included)."""
     import bitsandbytes as bnb
     import torch
 
-    if args.stack == "fasttune":
-        model, params, step = build_fasttune(args)
-    elif args.stack in ("hf", "liger"):
-        model, params, step = build_hf(args, liger=args.stack == "liger")
     opt = bnb.optim.AdamW8bit(params, lr=1e-4)
-    batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps)]
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i, x in enumerate(batches):
+        prof = None
+        if profile and i == warmup:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                      torch.profiler.ProfilerActivity.CPU])
+            prof.__enter__()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -176,53 +207,106 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            avg = prof.key_averages()
+            try:
+                table = avg.table(sort_by="self_device_time_total", row_limit=70)
+            except (AttributeError, KeyError, ValueError):
+                table = avg.table(sort_by="self_cuda_time_total", row_limit=70)
+            Path(profile).write_text(f"step {dt:.3f} s\n" + table)
         losses.append(float(loss))
-        if i >= args.warmup:
+        if i >= warmup and prof is None:
             times.append(dt)
     med = statistics.median(times)
-    return {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
-            "checkpointing": args.checkpointing if args.stack == "fasttune" else "on",
-            "tokens_per_s": args.batch * args.seq / med, "step_s": med,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses,
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del opt
+    return {"step_s": med, "peak_gib": peak, "losses": losses}
+
+
+def worker(args) -> list[dict]:
+    if args.stack == "unsloth":
+        model, params, step = build_unsloth(args)
+    import torch
+
+    if args.stack == "fasttune":
+        model, params, step = build_fasttune(args)
+    elif args.stack in ("hf", "liger"):
+        model, params, step = build_hf(args, liger=args.stack == "liger")
+    batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps)]
+    base = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    variants = args.variants if args.stack == "fasttune" else ["peer"]
+    rows = []
+    for n, variant in enumerate(variants):
+        row = dict(base, variant=variant, checkpointing="on")
+        try:
+            if args.stack == "fasttune":
+                row.update(configure_fasttune(model, variant, args))
+            profile = args.profile if n == 0 else None
+            row.update(time_steps(params, step, batches, args.warmup, profile))
+            row["tokens_per_s"] = args.batch * args.seq / row["step_s"]
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "OOM"
+        for p in params:
+            p.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        print("RESULT " + json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 # ---- the orchestrator -------------------------------------------------------------------------
 
-def run_one(stack: str, mode: str, batch: int, seq: int, args) -> dict:
+def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
+    """One worker process; its RESULT lines (one per fasttune variant), or one error row."""
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--mode", mode, "--batch", str(batch),
            "--seq", str(seq), "--shape", args.shape, "--model-dir", str(args.model_dir),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--checkpointing", args.checkpointing]
-    if not args.kernels:
-        cmd.append("--no-kernels")
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", *args.variants]
+    if args.profile and stack == "fasttune":
+        cmd += ["--profile", str(Path(args.log_dir) / f"profile-{mode}-{batch}x{seq}.txt")]
     env = {**os.environ, **ENV}
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     log = Path(args.log_dir) / f"{stack}-{mode}-{batch}x{seq}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            res = json.loads(line[7:])
-            res["wall_s"] = time.time() - t0
-            return res
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    oom = "OutOfMemory" in proc.stderr or "out of memory" in proc.stderr
-    return {"stack": stack, "mode": mode, "batch": batch, "seq": seq, "error": "OOM" if oom else " | ".join(tail)}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = "TIMEOUT\n" + (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
+    log.write_text(out + "\n--- stderr ---\n" + err)
+    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    for r in rows:
+        r["wall_s"] = time.time() - t0
+    if rows:
+        return rows
+    tail = (err or out).strip().splitlines()[-3:]
+    oom = "OutOfMemory" in err or "out of memory" in err
+    return [{"stack": stack, "mode": mode, "batch": batch, "seq": seq, "variant": "-",
+             "error": "OOM" if oom else " | ".join(tail)}]
+
+
+def _label(r: dict) -> str:
+    return r["stack"] if r["stack"] != "fasttune" else f"fasttune[{r.get('variant', '')}]"
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'stack':10} {'mode':6} {'batch x seq':>12} {'tok/s':>9} {'peak GiB':>9} {'vs unsloth':>10} {'vs hf':>7}")
+    print(f"{'stack':34} {'mode':6} {'batch x seq':>12} {'tok/s':>9} {'peak GiB':>9} {'est GiB':>8} "
+          f"{'vs unsloth':>10} {'vs hf':>7}")
     for r in rows:
+        label = _label(r)
         if "error" in r:
-            print(f"{r['stack']:10} {r['mode']:6} {r['batch']:>5} x {r['seq']:<5} ERROR {r['error'][:80]}")
+            print(f"{label:34} {r['mode']:6} {r['batch']:>5} x {r['seq']:<6} ERROR {r['error'][:80]}")
             continue
         ref = {s["stack"]: s for s in rows if "error" not in s and s["mode"] == r["mode"]
-               and s["batch"] == r["batch"] and s["seq"] == r["seq"]}
+               and s["batch"] == r["batch"] and s["seq"] == r["seq"] and s["stack"] != "fasttune"}
         vs_u = r["tokens_per_s"] / ref["unsloth"]["tokens_per_s"] if "unsloth" in ref else float("nan")
         vs_h = r["tokens_per_s"] / ref["hf"]["tokens_per_s"] if "hf" in ref else float("nan")
-        print(f"{r['stack']:10} {r['mode']:6} {r['batch']:>5} x {r['seq']:<5} {r['tokens_per_s']:9.0f} "
-              f"{r['peak_gib']:9.2f} {vs_u:10.2f} {vs_h:7.2f}")
+        est = f"{r['est_gib']:8.2f}" if "est_gib" in r else f"{'':8}"
+        print(f"{label:34} {r['mode']:6} {r['batch']:>5} x {r['seq']:<6} {r['tokens_per_s']:9.0f} "
+              f"{r['peak_gib']:9.2f} {est} {vs_u:10.2f} {vs_h:7.2f}")
 
 
 def main() -> None:
@@ -236,10 +320,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", nargs="+", type=int, default=[2, 8])
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--seqs", nargs="+", type=int, default=None, help="several lengths (default: --seq)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--checkpointing", default="on", help="fasttune's activation strategy")
+    p.add_argument("--variants", nargs="+", default=["offload"],
+                   help="fasttune configurations run in one process (see configure_fasttune)")
     p.add_argument("--no-kernels", dest="kernels", action="store_false")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': a dry run of the builder
+    p.add_argument("--profile", default=None, help="worker: write a profiler table of one step here; "
+                   "orchestrator: any value profiles the first fasttune variant of each run")
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/bench-model"))
     p.add_argument("--tokenizer", type=Path, default=Path(".bench_assets/tokenizer"))
     p.add_argument("--out", type=Path, default=Path("bench_results.jsonl"))
@@ -247,19 +336,20 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=900)
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        worker(args)
         return
     if any(s != "fasttune" for s in args.stacks):
         write_model_dir(args.shape, args.model_dir, args.tokenizer)
     rows = []
     for mode in args.modes:
         for batch in args.batches:
-            for stack in args.stacks:
-                res = run_one(stack, mode, batch, args.seq, args)
-                rows.append(res)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(res) + "\n")
-                print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
+            for seq in args.seqs or [args.seq]:
+                for stack in args.stacks:
+                    for res in run_one(stack, mode, batch, seq, args):
+                        rows.append(res)
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(res) + "\n")
+                        print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
     print_table(rows)
 
 

@@ -201,6 +201,15 @@ def test_lora_mlp_does_not_save_the_swiglu_output(any_device):
     assert sum(tuple(t.shape) == (6, inter) for t in saved) == 2  # gate(x) and up(x), not silu(g) u
 
 
+def test_lora_mlp_backward_runs_once_per_forward(device):
+    """The backward writes its gradients over the saved g, u: a second pass must fail loudly, not be wrong."""
+    x, gate, up, down, dy = _mlp_params((2, 3), 12, 20, 3, device, seed=9)
+    ps = [p._replace(lora_A=p.lora_A.requires_grad_(True)) for p in (gate, up, down)]
+    y = lora_mlp(x, *ps, force_triton=True)
+    y.backward(dy, retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.backward(dy)
+
 
 def test_lora_mlp_with_nf4_bases_sharing_one_buffer(any_device):
     # Three dequantisers write into the same shared buffer: each must be used before the next one runs.

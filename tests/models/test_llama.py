@@ -205,21 +205,67 @@ def test_gradient_checkpointing_matches_off(tiny_model, mode, frozen_base):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_offload_moves_exactly_the_layer_inputs_through_save_on_cpu(tiny_model, monkeypatch):
+def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model, monkeypatch):
+    from fasttune.models import activations
+
     packed = []
-
-    class Recording(torch.autograd.graph.save_on_cpu):
-        def __init__(self, pin_memory=False, device_type="cuda"):
-            super().__init__(pin_memory, device_type)
-            inner = self.pack_hook
-            self.pack_hook = lambda t: (packed.append(tuple(t.shape)), inner(t))[1]
-
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
-    model = tiny_model().train()
+    inner = activations.LayerInputOffloader.pack
+    monkeypatch.setattr(activations.LayerInputOffloader, "pack",
+                        lambda self, t: (packed.append(tuple(t.shape)), inner(self, t))[1])
+    model = tiny_model(num_hidden_layers=3).train()
     model.set_gradient_checkpointing("offload")
     x = torch.randint(0, 97, (2, 9))
     model(x, targets=x).loss_sum.backward()
-    assert packed == [(2, 9, 64)] * model.config.num_hidden_layers
+    assert packed == [(2, 9, 64)] * 3
+    packed.clear()
+    model.set_gradient_checkpointing("selective", keep_layers=1)  # the last layer keeps its activations
+    model(x, targets=x).loss_sum.backward()
+    assert packed == [(2, 9, 64)] * 2
+
+
+@pytest.mark.parametrize("keep", [0, 1, 5])
+def test_selective_recomputes_only_the_leading_layers(tiny_model, keep):
+    model = tiny_model(num_hidden_layers=3).train()
+    _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
+    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+    calls = [0, 0, 0]
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model.model.layers)]
+    model.set_gradient_checkpointing("selective", keep_layers=keep)
+    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    for h in hooks:
+        h.remove()
+    kept = min(keep, 3)
+    assert calls == [2] * (3 - kept) + [1] * kept
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_lora_path_matches_unfused(tiny_model, monkeypatch):
+    """use_kernels on CPU: lora_qkv and lora_mlp (pure torch here) give the per-projection LoRA results."""
+    import fasttune.models.llama as llama_mod
+    from fasttune.lora.apply import apply_lora
+
+    model = tiny_model().train()
+    apply_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():  # B away from zero, so the adapters change the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)
+    _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
+    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+    calls = []
+    qkv, mlp = llama_mod.lora_qkv, llama_mod.lora_mlp
+    monkeypatch.setattr(llama_mod, "lora_qkv", lambda *a: (calls.append("qkv"), qkv(*a))[1])
+    monkeypatch.setattr(llama_mod, "lora_mlp", lambda *a: (calls.append("mlp"), mlp(*a))[1])
+    model.set_use_kernels(True)
+    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    assert calls.count("qkv") == calls.count("mlp") == model.config.num_hidden_layers
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_bad_inputs_raise_clear_errors(tiny_model):
@@ -233,6 +279,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
         model(x, attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         model.set_gradient_checkpointing("sometimes")
+    with pytest.raises(ValueError, match="keep_layers"):
+        model.set_gradient_checkpointing("selective", keep_layers=-1)
 
 
 def test_config_validation_names_the_field():

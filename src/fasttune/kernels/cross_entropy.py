@@ -90,8 +90,15 @@ def _chunk_loss_and_grad_triton(z: torch.Tensor, y: torch.Tensor, want_grad: boo
 
 
 def _chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 24) -> int:
-    """Tokens per chunk so that one fp32 chunk of logits stays near `budget_elems` (64 MiB)."""
-    return max(1, min(n_rows, budget_elems // max(vocab, 1)))
+    """Tokens per chunk so that one chunk of logits stays near `budget_elems` elements.
+
+    Rounded down to a multiple of 128 where possible: the matrix units work in tiles of 128 rows, and
+    130 rows (a 64 MiB fp32 budget at vocab 128,256) would run two tiles for the price of one.
+    """
+    rows = max(1, budget_elems // max(vocab, 1))
+    if rows >= 128:
+        rows -= rows % 128
+    return min(n_rows, rows)
 
 
 def _chunk_loss_and_grad_torch(h, weight, y, loss_sum, want_grad: bool) -> torch.Tensor | None:
@@ -129,7 +136,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dz = z
             else:
                 dz = _chunk_loss_and_grad_torch(h, weight, y, loss_sum, want_dh or want_dw)
-            if want_dh:
+            if want_dh and dz.dtype == weight.dtype == grad_h.dtype:
+                torch.matmul(dz, weight, out=grad_h[start:start + chunk_rows])  # no chunk-sized temporary
+            elif want_dh:
                 grad_h[start:start + chunk_rows] = dz @ weight
             if want_dw:
                 grad_w += (dz.t() @ h).float()
@@ -169,8 +178,9 @@ def linear_cross_entropy(
         h, y = h.index_select(0, idx), y.index_select(0, idx)
     if h.shape[0] == 0:
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float(), n_tokens
-    rows = chunk_rows or _chunk_rows(h.shape[0], weight.shape[0])
     triton = use_triton(h, weight, force=force_triton)
+    # The Triton path keeps a chunk in h's dtype (bf16: 256 MiB at 2^27 elements), the torch path in fp32.
+    rows = chunk_rows or _chunk_rows(h.shape[0], weight.shape[0], 1 << 27 if h.is_cuda else 1 << 24)
     return LinearCrossEntropyFunction.apply(h, weight, y, rows, triton), n_tokens
 
 

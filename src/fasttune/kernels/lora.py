@@ -16,6 +16,9 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
     saved:     x, g, u and the three (N, r) products; h (N, inter), the largest activation, is NOT saved
     backward:  h recomputed from g, u; dh from the down backward; dg, du by the SwiGLU backward
                (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
+    memory:    dh is written over h once the down adapter's gradient has read h, and dg, du over the saved
+               g, u: three (N, inter) buffers at the backward's peak instead of five. The saved g, u are
+               consumed, so a second backward through the same graph (retain_graph) is refused.
 
 `lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
 the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buffer (in-place addmm).
@@ -78,21 +81,16 @@ def _forward(x2, w, bias, a, b, s, xl2=None):
     return y, xa
 
 
-def _backward(dy2, x2, w, a, b, s, xl2, xa, needs, dx_acc=None):
+def _backward(dy2, x2, w, a, b, s, xl2, xa, needs, dx_acc=None, dx_out=None):
     """Gradients (x, W, bias, A, B, x') of `_forward`, each only if flagged in `needs`.
 
     With `xl2` None (x' = x) the adapter's share of dx is added into dx and the x' gradient is None.
     `dx_acc`: a gradient of x from another projection of the same x, accumulated into in place.
+    `dx_out`: a buffer for dx (it may be x2 itself: every use of x2 comes before dx is written).
     """
     want_x, want_w, want_bias, want_a, want_b, want_xl = needs
     dyb = dy2 @ b  # (N, r)
     dx = dw = dbias = da = db = dxl = None
-    if want_x:
-        dx = dy2 @ w if dx_acc is None else dx_acc.addmm_(dy2, w)  # (N, in)
-        if xl2 is None:
-            dx.addmm_(dyb, a, alpha=s)
-    if want_xl and xl2 is not None:
-        dxl = (dyb @ a).mul_(s)  # (N, in)
     if want_a:
         da = (dyb.t() @ (x2 if xl2 is None else xl2)).mul_(s)  # (r, in)
     if want_b:
@@ -101,6 +99,15 @@ def _backward(dy2, x2, w, a, b, s, xl2, xa, needs, dx_acc=None):
         dw = dy2.t() @ x2  # (out, in)
     if want_bias:
         dbias = dy2.sum(0)
+    if want_x:
+        if dx_acc is not None:
+            dx = dx_acc.addmm_(dy2, w)  # (N, in)
+        else:
+            dx = torch.matmul(dy2, w, out=dx_out) if dx_out is not None else dy2 @ w  # (N, in)
+        if xl2 is None:
+            dx.addmm_(dyb, a, alpha=s)
+    if want_xl and xl2 is not None:
+        dxl = (dyb @ a).mul_(s)  # (N, in)
     return dx, dw, dbias, da, db, dxl
 
 
@@ -188,13 +195,13 @@ def _silu_mul(g: torch.Tensor, u: torch.Tensor, triton: bool) -> torch.Tensor:
 
 
 def _silu_mul_grad(dh, g, u, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) of h = silu(g) u; the torch branch follows the kernel's fp32 formula."""
+    """(dg, du) of h = silu(g) u, written over g and u; the torch branch follows the kernel's fp32 formula."""
     if triton:
-        return _swiglu_bwd(dh, g, u)
+        return _swiglu_bwd(dh, g, u, inplace=True)
     gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
     du = dhf * gf * sig
     dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
-    return dg.to(g.dtype), du.to(u.dtype)
+    return g.copy_(dg), u.copy_(du)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -216,7 +223,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         h = _silu_mul(g, u, triton)  # (N, inter)
         y, had = _forward(h, _dense_or(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, hidden)
         del h  # recomputed in the backward: the largest activation of the block is never kept
-        ctx.scalings, ctx.dequants, ctx.triton = scalings, dequants, triton
+        ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd)]
         ctx.save_for_backward(x2, g, u, xag, xau, had, *dense, *lora[0], *lora[1], *lora[2])
@@ -225,6 +232,10 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
+        if ctx.consumed:
+            raise RuntimeError("lora_mlp: the backward overwrites its saved activations and runs once per "
+                               "forward (retain_graph=True is not supported)")
+        ctx.consumed = True
         x2, g, u, xag, xau, had, wg, wu, wd, ag, bbg, au, bbu, ad, bbd = ctx.saved_tensors
         dt = x2.dtype
         dqg, dqu, dqd = ctx.dequants
@@ -232,10 +243,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         h = _silu_mul(g, u, ctx.triton)  # (N, inter), recomputed
+        # dh goes into h's buffer, after the down adapter's gradient has read h.
         dh, dwd, dbd, dad, dbbd, _ = _backward(dy2, h, _dense_or(wd, dqd, dt), ad, bbd, sd, None, had,
-                                               (True, n[9], n[10], n[11], n[12], False))
+                                               (True, n[9], n[10], n[11], n[12], False), dx_out=h)
         del h
-        dg, du = _silu_mul_grad(dh, g, u, ctx.triton)
+        dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
         del dh
         dx, dwg, dbg, dag, dbbg, _ = _backward(dg, x2, _dense_or(wg, dqg, dt), ag, bbg, sg, None, xag,
                                                (n[0], n[1], n[2], n[3], n[4], False))

@@ -49,9 +49,13 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _swiglu_bwd(dh, gate, up) -> tuple[torch.Tensor, torch.Tensor]:
-    dg = torch.empty_like(gate, memory_format=torch.contiguous_format)
-    du = torch.empty_like(up, memory_format=torch.contiguous_format)
+def _swiglu_bwd(dh, gate, up, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du); `inplace` writes them over gate and up (each element is read before it is written)."""
+    if inplace:
+        dg, du = gate, up
+    else:
+        dg = torch.empty_like(gate, memory_format=torch.contiguous_format)
+        du = torch.empty_like(up, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
         _swiglu_bwd_kernel[(cdiv(n, _BLOCK),)](dh, gate, up, dg, du, n, BLOCK=_BLOCK)

@@ -9,12 +9,14 @@ query 4 (d) sees keys 3, 4 only        mask[q, k] = doc[q] == doc[k] and k <= q
 ```
 (c) generation with a KV cache and an optional `attention_mask` (B, T_total) of 1/0 for left-padded prompts:
 query i of this step sits at slot past_len + i and sees slots k <= past_len + i whose mask is 1.
-`attend` then runs `F.scaled_dot_product_attention`. A faster backend (flex_attention block masks, varlen
-flash with cu_seqlens from `doc_ids`) plugs in at `attend` without touching the model.
+`attend` then runs `F.scaled_dot_product_attention`, except for case (b) on CUDA, where the compiled
+`flex_attention` with a block mask built once per forward skips the blocks that cross rows (and never builds
+the (B, T, T) mask). `set_attention_backend` overrides the choice (benchmarks, tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +24,17 @@ import torch.nn.functional as F
 
 # `enable_gqa` lets SDPA read the small K/V directly (torch >= 2.5); older versions repeat K/V.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+BACKENDS = ("auto", "sdpa", "flex")
+_backend = {"name": "auto"}
+_compiled_flex: dict[str, Callable] = {}
+
+
+def set_attention_backend(name: str) -> None:
+    """'auto' (flex for packed rows on CUDA, SDPA otherwise), 'sdpa' (always), 'flex' (packed and plain causal
+    rows wherever flex_attention runs; compiled on CUDA, eager elsewhere, which is slow and for tests)."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {BACKENDS}")
+    _backend["name"] = name
 
 
 @dataclass
@@ -32,11 +45,14 @@ class AttentionMask:
     mask: (B, 1, q_len, kv_len) bool, True where the query may attend (None with `causal`, or when every
         key is visible, as for one decoding step without padding).
     doc_ids: (B, T) packed-row ids when the batch is packed (for varlen/flex backends), else None.
+    doc_causal: True when the pattern is exactly "causal within a row" (packing without padding keys,
+        window or cache), which the flex backend can run from `doc_ids` alone.
     """
 
     causal: bool
     mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
+    doc_causal: bool = False
     _bias: dict = field(default_factory=dict, repr=False, compare=False)
 
     def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -103,6 +119,9 @@ def build_attention_mask(
         doc_ids = (position_ids == 0).cumsum(dim=1)  # (B, T)
 
     windowed = sliding_window is not None and kv_len > sliding_window
+    doc_causal = doc_ids is not None and key_ok is None and not windowed
+    if doc_causal and _flex_for_packed(doc_ids.device):
+        return AttentionMask(causal=False, doc_ids=doc_ids, doc_causal=True)  # flex needs no dense mask
     if key_ok is None and doc_ids is None and not windowed:
         if past_len == 0:
             return AttentionMask(causal=True)
@@ -122,7 +141,8 @@ def build_attention_mask(
     # A query always sees itself, so no row of the mask is empty (SDPA returns NaN for empty rows);
     # this only changes the outputs at padding positions, which nothing reads.
     allowed = allowed | (k_pos == q_pos)[None]
-    return AttentionMask(causal=False, mask=allowed[:, None], doc_ids=doc_ids)  # (B|1, 1, q_len, kv_len)
+    # (B|1, 1, q_len, kv_len)
+    return AttentionMask(causal=False, mask=allowed[:, None], doc_ids=doc_ids, doc_causal=doc_causal)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -133,9 +153,53 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, n_kv, n_rep, t, hd).reshape(b, n_kv * n_rep, t, hd)
 
 
+def _flex_attention(on_cuda: bool) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not on_cuda:
+        return flex_attention
+    if "fn" not in _compiled_flex:  # compiled once per process, on first use
+        _compiled_flex["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex["fn"]
+
+
+def _block_mask(mask: AttentionMask, q: torch.Tensor):
+    """The flex BlockMask of this forward (cached on `mask`, so every layer and the recompute share it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    bm = mask._bias.get("flex")
+    if bm is None:
+        B, T = q.shape[0], q.shape[2]
+        doc = mask.doc_ids
+        if doc is None:
+            def pattern(b, h, qi, ki):
+                return ki <= qi
+        else:
+            def pattern(b, h, qi, ki):
+                return (ki <= qi) & (doc[b, qi] == doc[b, ki])
+        bm = mask._bias["flex"] = create_block_mask(pattern, B if doc is not None else None, None, T, T,
+                                                    device=q.device)
+    return bm
+
+
+def _flex_for_packed(device: torch.device) -> bool:
+    """Whether packed rows go to flex (then `build_attention_mask` skips the dense (B, T, T) mask)."""
+    name = _backend["name"]
+    return name == "flex" or (name == "auto" and device.type == "cuda")
+
+
+def _use_flex(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
+    if mask.doc_causal and mask.mask is None:
+        return True
+    # Plain causal self-attention (no cache) goes to flex only when asked for.
+    return _backend["name"] == "flex" and mask.causal and q.shape[2] == k.shape[2]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd)."""
     n_rep = q.shape[1] // k.shape[1]
+    if _use_flex(q, k, mask):
+        return _flex_attention(q.is_cuda)(q, k, v, block_mask=_block_mask(mask, q), enable_gqa=n_rep > 1)
     if mask.causal and _SDPA_HAS_GQA:
         # The flash kernel takes GQA natively when there is no mask tensor.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)

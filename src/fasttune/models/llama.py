@@ -1,27 +1,31 @@
 """Our Llama-family causal LM (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM) in plain PyTorch.
 
-Reads top to bottom: config -> RMSNorm and rotary embedding -> attention -> MLP -> decoder layer -> model.
+Reads top to bottom: config -> RMSNorm -> attention -> MLP -> decoder layer -> model (RoPE tables: rotary.py).
 Parameter names are Hugging Face's (`model.layers.N.self_attn.q_proj`, ...), so an HF state dict loads
-as is. `use_kernels` picks the fasttune kernels (Triton where present) or their PyTorch references.
+as is. `use_kernels` picks the fasttune kernels (Triton where present) or their PyTorch references; with it
+on, attention and MLP projections that are all LoRA layers run as one fused autograd node each (`lora_qkv`,
+`lora_mlp`: one saved input, no gradients of the frozen base, the MLP's largest activation recomputed).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.cross_entropy import linear_cross_entropy
+from fasttune.kernels.lora import LoRAWeights, lora_mlp, lora_qkv
 from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
 from fasttune.kernels.swiglu import swiglu, swiglu_reference
+from fasttune.lora.layer import LoRALinear
+from fasttune.models.activations import CHECKPOINT_MODES, run_layers
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
 from fasttune.models.kv_cache import KVCache
+from fasttune.models.rotary import RotaryEmbedding, rope_inv_freq  # noqa: F401  (importable from here)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = {  # rope_scaling["rope_type"] -> keys it needs
@@ -29,7 +33,6 @@ ROPE_TYPES = {  # rope_scaling["rope_type"] -> keys it needs
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-CHECKPOINT_MODES = ("off", "on", "offload")
 
 
 @dataclass
@@ -100,70 +103,23 @@ class RMSNorm(nn.Module):
         return op(x, self.weight, self.eps)
 
 
-def rope_inv_freq(
-    head_dim: int,
-    theta: float,
-    rope_scaling: dict | None,
-    max_position_embeddings: int,
-    seq_len: int | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """Inverse frequencies (head_dim // 2,) in fp32, computed exactly as transformers does per rope_type."""
-    kind = rope_scaling["rope_type"] if rope_scaling else "default"
-    if kind == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
-        # NTK-aware: stretch the base once the sequence outgrows the trained context.
-        factor = rope_scaling["factor"]
-        stretch = (factor * seq_len / max_position_embeddings) - (factor - 1)
-        theta = theta * stretch ** (head_dim / (head_dim - 2))
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)  # (hd/2,)
-    if kind == "linear":
-        inv_freq = inv_freq / rope_scaling["factor"]
-    elif kind == "llama3":
-        factor = rope_scaling["factor"]
-        low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
-        old_len = rope_scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables (B, T, head_dim) computed in fp32, cast to the activations' dtype."""
-
-    def __init__(
-        self, head_dim: int, theta: float, rope_scaling: dict | None, max_position_embeddings: int
-    ) -> None:
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.rope_scaling, self.max_position_embeddings = rope_scaling, max_position_embeddings
-        self.register_buffer("inv_freq", self._compute(), persistent=False)
-
-    def _compute(self, seq_len: int | None = None, device: torch.device | None = None) -> torch.Tensor:
-        return rope_inv_freq(
-            self.head_dim, self.theta, self.rope_scaling, self.max_position_embeddings, seq_len, device
-        )
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
-        if inv_freq.dtype != torch.float32 or inv_freq.device != position_ids.device:
-            # Built on the meta device or cast with model.to(bf16): fp32 frequencies matter, recompute them.
-            inv_freq = self.inv_freq = self._compute(device=position_ids.device)
-        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "dynamic":
-            seq_len = int(position_ids.max()) + 1
-            if seq_len > self.max_position_embeddings:
-                inv_freq = self._compute(seq_len, position_ids.device)
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 # ---------------------------------------------------------------- attention, MLP, block
+
+
+def fused_lora_weights(*projs: nn.Module) -> list[LoRAWeights] | None:
+    """The projections as the fused LoRA kernels take them, or None when one of them cannot go there
+    (a plain or merged linear, active dropout, an 8-bit or FP4 base, the kernel switch off)."""
+    out = []
+    for p in projs:
+        if not isinstance(p, LoRALinear) or not p.use_kernel or p.merged:
+            return None
+        if p.training and isinstance(p.lora_dropout, nn.Dropout):
+            return None
+        weight = p.kernel_weight()
+        if weight is None:
+            return None
+        out.append(LoRAWeights(weight, p.base_layer.bias, p.lora_A.weight, p.lora_B.weight, p.scaling))
+    return out
 
 
 class Attention(nn.Module):
@@ -202,9 +158,14 @@ class Attention(nn.Module):
         layer_idx: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        fused = fused_lora_weights(self.q_proj, self.k_proj, self.v_proj) if self.use_kernels else None
+        if fused is not None:
+            q, k, v = lora_qkv(x, *fused)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         rope_op = apply_rope if self.use_kernels else apply_rope_reference
@@ -226,6 +187,10 @@ class MLP(nn.Module):
         self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            fused = fused_lora_weights(self.gate_proj, self.up_proj, self.down_proj)
+            if fused is not None:
+                return lora_mlp(x, *fused)
         op = swiglu if self.use_kernels else swiglu_reference
         return self.down_proj(op(self.gate_proj(x), self.up_proj(x)))
 
@@ -275,6 +240,7 @@ class LlamaModel(nn.Module):
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )
         self.gradient_checkpointing = "off"
+        self.keep_layers = 0  # 'selective': trailing layers that keep their activations
 
     def forward(
         self,
@@ -302,14 +268,10 @@ class LlamaModel(nn.Module):
             sliding_window=self.config.sliding_window, device=input_ids.device,
         )
         mode = self.gradient_checkpointing
-        recompute = mode != "off" and self.training and torch.is_grad_enabled() and kv_cache is None
-        for i, layer in enumerate(self.layers):
-            if not recompute:
-                x = layer(x, rope, mask, kv_cache, i)
-            elif mode == "on":
-                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
-            else:
-                x = _offloaded_checkpoint(layer, x, rope, mask)
+        if not (self.training and torch.is_grad_enabled() and kv_cache is None):
+            mode = "off"
+        x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
+                       self.keep_layers)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -327,17 +289,6 @@ def default_position_ids(
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
         return pos[:, -length:]
     return torch.arange(past, past + length, device=device).expand(batch, length)
-
-
-def _offloaded_checkpoint(layer: nn.Module, x: torch.Tensor, rope, mask) -> torch.Tensor:
-    """Recompute `layer` in the backward and keep its input in (pinned) CPU memory until then.
-
-    The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where
-    it is called, so `save_on_cpu` moves exactly `x` off the device; rope and mask are not top-level
-    tensors (and are shared by every layer), so they stay where they are.
-    """
-    with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
-        return checkpoint(layer, x, rope, mask, use_reentrant=False)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -377,11 +328,16 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing(self) -> str:
         return self.model.gradient_checkpointing
 
-    def set_gradient_checkpointing(self, mode: str) -> None:
-        """'off', 'on' (recompute each layer in the backward) or 'offload' (also keep layer inputs on CPU)."""
+    def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0) -> None:
+        """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
+        or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
+        see `fasttune.models.activations`."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
+        if keep_layers < 0:
+            raise ValueError(f"keep_layers={keep_layers}: must be >= 0")
         self.model.gradient_checkpointing = mode
+        self.model.keep_layers = keep_layers if mode == "selective" else 0
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
+# (comma-separated: tests, micro, fast, peers, long, decode, loss), each under its own timeout, logs to $OUT.
+#   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
+set -u
+STEPS=${1:-tests,micro,fast}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" bench_logs
+START=$(date +%s)
+DEADLINE=${DEADLINE:-560}  # seconds from START after which no step starts
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
+left() { echo $((DEADLINE - ($(date +%s) - START))); }
+step() {  # step NAME TIMEOUT CMD...: run CMD if its time fits before the deadline
+  local name=$1 limit=$2; shift 2
+  local l; l=$(left)
+  if [ "$l" -lt 20 ]; then echo "=== $name: SKIPPED (deadline)"; return; fi
+  [ "$limit" -gt "$l" ] && limit=$l
+  echo "=== $name (limit ${limit}s, t=$(( $(date +%s) - START ))s)"
+  timeout "$limit" "$@" > "bench_logs/$name.log" 2>&1
+  echo "=== $name rc=$? ($(( $(date +%s) - START ))s)"
+  tail -n 25 "bench_logs/$name.log"
+}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
+
+B="python3 benchmarks/bench_train.py --out bench_logs/results.jsonl --log-dir bench_logs"
+if has tests; then
+  step pytest-kernels 150 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+  step pytest-models 120 python3 -m pytest -q -m gpu tests/models tests/lora -p no:cacheprovider
+fi
+has micro && step micro 90 python3 benchmarks/micro_gpu.py
+if has fast; then
+  step fast-bf16-8 240 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \
+    --variants offload on offload+ref budget:19.6 budget:43 offload+flex
+  step fast-qlora-8 180 $B --stacks fasttune --modes qlora --batches 8 --profile 1 \
+    --variants offload on offload+ref budget:10.0
+  step fast-2 120 $B --stacks fasttune --modes bf16 qlora --batches 2 --variants offload on
+fi
+if has peers; then
+  step peers-8 540 $B --stacks fasttune unsloth hf liger --modes bf16 qlora --batches 8 \
+    --variants ${VARIANTS:-offload}
+fi
+if has long; then
+  step long $(left) $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 131072 \
+    --shape llama-2-7b --variants ${LONG_VARIANTS:-offload}
+fi
+has decode && step decode 150 python3 benchmarks/bench_decode.py
+echo "=== total $(( $(date +%s) - START ))s"
+tar czf "$OUT/bench_logs.tgz" bench_logs
+cp bench_logs/results.jsonl "$OUT/" 2>/dev/null
+for f in bench_logs/profile-*.txt; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+python3 - <<'EOF'
+import json, sys
+sys.path.insert(0, "benchmarks")
+from bench_train import print_table
+try:
+    rows = [json.loads(l) for l in open("bench_logs/results.jsonl")]
+except FileNotFoundError:
+    rows = []
+print_table(rows)
+EOF

@@ -1,0 +1,142 @@
+"""Ceilings and building blocks of the training step on the GPU at hand, in one short run.
+
+    python benchmarks/micro_gpu.py [--tokens 16384]
+
+Prints: bf16 matrix-product rate (the FLOP ceiling), device copy bandwidth, pinned host<->device bandwidth
+(what offloaded checkpointing can hide), attention forward+backward for the Llama-3.1-8B head layout with
+each backend, and the fused LoRA projections against plain torch at the benchmark's token count.
+Times are medians of CUDA-event timings (`triton.testing.do_bench`) on fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def ceilings() -> None:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = ms(lambda: a @ b)
+    print(f"matmul 8192^3 bf16: {t:.3f} ms = {2 * 8192**3 / t / 1e9:.0f} TFLOP/s")
+    x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
+    t = ms(lambda: x @ w.t())
+    print(f"matmul 16384x4096 @ 4096x14336: {t:.3f} ms = {2 * 16384 * 4096 * 14336 / t / 1e9:.0f} TFLOP/s")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = ms(lambda: dst.copy_(src))
+    print(f"device copy 1 GiB: {t:.3f} ms = {2 * 2**30 / t / 1e6:.0f} GB/s (read + write)")
+    n = 16384 * 4096 * 2  # one layer input at 8 x 2048 tokens, bf16
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    t = ms(lambda: host.copy_(dev, non_blocking=True))
+    print(f"device -> pinned host {n / 2**20:.0f} MiB: {t:.3f} ms = {n / t / 1e6:.1f} GB/s")
+    t = ms(lambda: dev.copy_(host, non_blocking=True))
+    print(f"pinned host -> device {n / 2**20:.0f} MiB: {t:.3f} ms = {n / t / 1e6:.1f} GB/s")
+
+
+def attention(batch: int, seq: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fasttune.models.attention import attend, build_attention_mask, set_attention_backend
+
+    q = torch.randn(batch, 32, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(batch, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(batch, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(q)
+
+    def fwd_bwd(f):
+        def run():
+            out = f()
+            torch.autograd.grad(out, (q, k, v), dy)
+        return run
+
+    causal = build_attention_mask(seq, device=q.device)
+    rows = torch.arange(seq, device="cuda") % (seq // 4)  # four packed rows per sequence
+    packed_pos = rows.expand(batch, seq)
+    cases = {
+        "sdpa causal, GQA (ours)": lambda: attend(q, k, v, causal),
+        "sdpa causal, K/V repeated": lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True),
+    }
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def forced(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        cases[f"sdpa causal GQA forced {name}"] = forced
+    for name, fn in cases.items():
+        try:
+            print(f"attention {batch}x{seq} {name}: fwd+bwd {ms(fwd_bwd(fn)):.3f} ms")
+        except Exception as e:  # a backend that does not take this case says so
+            print(f"attention {batch}x{seq} {name}: n/a ({type(e).__name__}: {str(e)[:80]})")
+    for backend in ("flex", "auto"):
+        set_attention_backend(backend)
+        label = "flex causal" if backend == "flex" else "packed rows (auto: flex)"
+        mask = causal if backend == "flex" else build_attention_mask(seq, position_ids=packed_pos,
+                                                                     device=q.device)
+        t = ms(fwd_bwd(lambda m=mask: attend(q, k, v, m)))
+        print(f"attention {batch}x{seq} {label}: fwd+bwd {t:.3f} ms")
+    set_attention_backend("auto")
+
+
+def lora_ops(tokens: int) -> None:
+    from fasttune.kernels.lora import LoRAWeights, lora_mlp, lora_qkv
+
+    H, Inter, r = 4096, 14336, 16
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def proj(i, o):
+        return LoRAWeights(torch.randn(o, i, device="cuda", dtype=torch.bfloat16) * 0.02, None,
+                           (torch.randn(r, i, device="cuda") * 0.02).requires_grad_(),
+                           (torch.randn(o, r, device="cuda") * 0.02).requires_grad_(), 1.0)
+
+    g, u, d = proj(H, Inter), proj(H, Inter), proj(Inter, H)
+    q, k, v = proj(H, 4096), proj(H, 1024), proj(H, 1024)
+    dy = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+
+    def mlp_fused():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = lora_mlp(x, g, u, d)
+        y.backward(dy)
+
+    def mlp_plain():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            def lin(t, p):
+                return F.linear(t, p.weight) + F.linear(F.linear(t, p.lora_A), p.lora_B) * p.scaling
+            y = lin(F.silu(lin(x, g)) * lin(x, u), d)
+        y.backward(dy)
+
+    def qkv_fused():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = lora_qkv(x, q, k, v)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    flops_mlp = 3 * 2 * tokens * H * Inter * 2  # forward + input-gradient backward, frozen weights
+    for name, fn, fl in (("lora_mlp fused", mlp_fused, flops_mlp), ("mlp plain torch", mlp_plain, flops_mlp),
+                         ("lora_qkv fused", qkv_fused, 2 * 2 * tokens * H * 6144)):
+        t = ms(fn)
+        print(f"{name} {tokens} tokens fwd+bwd: {t:.2f} ms = {fl / t / 1e9:.0f} TFLOP/s of base products")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, default=16384)
+    args = p.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__)
+    ceilings()
+    attention(8, 2048)
+    attention(1, 32768)
+    lora_ops(args.tokens)
+
+
+if __name__ == "__main__":
+    main()
