@@ -42,7 +42,7 @@ def test_held_out_prompt_comes_from_the_runs_eval_set(run_dir, tmp_path):
         json.dumps(
             {
                 "model": json.loads((run_dir / "run.yaml").read_text())["model"],
-                "data": {"dataset": "builtin:lumen", "eval_dataset": None},
+                "data": {"dataset": "builtin:lumen", "eval_dataset": "auto"},
             }
         )
     )

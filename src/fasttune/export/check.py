@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fasttune.data.templates import PromptContract, encode_prompt, render_prompt
+from fasttune.data.templates import PromptContract, encode_prompt, render_messages, render_prompt
 from fasttune.export.contract import load_contract, load_tokenizer, stop_token_ids
 from fasttune.export.source import ExportSource, resolve_source
 
@@ -65,34 +65,53 @@ class CheckResult:
         return "\n".join(lines)
 
 
+def _eval_source(data: dict) -> str | None:
+    """The run's held-out data as training chose it: eval_dataset, or for 'auto' a built-in's eval split."""
+    source, train = data.get("eval_dataset"), str(data.get("dataset") or "")
+    if source in (None, "", "none"):
+        return None
+    if source == "auto":
+        return train if train.startswith("builtin:") else None
+    return str(source)
+
+
+def _first_question(source: str, data: dict) -> dict[str, Any] | None:
+    from fasttune.data.sources import read_rows
+
+    instruction, inp = data.get("instruction_field", "instruction"), data.get("input_field", "input")
+    messages = data.get("messages_field", "messages")
+    split = "eval" if source.startswith("builtin:") else None
+    for _, row in read_rows(source, split):
+        if not isinstance(row, dict):
+            continue
+        if isinstance(row.get(instruction), str):
+            return {"instruction": row[instruction], "input": str(row.get(inp) or "")}
+        turns = row.get(messages)
+        if isinstance(turns, list) and any(isinstance(m, dict) and m.get("role") == "user" for m in turns):
+            last = max(i for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "user")
+            return {"messages": turns[: last + 1]}
+    return None
+
+
 def held_out_prompt(src: ExportSource, contract: PromptContract | None, tokenizer: Any) -> str:
     """The first held-out question of the run (its eval set, or the embedded one), rendered as in training."""
     data = src.run_yaml.get("data") or {}
-    source = data.get("eval_dataset") or (
-        data.get("dataset") if str(data.get("dataset", "")).startswith("builtin:") else None
-    )
-    question, extra = FALLBACK_PROMPT, ""
+    source = _eval_source(data)
+    question = None
     if source:
         try:
-            from fasttune.data.sources import read_rows
-
-            split = "eval" if str(source).startswith("builtin:") else None
-            for _, row in read_rows(str(source), split):
-                if isinstance(row, dict) and isinstance(
-                    row.get(data.get("instruction_field", "instruction")), str
-                ):
-                    question = row[data.get("instruction_field", "instruction")]
-                    extra = str(row.get(data.get("input_field", "input")) or "")
-                    break
-        except Exception:  # the check must not fail because the eval file moved; use the fallback
-            pass
+            question = _first_question(source, data)
+        except Exception:  # the check must not fail because the eval file moved: use the fallback
+            question = None
+    question = question or {"instruction": FALLBACK_PROMPT, "input": ""}
     if contract is None:
+        turns = question.get("messages") or [{"role": "user", "content": question["instruction"]}]
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
-        return question
-    return render_prompt(question, extra, contract, tokenizer)
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return turns[-1]["content"]
+    if "messages" in question:
+        return render_messages(question["messages"], contract, tokenizer)
+    return render_prompt(question["instruction"], question["input"], contract, tokenizer)
 
 
 @torch.no_grad()

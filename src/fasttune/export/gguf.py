@@ -169,6 +169,23 @@ def _write_hparams(w: gguf.GGUFWriter, cfg: dict, src: ExportSource, file_type: 
         )
 
 
+def _source_gguf_pre(src: ExportSource) -> str | None:
+    """`tokenizer.ggml.pre` of the GGUF file the base was converted from (the embedded preset, a .gguf
+    model_name): the converted tokenizer.json no longer spells it out (SmolLM splits single digits)."""
+    import json
+
+    from fasttune.models.loading import CACHE_MARKER
+
+    marker = src.base_dir / CACHE_MARKER
+    if not marker.is_file():
+        return None
+    source = Path(json.loads(marker.read_text()).get("source", ""))
+    if not source.is_file():
+        return None
+    field = gguf.GGUFReader(source).fields.get("tokenizer.ggml.pre")
+    return str(field.contents()) if field is not None else None
+
+
 def _rope_freqs(cfg: dict) -> torch.Tensor | None:
     """llama.cpp's `rope_freqs` for Llama 3.1 RoPE: the divisor of each default frequency."""
     from fasttune.models.hf import llama_config_from_hf
@@ -211,6 +228,7 @@ def export_gguf(
     vocab = vocab_from_tokenizer(
         tokenizer, cfg["vocab_size"], contract, chat_template_for(contract, tokenizer)
     )
+    vocab.pre = _source_gguf_pre(src) or vocab.pre
     plan = _plan(CheckpointReader(src.base_dir), cfg, arch, weight_type, embed_type)
     rope_freqs = _rope_freqs(cfg)
 
