@@ -14,8 +14,8 @@ from export_fixtures import peft_logits, save_llama, save_peft_adapter
 from safetensors.torch import load_file, save_file
 
 from fasttune.data.templates import PromptContract, render_messages, render_prompt
+from fasttune.export.checkpoint import ExportError
 from fasttune.export.merge import merge, parse_size
-from fasttune.export.source import ExportError
 
 
 def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:

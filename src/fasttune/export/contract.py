@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.data.templates import ALPACA_PROMPT_NO_INPUT, PromptContract
-from fasttune.export.source import ExportError, ExportSource
+from fasttune.export.checkpoint import ExportError
+from fasttune.export.source import ExportSource
 
 CONTRACT_FILE = "prompt_contract.json"
 

@@ -18,16 +18,10 @@ import gguf
 import numpy as np
 import torch
 
+from fasttune.export.checkpoint import CheckpointReader, ExportError, logical_specs
 from fasttune.export.contract import chat_template_for, load_contract, load_tokenizer
 from fasttune.export.gguf_tokenizer import vocab_from_tokenizer
-from fasttune.export.source import (
-    CheckpointReader,
-    ExportError,
-    ExportSource,
-    iter_merged,
-    logical_specs,
-    resolve_source,
-)
+from fasttune.export.source import ExportSource, iter_merged, resolve_source
 
 Q = gguf.GGMLQuantizationType
 # --type -> (type of the 2-D weights, type of token_embd/output, file type recorded in the header)

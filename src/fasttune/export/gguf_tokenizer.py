@@ -18,7 +18,7 @@ from typing import Any
 import gguf
 
 from fasttune.data.templates import PromptContract
-from fasttune.export.source import ExportError
+from fasttune.export.checkpoint import ExportError
 
 # Pre-tokenizer names llama.cpp knows, best first, for a split regex transformers' GGUF reader maps.
 _PREFERRED_PRE = ("llama-bpe", "qwen2", "tekken", "gpt-4o", "deepseek-r1-qwen", "smaug-bpe")

@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
+from fasttune.export.checkpoint import CheckpointReader, ExportError, logical_specs
 from fasttune.export.contract import write_tokenizer_files
-from fasttune.export.source import (
-    CheckpointReader,
-    ExportError,
-    ExportSource,
-    iter_merged,
-    logical_specs,
-    resolve_source,
-)
+from fasttune.export.source import ExportSource, iter_merged, resolve_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

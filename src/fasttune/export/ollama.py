@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.data.templates import ALPACA_PROMPT_NO_INPUT, PromptContract
+from fasttune.export.checkpoint import ExportError
 from fasttune.export.contract import load_contract, load_tokenizer
 from fasttune.export.gguf import export_gguf
-from fasttune.export.source import ExportError, resolve_source
+from fasttune.export.source import resolve_source
 
 MODELFILE = "Modelfile"
 _PROMPT, _SYSTEM = "\x00FT_PROMPT\x00", "\x00FT_SYSTEM\x00"
