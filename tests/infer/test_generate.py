@@ -10,9 +10,18 @@ from fasttune.infer.generate import GenerationStats, generate
 
 FAMILIES = {
     "llama_gqa": dict(model_type="llama"),
-    "llama3_rope_tied": dict(model_type="llama", tie_word_embeddings=True, rope_theta=500000.0,
-                             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                               high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "llama3_rope_tied": dict(
+        model_type="llama",
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
     "qwen2": dict(model_type="qwen2", attention_bias=True, attention_out_bias=False),
     "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=24),
     "mistral_window": dict(model_type="mistral", sliding_window=6),
@@ -29,8 +38,14 @@ def test_greedy_equals_transformers(family):
     hf = hf_twin(model)
     x = torch.tensor([prompt(7, 1)])
     ours = generate(model, x, max_new_tokens=24, eos_token_ids=[])
-    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
+    ref = hf.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(ours, ref)
 
 
@@ -49,8 +64,9 @@ def test_left_padded_batch_equals_transformers():
     hf = hf_twin(model)
     ids, mask = left_pad([prompt(8, 5), prompt(4, 6)])
     ours = generate(model, ids, mask, max_new_tokens=10, eos_token_ids=[])
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                      pad_token_id=0)
+    ref = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert torch.equal(ours, ref)
 
 
@@ -61,8 +77,9 @@ def test_sampling_equals_transformers_for_the_same_seed():
     kw = dict(do_sample=True, temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.1)
     ours = generate(model, x, max_new_tokens=16, eos_token_ids=[], seed=123, **kw)
     torch.manual_seed(123)
-    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, eos_token_id=None,
-                      pad_token_id=0, **kw)
+    ref = hf.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=16, eos_token_id=None, pad_token_id=0, **kw
+    )
     assert torch.equal(ours, ref)
     assert torch.equal(ours, generate(model, x, max_new_tokens=16, eos_token_ids=[], seed=123, **kw))
     assert not torch.equal(ours, generate(model, x, max_new_tokens=16, eos_token_ids=[], seed=124, **kw))
@@ -76,11 +93,11 @@ def test_eos_ends_a_row_and_later_tokens_are_padding():
     eos = int(free[0, -8 + 2])  # row 0's third new token becomes "EOS"
     # the first time row 1 produces that id (if ever) it stops too
     out = generate(model, ids, mask, max_new_tokens=8, eos_token_ids=[eos], pad_token_id=-1)
-    row0 = out[0, ids.shape[1]:].tolist()
+    row0 = out[0, ids.shape[1] :].tolist()
     first = row0.index(eos)
-    assert row0[:first + 1] == free[0, ids.shape[1]:ids.shape[1] + first + 1].tolist()
-    assert all(t == -1 for t in row0[first + 1:])
-    if eos not in free[1, ids.shape[1]:].tolist():
+    assert row0[: first + 1] == free[0, ids.shape[1] : ids.shape[1] + first + 1].tolist()
+    assert all(t == -1 for t in row0[first + 1 :])
+    if eos not in free[1, ids.shape[1] :].tolist():
         assert out.shape[1] == ids.shape[1] + 8 and out[1, -8:].tolist() == free[1, -8:].tolist()
 
 
@@ -100,10 +117,11 @@ def test_stop_strings_end_generation(smollm2_tokenizer):
     free = generate(model, x, max_new_tokens=10, eos_token_ids=[])
     new = free[0, 5:].tolist()
     stop = smollm2_tokenizer.decode(new[3:5])  # text of the 4th and 5th new tokens
-    out = generate(model, x, max_new_tokens=10, eos_token_ids=[], stop_strings=[stop],
-                   tokenizer=smollm2_tokenizer)
+    out = generate(
+        model, x, max_new_tokens=10, eos_token_ids=[], stop_strings=[stop], tokenizer=smollm2_tokenizer
+    )
     assert stop in smollm2_tokenizer.decode(out[0, 5:].tolist())
-    assert out.shape[1] <= 5 + 5 and torch.equal(out, free[:, :out.shape[1]])
+    assert out.shape[1] <= 5 + 5 and torch.equal(out, free[:, : out.shape[1]])
 
 
 class Recorder:
@@ -152,8 +170,9 @@ def test_generic_path_runs_transformers_generate():
     model = GenericCausalLM(hf)
     ids, mask = left_pad([prompt(6, 13), prompt(3, 14)])
     ours = generate(model, ids, mask, max_new_tokens=8, eos_token_ids=[])
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                      eos_token_id=None)
+    ref = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     assert torch.equal(ours, ref)
 
 
@@ -166,8 +185,10 @@ def test_compiled_step_equals_eager():
     assert torch.equal(eager, compiled)
     # a second call with another prompt length reuses the compiled step and its buffers
     y = torch.tensor([prompt(9, 16)])
-    assert torch.equal(generate(model, y, max_new_tokens=5, eos_token_ids=[], compile=True),
-                       generate(model, y, max_new_tokens=5, eos_token_ids=[]))
+    assert torch.equal(
+        generate(model, y, max_new_tokens=5, eos_token_ids=[], compile=True),
+        generate(model, y, max_new_tokens=5, eos_token_ids=[]),
+    )
 
 
 @pytest.mark.slow
@@ -180,6 +201,30 @@ def test_smollm2_greedy_equals_transformers(smollm2):
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     x = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     ours = generate(model, x, max_new_tokens=20, eos_token_ids=[])
-    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
-                      eos_token_id=None, pad_token_id=tok.pad_token_id)
-    assert torch.equal(ours, ref), (tok.decode(ours[0, x.shape[1]:]), tok.decode(ref[0, x.shape[1]:]))
+    ref = hf.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
+    assert torch.equal(ours, ref), (tok.decode(ours[0, x.shape[1] :]), tok.decode(ref[0, x.shape[1] :]))
+
+
+def test_decode_modes_are_checked():
+    from fasttune.infer.static_decode import decode_mode
+
+    assert [decode_mode(c) for c in (False, None, True, "cuda_graph")] == [
+        "eager",
+        "eager",
+        "compile",
+        "cuda_graph",
+    ]
+    with pytest.raises(ValueError, match="compile='graph'"):
+        decode_mode("graph")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            generate(
+                make_model(), torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_ids=[], compile="cuda_graph"
+            )

@@ -47,9 +47,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -
     g.add_argument("--repetition_penalty", type=float, default=1.0, metavar="X",
                    help="Penalise tokens already in the text; 1.0 is off (default: 1.0)")
     g.add_argument("--seed", type=int, default=None, metavar="N", help="Seed for sampling (default: none)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step (CUDA graphs on a GPU; the first call compiles) "
-                        "(default: off)")
+    g.add_argument("--compile", nargs="?", const="compile", default=None, choices=("compile", "cuda_graph"),
+                   help="Faster decoding on a GPU: 'compile' (torch.compile with CUDA graphs; the first call "
+                        "compiles) or 'cuda_graph' (the eager step recorded once) (default: off; bare "
+                        "--compile means compile)")
 
 
 def _parser(subs: argparse._SubParsersAction, name: str, help_text: str, description: str,
@@ -129,7 +130,7 @@ def _load(args: argparse.Namespace):
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, compile=args.compile)
+                seed=args.seed, compile=args.compile or False)
 
 
 def _prompt_ids(args: argparse.Namespace, im) -> list[int]:

@@ -86,7 +86,7 @@ def iter_tokens(
     stop_strings: Sequence[str] | None = None,
     tokenizer: Any = None,
     seed: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     stats: GenerationStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64, one step at a time; finished rows yield `pad_token_id`.
@@ -126,7 +126,7 @@ def iter_tokens(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) real tokens counted from 0
 
-    with _reference_ops(model, compile):
+    with _reference_ops(model, decoder.mode == "compile"):
         t0 = time.perf_counter()
         out = model(input_ids, position_ids=positions, attention_mask=mask.long(),
                     kv_cache=static.start(mask), logits_to_keep=1)
@@ -179,14 +179,15 @@ def generate(
     tokenizer: Any = None,
     seed: int | None = None,
     streamer: Any = None,
-    compile: bool = False,
+    compile: bool | str = False,
     stats: GenerationStats | None = None,
 ) -> torch.Tensor:
     """Prompt + generated ids, (B, T + n), like transformers' `generate`; rows that finish early are padded.
 
     input_ids: (B, T) left-padded when B > 1, with `attention_mask` (B, T) of 1/0.
     eos_token_ids: None takes the tokenizer's EOS; [] runs to `max_new_tokens`.
-    compile: torch.compile the one-token step (CUDA graphs on a GPU); the first call compiles.
+    compile: True compiles the one-token step with torch.compile (CUDA graphs on a GPU; the first call
+    compiles); 'cuda_graph' records the eager step (our Triton kernels included) into a CUDA graph.
     streamer: anything with `put(tensor)` / `end()` (transformers' TextStreamer): it gets the prompt, then
     each step's (B,) tokens.
     """

@@ -94,51 +94,111 @@ def decode_step(
     return model.lm_head(inner.norm(x))[:, -1].float()  # (B, V)
 
 
-class Decoder:
-    """The step function for one model: eager, or compiled once and reused, with its cache buffers."""
+MODES = ("eager", "compile", "cuda_graph")
 
-    def __init__(self, model: nn.Module, compile: bool) -> None:
-        self.compile = compile
-        self.cuda_graphs = False
+
+def decode_mode(compile: bool | str | None) -> str:
+    """generate's `compile` argument -> 'eager', 'compile' (torch.compile; CUDA graphs on a GPU) or
+    'cuda_graph' (the eager step, kernels as they are, captured once in a CUDA graph and replayed)."""
+    if compile in (False, None, "eager"):
+        return "eager"
+    if compile in (True, "compile"):
+        return "compile"
+    if compile == "cuda_graph":
+        return "cuda_graph"
+    raise ValueError(f"compile={compile!r}: expected False, True ('compile') or 'cuda_graph'")
+
+
+class Decoder:
+    """The step function for one model, with the cache buffers it was built or captured for.
+
+    eager: `decode_step` as it is. compile: torch.compile of it (reduce-overhead = CUDA graphs on a GPU:
+    at batch 1 a token is hundreds of small kernels, and launching them one by one costs more than running
+    them). cuda_graph: the eager step recorded once per cache shape into a torch.cuda.CUDAGraph; each token
+    copies its three small inputs into the graph's input tensors and replays it.
+    """
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"decode mode {mode!r}: expected one of {MODES}")
+        on_cuda = model.get_input_embeddings().weight.is_cuda
+        if mode == "cuda_graph" and not on_cuda:
+            raise ValueError("compile='cuda_graph' needs the model on a CUDA device")
+        self.mode = mode
+        self.cuda_graphs = on_cuda and mode != "eager"
         self.static: StaticKV | None = None
+        self.weights: tuple[int, ...] = ()
         self.fn: Callable = decode_step
-        if compile:
-            emb = model.get_input_embeddings().weight
-            # reduce-overhead = CUDA graphs: at batch 1 a token is ~400 small kernels, and launching them
-            # one by one costs more than running them.
-            self.cuda_graphs = emb.is_cuda
-            mode = "reduce-overhead" if self.cuda_graphs else "default"
-            self.fn = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+        if mode == "compile":
+            compile_mode = "reduce-overhead" if on_cuda else "default"
+            self.fn = torch.compile(decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_io: tuple[torch.Tensor, ...] = ()
 
     def buffers_for(self, model: nn.Module, batch_size: int, max_len: int) -> StaticKV:
-        """Reuse the buffers when the shape and dtype match (a compiled step then runs without retracing)."""
-        if not self.compile:
-            return StaticKV(model, batch_size, max_len)  # eager: nothing to keep alive between calls
+        """Reuse the buffers when shape, dtype and weights match (no retrace, no recapture)."""
+        if self.mode == "eager":
+            return StaticKV(model, batch_size, max_len)  # nothing to keep alive between calls
         emb = model.get_input_embeddings().weight
+        # A captured graph reads weights by address: moving or reloading the model must recapture.
+        weights = tuple(p.data_ptr() for p in model.parameters())
         s = self.static
         if s is None or s.k.shape[1] != batch_size or s.max_len != max_len or s.k.dtype != emb.dtype \
-                or s.k.device != emb.device:
+                or s.k.device != emb.device or weights != self.weights:
+            self.static, self.graph, self.weights = None, None, weights
             self.static = s = StaticKV(model, batch_size, max_len)
         return s
 
     def __call__(self, model, static, input_ids, position_ids, slot) -> torch.Tensor:
-        if self.cuda_graphs:
+        if self.mode == "cuda_graph":
+            return self._replay(model, static, input_ids, position_ids, slot)
+        if self.mode == "compile" and self.cuda_graphs:
             # The previous step's outputs live in the graph's memory pool; we are done with them.
             torch.compiler.cudagraph_mark_step_begin()
         return self.fn(model, static, input_ids, position_ids, slot)
+
+    def _replay(self, model, static, input_ids, position_ids, slot) -> torch.Tensor:
+        if self.graph is None:
+            self._capture(model, static, input_ids, position_ids, slot)
+        ids, pos, at, out = self.graph_io
+        ids.copy_(input_ids)
+        pos.copy_(position_ids)
+        at.copy_(slot)
+        self.graph.replay()
+        return out  # overwritten by the next replay; the caller is done with it by then
+
+    def _capture(self, model, static, input_ids, position_ids, slot) -> None:
+        """Warm up on a side stream (Triton kernels compile and load there), then record one step.
+
+        The warm-up steps run for real at this step's slot with this step's token, so they write exactly
+        what the replay that follows writes again.
+        """
+        ids, pos, at = input_ids.clone(), position_ids.clone(), slot.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decode_step(model, static, ids, pos, at)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_step(model, static, ids, pos, at)
+        self.graph, self.graph_io = graph, (ids, pos, at, out)
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def decoder_for(model: nn.Module, compile: bool) -> Decoder:
+def decoder_for(model: nn.Module, compile: bool | str) -> Decoder:
     """The cached Decoder of `model` (compiled ones are worth keeping: compiling takes seconds to minutes)."""
+    mode = decode_mode(compile)
     per_model = _DECODERS.setdefault(model, {})
-    if compile not in per_model:
-        per_model[compile] = Decoder(model, compile)
-    return per_model[compile]
+    if mode not in per_model:
+        per_model[mode] = Decoder(model, mode)
+    return per_model[mode]
 
 
-def bucket_length(n: int, compile: bool, step: int = 256) -> int:
-    """Cache length for n slots: exact when eager; rounded up when compiled so few shapes ever compile."""
-    return n if not compile else -(-n // step) * step
+def bucket_length(n: int, compile: bool | str, step: int = 256) -> int:
+    """Cache length for n slots: exact when eager; rounded up when compiled or captured, so that few shapes
+    are ever compiled or recorded."""
+    return n if decode_mode(compile) == "eager" else -(-n // step) * step
