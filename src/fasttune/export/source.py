@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 
 from fasttune.export.checkpoint import CheckpointReader, ExportError, is_bnb_4bit, logical_keys, read_logical
 
+# ExportError is re-exported: cli.py catches it as `fasttune.export.source.ExportError`.
+__all__ = ["ExportError", "ExportSource", "iter_merged", "read_adapter", "resolve_source"]
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
