@@ -132,6 +132,7 @@ def iter_tokens(
                     kv_cache=static.start(mask), logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B, V)
         next_pos = positions[:, -1:] + 1  # (B, 1)
+        slot = torch.tensor([T], device=device)  # the cache slot of the next token, kept on the device
         stats.prompt_tokens = T
         first = True
         for i in range(max_new_tokens):
@@ -157,8 +158,9 @@ def iter_tokens(
                 break
             t0 = time.perf_counter()
             feed = token.clamp(0, vocab - 1)[:, None]  # finished rows feed their pad id, which may be -1
-            logits = decoder(model, static, feed, next_pos, torch.tensor([cur], device=device))
+            logits = decoder(model, static, feed, next_pos, slot)
             next_pos = next_pos + 1
+            slot = slot + 1
 
 
 @torch.no_grad()
