@@ -110,7 +110,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     """Apply one variant, e.g. 'offload', 'on+ref' (kernels off), 'selective:4', 'budget:19.6+flex'.
 
     First token: off | on | offload | selective:K | budget:GiB (selective, K from the memory estimate).
-    Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend).
+    Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend),
+    plain (offloading modes recompute whole layers through torch's checkpoint, not in halves).
     """
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
@@ -129,6 +130,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
     elif mode == "selective":
         keep = int(arg or 0)
     model.set_gradient_checkpointing(mode, keep_layers=keep)
+    model.model.recompute_halves = "plain" not in flags
     est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, **est_kw)
     print(f"[{variant}] keep_layers={keep} {est.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
@@ -248,6 +250,11 @@ def worker(args) -> list[dict]:
             row["tokens_per_s"] = args.batch * args.seq / row["step_s"]
         except torch.cuda.OutOfMemoryError:
             row["error"] = "OOM"
+        except Exception as e:  # one broken variant must not cost the others their numbers
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
         for p in params:
             p.grad = None
         gc.collect()

@@ -33,11 +33,11 @@ if has tests; then
 fi
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
 if has fast; then
-  step fast-bf16-8 240 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \
-    --variants offload on offload+ref budget:19.6 budget:43 offload+flex
-  step fast-qlora-8 180 $B --stacks fasttune --modes qlora --batches 8 --profile 1 \
-    --variants offload on offload+ref budget:10.0
-  step fast-2 120 $B --stacks fasttune --modes bf16 qlora --batches 2 --variants offload on
+  step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \
+    --variants offload offload+plain on offload+ref budget:19.6 budget:43
+  step fast-qlora-8 160 $B --stacks fasttune --modes qlora --batches 8 --profile 1 \
+    --variants offload offload+plain on offload+ref budget:10.0
+  step fast-2 100 $B --stacks fasttune --modes bf16 qlora --batches 2 --variants offload on
 fi
 if has peers; then
   step peers-8 540 $B --stacks fasttune unsloth hf liger --modes bf16 qlora --batches 8 \

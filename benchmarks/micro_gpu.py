@@ -82,7 +82,7 @@ def attention(batch: int, seq: int) -> None:
         set_attention_backend(backend)
         label = "flex causal" if backend == "flex" else "packed rows (auto: flex)"
         mask = causal if backend == "flex" else build_attention_mask(seq, position_ids=packed_pos,
-                                                                     device=q.device)
+                                                                     device=q.device, head_dim=128)
         t = ms(fwd_bwd(lambda m=mask: attend(q, k, v, m)))
         print(f"attention {batch}x{seq} {label}: fwd+bwd {t:.3f} ms")
     set_attention_backend("auto")

@@ -211,7 +211,7 @@ def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model
     packed = []
     inner = activations.LayerInputOffloader.pack
     monkeypatch.setattr(activations.LayerInputOffloader, "pack",
-                        lambda self, t: (packed.append(tuple(t.shape)), inner(self, t))[1])
+                        lambda self, t: (t.numel() and packed.append(tuple(t.shape)), inner(self, t))[1])
     model = tiny_model(num_hidden_layers=3).train()
     model.set_gradient_checkpointing("offload")
     x = torch.randint(0, 97, (2, 9))
@@ -263,6 +263,39 @@ def test_fused_lora_path_matches_unfused(tiny_model, monkeypatch):
     loss, grads = _loss_and_grads(model, ids, tgt, pos)
     assert calls.count("qkv") == calls.count("mlp") == model.config.num_hidden_layers
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
+def test_recompute_in_halves_matches_off_and_skips_output_products(tiny_model, monkeypatch, mode, keep):
+    """Offloading modes on the fused path rerun each half of a layer for its backward, without the o and
+    down projections' base products; loss and adapter gradients are those of no checkpointing."""
+    from fasttune.kernels import lora as lora_kernels
+    from fasttune.lora.apply import apply_lora
+
+    model = tiny_model(num_hidden_layers=3).train()
+    apply_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)
+    model.set_use_kernels(True)
+    assert all(layer.recompute_in_halves() for layer in model.model.layers)
+    _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
+    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+
+    products = []
+    inner = lora_kernels._forward
+    monkeypatch.setattr(lora_kernels, "_forward",
+                        lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
+    model.set_gradient_checkpointing(mode, keep_layers=keep)
+    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    down = (64, 96)  # (hidden, intermediate): the down projection's weight
+    assert products.count(down) == 3  # once per layer: never rerun
+    assert products.count((64, 64)) == 3 * 2 + 3 - keep  # q, o forward; q rerun in recomputed layers
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

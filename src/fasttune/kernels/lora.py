@@ -23,6 +23,12 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
 `lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
 the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buffer (in-place addmm).
 
+Recompute for a backward (`recompute_for_backward()`, used by the layer-level checkpoint of
+`models/activations.py`): the backward of `lora_linear` and `lora_mlp` never reads their output y, only x,
+the (N, r) products and (MLP) g, u. Inside that context they skip the output's base product (x W^T, and the
+down projection h W_d^T: a third of the MLP's forward FLOPs) and return a zero-stride placeholder of y's
+shape whose values must not be read; the gradients are exact.
+
 The matmuls run through torch (cuBLAS); the elementwise SwiGLU of `lora_mlp` runs the Triton kernel on CUDA.
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
 gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
@@ -31,7 +37,9 @@ gradients are returned in the adapters' own dtype. `weight` may be a dense tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -41,6 +49,27 @@ from fasttune.kernels._dispatch import use_triton
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 
 WeightLike = torch.Tensor | Callable[[], torch.Tensor]
+_state = threading.local()  # the autograd engine runs a backward on its own thread per device
+
+
+@contextlib.contextmanager
+def recompute_for_backward() -> Iterator[None]:
+    """Within: lora_linear and lora_mlp outputs are placeholders (see the module docstring)."""
+    before = getattr(_state, "skip_outputs", False)
+    _state.skip_outputs = True
+    try:
+        yield
+    finally:
+        _state.skip_outputs = before
+
+
+def _skipping() -> bool:
+    return getattr(_state, "skip_outputs", False)
+
+
+def _placeholder(like: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor of `shape` that owns one element: stands for an output nobody reads."""
+    return like.new_zeros(()).expand(*shape)
 
 
 class LoRAWeights(NamedTuple):
@@ -119,14 +148,22 @@ class LoRALinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, in)
         xl2 = None if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dt)  # (N, in)
-        w = _dense(dequant if weight is None else weight, dt)
         a, b = lora_A.to(dt), lora_B.to(dt)
-        y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2)
+        skip = _skipping()
+        if skip:
+            xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r); the output's products are skipped
+            w = weight.to(dt) if weight is not None and weight.dtype != dt else weight
+            y = _placeholder(x2, (x2.shape[0], lora_B.shape[0]))
+        else:
+            w = _dense(dequant if weight is None else weight, dt)
+            y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2)
         ctx.dequant, ctx.scaling = dequant, scaling
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, lora_A, lora_B, x_lora)]
         # x is needed only for dW (frozen: never) and for dA when there is no dropout (x' = x).
         keep_x = ctx.needs_input_grad[1] or x_lora is None
         ctx.save_for_backward(x2 if keep_x else None, xl2, xa, None if weight is None else w, a, b)
+        if skip:
+            return _placeholder(x2, (*shape[:-1], y.shape[-1]))
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -221,12 +258,18 @@ class LoRAMLPFunction(torch.autograd.Function):
         g, xag = _forward(x2, _dense_or(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg)  # (N, inter)
         u, xau = _forward(x2, _dense_or(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su)  # (N, inter)
         h = _silu_mul(g, u, triton)  # (N, inter)
-        y, had = _forward(h, _dense_or(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, hidden)
+        if _skipping():  # the backward needs only h A_d^T from the down projection
+            had = h @ lora[2][0].t()  # (N, r)
+            y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
+        else:
+            y, had = _forward(h, _dense_or(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
         del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd)]
         ctx.save_for_backward(x2, g, u, xag, xau, had, *dense, *lora[0], *lora[1], *lora[2])
+        if _skipping():
+            return _placeholder(x2, (*shape[:-1], y.shape[-1]))
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod

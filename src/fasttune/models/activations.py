@@ -8,6 +8,12 @@ saved inputs live.
     selective  the last `keep_layers` layers keep everything, the others recompute with offloaded inputs;
                `keep_layers` comes from the memory budget (`fasttune.models.memory.plan_keep_layers`)
 
+With the fused LoRA path, 'offload' and 'selective' recompute a layer in two halves (`LayerRecompute`): its
+input x and its midpoint x_mid = x + attn(x) both go to the host, and the backward of each half reruns only
+what that backward reads: RMSNorm, q/k/v and attention for the first half, RMSNorm, gate and up for the
+second. The o and down projections' base products (a quarter of a layer's matmul FLOPs) are not rerun
+(`kernels.lora.recompute_for_backward`), which an autograd-level checkpoint cannot know to skip.
+
 Keeping whole layers beats keeping parts of every layer: a Llama layer's MLP holds ~80% of its FLOPs and
 its two (tokens, intermediate) products most of its saved bytes, so FLOPs saved per byte kept are highest
 for whole layers. The trailing layers are the ones kept, because their activations are consumed first.
@@ -15,13 +21,23 @@ for whole layers. The trailing layers are the ones kept, because their activatio
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_MODES = ("off", "on", "offload", "selective")
+
+
+class _Halves(Protocol):
+    """A pre-norm residual layer, its two branches exposed: x_mid = x + attn(x), out = x_mid + mlp(x_mid)."""
+
+    def attn_branch(self, x: torch.Tensor, *args) -> torch.Tensor: ...
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor: ...
+    def recompute_in_halves(self) -> bool: ...
 
 
 class LayerInputOffloader:
@@ -41,9 +57,14 @@ class LayerInputOffloader:
         self.d2h: list[torch.cuda.Event | None] = []
         self.device = device
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.group: list[int] = []  # layer of each packed tensor: a layer's tensors are fetched together
+        self.layer = 0
 
-    def pack(self, t: torch.Tensor) -> int:
+    def pack(self, t: torch.Tensor) -> int | torch.Tensor:
+        if t.device != self.device or t.numel() == 0:  # the checkpoint's placeholder (CPU): keep it as it is
+            return t
         idx = len(self.host)
+        self.group.append(self.layer)
         if not self.cuda:
             self.host.append(t.detach().clone())
             self.d2h.append(None)
@@ -69,7 +90,9 @@ class LayerInputOffloader:
             done.record(stream)
         return dev, done
 
-    def unpack(self, idx: int) -> torch.Tensor:
+    def unpack(self, idx: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            return idx
         if not self.cuda:
             return self.host[idx]
         compute = torch.cuda.current_stream(self.device)
@@ -79,13 +102,63 @@ class LayerInputOffloader:
             dev.record_stream(compute)  # allocated on the side stream, used (and freed) on this one
         else:
             dev, _ = self._fetch(idx, compute)
-        if idx > 0 and idx - 1 not in self.prefetched:
-            self.prefetched[idx - 1] = self._fetch(idx - 1, self.stream)
-        # The host copy may be reused by the next step's forward once this one is read.
+        # Start copying back the previous layer's tensors, to overlap this layer's backward.
+        first = self.group.index(self.group[idx])
+        if first > 0:
+            prev = self.group[first - 1]
+            for j in range(first - 1, -1, -1):
+                if self.group[j] != prev:
+                    break
+                if j not in self.prefetched:
+                    self.prefetched[j] = self._fetch(j, self.stream)
         return dev
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class LayerRecompute(torch.autograd.Function):
+    """out = layer(x), keeping only x and x_mid; the backward reruns each half for its own gradients.
+
+    Inputs: x, the layer, the extra arguments of its attention branch, and `anchors` (tensors that require
+    grad, e.g. the layer's adapter weights, so that the output requires grad even when x does not). The
+    inner backwards accumulate parameter gradients straight into `.grad`, as a reentrant checkpoint does.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, layer, attn_args, *anchors):
+        with torch.no_grad():
+            x_mid = x + layer.attn_branch(x, *attn_args)
+            out = x_mid + layer.mlp_branch(x_mid)
+        ctx.layer, ctx.attn_args = layer, attn_args
+        ctx.save_for_backward(x, x_mid)
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, d_out):
+        from fasttune.kernels.lora import recompute_for_backward
+
+        x, x_mid = ctx.saved_tensors
+        layer = ctx.layer
+        with torch.enable_grad(), recompute_for_backward():
+            xm = x_mid.detach().requires_grad_(True)
+            torch.autograd.backward(layer.mlp_branch(xm), d_out)
+            d_mid = d_out + xm.grad  # out = x_mid + mlp(x_mid)
+            del xm
+            want_dx = ctx.needs_input_grad[0]  # not for layer 0 under a frozen embedding
+            xi = x.detach().requires_grad_(want_dx)
+            torch.autograd.backward(layer.attn_branch(xi, *ctx.attn_args), d_mid)
+            dx = d_mid + xi.grad if want_dx else None  # x_mid = x + attn(x)
+        return dx, None, None, *(None for _ in ctx.needs_input_grad[3:])
+
+
+def _host_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume the host is large enough
+        return 1 << 62
 
 
 def run_layers(
@@ -94,8 +167,13 @@ def run_layers(
     run: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
     mode: str,
     keep_layers: int,
+    attn_args: tuple = (),
+    halves: bool = True,
 ) -> torch.Tensor:
     """x through every layer (`run(layer, x, i)`), recomputing layers 0 .. n - keep_layers - 1 per `mode`.
+
+    With `halves` and an offloading mode, a layer that supports it (`_Halves.recompute_in_halves`) runs
+    through `LayerRecompute` with `layer.attn_branch(x, *attn_args)`.
 
     The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where it
     is called, so the offloader sees exactly each layer's input x; what `run` closes over (RoPE tables,
@@ -105,12 +183,20 @@ def run_layers(
     recompute_upto = 0 if mode == "off" else n - min(max(keep_layers, 0), n) if mode == "selective" else n
     offload = mode in ("offload", "selective") and recompute_upto > 0
     offloader = LayerInputOffloader(x.device) if offload else None
+    # Halves pin two tensors per layer on the host; keep that under 40% of its memory (long contexts).
+    halves = halves and 2 * recompute_upto * x.numel() * x.element_size() < 0.4 * _host_bytes()
     for i, layer in enumerate(layers):
         if i >= recompute_upto:
             x = run(layer, x, i)
         elif offloader is None:
             x = checkpoint(run, layer, x, i, use_reentrant=False)
+        elif halves and getattr(layer, "recompute_in_halves", lambda: False)():
+            offloader.layer = i
+            anchors = [p for p in layer.parameters() if p.requires_grad]
+            with offloader.hooks():
+                x = LayerRecompute.apply(x, layer, attn_args, *anchors)
         else:
+            offloader.layer = i
             with offloader.hooks():
                 x = checkpoint(run, layer, x, i, use_reentrant=False)
     return x

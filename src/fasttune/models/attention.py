@@ -95,12 +95,14 @@ def build_attention_mask(
     past_len: int = 0,
     sliding_window: int | None = None,
     device: torch.device | None = None,
+    head_dim: int | None = None,
 ) -> AttentionMask:
     """Decide the attention pattern of one forward of `q_len` new tokens after `past_len` cached ones.
 
     position_ids: (B, q_len); restarts at 0 mark packed rows (only looked at without a cache).
     attention_mask: (B, past_len + q_len) of 1 (real) / 0 (padding), or None.
     sliding_window: Mistral-style window (a query sees keys with q - k < window), or None.
+    head_dim: of the attention heads; packed rows go to flex only for the sizes its compiled kernels take.
     """
     kv_len = past_len + q_len
     key_ok = None
@@ -120,7 +122,7 @@ def build_attention_mask(
 
     windowed = sliding_window is not None and kv_len > sliding_window
     doc_causal = doc_ids is not None and key_ok is None and not windowed
-    if doc_causal and _flex_for_packed(doc_ids.device):
+    if doc_causal and _flex_for_packed(doc_ids.device, head_dim):
         return AttentionMask(causal=False, doc_ids=doc_ids, doc_causal=True)  # flex needs no dense mask
     if key_ok is None and doc_ids is None and not windowed:
         if past_len == 0:
@@ -182,10 +184,17 @@ def _block_mask(mask: AttentionMask, q: torch.Tensor):
     return bm
 
 
-def _flex_for_packed(device: torch.device) -> bool:
-    """Whether packed rows go to flex (then `build_attention_mask` skips the dense (B, T, T) mask)."""
+def _flex_for_packed(device: torch.device, head_dim: int | None) -> bool:
+    """Whether packed rows go to flex (then `build_attention_mask` skips the dense (B, T, T) mask).
+
+    Compiled flex_attention finds no kernel for some head sizes (24 on an H100 with torch 2.11): 'auto'
+    takes it for powers of two from 16 to 256 only.
+    """
     name = _backend["name"]
-    return name == "flex" or (name == "auto" and device.type == "cuda")
+    if name == "flex":
+        return True
+    pow2 = head_dim is not None and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    return name == "auto" and device.type == "cuda" and pow2
 
 
 def _use_flex(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:

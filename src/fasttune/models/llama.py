@@ -218,8 +218,20 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.attn_branch(x, rope, mask, kv_cache, layer_idx)
+        return x + self.mlp_branch(x)
+
+    def attn_branch(self, x, rope, mask, kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer_idx)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def recompute_in_halves(self) -> bool:
+        """Whether `activations.LayerRecompute` may rerun this layer: all seven projections fused."""
+        a, m = self.self_attn, self.mlp
+        projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        return a.use_kernels and fused_lora_weights(*projs) is not None
 
 
 # ---------------------------------------------------------------- the model
@@ -241,6 +253,7 @@ class LlamaModel(nn.Module):
         )
         self.gradient_checkpointing = "off"
         self.keep_layers = 0  # 'selective': trailing layers that keep their activations
+        self.recompute_halves = True  # offloading modes: `activations.LayerRecompute` where it applies
 
     def forward(
         self,
@@ -265,13 +278,13 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb(position_ids, x.dtype)  # cos, sin: (B, T, hd)
         mask = build_attention_mask(
             T, position_ids=position_ids, attention_mask=attention_mask, past_len=past,
-            sliding_window=self.config.sliding_window, device=input_ids.device,
+            sliding_window=self.config.sliding_window, device=input_ids.device, head_dim=self.config.head_dim,
         )
         mode = self.gradient_checkpointing
         if not (self.training and torch.is_grad_enabled() and kv_cache is None):
             mode = "off"
         x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
-                       self.keep_layers)
+                       self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)

@@ -5,7 +5,8 @@ The estimate adds four parts (bytes; N = batch x seq tokens, e = bytes per activ
     weights      16-bit tensors, or NF4 (half a byte per element plus block scales) for 4-bit linears
     adapters     LoRA A and B in fp32, their gradients, and the optimiser state (8-bit AdamW: 2 bytes/param)
     activations  what stays on the GPU between the forward and the backward: each recomputed layer's input
-                 x (N H e; none when offloaded), all saved tensors of each kept layer, the loss gradient
+                 x (N H e; when offloaded, x and x_mid of two layers only), all saved tensors of each kept
+                 layer, the loss gradient
     working      one layer's recompute and backward at once (its saved tensors, plus the MLP backward's
                  (N, intermediate) buffer and a few (N, H) gradients), or one chunk of loss logits
 Saved tensors of one layer on the fused path (`use_kernels`, per token, in elements of e bytes):
@@ -138,8 +139,8 @@ def estimate_memory(
     else:
         raise ValueError(f"memory estimate: checkpointing {checkpointing!r}")
     offloaded = checkpointing in ("offload", "selective")
-    # Offloaded inputs: one in flight each way (the copy back is started a layer ahead).
-    inputs = 2 * x_bytes if offloaded and recomputed else recomputed * x_bytes
+    # Offloaded: the layer in its backward and the one being copied back, each with x and x_mid.
+    inputs = 4 * x_bytes if offloaded and recomputed else recomputed * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
     activations = inputs + kept * saved + rope + loss_grad
