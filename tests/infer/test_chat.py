@@ -84,3 +84,11 @@ def test_a_tokenizer_without_chat_template_is_refused(smollm2_tokenizer):
 
     with pytest.raises(ValueError, match="chat template"):
         ChatSession(real_vocab_model(), NoTemplate())
+
+
+def test_printed_replies_drop_only_outer_blank_space():
+    from fasttune.infer.chat import write_pieces
+
+    out = io.StringIO()
+    write_pieces(["\n ", "Hello", " ", "", "world", "\n\n", "again", "  \n", "\n"], out)
+    assert out.getvalue() == "Hello world\n\nagain\n"

@@ -70,6 +70,24 @@ class ChatSession:
                       on_finish=remember, **self.generation)
 
 
+def write_pieces(pieces: Iterable[str], out: TextIO) -> None:
+    """Print text as it streams, then a newline; whitespace at the very end (the blank lines a model
+    often emits before EOS) is held back and dropped, and the leading whitespace of the reply too."""
+    held, started = "", False
+    for piece in pieces:
+        text = held + piece
+        body = text.rstrip()
+        held = text[len(body):]
+        if not started:
+            body = body.lstrip()
+            started = bool(body)
+        if body:
+            out.write(body)
+            out.flush()
+    out.write("\n")
+    out.flush()
+
+
 def repl(session: ChatSession, lines: Iterable[str] | None = None, out: TextIO | None = None,
          err: TextIO | None = None, show_prompt: bool | None = None) -> int:
     """Read messages line by line until /exit or the end of input; print each reply as it streams.
@@ -106,11 +124,7 @@ def repl(session: ChatSession, lines: Iterable[str] | None = None, out: TextIO |
         else:
             dropped = session.dropped_turns
             reply = session.send(text)
-            for piece in reply:
-                out.write(piece)
-                out.flush()
-            out.write("\n")
-            out.flush()
+            write_pieces(reply, out)
             replies += 1
             s = reply.stats
             note = f", {session.dropped_turns - dropped} oldest turn(s) dropped to fit" \

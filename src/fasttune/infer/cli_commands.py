@@ -163,6 +163,7 @@ def _stats_line(stats) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from fasttune.infer.chat import write_pieces
     from fasttune.infer.stream import stream
 
     im = _load(args)
@@ -171,12 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     reply = stream(im.model, im.tokenizer, ids, eos_token_ids=im.eos_token_ids, stop_strings=stops,
                    **_generation(args))
     if args.no_stream:
-        print(reply.read_all())
+        print(reply.read_all().strip())
     else:
-        for piece in reply:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        write_pieces(reply, sys.stdout)
     print(_stats_line(reply.stats), file=sys.stderr)
     return 0
 
