@@ -43,6 +43,10 @@ class RunResult:
     samples_before: list[Sample] = field(default_factory=list)
     samples_after: list[Sample] = field(default_factory=list)
     summary: str = ""
+    # the trained model in memory, to ask it more questions without loading the run again
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    contract: Any = field(default=None, repr=False)
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -140,47 +144,28 @@ def probe_questions() -> list[dict[str, Any]]:
 
 # ---- answers ------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def greedy_continue(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
-                    stop_ids: set[int]) -> list[int]:
-    """Greedy decoding without a cache: short answers from a small model, where simplicity wins."""
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([prompt_ids], device=device)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(ids, logits_to_keep=1).logits[0, -1]  # (V,)
-        token = int(logits.argmax())
-        if token in stop_ids:
-            break
-        new.append(token)
-        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-    return new
-
-
 def answer(model: torch.nn.Module, tokenizer: Any, contract: Any, questions: Sequence[dict[str, Any]],
            max_new_tokens: int = 48) -> list[Sample]:
     """The model's greedy answer to each question, rendered with the run's prompt contract."""
-    from fasttune.data.templates import encode_prompt, render_messages, render_prompt
+    from fasttune.data.templates import render_messages, render_prompt
+    from fasttune.infer.evaluate import greedy_answers
 
-    stop_ids = {contract.eos_id}
+    if not questions:
+        return []
+    stop_ids = [contract.eos_id]
     if contract.end_of_turn:
-        stop_ids.add(tokenizer.convert_tokens_to_ids(contract.end_of_turn))
-    was_training = model.training
-    model.eval()
-    samples = []
+        stop_ids.append(tokenizer.convert_tokens_to_ids(contract.end_of_turn))
+    prompts, shown = [], []
     for q in questions:
         if "messages" in q:
-            text, shown = render_messages(q["messages"], contract, tokenizer), q["messages"][-1]["content"]
+            prompts.append(render_messages(q["messages"], contract, tokenizer))
+            shown.append(q["messages"][-1]["content"])
         else:
-            text = render_prompt(q["instruction"], q.get("input", ""), contract, tokenizer)
-            shown = q["instruction"] + (f" [{q['input']}]" if q.get("input") else "")
-        ids = greedy_continue(model, encode_prompt(text, contract, tokenizer), max_new_tokens, stop_ids)
-        reply = tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in contract.stop_strings or []:
-            reply = reply.split(stop)[0]
-        samples.append(Sample(shown, reply.strip()))
-    model.train(was_training)
-    return samples
+            prompts.append(render_prompt(q["instruction"], q.get("input", ""), contract, tokenizer))
+            shown.append(q["instruction"] + (f" [{q['input']}]" if q.get("input") else ""))
+    replies = greedy_answers(model, tokenizer, prompts, contract, eos_token_ids=stop_ids,
+                             max_new_tokens=max_new_tokens)
+    return [Sample(q, a) for q, a in zip(shown, replies)]
 
 
 def format_samples(title: str, samples: Sequence[Sample]) -> str:
@@ -195,23 +180,27 @@ def format_samples(title: str, samples: Sequence[Sample]) -> str:
 def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> RunResult:
     """Run the fine-tuning job `cfg` describes; everything it writes goes to cfg.train.output_dir."""
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
-    from fasttune.data.tokenize import build_dataset
     from fasttune.lora.apply import count_parameters
     from fasttune.train.loop import seed_everything, train_loop
     from fasttune.train.metrics import METRICS_FILE, plot_loss, summary_text
     from fasttune.train.precision import resolve_device, resolve_precision
 
     validate(cfg)
-    t, run_dir = cfg.train, Path(cfg.train.output_dir)
+    t, run_dir, max_len = cfg.train, Path(cfg.train.output_dir), cfg.model.max_seq_length
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     seed_everything(t.seed)
+
+    # Data first (it needs only the tokenizer): a broken row stops the run before the model loads.
+    tokenizer = load_tokenizer(cfg.model)
+    train_data, eval_data, questions = prepare_data(cfg, tokenizer, log)
+    contract = train_data.contract
 
     log(f"loading {cfg.model.model_name} on {device}")
     loaded = load(cfg.model, device)
     for note in loaded.notes:
         log(f"  note: {note}")
-    model, tokenizer = attach_lora(loaded, cfg.lora), loaded.tokenizer
+    model = attach_lora(loaded, cfg.lora)
     checkpointing = set_checkpointing(model, t.gradient_checkpointing, device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trainable, total = count_parameters(model)
@@ -220,15 +209,6 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> RunResult:
     log(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.2f}%)")
 
-    max_len = cfg.model.max_seq_length
-    train_data = build_dataset(cfg.data, tokenizer, max_len, "train")
-    log(str(train_data.summary))
-    eval_cfg = eval_config(cfg.data)
-    eval_data = build_dataset(eval_cfg, tokenizer, max_len, "eval", contract=train_data.contract) \
-        if eval_cfg is not None else None
-    if eval_data is not None:
-        log(str(eval_data.summary))
-    contract = train_data.contract
     packing = resolve_packing(cfg.data.packing, exact=getattr(model, "supports_packing", False))
     batch_size = t.per_device_train_batch_size
     stream = BatchStream(train_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed)
@@ -242,33 +222,50 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> RunResult:
     # resume: false, so that `fasttune train --config run.yaml` runs the job again from the start
     dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False)).save(run_dir / "run.yaml")
 
-    from fasttune.data.formats import load_rows
-
-    sample_cfg = eval_cfg or cfg.data
-    source = sample_cfg.eval_dataset if eval_cfg is not None else sample_cfg.dataset
-    questions = questions_of([r for _, r in load_rows(source, sample_cfg, "eval" if eval_cfg else None).rows],
-                             t.show_samples) if t.show_samples > 0 else []
     before = answer(model, tokenizer, contract, questions)
     if before:
         log(format_samples("answers before training:", before))
-
     metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, device=device,
                          precision=precision, log=log)
-
-    adapter_dir = save_run_adapter(model, loaded, cfg, contract, run_dir / ADAPTER_DIR)
+    adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run_dir / ADAPTER_DIR)
     after = answer(model, tokenizer, contract, questions)
     if after:
         log(format_samples("answers after training:", after))
+
     summary = summary_text(metrics)
     if t.report:
         png = plot_loss(run_dir / METRICS_FILE, run_dir / "loss.png")
         log("summary\n" + summary)
         log(f"run directory {run_dir}: adapter/, run.yaml, metrics.jsonl"
             + (", loss.png" if png else "") + ", checkpoints/")
-    return RunResult(run_dir, adapter_dir, metrics, before, after, summary)
+    return RunResult(run_dir, adapter_dir, metrics, before, after, summary, model, tokenizer, contract)
 
 
-def save_run_adapter(model: torch.nn.Module, loaded: Any, cfg: RunConfig, contract: Any, out: Path) -> Path:
+def prepare_data(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> tuple[Any, Any, list[dict]]:
+    """Tokenized train and eval splits (eval None when there is none), and the questions to show."""
+    from fasttune.data.formats import load_rows
+    from fasttune.data.tokenize import build_dataset
+
+    max_len = cfg.model.max_seq_length
+    train_data = build_dataset(cfg.data, tokenizer, max_len, "train")
+    log(str(train_data.summary))
+    eval_cfg = eval_config(cfg.data)
+    eval_data = None
+    if eval_cfg is not None:
+        eval_data = build_dataset(eval_cfg, tokenizer, max_len, "eval", contract=train_data.contract)
+        log(str(eval_data.summary))
+    questions: list[dict] = []
+    if cfg.train.show_samples > 0:  # held-out questions where there are some, else training ones
+        if eval_cfg is not None:
+            rows = load_rows(eval_cfg.eval_dataset, eval_cfg, "eval")
+        else:
+            rows = load_rows(cfg.data.dataset, dataclasses.replace(cfg.data, max_rows=cfg.train.show_samples))
+        questions = questions_of([r for _, r in rows.rows], cfg.train.show_samples)
+    return train_data, eval_data, questions
+
+
+def save_run_adapter(model: torch.nn.Module, loaded: Any, tokenizer: Any, cfg: RunConfig, contract: Any,
+                     out: Path) -> Path:
     """adapter_model.safetensors + adapter_config.json (PEFT format), tokenizer files, prompt contract."""
     if loaded.family == "llama":
         from fasttune.lora.peft_format import save_adapter
@@ -277,7 +274,7 @@ def save_run_adapter(model: torch.nn.Module, loaded: Any, cfg: RunConfig, contra
                      revision=cfg.model.revision)
     else:
         model.save_adapter(out)
-    loaded.tokenizer.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
     contract.save(out / CONTRACT_FILE)
     return out
 

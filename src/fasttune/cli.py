@@ -38,7 +38,8 @@ PREVIEW_SECTIONS = ("model", "data")
 
 def _subparser(subs: argparse._SubParsersAction, name: str, help_text: str, description: str,
                func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-    p = subs.add_parser(name, help=help_text, description=description,
+    # allow_abbrev=False: '--learning_rat' must be an error, not a silent '--learning_rate'
+    p = subs.add_parser(name, help=help_text, description=description, allow_abbrev=False,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     # SUPPRESS: a subcommand's --debug must not overwrite the top-level one with its default
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -50,7 +51,7 @@ def _subparser(subs: argparse._SubParsersAction, name: str, help_text: str, desc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fasttune", description="Fine-tune a language model with LoRA on your own data.",
-        epilog="Run 'fasttune COMMAND --help' for the options of a command.")
+        epilog="Run 'fasttune COMMAND --help' for the options of a command.", allow_abbrev=False)
     parser.add_argument("--debug", action="store_true",
                         help="Show the full traceback of an error (default: off)")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: none)")
     add_config_flags(train)
 
-    data = subs.add_parser("data", help="inspect datasets", description="Inspect datasets.")
+    data = subs.add_parser("data", help="inspect datasets", description="Inspect datasets.",
+                           allow_abbrev=False)
     data.set_defaults(func=lambda a: _print_help(data))
     data_subs = data.add_subparsers(dest="data_command", metavar="COMMAND")
     preview = _subparser(data_subs, "preview", "show rendered rows with the trained tokens marked",
