@@ -56,12 +56,13 @@ def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[t
 def _settings(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     from fasttune.notebook.model import generation_defaults
 
-    unknown = sorted(set(kwargs) - SUPPORTED)
+    unknown = sorted(set(kwargs) - SUPPORTED - {"token_type_ids"})
     if unknown:
         raise ValueError(
             f"generate: {', '.join(unknown)} not supported by fasttune (greedy and sampling with "
             "temperature, top_k, top_p, repetition_penalty, stop strings)"
         )
+    kwargs.pop("token_type_ids", None)  # some tokenizers return it; decoder-only models do not read it
     gc = kwargs.pop("generation_config", None)
     settings = {**generation_defaults(model), **(gc.to_diff_dict() if gc is not None else {})}
     settings.update({k: v for k, v in kwargs.items() if v is not None})

@@ -176,6 +176,18 @@ class NotebookModel(nn.Module):
 
             self.prompt_contract.save(out / CONTRACT_FILE)
 
+    def save_pretrained_merged(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "save_pretrained_merged is Unsloth's; in fasttune: model.save_pretrained(DIR), then "
+            "`fasttune merge DIR --out MERGED_DIR`"
+        )
+
+    def save_pretrained_gguf(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "save_pretrained_gguf is Unsloth's; in fasttune: model.save_pretrained(DIR), then "
+            "`fasttune export gguf DIR --out model.gguf --type q8_0`"
+        )
+
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
             "push_to_hub is not supported: save_pretrained(dir), then upload the "
