@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from fasttune.config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, validate
 from fasttune.data.builtin import is_builtin
@@ -177,14 +178,18 @@ def format_samples(title: str, samples: Sequence[Sample]) -> str:
 
 # ---- the whole job --------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> RunResult:
-    """Run the fine-tuning job `cfg` describes; everything it writes goes to cfg.train.output_dir."""
+def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunResult:
+    """Run the fine-tuning job `cfg` describes; everything it writes goes to cfg.train.output_dir.
+
+    `log` gets every line meant for the user (default: printed above the progress bar).
+    """
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
     from fasttune.lora.apply import count_parameters
     from fasttune.train.loop import seed_everything, train_loop
     from fasttune.train.metrics import METRICS_FILE, plot_loss, summary_text
     from fasttune.train.precision import resolve_device, resolve_precision
 
+    log = log or tqdm.write
     validate(cfg)
     t, run_dir, max_len = cfg.train, Path(cfg.train.output_dir), cfg.model.max_seq_length
     device = resolve_device(t.device)

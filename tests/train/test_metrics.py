@@ -42,7 +42,8 @@ def test_plot(tmp_path):
 def test_summary_and_memory():
     gib, kind = memory_used(torch.device("cpu"))
     assert kind in ("rss", "peak_rss") and 0.01 < gib < 1000
-    text = summary_text({"steps": 10, "seconds": 75.0, "tokens": 12345, "trained_tokens": 6000,
+    text = summary_text({"steps": 10, "seconds": 75.0, "train_seconds": 70.0, "tokens": 12345,
+                         "trained_tokens": 6000,
                          "tokens_per_s": 164.6, "first_loss": 3.2, "final_loss": 1.1, "eval_loss": 1.3,
                          "first_eval_loss": 3.0, "memory_gib": 0.7, "memory_kind": "rss"})
     assert "1m15s" in text and "12,345" in text and "3.2000 -> 1.1000" in text and "3.0000 -> 1.3000" in text

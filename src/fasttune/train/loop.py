@@ -95,8 +95,10 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     scaler = grad_scaler(precision, device)
     metrics_path = run_dir / METRICS_FILE
     metrics = MetricsWriter(metrics_path)
-    st = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "first_loss": None,
-          "first_eval_loss": None, "eval_loss": None, "final_loss": None}
+    # seconds: wall time of the run (eval and checkpoints included); train_seconds: the steps alone
+    st = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "seconds": 0.0,
+          "first_loss": None, "first_eval_loss": None, "eval_loss": None, "final_loss": None}
+    wall_start = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
         metrics.write(rec)
@@ -138,7 +140,10 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         if eval_batches is not None:
             run_eval()  # the baseline, so that the eval curve shows what training changed
 
+    wall_before = st["seconds"]  # restored on resume
+
     def checkpoint() -> None:
+        st["seconds"] = wall_before + time.perf_counter() - wall_start
         save_checkpoint(run_dir, st["step"], {k: p.detach() for k, p in params.items()}, optimizer,
                         scheduler, scaler, rng_states(), batches.state_dict(), dict(st), cfg.save_total_limit)
 
@@ -206,6 +211,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     bar.close()
 
     mem, mem_kind = memory_used(device)
-    return {**st, "steps": st["step"], "total_steps": total, "seconds": st["train_seconds"],
+    st["seconds"] = wall_before + time.perf_counter() - wall_start
+    return {**st, "steps": st["step"], "total_steps": total,
             "tokens_per_s": st["tokens"] / max(st["train_seconds"], 1e-9), "memory_gib": mem,
             "memory_kind": mem_kind}

@@ -112,7 +112,8 @@ def summary_text(result: dict[str, Any]) -> str:
 
     lines = [
         f"steps            {result['steps']}",
-        f"time             {format_duration(result['seconds'])}",
+        f"time             {format_duration(result['seconds'])} "
+        f"({format_duration(result['train_seconds'])} in training steps)",
         f"tokens           {result['tokens']:,} processed, {result['trained_tokens']:,} trained",
         f"throughput       {result['tokens_per_s']:,.0f} tokens/s",
         f"first/final loss {fmt(result.get('first_loss'))} -> {fmt(result.get('final_loss'))}",
