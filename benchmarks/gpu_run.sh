@@ -39,9 +39,10 @@ if has fast; then
     --variants offload offload+plain on offload+ref budget:10.0
   step fast-2 100 $B --stacks fasttune --modes bf16 qlora --batches 2 --variants offload on
 fi
-if has peers; then
-  step peers-8 540 $B --stacks fasttune unsloth hf liger --modes bf16 qlora --batches 8 \
-    --variants ${VARIANTS:-offload}
+if has peers; then  # budgets: the peak GiB of transformers + PEFT in the lead's earlier run (same card)
+  step peers-bf16 270 $B --stacks fasttune unsloth hf --modes bf16 --batches 8 --variants offload on budget:43.1
+  step peers-qlora 250 $B --stacks fasttune unsloth hf --modes qlora --batches 8 --variants offload on budget:33.5
+  step peers-liger 120 $B --stacks liger --modes bf16 --batches 8
 fi
 if has long; then
   step long $(left) $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 131072 \

@@ -103,41 +103,49 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _forward(x2, w, bias, a, b, s, xl2=None):
-    """y = x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None); returns (y, xA)."""
+    """y = x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None); returns (y, xA).
+
+    The rank-r term (and bias) is written first and the base product accumulates onto it in its GEMM's
+    epilogue, where reading y is hidden under the arithmetic; adding it afterwards costs a pass over y.
+    """
     xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r)
-    y = F.linear(x2, w, bias)  # (N, out)
-    y.addmm_(xa, b.t(), alpha=s)
+    bs = b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
+    y = torch.mm(xa, bs) if bias is None else torch.addmm(bias, xa, bs)  # (N, out)
+    y.addmm_(x2, w.t())
     return y, xa
 
 
-def _backward(dy2, x2, w, a, b, s, xl2, xa, needs, dx_acc=None, dx_out=None):
-    """Gradients (x, W, bias, A, B, x') of `_forward`, each only if flagged in `needs`.
-
-    With `xl2` None (x' = x) the adapter's share of dx is added into dx and the x' gradient is None.
-    `dx_acc`: a gradient of x from another projection of the same x, accumulated into in place.
-    `dx_out`: a buffer for dx (it may be x2 itself: every use of x2 comes before dx is written).
-    """
-    want_x, want_w, want_bias, want_a, want_b, want_xl = needs
+def _grads(dy2, x2, a, b, s, xl2, xa, needs):
+    """Per-projection gradients of `_forward` other than dx: (dyB, dW, dbias, dA, dB, dx'), each only if
+    flagged in `needs` = (W, bias, A, B, x'). dx of one or several projections of one x: `_dx`."""
+    want_w, want_bias, want_a, want_b, want_xl = needs
     dyb = dy2 @ b  # (N, r)
-    dx = dw = dbias = da = db = dxl = None
-    if want_a:
-        da = (dyb.t() @ (x2 if xl2 is None else xl2)).mul_(s)  # (r, in)
-    if want_b:
-        db = (dy2.t() @ xa).mul_(s)  # (out, r)
-    if want_w:
-        dw = dy2.t() @ x2  # (out, in)
-    if want_bias:
-        dbias = dy2.sum(0)
-    if want_x:
-        if dx_acc is not None:
-            dx = dx_acc.addmm_(dy2, w)  # (N, in)
-        else:
-            dx = torch.matmul(dy2, w, out=dx_out) if dx_out is not None else dy2 @ w  # (N, in)
-        if xl2 is None:
-            dx.addmm_(dyb, a, alpha=s)
-    if want_xl and xl2 is not None:
-        dxl = (dyb @ a).mul_(s)  # (N, in)
-    return dx, dw, dbias, da, db, dxl
+    da = (dyb.t() @ (x2 if xl2 is None else xl2)).mul_(s) if want_a else None  # (r, in)
+    db = (dy2.t() @ xa).mul_(s) if want_b else None  # (out, r)
+    dw = dy2.t() @ x2 if want_w else None  # (out, in)
+    dbias = dy2.sum(0) if want_bias else None
+    dxl = (dyb @ a).mul_(s) if want_xl and xl2 is not None else None  # (N, in)
+    return dyb, dw, dbias, da, db, dxl
+
+
+def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dx = sum over projections i of dy_i W_i + s_i (dy_i B_i) A_i, for terms (dy_i, W_i getter, dyB_i, A_i,
+    s_i); dyB_i None leaves the adapter's share out (it goes to a dropout input instead).
+
+    The adapter shares of all projections are one (N, sum r) x (sum r, in) product that writes dx once; each
+    base product then accumulates in its GEMM's epilogue. A getter is called right before its product
+    (dequantisers may share one buffer). `out`: a buffer for dx, e.g. a dead activation of the same shape.
+    """
+    adapters = [(dyb, a * s) for _, _, dyb, a, s in terms if dyb is not None]
+    rest = terms
+    if adapters:
+        dx = torch.mm(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), out=out)
+    else:
+        dx = torch.mm(terms[0][0], terms[0][1](), out=out)
+        rest = terms[1:]
+    for dy2, get_w, *_ in rest:
+        dx.addmm_(dy2, get_w())
+    return dx
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -174,8 +182,9 @@ class LoRALinearFunction(torch.autograd.Function):
             w = _dense(ctx.dequant, a.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(a.dtype)  # (N, out)
         n = ctx.needs_input_grad
-        grads = _backward(dy2, x2, w, a, b, ctx.scaling, xl2, xa, (n[0], n[1], n[2], n[3], n[4], n[6]))
-        dx, dw, dbias, da, db, dxl = (_cast(g, dt) for g, dt in zip(grads, ctx.dtypes))
+        dyb, *grads = _grads(dy2, x2, a, b, ctx.scaling, xl2, xa, (n[1], n[2], n[3], n[4], n[6]))
+        dx = _dx([(dy2, lambda: w, dyb if xl2 is None else None, a, ctx.scaling)]) if n[0] else None
+        dx, dw, dbias, da, db, dxl = (_cast(g, dt) for g, dt in zip((dx, *grads), ctx.dtypes))
         lead = dy.shape[:-1]
         dx = None if dx is None else dx.view(*lead, dx.shape[-1])
         dxl = None if dxl is None else dxl.view(*lead, dxl.shape[-1])
@@ -286,16 +295,17 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         h = _silu_mul(g, u, ctx.triton)  # (N, inter), recomputed
-        # dh goes into h's buffer, after the down adapter's gradient has read h.
-        dh, dwd, dbd, dad, dbbd, _ = _backward(dy2, h, _dense_or(wd, dqd, dt), ad, bbd, sd, None, had,
-                                               (True, n[9], n[10], n[11], n[12], False), dx_out=h)
+        flags = (n[9], n[10], n[11], n[12], False)
+        dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
+        # dh goes into h's buffer: every read of h is above.
+        dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
         del h
         dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
         del dh
-        dx, dwg, dbg, dag, dbbg, _ = _backward(dg, x2, _dense_or(wg, dqg, dt), ag, bbg, sg, None, xag,
-                                               (n[0], n[1], n[2], n[3], n[4], False))
-        dx, dwu, dbu, dau, dbbu, _ = _backward(du, x2, _dense_or(wu, dqu, dt), au, bbu, su, None, xau,
-                                               (n[0], n[5], n[6], n[7], n[8], False), dx_acc=dx)
+        dybg, dwg, dbg, dag, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], n[3], n[4], False))
+        dybu, dwu, dbu, dau, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], n[7], n[8], False))
+        dx = _dx([(dg, lambda: _dense_or(wg, dqg, dt), dybg, ag, sg),
+                  (du, lambda: _dense_or(wu, dqu, dt), dybu, au, su)]) if n[0] else None
         grads = (dx, dwg, dbg, dag, dbbg, dwu, dbu, dau, dbbu, dwd, dbd, dad, dbbd)
         grads = [_cast(gr, t) for gr, t in zip(grads, ctx.dtypes)]
         if grads[0] is not None:
@@ -366,14 +376,15 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2, *rest = ctx.saved_tensors
         xas, dense, ab = rest[:3], rest[3:6], rest[6:]
         n = ctx.needs_input_grad
-        dx, grads = None, []
+        grads, terms = [], []
         for i, dy in enumerate((dq, dk, dv)):  # an unused output's gradient arrives as zeros
-            w = _dense_or(dense[i], ctx.dequants[i], x2.dtype)
             dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (N, out_i)
-            flags = (n[0], n[1 + 4 * i], n[2 + 4 * i], n[3 + 4 * i], n[4 + 4 * i], False)
-            dx, dw, dbias, da, db, _ = _backward(dy2, x2, w, ab[2 * i], ab[2 * i + 1], ctx.scalings[i], None,
-                                                 xas[i], flags, dx_acc=dx)
+            a, b, s = ab[2 * i], ab[2 * i + 1], ctx.scalings[i]
+            flags = (n[1 + 4 * i], n[2 + 4 * i], n[3 + 4 * i], n[4 + 4 * i], False)
+            dyb, dw, dbias, da, db, _ = _grads(dy2, x2, a, b, s, None, xas[i], flags)
             grads += [dw, dbias, da, db]
+            terms.append((dy2, lambda i=i: _dense_or(dense[i], ctx.dequants[i], x2.dtype), dyb, a, s))
+        dx = _dx(terms) if n[0] else None
         grads = [_cast(g, t) for g, t in zip([dx, *grads], ctx.dtypes)]
         if grads[0] is not None:
             grads[0] = grads[0].view(*dq.shape[:-1], grads[0].shape[-1])

@@ -161,6 +161,11 @@ def _host_bytes() -> int:
         return 1 << 62
 
 
+def halves_fit_host(layers: int, layer_input_bytes: int) -> bool:
+    """Recompute in halves pins x and x_mid of every recomputed layer: allowed under 40% of host memory."""
+    return 2 * layers * layer_input_bytes < 0.4 * _host_bytes()
+
+
 def run_layers(
     layers: nn.ModuleList,
     x: torch.Tensor,
@@ -183,8 +188,7 @@ def run_layers(
     recompute_upto = 0 if mode == "off" else n - min(max(keep_layers, 0), n) if mode == "selective" else n
     offload = mode in ("offload", "selective") and recompute_upto > 0
     offloader = LayerInputOffloader(x.device) if offload else None
-    # Halves pin two tensors per layer on the host; keep that under 40% of its memory (long contexts).
-    halves = halves and 2 * recompute_upto * x.numel() * x.element_size() < 0.4 * _host_bytes()
+    halves = halves and halves_fit_host(recompute_upto, x.numel() * x.element_size())
     for i, layer in enumerate(layers):
         if i >= recompute_upto:
             x = run(layer, x, i)

@@ -8,7 +8,8 @@ The estimate adds four parts (bytes; N = batch x seq tokens, e = bytes per activ
                  x (N H e; when offloaded, x and x_mid of two layers only), all saved tensors of each kept
                  layer, the loss gradient
     working      one layer's recompute and backward at once (its saved tensors, plus the MLP backward's
-                 (N, intermediate) buffer and a few (N, H) gradients), or one chunk of loss logits
+                 (N, intermediate) buffer and a few (N, H) gradients; with recompute in halves, only the
+                 MLP half's), or one chunk of loss logits
 Saved tensors of one layer on the fused path (`use_kernels`, per token, in elements of e bytes):
     x_in H, norm1(x) H, q k v (nh + 2 nkv) hd, attention output nh hd, x_mid H, norm2(x) H, gate/up 2 I,
     the rank-r adapter products 7 r, plus fp32 rstd and attention log-sum-exp (4 (2 + nh) bytes).
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fasttune.models.activations import halves_fit_host
 from fasttune.models.llama import LlamaConfig
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,8 +118,13 @@ def estimate_memory(
     act_bytes: int = 2,
     use_kernels: bool = True,
     loss_chunk_elems: int = 1 << 27,
+    halves: bool | None = None,
 ) -> MemoryEstimate:
-    """Peak bytes of one training step (forward + backward + optimiser step) at `batch` x `seq` tokens."""
+    """Peak bytes of one training step (forward + backward + optimiser step) at `batch` x `seq` tokens.
+
+    halves: whether offloading modes recompute in halves (None: as `activations.run_layers` decides it,
+    from the fused path and the host's memory).
+    """
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
     N, H, L = batch * seq, c.hidden_size, c.num_hidden_layers
@@ -147,6 +154,11 @@ def estimate_memory(
 
     vocab_chunk = min(N, max(1, loss_chunk_elems // c.vocab_size)) * c.vocab_size * act_bytes
     layer_backward = saved + N * (c.intermediate_size + 4 * H) * act_bytes
+    if halves is None:
+        halves = use_kernels and halves_fit_host(recomputed, x_bytes)
+    if offloaded and halves:  # recompute in halves: the MLP half is the larger one
+        # x_mid and its norm, gate and up, the h / dh buffer, three (N, H) gradients, the rank-r products
+        layer_backward = N * (5 * H + 3 * c.intermediate_size + 3 * r) * act_bytes
     if recomputed == 0:  # no recompute: the backward's extra is the MLP buffer and a few gradients
         layer_backward -= saved
     working = max(vocab_chunk, layer_backward)
