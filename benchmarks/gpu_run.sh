@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, micro, fast, peers, long, decode, loss), each under its own timeout, logs to $OUT.
+# (comma-separated: tests, ktest, micro, fast, peers, long, decode), each under its own timeout, logs to $OUT.
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
 set -u
 STEPS=${1:-tests,micro,fast}
@@ -31,6 +31,7 @@ if has tests; then
   step pytest-kernels 150 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider
   step pytest-models 120 python3 -m pytest -q -m gpu tests/models tests/lora -p no:cacheprovider
 fi
+has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
 if has fast; then
   step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \
