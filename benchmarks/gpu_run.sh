@@ -41,13 +41,17 @@ if has fast; then
   step fast-2 100 $B --stacks fasttune --modes bf16 qlora --batches 2 --variants offload on
 fi
 if has peers; then  # budgets: the peak GiB of transformers + PEFT in the lead's earlier run (same card)
-  step peers-bf16 270 $B --stacks fasttune unsloth hf --modes bf16 --batches 8 --variants offload on budget:43.1
-  step peers-qlora 250 $B --stacks fasttune unsloth hf --modes qlora --batches 8 --variants offload on budget:33.5
-  step peers-liger 120 $B --stacks liger --modes bf16 --batches 8
+  step peers-bf16 240 $B --stacks fasttune unsloth hf --modes bf16 --batches 8 --variants offload budget:43.1
+  step peers-qlora 220 $B --stacks fasttune unsloth hf --modes qlora --batches 8 --variants offload budget:33.5
+  step peers-liger 90 $B --stacks liger --modes bf16 --batches 8
 fi
-if has long; then
-  step long $(left) $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 131072 \
-    --shape llama-2-7b --variants ${LONG_VARIANTS:-offload}
+if has long32; then  # a second model directory (Llama-2-7B shape) for Unsloth
+  step long-32k $(left) $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 --steps 2 \
+    --shape llama-2-7b --model-dir /tmp/bench-model-l2 --variants offload
+fi
+if has long128; then
+  step long-128k $(left) $B --stacks ${LONG_STACKS:-fasttune unsloth} --modes qlora --batches 1 --seqs 131072 \
+    --warmup 1 --steps 1 --shape llama-2-7b --model-dir /tmp/bench-model-l2 --variants offload
 fi
 has decode && step decode 150 python3 benchmarks/bench_decode.py
 echo "=== total $(( $(date +%s) - START ))s"
