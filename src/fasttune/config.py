@@ -29,7 +29,7 @@ class ModelConfig:
     model_name: str = field(default=DEFAULT_MODEL, metadata={"help": (
         "Model to fine-tune: 'smollm2-135m' (embedded, no download), a Hugging Face hub id, "
         "a local directory with config.json + safetensors, or a .gguf file.")})
-    max_seq_length: int = field(default=512, metadata={"help": "Longest training sequence in tokens."})
+    max_seq_length: int = field(default=256, metadata={"help": "Longest training sequence in tokens."})
     dtype: str = field(default="auto", metadata={"help": (
         "Weights and compute precision: auto (bf16 on GPUs that support it, fp16 on older GPUs, "
         "fp32 on CPU), fp32, bf16 or fp16.")})
@@ -47,7 +47,7 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input path."})
     target_modules: list[str] = field(default_factory=lambda: ["default"], metadata={"help": (
         "Modules to adapt: 'default' (all seven projections of the Llama family, every linear "
@@ -85,12 +85,13 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = field(default="runs/default", metadata={"help": "Run directory for adapter, checkpoints and logs."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per micro-batch."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Sequences per micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     max_steps: int = field(default=-1, metadata={"help": "Optimiser steps; -1 means use num_train_epochs."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the data when max_steps is -1."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the data when max_steps is -1."})
+    learning_rate: float = field(default=3e-3, metadata={"help": (
+        "Peak learning rate (the default suits LoRA on small models; 1e-4..2e-4 is usual for 7B+).")})
+    warmup_steps: int = field(default=4, metadata={"help": "Linear warmup steps."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a share of all steps (used if warmup_steps is 0)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine or constant (each after warmup)."})
     optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, or adamw_8bit (bitsandbytes, CUDA only)."})
@@ -103,10 +104,10 @@ class TrainConfig:
     gradient_checkpointing: str = field(default="auto", metadata={"help": (
         "Activation memory: auto, off, on (recompute each layer), offload (layer inputs in pinned CPU "
         "memory), selective.")})
-    logging_steps: int = field(default=1, metadata={"help": "Log a line every N steps."})
-    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    logging_steps: int = field(default=4, metadata={"help": "Log a line every N steps."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (0: keep all)."})
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps when an eval set is given (0: at the end)."})
+    eval_steps: int = field(default=12, metadata={"help": "Evaluate every N steps when an eval set is given (0: at the end)."})
     seed: int = field(default=3407, metadata={"help": "Seed for data order, dropout and everything random."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
