@@ -63,7 +63,8 @@ def job(tmp_path, model_dir, **overrides) -> RunConfig:
     evals.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
     values = dict(model_name=str(model_dir), dataset=str(data), eval_dataset=str(evals), max_seq_length=64,
                   per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, logging_steps=1,
-                  save_steps=2, output_dir=str(tmp_path / "run"), show_samples=2, lora_dropout=0.1, r=4)
+                  save_steps=2, output_dir=str(tmp_path / "run"), show_samples=2, lora_dropout=0.1, r=4,
+                  warmup_steps=0, eval_steps=0)
     return apply_overrides(RunConfig(), {**values, **overrides}, "test")
 
 

@@ -27,8 +27,8 @@ def capture_grads():
 
 
 def cfg_for(**kw) -> TrainConfig:
-    base = dict(learning_rate=1e-2, max_grad_norm=0.0, logging_steps=1, save_steps=0, seed=5,
-                lr_scheduler_type="constant")
+    base = dict(learning_rate=1e-2, max_grad_norm=0.0, logging_steps=1, save_steps=0, eval_steps=0, seed=5,
+                lr_scheduler_type="constant", warmup_steps=0)
     return TrainConfig(**{**base, **kw})
 
 

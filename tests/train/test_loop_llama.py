@@ -41,7 +41,7 @@ def test_accumulation_equals_big_batch_on_llama(examples, make_stream, tmp_path)
 
         handle = register_optimizer_step_pre_hook(hook)
         cfg = TrainConfig(per_device_train_batch_size=b, gradient_accumulation_steps=a, max_steps=2,
-                          learning_rate=1e-2, max_grad_norm=0.0)
+                          learning_rate=1e-2, max_grad_norm=0.0, warmup_steps=0)
         try:
             train_loop(model, params, make_stream(data, b), cfg, tmp_path / name,
                        log=lambda s: None)
@@ -58,7 +58,8 @@ def test_accumulation_equals_big_batch_on_llama(examples, make_stream, tmp_path)
 def test_resume_equals_uninterrupted_on_llama(examples, make_stream, tmp_path):
     data = examples(24, vocab=VOCAB)
     cfg = TrainConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=3,
-                      learning_rate=5e-3, warmup_steps=1, lr_scheduler_type="cosine", seed=3)
+                      learning_rate=5e-3, warmup_steps=1, lr_scheduler_type="cosine", seed=3,
+                      logging_steps=1)
     quiet = lambda s: None
 
     model, params = tiny_lora_llama(dropout=0.2)

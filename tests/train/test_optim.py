@@ -65,7 +65,7 @@ def test_matches_transformers(kind, reference, warmup_steps, warmup_ratio):
 
 
 def test_warmup_ratio_rounds_up():
-    assert warmup_steps_for(TrainConfig(warmup_ratio=0.1), 25) == 3
+    assert warmup_steps_for(TrainConfig(warmup_steps=0, warmup_ratio=0.1), 25) == 3
     assert warmup_steps_for(TrainConfig(warmup_steps=5, warmup_ratio=0.5), 25) == 5
 
 
