@@ -238,7 +238,9 @@ def worker(args) -> list[dict]:
         model, params, step = build_fasttune(args)
     elif args.stack in ("hf", "liger"):
         model, params, step = build_hf(args, liger=args.stack == "liger")
-    batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps)]
+    # Ids below both the peers' tokenizer (49,152) and the model's vocabulary (Llama-2: 32,000).
+    limit = min(49152, SHAPES[args.shape]["vocab_size"])
+    batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps, limit)]
     base = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "training_mode": model.training}
     variants = args.variants if args.stack == "fasttune" else ["peer"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, fast, peers, long, decode), each under its own timeout, logs to $OUT.
+# (comma-separated: tests, ktest, micro, loss, fast, peers, long32, long128, decode), each under its own timeout, logs to $OUT.
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
 set -u
 STEPS=${1:-tests,micro,fast}
@@ -33,6 +33,7 @@ if has tests; then
 fi
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
+has loss && step loss-curve 120 python3 benchmarks/loss_curve.py --out bench_logs/loss_curves.json
 if has fast; then
   step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \
     --variants offload offload+plain on offload+ref budget:19.6 budget:43
@@ -57,6 +58,7 @@ has decode && step decode 150 python3 benchmarks/bench_decode.py
 echo "=== total $(( $(date +%s) - START ))s"
 tar czf "$OUT/bench_logs.tgz" bench_logs
 cp bench_logs/results.jsonl "$OUT/" 2>/dev/null
+cp bench_logs/loss_curves.json "$OUT/" 2>/dev/null
 for f in bench_logs/profile-*.txt; do [ -f "$f" ] && cp "$f" "$OUT/"; done
 python3 - <<'EOF'
 import json, sys
