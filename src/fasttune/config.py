@@ -89,7 +89,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     max_steps: int = field(default=-1, metadata={"help": "Optimiser steps; -1 means use num_train_epochs."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the data when max_steps is -1."})
-    learning_rate: float = field(default=3e-3, metadata={"help": (
+    learning_rate: float = field(default=5e-3, metadata={"help": (
         "Peak learning rate (the default suits LoRA on small models; 1e-4..2e-4 is usual for 7B+).")})
     warmup_steps: int = field(default=4, metadata={"help": "Linear warmup steps."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a share of all steps (used if warmup_steps is 0)."})
