@@ -9,8 +9,17 @@ bitsandbytes AdamW 8-bit, bf16 compute, gradient checkpointing on, median of `--
         --modes bf16 qlora --batches 2 8 --seq 2048 --out results.jsonl
 
 The peers load from a directory (`--model-dir`, written once with save_pretrained from random
-weights and the tokenizer in `--tokenizer`). fasttune builds the same shape directly.
-One line of JSON per measurement goes to `--out`; the last lines printed are the table.
+weights and the tokenizer in `--tokenizer`). fasttune builds the same Llama shape directly.
+GPT-2 (124M) and OPT-350M (`GENERIC_SHAPES`) run through fasttune's generic path (its own loader,
+`load_model`, from the same directory + PEFT LoRA + its chunked cross-entropy) against transformers +
+PEFT, with HF's non-reentrant checkpointing in both unless the variant says 'off'; Unsloth and Liger
+are not run on them (a skipped row says so):
+
+    python benchmarks/bench_train.py --shape gpt2-124m --model-dir /tmp/bench-model-gpt2 --seq 1024 \
+        --stacks fasttune hf --modes bf16 --batches 8 --variants on
+
+One line of JSON per measurement goes to `--out`; the last lines printed are the table, grouped by
+shape and batch x seq, with ratios against Unsloth and transformers + PEFT of the same group and mode.
 """
 
 from __future__ import annotations
@@ -43,6 +52,41 @@ SHAPES = {
                  rope_scaling=None, max_position_embeddings=4096, tie_word_embeddings=False),
 }
 
+# Other architectures users name most, at their real shapes (transformers config fields); the tiny ones
+# smoke-test the harness. Dropout as in the released configs (0.1), except in the tiny shapes (exact losses).
+GENERIC_SHAPES = {
+    "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                               activation_function="gelu_new", tie_word_embeddings=True,
+                               bos_token_id=50256, eos_token_id=50256)),
+    "opt-350m": ("opt", dict(vocab_size=50272, hidden_size=1024, ffn_dim=4096, num_hidden_layers=24,
+                             num_attention_heads=16, word_embed_proj_dim=512, max_position_embeddings=2048,
+                             do_layer_norm_before=False, activation_function="relu", enable_bias=True,
+                             tie_word_embeddings=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)),
+    "tiny-gpt2": ("gpt2", dict(vocab_size=1000, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                               bos_token_id=0, eos_token_id=0)),
+    "tiny-opt": ("opt", dict(vocab_size=1000, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=256,
+                             do_layer_norm_before=False, dropout=0.0, tie_word_embeddings=True)),
+}
+GENERIC_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers: PEFT takes them with fan_in_fan_out
+                   "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+LLAMA_ONLY = {"unsloth": "Unsloth's FastLanguageModel path is for Llama-like families; not run on",
+              "liger": "Liger Kernel has no patch for"}
+
+
+def is_generic(shape: str) -> bool:
+    return shape in GENERIC_SHAPES
+
+
+def shape_vocab(shape: str) -> int:
+    return GENERIC_SHAPES[shape][1]["vocab_size"] if is_generic(shape) else SHAPES[shape]["vocab_size"]
+
+
+def shape_targets(shape: str) -> list[str]:
+    return GENERIC_TARGETS[GENERIC_SHAPES[shape][0]] if is_generic(shape) else TARGETS
+
+
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "UNSLOTH_DISABLE_STATISTICS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -54,20 +98,43 @@ def fixed_batches(batch: int, seq: int, n: int, vocab_limit: int = 49152, seed: 
     return [torch.randint(0, vocab_limit, (batch, seq), generator=g) for _ in range(n)]
 
 
+def shape_config(shape: str):
+    """The transformers config of `shape`: LlamaConfig for SHAPES, the model type's own class otherwise."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if is_generic(shape):
+        model_type, fields = GENERIC_SHAPES[shape]
+        return AutoConfig.for_model(model_type, **fields)
+    return LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _dir_matches(shape: str, model_dir: Path) -> bool:
+    saved = json.loads((model_dir / "config.json").read_text())
+    want = shape_config(shape).to_dict()
+    keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer")
+    return all(saved.get(k) == want.get(k) for k in keys)
+
+
 def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
-    """Random-weight checkpoint of `shape` for the stacks that only load from a directory."""
+    """Random-weight bf16 checkpoint of `shape` for the stacks that only load from a directory (once)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (model_dir / "config.json").exists():
+        # A directory left by another shape would silently benchmark the wrong model.
+        if not _dir_matches(shape, model_dir):
+            raise SystemExit(f"{model_dir} holds another model than {shape}: remove it or pass --model-dir")
         return
-    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    t0 = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape_config(shape)).to(torch.bfloat16)
     model.save_pretrained(model_dir, max_shard_size="5GB")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"wrote {shape} to {model_dir} in {time.time() - t0:.0f} s", flush=True)
 
 
 # ---- one stack, one process -------------------------------------------------------------------
@@ -106,6 +173,43 @@ def build_fasttune(args):
     return model, params, step
 
 
+def _dtype(args):
+    import torch
+
+    return torch.bfloat16 if args.device == "cuda" else torch.float32  # CPU runs: exact fp32 parity
+
+
+def build_fasttune_generic(args):
+    """GPT-2 / OPT through fasttune's own loader (`load_model`: GenericCausalLM) and `apply_lora_generic`."""
+    import torch
+
+    from fasttune.config import ModelConfig
+    from fasttune.models.generic import apply_lora_generic
+    from fasttune.models.loading import load_model
+
+    dtype = "bf16" if _dtype(args) == torch.bfloat16 else "fp32"
+    loaded = load_model(ModelConfig(model_name=str(args.model_dir), dtype=dtype,
+                                    load_in_4bit=args.mode == "qlora"), device=args.device)
+    model = apply_lora_generic(loaded.model, r=16, lora_alpha=16, target_modules=shape_targets(args.shape))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x):
+        targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+        out = model(input_ids=x, targets=targets)
+        loss = out.loss_sum / out.n_tokens
+        loss.backward()
+        return loss.detach()
+
+    return model, params, step
+
+
+def configure_generic(model, variant: str) -> dict:
+    """'on' / 'offload' (transformers' non-reentrant checkpointing, inputs on the host) / 'off'."""
+    model.set_gradient_checkpointing(variant)
+    return {"variant": variant, "checkpointing": variant}
+
+
 def configure_fasttune(model, variant: str, args) -> dict:
     """Apply one variant, e.g. 'offload', 'on+ref' (kernels off), 'selective:4', 'budget:19.6+flex'.
 
@@ -138,6 +242,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
 
 
 def build_hf(args, liger: bool):
+    """transformers + PEFT (+ Liger's Llama patch), loaded from `--model-dir`, checkpointing on."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -151,12 +256,13 @@ def build_hf(args, liger: bool):
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.bfloat16,
-                                                 device_map={"": 0}, attn_implementation="sdpa", **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=_dtype(args),
+                                                 device_map={"": 0 if args.device == "cuda" else args.device},
+                                                 attn_implementation="sdpa", **kw)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=shape_targets(args.shape), task_type="CAUSAL_LM"))
     model.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -235,20 +341,23 @@ def worker(args) -> list[dict]:
     import torch
 
     if args.stack == "fasttune":
-        model, params, step = build_fasttune(args)
+        model, params, step = (build_fasttune_generic if is_generic(args.shape) else build_fasttune)(args)
     elif args.stack in ("hf", "liger"):
         model, params, step = build_hf(args, liger=args.stack == "liger")
     # Ids below both the peers' tokenizer (49,152) and the model's vocabulary (Llama-2: 32,000).
-    limit = min(49152, SHAPES[args.shape]["vocab_size"])
+    limit = min(49152, shape_vocab(args.shape))
     batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps, limit)]
     base = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
-            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "training_mode": model.training}
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "training_mode": model.training,
+            "gpu_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
     variants = args.variants if args.stack == "fasttune" else ["peer"]
     rows = []
     for n, variant in enumerate(variants):
         row = dict(base, variant=variant, checkpointing="on")
         try:
-            if args.stack == "fasttune":
+            if args.stack == "fasttune" and is_generic(args.shape):
+                row.update(configure_generic(model, variant))
+            elif args.stack == "fasttune":
                 row.update(configure_fasttune(model, variant, args))
             profile = args.profile if n == 0 else None
             row.update(time_steps(params, step, batches, args.warmup, profile))
@@ -259,7 +368,8 @@ def worker(args) -> list[dict]:
             import traceback
 
             traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            # bitsandbytes and Triton report a full card as a RuntimeError of their own
+            row["error"] = "OOM" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"[:300]
         for p in params:
             p.grad = None
         gc.collect()
@@ -272,7 +382,10 @@ def worker(args) -> list[dict]:
 # ---- the orchestrator -------------------------------------------------------------------------
 
 def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
-    """One worker process; its RESULT lines (one per fasttune variant), or one error row."""
+    """One worker process; its RESULT lines (one per fasttune variant), or one error / skipped row."""
+    key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "seq": seq, "variant": "-"}
+    if stack in LLAMA_ONLY and is_generic(args.shape):
+        return [dict(key, skipped=f"{LLAMA_ONLY[stack]} {GENERIC_SHAPES[args.shape][0]}")]
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--mode", mode, "--batch", str(batch),
            "--seq", str(seq), "--shape", args.shape, "--model-dir", str(args.model_dir),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", *args.variants]
@@ -281,10 +394,11 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
     env = {**os.environ, **ENV}
     t0 = time.time()
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    log = Path(args.log_dir) / f"{stack}-{mode}-{batch}x{seq}.log"
+    log = Path(args.log_dir) / f"{stack}-{args.shape}-{mode}-{batch}x{seq}.log"
+    rc = None
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        out, err = proc.stdout, proc.stderr
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = "TIMEOUT\n" + (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
@@ -294,31 +408,70 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
         r["wall_s"] = time.time() - t0
     if rows:
         return rows
-    tail = (err or out).strip().splitlines()[-3:]
-    oom = "OutOfMemory" in err or "out of memory" in err
-    return [{"stack": stack, "mode": mode, "batch": batch, "seq": seq, "variant": "-",
-             "error": "OOM" if oom else " | ".join(tail)}]
+    if rc is None:
+        error = f"TIMEOUT after {args.timeout} s"
+    elif "OutOfMemory" in err or "out of memory" in err:
+        error = "OOM"
+    elif rc == -9:  # the kernel's OOM killer: host memory (pinned offload buffers), not the card's
+        error = "OOM (host: killed by signal 9)"
+    else:
+        error = " | ".join((err or out).strip().splitlines()[-3:]) or f"exit code {rc}"
+    return [dict(key, error=error, wall_s=time.time() - t0)]
 
 
 def _label(r: dict) -> str:
     return r["stack"] if r["stack"] != "fasttune" else f"fasttune[{r.get('variant', '')}]"
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'stack':34} {'mode':6} {'batch x seq':>12} {'tok/s':>9} {'peak GiB':>9} {'est GiB':>8} "
-          f"{'vs unsloth':>10} {'vs hf':>7}")
+STACK_ORDER = {"fasttune": 0, "unsloth": 1, "hf": 2, "liger": 3}
+
+
+def group_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Training rows by (shape, batch, seq), in first-seen order; within a group by mode, then stack.
+
+    Maximum-length rows (`kind: maxlen`, from bench_maxlen.py) are left out: they have a table of their own.
+    """
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        label = _label(r)
-        if "error" in r:
-            print(f"{label:34} {r['mode']:6} {r['batch']:>5} x {r['seq']:<6} ERROR {r['error'][:80]}")
-            continue
-        ref = {s["stack"]: s for s in rows if "error" not in s and s["mode"] == r["mode"]
-               and s["batch"] == r["batch"] and s["seq"] == r["seq"] and s["stack"] != "fasttune"}
-        vs_u = r["tokens_per_s"] / ref["unsloth"]["tokens_per_s"] if "unsloth" in ref else float("nan")
-        vs_h = r["tokens_per_s"] / ref["hf"]["tokens_per_s"] if "hf" in ref else float("nan")
-        est = f"{r['est_gib']:8.2f}" if "est_gib" in r else f"{'':8}"
-        print(f"{label:34} {r['mode']:6} {r['batch']:>5} x {r['seq']:<6} {r['tokens_per_s']:9.0f} "
-              f"{r['peak_gib']:9.2f} {est} {vs_u:10.2f} {vs_h:7.2f}")
+        if r.get("kind") != "maxlen":
+            groups.setdefault((r.get("shape", "?"), r["batch"], r["seq"]), []).append(r)
+    for g in groups.values():
+        g.sort(key=lambda r: (r["mode"], STACK_ORDER.get(r["stack"], 9)))  # stable: variants keep their order
+    return groups
+
+
+def ratios(r: dict, group: list[dict]) -> tuple[float, float]:
+    """tokens/s of `r` over Unsloth's and transformers + PEFT's of the same group and mode (nan if absent)."""
+    ref = {s["stack"]: s for s in group if "tokens_per_s" in s and s["mode"] == r["mode"]
+           and s["stack"] in ("unsloth", "hf")}
+    vs_u = r["tokens_per_s"] / ref["unsloth"]["tokens_per_s"] if "unsloth" in ref else float("nan")
+    vs_h = r["tokens_per_s"] / ref["hf"]["tokens_per_s"] if "hf" in ref else float("nan")
+    return vs_u, vs_h
+
+
+def print_table(rows: list[dict]) -> None:
+    for (shape, batch, seq), group in group_rows(rows).items():
+        print(f"\n{shape}, {batch} x {seq}")
+        print(f"  {'stack':32} {'mode':6} {'tok/s':>9} {'peak GiB':>9} {'est GiB':>8} {'vs unsloth':>10} "
+              f"{'vs hf':>7}")
+        for r in group:
+            label = _label(r)
+            if "error" in r or "skipped" in r:
+                what = f"ERROR {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+                print(f"  {label:32} {r['mode']:6} {what[:100]}")
+                continue
+            vs_u, vs_h = ratios(r, group)
+            est = f"{r['est_gib']:8.2f}" if "est_gib" in r else f"{'':8}"
+            print(f"  {label:32} {r['mode']:6} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {est} "
+                  f"{vs_u:10.2f} {vs_h:7.2f}")
+    maxlen = [r for r in rows if r.get("kind") == "maxlen"]
+    if maxlen:
+        print(f"\nlongest sequence that trains one step, batch 1\n  {'stack':10} {'shape':12} {'mode':6} "
+              f"{'fits':>8} {'fails':>8} {'peak GiB':>9}  stopped")
+        for r in maxlen:
+            peak = r.get("peak_gib_at_fit") or float("nan")
+            print(f"  {r['stack']:10} {r['shape']:12} {r['mode']:6} {r['max_fit']:>8} "
+                  f"{r['first_fail'] or '-':>8} {peak:9.2f}  {r['stopped'] or 'resolved'}")
 
 
 def main() -> None:
@@ -326,7 +479,7 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stack", default="fasttune")
     p.add_argument("--stacks", nargs="+", default=["fasttune", "hf", "liger", "unsloth"])
-    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES) + sorted(GENERIC_SHAPES))
     p.add_argument("--mode", default="bf16")
     p.add_argument("--modes", nargs="+", default=["bf16", "qlora"])
     p.add_argument("--batch", type=int, default=8)
@@ -350,7 +503,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if any(s != "fasttune" for s in args.stacks):
+    # fasttune builds Llama shapes itself but loads GPT-2 / OPT through its loader, from the directory
+    if is_generic(args.shape) or any(s != "fasttune" for s in args.stacks):
         write_model_dir(args.shape, args.model_dir, args.tokenizer)
     rows = []
     for mode in args.modes:
