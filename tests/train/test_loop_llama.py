@@ -36,8 +36,8 @@ def test_accumulation_equals_big_batch_on_llama(examples, make_stream, tmp_path)
         model, params = tiny_lora_llama()
         seen: list[list[torch.Tensor]] = []
 
-        def hook(opt, args, kwargs, seen=seen):
-            seen.append([p.grad.clone() for p in opt.param_groups[0]["params"]])
+        def hook(opt, args, kwargs, seen=seen, params=params):  # the optimizer steps one flat buffer
+            seen.append([p.grad.clone() for p in params.values()])
 
         handle = register_optimizer_step_pre_hook(hook)
         cfg = TrainConfig(per_device_train_batch_size=b, gradient_accumulation_steps=a, max_steps=2,

@@ -1,4 +1,5 @@
-"""Schedules against transformers' reference schedules, and the optimiser choices."""
+"""Schedules against transformers' reference schedules, and the optimiser choices (the flat buffer itself:
+test_flat_params.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers import (
 )
 
 from fasttune.config import ConfigError, TrainConfig
+from fasttune.train.flat_params import ALIGN
 from fasttune.train.optim import build_optimizer, build_scheduler, warmup_steps_for
 
 
@@ -77,6 +79,22 @@ def test_optimizer_settings():
     group = opt.param_groups[0]
     assert group["params"] == [p]  # frozen tensors are not handed to the optimiser
     assert (group["lr"], group["weight_decay"], group["betas"]) == (3e-4, 0.01, (0.9, 0.95))
+
+
+def test_several_tensors_are_stepped_as_one_flat_buffer():
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = build_optimizer([a, b, a], TrainConfig(learning_rate=3e-4, weight_decay=0.01, adam_beta2=0.95))
+    assert isinstance(opt, torch.optim.AdamW)
+    (flat,) = opt.param_groups[0]["params"]
+    assert flat.numel() == 2 * ALIGN and [g.members for g in opt.flat_groups] == [[a, b]]
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]) == (3e-4, (0.9, 0.95))
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])  # moved, values kept
+    a.grad.fill_(1.0)
+    opt.step()
+    assert (a < before[0]).all() and torch.equal(b, before[1] * (1 - 3e-4 * 0.01))  # b: decay only
+    state = opt.state_dict()["state"]
+    assert list(state) == [0] and state[0]["exp_avg"].shape == (2 * ALIGN,)
 
 
 def test_adamw_8bit_on_cpu_is_a_clear_error():

@@ -1,7 +1,9 @@
 """The optimiser and the learning-rate schedule, built from TrainConfig.
 
 Weight decay is applied to every trainable tensor. With LoRA only the `lora_A`/`lora_B` matrices
-train (biases and norms stay frozen, `bias: none`), so there is no bias or norm to exempt.
+train (biases and norms stay frozen, `bias: none`), so there is no bias or norm to exempt, and one
+parameter group serves them all. That is what lets the optimiser step them as one flat buffer
+(`fasttune.train.flat_params`): one launch per step instead of a few per adapter tensor.
 """
 
 from __future__ import annotations
@@ -12,29 +14,39 @@ from collections.abc import Iterable
 import torch
 
 from fasttune.config import ConfigError, TrainConfig
+from fasttune.train.flat_params import can_flatten, flat_optimizer
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over `params`: torch's (fused on CUDA) or bitsandbytes' 8-bit one (CUDA only)."""
-    params = [p for p in params if p.requires_grad]
+    """AdamW over `params`: torch's (fused on CUDA) or bitsandbytes' 8-bit one (CUDA only).
+
+    Two or more trainable tensors are moved into one flat buffer per device and dtype first
+    (`flat_params.flat_optimizer`): they stay the model's Parameters, now views of the buffer, and the
+    optimiser's `param_groups` hold the buffers. Its `zero_grad` always zeroes in place.
+    """
+    params = list({id(p): p for p in params if p.requires_grad}.values())
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameters (check target_modules)")
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                   weight_decay=cfg.weight_decay)
     on_cuda = all(p.is_cuda for p in params)
     if cfg.optim == "adamw_torch":
-        # The fused kernel is one launch per step instead of several per tensor; it needs every
-        # parameter on CUDA in a floating dtype.
-        return torch.optim.AdamW(params, fused=on_cuda or None, **kwargs)
-    if cfg.optim == "adamw_8bit":
+        # The fused kernel is one launch per step (over the flat buffer); it needs every parameter on
+        # CUDA in a floating dtype.
+        cls, kwargs = torch.optim.AdamW, {**kwargs, "fused": on_cuda or None}
+    elif cfg.optim == "adamw_8bit":
         if not on_cuda:
             raise ConfigError("adamw_8bit needs a CUDA GPU (bitsandbytes); use --optim adamw_torch")
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ConfigError("adamw_8bit needs bitsandbytes: pip install 'fasttune[gpu]'") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    raise ConfigError(f"optim: unknown optimiser {cfg.optim!r} (adamw_torch or adamw_8bit)")
+        cls = bnb.optim.AdamW8bit
+    else:
+        raise ConfigError(f"optim: unknown optimiser {cfg.optim!r} (adamw_torch or adamw_8bit)")
+    if len(params) > 1 and can_flatten(params):
+        return flat_optimizer(cls, params, **kwargs)
+    return cls(params, **kwargs)
 
 
 def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
