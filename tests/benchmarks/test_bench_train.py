@@ -1,0 +1,88 @@
+"""bench_train on the CPU: the table groups rows by shape and batch and takes ratios within a group; the
+GPT-2 / OPT model directories build, and fasttune's generic path and transformers + PEFT train them from
+the same weights to the same loss; Llama-only stacks are skipped on them with a note."""
+
+import argparse
+import math
+
+import bench_train as bt
+import pytest
+import torch
+
+
+def row(stack, tps, shape="llama-3.1-8b", mode="bf16", batch=8, seq=2048, variant="peer", **kw):
+    return dict(stack=stack, shape=shape, mode=mode, batch=batch, seq=seq, variant=variant, tokens_per_s=tps,
+                peak_gib=10.0, **kw)
+
+
+def test_table_groups_by_shape_and_batch_and_takes_ratios_within_the_group(capsys):
+    rows = [
+        row("fasttune", 12000, variant="offload", est_gib=18.0), row("unsloth", 10000), row("hf", 6000),
+        row("fasttune", 9000, mode="qlora", variant="offload"), row("unsloth", 10000, mode="qlora"),
+        row("fasttune", 8000, batch=2), row("unsloth", 4000, batch=2), row("hf", 2000, batch=2),
+        row("fasttune", 7000, shape="llama-2-7b"), row("hf", 3500, shape="llama-2-7b"),
+        dict(stack="hf", shape="llama-2-7b", mode="qlora", batch=8, seq=2048, variant="-", error="OOM"),
+        dict(stack="unsloth", shape="gpt2-124m", mode="bf16", batch=8, seq=1024, variant="-",
+             skipped="no gpt2"),
+        dict(kind="maxlen", stack="fasttune", shape="llama-2-7b", mode="qlora", batch=1, max_fit=262144,
+             first_fail=None, stopped="budget: ...", peak_gib_at_fit=40.0),
+    ]
+    groups = bt.group_rows(rows)
+    assert list(groups) == [("llama-3.1-8b", 8, 2048), ("llama-3.1-8b", 2, 2048), ("llama-2-7b", 8, 2048),
+                            ("gpt2-124m", 8, 1024)]  # first-seen order; the maxlen row is not a group
+    g = groups[("llama-3.1-8b", 8, 2048)]
+    assert [(r["mode"], r["stack"]) for r in g] == [("bf16", "fasttune"), ("bf16", "unsloth"), ("bf16", "hf"),
+                                                    ("qlora", "fasttune"), ("qlora", "unsloth")]
+    assert bt.ratios(g[0], g) == (1.2, 2.0)
+    vs_u, vs_h = bt.ratios(g[3], g)  # QLoRA against QLoRA only; no HF QLoRA row in this group
+    assert vs_u == 0.9 and math.isnan(vs_h)
+    g2 = groups[("llama-3.1-8b", 2, 2048)]
+    assert bt.ratios(g2[0], g2) == (2.0, 4.0)  # batch 2 against batch 2, not the batch-8 peers
+    g3 = groups[("llama-2-7b", 8, 2048)]
+    vs_u, vs_h = bt.ratios(g3[0], g3)
+    assert math.isnan(vs_u) and vs_h == 2.0
+
+    bt.print_table(rows)
+    out = capsys.readouterr().out
+    assert "llama-2-7b, 8 x 2048" in out and "ERROR OOM" in out and "skipped: no gpt2" in out
+    assert "longest sequence" in out and "262144" in out
+
+
+def test_llama_only_stacks_are_skipped_on_gpt2_and_opt():
+    args = argparse.Namespace(shape="opt-350m")
+    for stack in ("unsloth", "liger"):
+        (r,) = bt.run_one(stack, "bf16", 8, 2048, args)  # returns before starting any process
+        assert r["shape"] == "opt-350m" and "opt" in r["skipped"] and "error" not in r
+
+
+def test_real_shapes_have_the_released_sizes():
+    from transformers import AutoModelForCausalLM
+
+    sizes = {"gpt2-124m": 124_439_808, "opt-350m": 331_196_416}
+    for shape, n in sizes.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(bt.shape_config(shape))
+        assert sum(p.numel() for p in model.parameters()) == n, shape
+
+
+@pytest.mark.parametrize("shape", ["tiny-gpt2", "tiny-opt"])
+def test_generic_model_dir_trains_on_both_stacks(shape, tmp_path, tokenizer_dir):
+    bt.write_model_dir(shape, tmp_path, tokenizer_dir)
+    args = argparse.Namespace(shape=shape, model_dir=tmp_path, mode="bf16", device="cpu")
+    x = bt.fixed_batches(2, 24, 1, bt.shape_vocab(shape))[0]
+    results = {}
+    builders = (("fasttune", bt.build_fasttune_generic), ("hf", lambda a: bt.build_hf(a, liger=False)))
+    for name, build in builders:
+        model, params, step = build(args)
+        if name == "fasttune":
+            assert type(model).__name__ == "GenericCausalLM"
+            bt.configure_generic(model, "on")
+        loss = step(x)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g is not None for g in grads.values())
+        assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+        results[name] = (float(loss), len(grads), sum(p.numel() for p in params))
+    assert results["fasttune"][0] == pytest.approx(results["hf"][0], rel=1e-5)
+    assert results["fasttune"][1:] == results["hf"][1:]  # the same LoRA targets on both
+    with pytest.raises(SystemExit, match="another model"):  # a directory of another shape is refused
+        bt.write_model_dir("tiny-opt" if shape == "tiny-gpt2" else "tiny-gpt2", tmp_path, tokenizer_dir)
