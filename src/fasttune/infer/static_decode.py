@@ -11,6 +11,11 @@ row 0 keys    a    b    c    x    y    .      key_mask 1 1 1 1 1 0
 row 1 keys    pad  d    e    x'   y'   .      key_mask 0 1 1 1 1 0
 ```
 The prefill still runs the model's forward (one call, any length) into the same buffers.
+
+Two steps: `decode_step` runs the model's own layers; `fused_decode_step` (the default of the compiled and
+CUDA-graph modes on a GPU) runs the same math with fewer, larger kernels: q/k/v as one GEMV and gate/up as
+one over weights packed by `decode_weights.py`, the residual added inside the o/down GEMVs, one additive
+key mask per step shared by all layers, and grouped-query attention without repeating K/V.
 """
 
 from __future__ import annotations
@@ -19,8 +24,13 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fasttune.infer.decode_weights import DecodeWeights, dense_base, pack_decode_weights
+from fasttune.kernels.rope import apply_rope, apply_rope_reference
+from fasttune.kernels.swiglu import swiglu, swiglu_reference
+from fasttune.lora.layer import LoRALinear
 from fasttune.models.attention import AttentionMask
 from fasttune.models.kv_cache import KVCache
 
@@ -66,6 +76,17 @@ class _Slots:
         return self.k[layer], self.v[layer]
 
 
+def visible_keys(static: StaticKV, slot: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Mark `slot` filled and return the (B, max_len) bool mask of the slots this step's query may read."""
+    static.key_mask.index_fill_(1, slot, True)
+    keys = static.key_mask  # (B, max_len)
+    if window is not None:
+        # Mistral: slots more than `window` behind this one fall out of view.
+        idx = torch.arange(keys.shape[1], device=keys.device)
+        keys = keys & (idx > slot - window)[None]
+    return keys
+
+
 def decode_step(
     model: nn.Module,
     static: StaticKV,
@@ -78,13 +99,7 @@ def decode_step(
     input_ids, position_ids: (B, 1); slot: (1,) int64, the cache slot this token fills.
     """
     inner = model.model
-    static.key_mask.index_fill_(1, slot, True)
-    keys = static.key_mask  # (B, max_len)
-    window = model.config.sliding_window
-    if window is not None:
-        # Mistral: slots more than `window` behind this one fall out of view.
-        idx = torch.arange(keys.shape[1], device=keys.device)
-        keys = keys & (idx > slot - window)[None]
+    keys = visible_keys(static, slot, model.config.sliding_window)
     mask = AttentionMask(causal=False, mask=keys[:, None, None, :])  # (B, 1, 1, max_len)
     x = inner.embed_tokens(input_ids)  # (B, 1, H)
     rope = inner.rotary_emb(position_ids, x.dtype)
@@ -94,44 +109,147 @@ def decode_step(
     return model.lm_head(inner.norm(x))[:, -1].float()  # (B, V)
 
 
+def key_bias(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, max_len) bool -> (B, 1, 1, max_len) additive mask (0 or -inf) in `dtype`, built once per step.
+
+    SDPA turns a bool mask into a float one inside every call (two kernels per layer); every layer of one
+    step shares this one instead. Rows start at multiples of 16 elements, the alignment the memory-efficient
+    kernel wants (it would copy the mask otherwise).
+    """
+    B, L = keys.shape
+    width = -(-L // 16) * 16
+    bias = torch.full((B, 1, 1, width), float("-inf"), dtype=dtype, device=keys.device)
+    return bias[..., :L].masked_fill_(keys[:, None, None, :], 0.0)
+
+
+def _add_projected(residual: torch.Tensor, proj: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """residual + proj(y); for a plain (or merged) bias-free linear as one addmm, which adds the residual in
+    the GEMV's epilogue instead of a separate kernel (and rounds once)."""
+    base = dense_base(proj)
+    plain = not isinstance(proj, LoRALinear) or proj.merged
+    if base is None or base.bias is not None or not plain or base.weight.dtype != y.dtype:
+        return residual + proj(y)
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), y.reshape(-1, y.shape[-1]), base.weight.t())
+    return out.view(residual.shape)  # (B, 1, H)
+
+
+def _fused_attention(layer: nn.Module, packed, x, rope, bias, static: StaticKV, slot, i: int) -> torch.Tensor:
+    """x + self_attn(input_layernorm(x)) for one token per row. x: (B, 1, H)."""
+    a = layer.self_attn
+    B = x.shape[0]
+    nh, nkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
+    h = layer.input_layernorm(x)
+    projs = (a.q_proj, a.k_proj, a.v_proj)
+    q, k, v = packed(h, projs) if packed is not None else [p(h) for p in projs]
+    q = q.view(B, 1, nh, hd)  # (B, 1, nh, hd)
+    k = k.view(B, 1, nkv, hd)  # (B, 1, nkv, hd)
+    v = v.view(B, 1, nkv, hd)  # (B, 1, nkv, hd)
+    if a.qk_norm:
+        q, k = a.q_norm(q), a.k_norm(k)
+    q, k = (apply_rope if a.use_kernels else apply_rope_reference)(q, k, *rope)
+    static.k[i].index_copy_(2, slot, k.transpose(1, 2))  # (B, nkv, 1, hd) into slot of (B, nkv, max_len, hd)
+    static.v[i].index_copy_(2, slot, v.transpose(1, 2))
+    # Grouped-query attention for a single query: the `nh / nkv` query heads that share a KV head become
+    # that head's query rows (head h = kv * group + j, as repeat_kv numbers them), so SDPA reads each KV
+    # head once and nothing repeats K/V over all max_len slots; the (B, 1, 1, max_len) mask broadcasts.
+    q = q.reshape(B, nkv, nh // nkv, hd)  # (B, nkv, group, hd)
+    y = F.scaled_dot_product_attention(q, static.k[i], static.v[i], attn_mask=bias)  # (B, nkv, group, hd)
+    y = y.reshape(B, 1, nh * hd)  # (B, 1, nh * hd)
+    return _add_projected(x, a.o_proj, y)
+
+
+def _fused_mlp(layer: nn.Module, packed, x: torch.Tensor) -> torch.Tensor:
+    """x + mlp(post_attention_layernorm(x)). x: (B, 1, H)."""
+    m = layer.mlp
+    h = layer.post_attention_layernorm(x)
+    projs = (m.gate_proj, m.up_proj)
+    gate, up = packed(h, projs) if packed is not None else [p(h) for p in projs]  # (B, 1, I) each
+    act = (swiglu if m.use_kernels else swiglu_reference)(gate, up)
+    return _add_projected(x, m.down_proj, act)
+
+
+def fused_decode_step(
+    model: nn.Module,
+    static: StaticKV,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    slot: torch.Tensor,
+    packed: DecodeWeights,
+) -> torch.Tensor:
+    """`decode_step` with the layers unrolled for one token: the same logits (B, V) in fp32, fewer kernels.
+
+    The math is the layers' own (norm modules, qk-norm, RoPE, LoRA terms of unmerged adapters); only the
+    grouping differs: packed q/k/v and gate/up products, residual adds inside addmm, one shared mask.
+    """
+    inner = model.model
+    keys = visible_keys(static, slot, model.config.sliding_window)
+    x = inner.embed_tokens(input_ids)  # (B, 1, H)
+    rope = inner.rotary_emb(position_ids, x.dtype)
+    bias = key_bias(keys, static.k.dtype)
+    for i, layer in enumerate(inner.layers):
+        x = _fused_attention(layer, packed.qkv[i], x, rope, bias, static, slot, i)
+        x = _fused_mlp(layer, packed.gate_up[i], x)
+    return model.lm_head(inner.norm(x))[:, -1].float()  # (B, V)
+
+
 MODES = ("eager", "compile", "cuda_graph")
+# generate's `compile` -> (mode, fused): None = fused on a GPU (where it was measured to pay), the eager
+# step elsewhere; the '-unfused' spellings force the model's own step (benchmarks, a fallback).
+_COMPILE_ARGS = {
+    "eager": ("eager", False), "compile": ("compile", None), "cuda_graph": ("cuda_graph", None),
+    "compile-unfused": ("compile", False), "cuda_graph-unfused": ("cuda_graph", False),
+    "compile-fused": ("compile", True), "cuda_graph-fused": ("cuda_graph", True),
+}
+
+
+def decode_variant(compile: bool | str | None) -> tuple[str, bool | None]:
+    """generate's `compile` argument -> (mode, fused). Modes: 'eager', 'compile' (torch.compile; CUDA graphs
+    on a GPU) or 'cuda_graph' (the step, kernels as they are, captured once in a CUDA graph and replayed).
+    fused: True/False forces `fused_decode_step` / `decode_step`; None picks fused on CUDA.
+    """
+    if compile is None or compile is False:
+        return "eager", False
+    if compile is True:
+        return "compile", None
+    if isinstance(compile, str) and compile in _COMPILE_ARGS:
+        return _COMPILE_ARGS[compile]
+    raise ValueError(f"compile={compile!r}: expected False, True ('compile'), 'cuda_graph', or "
+                     "'compile-unfused' / 'cuda_graph-unfused' (the model's own layers in the step)")
 
 
 def decode_mode(compile: bool | str | None) -> str:
-    """generate's `compile` argument -> 'eager', 'compile' (torch.compile; CUDA graphs on a GPU) or
-    'cuda_graph' (the eager step, kernels as they are, captured once in a CUDA graph and replayed)."""
-    if compile in (False, None, "eager"):
-        return "eager"
-    if compile in (True, "compile"):
-        return "compile"
-    if compile == "cuda_graph":
-        return "cuda_graph"
-    raise ValueError(f"compile={compile!r}: expected False, True ('compile') or 'cuda_graph'")
+    """generate's `compile` argument -> 'eager', 'compile' or 'cuda_graph' (see `decode_variant`)."""
+    return decode_variant(compile)[0]
 
 
 class Decoder:
     """The step function for one model, with the cache buffers it was built or captured for.
 
-    eager: `decode_step` as it is. compile: torch.compile of it (reduce-overhead = CUDA graphs on a GPU:
-    at batch 1 a token is hundreds of small kernels, and launching them one by one costs more than running
-    them). cuda_graph: the eager step recorded once per cache shape into a torch.cuda.CUDAGraph; each token
-    copies its three small inputs into the graph's input tensors and replays it.
+    eager: `decode_step` as it is. compile: torch.compile of the step (reduce-overhead = CUDA graphs on a
+    GPU: at batch 1 a token is hundreds of small kernels, and launching them one by one costs more than
+    running them). cuda_graph: the eager step recorded once per cache shape into a torch.cuda.CUDAGraph; each
+    token copies its three small inputs into the graph's input tensors and replays it. With `fused` the step
+    is `fused_decode_step`, and the model's q/k/v and gate/up weights are packed (`decode_weights.py`) the
+    first time buffers are asked for.
     """
 
-    def __init__(self, model: nn.Module, mode: str) -> None:
+    def __init__(self, model: nn.Module, mode: str, fused: bool | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"decode mode {mode!r}: expected one of {MODES}")
         on_cuda = model.get_input_embeddings().weight.is_cuda
         if mode == "cuda_graph" and not on_cuda:
             raise ValueError("compile='cuda_graph' needs the model on a CUDA device")
         self.mode = mode
+        self.fused = mode != "eager" and (on_cuda if fused is None else fused)
         self.cuda_graphs = on_cuda and mode != "eager"
         self.static: StaticKV | None = None
         self.weights: tuple[int, ...] = ()
-        self.fn: Callable = decode_step
+        self.packed: DecodeWeights | None = None
+        self.step: Callable = fused_decode_step if self.fused else decode_step
+        self.fn: Callable = self.step
         if mode == "compile":
             compile_mode = "reduce-overhead" if on_cuda else "default"
-            self.fn = torch.compile(decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
+            self.fn = torch.compile(self.step, mode=compile_mode, fullgraph=True, dynamic=False)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_io: tuple[torch.Tensor, ...] = ()
 
@@ -142,6 +260,11 @@ class Decoder:
         emb = model.get_input_embeddings().weight
         # A captured graph reads weights by address: moving or reloading the model must recapture.
         weights = tuple(p.data_ptr() for p in model.parameters())
+        if self.fused and weights != self.weights:
+            # New or moved weights (first call, adapters attached, model reloaded): pack them (a no-op copy
+            # for groups still packed), then take the addresses they have now.
+            self.packed = pack_decode_weights(model)
+            weights = tuple(p.data_ptr() for p in model.parameters())
         s = self.static
         if s is None or s.k.shape[1] != batch_size or s.max_len != max_len or s.k.dtype != emb.dtype \
                 or s.k.device != emb.device or weights != self.weights:
@@ -149,13 +272,16 @@ class Decoder:
             self.static = s = StaticKV(model, batch_size, max_len)
         return s
 
+    def _args(self) -> tuple:
+        return (self.packed,) if self.fused else ()
+
     def __call__(self, model, static, input_ids, position_ids, slot) -> torch.Tensor:
         if self.mode == "cuda_graph":
             return self._replay(model, static, input_ids, position_ids, slot)
         if self.mode == "compile" and self.cuda_graphs:
             # The previous step's outputs live in the graph's memory pool; we are done with them.
             torch.compiler.cudagraph_mark_step_begin()
-        return self.fn(model, static, input_ids, position_ids, slot)
+        return self.fn(model, static, input_ids, position_ids, slot, *self._args())
 
     def _replay(self, model, static, input_ids, position_ids, slot) -> torch.Tensor:
         if self.graph is None:
@@ -178,11 +304,11 @@ class Decoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                decode_step(model, static, ids, pos, at)
+                self.step(model, static, ids, pos, at, *self._args())
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = decode_step(model, static, ids, pos, at)
+            out = self.step(model, static, ids, pos, at, *self._args())
         self.graph, self.graph_io = graph, (ids, pos, at, out)
 
 
@@ -191,11 +317,11 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def decoder_for(model: nn.Module, compile: bool | str) -> Decoder:
     """The cached Decoder of `model` (compiled ones are worth keeping: compiling takes seconds to minutes)."""
-    mode = decode_mode(compile)
+    mode, fused = decode_variant(compile)
     per_model = _DECODERS.setdefault(model, {})
-    if mode not in per_model:
-        per_model[mode] = Decoder(model, mode)
-    return per_model[mode]
+    if (mode, fused) not in per_model:
+        per_model[mode, fused] = Decoder(model, mode, fused)
+    return per_model[mode, fused]
 
 
 def bucket_length(n: int, compile: bool | str, step: int = 256) -> int:
