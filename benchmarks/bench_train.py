@@ -215,7 +215,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
 
     First token: off | on | offload | selective:K | budget:GiB (selective, K from the memory estimate).
     Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend),
-    plain (offloading modes recompute whole layers through torch's checkpoint, not in halves).
+    plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
+    pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`).
     """
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
@@ -295,12 +296,21 @@ def build_unsloth(args):
     return model, params, step
 
 
-def time_steps(params, step, batches, warmup: int, profile: str | None = None) -> dict:
-    """Median step time after `warmup` steps and the peak memory from the first step (optimiser included)."""
+def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False) -> dict:
+    """Median step time after `warmup` steps and the peak memory from the first step (optimiser included).
+
+    `flat`: the optimiser steps `params` as one flat buffer, as fasttune's trainer does (one 8-bit step
+    launch instead of a few per adapter tensor; its gradient buffer lives from here on, zeroed in place).
+    """
     import bitsandbytes as bnb
     import torch
 
-    opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+    if flat:
+        from fasttune.train.flat_params import flat_optimizer
+
+        opt = flat_optimizer(bnb.optim.AdamW8bit, params, lr=1e-4)
+    else:
+        opt = bnb.optim.AdamW8bit(params, lr=1e-4)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -360,7 +370,9 @@ def worker(args) -> list[dict]:
             elif args.stack == "fasttune":
                 row.update(configure_fasttune(model, variant, args))
             profile = args.profile if n == 0 else None
-            row.update(time_steps(params, step, batches, args.warmup, profile))
+            flat = args.stack == "fasttune" and "pertensor" not in variant.split("+")
+            row["flat_optimizer"] = flat
+            row.update(time_steps(params, step, batches, args.warmup, profile, flat=flat))
             row["tokens_per_s"] = args.batch * args.seq / row["step_s"]
         except torch.cuda.OutOfMemoryError:
             row["error"] = "OOM"
