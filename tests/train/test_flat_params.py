@@ -165,6 +165,30 @@ def test_flat_training_equals_per_tensor(examples, make_stream, tmp_path, monkey
         torch.testing.assert_close(weights["flat"][n], w, rtol=1e-6, atol=1e-6)
 
 
+def test_per_tensor_optimizer_state_resumes_in_the_flat_buffer():
+    """A checkpoint written by the per-tensor optimizer (before the flat buffer) continues exactly."""
+    model, resumed = tiny_lora_llama(), tiny_lora_llama()
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1)
+    ref_opt = per_tensor_optimizer(trainable(model).values(), cfg)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, VOCAB, (2, 8), generator=g) for _ in range(3)]
+    for ids in batches[:2]:
+        model(input_ids=ids, targets=ids).loss_sum.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(trainable(resumed).items(), trainable(model).items()):
+            p.copy_(q)
+    opt = build_optimizer(trainable(resumed).values(), cfg)
+    opt.load_state_dict(ref_opt.state_dict())
+    assert opt.state_dict()["state"][0]["exp_avg"].shape == opt.param_groups[0]["params"][0].shape
+    for m, o in ((model, ref_opt), (resumed, opt)):
+        m(input_ids=batches[2], targets=batches[2]).loss_sum.backward()
+        o.step()
+    for (n, p), q in zip(trainable(model).items(), trainable(resumed).values()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
+
+
 def test_saved_adapter_is_byte_identical(tmp_path):
     flat_model, plain_model = tiny_lora_llama(), tiny_lora_llama()
     build_optimizer(trainable(flat_model).values(), TrainConfig())  # moves the adapters into the buffer

@@ -20,6 +20,8 @@ stays zero: its gradient is zero, so Adam's moments and update there are zero, a
 The one rule: a member's `.grad` must never be set to None, or the next backward allocates a fresh tensor
 beside the buffer. The optimizer from `flat_optimizer` therefore zeroes in place whatever `set_to_none`
 says, and before each step re-points any member whose `.grad` was replaced (copying that gradient in).
+Its state dict holds one parameter per buffer; a per-tensor AdamW state (a checkpoint written before the
+buffer existed) is moved into the buffer's layout when loaded.
 
 8-bit AdamW (bitsandbytes) over the flat buffer runs the same algorithm; what changes is where its
 quantisation blocks fall. It quantises the two moments in blocks of 256 values, each block scaled by its own
@@ -153,6 +155,40 @@ class _FlatStep:
         del set_to_none  # always in place: see the class docstring
         for group in self.flat_groups:
             group.zero_grad()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(_flat_state(state_dict, self.flat_groups))
+
+
+_ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}  # torch.optim.AdamW's per-tensor state
+
+
+def _flat_state(state_dict: dict[str, Any], groups: list[FlatParams]) -> dict[str, Any]:
+    """`state_dict` in the flat layout if torch's AdamW saved it per tensor (a checkpoint written before
+    adapters were stepped as one buffer); otherwise unchanged. Each moment goes to its member's span."""
+    saved = state_dict["param_groups"]
+    n_members = len(groups[0].members)
+    if len(groups) != 1 or len(saved) != 1 or n_members < 2 or len(saved[0]["params"]) != n_members:
+        return state_dict  # already flat (or not ours to convert): torch checks it as usual
+    group = groups[0]
+    per_tensor = [state_dict["state"].get(i, {}) for i in saved[0]["params"]]
+    keys = set(per_tensor[0])
+    same_steps = len({float(s.get("step", -1)) for s in per_tensor}) == 1
+    if not keys <= _ADAMW_STATE or not same_steps or any(set(s) != keys for s in per_tensor):
+        raise ValueError("the optimizer state was saved per tensor in a form that cannot be moved into one "
+                         "flat buffer (8-bit state, or tensors stepped unequally); start the run again "
+                         "without --resume")
+    merged: dict[str, Any] = {}
+    for key in sorted(keys):
+        values = [s[key] for s in per_tensor]
+        if key == "step":  # one count for all; cloned, as the optimizer increments it in place
+            merged[key] = values[0].clone() if isinstance(values[0], torch.Tensor) else values[0]
+            continue
+        buf = torch.zeros(group.param.shape, dtype=values[0].dtype, device=values[0].device)
+        for v, (off, n) in zip(values, group.spans):
+            buf[off:off + n] = v.reshape(-1)
+        merged[key] = buf
+    return {"state": {0: merged} if merged else {}, "param_groups": [{**saved[0], "params": [0]}]}
 
 
 def _bind_before_step(optimizer: _FlatStep, args: Any, kwargs: Any) -> None:
