@@ -123,14 +123,17 @@ def key_bias(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _add_projected(residual: torch.Tensor, proj: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """residual + proj(y); for a plain (or merged) bias-free linear as one addmm, which adds the residual in
-    the GEMV's epilogue instead of a separate kernel (and rounds once)."""
+    """residual + proj(y). For a plain (or merged) bias-free linear layer: one in-place addmm_ into
+    `residual` (a fresh tensor of this step that nothing else reads), which adds the residual in the GEMV's
+    epilogue (beta = 1) and rounds once. Out of place, addmm would first copy `residual` into its output:
+    the same two kernels as a GEMV and an add."""
     base = dense_base(proj)
     plain = not isinstance(proj, LoRALinear) or proj.merged
-    if base is None or base.bias is not None or not plain or base.weight.dtype != y.dtype:
+    if base is None or base.bias is not None or not plain or base.weight.dtype != residual.dtype:
         return residual + proj(y)
-    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), y.reshape(-1, y.shape[-1]), base.weight.t())
-    return out.view(residual.shape)  # (B, 1, H)
+    H = residual.shape[-1]
+    residual.view(-1, H).addmm_(y.reshape(-1, y.shape[-1]), base.weight.t())  # (B, H) += (B, in) @ (in, H)
+    return residual
 
 
 def _fused_attention(layer: nn.Module, packed, x, rope, bias, static: StaticKV, slot, i: int) -> torch.Tensor:
