@@ -215,3 +215,39 @@ def test_groups_by_dtype_and_leaves_tied_tensors_alone():
     tied = [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[2:])]  # overlapping memory
     opt = build_optimizer(tied, TrainConfig())
     assert opt.param_groups[0]["params"] == tied and not hasattr(opt, "flat_groups")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])
+def test_cuda_flat_steps_equal_per_tensor(optim):
+    """Fused AdamW, and bitsandbytes' 8-bit AdamW (every tensor 8-bit: `ALIGN` keeps its blocks per tensor),
+    over the buffer on CUDA, with bf16 autocast, the fused LoRA kernels and LayerRecompute's backward."""
+    if optim == "adamw_8bit":
+        bnb = pytest.importorskip("bitsandbytes")
+        cls, kwargs = bnb.optim.AdamW8bit, dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1)
+    else:
+        cls, kwargs = torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, fused=True)
+    runs = []
+    for flat in (True, False):
+        model = tiny_lora_llama(use_kernels=True).cuda()
+        model.set_gradient_checkpointing("offload")
+        model.train()
+        params = list(trainable(model).values())
+        opt = flat_optimizer(cls, params, **kwargs) if flat else cls(params, **kwargs)
+        g = torch.Generator().manual_seed(7)
+        for _ in range(4):
+            for _ in range(2):  # accumulation
+                ids = torch.randint(0, VOCAB, (2, 16), generator=g).cuda()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(input_ids=ids, targets=ids)
+                out.loss_sum.float().backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert len(opt.param_groups[0]["params"]) == (1 if flat else len(params))
+        runs.append([p.detach().clone() for p in params])
+    initial = list(trainable(tiny_lora_llama()).values())
+    for a, b, p0 in zip(*runs, initial):
+        assert not torch.equal(b.cpu(), p0.detach())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
