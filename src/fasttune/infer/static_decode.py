@@ -268,12 +268,24 @@ class Decoder:
             # for groups still packed), then take the addresses they have now.
             self.packed = pack_decode_weights(model)
             weights = tuple(p.data_ptr() for p in model.parameters())
+            if self.mode == "compile":
+                self._mark_static(self.packed)
         s = self.static
         if s is None or s.k.shape[1] != batch_size or s.max_len != max_len or s.k.dtype != emb.dtype \
                 or s.k.device != emb.device or weights != self.weights:
             self.static, self.graph, self.weights = None, None, weights
             self.static = s = StaticKV(model, batch_size, max_len)
         return s
+
+    @staticmethod
+    def _mark_static(packed: DecodeWeights) -> None:
+        """Tell torch.compile the packed weights keep their address (they are Parameters, which it already
+        takes as static; said explicitly because copying them into CUDA-graph input buffers would cost a
+        full weight read and write per token)."""
+        for group in packed.qkv + packed.gate_up:
+            if group is not None:
+                for t in group.parameters():
+                    torch._dynamo.mark_static_address(t, guard=False)
 
     def _args(self) -> tuple:
         return (self.packed,) if self.fused else ()
