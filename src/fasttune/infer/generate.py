@@ -11,6 +11,14 @@ input_ids       a  b  c          attention_mask  1 1 1
                 pad d  e                          0 1 1
 position_ids    0  1  2   (then 3, 4, ...)        0 0 1   (then 2, 3, ...: real tokens counted)
 ```
+On CUDA the loop is pipelined: the host queues step i+1 before it waits for token i, so the GPU never idles
+while Python checks and hands out a token (the next step only needs the token on the device):
+```
+GPU   | step i | pick i, copy to host | step i+1                     | pick i+1, copy | step i+2 ...
+host    queue pick i, copies, step i+1 ^wait  yield token i, queue pick i+1, copies, step i+2 ^wait ...
+```
+When token i finishes every row, step i+1 has run for nothing (never past the cache: the last step queues
+no further step).
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0  # per row, the longest row
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+    prefill_s: float = 0.0  # until the first new token was on the host
+    decode_s: float = 0.0  # from the first new token to the last, wall time (the caller's share included)
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,11 +95,16 @@ def iter_tokens(
     tokenizer: Any = None,
     seed: int | None = None,
     compile: bool | str = False,
+    pipeline: bool | None = None,
     stats: GenerationStats | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,) int64, one step at a time; finished rows yield `pad_token_id`.
+    """Yield the next token of every row, (B,) int64 on the CPU, one step at a time; finished rows yield
+    `pad_token_id`.
 
     A row finishes at one of `eos_token_ids` (which it yields) or once its text contains a stop string.
+    pipeline: start each decoding step before waiting for the previous token to reach the host (None: on
+    CUDA, where the GPU would otherwise idle while Python picks, checks and hands out every token; on the CPU
+    nothing runs in parallel and the step after the last one would be wasted work).
     """
     if not is_own_model(model):
         yield from _iter_tokens_generic(
@@ -113,54 +126,135 @@ def iter_tokens(
             else attention_mask.to(device).bool())
     check_left_padded(mask)
     pad = int(pad_token_id if pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else 0))
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    eos = [int(i) for i in eos_token_ids]
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_check = _StopChecker(stop_strings, tokenizer) if stop_strings else None
+    overlap = device.type == "cuda" if pipeline is None else pipeline
+    penalty = sampling.repetition_penalty != 1.0
 
     decoder = decoder_for(model, compile)
     static = decoder.buffers_for(model, B, bucket_length(T + max_new_tokens, compile))
-    seq = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)  # prompt + new tokens
-    seq[:, :T] = input_ids
-    seen = torch.zeros_like(seq, dtype=torch.bool)  # which ids count for the repetition penalty
-    seen[:, :T] = mask
+    if penalty:  # the ids the penalty counts; nothing else reads them on the device
+        seq = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)  # prompt + new
+        seq[:, :T] = input_ids
+        seen = torch.zeros_like(seq, dtype=torch.bool)  # False for padding
+        seen[:, :T] = mask
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) real tokens counted from 0
+    host = _HostCopies(B, device)
+    new_ids = torch.empty(B, max_new_tokens, dtype=torch.long) if stop_check is not None else None
 
     with _reference_ops(model, decoder.mode == "compile"):
         t0 = time.perf_counter()
         out = model(input_ids, position_ids=positions, attention_mask=mask.long(),
                     kv_cache=static.start(mask), logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B, V)
-        next_pos = positions[:, -1:] + 1  # (B, 1)
-        slot = torch.tensor([T], device=device)  # the cache slot of the next token, kept on the device
+        # The slot of the next token, kept on the device; the pad id fed by finished rows may lie outside
+        # the embedding (-1), every id the head picks lies inside it.
+        step = _Stepper(decoder, model, static, positions[:, -1:] + 1, torch.tensor([T], device=device),
+                        vocab if not 0 <= pad < vocab else None)
         stats.prompt_tokens = T
-        first = True
+        some_finished = False  # the host's view of `finished` after the previous step: exact, not a guess
         for i in range(max_new_tokens):
             cur = T + i
-            logits = process_logits(logits, sampling, seq[:, :cur], seen[:, :cur])
-            token = pick_next(logits, sampling, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            seq[:, cur] = token
-            seen[:, cur] = ~finished
-            finished |= torch.isin(token, eos)
-            if stop_check is not None:
-                finished |= stop_check(seq[:, T:cur + 1], finished)
-            done = bool(finished.all())  # one host sync per token: the caller wants the token now anyway
-            now = time.perf_counter()
-            if first:
-                stats.prefill_s, first = now - t0, False
+            if penalty:
+                logits = process_logits(logits, sampling, seq[:, :cur], seen[:, :cur])
             else:
-                stats.decode_s += now - t0
-            t0 = now
+                logits = process_logits(logits, sampling)  # greedy: the logits as they are (no kernel)
+            token = pick_next(logits, sampling, generator)  # a fresh (B,) tensor
+            if some_finished:
+                token.masked_fill_(finished, pad)
+            if penalty:
+                seq[:, cur] = token
+                seen[:, cur] = ~finished
+            if len(eos) == 1:
+                finished |= token == eos[0]
+            elif eos:
+                finished |= torch.isin(token, eos_t)
+            host.send(token, finished)
+            last = i == max_new_tokens - 1
+            if overlap and not last:
+                # Queued behind the copies above, so the GPU runs it while the host waits for them. If this
+                # token ends every row, its work is discarded: it writes only cache slot `cur` (< max_len,
+                # as this is not the last step), which the next generation's prefill resets.
+                logits = step(token)
+            host_token, host_finished = host.receive()
+            if stop_check is not None:
+                new_ids[:, i] = host_token
+                hit = stop_check(new_ids[:, :i + 1], host_finished)
+                if bool(hit.any()):
+                    host_finished |= hit
+                    if not bool(host_finished.all()):
+                        finished |= host.to_device(hit)  # queued before the next step's pick reads it
+            done = bool(host_finished.all())
+            some_finished = bool(host_finished.any())
+            now = time.perf_counter()
+            if i == 0:
+                stats.prefill_s, t_first = now - t0, now
+            else:
+                stats.decode_s = now - t_first  # wall time from the first token: the caller's time counts
             stats.new_tokens = i + 1
-            yield token
-            if done or i == max_new_tokens - 1:
+            yield host_token
+            if done or last:
                 break
-            t0 = time.perf_counter()
-            feed = token.clamp(0, vocab - 1)[:, None]  # finished rows feed their pad id, which may be -1
-            logits = decoder(model, static, feed, next_pos, slot)
-            next_pos = next_pos + 1
-            slot = slot + 1
+            if not overlap:
+                logits = step(token)
+
+
+class _Stepper:
+    """Feeds one token per row to the decoder at each row's next position and the next cache slot."""
+
+    def __init__(self, decoder: Any, model: Any, static: Any, next_pos: torch.Tensor, slot: torch.Tensor,
+                 clamp_below: int | None) -> None:
+        self.decoder, self.model, self.static = decoder, model, static
+        self.next_pos, self.slot = next_pos, slot  # (B, 1), (1,) on the device
+        self.clamp_below = clamp_below
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B,) -> the next logits (B, V); with CUDA graphs an output the next call overwrites."""
+        if self.clamp_below is not None:
+            token = token.clamp(0, self.clamp_below - 1)  # finished rows feed their pad id, e.g. -1
+        logits = self.decoder(self.model, self.static, token[:, None], self.next_pos, self.slot)
+        self.next_pos = self.next_pos + 1
+        self.slot = self.slot + 1
+        return logits
+
+
+class _HostCopies:
+    """Each step's tokens and finished flags on their way to the host.
+
+    On CUDA: copies into pinned buffers, started without waiting and followed by an event, so that the
+    caller can queue more GPU work before it waits (`receive` waits for the event only, which precedes that
+    work in stream order). On the CPU the tensors are the host's already.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            self.token = torch.empty(batch_size, dtype=torch.long, pin_memory=True)
+            self.finished = torch.empty(batch_size, dtype=torch.bool, pin_memory=True)
+            self.ready = torch.cuda.Event()
+
+    def send(self, token: torch.Tensor, finished: torch.Tensor) -> None:
+        if self.cuda:
+            self.token.copy_(token, non_blocking=True)
+            self.finished.copy_(finished, non_blocking=True)
+            self.ready.record()
+        else:
+            self.token, self.finished = token, finished.clone()  # `finished` changes in place later
+
+    def receive(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, finished) on the host as sent, in tensors of their own (the buffers are reused)."""
+        if self.cuda:
+            self.ready.synchronize()
+            return self.token.clone(), self.finished.clone()
+        return self.token, self.finished
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # Through pinned memory: a copy from pageable memory would wait for the queued step first.
+        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
 
 
 @torch.no_grad()
@@ -182,6 +276,7 @@ def generate(
     seed: int | None = None,
     streamer: Any = None,
     compile: bool | str = False,
+    pipeline: bool | None = None,
     stats: GenerationStats | None = None,
 ) -> torch.Tensor:
     """Prompt + generated ids, (B, T + n), like transformers' `generate`; rows that finish early are padded.
@@ -192,6 +287,8 @@ def generate(
     compiles); 'cuda_graph' records the eager step (our Triton kernels included) into a CUDA graph.
     streamer: anything with `put(tensor)` / `end()` (transformers' TextStreamer): it gets the prompt, then
     each step's (B,) tokens.
+    pipeline: queue each decoding step before the previous token reaches the host (None: on CUDA; False
+    waits for every token first, the loop as it was, kept to measure the difference).
     """
     sampling = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty)
     eos = resolve_eos(eos_token_ids, tokenizer)
@@ -200,7 +297,7 @@ def generate(
     steps = []
     tokens = iter_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling,
                          eos_token_ids=eos, pad_token_id=pad_token_id, stop_strings=stop_strings,
-                         tokenizer=tokenizer, seed=seed, compile=compile, stats=stats)
+                         tokenizer=tokenizer, seed=seed, compile=compile, pipeline=pipeline, stats=stats)
     for token in tokens:
         steps.append(token)
         if streamer is not None:

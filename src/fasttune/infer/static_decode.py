@@ -40,16 +40,23 @@ class StaticKV(nn.Module):
     step (and its CUDA graph) sees the same addresses every time.
 
     k, v: (L, B, n_kv, max_len, hd) shared with `kv_cache` (the prefill writes through it);
-    key_mask: (B, max_len) bool, True for slots a query may read.
+    key_mask: (B, max_len) bool, True for slots a query may read;
+    rope_cos, rope_sin: (max_len, hd) in the activations' dtype with `rope_table`, else None: the rotary
+    tables of every position the cache can hold, computed once here instead of in every step.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, rope_table: bool = False) -> None:
         super().__init__()
         self.kv_cache = KVCache.for_model(model, batch_size, max_len)
         self.register_buffer("k", self.kv_cache.k, persistent=False)
         self.register_buffer("v", self.kv_cache.v, persistent=False)
         mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self.k.device)
         self.register_buffer("key_mask", mask, persistent=False)
+        # Buffers of this module, like k/v: a captured graph (or torch.compile's) reads them at a fixed
+        # address for as long as these buffers live, which is as long as the graph does.
+        cos, sin = rope_tables(model, max_len) if rope_table else (None, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     @property
     def max_len(self) -> int:
@@ -61,6 +68,31 @@ class StaticKV(nn.Module):
         self.key_mask.zero_()
         self.key_mask[:, : prompt_mask.shape[1]] = prompt_mask.bool()
         return self.kv_cache
+
+
+def rope_tables(model: nn.Module, max_len: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """cos/sin (max_len, hd) of positions 0..max_len-1 from the model's own rotary module, or (None, None)
+    where one table cannot serve every step (dynamic NTK scaling changes the frequencies with the length).
+
+    A position never exceeds its cache slot (positions count a row's real tokens), so max_len rows cover
+    every step of a generation that fits the cache.
+    """
+    rotary = model.model.rotary_emb
+    scaling = rotary.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "dynamic" and max_len > rotary.max_position_embeddings:
+        return None, None
+    emb = model.get_input_embeddings().weight
+    positions = torch.arange(max_len, device=emb.device)[None]  # (1, max_len)
+    cos, sin = rotary(positions, emb.dtype)  # (1, max_len, hd) each
+    return cos[0], sin[0]
+
+
+def step_rope(model: nn.Module, static: StaticKV, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (B, 1, hd) for this step's positions: rows of the cache's tables when it has them (one
+    gather each), else computed by the rotary module (frequencies, cat, cos, sin and casts every step)."""
+    if static.rope_cos is not None and static.rope_cos.dtype == dtype:
+        return F.embedding(position_ids, static.rope_cos), F.embedding(position_ids, static.rope_sin)
+    return model.model.rotary_emb(position_ids, dtype)
 
 
 class _Slots:
@@ -102,7 +134,7 @@ def decode_step(
     keys = visible_keys(static, slot, model.config.sliding_window)
     mask = AttentionMask(causal=False, mask=keys[:, None, None, :])  # (B, 1, 1, max_len)
     x = inner.embed_tokens(input_ids)  # (B, 1, H)
-    rope = inner.rotary_emb(position_ids, x.dtype)
+    rope = step_rope(model, static, position_ids, x.dtype)
     slots = _Slots(static.k, static.v, slot)
     for i, layer in enumerate(inner.layers):
         x = layer(x, rope, mask, slots, i)
@@ -187,7 +219,7 @@ def fused_decode_step(
     inner = model.model
     keys = visible_keys(static, slot, model.config.sliding_window)
     x = inner.embed_tokens(input_ids)  # (B, 1, H)
-    rope = inner.rotary_emb(position_ids, x.dtype)
+    rope = step_rope(model, static, position_ids, x.dtype)
     bias = key_bias(keys, static.k.dtype)
     for i, layer in enumerate(inner.layers):
         x = _fused_attention(layer, packed.qkv[i], x, rope, bias, static, slot, i)
@@ -274,7 +306,7 @@ class Decoder:
         if s is None or s.k.shape[1] != batch_size or s.max_len != max_len or s.k.dtype != emb.dtype \
                 or s.k.device != emb.device or weights != self.weights:
             self.static, self.graph, self.weights = None, None, weights
-            self.static = s = StaticKV(model, batch_size, max_len)
+            self.static = s = StaticKV(model, batch_size, max_len, rope_table=True)
         return s
 
     @staticmethod
