@@ -24,6 +24,9 @@ from fasttune.data.builtin import is_builtin
 ADAPTER_DIR = "adapter"
 CONTRACT_FILE = "prompt_contract.json"
 PROBE_FILE = "lumen_probe.json"
+# Questions answered per generate call at an eval: decoding one token costs about the same for 1 or 16 rows
+# on a CPU (reading the weights dominates), and 16 rows of KV cache are small next to training activations.
+ANSWER_BATCH = 16
 
 
 class ModelLoadError(RuntimeError):
@@ -83,15 +86,59 @@ def attach_lora(loaded: Any, lora: LoraConfig) -> torch.nn.Module:
     return loaded.model
 
 
-def set_checkpointing(model: torch.nn.Module, mode: str, device: torch.device) -> str:
-    """'auto' recomputes activations on a GPU (memory is the limit there) and keeps them on the CPU
-    (time is). 'selective' is not implemented by any model yet and is refused."""
+SELECTIVE_HEADROOM = 0.9  # share of the free GPU memory 'selective' plans into (fragmentation, eval)
+
+
+def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *,
+                      precision: str = "fp32", quantization: str | None = None,
+                      log: Callable[[str], None] = print) -> str:
+    """Apply cfg.train.gradient_checkpointing and return what was chosen, for the run log.
+
+    'auto' recomputes activations on a GPU (memory is the limit there) and keeps them on the CPU (time is).
+    'selective' (our Llama-family model only) lets the last layers keep their activations, as many as the
+    memory estimate says fit in the free GPU memory; on the CPU there is no GPU memory to plan for, so it
+    runs as 'off', the CPU's 'auto', and says so.
+    """
+    from fasttune.models.llama import LlamaForCausalLM
+
+    mode = cfg.train.gradient_checkpointing
     if mode == "auto":
         mode = "on" if device.type == "cuda" else "off"
-    if mode == "selective":
-        raise ConfigError("gradient_checkpointing: 'selective' is not available yet; use on, offload or off")
-    model.set_gradient_checkpointing(mode)
-    return mode
+    if mode != "selective":
+        model.set_gradient_checkpointing(mode)
+        return mode
+    if not isinstance(model, LlamaForCausalLM):
+        raise ConfigError(f"gradient_checkpointing: 'selective' needs fasttune's own Llama-family model; "
+                          f"{type(model).__name__} (the generic transformers path) supports on, offload "
+                          "or off")
+    if device.type != "cuda":
+        log("  gradient_checkpointing 'selective' plans from free GPU memory; on the CPU every layer keeps "
+            "its activations ('off', as 'auto' chooses there)")
+        model.set_gradient_checkpointing("off")
+        return "off"
+    keep = plan_selective(model, cfg, device, precision=precision, quantization=quantization)
+    model.set_gradient_checkpointing("selective", keep_layers=keep)
+    return f"selective (the last {keep} of {model.config.num_hidden_layers} layers keep their activations)"
+
+
+def plan_selective(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *, precision: str,
+                   quantization: str | None) -> int:
+    """keep_layers for 'selective': the memory estimate of a step at batch x max_seq_length kept within
+    SELECTIVE_HEADROOM of the GPU memory free now. The frozen weights are already on the GPU (and so not
+    in the free memory), so the budget given to the planner adds back the estimate's own weight term."""
+    from fasttune.lora.layer import LoRALinear
+    from fasttune.models.memory import plan_keep_layers, weight_bytes
+
+    act_bytes = 4 if precision == "fp32" else 2
+    free, _ = torch.cuda.mem_get_info(device)
+    # the projections LoRA replaced ('default', 'all-linear' and explicit names all resolve to these)
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                      if isinstance(m, LoRALinear) and ".layers.0." in name})
+    budget = int(SELECTIVE_HEADROOM * free) + weight_bytes(model.config, quantization, act_bytes)
+    return plan_keep_layers(model.config, batch=cfg.train.per_device_train_batch_size,
+                            seq=cfg.model.max_seq_length, budget_bytes=budget, quantization=quantization,
+                            r=cfg.lora.r, targets=targets, optimizer=cfg.train.optim, act_bytes=act_bytes,
+                            use_kernels=bool(getattr(model, "use_kernels", False)))
 
 
 def base_model_id(model_cfg: ModelConfig, loaded: Any) -> str:
@@ -198,15 +245,16 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
 
     # Data first (it needs only the tokenizer): a broken row stops the run before the model loads.
     tokenizer = load_tokenizer(cfg.model)
-    train_data, eval_data, questions = prepare_data(cfg, tokenizer, log)
-    contract = train_data.contract
+    data = prepare_data(cfg, tokenizer, log)
+    train_data, eval_data, questions, contract = data.train, data.eval, data.questions, data.train.contract
 
     log(f"loading {cfg.model.model_name} on {device}")
     loaded = load(cfg.model, device)
     for note in loaded.notes:
         log(f"  note: {note}")
     model = attach_lora(loaded, cfg.lora)
-    checkpointing = set_checkpointing(model, t.gradient_checkpointing, device)
+    checkpointing = set_checkpointing(model, cfg, device, precision=precision,
+                                      quantization=loaded.quantization, log=log)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trainable, total = count_parameters(model)
     log(f"  {loaded.family} model, weights {str(loaded.dtype).removeprefix('torch.')}, compute {precision}, "
@@ -230,8 +278,14 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     before = answer(model, tokenizer, contract, questions)
     if before:
         log(format_samples("answers before training:", before))
-    metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, device=device,
-                         precision=precision, log=log)
+    scorer = None
+    if eval_batches is not None and data.answers is not None:
+        scorer = answer_eval(model, tokenizer, contract, data.answers, t.eval_answers)
+        n = len(data.answers)
+        log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} held-out "
+            f"questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
+    metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, answer_eval=scorer,
+                         device=device, precision=precision, log=log)
     adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run_dir / ADAPTER_DIR)
     after = answer(model, tokenizer, contract, questions)
     if after:
@@ -246,27 +300,57 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     return RunResult(run_dir, adapter_dir, metrics, before, after, summary, model, tokenizer, contract)
 
 
-def prepare_data(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> tuple[Any, Any, list[dict]]:
-    """Tokenized train and eval splits (eval None when there is none), and the questions to show."""
+@dataclass
+class PreparedData:
+    train: Any  # TokenizedData
+    eval: Any  # TokenizedData, or None without an eval split
+    questions: list[dict[str, Any]]  # shown before and after training
+    answers: Any = None  # infer.evaluate.AnswerSet: the eval split's questions with references, or None
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> PreparedData:
+    """Tokenized train and eval splits, the questions to show, and the eval questions to score answers on."""
     from fasttune.data.formats import load_rows
     from fasttune.data.tokenize import build_dataset
+    from fasttune.infer.evaluate import answer_set
 
     max_len = cfg.model.max_seq_length
     train_data = build_dataset(cfg.data, tokenizer, max_len, "train")
     log(str(train_data.summary))
     eval_cfg = eval_config(cfg.data)
-    eval_data = None
+    eval_data, eval_rows = None, None
     if eval_cfg is not None:
         eval_data = build_dataset(eval_cfg, tokenizer, max_len, "eval", contract=train_data.contract)
         log(str(eval_data.summary))
+        if cfg.train.show_samples > 0 or cfg.train.eval_answers > 0:
+            eval_rows = [r for _, r in load_rows(eval_cfg.eval_dataset, eval_cfg, "eval").rows]
     questions: list[dict] = []
     if cfg.train.show_samples > 0:  # held-out questions where there are some, else training ones
-        if eval_cfg is not None:
-            rows = load_rows(eval_cfg.eval_dataset, eval_cfg, "eval")
-        else:
+        if eval_rows is None:
             rows = load_rows(cfg.data.dataset, dataclasses.replace(cfg.data, max_rows=cfg.train.show_samples))
-        questions = questions_of([r for _, r in rows.rows], cfg.train.show_samples)
-    return train_data, eval_data, questions
+            eval_or_train = [r for _, r in rows.rows]
+        else:
+            eval_or_train = eval_rows
+        questions = questions_of(eval_or_train, cfg.train.show_samples)
+    answers = None
+    if eval_rows is not None and cfg.train.eval_answers > 0:
+        answers = answer_set(eval_rows, train_data.contract, tokenizer)
+    return PreparedData(train_data, eval_data, questions, answers)
+
+
+def answer_eval(model: torch.nn.Module, tokenizer: Any, contract: Any, answers: Any,
+                limit: int) -> Callable[[bool], dict[str, Any]]:
+    """train_loop's `answer_eval`: the first `limit` questions at each eval, all of them at the final one."""
+    from fasttune.infer.evaluate import match_answers
+    from fasttune.infer.load import stop_ids
+
+    eos = stop_ids(contract, tokenizer)
+
+    def run(final: bool) -> dict[str, Any]:
+        return match_answers(model, tokenizer, answers, contract, eos_token_ids=eos,
+                             limit=None if final else limit, batch_size=ANSWER_BATCH)
+
+    return run
 
 
 def save_run_adapter(model: torch.nn.Module, loaded: Any, tokenizer: Any, cfg: RunConfig, contract: Any,

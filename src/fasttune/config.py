@@ -103,11 +103,16 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "Compute precision: auto, fp32, bf16, fp16 (mixed)."})
     gradient_checkpointing: str = field(default="auto", metadata={"help": (
         "Activation memory: auto, off, on (recompute each layer), offload (layer inputs in pinned CPU "
-        "memory), selective.")})
+        "memory), selective (Llama family on a GPU: the last layers that fit in free GPU memory keep their "
+        "activations, the others as offload; runs as off on a CPU).")})
     logging_steps: int = field(default=4, metadata={"help": "Log a line every N steps."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (0: keep all)."})
     eval_steps: int = field(default=12, metadata={"help": "Evaluate every N steps when an eval set is given (0: at the end)."})
+    eval_answers: int = field(default=16, metadata={"help": (
+        "At each eval, greedily answer the first N held-out questions (alpaca or chat rows) and report the "
+        "share that match the reference exactly and after normalisation; the final eval answers every "
+        "question. 0: loss and perplexity only.")})
     seed: int = field(default=3407, metadata={"help": "Seed for data order, dropout and everything random."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
@@ -259,6 +264,7 @@ def validate(cfg: RunConfig) -> None:
         (t.warmup_steps >= 0 and 0.0 <= t.warmup_ratio < 1.0, "warmup must be non-negative"),
         (t.logging_steps > 0, "logging_steps must be positive"),
         (t.save_steps >= 0 and t.eval_steps >= 0, "save_steps and eval_steps must be >= 0"),
+        (t.eval_answers >= 0, "eval_answers must be >= 0"),
         (not (m.load_in_4bit and m.load_in_8bit), "load_in_4bit and load_in_8bit exclude each other"),
     ]
     for ok, msg in checks:

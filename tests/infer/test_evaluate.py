@@ -66,3 +66,41 @@ def test_answers_match_exactly_or_after_normalisation(smollm2_tokenizer):
     assert result["n_answered"] == 3
     assert math.isclose(result["exact_match"], 1 / 3) and math.isclose(result["normalized_match"], 2 / 3)
     assert result["samples"][0] == {"question": ROWS[0]["instruction"], "reference": own[0], "answer": own[0]}
+
+
+def test_answer_set_keeps_the_questions_and_caps_new_tokens(smollm2_tokenizer):
+    from fasttune.infer.evaluate import ANSWER_MARGIN, answer_set
+
+    contract = make_contract("alpaca", "alpaca", smollm2_tokenizer)
+    chat = {"messages": [{"role": "user", "content": "Which metal are the pedals?"},
+                         {"role": "assistant", "content": "Brass, polished by hand every spring."}]}
+    rows = [ROWS[0], {"text": "a completion row asks nothing"}, chat, ROWS[2]]
+    asked = answer_set(rows, contract, smollm2_tokenizer)
+    assert asked.questions == [ROWS[0]["instruction"], "Which metal are the pedals?", ROWS[2]["instruction"]]
+    assert asked.references == [ROWS[0]["output"], chat["messages"][1]["content"], ROWS[2]["output"]]
+    longest = max(len(smollm2_tokenizer.encode(r, add_special_tokens=False)) for r in asked.references)
+    assert asked.max_new_tokens == longest + ANSWER_MARGIN
+    assert answer_set([{"text": "nothing to ask"}], contract, smollm2_tokenizer) is None
+
+
+def test_match_answers_scores_the_first_limit_questions(smollm2_tokenizer):
+    import pytest
+
+    from fasttune.data.templates import render_prompt
+    from fasttune.infer.evaluate import answer_set, match_answers
+
+    model = real_vocab_model()
+    contract = make_contract("alpaca", "alpaca", smollm2_tokenizer)
+    prompts = [render_prompt(r["instruction"], r["input"], contract, smollm2_tokenizer) for r in ROWS]
+    own = greedy_answers(model, smollm2_tokenizer, prompts, contract, eos_token_ids=[], max_new_tokens=5)
+    # the model's own answers as references, the third one wrong: a perfect score on the first two
+    rows = [dict(ROWS[0], output=own[0]), dict(ROWS[1], output=own[1] + "!"), dict(ROWS[2], output="no")]
+    asked = answer_set(rows, contract, smollm2_tokenizer)
+    two = match_answers(model, smollm2_tokenizer, asked, contract, eos_token_ids=[], limit=2,
+                        max_new_tokens=5)
+    assert two["n_answered"] == 2 and two["exact_match"] == 0.5 and two["normalized_match"] == 1.0
+    assert [s["answer"] for s in two["samples"]] == own[:2]
+    every = match_answers(model, smollm2_tokenizer, asked, contract, eos_token_ids=[], max_new_tokens=5)
+    assert every["n_answered"] == 3 and math.isclose(every["normalized_match"], 2 / 3)
+    with pytest.raises(ValueError, match="limit"):
+        match_answers(model, smollm2_tokenizer, asked, contract, eos_token_ids=[], limit=0)

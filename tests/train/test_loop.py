@@ -172,3 +172,76 @@ def test_epochs_to_steps():
     assert count_steps(TrainConfig(num_train_epochs=1, gradient_accumulation_steps=4), 10) == 3
     assert count_steps(TrainConfig(num_train_epochs=2.5, gradient_accumulation_steps=1), 10) == 25
     assert count_steps(TrainConfig(num_train_epochs=0.01), 10) == 1
+
+
+def test_answer_eval_leaves_training_undisturbed(toy, examples, make_stream, tmp_path):
+    """An eval that answers questions draws random numbers and leaves the model in eval mode; the loop
+    must restore both, so the loss curve (dropout on) is the one of a run without answering."""
+    import math
+    import random
+
+    import numpy as np
+
+    data = examples(20)
+    eval_data = [next(make_stream(examples(4, seed=9), 4))]
+    cfg = cfg_for(per_device_train_batch_size=2, max_steps=6, eval_steps=2)
+    calls: list[bool] = []
+
+    def messy_answers(final: bool) -> dict:
+        calls.append(final)
+        torch.rand(100), random.random(), np.random.rand()
+        model.eval()
+        return {"n_answered": 4 if final else 2, "exact_match": 0.5, "normalized_match": 1.0, "extra": 1}
+
+    model = toy(dropout=0.3)
+    train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "plain",
+               eval_batches=eval_data, log=lambda s: None)
+    model = toy(dropout=0.3)
+    lines: list[str] = []
+    result = train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "answers",
+                        eval_batches=eval_data, answer_eval=messy_answers, log=lines.append)
+    assert run_losses(tmp_path / "answers") == run_losses(tmp_path / "plain")
+    assert model.training
+    assert calls == [False, False, False, True]  # baseline, steps 2 and 4, the final eval at 6
+
+    evals = [r for r in read_metrics(tmp_path / "answers" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4, 6]
+    assert [r["n_answered"] for r in evals] == [2, 2, 2, 4]
+    assert all(r["exact_match"] == 0.5 and r["normalized_match"] == 1.0 and "extra" not in r for r in evals)
+    assert all(r["perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
+    assert all(r["answer_seconds"] >= 0 for r in evals)
+    assert result["n_answered"] == 4 and result["first_n_answered"] == 2 and result["exact_match"] == 0.5
+    assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
+    assert sum("answers exact 1/2 normalised 2/2" in line for line in lines) == 3
+    assert any("answers exact 2/4 normalised 4/4" in line for line in lines)
+
+
+def test_resume_with_answer_eval_equals_uninterrupted(toy, examples, make_stream, tmp_path):
+    data = examples(20)
+    eval_data = [next(make_stream(examples(4, seed=9), 4))]
+    cfg = cfg_for(per_device_train_batch_size=2, max_steps=6, save_steps=3, eval_steps=2)
+
+    def answers(final: bool) -> dict:
+        torch.rand(10)
+        return {"n_answered": 3, "exact_match": 0.0, "normalized_match": 1 / 3}
+
+    model = toy(dropout=0.3)
+    straight = train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "a",
+                          eval_batches=eval_data, answer_eval=answers, log=lambda s: None)
+
+    def crash_at_5(rec):
+        if rec["kind"] == "train" and rec["step"] == 5:
+            raise KeyboardInterrupt
+
+    model = toy(dropout=0.3)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "b",
+                   eval_batches=eval_data, answer_eval=answers, log=lambda s: None, on_record=crash_at_5)
+    cfg.resume = True
+    model = toy(dropout=0.3)
+    resumed = train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "b",
+                         eval_batches=eval_data, answer_eval=answers, log=lambda s: None)
+    assert run_losses(tmp_path / "a") == pytest.approx(run_losses(tmp_path / "b"), abs=1e-6)
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-6)
+    # the baseline's answers come back from the checkpoint for the summary's "first -> last"
+    assert resumed["first_normalized_match"] == pytest.approx(1 / 3) and resumed["first_n_answered"] == 3

@@ -12,6 +12,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,6 +123,59 @@ def greedy_answers(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
     return answers
 
 
+@dataclass
+class AnswerSet:
+    """Held-out questions with their reference answers, rendered with the run's contract, ready to answer.
+
+    `max_new_tokens` is the longest reference in tokens plus a margin: an answer that runs longer than that
+    cannot match any reference, so generating further only costs time (and on a CPU it costs the most).
+    """
+
+    prompts: list[str]
+    references: list[str]
+    questions: list[str]
+    max_new_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+ANSWER_MARGIN = 8  # tokens past the longest reference: re-tokenised spacing or casing, a stop string
+
+
+def answer_set(rows: Sequence[dict[str, Any]], contract: PromptContract, tokenizer: Any,
+               margin: int = ANSWER_MARGIN) -> AnswerSet | None:
+    """The rows that ask something (alpaca, or messages ending in an assistant turn), in order; None if
+    there are none (completion rows)."""
+    asked = [qr for row in rows if (qr := question_and_reference(row, contract, tokenizer)) is not None]
+    if not asked:
+        return None
+    longest = max(len(tokenizer.encode(ref, add_special_tokens=False)) for _, ref, _ in asked)
+    return AnswerSet(prompts=[p for p, _, _ in asked], references=[r for _, r, _ in asked],
+                     questions=[q for _, _, q in asked], max_new_tokens=longest + margin)
+
+
+def match_answers(model: torch.nn.Module, tokenizer: Any, answers: AnswerSet, contract: PromptContract, *,
+                  eos_token_ids: Sequence[int], limit: int | None = None, max_new_tokens: int | None = None,
+                  batch_size: int = 8, n_samples: int = 3) -> dict[str, Any]:
+    """Greedy answers to the first `limit` questions (all with None) scored against their references.
+
+    Returns {"n_answered", "exact_match", "normalized_match" (shares in [0, 1]), "samples" (the first
+    `n_samples` as {"question", "reference", "answer"})}. `max_new_tokens` None takes the set's own cap.
+    """
+    n = len(answers) if limit is None else min(limit, len(answers))
+    if n <= 0:
+        raise ValueError(f"match_answers: limit={limit} leaves no question to answer")
+    refs, questions = answers.references[:n], answers.questions[:n]
+    predicted = greedy_answers(model, tokenizer, answers.prompts[:n], contract, eos_token_ids=eos_token_ids,
+                               max_new_tokens=max_new_tokens or answers.max_new_tokens, batch_size=batch_size)
+    exact = sum(p.strip() == ref.strip() for p, ref in zip(predicted, refs))
+    loose = sum(normalize_answer(p) == normalize_answer(ref) for p, ref in zip(predicted, refs))
+    return {"n_answered": n, "exact_match": exact / n, "normalized_match": loose / n,
+            "samples": [{"question": q, "reference": ref, "answer": p}
+                        for p, ref, q in list(zip(predicted, refs, questions))[:n_samples]]}
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -131,7 +185,7 @@ def evaluate(
     max_seq_length: int = 2048,
     batch_size: int = 8,
     answers: bool = True,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = 128,
     eos_token_ids: Sequence[int] | None = None,
     n_samples: int = 3,
 ) -> dict[str, Any]:
@@ -139,7 +193,7 @@ def evaluate(
 
     Returns {"eval_loss", "perplexity", "eval_tokens", "n_rows", and with answers: "n_answered",
     "exact_match", "normalized_match" (shares in [0, 1]), "samples" (the first `n_samples` as
-    {"question", "reference", "answer"})}.
+    {"question", "reference", "answer"})}. `max_new_tokens` None: the longest reference plus a margin.
     """
     loss, n_tokens = eval_loss(model, tokenizer, rows, contract, max_seq_length=max_seq_length,
                                batch_size=batch_size)
@@ -147,21 +201,15 @@ def evaluate(
                               "eval_tokens": n_tokens, "n_rows": len(rows)}
     if not answers:
         return result
-    asked = [qr for row in rows if (qr := question_and_reference(row, contract, tokenizer)) is not None]
-    if not asked:
+    asked = answer_set(rows, contract, tokenizer)
+    if asked is None:
         return result
     if eos_token_ids is None:
         from fasttune.infer.load import stop_ids
 
         eos_token_ids = stop_ids(contract, tokenizer)
-    predicted = greedy_answers(model, tokenizer, [prompt for prompt, _, _ in asked], contract,
-                               eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
-    exact = sum(p.strip() == ref.strip() for p, (_, ref, _) in zip(predicted, asked))
-    loose = sum(normalize_answer(p) == normalize_answer(ref) for p, (_, ref, _) in zip(predicted, asked))
-    result.update(n_answered=len(asked), exact_match=exact / len(asked), normalized_match=loose / len(asked),
-                  samples=[{"question": q, "reference": ref, "answer": p}
-                           for p, (_, ref, q) in list(zip(predicted, asked))[:n_samples]])
+    result.update(match_answers(model, tokenizer, asked, contract, eos_token_ids=eos_token_ids,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, n_samples=n_samples))
     return result
 
 

@@ -5,6 +5,11 @@ of the whole window first, and back-propagates each micro-batch's `loss_sum / wi
 the gradient is the mean over every trained token of the window: batch 2 x accumulation 4 gives
 the same update as batch 8, whatever the rows' lengths. Around that: mixed precision, clipping,
 optimizer and schedule, logging, eval, checkpoints and resume.
+
+Each eval measures the loss and perplexity of the held-out batches and, when the caller passes
+`answer_eval`, how many held-out questions the model answers right (greedy, exact and normalised).
+Answering runs with the random generators saved and restored around it, so an eval never changes
+what training draws next (resume == uninterrupted holds with evals in between).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from fasttune.train.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from fasttune.train.metrics import METRICS_FILE, MetricsWriter, memory_used, truncate_after
+from fasttune.train.metrics import METRICS_FILE, MetricsWriter, memory_used, perplexity, truncate_after
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.precision import autocast, grad_scaler
 
@@ -75,14 +80,27 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.dev
     return float(loss_sum) / max(n_tokens, 1), n_tokens
 
 
+def format_eval(rec: dict[str, Any]) -> str:
+    """The eval part of a log line: loss, perplexity and, when answered, the match rates."""
+    text = f"eval loss {rec['eval_loss']:.4f}  ppl {rec['perplexity']:.2f}"
+    if "n_answered" in rec:
+        n = rec["n_answered"]
+        text += (f"  answers exact {round(rec['exact_match'] * n)}/{n} "
+                 f"normalised {round(rec['normalized_match'] * n)}/{n}")
+    return text + f"  ({rec['eval_tokens']:,} tokens)"
+
+
 def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches: ResumableStream,
                cfg: TrainConfig, run_dir: str | Path, *, eval_batches: Iterable[Batch] | None = None,
+               answer_eval: Callable[[bool], dict[str, Any]] | None = None,
                device: torch.device | None = None, precision: str = "fp32",
                log: Callable[[str], None] = tqdm.write,
                on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
 
     `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
+    `answer_eval(final)`, called at each eval with `eval_batches` (final: the last eval of the run), returns
+    {"n_answered", "exact_match", "normalized_match"} for the held-out questions it had the model answer.
     `log` receives the human-readable lines; `on_record` every metrics record as it is written.
     With `cfg.resume`, the latest complete checkpoint in `run_dir` restores the adapter, optimizer,
     schedule, random generators and data position, and training continues from its step.
@@ -97,7 +115,10 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     metrics = MetricsWriter(metrics_path)
     # seconds: wall time of the run (eval and checkpoints included); train_seconds: the steps alone
     st = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "seconds": 0.0,
-          "first_loss": None, "first_eval_loss": None, "eval_loss": None, "final_loss": None}
+          "first_loss": None, "first_eval_loss": None, "eval_loss": None, "final_loss": None,
+          "eval_perplexity": None, "first_exact_match": None, "exact_match": None,
+          "first_normalized_match": None, "normalized_match": None, "first_n_answered": None,
+          "n_answered": None}
     wall_start = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
@@ -106,11 +127,29 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             on_record(rec)
 
     def run_eval() -> None:
+        was_training = model.training
         loss, n = evaluate(model, eval_batches, device, precision)
-        st["eval_loss"] = loss
-        st["first_eval_loss"] = loss if st["first_eval_loss"] is None else st["first_eval_loss"]
-        record({"kind": "eval", "step": st["step"], "eval_loss": loss, "eval_tokens": n})
-        log(f"step {st['step']:>5}/{total}  eval loss {loss:.4f}  ({n:,} tokens)")
+        rec = {"kind": "eval", "step": st["step"], "eval_loss": loss, "perplexity": perplexity(loss),
+               "eval_tokens": n}
+        if answer_eval is not None:
+            t0, states = time.perf_counter(), rng_states()
+            try:
+                answered = answer_eval(st["step"] == total)
+            finally:
+                set_rng_states(states)
+                model.train(was_training)
+            rec.update({k: answered[k] for k in ("n_answered", "exact_match", "normalized_match")},
+                       answer_seconds=round(time.perf_counter() - t0, 3))
+        first = st["first_eval_loss"] is None
+        st.update(eval_loss=loss, eval_perplexity=rec["perplexity"])
+        st["first_eval_loss"] = loss if first else st["first_eval_loss"]
+        for key in ("n_answered", "exact_match", "normalized_match"):
+            if key in rec:
+                st[key] = rec[key]
+                if st[f"first_{key}"] is None:
+                    st[f"first_{key}"] = rec[key]
+        record(rec)
+        log(f"step {st['step']:>5}/{total}  {format_eval(rec)}")
 
     ckpt = load_latest(run_dir) if cfg.resume else None
     if ckpt is not None:

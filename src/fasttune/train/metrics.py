@@ -3,13 +3,16 @@
 metrics.jsonl holds one JSON object per line, appended and flushed as the run goes:
 ```
 {"kind": "train", "step": 10, "loss": 2.31, "lr": 0.0002, "grad_norm": 0.8, "tokens_per_s": 950.0, ...}
-{"kind": "eval", "step": 10, "eval_loss": 2.45, "eval_tokens": 4096}
+{"kind": "eval", "step": 10, "eval_loss": 2.45, "perplexity": 11.6, "eval_tokens": 4096,
+ "n_answered": 8, "exact_match": 0.25, "normalized_match": 0.5, "answer_seconds": 3.1}
 ```
+(the answer fields only where the held-out rows ask questions and answering is on).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -105,6 +108,23 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (a diverged run must not crash its own log line)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def _share(result: dict[str, Any], key: str) -> str:
+    """'1/8 (12%) -> 21/30 (70%)': the first eval's count against the last's (which may answer more rows)."""
+    def one(rate: float | None, n: int | None) -> str:
+        return "-" if rate is None or not n else f"{round(rate * n)}/{n} ({100 * rate:.0f}%)"
+
+    first = one(result.get(f"first_{key}"), result.get("first_n_answered"))
+    return f"{first} -> {one(result.get(key), result.get('n_answered'))}"
+
+
 def summary_text(result: dict[str, Any]) -> str:
     """The lines printed when a run ends, from train_loop's result dict."""
     def fmt(x: float | None) -> str:
@@ -120,5 +140,11 @@ def summary_text(result: dict[str, Any]) -> str:
     ]
     if result.get("eval_loss") is not None:
         lines.append(f"eval loss        {fmt(result.get('first_eval_loss'))} -> {fmt(result['eval_loss'])}")
+        first = result.get("first_eval_loss")
+        lines.append(f"eval perplexity  {'-' if first is None else f'{perplexity(first):.2f}'} -> "
+                     f"{perplexity(result['eval_loss']):.2f}")
+    if result.get("n_answered"):
+        lines.append(f"answers matched  exact {_share(result, 'exact_match')}, "
+                     f"normalised {_share(result, 'normalized_match')}")
     lines.append(f"memory           {result['memory_gib']:.2f} GiB ({result['memory_kind']})")
     return "\n".join(lines)
