@@ -483,7 +483,7 @@ def print_table(rows: list[dict]) -> None:
         for r in maxlen:
             peak = r.get("peak_gib_at_fit") or float("nan")
             print(f"  {r['stack']:10} {r['shape']:12} {r['mode']:6} {r['max_fit']:>8} "
-                  f"{r['first_fail'] or '-':>8} {peak:9.2f}  {r['stopped'] or 'resolved'}")
+                  f"{r['first_fail'] or '-':>8} {peak:9.2f}  {(r['stopped'] or 'resolved')[:80]}")
 
 
 def main() -> None:

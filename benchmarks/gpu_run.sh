@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, loss, fast, peers, long32, long128, decode), each under its own timeout, logs to $OUT.
+# (comma-separated: tests, ktest, micro, loss, fast, peers, peers2, liger-qlora, l2-8, small, long32, long128,
+# maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
+# once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
 set -u
 STEPS=${1:-tests,micro,fast}
@@ -46,6 +48,18 @@ if has peers; then  # budgets: the peak GiB of transformers + PEFT in the lead's
   step peers-qlora 220 $B --stacks fasttune unsloth hf --modes qlora --batches 8 --variants offload budget:33.5
   step peers-liger 90 $B --stacks liger --modes bf16 --batches 8
 fi
+# Expected times on an H100 (from earlier calls' per-process wall times: fasttune ~45 s, HF ~40 s, Unsloth ~90 s
+# at 8B; writing a 7-8B random-weight directory is not yet timed, guessed at ~60 s): the limits leave ~15% room.
+has peers2 && step peers2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 --variants offload
+has liger-qlora && step liger-qlora 180 $B --stacks liger --modes qlora --batches 8
+has l2-8 && step l2-8 480 $B --shape llama-2-7b --model-dir /tmp/bench-model-l2 --stacks fasttune unsloth hf \
+  --modes bf16 qlora --batches 8 --variants offload
+if has small; then  # issue item 7's small rows; Unsloth and Liger rows come back as 'skipped'
+  step small-gpt2 150 $B --shape gpt2-124m --model-dir /tmp/bench-model-gpt2 --seq 1024 --batches 8 --modes bf16 \
+    --stacks fasttune hf unsloth liger --variants on off
+  step small-opt 150 $B --shape opt-350m --model-dir /tmp/bench-model-opt --seq 2048 --batches 8 --modes bf16 \
+    --stacks fasttune hf unsloth liger --variants on off
+fi
 if has long32; then  # a second model directory (Llama-2-7B shape) for Unsloth
   step long-32k $(left) $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 --steps 2 \
     --shape llama-2-7b --model-dir /tmp/bench-model-l2 --variants offload
@@ -53,6 +67,12 @@ fi
 if has long128; then
   step long-128k $(left) $B --stacks ${LONG_STACKS:-fasttune unsloth} --modes qlora --batches 1 --seqs 131072 \
     --warmup 1 --steps 1 --shape llama-2-7b --model-dir /tmp/bench-model-l2 --variants offload
+fi
+if has maxlen; then  # 131,072 fitted both stacks before (RESULTS.md), so the search starts above it
+  step maxlen $(left) python3 benchmarks/bench_maxlen.py --stacks ${MAXLEN_STACKS:-fasttune unsloth} --mode qlora \
+    --shape llama-2-7b --model-dir /tmp/bench-model-l2 --start ${MAXLEN_START:-262144} \
+    --known-fit ${MAXLEN_KNOWN_FIT:-131072} --resolution 4096 --max-seconds $(( $(left) - 20 )) \
+    --out bench_logs/results.jsonl --log-dir bench_logs
 fi
 has decode && step decode 150 python3 benchmarks/bench_decode.py
 echo "=== total $(( $(date +%s) - START ))s"
