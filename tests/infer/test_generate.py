@@ -228,3 +228,191 @@ def test_decode_modes_are_checked():
             generate(
                 make_model(), torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_ids=[], compile="cuda_graph"
             )
+
+
+# ------------------------------------------------- the pipelined loop against the loop it replaced
+
+
+@torch.no_grad()
+def loop_before_pipelining(model, input_ids, attention_mask=None, *, max_new_tokens, sampling=None,
+                           eos_token_ids=(), pad_token_id=None, stop_strings=None, tokenizer=None, seed=None):
+    """`iter_tokens` as it was before the host copies and the pipeline (eager step, one host sync per
+    token, stop strings read from the device ids), kept as the reference the new loop must equal: (B, n)."""
+    from fasttune.infer.generate import _StopChecker, check_left_padded
+    from fasttune.infer.sampling import SamplingParams, pick_next, process_logits
+    from fasttune.infer.static_decode import StaticKV, decode_step
+
+    sampling = sampling or SamplingParams()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    check_left_padded(mask)
+    pad = int(pad_token_id if pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else 0))
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    stop_check = _StopChecker(stop_strings, tokenizer) if stop_strings else None
+    static = StaticKV(model, B, T + max_new_tokens)
+    seq = torch.full((B, T + max_new_tokens), pad, dtype=torch.long)
+    seq[:, :T] = input_ids
+    seen = torch.zeros_like(seq, dtype=torch.bool)
+    seen[:, :T] = mask
+    finished = torch.zeros(B, dtype=torch.bool)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids, position_ids=positions, attention_mask=mask.long(), kv_cache=static.start(mask),
+                logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    next_pos, slot, steps = positions[:, -1:] + 1, torch.tensor([T]), []
+    for i in range(max_new_tokens):
+        cur = T + i
+        logits = process_logits(logits, sampling, seq[:, :cur], seen[:, :cur])
+        token = pick_next(logits, sampling, generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        seq[:, cur] = token
+        seen[:, cur] = ~finished
+        finished |= torch.isin(token, eos)
+        if stop_check is not None:
+            finished |= stop_check(seq[:, T:cur + 1], finished)
+        steps.append(token)
+        if bool(finished.all()) or i == max_new_tokens - 1:
+            break
+        logits = decode_step(model, static, token.clamp(0, vocab - 1)[:, None], next_pos, slot)
+        next_pos, slot = next_pos + 1, slot + 1
+    return torch.stack(steps, dim=1)
+
+
+def new_loop(model, ids, mask=None, **kw) -> torch.Tensor:
+    from fasttune.infer.generate import iter_tokens
+
+    steps = list(iter_tokens(model, ids, mask, **kw))
+    assert all(t.device.type == "cpu" and t.shape == (ids.shape[0],) and t.dtype == torch.long for t in steps)
+    assert len({id(t) for t in steps}) == len(steps)  # a tensor of its own per step (no reused buffer)
+    return torch.stack(steps, dim=1)
+
+
+def early_eos_case():
+    """Two left-padded rows and an EOS id that row 0 produces at its third new token, row 1 later or never."""
+    model = make_model()
+    ids, mask = left_pad([prompt(5, 8), prompt(7, 9)])
+    free = loop_before_pipelining(model, ids, mask, max_new_tokens=10)
+    eos = int(free[0, 2])
+    assert eos not in free[0, :2].tolist()
+    return model, ids, mask, eos, free
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sync", "pipelined"])
+@pytest.mark.parametrize(
+    "case",
+    ["greedy", "sample", "sample_penalty", "greedy_penalty", "eos_pad_minus1", "eos_default_pad", "two_eos"],
+)
+def test_loop_equals_the_loop_before_pipelining(case, pipeline):
+    from fasttune.infer.sampling import SamplingParams
+
+    model, ids, mask, eos, free = early_eos_case()
+    kw = dict(max_new_tokens=10)
+    if case == "sample":
+        kw.update(sampling=SamplingParams(do_sample=True, temperature=0.9, top_k=40, top_p=0.95), seed=7)
+    elif case == "sample_penalty":
+        kw.update(sampling=SamplingParams(do_sample=True, repetition_penalty=1.3), seed=3)
+    elif case == "greedy_penalty":
+        kw.update(sampling=SamplingParams(repetition_penalty=1.5))
+    elif case == "eos_pad_minus1":
+        kw.update(eos_token_ids=[eos], pad_token_id=-1)
+    elif case == "eos_default_pad":
+        kw.update(eos_token_ids=[eos])
+    elif case == "two_eos":
+        kw.update(eos_token_ids=[int(free[1, 4]), eos], pad_token_id=96)
+    ref = loop_before_pipelining(model, ids, mask, **kw)
+    got = new_loop(model, ids, mask, pipeline=pipeline, **kw)
+    assert torch.equal(got, ref)
+    if case.startswith("eos"):  # row 0 ends early and pads, row 1 goes on: the case is what it claims
+        assert ref[0, 2] == eos and (ref[0, 3:] == kw.get("pad_token_id", eos)).all() and ref.shape[1] > 3
+    if case == "sample":
+        assert not torch.equal(got, new_loop(model, ids, mask, pipeline=pipeline, **{**kw, "seed": 8}))
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sync", "pipelined"])
+def test_stop_strings_equal_the_loop_before_pipelining(pipeline, smollm2_tokenizer):
+    model = make_model()
+    ids, mask = left_pad([prompt(5, 11), prompt(6, 17)])
+    free = loop_before_pipelining(model, ids, mask, max_new_tokens=10)
+    tok = smollm2_tokenizer
+    for row, (a, b) in ((0, (3, 5)), (1, (1, 2))):
+        stop = tok.decode(free[row, a:b].tolist())
+        kw = dict(max_new_tokens=10, stop_strings=[stop], tokenizer=tok, eos_token_ids=[], pad_token_id=-1)
+        ref = loop_before_pipelining(model, ids, mask, **kw)
+        assert ref.shape[1] < 10 or ref[row, -1] == -1  # the stop string ended this row
+        assert torch.equal(new_loop(model, ids, mask, pipeline=pipeline, **kw), ref)
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sync", "pipelined"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_one_and_two_new_tokens(n, pipeline):
+    model, ids, mask, eos, _ = early_eos_case()
+    for kw in (dict(), dict(eos_token_ids=[eos])):
+        ref = loop_before_pipelining(model, ids, mask, max_new_tokens=n, **kw)
+        assert ref.shape == (2, n)
+        assert torch.equal(new_loop(model, ids, mask, max_new_tokens=n, pipeline=pipeline, **kw), ref)
+
+
+class SlotSpy:
+    """A decoder that records the cache slot and the cache length of every step it runs."""
+
+    def __init__(self, decoder):
+        self.decoder, self.slots, self.max_len = decoder, [], None
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def __call__(self, model, static, input_ids, position_ids, slot):
+        self.slots.append(int(slot))
+        self.max_len = static.max_len
+        assert int(position_ids.max()) <= int(slot) < static.max_len
+        return self.decoder(model, static, input_ids, position_ids, slot)
+
+
+def spy_on_decoder(monkeypatch) -> list[SlotSpy]:
+    import fasttune.infer.generate as gen
+
+    spies, real = [], gen.decoder_for
+
+    def decoder_for(model, compile):
+        spies.append(SlotSpy(real(model, compile)))
+        return spies[-1]
+
+    monkeypatch.setattr(gen, "decoder_for", decoder_for)
+    return spies
+
+
+def test_the_cache_is_never_overrun_and_at_most_one_step_is_wasted(monkeypatch):
+    model, ids, mask, eos, free = early_eos_case()
+    T, n = ids.shape[1], 6
+    spies = spy_on_decoder(monkeypatch)
+    # Runs to max_new_tokens: the cache (exact when eager) is full, and the last token queues no step.
+    for pipeline in (False, True):
+        out = new_loop(model, ids, mask, max_new_tokens=n, pipeline=pipeline)
+        assert torch.equal(out, free[:, :n])
+        assert spies[-1].slots == list(range(T, T + n - 1)) and spies[-1].max_len == T + n
+    # Both rows end at the third token: the pipelined loop has already queued the fourth token's step.
+    both = [eos, int(free[1, 2])]
+    for pipeline, steps in ((False, 2), (True, 3)):
+        out = new_loop(model, ids, mask, max_new_tokens=n, eos_token_ids=both, pipeline=pipeline)
+        assert torch.equal(out, free[:, :3])
+        assert spies[-1].slots == list(range(T, T + steps))
+    # ... unless that token was the last one allowed.
+    out = new_loop(model, ids, mask, max_new_tokens=3, eos_token_ids=both, pipeline=True)
+    assert torch.equal(out, free[:, :3]) and spies[-1].slots == [T, T + 1]
+
+
+def test_generate_pipelined_equals_sync_and_streams_the_same(smollm2_tokenizer):
+    model, ids, mask, eos, _ = early_eos_case()
+    runs = []
+    for pipeline in (False, True):
+        rec, stats = Recorder(), GenerationStats()
+        out = generate(model, ids, mask, max_new_tokens=8, eos_token_ids=[eos], pad_token_id=-1,
+                       streamer=rec, pipeline=pipeline, stats=stats)
+        assert all(c.device.type == "cpu" for c in rec.calls[:-1]) and rec.calls[-1] == "end"
+        assert stats.new_tokens == out.shape[1] - ids.shape[1] and stats.decode_s > 0 and stats.prefill_s > 0
+        runs.append((out, rec.calls[1:-1]))
+    (a, calls_a), (b, calls_b) = runs
+    assert torch.equal(a, b) and len(calls_a) == len(calls_b) == a.shape[1] - ids.shape[1]
+    assert all(torch.equal(x, y) for x, y in zip(calls_a, calls_b))

@@ -10,7 +10,14 @@ from torch import nn
 
 from fasttune.infer.decode_weights import joined_rows, pack_decode_weights
 from fasttune.infer.generate import generate
-from fasttune.infer.static_decode import Decoder, StaticKV, decode_step, decode_variant, fused_decode_step
+from fasttune.infer.static_decode import (
+    Decoder,
+    StaticKV,
+    decode_step,
+    decode_variant,
+    fused_decode_step,
+    rope_tables,
+)
 from fasttune.lora.apply import apply_lora
 from fasttune.lora.layer import LoRALinear
 
@@ -37,12 +44,13 @@ def with_adapters(model: nn.Module, seed: int = 1, targets=("default",)) -> nn.M
     return model.eval()
 
 
-def run_steps(model, step, packed=None) -> torch.Tensor:
+def run_steps(model, step, packed=None, rope_table=False) -> torch.Tensor:
     """Prefill two left-padded prompts, then STEPS greedy steps of `step`; the logits (STEPS, B, V)."""
     ids, mask = left_pad([[5, 9, 3, 17, 2, 44], [8, 1, 30]])
     B, T = ids.shape
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    static = StaticKV(model, B, T + STEPS + 3)  # a length that is no multiple of 16 (the mask bias pads)
+    # a length that is no multiple of 16 (the mask bias pads)
+    static = StaticKV(model, B, T + STEPS + 3, rope_table=rope_table)
     out = []
     with torch.no_grad():
         model(ids, position_ids=positions, attention_mask=mask, kv_cache=static.start(mask.bool()))
@@ -203,3 +211,61 @@ def test_compiled_fused_generate_equals_eager():
     eager = generate(model, ids, mask, max_new_tokens=10, eos_token_ids=[])
     fused = generate(model, ids, mask, max_new_tokens=10, eos_token_ids=[], compile="compile-fused")
     assert torch.equal(eager, fused)
+
+
+ROPE_CONFIGS = {
+    **CONFIGS,
+    "llama3_scaling": dict(model_type="llama", rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8)),
+    "linear_scaling": dict(model_type="llama", rope_scaling=dict(rope_type="linear", factor=2.0)),
+}
+
+
+@pytest.mark.parametrize("config", list(ROPE_CONFIGS))
+def test_rope_tables_give_the_steps_own_rotary_values(config):
+    model = make_model(**ROPE_CONFIGS[config])
+    cos, sin = rope_tables(model, 40)
+    hd = model.config.head_dim
+    assert cos.shape == sin.shape == (40, hd) and cos.dtype == torch.float32
+    positions = torch.tensor([[0], [7], [39]])  # (B, 1), as a step sees them
+    ref_cos, ref_sin = model.model.rotary_emb(positions, torch.float32)  # (B, 1, hd)
+    torch.testing.assert_close(cos[positions], ref_cos, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sin[positions], ref_sin, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(cos[7], cos[8])  # rows really are per position
+    # and the steps that read them give the logits of the steps that compute them
+    ref = run_steps(model, decode_step)
+    torch.testing.assert_close(run_steps(model, decode_step, rope_table=True), ref, rtol=1e-5, atol=2e-5)
+    packed = pack_decode_weights(model)
+    got = run_steps(model, fused_decode_step, packed, rope_table=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_steps_read_the_table_when_the_cache_has_one(monkeypatch):
+    import fasttune.infer.static_decode as sd
+
+    model = make_model()
+    ref = run_steps(model, decode_step, rope_table=True)
+    real = sd.rope_tables
+    monkeypatch.setattr(sd, "rope_tables", lambda m, n: tuple(t.flip(0) for t in real(m, n)))  # wrong rows
+    assert not torch.allclose(run_steps(model, decode_step, rope_table=True), ref, rtol=1e-3, atol=1e-3)
+    packed = pack_decode_weights(model)
+    assert not torch.allclose(run_steps(model, fused_decode_step, packed, rope_table=True), ref, rtol=1e-3,
+                              atol=1e-3)
+
+
+def test_rope_table_is_a_fixed_buffer_of_the_graph_modes_only():
+    dynamic = dict(rope_type="dynamic", factor=2.0)
+    model = make_model(rope_scaling=dynamic, max_position_embeddings=32)
+    assert rope_tables(model, 32)[0] is not None  # within the trained context: the base frequencies
+    assert rope_tables(model, 33) == (None, None)  # beyond it the frequencies change with the length
+    model = make_model()
+    assert Decoder(model, "eager").buffers_for(model, 1, 32).rope_cos is None
+    decoder = Decoder(model, "compile")
+    static = decoder.buffers_for(model, 1, 32)
+    assert static.rope_cos.shape == (32, model.config.head_dim)
+    ptr = static.rope_cos.data_ptr()
+    assert decoder.buffers_for(model, 1, 32).rope_cos.data_ptr() == ptr  # a captured graph's address holds
+    static.start(torch.ones(1, 4, dtype=torch.bool))
+    assert static.rope_cos.data_ptr() == ptr
