@@ -30,9 +30,10 @@ def test_tiny_shape_smoke_run(tmp_path, capsys):
     assert [r["stack"] for r in rows] == ["hf", "fasttune-eager"]
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 6 for r in rows)
     table = capsys.readouterr().out.splitlines()
-    header, last = table[-3].split(), table[-1].split()
-    assert header[-1] == "unfused" and last[0] == "fasttune-eager"
+    header, last = table[-4].split(), table[-2].split()
+    assert header[-1] == "twin" and last[0] == "fasttune-eager"
     assert last[-2] == "6/6"  # the same greedy tokens as transformers on the same weights
+    assert rows[1]["pipelined"] is False  # on the CPU the loop never overlaps
 
 
 def test_every_fasttune_stack_names_a_decode_mode():
@@ -46,3 +47,18 @@ def test_every_fasttune_stack_names_a_decode_mode():
     assert variants["fasttune-cuda_graph-unfused"] == ("cuda_graph", False)
     assert variants["fasttune-compile"] == ("compile", True)
     assert variants["fasttune-compile-unfused"] == ("compile", False)
+    assert variants["fasttune-cuda_graph-sync"] == ("cuda_graph", True) and bench.SYNC_LOOP <= set(ours)
+    assert bench.twin("fasttune-cuda_graph-sync") == "fasttune-cuda_graph"
+    assert bench.twin("fasttune-cuda_graph") == "fasttune-cuda_graph-unfused"
+
+
+def test_sync_stack_runs_the_loop_without_overlap(monkeypatch):
+    """'-sync' passes pipeline=False to generate (the CPU never overlaps: this tests the wiring)."""
+    import fasttune.infer.generate as gen
+
+    bench = load_bench()
+    seen = []
+    monkeypatch.setattr(gen, "generate", lambda *a, **kw: seen.append(kw["pipeline"]) or a[1])
+    for stack in ("fasttune-cuda_graph-sync", "fasttune-cuda_graph"):
+        bench.decode_once(stack, None, None, "prompt", 3)
+    assert seen == [False, None]
