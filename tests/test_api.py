@@ -152,3 +152,145 @@ def test_eval_config_auto():
     assert api.eval_config(data) is None
     data.eval_dataset = "held.jsonl"
     assert api.eval_config(data).eval_dataset == "held.jsonl"
+
+
+# ---- answers at each eval ---------------------------------------------------------------------------
+
+def eval_records(tmp_path):
+    return [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+
+
+def test_each_eval_scores_answers_on_a_real_tiny_run(tmp_path, llama_dir):
+    import math
+
+    from fasttune.infer.evaluate import answer_set, match_answers
+    from fasttune.infer.load import stop_ids
+
+    lines: list[str] = []
+    cfg = job(tmp_path, llama_dir, eval_steps=2, eval_answers=3, show_samples=0)
+    result = api.train(cfg, log=lines.append)
+    evals = eval_records(tmp_path)
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert [r["n_answered"] for r in evals] == [3, 3, 4]  # eval_answers rows; every row (4) at the end
+    for r in evals:
+        assert 0.0 <= r["exact_match"] <= r["normalized_match"] <= 1.0
+        assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+    # the final rates are those of the trained model's greedy answers, scored again from outside the loop
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    asked = answer_set(rows, result.contract, result.tokenizer)
+    again = match_answers(result.model, result.tokenizer, asked, result.contract,
+                          eos_token_ids=stop_ids(result.contract, result.tokenizer))
+    assert (again["exact_match"], again["normalized_match"]) == (evals[-1]["exact_match"],
+                                                                 evals[-1]["normalized_match"])
+    assert result.metrics["n_answered"] == 4 and result.metrics["first_n_answered"] == 3
+    assert result.model.training  # put back in train mode after each eval
+    text = "\n".join(lines)
+    assert "greedy answers to 3 of 4 held-out questions" in text
+    assert "answers exact" in text and "answers matched  exact" in result.summary
+
+
+@pytest.mark.parametrize("shout", [False, True])
+def test_perfect_answers_score_one(tmp_path, llama_dir, monkeypatch, shout):
+    """A stand-in for a model that answers every reference (shouted: right only after normalisation), scored
+    by the real matching code through api.train and the loop."""
+    import fasttune.infer.evaluate as evaluate
+    from fasttune.data.templates import render_prompt
+
+    asked: list[list[str]] = []
+
+    def perfect(model, tokenizer, prompts, contract, **kwargs):
+        by_prompt = {render_prompt(r["instruction"], "", contract, tokenizer): r["output"] for r in ROWS}
+        asked.append([by_prompt[p] for p in prompts])
+        return [by_prompt[p].upper() + "!" if shout else by_prompt[p] for p in prompts]
+
+    monkeypatch.setattr(evaluate, "greedy_answers", perfect)
+    result = api.train(job(tmp_path, llama_dir, eval_answers=2, show_samples=0), log=lambda s: None)
+    evals = eval_records(tmp_path)
+    assert [(r["step"], r["n_answered"]) for r in evals] == [(0, 2), (4, 4)]
+    assert asked == [[r["output"] for r in ROWS[:2]], [r["output"] for r in ROWS[:4]]]
+    assert all(r["normalized_match"] == 1.0 and r["exact_match"] == (0.0 if shout else 1.0) for r in evals)
+    assert "normalised 2/2 (100%) -> 4/4 (100%)" in result.summary
+
+
+def test_eval_answers_zero_measures_loss_only(tmp_path, llama_dir, monkeypatch):
+    import fasttune.infer.evaluate as evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("eval_answers 0 must not generate")
+
+    monkeypatch.setattr(evaluate, "greedy_answers", never)
+    result = api.train(job(tmp_path, llama_dir, eval_answers=0, show_samples=0, max_steps=2),
+                       log=lambda s: None)
+    evals = eval_records(tmp_path)
+    assert len(evals) == 2 and all("perplexity" in r and "n_answered" not in r for r in evals)
+    assert result.metrics["n_answered"] is None and "answers matched" not in result.summary
+
+
+def test_eval_answers_must_not_be_negative():
+    from fasttune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_answers"):
+        apply_overrides(RunConfig(), {"eval_answers": -1}, "test")
+
+
+# ---- selective gradient checkpointing -----------------------------------------------------------------
+
+def tiny_lora_llama(targets=("default",)):
+    from fasttune.lora.apply import apply_lora
+    from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64))
+    apply_lora(model, r=4, lora_alpha=8, target_modules=list(targets))
+    return model
+
+
+def test_selective_plans_keep_layers_from_free_gpu_memory(monkeypatch):
+    """On CUDA the planner gets the run's shape (batch, max_seq_length, r, the adapted projections, optimizer,
+    precision) and a budget of the free memory plus the weights already loaded; its answer is applied."""
+    import fasttune.models.memory as memory
+
+    calls, real_plan = [], memory.plan_keep_layers
+
+    def plan(config, **kwargs):
+        calls.append(kwargs)
+        return real_plan(config, **kwargs)
+
+    monkeypatch.setattr(memory, "plan_keep_layers", plan)
+    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "selective", "max_seq_length": 512, "r": 4,
+                                        "per_device_train_batch_size": 4, "optim": "adamw_torch"}, "test")
+    model = tiny_lora_llama(targets=("q_proj", "v_proj"))
+    weights = memory.weight_bytes(model.config, None, 2)
+    one_layer = memory.layer_saved_bytes(model.config, 4 * 512, r=4, act_bytes=2, use_kernels=False)
+    base = memory.estimate_memory(model.config, batch=4, seq=512, r=4, targets=["q_proj", "v_proj"],
+                                  checkpointing="selective", keep_layers=0, optimizer="adamw_torch",
+                                  use_kernels=False).total
+    for free, expected in [(10 * 2**30, 6), (0, 0), (int((base - weights + 2.5 * one_layer) / 0.9), 2)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
+        chosen = api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
+        assert model.gradient_checkpointing == "selective" and model.model.keep_layers == expected, free
+        assert chosen == f"selective (the last {expected} of 6 layers keep their activations)"
+    assert calls[-1] == dict(batch=4, seq=512, budget_bytes=int(0.9 * free) + weights, quantization=None, r=4,
+                             targets=["q_proj", "v_proj"], optimizer="adamw_torch", act_bytes=2,
+                             use_kernels=False)
+
+
+def test_selective_on_the_cpu_runs_without_checkpointing_and_says_so():
+    lines: list[str] = []
+    model = tiny_lora_llama()
+    model.set_gradient_checkpointing("on")
+    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "selective"}, "test")
+    assert api.set_checkpointing(model, cfg, torch.device("cpu"), log=lines.append) == "off"
+    assert model.gradient_checkpointing == "off"
+    assert len(lines) == 1 and "'selective'" in lines[0] and "CPU" in lines[0]
+
+
+def test_selective_on_the_generic_path_is_a_config_error(tmp_path, gpt2_dir):
+    from fasttune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gradient_checkpointing: 'selective' needs fasttune's own Llama"):
+        api.train(job(tmp_path, gpt2_dir, target_modules=["c_attn"], gradient_checkpointing="selective"),
+                  log=lambda s: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
