@@ -241,7 +241,7 @@ class _HostCopies:
         if self.cuda:
             self.token.copy_(token, non_blocking=True)
             self.finished.copy_(finished, non_blocking=True)
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(self.device))
         else:
             self.token, self.finished = token, finished.clone()  # `finished` changes in place later
 

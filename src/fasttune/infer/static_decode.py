@@ -16,6 +16,9 @@ Two steps: `decode_step` runs the model's own layers; `fused_decode_step` (the d
 CUDA-graph modes on a GPU) runs the same math with fewer, larger kernels: q/k/v as one GEMV and gate/up as
 one over weights packed by `decode_weights.py`, the residual added inside the o/down GEMVs, one additive
 key mask per step shared by all layers, and grouped-query attention without repeating K/V.
+
+In the compiled and CUDA-graph modes the cache also holds the rotary cos/sin of every position it can
+reach, computed once per cache shape, so a step gathers two rows instead of computing them.
 """
 
 from __future__ import annotations
@@ -87,7 +90,9 @@ def rope_tables(model: nn.Module, max_len: int) -> tuple[torch.Tensor, torch.Ten
     return cos[0], sin[0]
 
 
-def step_rope(model: nn.Module, static: StaticKV, position_ids: torch.Tensor, dtype: torch.dtype):
+def step_rope(
+    model: nn.Module, static: StaticKV, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (B, 1, hd) for this step's positions: rows of the cache's tables when it has them (one
     gather each), else computed by the rotary module (frequencies, cat, cos, sin and casts every step)."""
     if static.rope_cos is not None and static.rope_cos.dtype == dtype:
