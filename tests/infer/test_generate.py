@@ -416,3 +416,31 @@ def test_generate_pipelined_equals_sync_and_streams_the_same(smollm2_tokenizer):
     (a, calls_a), (b, calls_b) = runs
     assert torch.equal(a, b) and len(calls_a) == len(calls_b) == a.shape[1] - ids.shape[1]
     assert all(torch.equal(x, y) for x, y in zip(calls_a, calls_b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", ["cuda_graph", "cuda_graph-unfused", False])
+def test_cuda_pipelined_loop_equals_the_sync_loop(compile, monkeypatch, smollm2_tokenizer):
+    """On the GPU, where the loop really overlaps: the same tokens as the loop that waits for every token,
+    for EOS in one row of two, stop strings and a cache bucket filled to its last slot."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from fasttune.infer.generate import iter_tokens
+
+    model, ids, mask, eos, free = early_eos_case()
+    model = model.cuda()
+    spies = spy_on_decoder(monkeypatch)
+    T = ids.shape[1]
+    stop = smollm2_tokenizer.decode(free[1, 1:2].tolist())
+    cases = [dict(max_new_tokens=10, eos_token_ids=[eos], pad_token_id=-1),
+             dict(max_new_tokens=10, eos_token_ids=[], stop_strings=[stop], tokenizer=smollm2_tokenizer),
+             dict(max_new_tokens=256 - T, eos_token_ids=[])]  # T + n = 256: the graph modes' bucket, full
+    for kw in cases:
+        runs = []
+        for pipeline in (False, True):
+            steps = list(iter_tokens(model, ids, mask, compile=compile, pipeline=pipeline, **kw))
+            assert all(t.device.type == "cpu" for t in steps)
+            runs.append(torch.stack(steps, dim=1))
+            assert max(spies[-1].slots) < spies[-1].max_len
+        assert torch.equal(runs[0], runs[1]), kw
+    assert torch.equal(runs[1][:, :10], free)  # the same greedy tokens as the CPU loop before pipelining
