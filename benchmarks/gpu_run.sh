@@ -74,7 +74,7 @@ if has maxlen; then  # 131,072 fitted both stacks before (RESULTS.md), so the se
     --known-fit ${MAXLEN_KNOWN_FIT:-131072} --resolution 4096 --max-seconds $(( $(left) - 20 )) \
     --out bench_logs/results.jsonl --log-dir bench_logs
 fi
-has decode && step decode 150 python3 benchmarks/bench_decode.py
+has decode && step decode 200 python3 benchmarks/bench_decode.py
 echo "=== total $(( $(date +%s) - START ))s"
 tar czf "$OUT/bench_logs.tgz" bench_logs
 cp bench_logs/results.jsonl "$OUT/" 2>/dev/null
