@@ -269,3 +269,12 @@ def test_rope_table_is_a_fixed_buffer_of_the_graph_modes_only():
     assert decoder.buffers_for(model, 1, 32).rope_cos.data_ptr() == ptr  # a captured graph's address holds
     static.start(torch.ones(1, 4, dtype=torch.bool))
     assert static.rope_cos.data_ptr() == ptr
+
+
+def test_auto_compile_is_eager_off_the_gpu_and_passes_other_values_through():
+    from fasttune.infer.static_decode import resolve_compile
+
+    model = make_model()
+    assert resolve_compile(model, "auto") is False  # CPU: the eager step
+    for value in (False, True, "cuda_graph", "compile-unfused"):
+        assert resolve_compile(model, value) == value

@@ -47,9 +47,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -
     g.add_argument("--repetition_penalty", type=float, default=1.0, metavar="X",
                    help="Penalise tokens already in the text; 1.0 is off (default: 1.0)")
     g.add_argument("--seed", type=int, default=None, metavar="N", help="Seed for sampling (default: none)")
-    g.add_argument("--compile", nargs="?", const="compile", default=None, choices=("compile", "cuda_graph"),
-                   help="Faster decoding on a GPU: 'compile' (torch.compile with CUDA graphs; the first call "
-                        "compiles) or 'cuda_graph' (the eager step recorded once) (default: off; bare "
+    g.add_argument("--compile", nargs="?", const="compile", default="auto",
+                   choices=("auto", "eager", "compile", "cuda_graph"),
+                   help="Decoding step: 'auto' (a CUDA graph for a 16-bit model on a GPU, else eager), "
+                        "'eager', 'compile' (torch.compile with CUDA graphs; the first call compiles) or "
+                        "'cuda_graph' (the eager step recorded once and replayed) (default: auto; bare "
                         "--compile means compile)")
 
 
@@ -130,7 +132,7 @@ def _load(args: argparse.Namespace):
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, compile=args.compile or False)
+                seed=args.seed, compile=args.compile)
 
 
 def _prompt_ids(args: argparse.Namespace, im) -> list[int]:

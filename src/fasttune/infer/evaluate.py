@@ -112,7 +112,8 @@ def greedy_answers(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
                 mask[i, width - len(e):] = 1
             out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                            eos_token_ids=list(eos_token_ids), pad_token_id=contract.eos_id,
-                           stop_strings=contract.stop_strings or None, tokenizer=tokenizer)
+                           stop_strings=contract.stop_strings or None, tokenizer=tokenizer,
+                           compile=False)  # eager: no graph pool or cache kept alive during training
             for row in out[:, width:].tolist():
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 for stop in contract.stop_strings or []:

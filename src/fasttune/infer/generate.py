@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from fasttune.infer.sampling import SamplingParams, pick_next, process_logits
-from fasttune.infer.static_decode import bucket_length, decoder_for
+from fasttune.infer.static_decode import bucket_length, decoder_for, resolve_compile
 
 
 @dataclass
@@ -94,7 +94,7 @@ def iter_tokens(
     stop_strings: Sequence[str] | None = None,
     tokenizer: Any = None,
     seed: int | None = None,
-    compile: bool | str = False,
+    compile: bool | str = "auto",
     pipeline: bool | None = None,
     stats: GenerationStats | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -133,6 +133,7 @@ def iter_tokens(
     overlap = device.type == "cuda" if pipeline is None else pipeline
     penalty = sampling.repetition_penalty != 1.0
 
+    compile = resolve_compile(model, compile)
     decoder = decoder_for(model, compile)
     static = decoder.buffers_for(model, B, bucket_length(T + max_new_tokens, compile))
     if penalty:  # the ids the penalty counts; nothing else reads them on the device
@@ -275,7 +276,7 @@ def generate(
     tokenizer: Any = None,
     seed: int | None = None,
     streamer: Any = None,
-    compile: bool | str = False,
+    compile: bool | str = "auto",
     pipeline: bool | None = None,
     stats: GenerationStats | None = None,
 ) -> torch.Tensor:
@@ -283,8 +284,10 @@ def generate(
 
     input_ids: (B, T) left-padded when B > 1, with `attention_mask` (B, T) of 1/0.
     eos_token_ids: None takes the tokenizer's EOS; [] runs to `max_new_tokens`.
-    compile: True compiles the one-token step with torch.compile (CUDA graphs on a GPU; the first call
-    compiles); 'cuda_graph' records the eager step (our Triton kernels included) into a CUDA graph.
+    compile: 'auto' (default) records the decoding step into a CUDA graph for a 16-bit model on a GPU and
+    runs it eagerly otherwise; True compiles the one-token step with torch.compile (CUDA graphs on a GPU;
+    the first call compiles); 'cuda_graph' records the eager step (our Triton kernels included) into a
+    CUDA graph; False runs it eagerly.
     streamer: anything with `put(tensor)` / `end()` (transformers' TextStreamer): it gets the prompt, then
     each step's (B,) tokens.
     pipeline: queue each decoding step before the previous token reaches the host (None: on CUDA; False

@@ -242,6 +242,21 @@ _COMPILE_ARGS = {
 }
 
 
+def resolve_compile(model: nn.Module, compile: bool | str | None) -> bool | str | None:
+    """'auto' -> 'cuda_graph' for a 16-bit model on a CUDA device (measured fastest there), else eager.
+
+    A bitsandbytes 4/8-bit base stays eager: its batch-1 kernels were not validated under graph capture.
+    Any other value passes through unchanged.
+    """
+    if compile != "auto":
+        return compile
+    from fasttune.lora.layer import is_quantized
+
+    on_cuda = model.get_input_embeddings().weight.is_cuda
+    quantized = any(is_quantized(m) for m in model.modules())
+    return "cuda_graph" if on_cuda and not quantized else False
+
+
 def decode_variant(compile: bool | str | None) -> tuple[str, bool | None]:
     """generate's `compile` argument -> (mode, fused). Modes: 'eager', 'compile' (torch.compile; CUDA graphs
     on a GPU) or 'cuda_graph' (the step, kernels as they are, captured once in a CUDA graph and replayed).

@@ -158,7 +158,7 @@ def stream(
     eos_token_ids: int | Sequence[int] | None = None,
     stop_strings: Sequence[str] | None = None,
     seed: int | None = None,
-    compile: bool = False,
+    compile: bool | str = "auto",
     skip_special_tokens: bool = True,
     on_finish: Callable[[TextStream], None] | None = None,
 ) -> TextStream:

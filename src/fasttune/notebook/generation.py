@@ -120,7 +120,7 @@ def notebook_generate(
             tokenizer=tokenizer,
             seed=s.get("seed"),
             streamer=s.get("streamer"),
-            compile=bool(s.get("compile")),
+            compile=s["compile"] if s.get("compile") is not None else "auto",
         )
     finally:
         model.train(was_training)
