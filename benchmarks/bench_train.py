@@ -139,6 +139,23 @@ def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
 
 # ---- one stack, one process -------------------------------------------------------------------
 
+def fasttune_step(model):
+    """(trainable params, step): one forward + backward of fasttune's interface (shifted targets, summed
+    token losses divided by the trained-token count), returning the detached loss."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x):
+        targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+        out = model(input_ids=x, targets=targets)
+        loss = out.loss_sum / out.n_tokens
+        loss.backward()
+        return loss.detach()
+
+    return params, step
+
+
 def build_fasttune(args):
     """Our Llama of `args.shape`, random weights, built in bf16 on the GPU; NF4 for qlora; LoRA on all 7."""
     import torch
@@ -161,16 +178,7 @@ def build_fasttune(args):
         quantize_linears(model, "4bit", "cuda", torch.bfloat16)
     apply_lora(model, r=16, lora_alpha=16, target_modules=TARGETS)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(x):
-        targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
-        out = model(input_ids=x, targets=targets)
-        loss = out.loss_sum / out.n_tokens
-        loss.backward()
-        return loss.detach()
-
-    return model, params, step
+    return model, *fasttune_step(model)
 
 
 def _dtype(args):
@@ -192,16 +200,7 @@ def build_fasttune_generic(args):
                                     load_in_4bit=args.mode == "qlora"), device=args.device)
     model = apply_lora_generic(loaded.model, r=16, lora_alpha=16, target_modules=shape_targets(args.shape))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(x):
-        targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
-        out = model(input_ids=x, targets=targets)
-        loss = out.loss_sum / out.n_tokens
-        loss.backward()
-        return loss.detach()
-
-    return model, params, step
+    return model, *fasttune_step(model)
 
 
 def configure_generic(model, variant: str) -> dict:
