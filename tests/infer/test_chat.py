@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from conftest import real_vocab_model
+from infer_models import real_vocab_model
 
 from fasttune.data.templates import make_contract
 from fasttune.infer.chat import ChatSession, repl

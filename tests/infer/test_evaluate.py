@@ -7,7 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import real_vocab_model
+from infer_models import real_vocab_model
 
 from fasttune.data.templates import make_contract
 from fasttune.data.tokenize import encode_row

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_twin, left_pad, make_model
+from infer_models import hf_twin, left_pad, make_model
 
 from fasttune.infer.generate import GenerationStats, generate
 

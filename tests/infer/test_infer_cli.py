@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import real_vocab_model
+from infer_models import real_vocab_model
 
 from fasttune.cli import main
 from fasttune.config import RunConfig

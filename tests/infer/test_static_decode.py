@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_pad, make_model
+from infer_models import left_pad, make_model
 from torch import nn
 
 from fasttune.infer.decode_weights import joined_rows, pack_decode_weights

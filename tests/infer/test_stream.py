@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_model
+from infer_models import make_model
 
 from fasttune.infer.generate import GenerationStats, generate
 from fasttune.infer.stream import IncrementalDetokenizer, StopTrimmer, TextStream, stream

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_CASES, make_config, make_model
+from model_cases import FAMILY_CASES, make_config, make_model
 
 from fasttune.lora.apply import apply_lora, lora_parameters
 from fasttune.models.memory import (
