@@ -94,16 +94,18 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
                       log: Callable[[str], None] = print) -> str:
     """Apply cfg.train.gradient_checkpointing and return what was chosen, for the run log.
 
-    'auto' recomputes activations on a GPU (memory is the limit there) and keeps them on the CPU (time is).
-    'selective' (our Llama-family model only) lets the last layers keep their activations, as many as the
-    memory estimate says fit in the free GPU memory; on the CPU there is no GPU memory to plan for, so it
-    runs as 'off', the CPU's 'auto', and says so.
+    'auto': `memory.auto_checkpointing` for our Llama model, else on for a GPU and off for a CPU.
+    'selective' (our Llama model only): the last layers keep their activations, as many as the memory
+    estimate fits in the free GPU memory; on the CPU it runs as 'off' and says so.
     """
     from fasttune.models.llama import LlamaForCausalLM
+    from fasttune.models.memory import auto_checkpointing
 
     mode = cfg.train.gradient_checkpointing
     if mode == "auto":
-        mode = "on" if device.type == "cuda" else "off"
+        tokens = cfg.train.per_device_train_batch_size * cfg.model.max_seq_length
+        mode = (auto_checkpointing(model.config, device.type, tokens, 4 if precision == "fp32" else 2)
+                if isinstance(model, LlamaForCausalLM) else "on" if device.type == "cuda" else "off")
     if mode != "selective":
         model.set_gradient_checkpointing(mode)
         return mode

@@ -102,9 +102,10 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this; 0 disables clipping."})
     precision: str = field(default="auto", metadata={"help": "Compute precision: auto, fp32, bf16, fp16 (mixed)."})
     gradient_checkpointing: str = field(default="auto", metadata={"help": (
-        "Activation memory: auto, off, on (recompute each layer), offload (layer inputs in pinned CPU "
-        "memory), selective (Llama family on a GPU: the last layers that fit in free GPU memory keep their "
-        "activations, the others as offload; runs as off on a CPU).")})
+        "Activation memory: auto (off on a CPU; on a GPU offload for the Llama family where its pinned "
+        "buffers fit host memory, else on), off, on (recompute each layer), offload (layer inputs in pinned "
+        "CPU memory), selective (Llama family on a GPU: the last layers that fit in free GPU memory keep "
+        "their activations, the others as offload; runs as off on a CPU).")})
     logging_steps: int = field(default=4, metadata={"help": "Log a line every N steps."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (0: keep all)."})

@@ -176,3 +176,17 @@ def plan_keep_layers(c: LlamaConfig, *, batch: int, seq: int, budget_bytes: int,
     if budget_bytes <= base:
         return 0
     return min(c.num_hidden_layers, int((budget_bytes - base) // per_layer))
+
+
+def auto_checkpointing(c: LlamaConfig, device_type: str, tokens: int, act_bytes: int = 2) -> str:
+    """What gradient_checkpointing 'auto' means for our Llama family, for micro-batches of `tokens` tokens.
+
+    CPU: 'off' (time is the limit there, and RAM is usually ample for the models that train on a CPU).
+    GPU: 'offload' (recompute in halves, layer inputs in pinned host memory: the fastest at the least GPU
+    memory in benchmarks/RESULTS.md) while its pinned buffers stay within the host rule of `halves_fit_host`;
+    'on' (inputs kept on the GPU) when they would not.
+    """
+    if device_type != "cuda":
+        return "off"
+    fits = halves_fit_host(c.num_hidden_layers, tokens * c.hidden_size * act_bytes)
+    return "offload" if fits else "on"
