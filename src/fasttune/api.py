@@ -86,7 +86,6 @@ def attach_lora(loaded: Any, lora: LoraConfig) -> torch.nn.Module:
     return loaded.model
 
 
-SELECTIVE_HEADROOM = 0.9  # share of the free GPU memory 'selective' plans into (fragmentation, eval)
 
 
 def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *,
@@ -100,6 +99,7 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
     """
     from fasttune.models.llama import LlamaForCausalLM
     from fasttune.models.memory import auto_checkpointing
+    from fasttune.train.memory_plan import plan_selective
 
     mode = cfg.train.gradient_checkpointing
     if mode == "auto":
@@ -121,26 +121,6 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
     keep = plan_selective(model, cfg, device, precision=precision, quantization=quantization)
     model.set_gradient_checkpointing("selective", keep_layers=keep)
     return f"selective (the last {keep} of {model.config.num_hidden_layers} layers keep their activations)"
-
-
-def plan_selective(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *, precision: str,
-                   quantization: str | None) -> int:
-    """keep_layers for 'selective': the memory estimate of a step at batch x max_seq_length kept within
-    SELECTIVE_HEADROOM of the GPU memory free now. The frozen weights are already on the GPU (and so not
-    in the free memory), so the budget given to the planner adds back the estimate's own weight term."""
-    from fasttune.lora.layer import LoRALinear
-    from fasttune.models.memory import plan_keep_layers, weight_bytes
-
-    act_bytes = 4 if precision == "fp32" else 2
-    free, _ = torch.cuda.mem_get_info(device)
-    # the projections LoRA replaced ('default', 'all-linear' and explicit names all resolve to these)
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                      if isinstance(m, LoRALinear) and ".layers.0." in name})
-    budget = int(SELECTIVE_HEADROOM * free) + weight_bytes(model.config, quantization, act_bytes)
-    return plan_keep_layers(model.config, batch=cfg.train.per_device_train_batch_size,
-                            seq=cfg.model.max_seq_length, budget_bytes=budget, quantization=quantization,
-                            r=cfg.lora.r, targets=targets, optimizer=cfg.train.optim, act_bytes=act_bytes,
-                            use_kernels=bool(getattr(model, "use_kernels", False)))
 
 
 def base_model_id(model_cfg: ModelConfig, loaded: Any) -> str:
@@ -235,6 +215,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
     from fasttune.lora.apply import count_parameters
     from fasttune.train.loop import seed_everything, train_loop
+    from fasttune.train.memory_plan import run_estimate
     from fasttune.train.metrics import METRICS_FILE, plot_loss, summary_text
     from fasttune.train.precision import resolve_device, resolve_precision
 
@@ -257,12 +238,15 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     model = attach_lora(loaded, cfg.lora)
     checkpointing = set_checkpointing(model, cfg, device, precision=precision,
                                       quantization=loaded.quantization, log=log)
+    estimate = run_estimate(model, cfg, device, precision=precision, quantization=loaded.quantization)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trainable, total = count_parameters(model)
     log(f"  {loaded.family} model, weights {str(loaded.dtype).removeprefix('torch.')}, compute {precision}, "
         f"kernels {'on' if loaded.use_kernels else 'off'}, gradient checkpointing {checkpointing}")
     log(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.2f}%)")
+    if estimate is not None:
+        log(f"  GPU memory {estimate.describe()} at {t.per_device_train_batch_size} x {max_len} tokens")
 
     packing = resolve_packing(cfg.data.packing, exact=getattr(model, "supports_packing", False))
     batch_size = t.per_device_train_batch_size
@@ -293,6 +277,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     if after:
         log(format_samples("answers after training:", after))
 
+    if estimate is not None:
+        metrics["memory_estimate_gib"] = estimate.total / 2**30
     summary = summary_text(metrics)
     if t.report:
         png = plot_loss(run_dir / METRICS_FILE, run_dir / "loss.png")

@@ -146,5 +146,7 @@ def summary_text(result: dict[str, Any]) -> str:
     if result.get("n_answered"):
         lines.append(f"answers matched  exact {_share(result, 'exact_match')}, "
                      f"normalised {_share(result, 'normalized_match')}")
-    lines.append(f"memory           {result['memory_gib']:.2f} GiB ({result['memory_kind']})")
+    estimate = (f"; estimated {result['memory_estimate_gib']:.2f}" if result.get("memory_estimate_gib")
+                else "")
+    lines.append(f"memory           {result['memory_gib']:.2f} GiB ({result['memory_kind']}{estimate})")
     return "\n".join(lines)
