@@ -215,7 +215,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     First token: off | on | offload | selective:K | budget:GiB (selective, K from the memory estimate).
     Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend),
     plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
-    pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`).
+    pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
+    guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5).
     """
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
@@ -233,9 +234,10 @@ def configure_fasttune(model, variant: str, args) -> dict:
         mode = "selective"
     elif mode == "selective":
         keep = int(arg or 0)
-    model.set_gradient_checkpointing(mode, keep_layers=keep)
+    share = next((float(f[2:]) for f in flags if f.startswith("gu")), 0.0)
+    model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share)
     model.model.recompute_halves = "plain" not in flags
-    est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, **est_kw)
+    est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share, **est_kw)
     print(f"[{variant}] keep_layers={keep} {est.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
             "est_gib": est.total / GiB}
@@ -317,7 +319,7 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
         prof = None
         if profile and i == warmup:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                      torch.profiler.ProfilerActivity.CPU])
+                                                      torch.profiler.ProfilerActivity.CPU], record_shapes=True)
             prof.__enter__()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -334,7 +336,12 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
                 table = avg.table(sort_by="self_device_time_total", row_limit=70)
             except (AttributeError, KeyError, ValueError):
                 table = avg.table(sort_by="self_cuda_time_total", row_limit=70)
-            Path(profile).write_text(f"step {dt:.3f} s\n" + table)
+            by_shape = prof.key_averages(group_by_input_shape=True)
+            try:
+                shapes = by_shape.table(sort_by="device_time_total", row_limit=60)
+            except (AttributeError, KeyError, ValueError):
+                shapes = by_shape.table(sort_by="cuda_time_total", row_limit=60)
+            Path(profile).write_text(f"step {dt:.3f} s\n" + table + "\nby input shape:\n" + shapes)
         losses.append(float(loss))
         if i >= warmup and prof is None:
             times.append(dt)

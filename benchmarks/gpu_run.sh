@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, loss, fast, peers, peers2, liger-qlora, l2-8, small, long32, long128,
+# (comma-separated: tests, ktest, micro, loss, fast, gu, peers, peers2, liger-qlora, l2-8, small, long32, long128,
 # maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
@@ -31,6 +31,8 @@ python3 -c "import torch, triton, transformers, peft, bitsandbytes; print('torch
 B="python3 benchmarks/bench_train.py --out bench_logs/results.jsonl --log-dir bench_logs"
 if has tests; then
   step pytest-kernels 150 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+fi
+if has tests || has mtest; then
   step pytest-models 120 python3 -m pytest -q -m gpu tests/models tests/lora -p no:cacheprovider
 fi
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
@@ -42,6 +44,13 @@ if has fast; then
   step fast-qlora-8 160 $B --stacks fasttune --modes qlora --batches 8 --profile 1 \
     --variants offload offload+plain on offload+ref budget:10.0
   step fast-2 100 $B --stacks fasttune --modes bf16 qlora --batches 2 --variants offload on
+fi
+if has gu; then  # gate/up kept on the host for a share of the layers (host_gate_up), against plain offload
+  step gu-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile bench_logs/profile_gu.txt \
+    --variants offload offload+gu0.25 offload+gu0.5 offload+gu0.75 offload+gu1
+  step gu-qlora-8 150 $B --stacks fasttune --modes qlora --batches 8 --variants offload offload+gu0.5 offload+gu1
+  step gu-long-32k 300 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 --steps 2 \
+    --shape llama-2-7b --model-dir /tmp/bench-model-l2 --variants offload offload+gu1
 fi
 if has peers; then  # budgets: the peak GiB of transformers + PEFT in the lead's earlier run (same card)
   step peers-bf16 240 $B --stacks fasttune unsloth hf --modes bf16 --batches 8 --variants offload budget:43.1

@@ -127,12 +127,70 @@ def lora_ops(tokens: int) -> None:
         print(f"{name} {tokens} tokens fwd+bwd: {t:.2f} ms = {fl / t / 1e9:.0f} TFLOP/s of base products")
 
 
+def gemm_shapes(tokens: int) -> None:
+    """Each base product of a Llama-3.1-8B layer at `tokens` rows: plain mm, and addmm_ onto an existing output
+    (what the LoRA path does: the rank-r term is written first); then one product run back to back for ~2 s
+    (does the card hold its clock?), and the link's rate while products run (offload under compute)."""
+    H, Inter = 4096, 14336
+    cases = {"q/o fwd (x W^T, 4096x4096)": (H, H, True), "k/v fwd (4096x1024)": (H, 1024, True),
+             "qkv as one (4096x6144)": (H, 6144, True), "gate/up fwd (4096x14336)": (H, Inter, True),
+             "gate+up as one (4096x28672)": (H, 2 * Inter, True), "down fwd (14336x4096)": (Inter, H, True),
+             "dx of q/o (dy W)": (H, H, False), "dx of k/v (1024 -> 4096)": (1024, H, False),
+             "dx of gate/up (14336 -> 4096)": (Inter, H, False), "dh of down (4096 -> 14336)": (H, Inter, False),
+             "dx of gate+up as one (28672 -> 4096)": (2 * Inter, H, False)}
+    for name, (k_in, n_out, fwd) in cases.items():
+        a = torch.randn(tokens, k_in, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) if fwd else \
+            torch.randn(k_in, n_out, device="cuda", dtype=torch.bfloat16)
+        bt = w.t() if fwd else w
+        c = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+        fl = 2 * tokens * k_in * n_out
+        t_mm, t_add = ms(lambda: torch.mm(a, bt)), ms(lambda: c.addmm_(a, bt))
+        print(f"gemm {name}: mm {t_mm:.3f} ms = {fl / t_mm / 1e9:.0f} TFLOP/s, addmm_ {t_add:.3f} ms = "
+              f"{fl / t_add / 1e9:.0f} TFLOP/s")
+        del a, w, c
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(Inter, H, device="cuda", dtype=torch.bfloat16)
+    fl = 2 * tokens * H * Inter
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for label, reps in (("first 20", 20), ("sustained 600", 600)):
+        start.record()
+        for _ in range(reps):
+            x @ w.t()
+        end.record()
+        torch.cuda.synchronize()
+        t = start.elapsed_time(end) / reps
+        print(f"gemm gate fwd back to back, {label}: {t:.3f} ms = {fl / t / 1e9:.0f} TFLOP/s")
+    host = torch.empty(Inter * tokens * 2, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    side = torch.cuda.Stream()
+    copy_done = torch.cuda.Event(enable_timing=True)
+    copy_start = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    with torch.cuda.stream(side):
+        copy_start.record(side)
+        for _ in range(4):
+            host.copy_(dev, non_blocking=True)
+        copy_done.record(side)
+    for _ in range(150):
+        x @ w.t()
+    end.record()
+    torch.cuda.synchronize()
+    t = start.elapsed_time(end) / 150
+    t_copy = copy_start.elapsed_time(copy_done)
+    print(f"gemm gate fwd with 4 x {host.numel() / 2**20:.0f} MiB device->host copies beside it: {t:.3f} ms = "
+          f"{fl / t / 1e9:.0f} TFLOP/s; the copies: {4 * host.numel() / t_copy / 1e6:.1f} GB/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=16384)
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     ceilings()
+    gemm_shapes(args.tokens)
     attention(8, 2048)
     attention(1, 32768)
     lora_ops(args.tokens)

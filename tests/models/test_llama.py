@@ -301,6 +301,42 @@ def test_recompute_in_halves_matches_off_and_skips_output_products(tiny_model, m
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("share,kept", [(1.0, 3), (0.5, 2), (0.2, 1)])
+def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatch, share, kept):
+    """host_gate_up: that share of the layers hands its gate/up outputs from the forward to its backward
+    (through the offloader) instead of rerunning their products; gradients equal the recomputing run's."""
+    from fasttune.kernels import lora as lora_kernels
+    from fasttune.lora.apply import apply_lora
+
+    model = tiny_model(num_hidden_layers=3).train()
+    apply_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)
+    model.set_use_kernels(True)
+    _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
+    model.set_gradient_checkpointing("offload")
+    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+
+    products = []
+    inner = lora_kernels._forward
+    monkeypatch.setattr(lora_kernels, "_forward",
+                        lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
+    model.set_gradient_checkpointing("offload", host_gate_up=share)
+    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    gate_or_up = (96, 64)  # (intermediate, hidden)
+    assert products.count(gate_or_up) == 2 * 3 + 2 * (3 - kept)  # forward, and rerun where not kept
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=0, rtol=0, msg=name)
+    model.set_gradient_checkpointing("on", host_gate_up=share)  # only offloading modes keep them
+    assert model.model.host_gate_up == 0.0
+    with pytest.raises(ValueError, match="host_gate_up"):
+        model.set_gradient_checkpointing("offload", host_gate_up=1.5)
+
+
 def test_bad_inputs_raise_clear_errors(tiny_model):
     model = tiny_model()
     x = torch.randint(0, 97, (2, 5))
@@ -373,3 +409,36 @@ def test_offload_keeps_layer_inputs_off_the_gpu(tiny_model):
     inputs_bytes = layers * B * T * H * 4
     assert held["on"] - held["offload"] >= 0.8 * inputs_bytes, held
     assert losses["on"] == pytest.approx(losses["offload"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_gate_up_on_host_matches_recompute_on_cuda(tiny_model):
+    """The side-stream copies of kept gate/up (forward to the host, back one layer ahead) deliver the
+    tensors the recompute would have made: same loss and adapter gradients in bf16 autocast."""
+    from fasttune.lora.apply import apply_lora
+
+    model = tiny_model(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                       max_position_embeddings=1024).cuda().train()
+    apply_lora(model, r=8, lora_alpha=16)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    model.set_use_kernels(True)
+    x = torch.randint(0, 97, (2, 1024), device="cuda")
+    results = {}
+    for share in (0.0, 0.5, 1.0):
+        model.set_gradient_checkpointing("offload", host_gate_up=share)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, targets=x)
+        (out.loss_sum / out.n_tokens).backward()
+        results[share] = (out.loss_sum.item(),
+                          {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    ref_loss, ref_grads = results[0.0]
+    for share in (0.5, 1.0):
+        loss, grads = results[share]
+        assert loss == ref_loss
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)

@@ -57,6 +57,24 @@ def test_llama_8b_estimate_is_in_the_measured_range():
     assert weight_bytes(c, "4bit") / GiB == pytest.approx(5.3, abs=0.3)
 
 
+def test_gate_up_on_host_adds_one_layers_gate_up_when_the_host_has_room(monkeypatch):
+    import fasttune.models.activations as activations
+
+    c = make_config(**SHAPES["llama-3.1-8b"])
+    gate_up = 2 * 8 * 2048 * c.intermediate_size * 2
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    base = estimate_memory(c, batch=8, seq=2048, checkpointing="offload").total
+    for share in (0.25, 1.0):
+        est = estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=share)
+        assert est.total - base == gate_up
+    assert estimate_memory(c, batch=8, seq=2048, checkpointing="on", host_gate_up=1.0).total == \
+        estimate_memory(c, batch=8, seq=2048, checkpointing="on").total
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 24 * GiB)  # no room: no layer keeps them
+    assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=1.0).total == base
+    assert activations.spread(32, 8) == {2, 6, 10, 14, 18, 22, 26, 30}
+    assert activations.spread(5, 5) == set(range(5)) and activations.spread(7, 0) == set()
+
+
 def test_plan_keep_layers_is_monotone_and_bounded():
     c = make_config(**SHAPES["llama-3.1-8b"])
     kw = dict(batch=2, seq=2048)

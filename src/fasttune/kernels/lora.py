@@ -29,6 +29,11 @@ the (N, r) products and (MLP) g, u. Inside that context they skip the output's b
 down projection h W_d^T: a third of the MLP's forward FLOPs) and return a zero-stride placeholder of y's
 shape whose values must not be read; the gradients are exact.
 
+Gate/up hand-off (`gate_up_handoff`, used by the same checkpoint to keep a layer's g and u in host memory
+instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g, u) to the list; with `given`,
+the next `lora_mlp` forward takes (g, u) from there and runs only the rank-r products of gate and up, not
+their base products (two thirds of the MLP's forward FLOPs). Both are exact: g and u are the same tensors.
+
 The matmuls run through torch (cuBLAS); the elementwise SwiGLU of `lora_mlp` runs the Triton kernel on CUDA.
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
 gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
@@ -65,6 +70,29 @@ def recompute_for_backward() -> Iterator[None]:
 
 def _skipping() -> bool:
     return getattr(_state, "skip_outputs", False)
+
+
+@contextlib.contextmanager
+def gate_up_handoff(sink: list | None = None, given: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> Iterator[None]:
+    """Within: `lora_mlp` forwards append their (g, u) to `sink`; the first one takes (g, u) from `given`."""
+    before = getattr(_state, "gate_up_sink", None), getattr(_state, "gate_up_given", None)
+    _state.gate_up_sink, _state.gate_up_given = sink, given
+    try:
+        yield
+    finally:
+        _state.gate_up_sink, _state.gate_up_given = before
+
+
+def _given_gate_up(n: int, inter: int, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    given = getattr(_state, "gate_up_given", None)
+    if given is None:
+        return None
+    _state.gate_up_given = None  # one MLP's
+    g, u = given
+    if g.shape != (n, inter) or u.shape != (n, inter) or g.dtype != dt or u.dtype != dt:
+        raise ValueError(f"lora_mlp: the handed gate/up {tuple(g.shape)} {g.dtype} do not fit ({n}, {inter}) {dt}")
+    return g, u
 
 
 def _placeholder(like: torch.Tensor, shape) -> torch.Tensor:
@@ -264,8 +292,15 @@ class LoRAMLPFunction(torch.autograd.Function):
         dense = [None if w is None else _dense(w, dt) for w in (wg, wu, wd)]
         lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
-        g, xag = _forward(x2, _dense_or(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg)  # (N, inter)
-        u, xau = _forward(x2, _dense_or(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su)  # (N, inter)
+        given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
+        if given is not None:  # kept from the first forward: only the rank-r products the backward reads
+            (g, u), xag, xau = given, x2 @ lora[0][0].t(), x2 @ lora[1][0].t()
+        else:
+            g, xag = _forward(x2, _dense_or(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg)  # (N, I)
+            u, xau = _forward(x2, _dense_or(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su)  # (N, I)
+        sink = getattr(_state, "gate_up_sink", None)
+        if sink is not None:
+            sink.append((g, u))
         h = _silu_mul(g, u, triton)  # (N, inter)
         if _skipping():  # the backward needs only h A_d^T from the down projection
             had = h @ lora[2][0].t()  # (N, r)

@@ -14,6 +14,12 @@ what that backward reads: RMSNorm, q/k/v and attention for the first half, RMSNo
 second. The o and down projections' base products (a quarter of a layer's matmul FLOPs) are not rerun
 (`kernels.lora.recompute_for_backward`), which an autograd-level checkpoint cannot know to skip.
 
+Gate/up on the host (`host_gate_up`, a share of the recomputed layers, spread evenly): such a layer also sends
+its MLP's gate and up outputs g, u (two (tokens, intermediate) tensors) to pinned host memory in the forward,
+and its backward takes them back instead of rerunning the gate and up products, the bulk of the recompute.
+They are 3.5x a layer input on Llama-3.1-8B, so the share is bounded by the host link: the copies must hide
+under the forward's compute, and by host memory (`host_fits`).
+
 Keeping whole layers beats keeping parts of every layer: a Llama layer's MLP holds ~80% of its FLOPs and
 its two (tokens, intermediate) products most of its saved bytes, so FLOPs saved per byte kept are highest
 for whole layers. The trailing layers are the ones kept, because their activations are consumed first.
@@ -120,38 +126,48 @@ class LayerInputOffloader:
 class LayerRecompute(torch.autograd.Function):
     """out = layer(x), keeping only x and x_mid; the backward reruns each half for its own gradients.
 
-    Inputs: x, the layer, the extra arguments of its attention branch, and `anchors` (tensors that require
-    grad, e.g. the layer's adapter weights, so that the output requires grad even when x does not). The
-    inner backwards accumulate parameter gradients straight into `.grad`, as a reentrant checkpoint does.
+    Inputs: x, the layer, the extra arguments of its attention branch, whether to keep the MLP's gate/up
+    outputs (saved like x, so through the offloader to the host) instead of recomputing them, and `anchors`
+    (tensors that require grad, e.g. the layer's adapter weights, so that the output requires grad even when
+    x does not). The inner backwards accumulate parameter gradients straight into `.grad`, as a reentrant
+    checkpoint does.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, layer, attn_args, *anchors):
+    def forward(ctx, x, layer, attn_args, keep_gate_up, *anchors):
+        from fasttune.kernels.lora import gate_up_handoff
+
+        gate_up: list = []
         with torch.no_grad():
             x_mid = x + layer.attn_branch(x, *attn_args)
-            out = x_mid + layer.mlp_branch(x_mid)
+            with gate_up_handoff(sink=gate_up if keep_gate_up else None):
+                out = x_mid + layer.mlp_branch(x_mid)
         ctx.layer, ctx.attn_args = layer, attn_args
-        ctx.save_for_backward(x, x_mid)
+        ctx.save_for_backward(x, x_mid, *(gate_up[0] if len(gate_up) == 1 else ()))
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out):
-        from fasttune.kernels.lora import recompute_for_backward
+        from fasttune.kernels.lora import gate_up_handoff, recompute_for_backward
 
-        x, x_mid = ctx.saved_tensors
+        x, x_mid, *gate_up = ctx.saved_tensors
         layer = ctx.layer
         with torch.enable_grad(), recompute_for_backward():
             xm = x_mid.detach().requires_grad_(True)
-            torch.autograd.backward(layer.mlp_branch(xm), d_out)
+            with gate_up_handoff(given=tuple(gate_up) if gate_up else None):
+                y = layer.mlp_branch(xm)
+            del gate_up  # the MLP's backward writes its gradients over them
+            torch.autograd.backward(y, d_out)
+            del y
             d_mid = d_out + xm.grad  # out = x_mid + mlp(x_mid)
             del xm
             want_dx = ctx.needs_input_grad[0]  # not for layer 0 under a frozen embedding
             xi = x.detach().requires_grad_(want_dx)
             torch.autograd.backward(layer.attn_branch(xi, *ctx.attn_args), d_mid)
             dx = d_mid + xi.grad if want_dx else None  # x_mid = x + attn(x)
-        return dx, None, None, *(None for _ in ctx.needs_input_grad[3:])
+        return dx, None, None, None, *(None for _ in ctx.needs_input_grad[4:])
 
 
 def _host_bytes() -> int:
@@ -161,9 +177,27 @@ def _host_bytes() -> int:
         return 1 << 62
 
 
+HOST_SHARE = 0.4  # of host memory, for the pinned copies of offloaded activations
+
+
 def halves_fit_host(layers: int, layer_input_bytes: int) -> bool:
     """Recompute in halves pins x and x_mid of every recomputed layer: allowed under 40% of host memory."""
-    return 2 * layers * layer_input_bytes < 0.4 * _host_bytes()
+    return 2 * layers * layer_input_bytes < HOST_SHARE * _host_bytes()
+
+
+def host_gate_up_layers(layers: int, share: float) -> int:
+    """How many of `layers` recomputed layers keep gate/up on the host: round(share x layers), in [0, layers]."""
+    return min(layers, max(0, round(share * layers)))
+
+
+def spread(n: int, k: int) -> set[int]:
+    """k indices of range(n) spaced evenly (the host copies of their gate/up interleave with other layers)."""
+    return {int((j + 0.5) * n / k) for j in range(k)} if k > 0 else set()
+
+
+def host_fits(layers: int, layer_input_bytes: int, gate_up_layers: int, gate_up_bytes: int) -> bool:
+    """The pinned host memory of recompute in halves with `gate_up_layers` layers' gate/up kept there."""
+    return 2 * layers * layer_input_bytes + gate_up_layers * gate_up_bytes < HOST_SHARE * _host_bytes()
 
 
 def run_layers(
@@ -174,11 +208,14 @@ def run_layers(
     keep_layers: int,
     attn_args: tuple = (),
     halves: bool = True,
+    gate_up: tuple[float, int] = (0.0, 0),
 ) -> torch.Tensor:
     """x through every layer (`run(layer, x, i)`), recomputing layers 0 .. n - keep_layers - 1 per `mode`.
 
     With `halves` and an offloading mode, a layer that supports it (`_Halves.recompute_in_halves`) runs
-    through `LayerRecompute` with `layer.attn_branch(x, *attn_args)`.
+    through `LayerRecompute` with `layer.attn_branch(x, *attn_args)`. gate_up = (share, intermediate size):
+    that share of the recomputed layers keeps its MLP gate/up outputs on the host (module docstring), when
+    the host has room for them; else none does.
 
     The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where it
     is called, so the offloader sees exactly each layer's input x; what `run` closes over (RoPE tables,
@@ -188,7 +225,13 @@ def run_layers(
     recompute_upto = 0 if mode == "off" else n - min(max(keep_layers, 0), n) if mode == "selective" else n
     offload = mode in ("offload", "selective") and recompute_upto > 0
     offloader = LayerInputOffloader(x.device) if offload else None
-    halves = halves and halves_fit_host(recompute_upto, x.numel() * x.element_size())
+    x_bytes = x.numel() * x.element_size()
+    halves = halves and halves_fit_host(recompute_upto, x_bytes)
+    share, inter = gate_up
+    k = host_gate_up_layers(recompute_upto, share) if offloader is not None else 0
+    if k and not host_fits(recompute_upto, x_bytes, k, 2 * x_bytes // x.shape[-1] * inter):
+        k = 0
+    keep_gate_up = spread(recompute_upto, k)
     for i, layer in enumerate(layers):
         if i >= recompute_upto:
             x = run(layer, x, i)
@@ -198,7 +241,7 @@ def run_layers(
             offloader.layer = i
             anchors = [p for p in layer.parameters() if p.requires_grad]
             with offloader.hooks():
-                x = LayerRecompute.apply(x, layer, attn_args, *anchors)
+                x = LayerRecompute.apply(x, layer, attn_args, i in keep_gate_up, *anchors)
         else:
             offloader.layer = i
             with offloader.hooks():

@@ -254,6 +254,7 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = "off"
         self.keep_layers = 0  # 'selective': trailing layers that keep their activations
         self.recompute_halves = True  # offloading modes: `activations.LayerRecompute` where it applies
+        self.host_gate_up = 0.0  # offloading modes: share of recomputed layers keeping gate/up on the host
 
     def forward(
         self,
@@ -284,7 +285,8 @@ class LlamaModel(nn.Module):
         if not (self.training and torch.is_grad_enabled() and kv_cache is None):
             mode = "off"
         x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
-                       self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves)
+                       self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves,
+                       gate_up=(self.host_gate_up, self.config.intermediate_size))
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -341,16 +343,20 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing(self) -> str:
         return self.model.gradient_checkpointing
 
-    def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0) -> None:
+    def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float = 0.0) -> None:
         """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
         or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
-        see `fasttune.models.activations`."""
+        `host_gate_up`: in the offloading modes, the share of recomputed layers whose MLP gate/up outputs
+        also go to the host instead of being recomputed. See `fasttune.models.activations`."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
         if keep_layers < 0:
             raise ValueError(f"keep_layers={keep_layers}: must be >= 0")
+        if not 0.0 <= host_gate_up <= 1.0:
+            raise ValueError(f"host_gate_up={host_gate_up}: a share of the layers, in [0, 1]")
         self.model.gradient_checkpointing = mode
         self.model.keep_layers = keep_layers if mode == "selective" else 0
+        self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fasttune.models.activations import halves_fit_host
+from fasttune.models.activations import halves_fit_host, host_fits, host_gate_up_layers
 from fasttune.models.llama import LlamaConfig
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -119,11 +119,13 @@ def estimate_memory(
     use_kernels: bool = True,
     loss_chunk_elems: int = 1 << 27,
     halves: bool | None = None,
+    host_gate_up: float = 0.0,
 ) -> MemoryEstimate:
     """Peak bytes of one training step (forward + backward + optimiser step) at `batch` x `seq` tokens.
 
     halves: whether offloading modes recompute in halves (None: as `activations.run_layers` decides it,
-    from the fused path and the host's memory).
+    from the fused path and the host's memory). host_gate_up: the share of recomputed layers keeping their
+    gate/up outputs on the host (their copy back, one layer ahead of its backward, adds one layer's g and u).
     """
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
@@ -159,6 +161,10 @@ def estimate_memory(
     if offloaded and halves:  # recompute in halves: the MLP half is the larger one
         # x_mid and its norm, gate and up, the h / dh buffer, three (N, H) gradients, the rank-r products
         layer_backward = N * (5 * H + 3 * c.intermediate_size + 3 * r) * act_bytes
+        gate_up_bytes = 2 * N * c.intermediate_size * act_bytes
+        k = host_gate_up_layers(recomputed, host_gate_up)
+        if k and host_fits(recomputed, x_bytes, k, gate_up_bytes):
+            activations += gate_up_bytes  # the next layer's, copied back during this one's backward
     if recomputed == 0:  # no recompute: the backward's extra is the MLP buffer and a few gradients
         layer_backward -= saved
     working = max(vocab_chunk, layer_backward)
