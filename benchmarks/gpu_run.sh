@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, loss, fast, gu, peers, peers2, liger-qlora, l2-8, small, long32, long128,
+# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, peers2, liger-qlora, l2-8, small, long32, long128,
 # maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
@@ -49,6 +49,8 @@ if has gu; then  # gate/up kept on the host for a share of the layers (host_gate
   step gu-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile bench_logs/profile_gu.txt \
     --variants offload offload+gu0.25 offload+gu0.5 offload+gu0.75 offload+gu1
   step gu-qlora-8 150 $B --stacks fasttune --modes qlora --batches 8 --variants offload offload+gu0.5 offload+gu1
+fi
+if has gulong; then
   step gu-long-32k 300 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 --steps 2 \
     --shape llama-2-7b --model-dir /tmp/bench-model-l2 --variants offload offload+gu1
 fi
