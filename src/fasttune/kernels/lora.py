@@ -26,8 +26,9 @@ the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buff
 Recompute for a backward (`recompute_for_backward()`, used by the layer-level checkpoint of
 `models/activations.py`): the backward of `lora_linear` and `lora_mlp` never reads their output y, only x,
 the (N, r) products and (MLP) g, u. Inside that context they skip the output's base product (x W^T, and the
-down projection h W_d^T: a third of the MLP's forward FLOPs) and return a zero-stride placeholder of y's
-shape whose values must not be read; the gradients are exact.
+down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips silu(g) u, its backward
+recomputes it anyway and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
+values must not be read; the gradients are exact.
 
 Gate/up hand-off (`gate_up_handoff`, used by the same checkpoint to keep a layer's g and u in host memory
 instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g, u) to the list; with `given`,
@@ -130,13 +131,22 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _forward(x2, w, bias, a, b, s, xl2=None):
+def _down_a(x2, adapters) -> list[torch.Tensor]:
+    """x A_i^T of several adapters of one input as one product (one read of x): (N, r_i) column views."""
+    if len(adapters) == 1:
+        return [x2 @ adapters[0].t()]
+    return list((x2 @ torch.cat(adapters, 0).t()).split([a.shape[0] for a in adapters], 1))
+
+
+def _forward(x2, w, bias, a, b, s, xl2=None, xa=None):
     """y = x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None); returns (y, xA).
 
     The rank-r term (and bias) is written first and the base product accumulates onto it in its GEMM's
     epilogue, where reading y is hidden under the arithmetic; adding it afterwards costs a pass over y.
+    `xa`: x' A^T when the caller has it already (`_down_a`).
     """
-    xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r)
+    if xa is None:
+        xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r)
     bs = b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
     y = torch.mm(xa, bs) if bias is None else torch.addmm(bias, xa, bs)  # (N, out)
     y.addmm_(x2, w.t())
@@ -293,21 +303,22 @@ class LoRAMLPFunction(torch.autograd.Function):
         lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
         given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
+        xag, xau = _down_a(x2, [lora[0][0], lora[1][0]])
         if given is not None:  # kept from the first forward: only the rank-r products the backward reads
-            (g, u), xag, xau = given, x2 @ lora[0][0].t(), x2 @ lora[1][0].t()
+            g, u = given
         else:
-            g, xag = _forward(x2, _dense_or(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg)  # (N, I)
-            u, xau = _forward(x2, _dense_or(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su)  # (N, I)
+            g, _ = _forward(x2, _dense_or(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg, xa=xag)
+            u, _ = _forward(x2, _dense_or(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su, xa=xau)
         sink = getattr(_state, "gate_up_sink", None)
         if sink is not None:
             sink.append((g, u))
-        h = _silu_mul(g, u, triton)  # (N, inter)
-        if _skipping():  # the backward needs only h A_d^T from the down projection
-            had = h @ lora[2][0].t()  # (N, r)
+        if _skipping():  # nothing reads the down projection's output: h A_d^T is left to the backward
+            had = None
             y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
         else:
+            h = _silu_mul(g, u, triton)  # (N, inter)
             y, had = _forward(h, _dense_or(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
-        del h  # recomputed in the backward: the largest activation of the block is never kept
+            del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd)]
@@ -330,6 +341,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         h = _silu_mul(g, u, ctx.triton)  # (N, inter), recomputed
+        if had is None:  # a recompute for this backward skipped it
+            had = h @ ad.t()  # (N, r)
         flags = (n[9], n[10], n[11], n[12], False)
         dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
         # dh goes into h's buffer: every read of h is above.
@@ -395,8 +408,9 @@ class LoRAQKVFunction(torch.autograd.Function):
         dense = [None if w is None else _dense(w, dt) for w in (wq, wk, wv)]
         lora = [(a.to(dt), b.to(dt)) for a, b in ((aq, bbq), (ak, bbk), (av, bbv))]
         outs, xas = [], []
-        for w, dq, bias, (a, b), s in zip(dense, dequants, (bq, bk, bv), lora, scalings):
-            y, xa = _forward(x2, _dense_or(w, dq, dt), _cast(bias, dt), a, b, s)  # (N, out), (N, r)
+        xa_all = _down_a(x2, [a for a, _ in lora])  # (N, r) each, one read of x
+        for w, dq, bias, (a, b), s, xa in zip(dense, dequants, (bq, bk, bv), lora, scalings, xa_all):
+            y, _ = _forward(x2, _dense_or(w, dq, dt), _cast(bias, dt), a, b, s, xa=xa)  # (N, out)
             outs.append(y.view(*shape[:-1], y.shape[-1]))
             xas.append(xa)
         ctx.scalings, ctx.dequants = scalings, dequants
