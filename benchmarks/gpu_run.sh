@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, peers2, liger-qlora, l2-8, small, long32, long128,
+# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
@@ -84,6 +84,11 @@ if has maxlen; then  # 131,072 fitted both stacks before (RESULTS.md), so the se
     --shape llama-2-7b --model-dir /tmp/bench-model-l2 --start ${MAXLEN_START:-262144} \
     --known-fit ${MAXLEN_KNOWN_FIT:-131072} --resolution 4096 --max-seconds $(( $(left) - 20 )) \
     --out bench_logs/results.jsonl --log-dir bench_logs
+fi
+if has cli8b; then  # the product path on the 8B shape: 'auto' checkpointing and the printed estimate
+  step cli-8b 150 python3 -m fasttune train --model_name /tmp/bench-model --max_seq_length 2048 \
+    --per_device_train_batch_size 8 --max_steps 3 --optim adamw_8bit --eval_answers 0 --eval_steps 100 \
+    --logging_steps 1 --show_samples 0 --output_dir /tmp/run-8b
 fi
 has decode && step decode 200 python3 benchmarks/bench_decode.py
 echo "=== total $(( $(date +%s) - START ))s"
