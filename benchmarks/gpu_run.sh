@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
+# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, hfbf16, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
@@ -61,6 +61,7 @@ if has peers; then  # budgets: the peak GiB of transformers + PEFT in the lead's
 fi
 # Expected times on an H100 (from earlier calls' per-process wall times: fasttune ~45 s, HF ~40 s, Unsloth ~90 s
 # at 8B; writing a 7-8B random-weight directory is not yet timed, guessed at ~60 s): the limits leave ~15% room.
+has hfbf16 && step hf-bf16 200 $B --stacks fasttune hf --modes bf16 --batches 8 --variants offload
 has peers2 && step peers2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 --variants offload
 has liger-qlora && step liger-qlora 180 $B --stacks liger --modes qlora --batches 8
 has l2-8 && step l2-8 480 $B --shape llama-2-7b --model-dir /tmp/bench-model-l2 --stacks fasttune unsloth hf \
