@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import use_triton
+from fasttune.kernels.fp8 import FP8Weight, fp8_input, fp8_product
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 
 WeightLike = torch.Tensor | Callable[[], torch.Tensor]
@@ -138,15 +139,26 @@ def _down_a(x2, adapters) -> list[torch.Tensor]:
     return list((x2 @ torch.cat(adapters, 0).t()).split([a.shape[0] for a in adapters], 1))
 
 
-def _forward(x2, w, bias, a, b, s, xl2=None, xa=None):
+def _base(weight, dequant, dt):
+    """The forward's base operand: the FP8 weight when the dequantiser carries one (`models/fp8.py`),
+    else the dense weight in `dt` (kept, cast, or dequantised)."""
+    fp8 = getattr(dequant, "fp8", None) if weight is None else None
+    return fp8 if fp8 is not None else _dense(dequant if weight is None else weight, dt)
+
+
+def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None):
     """y = x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None); returns (y, xA).
 
     The rank-r term (and bias) is written first and the base product accumulates onto it in its GEMM's
     epilogue, where reading y is hidden under the arithmetic; adding it afterwards costs a pass over y.
-    `xa`: x' A^T when the caller has it already (`_down_a`).
+    `xa`: x' A^T when the caller has it already (`_down_a`). `w` may be an FP8Weight: the base product
+    then runs in FP8 (`x_fp8`: x already quantised) and the rank-r term is added after it.
     """
     if xa is None:
         xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r)
+    if isinstance(w, FP8Weight):
+        y = fp8_product(x2, w, x2.dtype, x_fp8).addmm_(xa, b.t(), alpha=s)  # (N, out)
+        return (y if bias is None else y.add_(bias)), xa
     bs = b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
     y = torch.mm(xa, bs) if bias is None else torch.addmm(bias, xa, bs)  # (N, out)
     y.addmm_(x2, w.t())
@@ -201,7 +213,7 @@ class LoRALinearFunction(torch.autograd.Function):
             w = weight.to(dt) if weight is not None and weight.dtype != dt else weight
             y = _placeholder(x2, (x2.shape[0], lora_B.shape[0]))
         else:
-            w = _dense(dequant if weight is None else weight, dt)
+            w = _base(weight, dequant, dt)
             y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2)
         ctx.dequant, ctx.scaling = dequant, scaling
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, lora_A, lora_B, x_lora)]
@@ -307,8 +319,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         if given is not None:  # kept from the first forward: only the rank-r products the backward reads
             g, u = given
         else:
-            g, _ = _forward(x2, _dense_or(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg, xa=xag)
-            u, _ = _forward(x2, _dense_or(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su, xa=xau)
+            xq = fp8_input(x2, *(getattr(dq, "fp8", None) for dq in dequants[:2]))  # once, for FP8 bases
+            g, _ = _forward(x2, _base(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg, xa=xag,
+                            x_fp8=xq)  # (N, inter)
+            u, _ = _forward(x2, _base(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su, xa=xau,
+                            x_fp8=xq)  # (N, inter)
         sink = getattr(_state, "gate_up_sink", None)
         if sink is not None:
             sink.append((g, u))
@@ -317,7 +332,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
         else:
             h = _silu_mul(g, u, triton)  # (N, inter)
-            y, had = _forward(h, _dense_or(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
+            y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
             del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.dtypes = [None if t is None else t.dtype
@@ -409,8 +424,9 @@ class LoRAQKVFunction(torch.autograd.Function):
         lora = [(a.to(dt), b.to(dt)) for a, b in ((aq, bbq), (ak, bbk), (av, bbv))]
         outs, xas = [], []
         xa_all = _down_a(x2, [a for a, _ in lora])  # (N, r) each, one read of x
+        xq = fp8_input(x2, *(getattr(dq, "fp8", None) for dq in dequants))  # x in FP8 once, for FP8 bases
         for w, dq, bias, (a, b), s, xa in zip(dense, dequants, (bq, bk, bv), lora, scalings, xa_all):
-            y, _ = _forward(x2, _dense_or(w, dq, dt), _cast(bias, dt), a, b, s, xa=xa)  # (N, out)
+            y, _ = _forward(x2, _base(w, dq, dt), _cast(bias, dt), a, b, s, xa=xa, x_fp8=xq)  # (N, out)
             outs.append(y.view(*shape[:-1], y.shape[-1]))
             xas.append(xa)
         ctx.scalings, ctx.dequants = scalings, dequants

@@ -21,6 +21,7 @@ import torch.nn as nn
 # Class names of bitsandbytes layers, checked by name so that bitsandbytes is never imported here.
 QUANTIZED_4BIT = ("Linear4bit", "LinearNF4", "LinearFP4")
 QUANTIZED_8BIT = ("Linear8bitLt",)
+QUANTIZED_FP8 = ("FP8Linear",)  # fasttune.models.fp8
 
 _kernel_fn: Callable | None = None
 _kernel_looked_up = False
@@ -37,7 +38,7 @@ def _fused_lora_linear() -> Callable | None:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return type(module).__name__ in QUANTIZED_4BIT + QUANTIZED_8BIT
+    return type(module).__name__ in QUANTIZED_4BIT + QUANTIZED_8BIT + QUANTIZED_FP8
 
 
 class LoRALinear(nn.Module):
@@ -112,11 +113,14 @@ class LoRALinear(nn.Module):
         self.use_kernel = bool(flag)
 
     def kernel_weight(self) -> torch.Tensor | Callable[[], torch.Tensor] | None:
-        """The base weight for `fasttune.kernels.lora`: the dense tensor, a dequantiser for an NF4 base
-        (into a reused buffer), or None where the kernels cannot read the base (8-bit, FP4)."""
+        """The base weight for `fasttune.kernels.lora`: the dense tensor, a dequantiser for an NF4 or FP8 base
+        (into a reused buffer; FP8's carries the FP8 weight as `.fp8` for the forward products), or None
+        where the kernels cannot read the base (8-bit, FP4)."""
         w = self.base_layer.weight
         if not self.quantized:
             return w
+        if type(self.base_layer).__name__ in QUANTIZED_FP8:
+            return self.base_layer.dequantizer()
         state = getattr(w, "quant_state", None)
         if type(self.base_layer).__name__ in QUANTIZED_4BIT and getattr(state, "quant_type", None) == "nf4":
             from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4

@@ -1,0 +1,79 @@
+"""FP8 row quantisation (Triton vs reference), the FP8 product against fp32 math on the same operands, and the
+bf16 dequantisation into the shared buffer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttune.kernels.fp8 import (
+    E4M3,
+    E4M3_MAX,
+    FP8Weight,
+    dequantize_fp8,
+    fp8_linear,
+    fp8_linear_reference,
+    quantize_rows_fp8,
+    quantize_rows_reference,
+    quantize_weight_fp8,
+)
+
+SHAPES = [(1, 16), (5, 48), (33, 96), (7, 1000)]
+
+
+def _x(shape, device, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[0])[:, None]  # rows of every scale
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_kernel_matches_reference(device, shape, dtype):
+    x = _x(shape, device, dtype)
+    x[0, :] = 0  # a zero row keeps a finite scale and stays zero
+    y, s = quantize_rows_fp8(x, force_triton=True)
+    y_ref, s_ref = quantize_rows_reference(x)
+    assert y.dtype == E4M3 and s.shape == (shape[0], 1) and s.dtype == torch.float32
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    yk, yr = y.float(), y_ref.float()
+    assert (yk.abs() <= E4M3_MAX).all() and (yk[0] == 0).all()
+    assert torch.equal(yk, yr)  # both round to nearest even on the e4m3 grid
+    # Each row's largest element maps to the top of the range, and the round trip is within half a step.
+    assert torch.allclose(yk.abs().amax(1)[1:], torch.full((shape[0] - 1,), E4M3_MAX))
+    back = yk * s
+    assert ((back - x.float()).abs() <= x.float().abs() / 16 + s * 2.0 ** -9 + 1e-30).all()
+
+
+def test_quantize_rows_rejects_strided_columns(device):
+    with pytest.raises(ValueError, match="row-major"):
+        quantize_rows_fp8(_x((8, 32), device).t())
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 48), (37, 96, 160)])
+def test_fp8_linear_is_the_fp32_product_of_its_operands(device, shape):
+    n, k, m = shape
+    x, w = _x((n, k), device), _x((m, k), device, seed=1) / 10
+    w8 = quantize_weight_fp8(w)
+    assert w8.data.dtype == E4M3 and w8.scale.shape == (m, 1)
+    x8, sx = quantize_rows_fp8(x)
+    y = fp8_linear(x, w8)
+    ref = fp8_linear_reference(x8, sx, w8, torch.float32)
+    assert y.dtype == torch.bfloat16 and y.shape == (n, m)
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item())
+    # and it approximates the bf16 product within FP8's precision (3 mantissa bits per operand)
+    exact = x.float() @ w.float().t()
+    rel = (y.float() - exact).norm() / exact.norm()
+    assert rel < 0.08, rel
+
+
+def test_dequantize_into_shared_buffer(device):
+    a, b = quantize_weight_fp8(_x((64, 32), device)), quantize_weight_fp8(_x((16, 32), device, seed=2))
+    da = dequantize_fp8(a, torch.bfloat16, reuse_buffer=True)
+    torch.testing.assert_close(da, dequantize_fp8(a, torch.bfloat16), rtol=0, atol=0)
+    db = dequantize_fp8(b, torch.bfloat16, reuse_buffer=True)
+    assert db.data_ptr() == da.data_ptr()  # one buffer, overwritten
+    torch.testing.assert_close(db, (b.data.float() * b.scale).to(torch.bfloat16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weight"):
+        quantize_weight_fp8(torch.ones(3, device=device))
+    assert isinstance(a, FP8Weight)
