@@ -157,7 +157,8 @@ def fasttune_step(model):
 
 
 def build_fasttune(args):
-    """Our Llama of `args.shape`, random weights, built in bf16 on the GPU; NF4 for qlora; LoRA on all 7."""
+    """Our Llama of `args.shape`, random weights, built in bf16 on the GPU; NF4 for qlora, FP8 for fp8;
+    LoRA on all 7."""
     import torch
     from transformers import LlamaConfig
 
@@ -176,6 +177,10 @@ def build_fasttune(args):
         torch.set_default_dtype(default)
     if args.mode == "qlora":
         quantize_linears(model, "4bit", "cuda", torch.bfloat16)
+    elif args.mode == "fp8":  # fasttune only: the frozen base in FP8 (load_in_fp8)
+        from fasttune.models.fp8 import fp8_linears
+
+        fp8_linears(model, "cuda")
     apply_lora(model, r=16, lora_alpha=16, target_modules=TARGETS)
     model.train()
     return model, *fasttune_step(model)
@@ -226,7 +231,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     kernels = "ref" not in flags
     model.set_use_kernels(kernels)
     set_attention_backend("flex" if "flex" in flags else "sdpa" if "sdpa" in flags else "auto")
-    est_kw = dict(batch=args.batch, seq=args.seq, quantization="4bit" if args.mode == "qlora" else None,
+    est_kw = dict(batch=args.batch, seq=args.seq,
+                  quantization={"qlora": "4bit", "fp8": "fp8"}.get(args.mode),
                   r=16, use_kernels=kernels)
     keep = 0
     if mode == "budget":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, hfbf16, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
+# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, hfbf16, fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
@@ -61,6 +61,13 @@ if has peers; then  # budgets: the peak GiB of transformers + PEFT in the lead's
 fi
 # Expected times on an H100 (from earlier calls' per-process wall times: fasttune ~45 s, HF ~40 s, Unsloth ~90 s
 # at 8B; writing a 7-8B random-weight directory is not yet timed, guessed at ~60 s): the limits leave ~15% room.
+if has fp8; then  # the FP8 base (load_in_fp8): GPU tests, speed beside bf16 and Unsloth, loss curve over 50 steps
+  step pytest-fp8 120 python3 -m pytest -q -m gpu tests/kernels/test_fp8.py tests/models/test_fp8.py \
+    tests/kernels/test_lora.py -p no:cacheprovider
+  step fp8-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
+  step fp8-8f 90 $B --stacks fasttune --modes fp8 --batches 8 --variants offload
+  step loss-fp8 150 python3 benchmarks/loss_curve.py --fp8 --steps 50 --out bench_logs/loss_curves_fp8.json
+fi
 has hfbf16 && step hf-bf16 200 $B --stacks fasttune hf --modes bf16 --batches 8 --variants offload
 has peers2 && step peers2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 --variants offload
 has liger-qlora && step liger-qlora 180 $B --stacks liger --modes qlora --batches 8

@@ -11,6 +11,7 @@ tokenizer (`--tokenizer`), concatenated and cut into `--batch` x `--seq` rows.
            (recompute in halves, inputs on the host)
     ref:   PyTorch references, no checkpointing
     hf:    transformers LlamaForCausalLM + PEFT LoRA, SDPA attention
+    fp8:   (with --fp8) the fast path over the same base weights stored in FP8 (`load_in_fp8`)
 Prints the losses per step and the largest differences; the last line is a verdict against `--tol`.
 """
 
@@ -40,14 +41,17 @@ def token_batches(tokenizer_dir: Path, batch: int, seq: int, n: int) -> list[tor
     return list(ids.view(n, batch, seq))
 
 
-def build_ours(shape: str, use_kernels: bool):
+def build_ours(shape: str, use_kernels: bool, fp8: bool = False):
     from fasttune.lora.apply import apply_lora
+    from fasttune.models.fp8 import fp8_linears
     from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
     from fasttune.models.presets import SHAPES
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]), use_kernels=use_kernels)
     model = model.to("cuda", torch.bfloat16)
+    if fp8:  # the same base weights, stored in FP8 (load_in_fp8)
+        fp8_linears(model, "cuda")
     apply_lora(model, r=16, lora_alpha=16, target_modules=TARGETS, random_state=3407)
     model.set_use_kernels(use_kernels)
     model.set_gradient_checkpointing("offload" if use_kernels else "off")
@@ -108,11 +112,14 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=0.02, help="largest allowed |loss - ref loss| / ref loss")
     p.add_argument("--tokenizer", type=Path, default=Path(".bench_assets/tokenizer"))
     p.add_argument("--out", type=Path, default=Path("loss_curves.json"))
+    p.add_argument("--fp8", action="store_true", help="also the fast path over an FP8 base (load_in_fp8), "
+                   "judged against the bf16 reference with the same --tol")
     args = p.parse_args()
     batches = token_batches(args.tokenizer, args.batch, args.seq, args.steps)
     curves = {}
-    for name in ("ref", "fast", "hf"):
-        ours = build_ours(args.shape, use_kernels=name == "fast")
+    names = ("ref", "fast", "hf", "fp8") if args.fp8 else ("ref", "fast", "hf")
+    for name in names:
+        ours = build_ours(args.shape, use_kernels=name in ("fast", "fp8"), fp8=name == "fp8")
         model = build_hf(ours) if name == "hf" else ours
         if name == "hf":
             del ours
@@ -121,11 +128,11 @@ def main() -> None:
         torch.cuda.empty_cache()
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                     "gpu": torch.cuda.get_device_name(), "curves": curves}))
-    print(f"{'step':>4} {'ref':>8} {'fast':>8} {'hf':>8}")
+    print(f"{'step':>4}" + "".join(f" {n:>8}" for n in names))
     for i in range(args.steps):
-        print(f"{i:4d} {curves['ref'][i]:8.4f} {curves['fast'][i]:8.4f} {curves['hf'][i]:8.4f}")
+        print(f"{i:4d}" + "".join(f" {curves[n][i]:8.4f}" for n in names))
     worst = {}
-    for name in ("fast", "hf"):
+    for name in names[1:]:
         worst[name] = max(abs(a - b) / abs(b) for a, b in zip(curves[name], curves["ref"]))
         print(f"{name} vs ref: largest relative difference {worst[name]:.4f}")
     drop = curves["ref"][0] - curves["ref"][-1]

@@ -156,6 +156,22 @@ def test_dtype_choices():
     assert resolve_dtype("fp16", cpu) == torch.float16 and resolve_dtype("bf16", cpu) == torch.bfloat16
 
 
+def test_fp8_without_fp8_cores_is_refused_or_falls_back(tmp_path):
+    from fasttune.config import ConfigError, validate
+
+    _tiny_llama_dir(tmp_path)
+    with pytest.raises(RuntimeError, match="load_in_fp8 needs a GPU with FP8 tensor cores.*cpu_fallback_16bit"):
+        load_model(ModelConfig(model_name=str(tmp_path), load_in_fp8=True))
+    lm = load_model(ModelConfig(model_name=str(tmp_path), load_in_fp8=True, cpu_fallback_16bit=True))
+    assert lm.quantization is None and "load_in_fp8" in lm.notes[0]
+    from fasttune.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.model.load_in_fp8 = cfg.model.load_in_4bit = True
+    with pytest.raises(ConfigError, match="exclude each other"):
+        validate(cfg)
+
+
 def test_4bit_on_cpu_is_refused_or_falls_back(tmp_path):
     hf = _tiny_llama_dir(tmp_path)
     with pytest.raises(RuntimeError, match="load_in_4bit needs a CUDA GPU.*cpu_fallback_16bit"):

@@ -68,8 +68,8 @@ def _quantize_rows_kernel(x_ptr, y_ptr, s_ptr, stride_x, stride_y, n_cols, BLOCK
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-    tl.store(s_ptr + row, amax / 448.0)
-    y = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
+    tl.store(s_ptr + row, tl.fdiv(amax, 0.0 * amax + 448.0, ieee_rounding=True))  # IEEE division, as torch's
+    y = tl.minimum(tl.maximum(x * tl.fdiv(448.0 + 0.0 * amax, amax, ieee_rounding=True), -448.0), 448.0)
     # Round to the e4m3 grid in fp32 first (to nearest even), so that the cast below is exact: the
     # interpreter's fp32 -> fp8 cast mishandles a rounding carry, the GPU's rounds to nearest even.
     e = ((y.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127

@@ -274,10 +274,31 @@ def load_llama(
             m.inv_freq = rope_inv_freq(
                 m.head_dim, m.theta, m.rope_scaling, m.max_position_embeddings, device=stage
             )
-    if quantization:
+    if quantization == "fp8":
+        from fasttune.models.fp8 import fp8_linears
+
+        fp8_linears(model, device)
+        model.to(device)
+    elif quantization:
         quantize.quantize_linears(model, quantization, device, compute_dtype=dtype)
         model.to(device)
     return model
+
+
+def _check_fp8(cfg: ModelConfig, device: torch.device, notes: list[str]) -> str | None:
+    """'fp8' where the device has FP8 tensor cores; elsewhere an error, or None (16-bit) with a note when
+    cpu_fallback_16bit allows it."""
+    from fasttune.kernels.fp8 import fp8_supported
+
+    if fp8_supported(device):
+        return "fp8"
+    if not cfg.cpu_fallback_16bit:
+        raise RuntimeError(f"load_in_fp8 needs a GPU with FP8 tensor cores (compute capability 8.9+: L4, L40, "
+                           f"H100, ...); this device is {device}. Pass cpu_fallback_16bit=true to load the "
+                           f"base in 16/32-bit instead.")
+    notes.append(f"load_in_fp8 requested on {device} (no FP8 tensor cores): loading in 16/32-bit instead")
+    log.warning(notes[-1])
+    return None
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -331,9 +352,11 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
     directory = resolve_source(cfg)
     hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code)
     dtype = resolve_dtype(cfg.dtype, device)
-    quantization = quantize.quantization_mode(cfg.load_in_4bit, cfg.load_in_8bit)
+    quantization = quantize.quantization_mode(cfg.load_in_4bit, cfg.load_in_8bit, cfg.load_in_fp8)
     prequantized = quantize.prequantized_mode(hf_config)
-    if (quantization or prequantized) and device.type != "cuda":
+    if quantization == "fp8":
+        quantization = _check_fp8(cfg, device, notes)
+    elif (quantization or prequantized) and device.type != "cuda":
         what = f"load_in_{quantization}" if quantization else f"the {prequantized} pre-quantised checkpoint"
         if prequantized or not cfg.cpu_fallback_16bit:
             raise RuntimeError(
@@ -365,6 +388,9 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
         )
         family = "llama"
     else:
+        if quantization == "fp8":
+            raise ValueError(f"load_in_fp8: supported for the Llama family (fasttune's own model); "
+                             f"{hf_config.model_type!r} loads through transformers")
         model = _load_generic(directory, cfg, device, dtype, quantization, prequantized)
         use_kernels, family = False, "generic"
     model.eval()

@@ -57,10 +57,10 @@ def weight_bytes(c: LlamaConfig, quantization: str | None = None, dtype_bytes: i
         per_layer = linear * dtype_bytes
     elif quantization == "4bit":
         per_layer = sum(_nf4_bytes(i * o) for i, o in _linear_shapes(c).values())
-    elif quantization == "8bit":
+    elif quantization in ("8bit", "fp8"):  # a byte per element and an fp32 scale per row
         per_layer = sum(i * o + 4 * o for i, o in _linear_shapes(c).values())
     else:
-        raise ValueError(f"quantization {quantization!r}: expected None, '4bit' or '8bit'")
+        raise ValueError(f"quantization {quantization!r}: expected None, '4bit', '8bit' or 'fp8'")
     per_layer += (bias + norms) * dtype_bytes
     heads = c.vocab_size * H * (1 if c.tie_word_embeddings else 2)
     return int(L * per_layer + (heads + H) * dtype_bytes)
@@ -131,7 +131,7 @@ def estimate_memory(
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
     N, H, L = batch * seq, c.hidden_size, c.num_hidden_layers
     weights = weight_bytes(c, quantization, act_bytes)
-    if quantization == "4bit":  # one shared dequantisation buffer of the largest linear
+    if quantization in ("4bit", "fp8"):  # one shared dequantisation buffer of the largest linear
         weights += max(i * o for i, o in _linear_shapes(c).values()) * act_bytes
     n_adapter = adapter_params(c, r, targets)
     adapters = int(n_adapter * (4 + 4 + OPTIMIZER_BYTES[optimizer]))

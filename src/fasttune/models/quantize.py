@@ -18,8 +18,8 @@ SKIP = ("lm_head",)
 INSTALL_HINT = "pip install 'bitsandbytes>=0.45' (a CUDA GPU is required)"
 
 
-def quantization_mode(load_in_4bit: bool, load_in_8bit: bool) -> str | None:
-    return "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
+def quantization_mode(load_in_4bit: bool, load_in_8bit: bool, load_in_fp8: bool = False) -> str | None:
+    return "4bit" if load_in_4bit else "8bit" if load_in_8bit else "fp8" if load_in_fp8 else None
 
 
 def prequantized_mode(hf_config: Any) -> str | None:
