@@ -22,10 +22,11 @@ def _lora_model(fp8: bool, device="cpu", seed=0):
     if fp8:
         fp8_linears(model, device, require_fp8_cores=False)
     apply_lora(model, r=4, lora_alpha=8)
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model.train()
 
 
