@@ -268,20 +268,27 @@ def test_fused_lora_path_matches_unfused(tiny_model, monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
-def test_recompute_in_halves_matches_off_and_skips_output_products(tiny_model, monkeypatch, mode, keep):
-    """Offloading modes on the fused path rerun each half of a layer for its backward, without the o and
-    down projections' base products; loss and adapter gradients are those of no checkpointing."""
-    from fasttune.kernels import lora as lora_kernels
+def _fused_lora_model(tiny_model, layers: int = 3):
+    """A tiny model with LoRA r=4 on all projections (B away from zero) on the fused kernel path, training."""
     from fasttune.lora.apply import apply_lora
 
-    model = tiny_model(num_hidden_layers=3).train()
+    model = tiny_model(num_hidden_layers=layers).train()
     apply_lora(model, r=4, lora_alpha=8)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0.0, 0.1)
     model.set_use_kernels(True)
+    return model
+
+
+@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
+def test_recompute_in_halves_matches_off_and_skips_output_products(tiny_model, monkeypatch, mode, keep):
+    """Offloading modes on the fused path rerun each half of a layer for its backward, without the o and
+    down projections' base products; loss and adapter gradients are those of no checkpointing."""
+    from fasttune.kernels import lora as lora_kernels
+
+    model = _fused_lora_model(tiny_model)
     assert all(layer.recompute_in_halves() for layer in model.model.layers)
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
     ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
@@ -306,15 +313,8 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
     """host_gate_up: that share of the layers hands its gate/up outputs from the forward to its backward
     (through the offloader) instead of rerunning their products; gradients equal the recomputing run's."""
     from fasttune.kernels import lora as lora_kernels
-    from fasttune.lora.apply import apply_lora
 
-    model = tiny_model(num_hidden_layers=3).train()
-    apply_lora(model, r=4, lora_alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.1)
-    model.set_use_kernels(True)
+    model = _fused_lora_model(tiny_model)
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
     model.set_gradient_checkpointing("offload")
     ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
