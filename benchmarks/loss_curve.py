@@ -27,10 +27,11 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def token_batches(tokenizer_dir: Path, batch: int, seq: int, n: int) -> list[torch.Tensor]:
+def token_batches(tokenizer, batch: int, seq: int, n: int) -> list[torch.Tensor]:
+    """`n` batches (batch, seq) of the embedded data; `tokenizer`: a directory or a loaded tokenizer."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer
     rows = [json.loads(line) for line in files("fasttune").joinpath("assets", "lumen_train.jsonl")
             .read_text().splitlines() if line.strip()]
     text = "\n\n".join(f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows)
@@ -82,13 +83,14 @@ def build_hf(ours):
     return hf.train()
 
 
-def train(model, batches, lr: float, is_hf: bool) -> list[float]:
+def train(model, batches, lr: float, is_hf: bool, device: str = "cuda") -> list[float]:
+    """AdamW over the trainable parameters, one step per batch (bf16 autocast on CUDA, fp32 on the CPU)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     for x in batches:
-        x = x.cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        x = x.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             if is_hf:
                 loss = model(input_ids=x, labels=x).loss
             else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from model_cases import make_model
 
-from fasttune.kernels.fp8 import E4M3, FP8Weight
+from fasttune.kernels.fp8 import E4M3, FP8Weight, fp8_linear_reference, quantize_rows_reference
 from fasttune.lora.apply import apply_lora
 from fasttune.lora.layer import LoRALinear
 from fasttune.models.fp8 import FP8Linear, fp8_linears
@@ -88,8 +88,9 @@ def test_fp8_linear_backward_is_against_the_dequantised_weight():
     q = FP8Linear.from_linear(copy.deepcopy(lin))
     x = torch.randn(5, 32, requires_grad=True)
     y = q(x)
+    expect = fp8_linear_reference(*quantize_rows_reference(x.detach()), q.fp8(), torch.float32) + lin.bias
+    torch.testing.assert_close(y, expect, atol=1e-5, rtol=1e-5)  # the CPU emulates the FP8 product
     w = (q.weight.float() * q.weight_scale).to(torch.bfloat16)
-    torch.testing.assert_close(y, (x @ w.float().t() + lin.bias).to(y.dtype), atol=1e-2, rtol=1e-2)
     dy = torch.randn_like(y)
     y.backward(dy)
     torch.testing.assert_close(x.grad, dy @ w.float(), atol=1e-2, rtol=1e-2)

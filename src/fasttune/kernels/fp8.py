@@ -144,7 +144,11 @@ def fp8_input(x2: torch.Tensor, *weights) -> tuple[torch.Tensor, torch.Tensor] |
 def fp8_product(x2: torch.Tensor, w: FP8Weight, dt: torch.dtype,
                 x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x W^T in `dt`: on FP8 tensor cores where the shapes allow (every dimension a multiple of 16, on the
-    GPU), else against the bf16 dequantisation (decoding one token, odd packed lengths, the CPU)."""
+    GPU); on the CPU the same FP8 operands multiplied in fp32 (an emulation, for tests and for loss curves
+    of the FP8 numerics on real weights); on the GPU otherwise (decoding one token, odd packed lengths)
+    against the bf16 dequantisation."""
     if _cores_apply(x2, w):
         return fp8_linear(x2, w, torch.bfloat16, x_fp8).to(dt)
+    if not x2.is_cuda:
+        return fp8_linear_reference(*(x_fp8 or quantize_rows_reference(x2)), w, dt)
     return x2 @ dequantize_fp8(w, dt, reuse_buffer=True).t()
