@@ -77,6 +77,14 @@ def loaded(model_dir):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without FP8 cores")
+def test_fp8_without_fp8_cores_warns_and_loads_unquantised(model_dir):
+    with pytest.warns(UserWarning, match="load_in_fp8"):
+        model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), dtype=torch.float32,
+                                                     load_in_fp8=True)
+    assert model.loaded.quantization is None
+
+
 # ---- TrainingArguments ---------------------------------------------------------------------------
 
 

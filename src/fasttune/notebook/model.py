@@ -214,8 +214,10 @@ class FastLanguageModel:
         device: str | None = None,
         **kwargs: Any,
     ) -> tuple[NotebookModel, Any]:
-        """(model, tokenizer). 4-bit on a machine without CUDA loads in 16/32-bit instead, with a warning."""
+        """(model, tokenizer). 4-bit on a machine without CUDA, or FP8 without FP8 tensor cores, loads in
+        16/32-bit instead, with a warning."""
         from fasttune.api import load
+        from fasttune.kernels.fp8 import fp8_supported
         from fasttune.train.precision import resolve_device
 
         unknown = sorted(k for k in kwargs if k not in _IGNORED_LOAD)
@@ -261,6 +263,10 @@ class FastLanguageModel:
                 UserWarning,
                 stacklevel=2,
             )
+            cfg.cpu_fallback_16bit = True
+        if load_in_fp8 and not fp8_supported(dev):
+            warnings.warn(f"load_in_fp8=True needs FP8 tensor cores (compute capability 8.9+); loading "
+                          f"{model_name} unquantised on {dev}", UserWarning, stacklevel=2)
             cfg.cpu_fallback_16bit = True
         loaded = load(cfg, dev)
         return NotebookModel(loaded, cfg), loaded.tokenizer
