@@ -268,16 +268,17 @@ def test_fused_lora_path_matches_unfused(tiny_model, monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def _fused_lora_model(tiny_model, layers: int = 3):
-    """A tiny model with LoRA r=4 on all projections (B away from zero) on the fused kernel path, training."""
+def _fused_lora_model(tiny_model, layers: int = 3, r: int = 4, b_std: float = 0.1, **overrides):
+    """A tiny model with LoRA (rank r, alpha 2r) on all projections, B ~ N(0, b_std) so that the adapters
+    count, on the fused kernel path, training."""
     from fasttune.lora.apply import apply_lora
 
-    model = tiny_model(num_hidden_layers=layers).train()
-    apply_lora(model, r=4, lora_alpha=8)
+    model = tiny_model(num_hidden_layers=layers, **overrides).train()
+    apply_lora(model, r=r, lora_alpha=2 * r)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, b_std)
     model.set_use_kernels(True)
     return model
 
@@ -416,16 +417,8 @@ def test_offload_keeps_layer_inputs_off_the_gpu(tiny_model):
 def test_gate_up_on_host_matches_recompute_on_cuda(tiny_model):
     """The side-stream copies of kept gate/up (forward to the host, back one layer ahead) deliver the
     tensors the recompute would have made: same loss and adapter gradients in bf16 autocast."""
-    from fasttune.lora.apply import apply_lora
-
-    model = tiny_model(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
-                       max_position_embeddings=1024).cuda().train()
-    apply_lora(model, r=8, lora_alpha=16)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.05)
-    model.set_use_kernels(True)
+    model = _fused_lora_model(tiny_model, layers=6, r=8, b_std=0.05, hidden_size=256, intermediate_size=688,
+                              max_position_embeddings=1024).cuda()
     x = torch.randint(0, 97, (2, 1024), device="cuda")
     results = {}
     for share in (0.0, 0.5, 1.0):

@@ -182,7 +182,7 @@ HOST_SHARE = 0.4  # of host memory, for the pinned copies of offloaded activatio
 
 def halves_fit_host(layers: int, layer_input_bytes: int) -> bool:
     """Recompute in halves pins x and x_mid of every recomputed layer: allowed under 40% of host memory."""
-    return 2 * layers * layer_input_bytes < HOST_SHARE * _host_bytes()
+    return host_fits(layers, layer_input_bytes, 0, 0)
 
 
 def host_gate_up_layers(layers: int, share: float) -> int:
