@@ -46,6 +46,21 @@ SHAPES = {
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
                        rope_scaling=None, max_position_embeddings=4096, tie_word_embeddings=False),
+    # other families of the fast path (our Llama model takes them), at their released shapes
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None,
+                       max_position_embeddings=32768, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, use_sliding_window=False, max_position_embeddings=32768,
+                       tie_word_embeddings=False),
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                         rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         max_position_embeddings=131072, tie_word_embeddings=True),
     # small shapes to smoke-test the harness itself
     "tiny": dict(vocab_size=49152, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -73,6 +88,7 @@ GENERIC_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers: PEFT 
                    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
 LLAMA_ONLY = {"unsloth": "Unsloth's FastLanguageModel path is for Llama-like families; not run on",
               "liger": "Liger Kernel has no patch for"}
+LIGER_PATCHES = ("llama",)  # the model types bench_train applies Liger's patch to
 
 
 def is_generic(shape: str) -> bool:
@@ -99,13 +115,18 @@ def fixed_batches(batch: int, seq: int, n: int, vocab_limit: int = 49152, seed: 
 
 
 def shape_config(shape: str):
-    """The transformers config of `shape`: LlamaConfig for SHAPES, the model type's own class otherwise."""
-    from transformers import AutoConfig, LlamaConfig
+    """The transformers config of `shape`: its model type's own config class (Llama unless it says)."""
+    from transformers import AutoConfig
 
     if is_generic(shape):
         model_type, fields = GENERIC_SHAPES[shape]
         return AutoConfig.for_model(model_type, **fields)
-    return LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoConfig.for_model(**{"model_type": "llama", **SHAPES[shape]}, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0)
+
+
+def shape_model_type(shape: str) -> str:
+    return GENERIC_SHAPES[shape][0] if is_generic(shape) else SHAPES[shape].get("model_type", "llama")
 
 
 def _dir_matches(shape: str, model_dir: Path) -> bool:
@@ -157,17 +178,16 @@ def fasttune_step(model):
 
 
 def build_fasttune(args):
-    """Our Llama of `args.shape`, random weights, built in bf16 on the GPU; NF4 for qlora, FP8 for fp8;
-    LoRA on all 7."""
+    """Our Llama-family model of `args.shape`, random weights, built in bf16 on the GPU; NF4 for qlora, FP8
+    for fp8; LoRA on all 7."""
     import torch
-    from transformers import LlamaConfig
 
     from fasttune.lora.apply import apply_lora
     from fasttune.models.hf import llama_config_from_hf
     from fasttune.models.llama import LlamaForCausalLM
     from fasttune.models.quantize import quantize_linears
 
-    cfg = llama_config_from_hf(LlamaConfig(**SHAPES[args.shape]))
+    cfg = llama_config_from_hf(shape_config(args.shape))
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no fp32 copy of 8B weights
     try:
@@ -219,6 +239,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
 
     First token: off | on | offload | selective:K | budget:GiB (selective, K from the memory estimate).
     Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend),
+    noattn (offloading modes rerun attention instead of keeping its output: keep_attention='off'),
     plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
     pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
     guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5).
@@ -241,12 +262,15 @@ def configure_fasttune(model, variant: str, args) -> dict:
     elif mode == "selective":
         keep = int(arg or 0)
     share = next((float(f[2:]) for f in flags if f.startswith("gu")), 0.0)
-    model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share)
+    keep_attention = "off" if "noattn" in flags else "auto"
+    model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,
+                                     keep_attention=keep_attention)
     model.model.recompute_halves = "plain" not in flags
-    est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share, **est_kw)
+    est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share,
+                          kept_attention=keep_attention != "off", **est_kw)
     print(f"[{variant}] keep_layers={keep} {est.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
-            "est_gib": est.total / GiB}
+            "keep_attention": keep_attention, "est_gib": est.total / GiB}
 
 
 def build_hf(args, liger: bool):
@@ -410,6 +434,8 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
     key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "seq": seq, "variant": "-"}
     if stack in LLAMA_ONLY and is_generic(args.shape):
         return [dict(key, skipped=f"{LLAMA_ONLY[stack]} {GENERIC_SHAPES[args.shape][0]}")]
+    if stack == "liger" and shape_model_type(args.shape) not in LIGER_PATCHES:
+        return [dict(key, skipped=f"{LLAMA_ONLY[stack]} {shape_model_type(args.shape)} here")]
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--mode", mode, "--batch", str(batch),
            "--seq", str(seq), "--shape", args.shape, "--model-dir", str(args.model_dir),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", *args.variants]

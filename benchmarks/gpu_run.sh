@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, micro, loss, fast, gu, gulong, peers, hfbf16, fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
+# (comma-separated: tests, ktest, katest, kattn, kattn32, shapes, micro, loss, fast, gu, gulong, peers, hfbf16,
+# fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
@@ -67,6 +68,22 @@ if has fp8; then  # the FP8 base (load_in_fp8): GPU tests, speed beside bf16 and
   step fp8-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
   step fp8-8f 90 $B --stacks fasttune --modes fp8 --batches 8 --variants offload
   step loss-fp8 150 python3 benchmarks/loss_curve.py --fp8 --steps 50 --out bench_logs/loss_curves_fp8.json
+fi
+# Kept attention (the rerun skips the attention forward; variant +noattn reruns it): GPU tests, then A/B beside
+# Unsloth at 32,768 tokens (QLoRA) and at 8 x 2048 (bf16), Llama-3.1-8B shape.
+has katest && step pytest-kept 150 python3 -m pytest -q -m gpu tests/models/test_kept_attention.py \
+  tests/models/test_llama.py -p no:cacheprovider
+has kattn32 && step kattn-32k 330 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \
+  --steps 2 --variants offload offload+noattn
+has kattn && step kattn-bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 \
+  --variants offload offload+noattn
+if has shapes; then  # other families and an odd length, beside Unsloth (one model directory each, written here)
+  step qwen-bf16 270 $B --shape qwen2.5-7b --model-dir /tmp/bench-model-qwen --stacks fasttune unsloth \
+    --modes bf16 --batches 8
+  step mistral-qlora 240 $B --shape mistral-7b --model-dir /tmp/bench-model-mistral --stacks fasttune unsloth \
+    --modes qlora --batches 8
+  step l32-odd 200 $B --shape llama-3.2-3b --model-dir /tmp/bench-model-l32 --stacks fasttune unsloth \
+    --modes bf16 --batches 4 --seqs 3001
 fi
 has hfbf16 && step hf-bf16 200 $B --stacks fasttune hf --modes bf16 --batches 8 --variants offload
 has peers2 && step peers2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 --variants offload

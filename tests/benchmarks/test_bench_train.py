@@ -58,11 +58,21 @@ def test_llama_only_stacks_are_skipped_on_gpt2_and_opt():
 def test_real_shapes_have_the_released_sizes():
     from transformers import AutoModelForCausalLM
 
-    sizes = {"gpt2-124m": 124_439_808, "opt-350m": 331_196_416}
+    from fasttune.models.hf import llama_config_from_hf
+    from fasttune.models.llama import LlamaForCausalLM
+
+    sizes = {"gpt2-124m": 124_439_808, "opt-350m": 331_196_416, "llama-3.1-8b": 8_030_261_248,
+             "llama-2-7b": 6_738_415_616, "mistral-7b": 7_248_023_552, "qwen2.5-7b": 7_615_616_512,
+             "llama-3.2-3b": 3_212_749_824}
     for shape, n in sizes.items():
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(bt.shape_config(shape))
         assert sum(p.numel() for p in model.parameters()) == n, shape
+        if not bt.is_generic(shape):  # fasttune's own model of the shape: the same parameters
+            with torch.device("meta"):
+                ours = LlamaForCausalLM(llama_config_from_hf(bt.shape_config(shape)))
+            assert sum(p.numel() for p in ours.parameters()) == n, shape
+            assert ours.config.model_type == bt.shape_model_type(shape)
 
 
 @pytest.mark.parametrize("shape", ["tiny-gpt2", "tiny-opt"])

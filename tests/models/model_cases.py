@@ -63,3 +63,18 @@ def make_model(seed: int = 0, use_kernels: bool = False, **overrides) -> LlamaFo
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.1)
     return model.eval()
+
+
+def make_fused_lora_model(layers: int = 3, r: int = 4, b_std: float = 0.1, **overrides) -> LlamaForCausalLM:
+    """A tiny model with LoRA (rank r, alpha 2r) on all projections, B ~ N(0, b_std) so that the adapters
+    count, on the fused kernel path, training."""
+    from fasttune.lora.apply import apply_lora
+
+    model = make_model(num_hidden_layers=layers, **overrides).train()
+    apply_lora(model, r=r, lora_alpha=2 * r)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, b_std)
+    model.set_use_kernels(True)
+    return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from model_cases import make_fused_lora_model
 
 from fasttune.models.base import IGNORE_INDEX
 from fasttune.models.hf import hf_config_from_llama
@@ -268,28 +269,13 @@ def test_fused_lora_path_matches_unfused(tiny_model, monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def _fused_lora_model(tiny_model, layers: int = 3, r: int = 4, b_std: float = 0.1, **overrides):
-    """A tiny model with LoRA (rank r, alpha 2r) on all projections, B ~ N(0, b_std) so that the adapters
-    count, on the fused kernel path, training."""
-    from fasttune.lora.apply import apply_lora
-
-    model = tiny_model(num_hidden_layers=layers, **overrides).train()
-    apply_lora(model, r=r, lora_alpha=2 * r)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, b_std)
-    model.set_use_kernels(True)
-    return model
-
-
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recompute_in_halves_matches_off_and_skips_output_products(tiny_model, monkeypatch, mode, keep):
     """Offloading modes on the fused path rerun each half of a layer for its backward, without the o and
     down projections' base products; loss and adapter gradients are those of no checkpointing."""
     from fasttune.kernels import lora as lora_kernels
 
-    model = _fused_lora_model(tiny_model)
+    model = make_fused_lora_model()
     assert all(layer.recompute_in_halves() for layer in model.model.layers)
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
     ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
@@ -315,7 +301,7 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
     (through the offloader) instead of rerunning their products; gradients equal the recomputing run's."""
     from fasttune.kernels import lora as lora_kernels
 
-    model = _fused_lora_model(tiny_model)
+    model = make_fused_lora_model()
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
     model.set_gradient_checkpointing("offload")
     ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
@@ -417,7 +403,7 @@ def test_offload_keeps_layer_inputs_off_the_gpu(tiny_model):
 def test_gate_up_on_host_matches_recompute_on_cuda(tiny_model):
     """The side-stream copies of kept gate/up (forward to the host, back one layer ahead) deliver the
     tensors the recompute would have made: same loss and adapter gradients in bf16 autocast."""
-    model = _fused_lora_model(tiny_model, layers=6, r=8, b_std=0.05, hidden_size=256, intermediate_size=688,
+    model = make_fused_lora_model(layers=6, r=8, b_std=0.05, hidden_size=256, intermediate_size=688,
                               max_position_embeddings=1024).cuda()
     x = torch.randint(0, 97, (2, 1024), device="cuda")
     results = {}

@@ -20,6 +20,12 @@ and its backward takes them back instead of rerunning the gate and up products, 
 They are 3.5x a layer input on Llama-3.1-8B, so the share is bounded by the host link: the copies must hide
 under the forward's compute, and by host memory (`host_fits`).
 
+Kept attention (`keep_attention`, on by default where the kernel allows: plain causal rows on CUDA where SDPA
+picks cuDNN): each recomputed layer also sends its attention output O (the size of x) and the softmax's
+log-sum-exp to the host, and the rerun of its first half skips the attention forward; the attention backward
+reads the kept O and lse (`models/kept_attention.py`). Attention is quadratic in the row length, so this
+pays most on long rows (a ~third of a layer's forward at 32,768 tokens); packed rows (flex) still rerun it.
+
 Keeping whole layers beats keeping parts of every layer: a Llama layer's MLP holds ~80% of its FLOPs and
 its two (tokens, intermediate) products most of its saved bytes, so FLOPs saved per byte kept are highest
 for whole layers. The trailing layers are the ones kept, because their activations are consumed first.
@@ -36,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_MODES = ("off", "on", "offload", "selective")
+KEEP_ATTENTION = ("auto", "reference", "off")
 
 
 class _Halves(Protocol):
@@ -127,32 +134,47 @@ class LayerRecompute(torch.autograd.Function):
     """out = layer(x), keeping only x and x_mid; the backward reruns each half for its own gradients.
 
     Inputs: x, the layer, the extra arguments of its attention branch, whether to keep the MLP's gate/up
-    outputs (saved like x, so through the offloader to the host) instead of recomputing them, and `anchors`
-    (tensors that require grad, e.g. the layer's adapter weights, so that the output requires grad even when
-    x does not). The inner backwards accumulate parameter gradients straight into `.grad`, as a reentrant
-    checkpoint does.
+    outputs (saved like x, so through the offloader to the host) instead of recomputing them, whether to keep
+    the attention's output and log-sum-exp the same way (`kept_attention`: the rerun then skips the
+    attention forward; 'auto' where the kernel allows, 'reference' also off CUDA, for tests, or 'off'), and
+    `anchors` (tensors that require grad, e.g. the layer's adapter weights, so that the output requires grad
+    even when x does not). The inner backwards accumulate parameter gradients straight into `.grad`, as a
+    reentrant checkpoint does.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, layer, attn_args, keep_gate_up, *anchors):
+    def forward(ctx, x, layer, attn_args, keep_gate_up, keep_attention, *anchors):
         from fasttune.kernels.lora import gate_up_handoff
+        from fasttune.models.kept_attention import attention_handoff
 
         gate_up: list = []
+        attn: list = []
         with torch.no_grad():
-            x_mid = x + layer.attn_branch(x, *attn_args)
+            with attention_handoff(sink=attn if keep_attention != "off" else None,
+                                   reference=keep_attention == "reference"):
+                x_mid = x + layer.attn_branch(x, *attn_args)
             with gate_up_handoff(sink=gate_up if keep_gate_up else None):
                 out = x_mid + layer.mlp_branch(x_mid)
         ctx.layer, ctx.attn_args = layer, attn_args
-        ctx.save_for_backward(x, x_mid, *(gate_up[0] if len(gate_up) == 1 else ()))
+        kept_gate_up = gate_up[0] if len(gate_up) == 1 else ()
+        kept_attn = attn[0] if len(attn) == 1 else None
+        ctx.n_gate_up = len(kept_gate_up)
+        ctx.kept_attn = (kept_attn.backend, kept_attn.extra) if kept_attn is not None else None
+        ctx.save_for_backward(x, x_mid, *kept_gate_up,
+                              *(kept_attn.tensors() if kept_attn is not None else ()))
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out):
         from fasttune.kernels.lora import gate_up_handoff, recompute_for_backward
+        from fasttune.models.kept_attention import KeptAttention, attention_handoff
 
-        x, x_mid, *gate_up = ctx.saved_tensors
+        x, x_mid, *rest = ctx.saved_tensors
+        gate_up, rest = rest[:ctx.n_gate_up], rest[ctx.n_gate_up:]
+        given_attn = KeptAttention(*rest, *ctx.kept_attn) if ctx.kept_attn is not None else None
+        del rest
         layer = ctx.layer
         with torch.enable_grad(), recompute_for_backward():
             xm = x_mid.detach().requires_grad_(True)
@@ -165,9 +187,13 @@ class LayerRecompute(torch.autograd.Function):
             del xm
             want_dx = ctx.needs_input_grad[0]  # not for layer 0 under a frozen embedding
             xi = x.detach().requires_grad_(want_dx)
-            torch.autograd.backward(layer.attn_branch(xi, *ctx.attn_args), d_mid)
+            with attention_handoff(given=given_attn):
+                a = layer.attn_branch(xi, *ctx.attn_args)
+            del given_attn
+            torch.autograd.backward(a, d_mid)
+            del a
             dx = d_mid + xi.grad if want_dx else None  # x_mid = x + attn(x)
-        return dx, None, None, None, *(None for _ in ctx.needs_input_grad[4:])
+        return dx, None, None, None, None, *(None for _ in ctx.needs_input_grad[5:])
 
 
 def _host_bytes() -> int:
@@ -180,9 +206,10 @@ def _host_bytes() -> int:
 HOST_SHARE = 0.4  # of host memory, for the pinned copies of offloaded activations
 
 
-def halves_fit_host(layers: int, layer_input_bytes: int) -> bool:
-    """Recompute in halves pins x and x_mid of every recomputed layer: allowed under 40% of host memory."""
-    return host_fits(layers, layer_input_bytes, 0, 0)
+def halves_fit_host(layers: int, layer_input_bytes: int, kept_attention: bool = False) -> bool:
+    """Recompute in halves pins x and x_mid (and the kept attention output, as large) of every recomputed
+    layer: allowed under 40% of host memory."""
+    return host_fits(layers, layer_input_bytes, 0, 0, kept_attention)
 
 
 def host_gate_up_layers(layers: int, share: float) -> int:
@@ -195,9 +222,12 @@ def spread(n: int, k: int) -> set[int]:
     return {int((j + 0.5) * n / k) for j in range(k)} if k > 0 else set()
 
 
-def host_fits(layers: int, layer_input_bytes: int, gate_up_layers: int, gate_up_bytes: int) -> bool:
-    """The pinned host memory of recompute in halves with `gate_up_layers` layers' gate/up kept there."""
-    return 2 * layers * layer_input_bytes + gate_up_layers * gate_up_bytes < HOST_SHARE * _host_bytes()
+def host_fits(layers: int, layer_input_bytes: int, gate_up_layers: int, gate_up_bytes: int,
+              kept_attention: bool = False) -> bool:
+    """The pinned host memory of recompute in halves with `gate_up_layers` layers' gate/up kept there
+    (and with `kept_attention`, each layer's attention output, the size of its input)."""
+    per_layer = (3 if kept_attention else 2) * layer_input_bytes
+    return layers * per_layer + gate_up_layers * gate_up_bytes < HOST_SHARE * _host_bytes()
 
 
 def run_layers(
@@ -209,13 +239,15 @@ def run_layers(
     attn_args: tuple = (),
     halves: bool = True,
     gate_up: tuple[float, int] = (0.0, 0),
+    keep_attention: str = "off",
 ) -> torch.Tensor:
     """x through every layer (`run(layer, x, i)`), recomputing layers 0 .. n - keep_layers - 1 per `mode`.
 
     With `halves` and an offloading mode, a layer that supports it (`_Halves.recompute_in_halves`) runs
     through `LayerRecompute` with `layer.attn_branch(x, *attn_args)`. gate_up = (share, intermediate size):
     that share of the recomputed layers keeps its MLP gate/up outputs on the host (module docstring), when
-    the host has room for them; else none does.
+    the host has room for them; else none does. keep_attention ('auto', 'reference', 'off'): such layers
+    also keep their attention output for the backward (`LayerRecompute`), when the host has room.
 
     The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where it
     is called, so the offloader sees exactly each layer's input x; what `run` closes over (RoPE tables,
@@ -226,10 +258,13 @@ def run_layers(
     offload = mode in ("offload", "selective") and recompute_upto > 0
     offloader = LayerInputOffloader(x.device) if offload else None
     x_bytes = x.numel() * x.element_size()
+    if keep_attention != "off" and not halves_fit_host(recompute_upto, x_bytes, kept_attention=True):
+        keep_attention = "off"
     halves = halves and halves_fit_host(recompute_upto, x_bytes)
     share, inter = gate_up
     k = host_gate_up_layers(recompute_upto, share) if offloader is not None else 0
-    if k and not host_fits(recompute_upto, x_bytes, k, 2 * x_bytes // x.shape[-1] * inter):
+    if k and not host_fits(recompute_upto, x_bytes, k, 2 * x_bytes // x.shape[-1] * inter,
+                           kept_attention=keep_attention != "off"):
         k = 0
     keep_gate_up = spread(recompute_upto, k)
     for i, layer in enumerate(layers):
@@ -241,7 +276,7 @@ def run_layers(
             offloader.layer = i
             anchors = [p for p in layer.parameters() if p.requires_grad]
             with offloader.hooks():
-                x = LayerRecompute.apply(x, layer, attn_args, i in keep_gate_up, *anchors)
+                x = LayerRecompute.apply(x, layer, attn_args, i in keep_gate_up, keep_attention, *anchors)
         else:
             offloader.layer = i
             with offloader.hooks():

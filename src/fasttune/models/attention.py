@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fasttune.models.kept_attention import handoff_attention
+
 # `enable_gqa` lets SDPA read the small K/V directly (torch >= 2.5); older versions repeat K/V.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 BACKENDS = ("auto", "sdpa", "flex")
@@ -207,6 +209,10 @@ def _use_flex(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd)."""
     n_rep = q.shape[1] // k.shape[1]
+    if mask.causal:  # inside a layer's recompute, its kept output (models/kept_attention.py)
+        kept = handoff_attention(q, k, v)
+        if kept is not None:
+            return kept
     if _use_flex(q, k, mask):
         return _flex_attention(q.is_cuda)(q, k, v, block_mask=_block_mask(mask, q), enable_gqa=n_rep > 1)
     if mask.causal and _SDPA_HAS_GQA:

@@ -21,7 +21,7 @@ from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
 from fasttune.kernels.swiglu import swiglu, swiglu_reference
 from fasttune.lora.layer import LoRALinear
-from fasttune.models.activations import CHECKPOINT_MODES, run_layers
+from fasttune.models.activations import CHECKPOINT_MODES, KEEP_ATTENTION, run_layers
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
 from fasttune.models.kv_cache import KVCache
@@ -255,6 +255,7 @@ class LlamaModel(nn.Module):
         self.keep_layers = 0  # 'selective': trailing layers that keep their activations
         self.recompute_halves = True  # offloading modes: `activations.LayerRecompute` where it applies
         self.host_gate_up = 0.0  # offloading modes: share of recomputed layers keeping gate/up on the host
+        self.keep_attention = "auto"  # offloading modes: recomputed layers keep their attention output
 
     def forward(
         self,
@@ -286,7 +287,8 @@ class LlamaModel(nn.Module):
             mode = "off"
         x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
                        self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves,
-                       gate_up=(self.host_gate_up, self.config.intermediate_size))
+                       gate_up=(self.host_gate_up, self.config.intermediate_size),
+                       keep_attention=self.keep_attention)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -343,11 +345,15 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing(self) -> str:
         return self.model.gradient_checkpointing
 
-    def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float = 0.0) -> None:
+    def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float = 0.0,
+                                   keep_attention: str = "auto") -> None:
         """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
         or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
         `host_gate_up`: in the offloading modes, the share of recomputed layers whose MLP gate/up outputs
-        also go to the host instead of being recomputed. See `fasttune.models.activations`."""
+        also go to the host instead of being recomputed; `keep_attention`: in the offloading modes, whether
+        recomputed layers keep their attention output instead of rerunning attention ('auto': where the
+        CUDA kernel allows; 'reference': also elsewhere, in fp32 math, for tests; 'off').
+        See `fasttune.models.activations`."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
         if keep_layers < 0:
@@ -356,7 +362,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"host_gate_up={host_gate_up}: a share of the layers, in [0, 1]")
         self.model.gradient_checkpointing = mode
         self.model.keep_layers = keep_layers if mode == "selective" else 0
+        if keep_attention not in KEEP_ATTENTION:
+            raise ValueError(f"keep_attention={keep_attention!r}: expected one of {KEEP_ATTENTION}")
         self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
+        self.model.keep_attention = keep_attention
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag

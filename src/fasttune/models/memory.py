@@ -120,12 +120,15 @@ def estimate_memory(
     loss_chunk_elems: int = 1 << 27,
     halves: bool | None = None,
     host_gate_up: float = 0.0,
+    kept_attention: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of one training step (forward + backward + optimiser step) at `batch` x `seq` tokens.
 
     halves: whether offloading modes recompute in halves (None: as `activations.run_layers` decides it,
     from the fused path and the host's memory). host_gate_up: the share of recomputed layers keeping their
     gate/up outputs on the host (their copy back, one layer ahead of its backward, adds one layer's g and u).
+    kept_attention: offloading modes also keep each recomputed layer's attention output (as large as x) on
+    the host, so the two layers on the GPU in the backward hold three such tensors each, not two.
     """
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
@@ -148,8 +151,9 @@ def estimate_memory(
     else:
         raise ValueError(f"memory estimate: checkpointing {checkpointing!r}")
     offloaded = checkpointing in ("offload", "selective")
-    # Offloaded: the layer in its backward and the one being copied back, each with x and x_mid.
-    inputs = 4 * x_bytes if offloaded and recomputed else recomputed * x_bytes
+    # Offloaded: the layer in its backward and the one being copied back, each with x and x_mid (and O).
+    per_layer = 3 if kept_attention else 2
+    inputs = 2 * per_layer * x_bytes if offloaded and recomputed else recomputed * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
     activations = inputs + kept * saved + rope + loss_grad

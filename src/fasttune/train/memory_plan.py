@@ -42,6 +42,7 @@ def run_estimate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *
         return None
     return estimate_memory(model.config, checkpointing=model.gradient_checkpointing,
                            keep_layers=model.model.keep_layers,
+                           kept_attention=model.model.keep_attention != "off",
                            **_shape_kwargs(model, cfg, precision, quantization))
 
 

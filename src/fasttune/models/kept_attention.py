@@ -1,0 +1,159 @@
+"""Causal attention whose output and log-sum-exp are kept from the forward, so a recompute skips its forward.
+
+A layer rerun for its backward (`activations.LayerRecompute`) needs the attention's gradients, and a flash
+kernel's backward reads only q, k, v, the output O and the row statistics of the softmax, never the forward
+itself. With the hand-off (`attention_handoff`) the first forward appends what the backward will read to
+`sink`; the rerun hands it back through `given`, recomputes q, k, v (cheap: their products) and returns the
+kept O without running attention again. At 32,768 tokens the attention forward is ~40% of a layer's forward.
+
+For q (B, H, T, D), k, v (B, Hk, T, D), H = Hk * n_rep, scale s = 1 / sqrt(D), causal:
+    forward:   S = s q k^T (masked above the diagonal), lse = logsumexp_k S   (B, H, T, 1) fp32
+               P = exp(S - lse), O = P v
+    backward:  dV = P^T dO, dP = dO v^T, delta = rowsum(dO * O)
+               dS = P * (dP - delta), dQ = s dS k, dK = s dS^T q   (dK, dV summed over the n_rep heads
+               that share one kv head)
+On CUDA both run as the cuDNN flash kernels SDPA itself picks (`_scaled_dot_product_cudnn_attention` and its
+backward), used only where SDPA's own choice for these tensors is cuDNN; elsewhere the hand-off stays off and
+the rerun runs attention as before, except where `reference` is allowed (tests): the math above in fp32.
+Exact: the backward reads the forward's own O and lse, as SDPA's backward does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+_state = threading.local()  # the autograd engine runs a backward on its own thread per device
+_CUDNN = 3  # torch.nn.attention.SDPBackend.CUDNN_ATTENTION, as torch._fused_sdp_choice returns it
+
+
+@dataclass
+class KeptAttention:
+    """What the backward of one causal attention reads: O as (B, T, H, D), lse (B, H, T, 1) fp32, the
+    kernel that made them ('cudnn' or 'reference'; the rerun's backward must be its backward) and the cuDNN
+    kernel's dropout seed/offset (unused at dropout 0, but part of its backward's arguments)."""
+
+    out_bthd: torch.Tensor
+    lse: torch.Tensor
+    backend: str
+    extra: tuple = ()
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two large ones, which the checkpoint saves (and the offloader moves to the host)."""
+        return self.out_bthd, self.lse
+
+
+@contextlib.contextmanager
+def attention_handoff(sink: list | None = None, given: KeptAttention | None = None,
+                      reference: bool = False) -> Iterator[None]:
+    """Within: causal attention appends a `KeptAttention` to `sink`; the first one takes its O from `given`.
+    `reference`: allow the fp32 math off CUDA (tests), where otherwise nothing is kept."""
+    before = tuple(getattr(_state, name, None) for name in ("sink", "given", "reference"))
+    _state.sink, _state.given, _state.reference = sink, given, reference
+    try:
+        yield
+    finally:
+        _state.sink, _state.given, _state.reference = before
+
+
+def _backend(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """'cudnn' where SDPA would pick cuDNN for these tensors, 'reference' where allowed, else None."""
+    if q.is_cuda:
+        choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return "cudnn" if choice == _CUDNN else None
+    return "reference" if getattr(_state, "reference", False) else None
+
+
+def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Causal self-attention through the hand-off when one is active and the kernel allows it, else None
+    (the caller then runs attention as usual). q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D)."""
+    sink, given = getattr(_state, "sink", None), getattr(_state, "given", None)
+    if (sink is None and given is None) or q.shape[2] != k.shape[2]:
+        return None
+    if given is not None:  # the rerun: the forward's choice of kernel holds (grad mode may change SDPA's)
+        _state.given = None  # one attention's
+        B, H, T, D = q.shape
+        if given.out_bthd.shape != (B, T, H, D):
+            raise RuntimeError(f"attention_handoff: the kept output {tuple(given.out_bthd.shape)} does not "
+                               f"fit this attention's (B, T, H, D) = {(B, T, H, D)}")
+        return KeptAttentionFunction.apply(q, k, v, given)
+    backend = _backend(q, k)
+    if backend is None:
+        return None
+    with torch.no_grad():
+        out, kept = _forward(q, k, v, backend)
+    sink.append(kept)
+    return out
+
+
+def _forward(q, k, v, backend: str) -> tuple[torch.Tensor, KeptAttention]:
+    if backend == "cudnn":
+        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, True, False)
+        # cuDNN writes O in (B, T, H, D) memory order: the transpose is that buffer, contiguous
+        return out, KeptAttention(out.transpose(1, 2), lse, backend, (seed, offset))
+    out, lse = attention_reference_forward(q, k, v)
+    return out, KeptAttention(out.transpose(1, 2), lse, backend)
+
+
+class KeptAttentionFunction(torch.autograd.Function):
+    """O = causal_attention(q, k, v), where O and lse are given (kept from the forward): nothing is computed
+    here; the backward runs the kernel's backward from q, k, v, O and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kept: KeptAttention):
+        out = kept.out_bthd.transpose(1, 2)  # (B, H, T, D)
+        ctx.save_for_backward(q, k, v, out, kept.lse)
+        ctx.backend, ctx.extra = kept.backend, kept.extra
+        return out.detach()  # an alias, not the input object: autograd gives it this node as grad_fn
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        if ctx.backend == "cudnn":
+            seed, offset = ctx.extra
+            T = q.shape[2]
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                d_out, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
+        else:
+            dq, dk, dv = attention_reference_backward(d_out, q, k, v, out, lse)
+        return dq, dk, dv, None
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """s q k^T in fp32 with the causal mask, k repeated over the query heads that share it: (B, H, T, T)."""
+    n_rep = q.shape[1] // k.shape[1]
+    kr = k.float().repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
+    s = q.float() @ kr.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    T = q.shape[2]
+    above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return s.masked_fill(above, float("-inf"))
+
+
+def attention_reference_forward(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward math of the module docstring in fp32: (O in q's dtype, lse (B, H, T, 1) fp32)."""
+    n_rep = q.shape[1] // k.shape[1]
+    s = _scores(q, k)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    out = torch.exp(s - lse) @ v.float().repeat_interleave(n_rep, dim=1)
+    return out.to(q.dtype), lse
+
+
+def attention_reference_backward(d_out, q, k, v, out, lse) -> tuple[torch.Tensor, ...]:
+    """dq, dk, dv from the kept O and lse (the module docstring's backward math), in the inputs' dtypes."""
+    B, Hk, T, D = k.shape
+    n_rep = q.shape[1] // Hk
+    p = torch.exp(_scores(q, k) - lse)  # (B, H, T, T)
+    do = d_out.float()
+    dv = (p.transpose(-1, -2) @ do).view(B, Hk, n_rep, T, D).sum(2)
+    dp = do @ v.float().repeat_interleave(n_rep, dim=1).transpose(-1, -2)
+    delta = (do * out.float()).sum(-1, keepdim=True)  # (B, H, T, 1)
+    ds = p * (dp - delta) / math.sqrt(D)
+    dq = ds @ k.float().repeat_interleave(n_rep, dim=1)
+    dk = (ds.transpose(-1, -2) @ q.float()).view(B, Hk, n_rep, T, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

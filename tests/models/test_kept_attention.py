@@ -1,0 +1,183 @@
+"""Kept attention: the backward from a kept O and log-sum-exp equals SDPA's, and a recomputed layer that keeps
+them never reruns the attention forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_cases import make_fused_lora_model
+
+from fasttune.models import kept_attention
+from fasttune.models.kept_attention import (
+    KeptAttentionFunction,
+    attention_handoff,
+    attention_reference_backward,
+    attention_reference_forward,
+)
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _qkv(B, H, Hk, T, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device).manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g, device=device, dtype=dtype) for h in (H, Hk, Hk)]
+
+
+def _sdpa_grads(q, k, v, d_out):
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    out.backward(d_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("B,H,Hk,T,D", [(2, 4, 2, 7, 16), (1, 3, 3, 1, 8), (1, 6, 1, 13, 24)])
+def test_reference_forward_and_backward_match_sdpa(B, H, Hk, T, D):
+    q, k, v = _qkv(B, H, Hk, T, D)
+    d_out = torch.randn(B, H, T, D)
+    ref_out, dq_ref, dk_ref, dv_ref = _sdpa_grads(q, k, v, d_out)
+    out, lse = attention_reference_forward(q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    kr = k.repeat_interleave(H // Hk, dim=1)
+    scores = (q @ kr.transpose(-1, -2) / D**0.5).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1, keepdim=True), atol=1e-5, rtol=1e-5)
+    dq, dk, dv = attention_reference_backward(d_out, q, k, v, out, lse)
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_kept_function_computes_nothing_forward_and_its_backward_is_sdpas():
+    q, k, v = _qkv(2, 4, 2, 9, 16, seed=1)
+    d_out = torch.randn(2, 4, 9, 16)
+    sink: list = []
+    with attention_handoff(sink=sink, reference=True):
+        out = kept_attention.handoff_attention(q, k, v)
+    (kept,) = sink
+    assert kept.out_bthd.shape == (2, 9, 4, 16) and kept.lse.shape == (2, 4, 9, 1)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    with attention_handoff(given=kept, reference=True):
+        again = kept_attention.handoff_attention(qg, kg, vg)
+        assert kept_attention.handoff_attention(qg, kg, vg) is None  # one attention's: consumed
+    assert again.data_ptr() == out.data_ptr()  # the kept buffer itself, not a new product
+    again.backward(d_out)
+    _, dq, dk, dv = _sdpa_grads(q, k, v, d_out)
+    for got, want in ((qg.grad, dq), (kg.grad, dk), (vg.grad, dv)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_no_handoff_off_cuda_unless_the_reference_is_allowed():
+    q, k, v = _qkv(1, 2, 2, 5, 8)
+    assert kept_attention.handoff_attention(q, k, v) is None  # no hand-off active
+    sink: list = []
+    with attention_handoff(sink=sink):
+        assert kept_attention.handoff_attention(q, k, v) is None
+    assert sink == []
+    wrong = kept_attention.KeptAttention(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 4, 1), "reference")
+    with attention_handoff(given=wrong), pytest.raises(RuntimeError, match="kept output"):
+        kept_attention.handoff_attention(q, k, v)  # a kept output of another shape (T=4, not 5)
+
+
+def _plain_rows(seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (2, 11), generator=g)
+    tgt = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    return ids, tgt
+
+
+def _loss_and_grads(model, ids, tgt):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, targets=tgt)
+    (out.loss_sum / out.n_tokens).backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
+def test_recomputed_layers_keep_attention_and_never_rerun_it(monkeypatch, mode, keep):
+    """Offloading modes with kept attention: one attention forward per layer (none in the reruns), and the
+    loss and adapter gradients of no checkpointing."""
+    model = make_fused_lora_model(model_type="qwen3", qk_norm=True)  # GQA 4:2, q/k norms on the rerun path
+    ids, tgt = _plain_rows()
+    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt)
+
+    forwards, sdpa = [], []
+    inner_ref, inner_sdpa = kept_attention.attention_reference_forward, F.scaled_dot_product_attention
+    monkeypatch.setattr(kept_attention, "attention_reference_forward",
+                        lambda *a: (forwards.append(1), inner_ref(*a))[1])
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: (sdpa.append(1), inner_sdpa(*a, **k))[1])
+    model.set_gradient_checkpointing(mode, keep_layers=keep, keep_attention="reference")
+    loss, grads = _loss_and_grads(model, ids, tgt)
+    assert len(forwards) == 3 - keep  # the recomputed layers' forwards, through the hand-off
+    assert len(sdpa) == keep  # the kept layers run SDPA once; no rerun runs attention
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    forwards.clear(), sdpa.clear()
+    model.set_gradient_checkpointing(mode, keep_layers=keep)  # 'auto' off CUDA: attention is rerun
+    _loss_and_grads(model, ids, tgt)
+    assert forwards == [] and len(sdpa) == 3 + (3 - keep)
+
+
+def test_keep_attention_rejects_unknown_values():
+    model = make_fused_lora_model(layers=1)
+    with pytest.raises(ValueError, match="keep_attention"):
+        model.set_gradient_checkpointing("offload", keep_attention="yes")
+
+
+def test_host_check_counts_the_kept_output(monkeypatch):
+    from fasttune.models import activations
+
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 1000)  # 40% = 400 bytes of pinned room
+    assert activations.halves_fit_host(layers=2, layer_input_bytes=90)  # 2 x 2 x 90 = 360
+    assert not activations.halves_fit_host(layers=2, layer_input_bytes=90, kept_attention=True)  # 540
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("H,Hk,T", [(8, 2, 1024), (4, 4, 333)])
+def test_cudnn_kept_backward_matches_sdpa_on_cuda(H, Hk, T):
+    q, k, v = _qkv(2, H, Hk, T, 128, dtype=torch.bfloat16, device="cuda", seed=2)
+    if kept_attention._backend(q, k) != "cudnn":
+        pytest.skip("SDPA does not pick cuDNN for these tensors here")
+    d_out = torch.randn_like(q)
+    sink: list = []
+    with attention_handoff(sink=sink):
+        out = kept_attention.handoff_attention(q, k, v)
+    ref_out, dq, dk, dv = _sdpa_grads(q, k, v, d_out)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)  # the same kernel
+    host = [t.cpu() for t in sink[0].tensors()]  # the round trip the offloader makes
+    kept = kept_attention.KeptAttention(*(t.cuda() for t in host), "cudnn", sink[0].extra)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    KeptAttentionFunction.apply(qg, kg, vg, kept).backward(d_out.transpose(1, 2).contiguous()
+                                                                    .transpose(1, 2))
+    for got, want in ((qg.grad, dq), (kg.grad, dk), (vg.grad, dv)):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_kept_attention_matches_rerun_on_cuda():
+    """bf16 autocast, GQA, head_dim 128: the same loss, and adapter gradients within bf16 noise of the run
+    that reruns attention (cuDNN's backward may order its sums differently from its first call)."""
+    model = make_fused_lora_model(layers=4, r=8, b_std=0.05, hidden_size=512, intermediate_size=688,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                  max_position_embeddings=1024).cuda()
+    x = torch.randint(0, 97, (2, 1024), device="cuda")
+    q = torch.empty(2, 4, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    if kept_attention._backend(q, q[:, :2]) != "cudnn":
+        pytest.skip("SDPA does not pick cuDNN here")
+    results = {}
+    for keep in ("off", "auto"):
+        model.set_gradient_checkpointing("offload", keep_attention=keep)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, targets=x)
+        (out.loss_sum / out.n_tokens).backward()
+        results[keep] = (out.loss_sum.item(),
+                         {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    (ref_loss, ref_grads), (loss, grads) = results["off"], results["auto"]
+    assert loss == ref_loss
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=2e-2, msg=name)
