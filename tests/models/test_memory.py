@@ -75,6 +75,17 @@ def test_gate_up_on_host_adds_one_layers_gate_up_when_the_host_has_room(monkeypa
     assert activations.spread(5, 5) == set(range(5)) and activations.spread(7, 0) == set()
 
 
+def test_kept_attention_adds_two_layer_inputs_with_recompute_in_halves():
+    """The layer in its backward and the one copied back each also hold their attention output (x-sized)."""
+    c = make_config(**SHAPES["llama-3.1-8b"])
+    x_bytes = 8 * 2048 * c.hidden_size * 2
+    kw = dict(batch=8, seq=2048, checkpointing="offload")
+    base = estimate_memory(c, halves=True, **kw).total
+    assert estimate_memory(c, halves=True, kept_attention=True, **kw).total - base == 2 * x_bytes
+    assert estimate_memory(c, halves=False, kept_attention=True, **kw).total == \
+        estimate_memory(c, halves=False, **kw).total  # whole-layer checkpoints keep no attention output
+
+
 def test_plan_keep_layers_is_monotone_and_bounded():
     c = make_config(**SHAPES["llama-3.1-8b"])
     kw = dict(batch=2, seq=2048)

@@ -151,8 +151,11 @@ def estimate_memory(
     else:
         raise ValueError(f"memory estimate: checkpointing {checkpointing!r}")
     offloaded = checkpointing in ("offload", "selective")
-    # Offloaded: the layer in its backward and the one being copied back, each with x and x_mid (and O).
-    per_layer = 3 if kept_attention else 2
+    if halves is None:
+        halves = use_kernels and halves_fit_host(recomputed, x_bytes)
+    # Offloaded: the layer in its backward and the one being copied back, each with x and x_mid (and O, kept
+    # only by recompute in halves).
+    per_layer = 3 if kept_attention and halves else 2
     inputs = 2 * per_layer * x_bytes if offloaded and recomputed else recomputed * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
@@ -160,8 +163,6 @@ def estimate_memory(
 
     vocab_chunk = min(N, max(1, loss_chunk_elems // c.vocab_size)) * c.vocab_size * act_bytes
     layer_backward = saved + N * (c.intermediate_size + 4 * H) * act_bytes
-    if halves is None:
-        halves = use_kernels and halves_fit_host(recomputed, x_bytes)
     if offloaded and halves:  # recompute in halves: the MLP half is the larger one
         # x_mid and its norm, gate and up, the h / dh buffer, three (N, H) gradients, the rank-r products
         layer_backward = N * (5 * H + 3 * c.intermediate_size + 3 * r) * act_bytes
