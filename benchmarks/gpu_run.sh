@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, ktest, katest, kattn, kattn32, shapes, micro, loss, fast, gu, gulong, peers, hfbf16,
+# (comma-separated: tests, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
@@ -38,7 +39,7 @@ if has tests || has mtest; then
 fi
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
-has loss && step loss-curve 120 python3 benchmarks/loss_curve.py --out bench_logs/loss_curves.json
+has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json
 if has fast; then
   step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \
     --variants offload offload+plain on offload+ref budget:19.6 budget:43
@@ -77,14 +78,13 @@ has kattn32 && step kattn-32k 330 $B --stacks fasttune unsloth --modes qlora --b
   --steps 2 --variants offload offload+noattn
 has kattn && step kattn-bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 \
   --variants offload offload+noattn
-if has shapes; then  # other families and an odd length, beside Unsloth (one model directory each, written here)
-  step qwen-bf16 270 $B --shape qwen2.5-7b --model-dir /tmp/bench-model-qwen --stacks fasttune unsloth \
-    --modes bf16 --batches 8
-  step mistral-qlora 240 $B --shape mistral-7b --model-dir /tmp/bench-model-mistral --stacks fasttune unsloth \
-    --modes qlora --batches 8
-  step l32-odd 200 $B --shape llama-3.2-3b --model-dir /tmp/bench-model-l32 --stacks fasttune unsloth \
-    --modes bf16 --batches 4 --seqs 3001
-fi
+# Other families and an odd length, beside Unsloth (one model directory each, written by its step); shapes = all
+(has shapes || has qwen) && step qwen-bf16 270 $B --shape qwen2.5-7b --model-dir /tmp/bench-model-qwen \
+  --stacks fasttune unsloth --modes bf16 --batches 8
+(has shapes || has mistral) && step mistral-qlora 240 $B --shape mistral-7b --model-dir /tmp/bench-model-mistral \
+  --stacks fasttune unsloth --modes qlora --batches 8
+(has shapes || has l32odd) && step l32-odd 200 $B --shape llama-3.2-3b --model-dir /tmp/bench-model-l32 \
+  --stacks fasttune unsloth --modes bf16 --batches 4 --seqs 3001
 has hfbf16 && step hf-bf16 200 $B --stacks fasttune hf --modes bf16 --batches 8 --variants offload
 has peers2 && step peers2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 --variants offload
 has liger-qlora && step liger-qlora 180 $B --stacks liger --modes qlora --batches 8

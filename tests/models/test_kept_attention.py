@@ -47,7 +47,7 @@ def test_reference_forward_and_backward_match_sdpa(B, H, Hk, T, D):
 
 
 def test_kept_function_computes_nothing_forward_and_its_backward_is_sdpas():
-    q, k, v = _qkv(2, 4, 2, 9, 16, seed=1)
+    q, k, v = (_bthd(t) for t in _qkv(2, 4, 2, 9, 16, seed=1))  # laid out as the model's
     d_out = torch.randn(2, 4, 9, 16)
     sink: list = []
     with attention_handoff(sink=sink, reference=True):
@@ -134,26 +134,50 @@ def test_host_check_counts_the_kept_output(monkeypatch):
     assert not activations.halves_fit_host(layers=2, layer_input_bytes=90, kept_attention=True)  # 540
 
 
+def _bthd(t: torch.Tensor) -> torch.Tensor:
+    """The same values laid out as (B, T, H, D) in memory, as the model's q/k/v and gradients are."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_only_token_major_inputs_are_kept():
+    """q, k, v laid out (B, T, H, D) in memory, as the model makes them, go through the hand-off; (B, H, T, D)-
+    contiguous ones take the usual path (the cuDNN backward from a kept O was wrong for them on the H100)."""
+    q, k, v = _qkv(2, 4, 2, 6, 8)
+    sink: list = []
+    with attention_handoff(sink=sink, reference=True):
+        assert kept_attention.handoff_attention(q, k, v) is None
+        assert sink == []
+        assert kept_attention.handoff_attention(_bthd(q), _bthd(k), _bthd(v)) is not None
+    assert len(sink) == 1
+
+
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("H,Hk,T", [(8, 2, 1024), (4, 4, 333)])
-def test_cudnn_kept_backward_matches_sdpa_on_cuda(H, Hk, T):
-    q, k, v = _qkv(2, H, Hk, T, 128, dtype=torch.bfloat16, device="cuda", seed=2)
+@pytest.mark.parametrize("d_layout", ["bthd", "bhtd"])
+def test_cudnn_kept_backward_matches_sdpa_on_cuda(H, Hk, T, d_layout):
+    """The kept O and lse, through the offloader's round trip (a contiguous host copy), give SDPA's gradients,
+    for q/k/v in the model's memory layout and dO in that layout or another."""
+    q, k, v = (_bthd(t) for t in _qkv(2, H, Hk, T, 128, dtype=torch.bfloat16, device="cuda", seed=2))
+    d_out = torch.randn_like(q)
+    d_out = _bthd(d_out) if d_layout == "bthd" else d_out.contiguous()
     if kept_attention._backend(q, k) != "cudnn":
         pytest.skip("SDPA does not pick cuDNN for these tensors here")
-    d_out = torch.randn_like(q)
     sink: list = []
     with attention_handoff(sink=sink):
         out = kept_attention.handoff_attention(q, k, v)
     ref_out, dq, dk, dv = _sdpa_grads(q, k, v, d_out)
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)  # the same kernel
-    host = [t.cpu() for t in sink[0].tensors()]  # the round trip the offloader makes
+    host = [torch.empty(t.shape, dtype=t.dtype).copy_(t) for t in sink[0].tensors()]  # as the offloader
     kept = kept_attention.KeptAttention(*(t.cuda() for t in host), "cudnn", sink[0].extra)
-    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-    KeptAttentionFunction.apply(qg, kg, vg, kept).backward(d_out.transpose(1, 2).contiguous()
-                                                                    .transpose(1, 2))
-    for got, want in ((qg.grad, dq), (kg.grad, dk), (vg.grad, dv)):
-        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    KeptAttentionFunction.apply(qg, kg, vg, kept).backward(d_out)
+    for name, got, want in (("dq", qg.grad, dq), ("dk", kg.grad, dk), ("dv", vg.grad, dv)):
+        assert _rel_err(got, want) < 1e-2, (name, _rel_err(got, want))
 
 
 @pytest.mark.gpu
@@ -179,5 +203,6 @@ def test_kept_attention_matches_rerun_on_cuda():
                          {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     (ref_loss, ref_grads), (loss, grads) = results["off"], results["auto"]
     assert loss == ref_loss
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=2e-2, msg=name)
+    for name in grads:  # relative to each gradient's own size: a wrong attention backward is O(1) off
+        assert ref_grads[name].norm() > 0, name
+        assert _rel_err(grads[name], ref_grads[name]) < 2e-2, (name, _rel_err(grads[name], ref_grads[name]))

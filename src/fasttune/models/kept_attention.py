@@ -13,8 +13,10 @@ For q (B, H, T, D), k, v (B, Hk, T, D), H = Hk * n_rep, scale s = 1 / sqrt(D), c
                dS = P * (dP - delta), dQ = s dS k, dK = s dS^T q   (dK, dV summed over the n_rep heads
                that share one kv head)
 On CUDA both run as the cuDNN flash kernels SDPA itself picks (`_scaled_dot_product_cudnn_attention` and its
-backward), used only where SDPA's own choice for these tensors is cuDNN; elsewhere the hand-off stays off and
-the rerun runs attention as before, except where `reference` is allowed (tests): the math above in fp32.
+backward), used only where SDPA's own choice for these tensors is cuDNN and q, k, v are laid out token-major
+as our model makes them (from (B, H, T, D)-contiguous inputs the kernel's backward from a kept O gave wrong
+dq on the H100: such inputs take the usual path); elsewhere the hand-off stays off and the rerun runs
+attention as before, except where `reference` is allowed (tests): the math above in fp32.
 Exact: the backward reads the forward's own O and lse, as SDPA's backward does.
 """
 
@@ -61,6 +63,13 @@ def attention_handoff(sink: list | None = None, given: KeptAttention | None = No
         _state.sink, _state.given, _state.reference = before
 
 
+def _token_major(t: torch.Tensor) -> bool:
+    """(B, H, T, D) laid out as (B, T, H, D) in memory (rows of a token's heads side by side), as our model's
+    q, k, v are: the layout the cuDNN backward was verified on. Others take the usual path."""
+    B, H, T, D = t.shape
+    return t.stride(-1) == 1 and t.stride(1) == D and t.stride(2) >= H * D
+
+
 def _backend(q: torch.Tensor, k: torch.Tensor) -> str | None:
     """'cudnn' where SDPA would pick cuDNN for these tensors, 'reference' where allowed, else None."""
     if q.is_cuda:
@@ -82,6 +91,8 @@ def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
             raise RuntimeError(f"attention_handoff: the kept output {tuple(given.out_bthd.shape)} does not "
                                f"fit this attention's (B, T, H, D) = {(B, T, H, D)}")
         return KeptAttentionFunction.apply(q, k, v, given)
+    if not all(_token_major(t) for t in (q, k, v)):
+        return None
     backend = _backend(q, k)
     if backend is None:
         return None
@@ -118,6 +129,9 @@ class KeptAttentionFunction(torch.autograd.Function):
         if ctx.backend == "cudnn":
             seed, offset = ctx.extra
             T = q.shape[2]
+            if d_out.stride() != out.stride():  # the kernel reads dO with O's strides
+                d_out = torch.empty_strided(out.shape, out.stride(), dtype=d_out.dtype,
+                                            device=d_out.device).copy_(d_out)
             dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
                 d_out, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
         else:
