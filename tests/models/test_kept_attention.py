@@ -145,7 +145,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def test_only_token_major_inputs_are_kept():
     """q, k, v laid out (B, T, H, D) in memory, as the model makes them, go through the hand-off; (B, H, T, D)-
-    contiguous ones take the usual path (the cuDNN backward from a kept O was wrong for them on the H100)."""
+    contiguous ones take the usual path (the kept cuDNN backward is verified on the model's layout only)."""
     q, k, v = _qkv(2, 4, 2, 6, 8)
     sink: list = []
     with attention_handoff(sink=sink, reference=True):

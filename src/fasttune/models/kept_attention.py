@@ -14,9 +14,10 @@ For q (B, H, T, D), k, v (B, Hk, T, D), H = Hk * n_rep, scale s = 1 / sqrt(D), c
                that share one kv head)
 On CUDA both run as the cuDNN flash kernels SDPA itself picks (`_scaled_dot_product_cudnn_attention` and its
 backward), used only where SDPA's own choice for these tensors is cuDNN and q, k, v are laid out token-major
-as our model makes them (from (B, H, T, D)-contiguous inputs the kernel's backward from a kept O gave wrong
-dq on the H100: such inputs take the usual path); elsewhere the hand-off stays off and the rerun runs
-attention as before, except where `reference` is allowed (tests): the math above in fp32.
+as our model makes them (the layout verified against the fp32 math on the H100; others take the usual path),
+and dO is handed to the kernel with O's strides (on the H100, torch 2.11's own SDPA backward returned wrong
+gradients, ~140% off, when they differed); elsewhere the hand-off stays off and the rerun runs attention as
+before, except where `reference` is allowed (tests): the math above in fp32.
 Exact: the backward reads the forward's own O and lse, as SDPA's backward does.
 """
 
@@ -64,8 +65,8 @@ def attention_handoff(sink: list | None = None, given: KeptAttention | None = No
 
 
 def _token_major(t: torch.Tensor) -> bool:
-    """(B, H, T, D) laid out as (B, T, H, D) in memory (rows of a token's heads side by side), as our model's
-    q, k, v are: the layout the cuDNN backward was verified on. Others take the usual path."""
+    """(B, H, T, D) laid out as (B, T, H, D) in memory (a token's heads side by side), as our model's q, k, v
+    are: the layout the kept cuDNN backward was verified on. Others take the usual path."""
     B, H, T, D = t.shape
     return t.stride(-1) == 1 and t.stride(1) == D and t.stride(2) >= H * D
 
