@@ -78,3 +78,13 @@ def make_fused_lora_model(layers: int = 3, r: int = 4, b_std: float = 0.1, **ove
                 p.normal_(0.0, b_std)
     model.set_use_kernels(True)
     return model
+
+
+def loss_and_grads(model: LlamaForCausalLM, ids, targets, position_ids=None, autocast: bool = False):
+    """One training step's mean token loss (detached) and the gradients of every trainable parameter, from
+    zeroed gradients; `autocast`: under bf16 autocast on CUDA."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, position_ids=position_ids, targets=targets)
+    (out.loss_sum / out.n_tokens).backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

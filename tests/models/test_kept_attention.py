@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_cases import make_fused_lora_model
+from model_cases import loss_and_grads, make_fused_lora_model
 
 from fasttune.models import kept_attention
 from fasttune.models.kept_attention import (
@@ -84,20 +84,13 @@ def _plain_rows(seed: int = 5):
     return ids, tgt
 
 
-def _loss_and_grads(model, ids, tgt):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, targets=tgt)
-    (out.loss_sum / out.n_tokens).backward()
-    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recomputed_layers_keep_attention_and_never_rerun_it(monkeypatch, mode, keep):
     """Offloading modes with kept attention: one attention forward per layer (none in the reruns), and the
     loss and adapter gradients of no checkpointing."""
     model = make_fused_lora_model(model_type="qwen3", qk_norm=True)  # GQA 4:2, q/k norms on the rerun path
     ids, tgt = _plain_rows()
-    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt)
 
     forwards, sdpa = [], []
     inner_ref, inner_sdpa = kept_attention.attention_reference_forward, F.scaled_dot_product_attention
@@ -106,7 +99,7 @@ def test_recomputed_layers_keep_attention_and_never_rerun_it(monkeypatch, mode, 
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda *a, **k: (sdpa.append(1), inner_sdpa(*a, **k))[1])
     model.set_gradient_checkpointing(mode, keep_layers=keep, keep_attention="reference")
-    loss, grads = _loss_and_grads(model, ids, tgt)
+    loss, grads = loss_and_grads(model, ids, tgt)
     assert len(forwards) == 3 - keep  # the recomputed layers' forwards, through the hand-off
     assert len(sdpa) == keep  # the kept layers run SDPA once; no rerun runs attention
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
@@ -116,7 +109,7 @@ def test_recomputed_layers_keep_attention_and_never_rerun_it(monkeypatch, mode, 
 
     forwards.clear(), sdpa.clear()
     model.set_gradient_checkpointing(mode, keep_layers=keep)  # 'auto' off CUDA: attention is rerun
-    _loss_and_grads(model, ids, tgt)
+    loss_and_grads(model, ids, tgt)
     assert forwards == [] and len(sdpa) == 3 + (3 - keep)
 
 
@@ -144,8 +137,9 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_only_token_major_inputs_are_kept():
-    """q, k, v laid out (B, T, H, D) in memory, as the model makes them, go through the hand-off; (B, H, T, D)-
-    contiguous ones take the usual path (the kept cuDNN backward is verified on the model's layout only)."""
+    """q, k, v laid out (B, T, H, D) in memory, as the model makes them, go through the hand-off;
+    (B, H, T, D)-contiguous ones take the usual path (the kept cuDNN backward is verified on the model's
+    layout only)."""
     q, k, v = _qkv(2, 4, 2, 6, 8)
     sink: list = []
     with attention_handoff(sink=sink, reference=True):
@@ -199,12 +193,7 @@ def test_kept_attention_matches_rerun_on_cuda():
     results = {}
     for keep in ("off", "auto"):
         model.set_gradient_checkpointing("offload", keep_attention=keep)
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x, targets=x)
-        (out.loss_sum / out.n_tokens).backward()
-        results[keep] = (out.loss_sum.item(),
-                         {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        results[keep] = loss_and_grads(model, x, x, autocast=True)
     (ref_loss, ref_grads), (loss, grads) = results["off"], results["auto"]
     assert loss == ref_loss
     for name in grads:  # relative to each gradient's own size: a wrong attention backward is O(1) off

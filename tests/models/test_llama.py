@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 import transformers
-from model_cases import make_fused_lora_model
+from model_cases import loss_and_grads, make_fused_lora_model
 
 from fasttune.models.base import IGNORE_INDEX
 from fasttune.models.hf import hf_config_from_llama
@@ -179,13 +179,6 @@ def test_packed_batch_differs_from_unmasked_attention(tiny_model):
     assert not torch.allclose(packed, plain, atol=1e-3)
 
 
-def _loss_and_grads(model: LlamaForCausalLM, x, targets, pos):
-    model.zero_grad(set_to_none=True)
-    out = model(x, position_ids=pos, targets=targets)
-    (out.loss_sum / out.n_tokens).backward()
-    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("mode", ["on", "offload"])
 @pytest.mark.parametrize("frozen_base", [False, True])
 def test_gradient_checkpointing_matches_off(tiny_model, mode, frozen_base):
@@ -194,12 +187,12 @@ def test_gradient_checkpointing_matches_off(tiny_model, mode, frozen_base):
         for n, p in model.named_parameters():
             p.requires_grad_("q_proj" in n or "down_proj" in n)
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
-    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
 
     calls = []
     hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
     model.set_gradient_checkpointing(mode)
-    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    loss, grads = loss_and_grads(model, ids, tgt, pos)
     hook.remove()
     assert len(calls) == 2, "the layer was not recomputed in the backward"
     torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
@@ -230,12 +223,12 @@ def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model
 def test_selective_recomputes_only_the_leading_layers(tiny_model, keep):
     model = tiny_model(num_hidden_layers=3).train()
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
-    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
     calls = [0, 0, 0]
     hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(model.model.layers)]
     model.set_gradient_checkpointing("selective", keep_layers=keep)
-    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    loss, grads = loss_and_grads(model, ids, tgt, pos)
     for h in hooks:
         h.remove()
     kept = min(keep, 3)
@@ -257,13 +250,13 @@ def test_fused_lora_path_matches_unfused(tiny_model, monkeypatch):
             if "lora_B" in n:
                 p.normal_(0.0, 0.1)
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
-    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
     calls = []
     qkv, mlp = llama_mod.lora_qkv, llama_mod.lora_mlp
     monkeypatch.setattr(llama_mod, "lora_qkv", lambda *a: (calls.append("qkv"), qkv(*a))[1])
     monkeypatch.setattr(llama_mod, "lora_mlp", lambda *a: (calls.append("mlp"), mlp(*a))[1])
     model.set_use_kernels(True)
-    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    loss, grads = loss_and_grads(model, ids, tgt, pos)
     assert calls.count("qkv") == calls.count("mlp") == model.config.num_hidden_layers
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ref_grads.keys()
@@ -280,14 +273,14 @@ def test_recompute_in_halves_matches_off_and_skips_output_products(tiny_model, m
     model = make_fused_lora_model()
     assert all(layer.recompute_in_halves() for layer in model.model.layers)
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
-    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
 
     products = []
     inner = lora_kernels._forward
     monkeypatch.setattr(lora_kernels, "_forward",
                         lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
     model.set_gradient_checkpointing(mode, keep_layers=keep)
-    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    loss, grads = loss_and_grads(model, ids, tgt, pos)
     down = (64, 96)  # (hidden, intermediate): the down projection's weight
     assert products.count(down) == 3  # once per layer: never rerun
     assert products.count((64, 64)) == 3 * 2 + 3 - keep  # q, o forward; q rerun in recomputed layers
@@ -306,14 +299,14 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
     model = make_fused_lora_model()
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
     model.set_gradient_checkpointing("offload")
-    ref_loss, ref_grads = _loss_and_grads(model, ids, tgt, pos)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
 
     products = []
     inner = lora_kernels._forward
     monkeypatch.setattr(lora_kernels, "_forward",
                         lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
     model.set_gradient_checkpointing("offload", host_gate_up=share)
-    loss, grads = _loss_and_grads(model, ids, tgt, pos)
+    loss, grads = loss_and_grads(model, ids, tgt, pos)
     gate_or_up = (96, 64)  # (intermediate, hidden)
     assert products.count(gate_or_up) == 2 * 3 + 2 * (3 - kept)  # forward, and rerun where not kept
     torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
@@ -407,17 +400,12 @@ def test_gate_up_on_host_matches_recompute_on_cuda(tiny_model):
     """The side-stream copies of kept gate/up (forward to the host, back one layer ahead) deliver the
     tensors the recompute would have made: same loss and adapter gradients in bf16 autocast."""
     model = make_fused_lora_model(layers=6, r=8, b_std=0.05, hidden_size=256, intermediate_size=688,
-                              max_position_embeddings=1024).cuda()
+                                  max_position_embeddings=1024).cuda()
     x = torch.randint(0, 97, (2, 1024), device="cuda")
     results = {}
     for share in (0.0, 0.5, 1.0):
         model.set_gradient_checkpointing("offload", host_gate_up=share)
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x, targets=x)
-        (out.loss_sum / out.n_tokens).backward()
-        results[share] = (out.loss_sum.item(),
-                          {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        results[share] = loss_and_grads(model, x, x, autocast=True)
     ref_loss, ref_grads = results[0.0]
     for share in (0.5, 1.0):
         loss, grads = results[share]
