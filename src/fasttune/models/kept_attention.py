@@ -4,7 +4,8 @@ A layer rerun for its backward (`activations.LayerRecompute`) needs the attentio
 kernel's backward reads only q, k, v, the output O and the row statistics of the softmax, never the forward
 itself. With the hand-off (`attention_handoff`) the first forward appends what the backward will read to
 `sink`; the rerun hands it back through `given`, recomputes q, k, v (cheap: their products) and returns the
-kept O without running attention again. At 32,768 tokens the attention forward is ~40% of a layer's forward.
+kept O without running attention again. At 32,768 tokens the attention forward is ~40% of a Llama-3.1-8B
+layer's forward.
 
 For q (B, H, T, D), k, v (B, Hk, T, D), H = Hk * n_rep, scale s = 1 / sqrt(D), causal:
     forward:   S = s q k^T (masked above the diagonal), lse = logsumexp_k S   (B, H, T, 1) fp32

@@ -360,10 +360,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"keep_layers={keep_layers}: must be >= 0")
         if not 0.0 <= host_gate_up <= 1.0:
             raise ValueError(f"host_gate_up={host_gate_up}: a share of the layers, in [0, 1]")
-        self.model.gradient_checkpointing = mode
-        self.model.keep_layers = keep_layers if mode == "selective" else 0
         if keep_attention not in KEEP_ATTENTION:
             raise ValueError(f"keep_attention={keep_attention!r}: expected one of {KEEP_ATTENTION}")
+        self.model.gradient_checkpointing = mode
+        self.model.keep_layers = keep_layers if mode == "selective" else 0
         self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
         self.model.keep_attention = keep_attention
 
