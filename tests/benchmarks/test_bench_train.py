@@ -53,6 +53,9 @@ def test_llama_only_stacks_are_skipped_on_gpt2_and_opt():
     for stack in ("unsloth", "liger"):
         (r,) = bt.run_one(stack, "bf16", 8, 2048, args)  # returns before starting any process
         assert r["shape"] == "opt-350m" and "opt" in r["skipped"] and "error" not in r
+    # Liger's patch here is Llama's: other Llama-like families run Unsloth but skip Liger
+    (r,) = bt.run_one("liger", "bf16", 8, 2048, argparse.Namespace(shape="qwen2.5-7b"))
+    assert "qwen2" in r["skipped"] and bt.shape_model_type("llama-3.2-3b") in bt.LIGER_PATCHES
 
 
 def test_real_shapes_have_the_released_sizes():
