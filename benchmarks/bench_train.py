@@ -327,6 +327,26 @@ def build_unsloth(args):
     return model, params, step
 
 
+def gpu_busy_ms(events) -> tuple[float, float]:
+    """(compute, copy) milliseconds during which at least one kernel / one host copy ran on the GPU: the union
+    of the profiled CUDA intervals, so overlapping kernels count once; the step's wall time minus the compute
+    figure is the time the GPU waited (on the host, or on a copy it needed)."""
+    spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for e in events:
+        if getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
+            continue
+        spans["Memcpy" in e.name or "Memset" in e.name].append((e.time_range.start, e.time_range.end))
+    out = []
+    for copy in (False, True):
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(spans[copy]):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        out.append(total / 1e3)  # microseconds -> ms
+    return out[0], out[1]
+
+
 def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False) -> dict:
     """Median step time after `warmup` steps and the peak memory from the first step (optimiser included).
 
@@ -371,7 +391,10 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
                 shapes = by_shape.table(sort_by="device_time_total", row_limit=60)
             except (AttributeError, KeyError, ValueError):
                 shapes = by_shape.table(sort_by="cuda_time_total", row_limit=60)
-            Path(profile).write_text(f"step {dt:.3f} s\n" + table + "\nby input shape:\n" + shapes)
+            busy, copies = gpu_busy_ms(prof.events())
+            head = (f"step {dt:.3f} s; GPU computing {busy:.1f} ms ({busy / dt / 10:.1f}% of the step), "
+                    f"host copies on the GPU {copies:.1f} ms\n")
+            Path(profile).write_text(head + table + "\nby input shape:\n" + shapes)
         losses.append(float(loss))
         if i >= warmup and prof is None:
             times.append(dt)

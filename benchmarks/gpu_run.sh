@@ -37,6 +37,11 @@ fi
 if has tests || has mtest; then
   step pytest-models 120 python3 -m pytest -q -m gpu tests/models tests/lora -p no:cacheprovider
 fi
+if has prof; then  # one profiled fasttune step each (GPU-busy share in the table's head line), after a warm-up
+  step prof-32k 200 $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 --warmup 1 --steps 2 --profile 1 \
+    --variants offload
+  step prof-bf16-8 150 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 --variants offload
+fi
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
 has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json

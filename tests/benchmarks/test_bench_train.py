@@ -99,3 +99,14 @@ def test_generic_model_dir_trains_on_both_stacks(shape, tmp_path, tokenizer_dir)
     assert results["fasttune"][1:] == results["hf"][1:]  # the same LoRA targets on both
     with pytest.raises(SystemExit, match="another model"):  # a directory of another shape is refused
         bt.write_model_dir("tiny-opt" if shape == "tiny-gpt2" else "tiny-gpt2", tmp_path, tokenizer_dir)
+
+
+def test_gpu_busy_counts_overlapping_kernels_once_and_copies_apart():
+    from types import SimpleNamespace as NS
+
+    def ev(name, start, end, device="DeviceType.CUDA"):
+        return NS(name=name, device_type=device, time_range=NS(start=start, end=end))
+
+    events = [ev("gemm", 0, 1000), ev("swiglu", 500, 1500), ev("rope", 3000, 3500),  # union 2000 us
+              ev("Memcpy DtoH (Device -> Pinned)", 0, 4000), ev("aten::mm", 0, 9000, "DeviceType.CPU")]
+    assert bt.gpu_busy_ms(events) == (2.0, 4.0)
