@@ -419,6 +419,10 @@ def worker(args) -> list[dict]:
     base = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "training_mode": model.training,
             "gpu_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
+    if args.stack == "fasttune" and os.environ.get("BENCH_TREE"):  # another source tree on PYTHONPATH
+        import fasttune
+
+        base.update(tree=os.environ["BENCH_TREE"], tree_path=str(Path(fasttune.__file__).parent))
     variants = args.variants if args.stack == "fasttune" else ["peer"]
     rows = []
     for n, variant in enumerate(variants):
@@ -493,7 +497,10 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
 
 
 def _label(r: dict) -> str:
-    return r["stack"] if r["stack"] != "fasttune" else f"fasttune[{r.get('variant', '')}]"
+    """fasttune[variant], with @tree for a row measured on another source tree (env BENCH_TREE)."""
+    if r["stack"] != "fasttune":
+        return r["stack"]
+    return f"fasttune[{r.get('variant', '')}]" + (f"@{r['tree']}" if r.get("tree") else "")
 
 
 STACK_ORDER = {"fasttune": 0, "unsloth": 1, "hf": 2, "liger": 3}

@@ -3,7 +3,7 @@
 # (comma-separated: tests, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
-# maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
+# long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
 set -u
@@ -42,6 +42,21 @@ if has prof; then  # one profiled fasttune step each (GPU-busy share in the tabl
     --variants offload
   step prof-bf16-8 150 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 --variants offload
 fi
+# A/B against another source tree, unpacked by the caller into .bench_assets/base_tree (carried), e.g.
+#   git archive <commit> src | tar -x -C .bench_assets/base_tree; its rows are labelled @$BASE_NAME.
+BASE="env BENCH_TREE=${BASE_NAME:-base} PYTHONPATH=/tmp/site:$PWD/.bench_assets/base_tree/src"
+if has ab8; then
+  step ab8-base 150 $BASE $B --stacks fasttune --modes bf16 --batches 8 --variants offload
+  step ab8-new 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload --profile 1
+fi
+if has ab32; then
+  step ab32-base 160 $BASE $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 --warmup 1 --steps 2 \
+    --variants offload
+  step ab32-new 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 --steps 2 \
+    --variants offload
+fi
+has swltest && step pytest-swiglu-lora 150 python3 -m pytest -q -m gpu tests/kernels/test_swiglu_lora.py \
+  tests/kernels/test_swiglu.py tests/kernels/test_lora.py tests/models/test_llama.py -p no:cacheprovider
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
 has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json
@@ -108,6 +123,10 @@ fi
 if has long128; then
   step long-128k $(left) $B --stacks ${LONG_STACKS:-fasttune unsloth} --modes qlora --batches 1 --seqs 131072 \
     --warmup 1 --steps 1 --shape llama-2-7b --model-dir /tmp/bench-model-l2 --variants offload
+fi
+if has long131; then  # the issue's own shape (Llama-3.1-8B) at 131,072 tokens, one warm-up and one timed step each
+  step long-131k-8b $(left) $B --stacks ${LONG_STACKS:-fasttune unsloth} --modes qlora --batches 1 --seqs 131072 \
+    --warmup 1 --steps 1 --variants offload
 fi
 if has maxlen; then  # 131,072 fitted both stacks before (RESULTS.md), so the search starts above it
   step maxlen $(left) python3 benchmarks/bench_maxlen.py --stacks ${MAXLEN_STACKS:-fasttune unsloth} --mode qlora \

@@ -110,3 +110,9 @@ def test_gpu_busy_counts_overlapping_kernels_once_and_copies_apart():
     events = [ev("gemm", 0, 1000), ev("swiglu", 500, 1500), ev("rope", 3000, 3500),  # union 2000 us
               ev("Memcpy DtoH (Device -> Pinned)", 0, 4000), ev("aten::mm", 0, 9000, "DeviceType.CPU")]
     assert bt.gpu_busy_ms(events) == (2.0, 4.0)
+
+
+def test_rows_of_another_source_tree_are_labelled_apart():
+    assert bt._label(row("fasttune", 1, variant="offload", tree="base")) == "fasttune[offload]@base"
+    assert bt._label(row("fasttune", 1, variant="offload")) == "fasttune[offload]"
+    assert bt._label(row("unsloth", 1)) == "unsloth"

@@ -13,11 +13,14 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
 
 `lora_mlp` is the Llama MLP with LoRA on gate/up/down, one autograd node for the whole block:
     forward:   g = lora_linear(x, gate), u = lora_linear(x, up), h = silu(g) u, y = lora_linear(h, down)
-    saved:     x, g, u and the three (N, r) products; h (N, inter), the largest activation, is NOT saved
-    backward:  h recomputed from g, u; dh from the down backward; dg, du by the SwiGLU backward
+    saved:     x, g0 = x W_g^T (+ b_g), u0 = x W_u^T and the three (N, r) products; h (N, inter), the largest
+               activation, is NOT saved. g0 and u0 lack their adapter terms: the SwiGLU kernels
+               (`swiglu_lora.py`) add xa_g (s_g B_g)^T and xa_u (s_u B_u)^T to each tile they read, so the
+               gate and up products each write their (N, inter) output once and nothing reads it back.
+    backward:  h recomputed from g0, u0; dh from the down backward; dg, du by the SwiGLU backward
                (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
     memory:    dh is written over h once the down adapter's gradient has read h, and dg, du over the saved
-               g, u: three (N, inter) buffers at the backward's peak instead of five. The saved g, u are
+               g0, u0: three (N, inter) buffers at the backward's peak instead of five. The saved g0, u0 are
                consumed, so a second backward through the same graph (retain_graph) is refused.
 
 `lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
@@ -30,12 +33,13 @@ down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips 
 recomputes it anyway and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
 values must not be read; the gradients are exact.
 
-Gate/up hand-off (`gate_up_handoff`, used by the same checkpoint to keep a layer's g and u in host memory
-instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g, u) to the list; with `given`,
-the next `lora_mlp` forward takes (g, u) from there and runs only the rank-r products of gate and up, not
-their base products (two thirds of the MLP's forward FLOPs). Both are exact: g and u are the same tensors.
+Gate/up hand-off (`gate_up_handoff`, used by the same checkpoint to keep a layer's g0 and u0 in host memory
+instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g0, u0) to the list; with
+`given`, the next `lora_mlp` forward takes (g0, u0) from there and runs only the rank-r products of gate and
+up, not their base products (two thirds of the MLP's forward FLOPs). Both are exact: the same tensors.
 
-The matmuls run through torch (cuBLAS); the elementwise SwiGLU of `lora_mlp` runs the Triton kernel on CUDA.
+The matmuls run through torch (cuBLAS); the SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
+Triton kernels of `swiglu_lora.py` on CUDA.
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
 gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
 (e.g. an NF4 dequantisation into a reused buffer, called once in the forward and once in the backward).
@@ -53,7 +57,12 @@ import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import use_triton
 from fasttune.kernels.fp8 import FP8Weight, fp8_input, fp8_product
-from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
+from fasttune.kernels.swiglu_lora import (
+    _grads_reference,
+    _swiglu_lora_bwd,
+    _swiglu_lora_fwd,
+    swiglu_lora_reference,
+)
 
 WeightLike = torch.Tensor | Callable[[], torch.Tensor]
 _state = threading.local()  # the autograd engine runs a backward on its own thread per device
@@ -286,18 +295,24 @@ def lora_linear_reference(
     return F.linear(x, _dense(weight, dt), _cast(bias, dt)) + scaling * lora
 
 
-def _silu_mul(g: torch.Tensor, u: torch.Tensor, triton: bool) -> torch.Tensor:
-    return _swiglu_fwd(g, u) if triton else F.silu(g) * u
+def _base_only(x2, w, bias, x_fp8=None) -> torch.Tensor:
+    """x W^T + bias without the adapter term (`lora_mlp`'s gate and up: the SwiGLU kernels add it)."""
+    if isinstance(w, FP8Weight):
+        y = fp8_product(x2, w, x2.dtype, x_fp8)
+        return y if bias is None else y.add_(bias)
+    return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
 
 
-def _silu_mul_grad(dh, g, u, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) of h = silu(g) u, written over g and u; the torch branch follows the kernel's fp32 formula."""
+def _silu_mul(g0, u0, lora_terms, triton: bool) -> torch.Tensor:
+    """h = silu(g) u for g = g0 + xa_g b_g^T, u = u0 + xa_u b_u^T; lora_terms = (xa_g, b_g, xa_u, b_u)."""
+    return _swiglu_lora_fwd(g0, u0, *lora_terms) if triton else swiglu_lora_reference(g0, u0, *lora_terms)
+
+
+def _silu_mul_grad(dh, g0, u0, lora_terms, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) of h = silu(g) u, written over g0 and u0 (the torch branch: the kernel's fp32 formula)."""
     if triton:
-        return _swiglu_bwd(dh, g, u, inplace=True)
-    gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
-    du = dhf * gf * sig
-    dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
-    return g.copy_(dg), u.copy_(du)
+        return _swiglu_lora_bwd(dh, g0, u0, *lora_terms, inplace=True)
+    return _grads_reference(dh, g0, u0, *lora_terms, inplace=True)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -318,12 +333,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         xag, xau = _down_a(x2, [lora[0][0], lora[1][0]])
         if given is not None:  # kept from the first forward: only the rank-r products the backward reads
             g, u = given
-        else:
+        else:  # without their adapter terms (module docstring): g0, u0
             xq = fp8_input(x2, *(getattr(dq, "fp8", None) for dq in dequants[:2]))  # once, for FP8 bases
-            g, _ = _forward(x2, _base(dense[0], dequants[0], dt), _cast(bg, dt), *lora[0], sg, xa=xag,
-                            x_fp8=xq)  # (N, inter)
-            u, _ = _forward(x2, _base(dense[1], dequants[1], dt), _cast(bu, dt), *lora[1], su, xa=xau,
-                            x_fp8=xq)  # (N, inter)
+            g = _base_only(x2, _base(dense[0], dequants[0], dt), _cast(bg, dt), xq)  # (N, inter)
+            u = _base_only(x2, _base(dense[1], dequants[1], dt), _cast(bu, dt), xq)  # (N, inter)
         sink = getattr(_state, "gate_up_sink", None)
         if sink is not None:
             sink.append((g, u))
@@ -331,7 +344,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             had = None
             y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
         else:
-            h = _silu_mul(g, u, triton)  # (N, inter)
+            h = _silu_mul(g, u, (xag, lora[0][1] * sg, xau, lora[1][1] * su), triton)  # (N, inter)
             y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
             del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
@@ -355,7 +368,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         sg, su, sd = ctx.scalings
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
-        h = _silu_mul(g, u, ctx.triton)  # (N, inter), recomputed
+        terms = (xag, bbg * sg, xau, bbu * su)  # the gate/up adapter terms g0 and u0 lack
+        h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
         if had is None:  # a recompute for this backward skipped it
             had = h @ ad.t()  # (N, r)
         flags = (n[9], n[10], n[11], n[12], False)
@@ -363,7 +377,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         # dh goes into h's buffer: every read of h is above.
         dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
         del h
-        dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
+        dg, du = _silu_mul_grad(dh, g, u, terms, ctx.triton)  # over g0 and u0
         del dh
         dybg, dwg, dbg, dag, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], n[3], n[4], False))
         dybu, dwu, dbu, dau, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], n[7], n[8], False))

@@ -1,0 +1,202 @@
+"""SwiGLU of gate/up outputs whose rank-r LoRA terms are added inside the kernel.
+
+`lora_mlp` keeps the gate and up outputs without their adapter terms: g0 = x W_g^T (+ bias), u0 = x W_u^T,
+each a plain product that writes its output once. The adapter terms are rank r (x A^T is (N, r)), so this
+kernel adds them to a tile on the tensor cores for the price of reading two (N, r) and two (inter, r)
+operands, instead of a separate (N, inter) write per projection that the product then reads back.
+
+Forward, for xa_g = x A_g^T (N, r), b_g = s_g B_g (inter, r) (and the same for up), in fp32, h rounded once:
+    g = g0 + xa_g b_g^T,  u = u0 + xa_u b_u^T
+    h = g * sigma(g) * u
+Backward, for upstream dh, recomputing g and u from the same operands (sigma = sigmoid(g)):
+    du = dh * g * sigma                        (= dL/du0: u0 enters u with weight 1)
+    dg = dh * u * sigma * (1 + g * (1 - sigma))
+    d xa_g = dg b_g,  d b_g = dg^T xa_g        (and the same for up; `lora_mlp` computes these itself)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fasttune.kernels._dispatch import cdiv, jit, next_pow2, tl, to_dtype, use_triton
+
+_BLOCK_N, _BLOCK_I = 64, 128  # rows x intermediate columns per program
+MAX_RANK = 128  # larger ranks add their terms with a separate product (`_corrected`)
+
+
+@jit
+def _lora_tile(xa_ptr, b_ptr, rows, cols, row_ok, col_ok, rank, s_xn, s_xr, s_bi, s_br, BLOCK_R: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """(rows, cols) tile of xa b^T in fp32, for xa (N, r) and b (inter, r).
+
+    The operands go to fp32 first: 16-bit values are exact in tf32, so PRECISION 'tf32' (16-bit inputs)
+    multiplies them exactly on the tensor cores, and 'ieee' (fp32 inputs) keeps fp32 operands whole. (Triton's
+    CPU interpreter also mis-evaluates a dot of bf16 operands; the fp32 one it gets right.)"""
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    xa = tl.load(xa_ptr + rows[:, None] * s_xn + r[None, :] * s_xr, mask=row_ok[:, None] & r_ok[None, :],
+                 other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_R)
+    bt = tl.load(b_ptr + cols[None, :] * s_bi + r[:, None] * s_br, mask=r_ok[:, None] & col_ok[None, :],
+                 other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_I)
+    return tl.dot(xa, bt, input_precision=PRECISION)
+
+
+@jit
+def _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
+                  s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, BLOCK_R: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """The corrected (g, u) tiles in fp32."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    g = tl.load(g_ptr + rows[:, None] * s_gn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows[:, None] * s_un + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g += _lora_tile(xg_ptr, bg_ptr, rows, cols, row_ok, col_ok, rank, s_xgn, s_xgr, s_bgi, s_bgr, BLOCK_R,
+                    PRECISION)
+    u += _lora_tile(xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank, s_xun, s_xur, s_bui, s_bur, BLOCK_R,
+                    PRECISION)
+    return g, u
+
+
+@jit
+def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr, n_rows, n_cols, rank,
+                            s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, s_hn,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok, col_ok = rows < n_rows, cols < n_cols
+    g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
+                         s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, BLOCK_R,
+                         PRECISION)
+    h = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + rows[:, None] * s_hn + cols[None, :], to_dtype(h, h_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@jit
+def _swiglu_lora_bwd_kernel(dh_ptr, g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, dg_ptr, du_ptr,
+                            n_rows, n_cols, rank, s_dhn, s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr,
+                            s_xun, s_xur, s_bui, s_bur, s_dgn, s_dun,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok, col_ok = rows < n_rows, cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
+                         s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, BLOCK_R,
+                         PRECISION)
+    dh = tl.load(dh_ptr + rows[:, None] * s_dhn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    du = dh * g * sig
+    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(du_ptr + rows[:, None] * s_dun + cols[None, :], to_dtype(du, du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + rows[:, None] * s_dgn + cols[None, :], to_dtype(dg, dg_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(g0, u0, xa_g, b_g, xa_u, b_u, dh=None) -> None:
+    ok = g0.dim() == 2 and xa_g.dim() == 2
+    if ok:
+        (n, inter), r = g0.shape, xa_g.shape[1]
+        ok = (u0.shape == g0.shape and xa_g.shape == (n, r) and xa_u.shape == (n, r)
+              and b_g.shape == (inter, r) and b_u.shape == (inter, r)
+              and g0.stride(1) == 1 and u0.stride(1) == 1
+              and (dh is None or (dh.shape == g0.shape and dh.stride(1) == 1)))
+    if not ok:
+        raise ValueError(f"swiglu_lora: gate {tuple(g0.shape)}, up {tuple(u0.shape)}, xa {tuple(xa_g.shape)} "
+                         f"/ {tuple(xa_u.shape)} and b {tuple(b_g.shape)} / {tuple(b_u.shape)} do not fit "
+                         "(N, inter), (N, r), (inter, r) with unit column strides")
+
+
+def _grid(n: int, inter: int) -> tuple[int, int]:
+    return cdiv(n, _BLOCK_N), cdiv(inter, _BLOCK_I)
+
+
+def _blocks(rank: int, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=8)
+
+
+def _lora_strides(xa_g, b_g, xa_u, b_u) -> list[int]:
+    return [*xa_g.stride(), *b_g.stride(), *xa_u.stride(), *b_u.stride()]
+
+
+def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
+    """h (N, inter) from the adapter-free gate/up outputs and their adapter operands (module docstring)."""
+    _check(g0, u0, xa_g, b_g, xa_u, b_u)
+    n, inter = g0.shape
+    rank = xa_g.shape[1]
+    if rank > MAX_RANK:
+        return swiglu_lora_reference(g0, u0, xa_g, b_g, xa_u, b_u)
+    h = torch.empty((n, inter), dtype=g0.dtype, device=g0.device)
+    if h.numel():
+        _swiglu_lora_fwd_kernel[_grid(n, inter)](
+            g0, u0, xa_g, b_g, xa_u, b_u, h, n, inter, rank, g0.stride(0), u0.stride(0),
+            *_lora_strides(xa_g, b_g, xa_u, b_u), h.stride(0),
+            **_blocks(rank, g0.dtype))
+    return h
+
+
+def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False):
+    """(dg, du), the gradients of the corrected g and u (= of g0 and u0); `inplace` writes them over g0, u0
+    (each element is read before it is written, and no other program reads it)."""
+    _check(g0, u0, xa_g, b_g, xa_u, b_u, dh)
+    n, inter = g0.shape
+    rank = xa_g.shape[1]
+    if rank > MAX_RANK:
+        return _grads_reference(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace)
+    dg, du = (g0, u0) if inplace else (torch.empty_like(g0), torch.empty_like(u0))
+    if dg.numel():
+        _swiglu_lora_bwd_kernel[_grid(n, inter)](
+            dh, g0, u0, xa_g, b_g, xa_u, b_u, dg, du, n, inter, rank,
+            dh.stride(0), g0.stride(0), u0.stride(0), *_lora_strides(xa_g, b_g, xa_u, b_u),
+            dg.stride(0), du.stride(0),
+            **_blocks(rank, g0.dtype))
+    return dg, du
+
+
+def _corrected(g0, xa, b) -> torch.Tensor:
+    """g0 + xa b^T in fp32, as the kernel sums it before the activation."""
+    return torch.addmm(g0.float(), xa.float(), b.float().t())
+
+
+def _grads_reference(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool):
+    """The backward formula of the module docstring in torch, fp32 inside; `inplace` writes over g0, u0."""
+    g, u, dhf = _corrected(g0, xa_g, b_g), _corrected(u0, xa_u, b_u), dh.float()
+    sig = torch.sigmoid(g)
+    du = dhf * g * sig
+    dg = dhf * u * sig * (1 + g * (1 - sig))
+    if inplace:
+        return g0.copy_(dg), u0.copy_(du)
+    return dg.to(g0.dtype), du.to(u0.dtype)
+
+
+class SwiGLULoRAFunction(torch.autograd.Function):
+    """h = silu(g0 + xa_g b_g^T) * (u0 + xa_u b_u^T); gradients for all six inputs."""
+
+    @staticmethod
+    def forward(ctx, g0, u0, xa_g, b_g, xa_u, b_u):
+        ctx.save_for_backward(g0, u0, xa_g, b_g, xa_u, b_u)
+        return _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g0, u0, xa_g, b_g, xa_u, b_u = ctx.saved_tensors
+        dg, du = _swiglu_lora_bwd(dh.contiguous(), g0, u0, xa_g, b_g, xa_u, b_u)
+        return dg, du, dg @ b_g, dg.t() @ xa_g, du @ b_u, du.t() @ xa_u
+
+
+def swiglu_lora(g0, u0, xa_g, b_g, xa_u, b_u, force_triton: bool | None = None) -> torch.Tensor:
+    """silu(g0 + xa_g b_g^T) * (u0 + xa_u b_u^T) for g0, u0 (N, inter), xa (N, r), b (inter, r), one dtype.
+
+    Triton on CUDA (ranks up to MAX_RANK), the reference elsewhere.
+    """
+    _check(g0, u0, xa_g, b_g, xa_u, b_u)
+    if use_triton(g0, u0, xa_g, b_g, xa_u, b_u, force=force_triton):
+        return SwiGLULoRAFunction.apply(g0, u0, xa_g, b_g, xa_u, b_u)
+    return swiglu_lora_reference(g0, u0, xa_g, b_g, xa_u, b_u)
+
+
+def swiglu_lora_reference(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
+    g, u = _corrected(g0, xa_g, b_g), _corrected(u0, xa_u, b_u)
+    return (F.silu(g) * u).to(g0.dtype)
