@@ -59,6 +59,7 @@ has swltest && step pytest-swiglu-lora 150 python3 -m pytest -q -m gpu tests/ker
   tests/kernels/test_swiglu.py tests/kernels/test_lora.py tests/models/test_llama.py -p no:cacheprovider
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
+has swmicro && step micro-swiglu 90 python3 benchmarks/micro_gpu.py --only swiglu
 has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json
 if has fast; then
   step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \

@@ -184,16 +184,65 @@ def gemm_shapes(tokens: int) -> None:
           f"{fl / t / 1e9:.0f} TFLOP/s; the copies: {4 * host.numel() / t_copy / 1e6:.1f} GB/s")
 
 
+def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: int = 16) -> None:
+    """lora_mlp's gate/up and SwiGLU both ways: adapter terms written first and accumulated by the products
+    (then plain SwiGLU), or products without them and the terms added in the SwiGLU kernels, at a few tile
+    shapes of the latter."""
+    from fasttune.kernels import swiglu_lora as sl
+    from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
+
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(tokens, hidden, device=dev, dtype=dt)
+    w = torch.randn(inter, hidden, device=dev, dtype=dt) / hidden**0.5
+    xa = torch.randn(tokens, 2 * r, device=dev, dtype=dt)
+    bs = torch.randn(inter, r, device=dev, dtype=dt) / r
+    g, u, dh = (torch.randn(tokens, inter, device=dev, dtype=dt) for _ in range(3))
+
+    def epilogue():
+        y = torch.mm(xa[:, :r], bs.t())
+        return y.addmm_(x, w.t())
+
+    fl = 2 * tokens * hidden * inter
+    t_epi, t_mm = ms(epilogue), ms(lambda: torch.mm(x, w.t()))
+    print(f"gate product with its adapter term first (mm + addmm_): {t_epi:.3f} ms = {fl / t_epi / 1e9:.0f} "
+          f"TFLOP/s; without it (mm): {t_mm:.3f} ms = {fl / t_mm / 1e9:.0f}")
+    t_f, t_b = ms(lambda: _swiglu_fwd(g, u)), ms(lambda: _swiglu_bwd(dh, g, u))
+    print(f"swiglu fwd {t_f * 1e3:.0f} us, bwd {t_b * 1e3:.0f} us (plain)")
+    tile = sl._BLOCK_N, sl._BLOCK_I
+    for bn, bi, warps in ((16, 256, 4), (8, 512, 4), (32, 128, 4), (16, 256, 8), (8, 256, 4), (4, 1024, 8)):
+        def fwd():
+            sl._swiglu_lora_fwd_kernel[sl._grid(tokens, inter)](
+                g, u, *ops, h, tokens, inter, r, g.stride(0), u.stride(0), *strides, h.stride(0),
+                BLOCK_N=bn, BLOCK_I=bi, num_warps=warps)
+
+        def bwd():
+            sl._swiglu_lora_bwd_kernel[sl._grid(tokens, inter)](
+                dh, g, u, *ops, dg, du, tokens, inter, r, dh.stride(0), g.stride(0), u.stride(0), *strides,
+                dg.stride(0), du.stride(0), BLOCK_N=bn, BLOCK_I=bi, num_warps=warps)
+
+        sl._BLOCK_N, sl._BLOCK_I = bn, bi  # the grid follows the tile
+        ops, strides = sl._lora_operands(xa[:, :r], bs, xa[:, r:], bs)
+        h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(u)
+        t_f, t_b = ms(fwd), ms(bwd)
+        print(f"swiglu_lora tile {bn}x{bi} warps {warps}: fwd {t_f * 1e3:.0f} us, bwd {t_b * 1e3:.0f} us")
+    sl._BLOCK_N, sl._BLOCK_I = tile
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--only", choices=["swiglu"], default=None, help="run only this part")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.only == "swiglu":
+        swiglu_lora_kernels(args.tokens)
+        return
     ceilings()
     gemm_shapes(args.tokens)
     attention(8, 2048)
     attention(1, 32768)
     lora_ops(args.tokens)
+    swiglu_lora_kernels(args.tokens)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from kernel_checks import assert_bf16_close, assert_fp32_close
 
+from fasttune.kernels import lora as lora_kernels
 from fasttune.kernels.lora import (
     LoRAWeights,
     lora_linear,
@@ -179,6 +180,26 @@ def test_lora_mlp_triton_swiglu(device):
     exact = _run_mlp(lora_mlp_reference, x.double(), *map(_double, (gate, up, down)), dy.double())
     for k, e, what in zip(kern, exact, MLP_NAMES):
         assert_fp32_close(k, e, f"lora_mlp {what}")
+
+
+@pytest.mark.parametrize("defer_upto", [0, 32])  # 0: every rank adds its gate/up terms in the products
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_mlp_gate_up_terms_in_the_kernel_or_in_the_products(device, defer_upto, bf16, monkeypatch):
+    """Ranks up to DEFERRED_MAX_RANK leave the gate/up adapter terms to the SwiGLU kernels, larger ones
+    add them in the products' epilogue: both give the reference's output and gradients."""
+    monkeypatch.setattr(lora_kernels, "DEFERRED_MAX_RANK", defer_upto)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, gate, up, down, dy = _mlp_params((2, 7), 16, 40, 5, device, seed=10, dtype=dtype)
+    kern = _run_mlp(lambda *a: lora_mlp(*a, force_triton=True), x, gate, up, down, dy)
+    exact = _run_mlp(lora_mlp_reference, x.double(), *map(_double, (gate, up, down)), dy.double())
+    if not bf16:
+        for k, e, what in zip(kern, exact, MLP_NAMES):
+            assert_fp32_close(k, e, f"lora_mlp {what} (deferred up to rank {defer_upto})")
+        return
+    low = [p._replace(lora_A=p.lora_A.bfloat16(), lora_B=p.lora_B.bfloat16()) for p in (gate, up, down)]
+    eager = _run_mlp(lora_mlp_reference, x, *low, dy)
+    for k, e, x64, what in zip(kern, eager, exact, MLP_NAMES):
+        assert_bf16_close(k, e, x64, f"lora_mlp {what} (deferred up to rank {defer_upto})")
 
 
 def test_lora_mlp_bf16(any_device):

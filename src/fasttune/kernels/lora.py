@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import use_triton
 from fasttune.kernels.fp8 import FP8Weight, fp8_input, fp8_product
+from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 from fasttune.kernels.swiglu_lora import (
     _grads_reference,
     _swiglu_lora_bwd,
@@ -303,16 +304,36 @@ def _base_only(x2, w, bias, x_fp8=None) -> torch.Tensor:
     return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
 
 
-def _silu_mul(g0, u0, lora_terms, triton: bool) -> torch.Tensor:
-    """h = silu(g) u for g = g0 + xa_g b_g^T, u = u0 + xa_u b_u^T; lora_terms = (xa_g, b_g, xa_u, b_u)."""
-    return _swiglu_lora_fwd(g0, u0, *lora_terms) if triton else swiglu_lora_reference(g0, u0, *lora_terms)
+DEFERRED_MAX_RANK = 32  # gate/up adapters of rank <= this are added in the SwiGLU kernels (module docstring)
 
 
-def _silu_mul_grad(dh, g0, u0, lora_terms, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) of h = silu(g) u, written over g0 and u0 (the torch branch: the kernel's fp32 formula)."""
+def _gate_up_product(x2, w, bias, a, b, s, xa, x_fp8, defer: bool) -> torch.Tensor:
+    """The gate or up output: without its adapter term if `defer` (the SwiGLU kernel adds it), else whole."""
+    if defer:
+        return _base_only(x2, w, bias, x_fp8)
+    return _forward(x2, w, bias, a, b, s, xa=xa, x_fp8=x_fp8)[0]
+
+
+def _silu_mul(g, u, lora_terms, triton: bool) -> torch.Tensor:
+    """h = silu(g) u. With lora_terms = (xa_g, b_g, xa_u, b_u), g and u are g0, u0 and the kernel adds
+    xa_g b_g^T and xa_u b_u^T first; with None they are complete."""
+    if lora_terms is None:
+        return _swiglu_fwd(g, u) if triton else F.silu(g) * u
+    return _swiglu_lora_fwd(g, u, *lora_terms) if triton else swiglu_lora_reference(g, u, *lora_terms)
+
+
+def _silu_mul_grad(dh, g, u, lora_terms, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) of h = silu(g) u, written over g and u (the torch branch: the kernel's fp32 formula)."""
+    if lora_terms is not None:
+        if triton:
+            return _swiglu_lora_bwd(dh, g, u, *lora_terms, inplace=True)
+        return _grads_reference(dh, g, u, *lora_terms, inplace=True)
     if triton:
-        return _swiglu_lora_bwd(dh, g0, u0, *lora_terms, inplace=True)
-    return _grads_reference(dh, g0, u0, *lora_terms, inplace=True)
+        return _swiglu_bwd(dh, g, u, inplace=True)
+    gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
+    du = dhf * gf * sig
+    dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
+    return g.copy_(dg), u.copy_(du)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -331,12 +352,14 @@ class LoRAMLPFunction(torch.autograd.Function):
         sg, su, sd = scalings
         given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
         xag, xau = _down_a(x2, [lora[0][0], lora[1][0]])
+        defer = max(ag.shape[0], au.shape[0]) <= DEFERRED_MAX_RANK  # g0, u0 without their adapter terms
         if given is not None:  # kept from the first forward: only the rank-r products the backward reads
             g, u = given
-        else:  # without their adapter terms (module docstring): g0, u0
+        else:
             xq = fp8_input(x2, *(getattr(dq, "fp8", None) for dq in dequants[:2]))  # once, for FP8 bases
-            g = _base_only(x2, _base(dense[0], dequants[0], dt), _cast(bg, dt), xq)  # (N, inter)
-            u = _base_only(x2, _base(dense[1], dequants[1], dt), _cast(bu, dt), xq)  # (N, inter)
+            g, u = (_gate_up_product(x2, _base(dense[i], dequants[i], dt), _cast(b, dt), *lora[i], s, xa, xq,
+                                     defer)  # (N, inter); each dequantised right before its product
+                    for i, b, s, xa in ((0, bg, sg, xag), (1, bu, su, xau)))
         sink = getattr(_state, "gate_up_sink", None)
         if sink is not None:
             sink.append((g, u))
@@ -344,10 +367,12 @@ class LoRAMLPFunction(torch.autograd.Function):
             had = None
             y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
         else:
-            h = _silu_mul(g, u, (xag, lora[0][1] * sg, xau, lora[1][1] * su), triton)  # (N, inter)
+            terms = (xag, lora[0][1] * sg, xau, lora[1][1] * su) if defer else None
+            h = _silu_mul(g, u, terms, triton)  # (N, inter)
             y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
             del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
+        ctx.defer = defer
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd)]
         ctx.save_for_backward(x2, g, u, xag, xau, had, *dense, *lora[0], *lora[1], *lora[2])
@@ -368,7 +393,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         sg, su, sd = ctx.scalings
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
-        terms = (xag, bbg * sg, xau, bbu * su)  # the gate/up adapter terms g0 and u0 lack
+        terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
         h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
         if had is None:  # a recompute for this backward skipped it
             had = h @ ad.t()  # (N, r)
@@ -377,7 +402,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         # dh goes into h's buffer: every read of h is above.
         dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
         del h
-        dg, du = _silu_mul_grad(dh, g, u, terms, ctx.triton)  # over g0 and u0
+        dg, du = _silu_mul_grad(dh, g, u, terms, ctx.triton)  # over g and u
         del dh
         dybg, dwg, dbg, dag, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], n[3], n[4], False))
         dybu, dwu, dbu, dau, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], n[7], n[8], False))

@@ -19,55 +19,43 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttune.kernels._dispatch import cdiv, jit, next_pow2, tl, to_dtype, use_triton
+from fasttune.kernels._dispatch import cdiv, jit, tl, to_dtype, use_triton
 
-_BLOCK_N, _BLOCK_I = 64, 128  # rows x intermediate columns per program
-MAX_RANK = 128  # larger ranks add their terms with a separate product (`_corrected`)
-
-
-@jit
-def _lora_tile(xa_ptr, b_ptr, rows, cols, row_ok, col_ok, rank, s_xn, s_xr, s_bi, s_br, BLOCK_R: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """(rows, cols) tile of xa b^T in fp32, for xa (N, r) and b (inter, r).
-
-    The operands go to fp32 first: 16-bit values are exact in tf32, so PRECISION 'tf32' (16-bit inputs)
-    multiplies them exactly on the tensor cores, and 'ieee' (fp32 inputs) keeps fp32 operands whole. (Triton's
-    CPU interpreter also mis-evaluates a dot of bf16 operands; the fp32 one it gets right.)"""
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
-    xa = tl.load(xa_ptr + rows[:, None] * s_xn + r[None, :] * s_xr, mask=row_ok[:, None] & r_ok[None, :],
-                 other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_R)
-    bt = tl.load(b_ptr + cols[None, :] * s_bi + r[:, None] * s_br, mask=r_ok[:, None] & col_ok[None, :],
-                 other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_I)
-    return tl.dot(xa, bt, input_precision=PRECISION)
+_BLOCK_N, _BLOCK_I = 16, 256  # rows x intermediate columns per program
 
 
 @jit
 def _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                  s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, BLOCK_R: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """The corrected (g, u) tiles in fp32."""
+                  s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur,
+                  BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    """The corrected (g, u) tiles in fp32, for xa (N, r) and bt = b^T (r, inter) with unit column stride.
+
+    The adapter terms are r rank-1 updates on the CUDA cores, 2 r multiply-adds per element. (A tl.dot leaves
+    its result in the tensor cores' layout; moving it to the elementwise layout made this kernel half again
+    slower than plain SwiGLU on an H100.)
+    """
     mask = row_ok[:, None] & col_ok[None, :]
     g = tl.load(g_ptr + rows[:, None] * s_gn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows[:, None] * s_un + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g += _lora_tile(xg_ptr, bg_ptr, rows, cols, row_ok, col_ok, rank, s_xgn, s_xgr, s_bgi, s_bgr, BLOCK_R,
-                    PRECISION)
-    u += _lora_tile(xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank, s_xun, s_xur, s_bui, s_bur, BLOCK_R,
-                    PRECISION)
+    for k in range(0, rank):
+        xg = tl.load(xg_ptr + rows * s_xgn + k * s_xgr, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        xu = tl.load(xu_ptr + rows * s_xun + k * s_xur, mask=row_ok, other=0.0).to(tl.float32)
+        bg = tl.load(bg_ptr + k * s_bgr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_I,)
+        bu = tl.load(bu_ptr + k * s_bur + cols, mask=col_ok, other=0.0).to(tl.float32)
+        g += xg[:, None] * bg[None, :]
+        u += xu[:, None] * bu[None, :]
     return g, u
 
 
 @jit
 def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr, n_rows, n_cols, rank,
-                            s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, s_hn,
-                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
-                            PRECISION: tl.constexpr):
+                            s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_hn,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok, col_ok = rows < n_rows, cols < n_cols
     g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                         s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, BLOCK_R,
-                         PRECISION)
+                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_N, BLOCK_I)
     h = g * tl.sigmoid(g) * u
     tl.store(h_ptr + rows[:, None] * s_hn + cols[None, :], to_dtype(h, h_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -75,17 +63,14 @@ def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr,
 
 @jit
 def _swiglu_lora_bwd_kernel(dh_ptr, g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, dg_ptr, du_ptr,
-                            n_rows, n_cols, rank, s_dhn, s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr,
-                            s_xun, s_xur, s_bui, s_bur, s_dgn, s_dun,
-                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
-                            PRECISION: tl.constexpr):
+                            n_rows, n_cols, rank, s_dhn, s_gn, s_un, s_xgn, s_xgr, s_bgr,
+                            s_xun, s_xur, s_bur, s_dgn, s_dun, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok, col_ok = rows < n_rows, cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                         s_gn, s_un, s_xgn, s_xgr, s_bgi, s_bgr, s_xun, s_xur, s_bui, s_bur, BLOCK_R,
-                         PRECISION)
+                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_N, BLOCK_I)
     dh = tl.load(dh_ptr + rows[:, None] * s_dhn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     du = dh * g * sig
@@ -112,28 +97,23 @@ def _grid(n: int, inter: int) -> tuple[int, int]:
     return cdiv(n, _BLOCK_N), cdiv(inter, _BLOCK_I)
 
 
-def _blocks(rank: int, dtype: torch.dtype) -> dict:
-    return dict(BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
-                PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=8)
-
-
-def _lora_strides(xa_g, b_g, xa_u, b_u) -> list[int]:
-    return [*xa_g.stride(), *b_g.stride(), *xa_u.stride(), *b_u.stride()]
+def _lora_operands(xa_g, b_g, xa_u, b_u) -> list:
+    """Kernel arguments: each xa with its two strides, each b transposed to (r, inter) with its row stride
+    (a rank index's row is then read coalesced; b is small enough to copy per call)."""
+    bt_g, bt_u = b_g.t().contiguous(), b_u.t().contiguous()
+    return [xa_g, bt_g, xa_u, bt_u], [*xa_g.stride(), bt_g.stride(0), *xa_u.stride(), bt_u.stride(0)]
 
 
 def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
     """h (N, inter) from the adapter-free gate/up outputs and their adapter operands (module docstring)."""
     _check(g0, u0, xa_g, b_g, xa_u, b_u)
     n, inter = g0.shape
-    rank = xa_g.shape[1]
-    if rank > MAX_RANK:
-        return swiglu_lora_reference(g0, u0, xa_g, b_g, xa_u, b_u)
     h = torch.empty((n, inter), dtype=g0.dtype, device=g0.device)
     if h.numel():
+        ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
         _swiglu_lora_fwd_kernel[_grid(n, inter)](
-            g0, u0, xa_g, b_g, xa_u, b_u, h, n, inter, rank, g0.stride(0), u0.stride(0),
-            *_lora_strides(xa_g, b_g, xa_u, b_u), h.stride(0),
-            **_blocks(rank, g0.dtype))
+            g0, u0, *ops, h, n, inter, xa_g.shape[1], g0.stride(0), u0.stride(0), *strides, h.stride(0),
+            BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I)
     return h
 
 
@@ -142,16 +122,12 @@ def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False):
     (each element is read before it is written, and no other program reads it)."""
     _check(g0, u0, xa_g, b_g, xa_u, b_u, dh)
     n, inter = g0.shape
-    rank = xa_g.shape[1]
-    if rank > MAX_RANK:
-        return _grads_reference(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace)
     dg, du = (g0, u0) if inplace else (torch.empty_like(g0), torch.empty_like(u0))
     if dg.numel():
+        ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
         _swiglu_lora_bwd_kernel[_grid(n, inter)](
-            dh, g0, u0, xa_g, b_g, xa_u, b_u, dg, du, n, inter, rank,
-            dh.stride(0), g0.stride(0), u0.stride(0), *_lora_strides(xa_g, b_g, xa_u, b_u),
-            dg.stride(0), du.stride(0),
-            **_blocks(rank, g0.dtype))
+            dh, g0, u0, *ops, dg, du, n, inter, xa_g.shape[1], dh.stride(0), g0.stride(0), u0.stride(0),
+            *strides, dg.stride(0), du.stride(0), BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I)
     return dg, du
 
 
@@ -189,7 +165,8 @@ class SwiGLULoRAFunction(torch.autograd.Function):
 def swiglu_lora(g0, u0, xa_g, b_g, xa_u, b_u, force_triton: bool | None = None) -> torch.Tensor:
     """silu(g0 + xa_g b_g^T) * (u0 + xa_u b_u^T) for g0, u0 (N, inter), xa (N, r), b (inter, r), one dtype.
 
-    Triton on CUDA (ranks up to MAX_RANK), the reference elsewhere.
+    Triton on CUDA, the reference elsewhere. The kernels spend 2 r multiply-adds per element on the adapter
+    terms, so they pay for small ranks (`lora_mlp` uses them up to `kernels.lora.DEFERRED_MAX_RANK`).
     """
     _check(g0, u0, xa_g, b_g, xa_u, b_u)
     if use_triton(g0, u0, xa_g, b_g, xa_u, b_u, force=force_triton):
