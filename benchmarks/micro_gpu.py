@@ -208,17 +208,17 @@ def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: 
           f"TFLOP/s; without it (mm): {t_mm:.3f} ms = {fl / t_mm / 1e9:.0f}")
     t_f, t_b = ms(lambda: _swiglu_fwd(g, u)), ms(lambda: _swiglu_bwd(dh, g, u))
     print(f"swiglu fwd {t_f * 1e3:.0f} us, bwd {t_b * 1e3:.0f} us (plain)")
-    tile = sl._BLOCK_N, sl._BLOCK_I
-    for bn, bi, warps in ((16, 256, 4), (8, 512, 4), (32, 128, 4), (16, 256, 8), (8, 256, 4), (4, 1024, 8)):
+    tile, blocks = (sl._BLOCK_N, sl._BLOCK_I), sl._blocks(r, dt)
+    for bn, bi, warps in ((16, 128, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)):
         def fwd():
             sl._swiglu_lora_fwd_kernel[sl._grid(tokens, inter)](
                 g, u, *ops, h, tokens, inter, r, g.stride(0), u.stride(0), *strides, h.stride(0),
-                BLOCK_N=bn, BLOCK_I=bi, num_warps=warps)
+                **dict(blocks, BLOCK_N=bn, BLOCK_I=bi, num_warps=warps))
 
         def bwd():
             sl._swiglu_lora_bwd_kernel[sl._grid(tokens, inter)](
                 dh, g, u, *ops, dg, du, tokens, inter, r, dh.stride(0), g.stride(0), u.stride(0), *strides,
-                dg.stride(0), du.stride(0), BLOCK_N=bn, BLOCK_I=bi, num_warps=warps)
+                dg.stride(0), du.stride(0), **dict(blocks, BLOCK_N=bn, BLOCK_I=bi, num_warps=warps))
 
         sl._BLOCK_N, sl._BLOCK_I = bn, bi  # the grid follows the tile
         ops, strides = sl._lora_operands(xa[:, :r], bs, xa[:, r:], bs)

@@ -304,7 +304,10 @@ def _base_only(x2, w, bias, x_fp8=None) -> torch.Tensor:
     return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
 
 
-DEFERRED_MAX_RANK = 32  # gate/up adapters of rank <= this are added in the SwiGLU kernels (module docstring)
+# Gate/up adapters of rank <= this are added in the SwiGLU kernels (module docstring): measured at rank 16 on
+# an H100 (benchmarks/RESULTS.md); the kernels read a (rank, 128) slice of B per 16-row tile, so the cost of
+# larger ranks grows with them.
+DEFERRED_MAX_RANK = 16
 
 
 def _gate_up_product(x2, w, bias, a, b, s, xa, x_fp8, defer: bool) -> torch.Tensor:

@@ -19,43 +19,51 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttune.kernels._dispatch import cdiv, jit, tl, to_dtype, use_triton
+from fasttune.kernels._dispatch import cdiv, interpreting, jit, next_pow2, tl, to_dtype, use_triton
 
-_BLOCK_N, _BLOCK_I = 16, 256  # rows x intermediate columns per program
+_BLOCK_N, _BLOCK_I = 16, 128  # rows x intermediate columns per program: the fastest of nine tiles on an H100
+
+
+@jit
+def _lora_term(xa_ptr, bt_ptr, rows, cols, row_ok, col_ok, rank, s_xn, s_xr, s_br,
+               BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
+    """(rows, cols) tile of xa b^T in fp32 on the tensor cores, for xa (N, r) and bt = b^T (r, inter) with
+    unit column stride. DOT_FP32: fp32 operands, kept whole ('ieee'), for fp32 inputs and for Triton's CPU
+    interpreter (whose dot of bf16 operands is wrong); otherwise the 16-bit operands go in as they are."""
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    xa = tl.load(xa_ptr + rows[:, None] * s_xn + r[None, :] * s_xr, mask=row_ok[:, None] & r_ok[None, :],
+                 other=0.0)  # (BLOCK_N, BLOCK_R)
+    bt = tl.load(bt_ptr + r[:, None] * s_br + cols[None, :], mask=r_ok[:, None] & col_ok[None, :],
+                 other=0.0)  # (BLOCK_R, BLOCK_I)
+    if DOT_FP32:
+        return tl.dot(xa.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+    return tl.dot(xa, bt)
 
 
 @jit
 def _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
                   s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur,
-                  BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
-    """The corrected (g, u) tiles in fp32, for xa (N, r) and bt = b^T (r, inter) with unit column stride.
-
-    The adapter terms are r rank-1 updates on the CUDA cores, 2 r multiply-adds per element. (A tl.dot leaves
-    its result in the tensor cores' layout; moving it to the elementwise layout made this kernel half again
-    slower than plain SwiGLU on an H100.)
-    """
+                  BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The corrected (g, u) tiles in fp32."""
     mask = row_ok[:, None] & col_ok[None, :]
     g = tl.load(g_ptr + rows[:, None] * s_gn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows[:, None] * s_un + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    for k in range(0, rank):
-        xg = tl.load(xg_ptr + rows * s_xgn + k * s_xgr, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
-        xu = tl.load(xu_ptr + rows * s_xun + k * s_xur, mask=row_ok, other=0.0).to(tl.float32)
-        bg = tl.load(bg_ptr + k * s_bgr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_I,)
-        bu = tl.load(bu_ptr + k * s_bur + cols, mask=col_ok, other=0.0).to(tl.float32)
-        g += xg[:, None] * bg[None, :]
-        u += xu[:, None] * bu[None, :]
+    g += _lora_term(xg_ptr, bg_ptr, rows, cols, row_ok, col_ok, rank, s_xgn, s_xgr, s_bgr, BLOCK_R, DOT_FP32)
+    u += _lora_term(xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
     return g, u
 
 
 @jit
 def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr, n_rows, n_cols, rank,
                             s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_hn,
-                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+                            BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok, col_ok = rows < n_rows, cols < n_cols
     g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_N, BLOCK_I)
+                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
     h = g * tl.sigmoid(g) * u
     tl.store(h_ptr + rows[:, None] * s_hn + cols[None, :], to_dtype(h, h_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -64,13 +72,14 @@ def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr,
 @jit
 def _swiglu_lora_bwd_kernel(dh_ptr, g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, dg_ptr, du_ptr,
                             n_rows, n_cols, rank, s_dhn, s_gn, s_un, s_xgn, s_xgr, s_bgr,
-                            s_xun, s_xur, s_bur, s_dgn, s_dun, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+                            s_xun, s_xur, s_bur, s_dgn, s_dun, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+                            BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok, col_ok = rows < n_rows, cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_N, BLOCK_I)
+                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
     dh = tl.load(dh_ptr + rows[:, None] * s_dhn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     du = dh * g * sig
@@ -97,6 +106,11 @@ def _grid(n: int, inter: int) -> tuple[int, int]:
     return cdiv(n, _BLOCK_N), cdiv(inter, _BLOCK_I)
 
 
+def _blocks(rank: int, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
+                DOT_FP32=dtype == torch.float32 or interpreting(), num_warps=4)
+
+
 def _lora_operands(xa_g, b_g, xa_u, b_u) -> list:
     """Kernel arguments: each xa with its two strides, each b transposed to (r, inter) with its row stride
     (a rank index's row is then read coalesced; b is small enough to copy per call)."""
@@ -113,7 +127,7 @@ def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
         _swiglu_lora_fwd_kernel[_grid(n, inter)](
             g0, u0, *ops, h, n, inter, xa_g.shape[1], g0.stride(0), u0.stride(0), *strides, h.stride(0),
-            BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I)
+            **_blocks(xa_g.shape[1], g0.dtype))
     return h
 
 
@@ -127,7 +141,7 @@ def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False):
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
         _swiglu_lora_bwd_kernel[_grid(n, inter)](
             dh, g0, u0, *ops, dg, du, n, inter, xa_g.shape[1], dh.stride(0), g0.stride(0), u0.stride(0),
-            *strides, dg.stride(0), du.stride(0), BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I)
+            *strides, dg.stride(0), du.stride(0), **_blocks(xa_g.shape[1], g0.dtype))
     return dg, du
 
 
