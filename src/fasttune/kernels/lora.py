@@ -188,6 +188,18 @@ def _grads(dy2, x2, a, b, s, xl2, xa, needs):
     return dyb, dw, dbias, da, db, dxl
 
 
+def _shared_da(x2, dybs: list[torch.Tensor | None], scalings) -> list[torch.Tensor | None]:
+    """dA_i = s_i (dy_i B_i)^T x for several projections of one x as one product (one read of x, which is
+    (N, in) against their (N, r) operands); None where dy_i B_i is None (that A needs no gradient)."""
+    live = [(i, d * s) for i, (d, s) in enumerate(zip(dybs, scalings)) if d is not None]
+    out: list[torch.Tensor | None] = [None] * len(dybs)
+    if live:
+        parts = (torch.cat([d for _, d in live], 1).t() @ x2).split([d.shape[1] for _, d in live], 0)
+        for (i, _), da in zip(live, parts):
+            out[i] = da  # (r_i, in)
+    return out
+
+
 def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
     """dx = sum over projections i of dy_i W_i + s_i (dy_i B_i) A_i, for terms (dy_i, W_i getter, dyB_i, A_i,
     s_i); dyB_i None leaves the adapter's share out (it goes to a dropout input instead).
@@ -407,8 +419,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         del h
         dg, du = _silu_mul_grad(dh, g, u, terms, ctx.triton)  # over g and u
         del dh
-        dybg, dwg, dbg, dag, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], n[3], n[4], False))
-        dybu, dwu, dbu, dau, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], n[7], n[8], False))
+        dybg, dwg, dbg, _, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], False, n[4], False))
+        dybu, dwu, dbu, _, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], False, n[8], False))
+        dag, dau = _shared_da(x2, [dybg if n[3] else None, dybu if n[7] else None], (sg, su))
         dx = _dx([(dg, lambda: _dense_or(wg, dqg, dt), dybg, ag, sg),
                   (du, lambda: _dense_or(wu, dqu, dt), dybu, au, su)]) if n[0] else None
         grads = (dx, dwg, dbg, dag, dbbg, dwu, dbu, dau, dbbu, dwd, dbd, dad, dbbd)
@@ -487,10 +500,12 @@ class LoRAQKVFunction(torch.autograd.Function):
         for i, dy in enumerate((dq, dk, dv)):  # an unused output's gradient arrives as zeros
             dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (N, out_i)
             a, b, s = ab[2 * i], ab[2 * i + 1], ctx.scalings[i]
-            flags = (n[1 + 4 * i], n[2 + 4 * i], n[3 + 4 * i], n[4 + 4 * i], False)
-            dyb, dw, dbias, da, db, _ = _grads(dy2, x2, a, b, s, None, xas[i], flags)
-            grads += [dw, dbias, da, db]
+            flags = (n[1 + 4 * i], n[2 + 4 * i], False, n[4 + 4 * i], False)  # dA: below, one read of x
+            dyb, dw, dbias, _, db, _ = _grads(dy2, x2, a, b, s, None, xas[i], flags)
+            grads += [dw, dbias, None, db]
             terms.append((dy2, lambda i=i: _dense_or(dense[i], ctx.dequants[i], x2.dtype), dyb, a, s))
+        das = _shared_da(x2, [t[2] if n[3 + 4 * i] else None for i, t in enumerate(terms)], ctx.scalings)
+        grads[2::4] = das
         dx = _dx(terms) if n[0] else None
         grads = [_cast(g, t) for g, t in zip([dx, *grads], ctx.dtypes)]
         if grads[0] is not None:
