@@ -131,10 +131,11 @@ if has long131; then  # the issue's own shape (Llama-3.1-8B) at 131,072 tokens, 
     --warmup 1 --steps 1 --variants offload
 fi
 if has maxlen; then  # 131,072 fitted both stacks before (RESULTS.md), so the search starts above it
+  # MAXLEN_SHAPE=llama-3.1-8b MAXLEN_DIR=/tmp/bench-model for the shape; MAXLEN_LIMIT caps the doubling
   step maxlen $(left) python3 benchmarks/bench_maxlen.py --stacks ${MAXLEN_STACKS:-fasttune unsloth} --mode qlora \
-    --shape llama-2-7b --model-dir /tmp/bench-model-l2 --start ${MAXLEN_START:-262144} \
-    --known-fit ${MAXLEN_KNOWN_FIT:-131072} --resolution 4096 --max-seconds $(( $(left) - 20 )) \
-    --out bench_logs/results.jsonl --log-dir bench_logs
+    --shape ${MAXLEN_SHAPE:-llama-2-7b} --model-dir ${MAXLEN_DIR:-/tmp/bench-model-l2} --start ${MAXLEN_START:-262144} \
+    --known-fit ${MAXLEN_KNOWN_FIT:-131072} --resolution 4096 --limit ${MAXLEN_LIMIT:-1048576} \
+    --max-seconds $(( $(left) - 20 )) --out bench_logs/results.jsonl --log-dir bench_logs
 fi
 if has cli8b; then  # the product path on the 8B shape: 'auto' checkpointing and the printed estimate
   step cli-8b 150 python3 -m fasttune train --model_name /tmp/bench-model --max_seq_length 2048 \
