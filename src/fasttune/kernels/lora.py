@@ -62,6 +62,7 @@ from fasttune.kernels.swiglu_lora import (
     _grads_reference,
     _swiglu_lora_bwd,
     _swiglu_lora_fwd,
+    silu_mul_grads,
     swiglu_lora_reference,
 )
 
@@ -345,9 +346,7 @@ def _silu_mul_grad(dh, g, u, lora_terms, triton: bool) -> tuple[torch.Tensor, to
         return _grads_reference(dh, g, u, *lora_terms, inplace=True)
     if triton:
         return _swiglu_bwd(dh, g, u, inplace=True)
-    gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
-    du = dhf * gf * sig
-    dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
+    dg, du = silu_mul_grads(dh.float(), g.float(), u.float())
     return g.copy_(dg), u.copy_(du)
 
 

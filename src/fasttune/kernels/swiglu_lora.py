@@ -150,12 +150,15 @@ def _corrected(g0, xa, b) -> torch.Tensor:
     return torch.addmm(g0.float(), xa.float(), b.float().t())
 
 
+def silu_mul_grads(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) of h = silu(g) u for upstream dh, in the dtype of the inputs (the kernels' formula)."""
+    sig = torch.sigmoid(g)
+    return dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
+
+
 def _grads_reference(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool):
     """The backward formula of the module docstring in torch, fp32 inside; `inplace` writes over g0, u0."""
-    g, u, dhf = _corrected(g0, xa_g, b_g), _corrected(u0, xa_u, b_u), dh.float()
-    sig = torch.sigmoid(g)
-    du = dhf * g * sig
-    dg = dhf * u * sig * (1 + g * (1 - sig))
+    dg, du = silu_mul_grads(dh.float(), _corrected(g0, xa_g, b_g), _corrected(u0, xa_u, b_u))
     if inplace:
         return g0.copy_(dg), u0.copy_(du)
     return dg.to(g0.dtype), du.to(u0.dtype)
@@ -179,8 +182,8 @@ class SwiGLULoRAFunction(torch.autograd.Function):
 def swiglu_lora(g0, u0, xa_g, b_g, xa_u, b_u, force_triton: bool | None = None) -> torch.Tensor:
     """silu(g0 + xa_g b_g^T) * (u0 + xa_u b_u^T) for g0, u0 (N, inter), xa (N, r), b (inter, r), one dtype.
 
-    Triton on CUDA, the reference elsewhere. The kernels spend 2 r multiply-adds per element on the adapter
-    terms, so they pay for small ranks (`lora_mlp` uses them up to `kernels.lora.DEFERRED_MAX_RANK`).
+    Triton on CUDA, the reference elsewhere. The kernels read a (rank, 128) slice of each B per 16-row tile,
+    so they pay for small ranks (`lora_mlp` uses them up to `kernels.lora.DEFERRED_MAX_RANK`).
     """
     _check(g0, u0, xa_g, b_g, xa_u, b_u)
     if use_triton(g0, u0, xa_g, b_g, xa_u, b_u, force=force_triton):
