@@ -5,8 +5,8 @@ The estimate adds four parts (bytes; N = batch x seq tokens, e = bytes per activ
     weights      16-bit tensors, or NF4 (half a byte per element plus block scales) for 4-bit linears
     adapters     LoRA A and B in fp32, their gradients, and the optimiser state (8-bit AdamW: 2 bytes/param)
     activations  what stays on the GPU between the forward and the backward: each recomputed layer's input
-                 x (N H e; when offloaded, x and x_mid of two layers only), all saved tensors of each kept
-                 layer, the loss gradient
+                 x (N H e; when offloaded, two layers' only: x, and x_mid in halves), all saved tensors of
+                 each kept layer, the loss gradient
     working      one layer's recompute and backward at once (its saved tensors, plus the MLP backward's
                  (N, intermediate) buffer and a few (N, H) gradients; with recompute in halves, only the
                  MLP half's), or one chunk of loss logits
@@ -153,9 +153,9 @@ def estimate_memory(
     offloaded = checkpointing in ("offload", "selective")
     if halves is None:
         halves = use_kernels and halves_fit_host(recomputed, x_bytes)
-    # Offloaded: the layer in its backward and the one being copied back, each with x and x_mid (and O, kept
-    # only by recompute in halves).
-    per_layer = 3 if kept_attention and halves else 2
+    # Offloaded: the layer in its backward and the one being copied back, each with its input x; recompute
+    # in halves also with x_mid (and O, when kept).
+    per_layer = (3 if kept_attention else 2) if halves else 1
     inputs = 2 * per_layer * x_bytes if offloaded and recomputed else recomputed * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
