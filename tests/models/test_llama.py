@@ -301,9 +301,9 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
     model.set_gradient_checkpointing("offload")
     ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
 
-    products = []  # the gate and up base products run through `_base_only`
-    inner = lora_kernels._base_only
-    monkeypatch.setattr(lora_kernels, "_base_only",
+    products = []  # the gate and up products run through `_gate_up_product`
+    inner = lora_kernels._gate_up_product
+    monkeypatch.setattr(lora_kernels, "_gate_up_product",
                         lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
     model.set_gradient_checkpointing("offload", host_gate_up=share)
     loss, grads = loss_and_grads(model, ids, tgt, pos)

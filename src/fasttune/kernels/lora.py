@@ -39,7 +39,7 @@ instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g0,
 up, not their base products (two thirds of the MLP's forward FLOPs). Both are exact: the same tensors.
 
 The matmuls run through torch (cuBLAS); the SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
-Triton kernels of `swiglu_lora.py` on CUDA.
+Triton kernels of `swiglu_lora.py` on CUDA; the torch path keeps complete g and u (the terms in the products).
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
 gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
 (e.g. an NF4 dequantisation into a reused buffer, called once in the forward and once in the backward).
@@ -58,13 +58,7 @@ import torch.nn.functional as F
 from fasttune.kernels._dispatch import use_triton
 from fasttune.kernels.fp8 import FP8Weight, fp8_input, fp8_product
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
-from fasttune.kernels.swiglu_lora import (
-    _grads_reference,
-    _swiglu_lora_bwd,
-    _swiglu_lora_fwd,
-    silu_mul_grads,
-    swiglu_lora_reference,
-)
+from fasttune.kernels.swiglu_lora import _swiglu_lora_bwd, _swiglu_lora_fwd
 
 WeightLike = torch.Tensor | Callable[[], torch.Tensor]
 _state = threading.local()  # the autograd engine runs a backward on its own thread per device
@@ -317,9 +311,9 @@ def _base_only(x2, w, bias, x_fp8=None) -> torch.Tensor:
     return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
 
 
-# Gate/up adapters of rank <= this are added in the SwiGLU kernels (module docstring): measured at rank 16 on
-# an H100 (benchmarks/RESULTS.md); the kernels read a (rank, 128) slice of B per 16-row tile, so the cost of
-# larger ranks grows with them.
+# Gate/up adapters of rank <= this are added in the Triton SwiGLU kernels (module docstring): measured at
+# rank 16 on an H100 (benchmarks/RESULTS.md); the kernels read a (rank, 128) slice of B per 16-row tile, so
+# the cost of larger ranks grows with them.
 DEFERRED_MAX_RANK = 16
 
 
@@ -331,22 +325,22 @@ def _gate_up_product(x2, w, bias, a, b, s, xa, x_fp8, defer: bool) -> torch.Tens
 
 
 def _silu_mul(g, u, lora_terms, triton: bool) -> torch.Tensor:
-    """h = silu(g) u. With lora_terms = (xa_g, b_g, xa_u, b_u), g and u are g0, u0 and the kernel adds
-    xa_g b_g^T and xa_u b_u^T first; with None they are complete."""
-    if lora_terms is None:
-        return _swiglu_fwd(g, u) if triton else F.silu(g) * u
-    return _swiglu_lora_fwd(g, u, *lora_terms) if triton else swiglu_lora_reference(g, u, *lora_terms)
+    """h = silu(g) u. With lora_terms = (xa_g, b_g, xa_u, b_u) (Triton only), g and u are g0, u0 and the
+    kernel adds xa_g b_g^T and xa_u b_u^T first; with None they are complete."""
+    if lora_terms is not None:
+        return _swiglu_lora_fwd(g, u, *lora_terms)
+    return _swiglu_fwd(g, u) if triton else F.silu(g) * u
 
 
 def _silu_mul_grad(dh, g, u, lora_terms, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dg, du) of h = silu(g) u, written over g and u (the torch branch: the kernel's fp32 formula)."""
     if lora_terms is not None:
-        if triton:
-            return _swiglu_lora_bwd(dh, g, u, *lora_terms, inplace=True)
-        return _grads_reference(dh, g, u, *lora_terms, inplace=True)
+        return _swiglu_lora_bwd(dh, g, u, *lora_terms, inplace=True)
     if triton:
         return _swiglu_bwd(dh, g, u, inplace=True)
-    dg, du = silu_mul_grads(dh.float(), g.float(), u.float())
+    gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
+    du = dhf * gf * sig
+    dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
     return g.copy_(dg), u.copy_(du)
 
 
@@ -366,7 +360,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         sg, su, sd = scalings
         given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
         xag, xau = _down_a(x2, [lora[0][0], lora[1][0]])
-        defer = max(ag.shape[0], au.shape[0]) <= DEFERRED_MAX_RANK  # g0, u0 without their adapter terms
+        # g0, u0 without their adapter terms, for the Triton SwiGLU to add (in torch it would be extra work)
+        defer = triton and max(ag.shape[0], au.shape[0]) <= DEFERRED_MAX_RANK
         if given is not None:  # kept from the first forward: only the rank-r products the backward reads
             g, u = given
         else:

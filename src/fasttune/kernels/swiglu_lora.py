@@ -150,20 +150,6 @@ def _corrected(g0, xa, b) -> torch.Tensor:
     return torch.addmm(g0.float(), xa.float(), b.float().t())
 
 
-def silu_mul_grads(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) of h = silu(g) u for upstream dh, in the dtype of the inputs (the kernels' formula)."""
-    sig = torch.sigmoid(g)
-    return dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
-
-
-def _grads_reference(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool):
-    """The backward formula of the module docstring in torch, fp32 inside; `inplace` writes over g0, u0."""
-    dg, du = silu_mul_grads(dh.float(), _corrected(g0, xa_g, b_g), _corrected(u0, xa_u, b_u))
-    if inplace:
-        return g0.copy_(dg), u0.copy_(du)
-    return dg.to(g0.dtype), du.to(u0.dtype)
-
-
 class SwiGLULoRAFunction(torch.autograd.Function):
     """h = silu(g0 + xa_g b_g^T) * (u0 + xa_u b_u^T); gradients for all six inputs."""
 
