@@ -240,6 +240,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
     First token: off | on | offload | selective:K | budget:GiB (selective, K from the memory estimate).
     Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend),
     noattn (offloading modes rerun attention instead of keeping its output: keep_attention='off'),
+    noqkv (kept attention without its q, k, v: the rerun runs the q/k/v products and RoPE),
     plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
     pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
     guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5).
@@ -264,10 +265,11 @@ def configure_fasttune(model, variant: str, args) -> dict:
     share = next((float(f[2:]) for f in flags if f.startswith("gu")), 0.0)
     keep_attention = "off" if "noattn" in flags else "auto"
     model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,
-                                     keep_attention=keep_attention)
+                                     keep_attention=keep_attention, keep_qkv="noqkv" not in flags)
     model.model.recompute_halves = "plain" not in flags
     est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share,
-                          kept_attention=keep_attention != "off", **est_kw)
+                          kept_attention=keep_attention != "off", kept_qkv=model.model.kept_qkv_share(),
+                          **est_kw)
     print(f"[{variant}] keep_layers={keep} {est.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
             "keep_attention": keep_attention, "est_gib": est.total / GiB}
@@ -347,6 +349,27 @@ def gpu_busy_ms(events) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def gpu_gaps(events, top: int = 15) -> str:
+    """The GPU's idle gaps between compute kernels: how the waiting splits by gap length, and the `top`
+    longest with the kernels on either side (where the GPU waited on the host or on a copy)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if "CUDA" in str(getattr(e, "device_type", None))
+                   and "Memcpy" not in e.name and "Memset" not in e.name)
+    gaps, end, last = [], float("-inf"), ""
+    for a, b, name in spans:
+        if a > end and last:
+            gaps.append((a - end, last, name))
+        if b > end:
+            end, last = b, name
+    bins = [(0, 10), (10, 100), (100, 1000), (1000, float("inf"))]
+    lines = ["idle gaps (us): " + ", ".join(
+        f"{lo:g}-{hi:g}: {sum(g for g, *_ in gaps if lo <= g < hi) / 1e3:.1f} ms "
+        f"({sum(1 for g, *_ in gaps if lo <= g < hi)})" for lo, hi in bins)]
+    for g, before, after in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {g:9.1f} us after {before[:60]} before {after[:60]}")
+    return "\n".join(lines) + "\n"
+
+
 def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False) -> dict:
     """Median step time after `warmup` steps and the peak memory from the first step (optimiser included).
 
@@ -394,7 +417,7 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
             busy, copies = gpu_busy_ms(prof.events())
             head = (f"step {dt:.3f} s; GPU computing {busy:.1f} ms ({busy / dt / 10:.1f}% of the step), "
                     f"host copies on the GPU {copies:.1f} ms\n")
-            Path(profile).write_text(head + table + "\nby input shape:\n" + shapes)
+            Path(profile).write_text(head + gpu_gaps(prof.events()) + table + "\nby input shape:\n" + shapes)
         losses.append(float(loss))
         if i >= warmup and prof is None:
             times.append(dt)

@@ -110,6 +110,10 @@ def test_gpu_busy_counts_overlapping_kernels_once_and_copies_apart():
     events = [ev("gemm", 0, 1000), ev("swiglu", 500, 1500), ev("rope", 3000, 3500),  # union 2000 us
               ev("Memcpy DtoH (Device -> Pinned)", 0, 4000), ev("aten::mm", 0, 9000, "DeviceType.CPU")]
     assert bt.gpu_busy_ms(events) == (2.0, 4.0)
+    report = bt.gpu_gaps(events).splitlines()  # one gap: 1500 -> 3000 us, between swiglu and rope
+    assert report[0].startswith("idle gaps (us): 0-10: 0.0 ms (0), 10-100: 0.0 ms (0), 100-1000: 0.0 ms (0), "
+                                "1000-inf: 1.5 ms (1)")
+    assert report[1].split() == ["1500.0", "us", "after", "swiglu", "before", "rope"]
 
 
 def test_rows_of_another_source_tree_are_labelled_apart():

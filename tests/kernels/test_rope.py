@@ -6,7 +6,13 @@ import pytest
 import torch
 from kernel_checks import assert_bf16_close, assert_fp32_close
 
-from fasttune.kernels.rope import RoPEFunction, apply_rope, apply_rope_reference
+from fasttune.kernels.rope import (
+    RoPEFunction,
+    apply_rope,
+    apply_rope_reference,
+    rope_backward,
+    rope_backward_reference,
+)
 
 # (B, T, n_heads, n_kv_heads, head_dim, cos batch)
 # The last shape spans several (64-row) tiles of q and of k.
@@ -99,3 +105,19 @@ def test_rope_public_op_forced(device):
     q, k, cos, sin, _, _ = _inputs((1, 7, 4, 2, 16, 1), device)
     for a, b in zip(apply_rope(q, k, cos, sin, force_triton=True), apply_rope_reference(q, k, cos, sin)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_rope_backward_without_the_graph(device, shape, scatter):
+    """`rope_backward` (Triton, and its torch reference) gives autograd's input gradients of the forward,
+    for gradients laid out as an attention backward returns them ((B, H, T, D) transposed: strided)."""
+    q, k, cos, sin, dq, dk = _inputs(shape, device, seed=4, scatter=scatter)
+    exact = _run(apply_rope_reference, q.double(), k.double(), cos.double(), sin.double(), dq.double(),
+                 dk.double())[2:]
+    dq_s, dk_s = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dq, dk))  # same values, strided
+    kernel = rope_backward(dq_s, dk_s, cos, sin, force_triton=True)
+    for got in (kernel, rope_backward_reference(dq_s, dk_s, cos, sin)):
+        for a, e, what in zip(got, exact, ("dq", "dk")):
+            assert a.shape == e.shape and a.dtype == torch.float32
+            assert_fp32_close(a, e, f"rope_backward {what} {shape}")

@@ -113,6 +113,54 @@ def test_recomputed_layers_keep_attention_and_never_rerun_it(monkeypatch, mode, 
     assert forwards == [] and len(sdpa) == 3 + (3 - keep)
 
 
+@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
+def test_recomputed_layers_keep_qkv_and_never_rerun_their_products(monkeypatch, mode, keep):
+    """Kept q, k, v (a Llama layer: no q/k norms): the reruns ask the q/k/v node for no outputs (no base
+    products, no RoPE, no attention), and loss and adapter gradients are those of no checkpointing and of
+    the rerun that recomputes q, k, v."""
+    from fasttune.models import llama
+
+    model = make_fused_lora_model(num_attention_heads=4, num_key_value_heads=2)  # GQA 4:2
+    ids, tgt = _plain_rows(seed=6)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt)
+
+    outputs, rope = [], []
+    inner_qkv, inner_rope = llama.lora_qkv, llama.apply_rope
+    monkeypatch.setattr(llama, "lora_qkv", lambda *a, **k: (outputs.append(k.get("outputs", True)),
+                                                           inner_qkv(*a, **k))[1])
+    monkeypatch.setattr(llama, "apply_rope", lambda *a: (rope.append(1), inner_rope(*a))[1])
+    runs = {}
+    for keep_qkv in (True, False):
+        outputs.clear(), rope.clear()
+        model.set_gradient_checkpointing(mode, keep_layers=keep, keep_attention="reference",
+                                         keep_qkv=keep_qkv)
+        runs[keep_qkv] = loss_and_grads(model, ids, tgt)
+        reruns = 3 - keep
+        assert outputs == [True] * 3 + [not keep_qkv] * reruns  # the forwards, then the reruns
+        assert len(rope) == 3 + (0 if keep_qkv else reruns)
+    for loss, grads in runs.values():
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name, g in runs[True][1].items():  # the same math in another order: float32 rounding apart
+        torch.testing.assert_close(g, runs[False][1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_models_with_qk_norms_keep_no_qkv():
+    """q/k norms sit between the products and RoPE: such attentions keep O only, and count no q, k, v."""
+    model = make_fused_lora_model(model_type="qwen3", qk_norm=True)
+    model.set_gradient_checkpointing("offload", keep_attention="reference")
+    assert model.model.kept_qkv_share() == 0.0
+    sink: list = []
+    q, k, v = (_bthd(t) for t in _qkv(1, 4, 2, 5, 8))
+    with attention_handoff(sink=sink, reference=True, keep_qkv=True):
+        kept_attention.handoff_attention(q, k, v)  # the caller did not say its q, k, v are reusable
+        kept_attention.handoff_attention(q, k, v, qkv_reusable=True)
+    assert sink[0].qkv_bthd == () and len(sink[1].qkv_bthd) == 3
+    assert [t.shape for t in sink[1].tensors()][2:] == [(1, 5, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)]
+
+
 def test_keep_attention_rejects_unknown_values():
     model = make_fused_lora_model(layers=1)
     with pytest.raises(ValueError, match="keep_attention"):
@@ -191,11 +239,13 @@ def test_kept_attention_matches_rerun_on_cuda():
     if kept_attention._backend(q, q[:, :2]) != "cudnn":
         pytest.skip("SDPA does not pick cuDNN here")
     results = {}
-    for keep in ("off", "auto"):
-        model.set_gradient_checkpointing("offload", keep_attention=keep)
-        results[keep] = loss_and_grads(model, x, x, autocast=True)
-    (ref_loss, ref_grads), (loss, grads) = results["off"], results["auto"]
-    assert loss == ref_loss
-    for name in grads:  # relative to each gradient's own size: a wrong attention backward is O(1) off
-        assert ref_grads[name].norm() > 0, name
-        assert _rel_err(grads[name], ref_grads[name]) < 2e-2, (name, _rel_err(grads[name], ref_grads[name]))
+    for keep, keep_qkv in (("off", False), ("auto", False), ("auto", True)):  # O kept; O, q, k, v kept
+        model.set_gradient_checkpointing("offload", keep_attention=keep, keep_qkv=keep_qkv)
+        results[keep, keep_qkv] = loss_and_grads(model, x, x, autocast=True)
+    ref_loss, ref_grads = results["off", False]
+    for loss, grads in (results["auto", False], results["auto", True]):
+        assert loss == ref_loss
+        for name in grads:  # relative to each gradient's own size: a wrong attention backward is O(1) off
+            assert ref_grads[name].norm() > 0, name
+            err = _rel_err(grads[name], ref_grads[name])
+            assert err < 2e-2, (name, err)

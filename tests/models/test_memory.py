@@ -7,6 +7,7 @@ import torch
 from model_cases import FAMILY_CASES, make_config, make_model
 
 from fasttune.lora.apply import apply_lora, lora_parameters
+from fasttune.models.llama import LlamaForCausalLM
 from fasttune.models.memory import (
     GiB,
     adapter_params,
@@ -84,6 +85,12 @@ def test_kept_attention_adds_two_layer_inputs_with_recompute_in_halves():
     assert estimate_memory(c, halves=True, kept_attention=True, **kw).total - base == 2 * x_bytes
     assert estimate_memory(c, halves=False, kept_attention=True, **kw).total == \
         estimate_memory(c, halves=False, **kw).total  # whole-layer checkpoints keep no attention output
+    # with q, k, v kept too: 1.5 x more per layer on this shape ((32 + 2 x 8) heads of 128 over 4096)
+    with torch.device("meta"):  # the shape's modules without their memory
+        share = LlamaForCausalLM(c).model.kept_qkv_share()
+    assert share == 1.5
+    with_qkv = estimate_memory(c, halves=True, kept_attention=True, kept_qkv=share, **kw).total
+    assert with_qkv - base == 2 * x_bytes + 3 * x_bytes
 
 
 def test_offloaded_inputs_on_the_gpu_are_two_layers_worth():

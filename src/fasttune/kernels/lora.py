@@ -465,19 +465,21 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, wq, bq, aq, bbq, wk, bk, ak, bbk, wv, bv, av, bbv, scalings, dequants):
+    def forward(ctx, x, wq, bq, aq, bbq, wk, bk, ak, bbk, wv, bv, av, bbv, scalings, dequants, outputs):
         dt = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, hidden)
         dense = [None if w is None else _dense(w, dt) for w in (wq, wk, wv)]
         lora = [(a.to(dt), b.to(dt)) for a, b in ((aq, bbq), (ak, bbk), (av, bbv))]
-        outs, xas = [], []
-        xa_all = _down_a(x2, [a for a, _ in lora])  # (N, r) each, one read of x
-        xq = fp8_input(x2, *(getattr(dq, "fp8", None) for dq in dequants))  # x in FP8 once, for FP8 bases
-        for w, dq, bias, (a, b), s, xa in zip(dense, dequants, (bq, bk, bv), lora, scalings, xa_all):
-            y, _ = _forward(x2, _base(w, dq, dt), _cast(bias, dt), a, b, s, xa=xa, x_fp8=xq)  # (N, out)
-            outs.append(y.view(*shape[:-1], y.shape[-1]))
-            xas.append(xa)
+        xas = _down_a(x2, [a for a, _ in lora])  # (N, r) each, one read of x
+        if outputs:
+            outs = []
+            xq = fp8_input(x2, *(getattr(dq, "fp8", None) for dq in dequants))  # x in FP8 once, for FP8 bases
+            for w, dq, bias, (a, b), s, xa in zip(dense, dequants, (bq, bk, bv), lora, scalings, xas):
+                y, _ = _forward(x2, _base(w, dq, dt), _cast(bias, dt), a, b, s, xa=xa, x_fp8=xq)  # (N, out)
+                outs.append(y.view(*shape[:-1], y.shape[-1]))
+        else:  # a rerun whose backward has q, k, v kept: only the rank-r products, for dB
+            outs = [_placeholder(x2, (*shape[:-1], b.shape[0])) for _, b in lora]
         ctx.scalings, ctx.dequants = scalings, dequants
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, wq, bq, aq, bbq, wk, bk, ak, bbk, wv, bv, av, bbv)]
@@ -504,15 +506,18 @@ class LoRAQKVFunction(torch.autograd.Function):
         grads = [_cast(g, t) for g, t in zip([dx, *grads], ctx.dtypes)]
         if grads[0] is not None:
             grads[0] = grads[0].view(*dq.shape[:-1], grads[0].shape[-1])
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def lora_qkv(
-    x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights
+    x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights, outputs: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) projections of one x, each a LoRA linear, as one autograd node (one saved x, one dx buffer).
 
     Pure torch, so it runs on any device. LoRA dropout is not supported here (use `lora_linear`).
+    outputs=False (a rerun whose attention backward reads kept q, k, v: `models/kept_attention.py`): the
+    base products are skipped and the outputs are placeholders whose values must not be read; the backward
+    is the same.
     """
     args: list = [x]
     dequants = []
@@ -521,7 +526,7 @@ def lora_qkv(
         is_tensor = isinstance(p.weight, torch.Tensor)
         args += [p.weight if is_tensor else None, p.bias, p.lora_A, p.lora_B]
         dequants.append(None if is_tensor else p.weight)
-    return LoRAQKVFunction.apply(*args, (q.scaling, k.scaling, v.scaling), tuple(dequants))
+    return LoRAQKVFunction.apply(*args, (q.scaling, k.scaling, v.scaling), tuple(dequants), outputs)
 
 
 def lora_qkv_reference(

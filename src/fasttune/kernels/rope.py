@@ -135,6 +135,30 @@ def apply_rope(
     return apply_rope_reference(q, k, cos, sin)
 
 
+def rope_backward(
+    dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, force_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `apply_rope`'s inputs from those of its outputs (the transpose of the rotation), for
+    a backward that has the outputs' gradients without the forward's graph (`models/kept_attention.py`).
+    dq (B, T, nh, hd), dk (B, T, nkv, hd), any strides; returns contiguous tensors of those shapes."""
+    _check(dq, dk, cos, sin)
+    if use_triton(dq, dk, cos, sin, force=force_triton):
+        return _launch(dq, dk, cos, sin, backward=True)
+    return rope_backward_reference(dq, dk, cos, sin)
+
+
+def rope_backward_reference(dq, dk, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module docstring's backward in fp32: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1."""
+    c1, c2 = cos.float().unsqueeze(2).chunk(2, dim=-1)  # (B, T, 1, hd / 2)
+    s1, s2 = sin.float().unsqueeze(2).chunk(2, dim=-1)
+
+    def back(g: torch.Tensor) -> torch.Tensor:
+        g1, g2 = g.float().chunk(2, dim=-1)
+        return torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1).to(g.dtype)
+
+    return back(dq), back(dk)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

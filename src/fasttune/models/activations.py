@@ -25,7 +25,10 @@ picks cuDNN): each recomputed layer also sends its attention output O (the size 
 log-sum-exp to the host, and the rerun of its first half skips the attention forward; the attention backward
 reads the kept O and lse (`models/kept_attention.py`). Attention is quadratic in the row length, so this
 pays most on long rows (~40% of a Llama-3.1-8B layer's forward at 32,768 tokens; +11% per step measured);
-packed rows (flex) still rerun it.
+packed rows (flex) still rerun it. With `keep_qkv` (on by default with kept attention, where the host has
+room) such layers also keep q and k after RoPE and v (1.5x a layer input on Llama-3.1-8B), and the rerun
+of the first half skips the q/k/v base products and RoPE as well: it is left with RMSNorm and the rank-r
+products.
 
 Keeping whole layers beats keeping parts of every layer: a Llama layer's MLP holds ~80% of its FLOPs and
 its two (tokens, intermediate) products most of its saved bytes, so FLOPs saved per byte kept are highest
@@ -137,7 +140,8 @@ class LayerRecompute(torch.autograd.Function):
     Inputs: x, the layer, the extra arguments of its attention branch, whether to keep the MLP's gate/up
     outputs (saved like x, so through the offloader to the host) instead of recomputing them, whether to keep
     the attention's output and log-sum-exp the same way (`kept_attention`: the rerun then skips the
-    attention forward; 'auto' where the kernel allows, 'reference' also off CUDA, for tests, or 'off'), and
+    attention forward; 'auto' where the kernel allows, 'reference' also off CUDA, for tests, or 'off'),
+    whether the kept attention also keeps q, k, v (the rerun then skips their products and RoPE), and
     `anchors` (tensors that require grad, e.g. the layer's adapter weights, so that the output requires grad
     even when x does not). The inner backwards accumulate parameter gradients straight into `.grad`, as a
     reentrant checkpoint does.
@@ -145,7 +149,7 @@ class LayerRecompute(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, layer, attn_args, keep_gate_up, keep_attention, *anchors):
+    def forward(ctx, x, layer, attn_args, keep_gate_up, keep_attention, keep_qkv, *anchors):
         from fasttune.kernels.lora import gate_up_handoff
         from fasttune.models.kept_attention import attention_handoff
 
@@ -153,7 +157,7 @@ class LayerRecompute(torch.autograd.Function):
         attn: list = []
         with torch.no_grad():
             with attention_handoff(sink=attn if keep_attention != "off" else None,
-                                   reference=keep_attention == "reference"):
+                                   reference=keep_attention == "reference", keep_qkv=keep_qkv):
                 x_mid = x + layer.attn_branch(x, *attn_args)
             with gate_up_handoff(sink=gate_up if keep_gate_up else None):
                 out = x_mid + layer.mlp_branch(x_mid)
@@ -174,7 +178,7 @@ class LayerRecompute(torch.autograd.Function):
 
         x, x_mid, *rest = ctx.saved_tensors
         gate_up, rest = rest[:ctx.n_gate_up], rest[ctx.n_gate_up:]
-        given_attn = KeptAttention(*rest, *ctx.kept_attn) if ctx.kept_attn is not None else None
+        given_attn = KeptAttention.from_tensors(rest, *ctx.kept_attn) if ctx.kept_attn is not None else None
         del rest
         layer = ctx.layer
         with torch.enable_grad(), recompute_for_backward():
@@ -194,7 +198,7 @@ class LayerRecompute(torch.autograd.Function):
             torch.autograd.backward(a, d_mid)
             del a
             dx = d_mid + xi.grad if want_dx else None  # x_mid = x + attn(x)
-        return dx, None, None, None, None, *(None for _ in ctx.needs_input_grad[5:])
+        return dx, None, None, None, None, None, *(None for _ in ctx.needs_input_grad[6:])
 
 
 def _host_bytes() -> int:
@@ -207,10 +211,11 @@ def _host_bytes() -> int:
 HOST_SHARE = 0.4  # of host memory, for the pinned copies of offloaded activations
 
 
-def halves_fit_host(layers: int, layer_input_bytes: int, kept_attention: bool = False) -> bool:
-    """Recompute in halves pins x and x_mid (and the kept attention output, as large) of every recomputed
-    layer: allowed under 40% of host memory."""
-    return host_fits(layers, layer_input_bytes, 0, 0, kept_attention)
+def halves_fit_host(layers: int, layer_input_bytes: int, kept_attention: bool = False,
+                    kept_qkv: float = 0.0) -> bool:
+    """Recompute in halves pins x and x_mid (and the kept attention output, as large, and kept q, k, v,
+    `kept_qkv` times as large) of every recomputed layer: allowed under 40% of host memory."""
+    return host_fits(layers, layer_input_bytes, 0, 0, kept_attention, kept_qkv)
 
 
 def host_gate_up_layers(layers: int, share: float) -> int:
@@ -224,10 +229,11 @@ def spread(n: int, k: int) -> set[int]:
 
 
 def host_fits(layers: int, layer_input_bytes: int, gate_up_layers: int, gate_up_bytes: int,
-              kept_attention: bool = False) -> bool:
+              kept_attention: bool = False, kept_qkv: float = 0.0) -> bool:
     """The pinned host memory of recompute in halves with `gate_up_layers` layers' gate/up kept there
-    (and with `kept_attention`, each layer's attention output, the size of its input)."""
-    per_layer = (3 if kept_attention else 2) * layer_input_bytes
+    (and with `kept_attention`, each layer's attention output, the size of its input, and its q, k, v,
+    `kept_qkv` times that size)."""
+    per_layer = (3 + kept_qkv if kept_attention else 2) * layer_input_bytes
     return layers * per_layer + gate_up_layers * gate_up_bytes < HOST_SHARE * _host_bytes()
 
 
@@ -241,6 +247,7 @@ def run_layers(
     halves: bool = True,
     gate_up: tuple[float, int] = (0.0, 0),
     keep_attention: str = "off",
+    keep_qkv: float = 0.0,
 ) -> torch.Tensor:
     """x through every layer (`run(layer, x, i)`), recomputing layers 0 .. n - keep_layers - 1 per `mode`.
 
@@ -248,7 +255,8 @@ def run_layers(
     through `LayerRecompute` with `layer.attn_branch(x, *attn_args)`. gate_up = (share, intermediate size):
     that share of the recomputed layers keeps its MLP gate/up outputs on the host (module docstring), when
     the host has room for them; else none does. keep_attention ('auto', 'reference', 'off'): such layers
-    also keep their attention output for the backward (`LayerRecompute`), when the host has room.
+    also keep their attention output for the backward (`LayerRecompute`), when the host has room;
+    keep_qkv: the size of a layer's q, k, v relative to x, > 0 to keep them too (when the host has room).
 
     The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where it
     is called, so the offloader sees exactly each layer's input x; what `run` closes over (RoPE tables,
@@ -259,13 +267,15 @@ def run_layers(
     offload = mode in ("offload", "selective") and recompute_upto > 0
     offloader = LayerInputOffloader(x.device) if offload else None
     x_bytes = x.numel() * x.element_size()
+    if keep_attention == "off" or not halves_fit_host(recompute_upto, x_bytes, True, keep_qkv):
+        keep_qkv = 0.0
     if keep_attention != "off" and not halves_fit_host(recompute_upto, x_bytes, kept_attention=True):
         keep_attention = "off"
     halves = halves and halves_fit_host(recompute_upto, x_bytes)
     share, inter = gate_up
     k = host_gate_up_layers(recompute_upto, share) if offloader is not None else 0
     if k and not host_fits(recompute_upto, x_bytes, k, 2 * x_bytes // x.shape[-1] * inter,
-                           kept_attention=keep_attention != "off"):
+                           kept_attention=keep_attention != "off", kept_qkv=keep_qkv):
         k = 0
     keep_gate_up = spread(recompute_upto, k)
     for i, layer in enumerate(layers):
@@ -277,7 +287,8 @@ def run_layers(
             offloader.layer = i
             anchors = [p for p in layer.parameters() if p.requires_grad]
             with offloader.hooks():
-                x = LayerRecompute.apply(x, layer, attn_args, i in keep_gate_up, keep_attention, *anchors)
+                x = LayerRecompute.apply(x, layer, attn_args, i in keep_gate_up, keep_attention, keep_qkv > 0,
+                                         *anchors)
         else:
             offloader.layer = i
             with offloader.hooks():

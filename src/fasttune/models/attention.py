@@ -206,11 +206,13 @@ def _use_flex(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
     return _backend["name"] == "flex" and mask.causal and q.shape[2] == k.shape[2]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+           qkv_reusable: bool = False) -> torch.Tensor:
+    """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd).
+    `qkv_reusable`: the caller can rerun from kept q, k, v (`kept_attention.rerun_from_kept`)."""
     n_rep = q.shape[1] // k.shape[1]
     if mask.causal:  # inside a layer's recompute, its kept output (models/kept_attention.py)
-        kept = handoff_attention(q, k, v)
+        kept = handoff_attention(q, k, v, qkv_reusable)
         if kept is not None:
             return kept
     if _use_flex(q, k, mask):

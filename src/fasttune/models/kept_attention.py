@@ -20,6 +20,13 @@ and dO is handed to the kernel with O's strides (on the H100, torch 2.11's own S
 gradients, ~140% off, when they differed); elsewhere the hand-off stays off and the rerun runs attention as
 before, except where `reference` is allowed (tests): the math above in fp32.
 Exact: the backward reads the forward's own O and lse, as SDPA's backward does.
+
+Kept q, k, v (`keep_qkv` of the hand-off, for attentions whose q, k, v are plain functions of the layer's
+normed input: the fused q/k/v products and RoPE, no q/k norms): the first forward also keeps q and k after
+RoPE and v, so the rerun needs neither the q/k/v base products nor RoPE (`rerun_from_kept`): the q/k/v node
+returns placeholders and computes only its rank-r products, and the kept node's backward runs the attention
+backward on the kept q, k, v, then RoPE's backward, giving the gradients of the pre-RoPE q, k, v. On a
+Llama-3.1-8B layer they are 1.5 times the layer input; the q/k/v products are ~12% of its forward FLOPs.
 """
 
 from __future__ import annotations
@@ -46,23 +53,40 @@ class KeptAttention:
     lse: torch.Tensor
     backend: str
     extra: tuple = ()
+    qkv_bthd: tuple[torch.Tensor, ...] = ()  # with keep_qkv: q, k after RoPE and v, as (B, T, heads, D)
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two large ones, which the checkpoint saves (and the offloader moves to the host)."""
-        return self.out_bthd, self.lse
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The large ones, which the checkpoint saves (and the offloader moves to the host)."""
+        return self.out_bthd, self.lse, *self.qkv_bthd
+
+    @classmethod
+    def from_tensors(cls, tensors, backend: str, extra: tuple = ()) -> KeptAttention:
+        """The inverse of `tensors()` (after the offloader's round trip)."""
+        out, lse, *qkv = tensors
+        return cls(out, lse, backend, extra, tuple(qkv))
+
+
+_FIELDS = ("sink", "given", "reference", "keep_qkv")
 
 
 @contextlib.contextmanager
 def attention_handoff(sink: list | None = None, given: KeptAttention | None = None,
-                      reference: bool = False) -> Iterator[None]:
+                      reference: bool = False, keep_qkv: bool = False) -> Iterator[None]:
     """Within: causal attention appends a `KeptAttention` to `sink`; the first one takes its O from `given`.
-    `reference`: allow the fp32 math off CUDA (tests), where otherwise nothing is kept."""
-    before = tuple(getattr(_state, name, None) for name in ("sink", "given", "reference"))
-    _state.sink, _state.given, _state.reference = sink, given, reference
+    `reference`: allow the fp32 math off CUDA (tests), where otherwise nothing is kept. `keep_qkv`: also
+    keep q, k, v where the attention says they are reusable (module docstring)."""
+    before = tuple(getattr(_state, name, None) for name in _FIELDS)
+    _state.sink, _state.given, _state.reference, _state.keep_qkv = sink, given, reference, keep_qkv
     try:
         yield
     finally:
-        _state.sink, _state.given, _state.reference = before
+        _state.sink, _state.given, _state.reference, _state.keep_qkv = before
+
+
+def given_with_qkv() -> KeptAttention | None:
+    """The kept attention handed to the next attention of a rerun, if it carries q, k, v (not consumed)."""
+    given = getattr(_state, "given", None)
+    return given if given is not None and given.qkv_bthd else None
 
 
 def _token_major(t: torch.Tensor) -> bool:
@@ -80,9 +104,11 @@ def _backend(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return "reference" if getattr(_state, "reference", False) else None
 
 
-def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      qkv_reusable: bool = False) -> torch.Tensor | None:
     """Causal self-attention through the hand-off when one is active and the kernel allows it, else None
-    (the caller then runs attention as usual). q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D)."""
+    (the caller then runs attention as usual). q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D).
+    `qkv_reusable`: the caller can rerun from kept q, k, v (`rerun_from_kept`); kept if the hand-off asks."""
     sink, given = getattr(_state, "sink", None), getattr(_state, "given", None)
     if (sink is None and given is None) or q.shape[2] != k.shape[2]:
         return None
@@ -100,6 +126,8 @@ def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
         return None
     with torch.no_grad():
         out, kept = _forward(q, k, v, backend)
+    if qkv_reusable and getattr(_state, "keep_qkv", False):
+        kept.qkv_bthd = tuple(t.transpose(1, 2) for t in (q, k, v))
     sink.append(kept)
     return out
 
@@ -128,17 +156,61 @@ class KeptAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
-        if ctx.backend == "cudnn":
-            seed, offset = ctx.extra
-            T = q.shape[2]
-            if d_out.stride() != out.stride():  # the kernel reads dO with O's strides
-                d_out = torch.empty_strided(out.shape, out.stride(), dtype=d_out.dtype,
-                                            device=d_out.device).copy_(d_out)
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                d_out, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
-        else:
-            dq, dk, dv = attention_reference_backward(d_out, q, k, v, out, lse)
+        dq, dk, dv = _kernel_backward(d_out, q, k, v, out, lse, ctx.backend, ctx.extra)
         return dq, dk, dv, None
+
+
+def _kernel_backward(d_out, q, k, v, out, lse, backend: str, extra: tuple):
+    """dq, dk, dv (B, heads, T, D) of the kernel that made O and lse."""
+    if backend == "cudnn":
+        seed, offset = extra
+        T = q.shape[2]
+        if d_out.stride() != out.stride():  # the kernel reads dO with O's strides
+            d_out = torch.empty_strided(out.shape, out.stride(), dtype=d_out.dtype,
+                                        device=d_out.device).copy_(d_out)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            d_out, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
+    return attention_reference_backward(d_out, q, k, v, out, lse)
+
+
+class KeptQKVAttentionFunction(torch.autograd.Function):
+    """O = causal_attention(rope(q0), rope(k0), v0) where O, lse and the post-RoPE q, k and v are all kept:
+    q0, k0, v0 (B, T, heads * D) are placeholders whose values are never read. The backward runs the
+    kernel's backward on the kept tensors, then RoPE's backward (`rope_backward`) for dq0, dk0."""
+
+    @staticmethod
+    def forward(ctx, q0, k0, v0, cos, sin, kept: KeptAttention):
+        q, k, v = (t.transpose(1, 2) for t in kept.qkv_bthd)  # (B, heads, T, D)
+        out = kept.out_bthd.transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, kept.lse, cos, sin)
+        ctx.backend, ctx.extra = kept.backend, kept.extra
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, d_out):
+        from fasttune.kernels.rope import rope_backward
+
+        q, k, v, out, lse, cos, sin = ctx.saved_tensors
+        dq, dk, dv = _kernel_backward(d_out, q, k, v, out, lse, ctx.backend, ctx.extra)
+        dq, dk = rope_backward(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin)  # (B, T, heads, D)
+        B, T = dq.shape[:2]
+        return (dq.reshape(B, T, -1), dk.reshape(B, T, -1), dv.transpose(1, 2).reshape(B, T, -1),
+                None, None, None)
+
+
+def rerun_from_kept(q0: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor,
+                    rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The rerun's attention output (B, H, T, D) from the handed `KeptAttention` with q, k, v (consumed);
+    q0, k0, v0: the q/k/v node's placeholders (B, T, heads * D), connecting their backward."""
+    given = given_with_qkv()
+    if given is None:
+        raise RuntimeError("rerun_from_kept: no kept attention with q, k, v is handed to this rerun")
+    _state.given = None  # one attention's
+    B, T, H, D = given.out_bthd.shape
+    if q0.shape != (B, T, H * D) or given.qkv_bthd[0].shape != (B, T, H, D):
+        raise RuntimeError(f"rerun_from_kept: the kept q {tuple(given.qkv_bthd[0].shape)} and O "
+                           f"{(B, T, H, D)} do not fit this attention's q {tuple(q0.shape)}")
+    return KeptQKVAttentionFunction.apply(q0, k0, v0, *rope, given)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from fasttune.lora.layer import LoRALinear
 from fasttune.models.activations import CHECKPOINT_MODES, KEEP_ATTENTION, run_layers
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
+from fasttune.models.kept_attention import given_with_qkv, rerun_from_kept
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.rotary import RotaryEmbedding, rope_inv_freq  # noqa: F401  (importable from here)
 
@@ -159,6 +160,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         fused = fused_lora_weights(self.q_proj, self.k_proj, self.v_proj) if self.use_kernels else None
+        # q, k, v are plain functions of x here: a layer's rerun may take them kept (models/kept_attention.py)
+        reusable = fused is not None and not self.qk_norm and kv_cache is None
+        if reusable and given_with_qkv() is not None:  # the rerun: no q/k/v products, RoPE or attention
+            y = rerun_from_kept(*lora_qkv(x, *fused, outputs=False), rope)  # (B, nh, T, hd)
+        else:
+            y = self._attention(x, fused, rope, mask, kv_cache, layer_idx, reusable)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
+        return self.o_proj(y)
+
+    def _attention(self, x, fused, rope, mask, kv_cache, layer_idx, reusable) -> torch.Tensor:
+        """q/k/v projections, RoPE and attention: (B, T, H) -> (B, nh, T, hd)."""
+        B, T, _ = x.shape
         if fused is not None:
             q, k, v = lora_qkv(x, *fused)
         else:
@@ -173,9 +186,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nkv, past + T, hd)
-        y = attend(q, k, v, mask)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
-        return self.o_proj(y)
+        return attend(q, k, v, mask, qkv_reusable=reusable)  # (B, nh, T, hd)
 
 
 class MLP(nn.Module):
@@ -256,6 +267,13 @@ class LlamaModel(nn.Module):
         self.recompute_halves = True  # offloading modes: `activations.LayerRecompute` where it applies
         self.host_gate_up = 0.0  # offloading modes: share of recomputed layers keeping gate/up on the host
         self.keep_attention = "auto"  # offloading modes: recomputed layers keep their attention output
+        self.keep_qkv = True  # with kept attention: also its q, k, v (where they are reusable)
+
+    def kept_qkv_share(self) -> float:
+        """A layer's q, k, v kept for its rerun, relative to its input x (0: not kept)."""
+        c = self.config
+        return (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim / c.hidden_size \
+            if self.keep_qkv and self.keep_attention != "off" and not c.qk_norm else 0.0
 
     def forward(
         self,
@@ -288,7 +306,7 @@ class LlamaModel(nn.Module):
         x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
                        self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves,
                        gate_up=(self.host_gate_up, self.config.intermediate_size),
-                       keep_attention=self.keep_attention)
+                       keep_attention=self.keep_attention, keep_qkv=self.kept_qkv_share())
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -346,13 +364,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model.gradient_checkpointing
 
     def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float = 0.0,
-                                   keep_attention: str = "auto") -> None:
+                                   keep_attention: str = "auto", keep_qkv: bool = True) -> None:
         """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
         or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
         `host_gate_up`: in the offloading modes, the share of recomputed layers whose MLP gate/up outputs
         also go to the host instead of being recomputed; `keep_attention`: in the offloading modes, whether
         recomputed layers keep their attention output instead of rerunning attention ('auto': where the
-        CUDA kernel allows; 'reference': also elsewhere, in fp32 math, for tests; 'off').
+        CUDA kernel allows; 'reference': also elsewhere, in fp32 math, for tests; 'off'); `keep_qkv`: with
+        kept attention, also keep q, k, v so that the rerun skips their products (where the host has room).
         See `fasttune.models.activations`."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
@@ -366,6 +385,7 @@ class LlamaForCausalLM(nn.Module):
         self.model.keep_layers = keep_layers if mode == "selective" else 0
         self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
         self.model.keep_attention = keep_attention
+        self.model.keep_qkv = keep_qkv
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag

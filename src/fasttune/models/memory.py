@@ -121,6 +121,7 @@ def estimate_memory(
     halves: bool | None = None,
     host_gate_up: float = 0.0,
     kept_attention: bool = False,
+    kept_qkv: float = 0.0,
 ) -> MemoryEstimate:
     """Peak bytes of one training step (forward + backward + optimiser step) at `batch` x `seq` tokens.
 
@@ -128,7 +129,8 @@ def estimate_memory(
     from the fused path and the host's memory). host_gate_up: the share of recomputed layers keeping their
     gate/up outputs on the host (their copy back, one layer ahead of its backward, adds one layer's g and u).
     kept_attention: offloading modes also keep each recomputed layer's attention output (as large as x) on
-    the host, so the two layers on the GPU in the backward hold three such tensors each, not two.
+    the host, so the two layers on the GPU in the backward hold three such tensors each, not two; with
+    `kept_qkv` (q, k, v relative to x, `LlamaModel.kept_qkv_share`) they hold that much more each.
     """
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
@@ -155,8 +157,8 @@ def estimate_memory(
         halves = use_kernels and halves_fit_host(recomputed, x_bytes)
     # Offloaded: the layer in its backward and the one being copied back, each with its input x; recompute
     # in halves also with x_mid (and O, when kept).
-    per_layer = (3 if kept_attention else 2) if halves else 1
-    inputs = 2 * per_layer * x_bytes if offloaded and recomputed else recomputed * x_bytes
+    per_layer = (3 + kept_qkv if kept_attention else 2) if halves else 1
+    inputs = int(2 * per_layer * x_bytes) if offloaded and recomputed else recomputed * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
     activations = inputs + kept * saved + rope + loss_grad

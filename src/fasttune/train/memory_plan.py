@@ -43,6 +43,7 @@ def run_estimate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *
     return estimate_memory(model.config, checkpointing=model.gradient_checkpointing,
                            keep_layers=model.model.keep_layers,
                            kept_attention=model.model.keep_attention != "off",
+                           kept_qkv=model.model.kept_qkv_share(),
                            **_shape_kwargs(model, cfg, precision, quantization))
 
 
