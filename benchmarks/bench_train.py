@@ -355,18 +355,23 @@ def gpu_gaps(events, top: int = 15) -> str:
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                    if "CUDA" in str(getattr(e, "device_type", None))
                    and "Memcpy" not in e.name and "Memset" not in e.name)
+    cpu = [(e.time_range.start, e.time_range.end, e.name) for e in events
+           if "CPU" in str(getattr(e, "device_type", None))]
     gaps, end, last = [], float("-inf"), ""
     for a, b, name in spans:
         if a > end and last:
-            gaps.append((a - end, last, name))
+            gaps.append((a - end, last, name, (a + end) / 2))
         if b > end:
             end, last = b, name
     bins = [(0, 10), (10, 100), (100, 1000), (1000, float("inf"))]
     lines = ["idle gaps (us): " + ", ".join(
         f"{lo:g}-{hi:g}: {sum(g for g, *_ in gaps if lo <= g < hi) / 1e3:.1f} ms "
         f"({sum(1 for g, *_ in gaps if lo <= g < hi)})" for lo, hi in bins)]
-    for g, before, after in sorted(gaps, reverse=True)[:top]:
+    for g, before, after, mid in sorted(gaps, reverse=True)[:top]:
         lines.append(f"  {g:9.1f} us after {before[:60]} before {after[:60]}")
+        host = sorted((b - a, name) for a, b, name in cpu if a <= mid <= b)[:4]  # innermost first
+        if host:
+            lines.append("      host meanwhile: " + " < ".join(name[:50] for _, name in host))
     return "\n".join(lines) + "\n"
 
 

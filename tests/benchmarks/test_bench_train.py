@@ -114,6 +114,9 @@ def test_gpu_busy_counts_overlapping_kernels_once_and_copies_apart():
     assert report[0].startswith("idle gaps (us): 0-10: 0.0 ms (0), 10-100: 0.0 ms (0), 100-1000: 0.0 ms (0), "
                                 "1000-inf: 1.5 ms (1)")
     assert report[1].split() == ["1500.0", "us", "after", "swiglu", "before", "rope"]
+    events.append(ev("cudaStreamSynchronize", 1600, 2900, "DeviceType.CPU"))  # what the host did meanwhile
+    assert bt.gpu_gaps(events).splitlines()[2].strip() == \
+        "host meanwhile: cudaStreamSynchronize < aten::mm"  # innermost (shortest) first
 
 
 def test_rows_of_another_source_tree_are_labelled_apart():

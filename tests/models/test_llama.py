@@ -204,19 +204,29 @@ def test_gradient_checkpointing_matches_off(tiny_model, mode, frozen_base):
 def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model, monkeypatch):
     from fasttune.models import activations
 
-    packed = []
+    packed, resident, offloaders = [], [], []
     inner = activations.LayerInputOffloader.pack
-    monkeypatch.setattr(activations.LayerInputOffloader, "pack",
-                        lambda self, t: (t.numel() and packed.append(tuple(t.shape)), inner(self, t))[1])
+
+    def pack(self, t):
+        if t.numel():
+            packed.append(tuple(t.shape))
+            resident.append(self.resident)
+            offloaders.append(self)
+        return inner(self, t)
+
+    monkeypatch.setattr(activations.LayerInputOffloader, "pack", pack)
     model = tiny_model(num_hidden_layers=3).train()
     model.set_gradient_checkpointing("offload")
     x = torch.randint(0, 97, (2, 9))
     model(x, targets=x).loss_sum.backward()
     assert packed == [(2, 9, 64)] * 3
-    packed.clear()
+    # the last recomputed layer's input stays on the device, and is let go once its backward has read it
+    assert resident == [False, False, True] and offloaders[-1].host[-1] is None
+    assert offloaders[-1].kept == {} and all(h is not None for h in offloaders[-1].host[:-1])
+    packed.clear(), resident.clear()
     model.set_gradient_checkpointing("selective", keep_layers=1)  # the last layer keeps its activations
     model(x, targets=x).loss_sum.backward()
-    assert packed == [(2, 9, 64)] * 2
+    assert packed == [(2, 9, 64)] * 2 and resident == [False, True]
 
 
 @pytest.mark.parametrize("keep", [0, 1, 5])

@@ -63,11 +63,15 @@ class LayerInputOffloader:
     Forward (pack): the copy to the host runs on a side stream after the compute stream has produced x; the
     allocator is told (`record_stream`) that the side stream still reads x, so its memory is reused only
     after the copy. Backward (unpack, layers in reverse order): layer i's input is copied back, and layer
-    i-1's copy back is started on the side stream right away, so it overlaps layer i's backward.
+    i-1's copy back is started on the side stream right away, so it overlaps layer i's backward. The last
+    layer's tensors (`resident`, set by `run_layers`) stay on the device: its backward runs right after the
+    loss, with nothing to overlap their copy back (on Llama-3.1-8B at 8 x 2048 a ~11 ms stall per step).
     One offloader serves one forward/backward; on the CPU it degrades to plain copies.
     """
 
     def __init__(self, device: torch.device) -> None:
+        self.resident = False  # set for the last recomputed layer: its tensors stay on the device
+        self.kept: dict[int, torch.Tensor] = {}  # the resident tensors, until their backward reads them
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.host: list[torch.Tensor] = []
@@ -82,6 +86,11 @@ class LayerInputOffloader:
             return t
         idx = len(self.host)
         self.group.append(self.layer)
+        if self.resident:  # its backward comes first, right after the loss: a round trip would stall it
+            self.kept[idx] = t
+            self.host.append(None)
+            self.d2h.append(None)
+            return idx
         if not self.cuda:
             self.host.append(t.detach().clone())
             self.d2h.append(None)
@@ -110,18 +119,20 @@ class LayerInputOffloader:
     def unpack(self, idx: int | torch.Tensor) -> torch.Tensor:
         if isinstance(idx, torch.Tensor):
             return idx
-        if not self.cuda:
+        if idx in self.kept:
+            dev = self.kept.pop(idx)  # read once, by its layer's backward: not held past it
+        elif not self.cuda:
             return self.host[idx]
-        compute = torch.cuda.current_stream(self.device)
-        if idx in self.prefetched:
+        elif idx in self.prefetched:
             dev, done = self.prefetched.pop(idx)
+            compute = torch.cuda.current_stream(self.device)
             compute.wait_event(done)
             dev.record_stream(compute)  # allocated on the side stream, used (and freed) on this one
         else:
-            dev, _ = self._fetch(idx, compute)
+            dev, _ = self._fetch(idx, torch.cuda.current_stream(self.device))
         # Start copying back the previous layer's tensors, to overlap this layer's backward.
         first = self.group.index(self.group[idx])
-        if first > 0:
+        if first > 0 and self.cuda:
             prev = self.group[first - 1]
             for j in range(first - 1, -1, -1):
                 if self.group[j] != prev:
@@ -284,13 +295,13 @@ def run_layers(
         elif offloader is None:
             x = checkpoint(run, layer, x, i, use_reentrant=False)
         elif halves and getattr(layer, "recompute_in_halves", lambda: False)():
-            offloader.layer = i
+            offloader.layer, offloader.resident = i, i == recompute_upto - 1
             anchors = [p for p in layer.parameters() if p.requires_grad]
             with offloader.hooks():
                 x = LayerRecompute.apply(x, layer, attn_args, i in keep_gate_up, keep_attention, keep_qkv > 0,
                                          *anchors)
         else:
-            offloader.layer = i
+            offloader.layer, offloader.resident = i, i == recompute_upto - 1
             with offloader.hooks():
                 x = checkpoint(run, layer, x, i, use_reentrant=False)
     return x
