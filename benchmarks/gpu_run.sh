@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, ab32, q8, qkvtest, qkv8, qkvq, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, ab32, q8, qkvtest, qkv8, qkvq, qkvq32, gu8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -107,9 +107,11 @@ has qkvtest && step pytest-qkv 150 python3 -m pytest -q -m gpu tests/models/test
   tests/kernels/test_rope.py tests/models/test_llama.py tests/models/test_memory.py -p no:cacheprovider
 has qkv8 && step qkv-bf16-8 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --profile 1 \
   --variants offload offload+noqkv selective:1
+has gu8 && step gu-bf16-8 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 \
+  --variants offload offload+gu0.25 offload+gu0.5
 has qkvq && step qkv-qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 \
   --variants offload offload+noqkv
-has qkvq && step qkv-qlora-32k 300 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
+has qkvq32 && step qkv-qlora-32k 300 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
   --warmup 1 --steps 2 --variants offload offload+noqkv
 # Other families and an odd length, beside Unsloth (one model directory each, written by its step); shapes = all
 (has shapes || has qwen) && step qwen-bf16 270 $B --shape qwen2.5-7b --model-dir /tmp/bench-model-qwen \
