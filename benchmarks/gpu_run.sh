@@ -101,12 +101,12 @@ has kattn32 && step kattn-32k 330 $B --stacks fasttune unsloth --modes qlora --b
 has kattn && step kattn-bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 \
   --variants offload offload+noattn
 # Kept q, k, v (the rerun skips the q/k/v products and RoPE too; variant +noqkv keeps O only): GPU tests, then
-# both variants in one process beside Unsloth; qkv8: bf16 8 x 2048 (+ a profile, + selective:1), qkvq: QLoRA
-# 8 x 2048 and 1 x 32,768.
+# both variants in one process beside Unsloth; qkv8: bf16 8 x 2048 (+ a profile), qkvq: QLoRA
+# 8 x 2048, qkvq32: QLoRA 1 x 32,768.
 has qkvtest && step pytest-qkv 150 python3 -m pytest -q -m gpu tests/models/test_kept_attention.py \
   tests/kernels/test_rope.py tests/models/test_llama.py tests/models/test_memory.py -p no:cacheprovider
 has qkv8 && step qkv-bf16-8 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --profile 1 \
-  --variants offload offload+noqkv selective:1
+  --variants offload offload+noqkv
 has gu8 && step gu-bf16-8 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 \
   --variants offload offload+gu0.25 offload+gu0.5
 has qkvq && step qkv-qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 \
