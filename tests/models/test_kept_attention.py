@@ -114,15 +114,18 @@ def test_recomputed_layers_keep_attention_and_never_rerun_it(monkeypatch, mode, 
 
 
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
-def test_recomputed_layers_keep_qkv_and_never_rerun_their_products(monkeypatch, mode, keep):
-    """Kept q, k, v (a Llama layer: no q/k norms): the reruns ask the q/k/v node for no outputs (no base
-    products, no RoPE, no attention), and loss and adapter gradients are those of no checkpointing and of
-    the rerun that recomputes q, k, v."""
+def test_recomputed_layers_keep_qkv_and_never_rerun_their_products(monkeypatch, mode, keep, family_case):
+    """Kept q, k, v, in every family: where the attention is plain causal and has no q/k norms, the reruns
+    ask the q/k/v node for no outputs (no base products, no RoPE, no attention); elsewhere (a sliding window
+    shorter than the rows, q/k norms) they rerun as before. Loss and adapter gradients are those of no
+    checkpointing and of the rerun that recomputes q, k, v."""
     from fasttune.models import llama
 
-    model = make_fused_lora_model(num_attention_heads=4, num_key_value_heads=2)  # GQA 4:2
+    case = family_case
+    model = make_fused_lora_model(**case)
     ids, tgt = _plain_rows(seed=6)
     ref_loss, ref_grads = loss_and_grads(model, ids, tgt)
+    reusable = not case.get("qk_norm") and case.get("sliding_window") is None
 
     outputs, rope = [], []
     inner_qkv, inner_rope = llama.lora_qkv, llama.apply_rope
@@ -135,9 +138,10 @@ def test_recomputed_layers_keep_qkv_and_never_rerun_their_products(monkeypatch, 
         model.set_gradient_checkpointing(mode, keep_layers=keep, keep_attention="reference",
                                          keep_qkv=keep_qkv)
         runs[keep_qkv] = loss_and_grads(model, ids, tgt)
+        skipped = keep_qkv and reusable
         reruns = 3 - keep
-        assert outputs == [True] * 3 + [not keep_qkv] * reruns  # the forwards, then the reruns
-        assert len(rope) == 3 + (0 if keep_qkv else reruns)
+        assert outputs == [True] * 3 + [not skipped] * reruns  # the forwards, then the reruns
+        assert len(rope) == 3 + (0 if skipped else reruns)
     for loss, grads in runs.values():
         torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
         assert grads.keys() == ref_grads.keys()
