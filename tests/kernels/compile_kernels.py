@@ -12,7 +12,7 @@ import sys
 
 
 def _cases(dt: str):
-    from fasttune.kernels import cross_entropy, nf4, rms_norm, rope, swiglu
+    from fasttune.kernels import cross_entropy, nf4, rms_norm, rope, swiglu, swiglu_lora
 
     def p(t):
         return "*" + t
@@ -36,6 +36,20 @@ def _cases(dt: str):
         (swiglu._swiglu_bwd_kernel,
          dict(dh_ptr=p(dt), g_ptr=p(dt), u_ptr=p(dt), dg_ptr=p(dt), du_ptr=p(dt), n="i64", BLOCK=c),
          dict(BLOCK=1024), {}),
+        (swiglu_lora._swiglu_lora_fwd_kernel,
+         dict(g_ptr=p(dt), u_ptr=p(dt), xg_ptr=p(dt), bg_ptr=p(dt), xu_ptr=p(dt), bu_ptr=p(dt), h_ptr=p(dt),
+              n_rows=i32, n_cols=i32, rank=i32,
+              **{k: i32 for k in ("s_gn", "s_un", "s_xgn", "s_xgr", "s_bgr", "s_xun", "s_xur", "s_bur",
+                                  "s_hn")},
+              BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, DOT_FP32=c),
+         dict(BLOCK_N=16, BLOCK_I=128, BLOCK_R=16, DOT_FP32=dt == "fp32"), {"num_warps": 4}),
+        (swiglu_lora._swiglu_lora_bwd_kernel,
+         dict(dh_ptr=p(dt), g_ptr=p(dt), u_ptr=p(dt), xg_ptr=p(dt), bg_ptr=p(dt), xu_ptr=p(dt),
+              bu_ptr=p(dt), dg_ptr=p(dt), du_ptr=p(dt), n_rows=i32, n_cols=i32, rank=i32,
+              **{k: i32 for k in ("s_dhn", "s_gn", "s_un", "s_xgn", "s_xgr", "s_bgr", "s_xun", "s_xur", "s_bur",
+                                  "s_dgn", "s_dun")},
+              BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, DOT_FP32=c),
+         dict(BLOCK_N=16, BLOCK_I=128, BLOCK_R=16, DOT_FP32=dt == "fp32"), {"num_warps": 4}),
         (nf4._nf4_dequant_fwd_kernel,
          dict(packed_ptr=p("u8"), absmax_ptr=p("u8"), code_ptr=p(f32), absmax2_ptr=p(f32), code2_ptr=p(f32),
               offset_ptr=p(f32), out_ptr=p(dt), n=i32, BLOCKSIZE=c, NESTED=c, NESTED_BLOCKSIZE=c, BLOCK=c),
