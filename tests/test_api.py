@@ -277,6 +277,21 @@ def test_selective_plans_keep_layers_from_free_gpu_memory(monkeypatch):
                              use_kernels=False)
 
 
+def test_selective_plan_counts_what_recomputed_layers_keep_on_the_fused_path(monkeypatch):
+    """With kernels on, recomputed layers also keep their attention output and q, k, v: the planner is told
+    (as the printed estimate is), so the kept layers fit beside them."""
+    import fasttune.models.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "plan_keep_layers", lambda config, **kw: calls.append(kw) or 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "selective"}, "test")
+    model = tiny_lora_llama()
+    model.set_use_kernels(True)
+    api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
+    assert calls[-1]["kept_attention"] is True and calls[-1]["kept_qkv"] == (4 + 2 * 2) * 8 / 32
+
+
 def test_selective_on_the_cpu_runs_without_checkpointing_and_says_so():
     lines: list[str] = []
     model = tiny_lora_llama()

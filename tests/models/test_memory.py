@@ -127,6 +127,18 @@ def test_plan_keep_layers_is_monotone_and_bounded():
     assert estimate_memory(c, checkpointing="selective", keep_layers=keep, **kw).total <= base + 8 * GiB
 
 
+def test_plan_keep_layers_counts_the_kept_tensors():
+    """A budget with room for exactly three kept layers when the recomputed ones keep nothing but their
+    inputs holds fewer once they also keep their attention output and q, k, v (`plan_selective` passes
+    them, as the run's estimate does)."""
+    c = make_config(**SHAPES["llama-3.1-8b"])
+    kw = dict(batch=8, seq=2048, halves=True)
+    base = estimate_memory(c, checkpointing="selective", **kw).total
+    budget = base + 3 * layer_saved_bytes(c, 8 * 2048)
+    assert plan_keep_layers(c, budget_bytes=budget, **kw) == 3
+    assert plan_keep_layers(c, budget_bytes=budget, kept_attention=True, kept_qkv=1.5, **kw) == 2
+
+
 def test_bad_options_are_named():
     c = make_config()
     with pytest.raises(ValueError, match="optimizer"):

@@ -41,10 +41,16 @@ def run_estimate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *
     if device.type != "cuda" or not isinstance(model, LlamaForCausalLM):
         return None
     return estimate_memory(model.config, checkpointing=model.gradient_checkpointing,
-                           keep_layers=model.model.keep_layers,
-                           kept_attention=model.model.keep_attention != "off",
-                           kept_qkv=model.model.kept_qkv_share(),
+                           keep_layers=model.model.keep_layers, **_kept_kwargs(model),
                            **_shape_kwargs(model, cfg, precision, quantization))
+
+
+def _kept_kwargs(model: torch.nn.Module) -> dict:
+    """What the offloading modes keep per recomputed layer besides its inputs (attention output, q/k/v):
+    only on the fused kernel path, the one that recomputes in halves."""
+    if not getattr(model, "use_kernels", False):
+        return {}
+    return dict(kept_attention=model.model.keep_attention != "off", kept_qkv=model.model.kept_qkv_share())
 
 
 def plan_selective(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *, precision: str,
@@ -57,4 +63,5 @@ def plan_selective(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
     free, _ = torch.cuda.mem_get_info(device)
     kwargs = _shape_kwargs(model, cfg, precision, quantization)
     budget = int(SELECTIVE_HEADROOM * free) + weight_bytes(model.config, quantization, kwargs["act_bytes"])
+    kwargs.update(_kept_kwargs(model))  # the recomputed layers' kept tensors count against the budget too
     return plan_keep_layers(model.config, budget_bytes=budget, **kwargs)
