@@ -419,10 +419,11 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
                 shapes = by_shape.table(sort_by="device_time_total", row_limit=60)
             except (AttributeError, KeyError, ValueError):
                 shapes = by_shape.table(sort_by="cuda_time_total", row_limit=60)
-            busy, copies = gpu_busy_ms(prof.events())
+            events = prof.events()  # built once: both summaries read it
+            busy, copies = gpu_busy_ms(events)
             head = (f"step {dt:.3f} s; GPU computing {busy:.1f} ms ({busy / dt / 10:.1f}% of the step), "
                     f"host copies on the GPU {copies:.1f} ms\n")
-            Path(profile).write_text(head + gpu_gaps(prof.events()) + table + "\nby input shape:\n" + shapes)
+            Path(profile).write_text(head + gpu_gaps(events) + table + "\nby input shape:\n" + shapes)
         losses.append(float(loss))
         if i >= warmup and prof is None:
             times.append(dt)
