@@ -229,6 +229,33 @@ def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model
     assert packed == [(2, 9, 64)] * 2 and resident == [False, True]
 
 
+@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
+def test_recompute_hands_the_residual_gradient_to_the_branch_norms(monkeypatch, mode, keep):
+    """Each recomputed layer's two norms take the residual branch's gradient into their input gradient
+    (`input_grad_addend`), except layer 0's first under a frozen embedding (no gradient wanted there); loss
+    and gradients stay those of no checkpointing."""
+    from fasttune.kernels import rms_norm as rn
+
+    model = make_fused_lora_model()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(8))
+    ref_loss, ref_grads = loss_and_grads(model, ids, ids)
+    taken = []
+    inner = rn._take_addend
+
+    def take(x):
+        t = inner(x)
+        taken.append(t is not None)
+        return t
+
+    monkeypatch.setattr(rn, "_take_addend", take)
+    model.set_gradient_checkpointing(mode, keep_layers=keep)
+    loss, grads = loss_and_grads(model, ids, ids)
+    assert sum(taken) == 2 * (3 - keep) - 1
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("keep", [0, 1, 5])
 def test_selective_recomputes_only_the_leading_layers(tiny_model, keep):
     model = tiny_model(num_hidden_layers=3).train()

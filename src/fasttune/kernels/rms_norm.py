@@ -10,9 +10,18 @@ Backward, with dy and the rounding of n treated as identity:
     dw = sum over rows of dy * round(n)       (per-program fp32 partial sums, reduced by torch after)
 Programs work on (rows, D) tiles of about 4096 elements: one row of a 4096-wide hidden state, or 32 rows of
 a head_dim-128 q/k norm.
+
+Input-gradient addend (`input_grad_addend`): in a pre-norm residual block x + f(norm(x)) the gradient of x is
+g + d norm(x)/dx, for the block's upstream gradient g. A recompute that knows g before it runs the branch
+(`models/activations.LayerRecompute`) hands it to the norm, whose backward kernel adds it to dx in the same
+write, instead of a separate pass that reads both and writes the sum (dx = rstd (dn - n mean(dn n)) + g).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -41,9 +50,9 @@ def _rms_norm_fwd_kernel(
 
 @jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
-    stride_dy, stride_x, stride_dx, n_rows, n_cols, tiles_per_program,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, add_ptr,
+    stride_dy, stride_x, stride_dx, stride_add, n_rows, n_cols, tiles_per_program,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_ADD: tl.constexpr,
 ):
     # Each program walks a contiguous range of (ROWS, BLOCK) tiles and keeps its share of dw in registers.
     pid = tl.program_id(0)
@@ -64,6 +73,9 @@ def _rms_norm_bwd_kernel(
         dw_acc += tl.sum(dy * to_dtype(n, x.dtype).to(tl.float32), axis=0)
         dn = dy * w[None, :]
         dx = rstd * (dn - n * (tl.sum(dn * n, axis=1) / n_cols)[:, None])
+        if HAS_ADD:  # the residual branch's gradient, added before the one rounding
+            dx += tl.load(add_ptr + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0).to(
+                tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], to_dtype(dx, dx_ptr.dtype.element_ty),
                  mask=mask)
         rows += ROWS
@@ -96,7 +108,8 @@ def _programs(n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, 4))
 
 
-def _rms_norm_bwd(dy2, x2, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_bwd(dy2, x2, weight, rstd, add2=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); `add2` (N, D), if given, is added to dx in the kernel (module docstring)."""
     n_rows, n_cols = x2.shape
     rows, block, num_warps = _tile(n_rows, n_cols)
     n_tiles = cdiv(n_rows, rows)
@@ -104,37 +117,90 @@ def _rms_norm_bwd(dy2, x2, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
     dx = torch.empty_like(x2)
     dw_part = torch.zeros((programs, n_cols), dtype=torch.float32, device=x2.device)
     if n_rows:
+        add = dx if add2 is None else add2  # unread without HAS_ADD
         _rms_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-            n_rows, n_cols, cdiv(n_tiles, programs), ROWS=rows, BLOCK=block, num_warps=num_warps)
+            dy2, x2, weight, rstd, dx, dw_part, add, dy2.stride(0), x2.stride(0), dx.stride(0), add.stride(0),
+            n_rows, n_cols, cdiv(n_tiles, programs), ROWS=rows, BLOCK=block, HAS_ADD=add2 is not None,
+            num_warps=num_warps)
     return dx, dw_part.sum(0).to(weight.dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (N, D) rows with a unit column stride (a copy only when it has none)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, addend: torch.Tensor | None = None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()  # (N, D)
         y, rstd = _rms_norm_fwd(x2, weight.contiguous(), eps)
-        ctx.save_for_backward(x2, weight, rstd)
+        ctx.save_for_backward(x2, weight, rstd, addend)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, weight, rstd = ctx.saved_tensors
+        x2, weight, rstd, addend = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()  # (N, D)
-        dx, dw = _rms_norm_bwd(dy2, x2, weight.contiguous(), rstd)
-        return dx.view(dy.shape), (dw if ctx.needs_input_grad[1] else None), None
+        add2 = None if addend is None else _rows(addend.to(x2.dtype))
+        dx, dw = _rms_norm_bwd(dy2, x2, weight.contiguous(), rstd, add2)
+        return dx.view(dy.shape), (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+class _AddToGrad(torch.autograd.Function):
+    """Identity forward; the backward adds `addend` to the gradient (the torch path of the addend)."""
+
+    @staticmethod
+    def forward(ctx, x, addend):
+        ctx.save_for_backward(addend)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (addend,) = ctx.saved_tensors
+        return dy + addend, None
+
+
+_state = threading.local()  # the autograd engine runs a backward on its own thread per device
+
+
+@contextlib.contextmanager
+def input_grad_addend(addend: torch.Tensor | None) -> Iterator[list]:
+    """Within: the first `rms_norm` of an input shaped like `addend` that requires grad adds `addend` to its
+    input's gradient (module docstring). Yields a list that holds True once a norm has taken it; the caller
+    adds `addend` itself when none did (another norm, or none that needs the gradient)."""
+    taken: list = []
+    before = getattr(_state, "addend", None), getattr(_state, "taken", None)
+    _state.addend, _state.taken = addend, taken
+    try:
+        yield taken
+    finally:
+        _state.addend, _state.taken = before
+
+
+def _take_addend(x: torch.Tensor) -> torch.Tensor | None:
+    addend = getattr(_state, "addend", None)
+    if addend is None or not (torch.is_grad_enabled() and x.requires_grad) or addend.shape != x.shape:
+        return None
+    _state.addend = None  # one norm's
+    _state.taken.append(True)
+    return addend
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, force_triton: bool | None = None
 ) -> torch.Tensor:
-    """RMSNorm over the last dimension: Triton on CUDA, the reference elsewhere (`_dispatch.use_triton`)."""
+    """RMSNorm over the last dimension: Triton on CUDA, the reference elsewhere (`_dispatch.use_triton`).
+    Inside `input_grad_addend`, the first call whose input needs a gradient takes the addend."""
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: x has last dimension {x.shape[-1]} but weight has {weight.shape[-1]}")
+    addend = _take_addend(x)
     if use_triton(x, weight, force=force_triton):
-        return RMSNormFunction.apply(x, weight, eps)
+        return RMSNormFunction.apply(x, weight, eps, addend)
+    if addend is not None:
+        x = _AddToGrad.apply(x, addend)
     return rms_norm_reference(x, weight, eps)
 
 

@@ -185,6 +185,7 @@ class LayerRecompute(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out):
         from fasttune.kernels.lora import gate_up_handoff, recompute_for_backward
+        from fasttune.kernels.rms_norm import input_grad_addend
         from fasttune.models.kept_attention import KeptAttention, attention_handoff
 
         x, x_mid, *rest = ctx.saved_tensors
@@ -194,21 +195,23 @@ class LayerRecompute(torch.autograd.Function):
         layer = ctx.layer
         with torch.enable_grad(), recompute_for_backward():
             xm = x_mid.detach().requires_grad_(True)
-            with gate_up_handoff(given=tuple(gate_up) if gate_up else None):
+            # out = x_mid + mlp(x_mid): d_out joins x_mid's gradient in the branch's norm backward (or here)
+            with gate_up_handoff(given=tuple(gate_up) if gate_up else None), \
+                    input_grad_addend(d_out) as added:
                 y = layer.mlp_branch(xm)
             del gate_up  # the MLP's backward writes its gradients over them
             torch.autograd.backward(y, d_out)
             del y
-            d_mid = d_out + xm.grad  # out = x_mid + mlp(x_mid)
+            d_mid = xm.grad if added else d_out + xm.grad
             del xm
             want_dx = ctx.needs_input_grad[0]  # not for layer 0 under a frozen embedding
             xi = x.detach().requires_grad_(want_dx)
-            with attention_handoff(given=given_attn):
+            with attention_handoff(given=given_attn), input_grad_addend(d_mid if want_dx else None) as added:
                 a = layer.attn_branch(xi, *ctx.attn_args)
             del given_attn
             torch.autograd.backward(a, d_mid)
             del a
-            dx = d_mid + xi.grad if want_dx else None  # x_mid = x + attn(x)
+            dx = (xi.grad if added else d_mid + xi.grad) if want_dx else None  # x_mid = x + attn(x)
         return dx, None, None, None, None, None, *(None for _ in ctx.needs_input_grad[6:])
 
 
