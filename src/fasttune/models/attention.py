@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fasttune.models.kept_attention import handoff_attention
+from fasttune.models.kept_attention import PackedRows, handoff_active, handoff_attention
 
 # `enable_gqa` lets SDPA read the small K/V directly (torch >= 2.5); older versions repeat K/V.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -157,6 +157,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, n_kv, n_rep, t, hd).reshape(b, n_kv * n_rep, t, hd)
 
 
+def packed_rows(mask: AttentionMask) -> PackedRows:
+    """The packed rows of this forward as the variable-length kernel reads them (cached on `mask`)."""
+    rows = mask._bias.get("rows")
+    if rows is None:
+        rows = mask._bias["rows"] = PackedRows.from_doc_ids(mask.doc_ids)
+    return rows
+
+
 def _flex_attention(on_cuda: bool) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -211,8 +219,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd).
     `qkv_reusable`: the caller can rerun from kept q, k, v (`kept_attention.rerun_from_kept`)."""
     n_rep = q.shape[1] // k.shape[1]
-    if mask.causal:  # inside a layer's recompute, its kept output (models/kept_attention.py)
-        kept = handoff_attention(q, k, v, qkv_reusable)
+    # inside a layer's recompute, its kept output (models/kept_attention.py), for plain or packed causal rows
+    if (mask.causal or mask.doc_causal) and handoff_active():
+        kept = handoff_attention(q, k, v, qkv_reusable, None if mask.causal else packed_rows(mask))
         if kept is not None:
             return kept
     if _use_flex(q, k, mask):

@@ -21,6 +21,11 @@ gradients, ~140% off, when they differed); elsewhere the hand-off stays off and 
 before, except where `reference` is allowed (tests): the math above in fp32.
 Exact: the backward reads the forward's own O and lse, as SDPA's backward does.
 
+Packed rows (`PackedRows`: several rows per sequence, causal within each, never across): the same math with
+S also masked where query and key sit in different rows. On CUDA they run as the variable-length flash kernel
+(`_flash_attention_forward` / `_backward` over the batch flattened to B * T tokens, row r spanning
+cu_seqlens[r] to cu_seqlens[r + 1]), whose lse is (H, B * T); the reference is the masked math above.
+
 Kept q, k, v (`keep_qkv` of the hand-off, for attentions whose q, k, v are plain functions of the layer's
 normed input: the fused q/k/v products and RoPE, no q/k norms): the first forward also keeps q and k after
 RoPE and v, so the rerun needs neither the q/k/v base products nor RoPE (`rerun_from_kept`): the q/k/v node
@@ -41,6 +46,27 @@ import torch
 
 _state = threading.local()  # the autograd engine runs a backward on its own thread per device
 _CUDNN = 3  # torch.nn.attention.SDPBackend.CUDNN_ATTENTION, as torch._fused_sdp_choice returns it
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Rows packed into the sequences of a (B, T) batch, as the variable-length kernel reads them: the tokens
+    flattened to B * T, row r spanning [cu_seqlens[r], cu_seqlens[r + 1]) (int32, rows + 1 entries), the
+    longest row `max_len`, and the (B, T) row ids they came from (for the reference)."""
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+    doc_ids: torch.Tensor
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids: torch.Tensor) -> PackedRows:
+        """A row starts at each sequence's first token and wherever the row id changes (one host sync)."""
+        B, T = doc_ids.shape
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        first = starts.reshape(-1).nonzero().squeeze(1)
+        cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
+        return cls(cu, int((cu[1:] - cu[:-1]).max()), doc_ids)
 
 
 @dataclass
@@ -83,6 +109,12 @@ def attention_handoff(sink: list | None = None, given: KeptAttention | None = No
         _state.sink, _state.given, _state.reference, _state.keep_qkv = before
 
 
+def handoff_active() -> bool:
+    """Whether an attention here would keep its output or take a kept one (a recomputed layer's forward or
+    rerun)."""
+    return getattr(_state, "sink", None) is not None or getattr(_state, "given", None) is not None
+
+
 def given_with_qkv() -> KeptAttention | None:
     """The kept attention handed to the next attention of a rerun, if it carries q, k, v (not consumed)."""
     given = getattr(_state, "given", None)
@@ -96,19 +128,26 @@ def _token_major(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.stride(1) == D and t.stride(2) >= H * D
 
 
-def _backend(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """'cudnn' where SDPA would pick cuDNN for these tensors, 'reference' where allowed, else None."""
-    if q.is_cuda:
-        choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        return "cudnn" if choice == _CUDNN else None
-    return "reference" if getattr(_state, "reference", False) else None
+def _backend(q: torch.Tensor, k: torch.Tensor, rows: PackedRows | None = None) -> str | None:
+    """Plain causal rows: 'cudnn' where SDPA would pick cuDNN for these tensors; packed rows: 'flash_varlen'
+    where the flash kernel takes them; 'reference' where allowed (off CUDA); else None."""
+    if not q.is_cuda:
+        return "reference" if getattr(_state, "reference", False) else None
+    if rows is not None:
+        D = q.shape[-1]
+        ok = (q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
+              and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 8)
+        return "flash_varlen" if ok else None
+    choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return "cudnn" if choice == _CUDNN else None
 
 
-def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      qkv_reusable: bool = False) -> torch.Tensor | None:
+def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv_reusable: bool = False,
+                      rows: PackedRows | None = None) -> torch.Tensor | None:
     """Causal self-attention through the hand-off when one is active and the kernel allows it, else None
     (the caller then runs attention as usual). q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D).
-    `qkv_reusable`: the caller can rerun from kept q, k, v (`rerun_from_kept`); kept if the hand-off asks."""
+    `qkv_reusable`: the caller can rerun from kept q, k, v (`rerun_from_kept`); kept if the hand-off asks.
+    `rows`: the packed rows of the batch (causal within each), or None for plain causal rows."""
     sink, given = getattr(_state, "sink", None), getattr(_state, "given", None)
     if (sink is None and given is None) or q.shape[2] != k.shape[2]:
         return None
@@ -121,25 +160,39 @@ def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return KeptAttentionFunction.apply(q, k, v, given)
     if not all(_token_major(t) for t in (q, k, v)):
         return None
-    backend = _backend(q, k)
+    backend = _backend(q, k, rows)
     if backend is None:
         return None
     with torch.no_grad():
-        out, kept = _forward(q, k, v, backend)
+        out, kept = _forward(q, k, v, backend, rows)
     if qkv_reusable and getattr(_state, "keep_qkv", False):
         kept.qkv_bthd = tuple(t.transpose(1, 2) for t in (q, k, v))
     sink.append(kept)
     return out
 
 
-def _forward(q, k, v, backend: str) -> tuple[torch.Tensor, KeptAttention]:
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, D) -> (B * T, heads, D), the variable-length kernel's layout (a view when token-major)."""
+    B, n, T, D = t.shape
+    return t.transpose(1, 2).reshape(B * T, n, D)
+
+
+def _forward(q, k, v, backend: str, rows: PackedRows | None) -> tuple[torch.Tensor, KeptAttention]:
     if backend == "cudnn":
         out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, True, False)
         # cuDNN writes O in (B, T, H, D) memory order: the transpose is that buffer, contiguous
         return out, KeptAttention(out.transpose(1, 2), lse, backend, (seed, offset))
-    out, lse = attention_reference_forward(q, k, v)
-    return out, KeptAttention(out.transpose(1, 2), lse, backend)
+    if backend == "flash_varlen":
+        B, H, T, D = q.shape
+        cu, n = rows.cu_seqlens, rows.max_len
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            _tokens(q), _tokens(k), _tokens(v), cu, cu, n, n, 0.0, True, False)
+        out_bthd = out.view(B, T, H, D)
+        return out_bthd.transpose(1, 2), KeptAttention(out_bthd, lse, backend, (rows, rng, unused))
+    doc = rows.doc_ids if rows is not None else None
+    out, lse = attention_reference_forward(q, k, v, doc)
+    return out, KeptAttention(out.transpose(1, 2), lse, backend, (rows,) if rows is not None else ())
 
 
 class KeptAttentionFunction(torch.autograd.Function):
@@ -170,7 +223,16 @@ def _kernel_backward(d_out, q, k, v, out, lse, backend: str, extra: tuple):
                                         device=d_out.device).copy_(d_out)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             d_out, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
-    return attention_reference_backward(d_out, q, k, v, out, lse)
+    if backend == "flash_varlen":
+        rows, rng, unused = extra
+        B, _, T, D = q.shape
+        cu, n = rows.cu_seqlens, rows.max_len
+        grads = torch.ops.aten._flash_attention_backward(
+            _tokens(d_out).contiguous(), _tokens(q), _tokens(k), _tokens(v), _tokens(out), lse, cu, cu, n, n,
+            0.0, True, rng, unused)
+        return tuple(g.view(B, T, -1, D).transpose(1, 2) for g in grads)
+    doc = extra[0].doc_ids if extra else None
+    return attention_reference_backward(d_out, q, k, v, out, lse, doc)
 
 
 class KeptQKVAttentionFunction(torch.autograd.Function):
@@ -213,30 +275,33 @@ def rerun_from_kept(q0: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor,
     return KeptQKVAttentionFunction.apply(q0, k0, v0, *rope, given)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """s q k^T in fp32 with the causal mask, k repeated over the query heads that share it: (B, H, T, T)."""
+def _scores(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """s q k^T in fp32 with the causal mask (and, for packed rows, the mask between rows: `doc_ids` (B, T)),
+    k repeated over the query heads that share it: (B, H, T, T)."""
     n_rep = q.shape[1] // k.shape[1]
     kr = k.float().repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
     s = q.float() @ kr.transpose(-1, -2) / math.sqrt(q.shape[-1])
     T = q.shape[2]
-    above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return s.masked_fill(above, float("-inf"))
+    hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    if doc_ids is not None:
+        hidden = hidden | (doc_ids[:, None, :, None] != doc_ids[:, None, None, :])  # (B, 1, T, T)
+    return s.masked_fill(hidden, float("-inf"))
 
 
-def attention_reference_forward(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_reference_forward(q, k, v, doc_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward math of the module docstring in fp32: (O in q's dtype, lse (B, H, T, 1) fp32)."""
     n_rep = q.shape[1] // k.shape[1]
-    s = _scores(q, k)
+    s = _scores(q, k, doc_ids)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     out = torch.exp(s - lse) @ v.float().repeat_interleave(n_rep, dim=1)
     return out.to(q.dtype), lse
 
 
-def attention_reference_backward(d_out, q, k, v, out, lse) -> tuple[torch.Tensor, ...]:
+def attention_reference_backward(d_out, q, k, v, out, lse, doc_ids=None) -> tuple[torch.Tensor, ...]:
     """dq, dk, dv from the kept O and lse (the module docstring's backward math), in the inputs' dtypes."""
     B, Hk, T, D = k.shape
     n_rep = q.shape[1] // Hk
-    p = torch.exp(_scores(q, k) - lse)  # (B, H, T, T)
+    p = torch.exp(_scores(q, k, doc_ids) - lse)  # (B, H, T, T)
     do = d_out.float()
     dv = (p.transpose(-1, -2) @ do).view(B, Hk, n_rep, T, D).sum(2)
     dp = do @ v.float().repeat_interleave(n_rep, dim=1).transpose(-1, -2)
