@@ -186,8 +186,8 @@ def gemm_shapes(tokens: int) -> None:
 
 def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: int = 16) -> None:
     """lora_mlp's gate/up and SwiGLU both ways: adapter terms written first and accumulated by the products
-    (then plain SwiGLU), or products without them and the terms added in the SwiGLU kernels, at a few tile
-    shapes of the latter."""
+    (then plain SwiGLU), or products without them and the terms added in the SwiGLU kernels; those kernels
+    with and without the (N, r) products they can also make."""
     from fasttune.kernels import swiglu_lora as sl
     from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 
@@ -208,24 +208,17 @@ def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: 
           f"TFLOP/s; without it (mm): {t_mm:.3f} ms = {fl / t_mm / 1e9:.0f}")
     t_f, t_b = ms(lambda: _swiglu_fwd(g, u)), ms(lambda: _swiglu_bwd(dh, g, u))
     print(f"swiglu fwd {t_f * 1e3:.0f} us, bwd {t_b * 1e3:.0f} us (plain)")
-    tile, blocks = (sl._BLOCK_N, sl._BLOCK_I), sl._blocks(r, dt)
-    for bn, bi, warps in ((16, 128, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)):
-        def fwd():
-            sl._swiglu_lora_fwd_kernel[sl._grid(tokens, inter)](
-                g, u, *ops, h, tokens, inter, r, g.stride(0), u.stride(0), *strides, h.stride(0),
-                **dict(blocks, BLOCK_N=bn, BLOCK_I=bi, num_warps=warps))
-
-        def bwd():
-            sl._swiglu_lora_bwd_kernel[sl._grid(tokens, inter)](
-                dh, g, u, *ops, dg, du, tokens, inter, r, dh.stride(0), g.stride(0), u.stride(0), *strides,
-                dg.stride(0), du.stride(0), **dict(blocks, BLOCK_N=bn, BLOCK_I=bi, num_warps=warps))
-
-        sl._BLOCK_N, sl._BLOCK_I = bn, bi  # the grid follows the tile
-        ops, strides = sl._lora_operands(xa[:, :r], bs, xa[:, r:], bs)
-        h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(u)
-        t_f, t_b = ms(fwd), ms(bwd)
-        print(f"swiglu_lora tile {bn}x{bi} warps {warps}: fwd {t_f * 1e3:.0f} us, bwd {t_b * 1e3:.0f} us")
-    sl._BLOCK_N, sl._BLOCK_I = tile
+    # The kernels as lora_mlp calls them, alone and also making an (N, r) product (h A_d^T forward, dg B_g
+    # and du B_u backward) from partial sums, beside the products of an (N, inter) tensor they replace.
+    ad = torch.randn(r, inter, device=dev, dtype=dt) / inter**0.5
+    args = (g, u, xa[:, :r], bs, xa[:, r:], bs)
+    t_f, t_fa = ms(lambda: sl._swiglu_lora_fwd(*args)), ms(lambda: sl._swiglu_lora_fwd(*args, a_down=ad))
+    t_b = ms(lambda: sl._swiglu_lora_bwd(dh, *args))
+    t_bd = ms(lambda: sl._swiglu_lora_bwd(dh, *args, want_db=True))
+    t_pa, t_pb = ms(lambda: g @ ad.t()), ms(lambda: g @ bs)
+    print(f"swiglu_lora fwd {t_f * 1e3:.0f} us, with h A_d^T {t_fa * 1e3:.0f} us (the product alone "
+          f"{t_pa * 1e3:.0f} us); bwd {t_b * 1e3:.0f} us, with dg B_g, du B_u {t_bd * 1e3:.0f} us "
+          f"(each product alone {t_pb * 1e3:.0f} us)")
 
 
 def main() -> None:

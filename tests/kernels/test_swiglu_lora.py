@@ -80,6 +80,40 @@ def test_in_place_backward_writes_the_gradients_over_gate_and_up(device):
     torch.testing.assert_close(du, want[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 13, 3), (67, 131, 16), (20, 1100, 16)])  # the last: two strips
+def test_backward_makes_the_adapter_input_gradients(device, shape, dtype):
+    """want_db: the same dg, du, and besides them c dg b_g, c du b_u from the kernel's per-strip sums, equal
+    to the products of the stored dg, du (what `lora_mlp` would otherwise compute by reading them back)."""
+    gate0, up0, xa, b_g, b_u, dh = (t.to(device, dtype) for t in _inputs(*shape, seed=5))
+    r = shape[2]
+    plain = sl._swiglu_lora_bwd(dh, gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u)
+    dg, du, dxa_g, dxa_u = sl._swiglu_lora_bwd(dh, gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u,
+                                               want_db=True, db_scales=(0.5, 3.0))
+    assert torch.equal(dg, plain[0]) and torch.equal(du, plain[1])
+    assert dxa_g.shape == dxa_u.shape == (shape[0], r) and dxa_g.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dxa_g.float(), 0.5 * (dg.float() @ b_g.float()), **tol)
+    torch.testing.assert_close(dxa_u.float(), 3.0 * (du.float() @ b_u.float()), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,rank_d", [((7, 13, 3), 5), ((67, 131, 16), 16), ((20, 1100, 16), 16)])
+def test_forward_makes_the_down_adapter_product(device, shape, rank_d, dtype):
+    """a_down: the same h, and besides it h A_d^T from the kernel's per-strip sums, equal to the product of
+    the stored h (what `lora_mlp` would otherwise compute by reading h back); a down rank of its own."""
+    gate0, up0, xa, b_g, b_u, _ = (t.to(device, dtype) for t in _inputs(*shape, seed=6))
+    r = shape[2]
+    a_down = torch.randn(rank_d, shape[1], generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    plain = sl._swiglu_lora_fwd(gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u)
+    h, had = sl._swiglu_lora_fwd(gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u, a_down=a_down)
+    assert torch.equal(h, plain) and had.shape == (shape[0], rank_d) and had.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(had.float(), h.float() @ a_down.float().t(), **tol)
+    with pytest.raises(ValueError, match="a_down"):
+        sl._swiglu_lora_fwd(gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u, a_down=a_down[:, :-1])
+
+
 def test_row_strided_gate_and_up(device):
     # gate0 and up0 as the two halves of one (N, 2 inter) product: row stride 2 inter.
     gate0, up0, xa, b_g, b_u, _ = (t.to(device) for t in _inputs(7, 13, 3, seed=4))

@@ -19,6 +19,9 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
                gate and up products each write their (N, inter) output once and nothing reads it back.
     backward:  h recomputed from g0, u0; dh from the down backward; dg, du by the SwiGLU backward
                (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
+               On the Triton path the SwiGLU kernels also make the rank-r products of the (N, inter)
+               tensors they write: h A_d^T (forward) and dg B_g, du B_u (backward), so no product reads h,
+               dg or du back for them.
     memory:    dh is written over h once the down adapter's gradient has read h, and dg, du over the saved
                g0, u0: three (N, inter) buffers at the backward's peak instead of five. The saved g0, u0 are
                consumed, so a second backward through the same graph (retain_graph) is refused.
@@ -170,11 +173,12 @@ def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None):
     return y, xa
 
 
-def _grads(dy2, x2, a, b, s, xl2, xa, needs):
+def _grads(dy2, x2, a, b, s, xl2, xa, needs, dyb=None):
     """Per-projection gradients of `_forward` other than dx: (dyB, dW, dbias, dA, dB, dx'), each only if
-    flagged in `needs` = (W, bias, A, B, x'). dx of one or several projections of one x: `_dx`."""
+    flagged in `needs` = (W, bias, A, B, x'). dx of one or several projections of one x: `_dx`.
+    `dyb`: dy B when the caller has it already (the SwiGLU backward kernel makes it for gate and up)."""
     want_w, want_bias, want_a, want_b, want_xl = needs
-    dyb = dy2 @ b  # (N, r)
+    dyb = dy2 @ b if dyb is None else dyb  # (N, r)
     da = (dyb.t() @ (x2 if xl2 is None else xl2)).mul_(s) if want_a else None  # (r, in)
     db = (dy2.t() @ xa).mul_(s) if want_b else None  # (out, r)
     dw = dy2.t() @ x2 if want_w else None  # (out, in)
@@ -324,24 +328,31 @@ def _gate_up_product(x2, w, bias, a, b, s, xa, x_fp8, defer: bool) -> torch.Tens
     return _forward(x2, w, bias, a, b, s, xa=xa, x_fp8=x_fp8)[0]
 
 
-def _silu_mul(g, u, lora_terms, triton: bool) -> torch.Tensor:
-    """h = silu(g) u. With lora_terms = (xa_g, b_g, xa_u, b_u) (Triton only), g and u are g0, u0 and the
-    kernel adds xa_g b_g^T and xa_u b_u^T first; with None they are complete."""
+def _silu_mul(g, u, lora_terms, triton: bool, a_down=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h, h A_d^T) for h = silu(g) u. With lora_terms = (xa_g, b_g, xa_u, b_u) (Triton only), g and u are
+    g0, u0 and the kernel adds xa_g b_g^T and xa_u b_u^T first, and with `a_down` (A_d, (r_d, inter)) also
+    makes h A_d^T from its tiles; otherwise g and u are complete and the second item is None (the caller
+    makes h A_d^T if it needs it)."""
     if lora_terms is not None:
-        return _swiglu_lora_fwd(g, u, *lora_terms)
-    return _swiglu_fwd(g, u) if triton else F.silu(g) * u
+        if a_down is None:
+            return _swiglu_lora_fwd(g, u, *lora_terms), None
+        return _swiglu_lora_fwd(g, u, *lora_terms, a_down=a_down)
+    return (_swiglu_fwd(g, u) if triton else F.silu(g) * u), None
 
 
-def _silu_mul_grad(dh, g, u, lora_terms, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) of h = silu(g) u, written over g and u (the torch branch: the kernel's fp32 formula)."""
+def _silu_mul_grad(dh, g, u, lora_terms, triton: bool, scalings=(1.0, 1.0)):
+    """(dg, du, dyB_g, dyB_u) of h = silu(g) u, dg, du written over g and u (the torch branch: the kernel's
+    fp32 formula). dyB = dg B_g, du B_u (N, r) from the SwiGLU-LoRA kernel, whose lora_terms carry
+    s_g B_g and s_u B_u (hence the division by `scalings`); None elsewhere (the caller makes them)."""
     if lora_terms is not None:
-        return _swiglu_lora_bwd(dh, g, u, *lora_terms, inplace=True)
+        inv = tuple(1.0 / s if s else 0.0 for s in scalings)  # s = 0: the adapter's gradients are all zero
+        return _swiglu_lora_bwd(dh, g, u, *lora_terms, inplace=True, want_db=True, db_scales=inv)
     if triton:
-        return _swiglu_bwd(dh, g, u, inplace=True)
+        return (*_swiglu_bwd(dh, g, u, inplace=True), None, None)
     gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
     du = dhf * gf * sig
     dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
-    return g.copy_(dg), u.copy_(du)
+    return g.copy_(dg), u.copy_(du), None, None
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -377,8 +388,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
         else:
             terms = (xag, lora[0][1] * sg, xau, lora[1][1] * su) if defer else None
-            h = _silu_mul(g, u, terms, triton)  # (N, inter)
-            y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
+            h, had = _silu_mul(g, u, terms, triton, a_down=lora[2][0])  # (N, inter), (N, r) or None
+            y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd, xa=had)
             del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.defer = defer
@@ -403,18 +414,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
-        h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
-        if had is None:  # a recompute for this backward skipped it
-            had = h @ ad.t()  # (N, r)
+        h, had_k = _silu_mul(g, u, terms, ctx.triton, a_down=ad if had is None else None)  # recomputed
+        if had is None:  # a recompute for this backward skipped it: from the kernel, or a product
+            had = had_k if had_k is not None else h @ ad.t()  # (N, r)
         flags = (n[9], n[10], n[11], n[12], False)
         dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
         # dh goes into h's buffer: every read of h is above.
         dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
         del h
-        dg, du = _silu_mul_grad(dh, g, u, terms, ctx.triton)  # over g and u
+        dg, du, dybg, dybu = _silu_mul_grad(dh, g, u, terms, ctx.triton, (sg, su))  # over g and u
         del dh
-        dybg, dwg, dbg, _, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], False, n[4], False))
-        dybu, dwu, dbu, _, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], False, n[8], False))
+        dybg, dwg, dbg, _, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], False, n[4], False),
+                                            dybg)
+        dybu, dwu, dbu, _, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], False, n[8], False),
+                                            dybu)
         dag, dau = _shared_da(x2, [dybg if n[3] else None, dybu if n[7] else None], (sg, su))
         dx = _dx([(dg, lambda: _dense_or(wg, dqg, dt), dybg, ag, sg),
                   (du, lambda: _dense_or(wu, dqu, dt), dybu, au, su)]) if n[0] else None

@@ -11,7 +11,11 @@ Forward, for xa_g = x A_g^T (N, r), b_g = s_g B_g (inter, r) (and the same for u
 Backward, for upstream dh, recomputing g and u from the same operands (sigma = sigmoid(g)):
     du = dh * g * sigma                        (= dL/du0: u0 enters u with weight 1)
     dg = dh * u * sigma * (1 + g * (1 - sigma))
-    d xa_g = dg b_g,  d b_g = dg^T xa_g        (and the same for up; `lora_mlp` computes these itself)
+    d xa_g = dg b_g,  d b_g = dg^T xa_g        (and the same for up)
+The backward kernel can also return d xa_g and d xa_u (`want_db`): each program walks a strip of 8 column
+tiles and adds its tiles' dg b_g, du b_u on the tensor cores into (rows, r) partial sums, one slot per
+strip, which are summed after it (deterministic, no atomics). A product over dg, du would read two
+(N, inter) tensors again for them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import torch.nn.functional as F
 from fasttune.kernels._dispatch import cdiv, interpreting, jit, next_pow2, tl, to_dtype, use_triton
 
 _BLOCK_N, _BLOCK_I = 16, 128  # rows x intermediate columns per program: the fastest of nine tiles on an H100
+# With the (N, r) products, a program walks a strip of _PART_TILES tiles of _PART_ROWS rows (4 warps, 3
+# pipeline stages): the fastest of 72 configurations on an H100 (16,384 x 14,336, r = 16; fwd 746 us, bwd
+# 1,134 us, against 1,850 / 2,242 us for 16-row tiles; benchmarks/RESULTS.md).
+_PART_ROWS, _PART_TILES = 64, 8
 
 
 @jit
@@ -55,37 +63,80 @@ def _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_
 
 
 @jit
-def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr, n_rows, n_cols, rank,
-                            s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_hn,
-                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
-                            BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
+def _times_b(d, bt_ptr, cols, col_ok, rank, s_br, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
+    """(rows, BLOCK_R) = d b[cols] for a (rows, BLOCK_I) tile d, already rounded to the stored dtype, and
+    bt = b^T (r, inter) with unit column stride: one tile's share of the (N, r) product d b."""
+    r = tl.arange(0, BLOCK_R)
+    bt = tl.load(bt_ptr + r[:, None] * s_br + cols[None, :], mask=(r < rank)[:, None] & col_ok[None, :],
+                 other=0.0)  # (BLOCK_R, BLOCK_I)
+    if DOT_FP32:
+        return tl.dot(d.to(tl.float32), tl.trans(bt.to(tl.float32)), input_precision="ieee")
+    return tl.dot(d, tl.trans(bt))
+
+
+@jit
+def _store_partial(p_ptr, acc, rows, row_ok, rank, s_ps, s_pn, BLOCK_R: tl.constexpr):
+    """This strip's (rows, r) partial sums into its slot of a (strips, N, r) fp32 buffer."""
+    r = tl.arange(0, BLOCK_R)
+    tl.store(p_ptr + tl.program_id(1) * s_ps + rows[:, None] * s_pn + r[None, :], acc,
+             mask=row_ok[:, None] & (r < rank)[None, :])
+
+
+@jit
+def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr, ad_ptr, pa_ptr,
+                            n_rows, n_cols, rank, rank_d,
+                            s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_hn, s_adr, s_ps, s_pn,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_RD: tl.constexpr, DOT_FP32: tl.constexpr, TILES: tl.constexpr,
+                            WANT_A: tl.constexpr):
+    # A strip of TILES (BLOCK_N, BLOCK_I) tiles per program; with WANT_A also the strip's share of
+    # h A_d^T, (BLOCK_N, rank_d), written to this strip's slot of the partial-sum buffer.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    row_ok, col_ok = rows < n_rows, cols < n_cols
-    g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
-    h = g * tl.sigmoid(g) * u
-    tl.store(h_ptr + rows[:, None] * s_hn + cols[None, :], to_dtype(h, h_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    row_ok = rows < n_rows
+    acc = tl.zeros((BLOCK_N, BLOCK_RD), dtype=tl.float32)
+    for t in range(TILES):
+        cols = (tl.program_id(1) * TILES + t) * BLOCK_I + tl.arange(0, BLOCK_I)
+        col_ok = cols < n_cols
+        g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
+                             s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
+        h = to_dtype(g * tl.sigmoid(g) * u, h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None] * s_hn + cols[None, :], h, mask=row_ok[:, None] & col_ok[None, :])
+        if WANT_A:  # A_d is (r_d, inter): the layout `_times_b` reads
+            acc += _times_b(h, ad_ptr, cols, col_ok, rank_d, s_adr, BLOCK_RD, DOT_FP32)
+    if WANT_A:
+        _store_partial(pa_ptr, acc, rows, row_ok, rank_d, s_ps, s_pn, BLOCK_RD)
 
 
 @jit
 def _swiglu_lora_bwd_kernel(dh_ptr, g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, dg_ptr, du_ptr,
-                            n_rows, n_cols, rank, s_dhn, s_gn, s_un, s_xgn, s_xgr, s_bgr,
-                            s_xun, s_xur, s_bur, s_dgn, s_dun, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
-                            BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
+                            pg_ptr, pu_ptr, n_rows, n_cols, rank, s_dhn, s_gn, s_un, s_xgn, s_xgr, s_bgr,
+                            s_xun, s_xur, s_bur, s_dgn, s_dun, s_ps, s_pn,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+                            DOT_FP32: tl.constexpr, TILES: tl.constexpr, WANT_DB: tl.constexpr):
+    # A strip of TILES (BLOCK_N, BLOCK_I) tiles per program; with WANT_DB also the strip's share of dg b_g
+    # and du b_u, (BLOCK_N, r) each, written to this strip's slot of the partial-sum buffers.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    row_ok, col_ok = rows < n_rows, cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
-    dh = tl.load(dh_ptr + rows[:, None] * s_dhn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    du = dh * g * sig
-    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(du_ptr + rows[:, None] * s_dun + cols[None, :], to_dtype(du, du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + rows[:, None] * s_dgn + cols[None, :], to_dtype(dg, dg_ptr.dtype.element_ty), mask=mask)
+    row_ok = rows < n_rows
+    acc_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for t in range(TILES):
+        cols = (tl.program_id(1) * TILES + t) * BLOCK_I + tl.arange(0, BLOCK_I)
+        col_ok = cols < n_cols
+        mask = row_ok[:, None] & col_ok[None, :]
+        g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
+                             s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
+        dh = tl.load(dh_ptr + rows[:, None] * s_dhn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        du = to_dtype(dh * g * sig, du_ptr.dtype.element_ty)
+        dg = to_dtype(dh * u * sig * (1.0 + g * (1.0 - sig)), dg_ptr.dtype.element_ty)
+        tl.store(du_ptr + rows[:, None] * s_dun + cols[None, :], du, mask=mask)
+        tl.store(dg_ptr + rows[:, None] * s_dgn + cols[None, :], dg, mask=mask)
+        if WANT_DB:  # the stored (rounded) values, as a product reading dg, du back would see them
+            acc_g += _times_b(dg, bg_ptr, cols, col_ok, rank, s_bgr, BLOCK_R, DOT_FP32)
+            acc_u += _times_b(du, bu_ptr, cols, col_ok, rank, s_bur, BLOCK_R, DOT_FP32)
+    if WANT_DB:
+        _store_partial(pg_ptr, acc_g, rows, row_ok, rank, s_ps, s_pn, BLOCK_R)
+        _store_partial(pu_ptr, acc_u, rows, row_ok, rank, s_ps, s_pn, BLOCK_R)
 
 
 def _check(g0, u0, xa_g, b_g, xa_u, b_u, dh=None) -> None:
@@ -102,11 +153,11 @@ def _check(g0, u0, xa_g, b_g, xa_u, b_u, dh=None) -> None:
                          "(N, inter), (N, r), (inter, r) with unit column strides")
 
 
-def _grid(n: int, inter: int) -> tuple[int, int]:
-    return cdiv(n, _BLOCK_N), cdiv(inter, _BLOCK_I)
-
-
-def _blocks(rank: int, dtype: torch.dtype) -> dict:
+def _blocks(rank: int, dtype: torch.dtype, parts: bool = False) -> dict:
+    """Launch parameters; `parts`: for the kernels that also make (N, r) products (strip-walking)."""
+    if parts:
+        return dict(BLOCK_N=_PART_ROWS, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
+                    DOT_FP32=dtype == torch.float32 or interpreting(), num_warps=4, num_stages=3)
     return dict(BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
                 DOT_FP32=dtype == torch.float32 or interpreting(), num_warps=4)
 
@@ -118,31 +169,65 @@ def _lora_operands(xa_g, b_g, xa_u, b_u) -> list:
     return [xa_g, bt_g, xa_u, bt_u], [*xa_g.stride(), bt_g.stride(0), *xa_u.stride(), bt_u.stride(0)]
 
 
-def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
-    """h (N, inter) from the adapter-free gate/up outputs and their adapter operands (module docstring)."""
+def _strips(n: int, inter: int, tiles: int) -> tuple[int, int]:
+    """The grid of a launch: row blocks, strips of `tiles` column tiles (one tile: the plain kernels)."""
+    return cdiv(n, _PART_ROWS if tiles > 1 else _BLOCK_N), cdiv(cdiv(inter, _BLOCK_I), tiles)
+
+
+def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u, a_down: torch.Tensor | None = None):
+    """h (N, inter) from the adapter-free gate/up outputs and their adapter operands (module docstring).
+    `a_down` (r_d, inter), the down adapter's A: also return h A_d^T (N, r_d) in h's dtype, from the
+    kernel's per-strip partial sums in fp32, so that nothing reads h back for it."""
     _check(g0, u0, xa_g, b_g, xa_u, b_u)
     n, inter = g0.shape
+    r = xa_g.shape[1]
+    want_a = a_down is not None
+    if want_a and (a_down.dim() != 2 or a_down.shape[1] != inter or a_down.stride(1) != 1):
+        raise ValueError(f"swiglu_lora: a_down {tuple(a_down.shape)} is not (r, {inter}) with unit column "
+                         "stride")
+    r_d = a_down.shape[0] if want_a else 1
     h = torch.empty((n, inter), dtype=g0.dtype, device=g0.device)
+    tiles = _PART_TILES if want_a else 1
+    grid = _strips(n, inter, tiles)
+    parts = torch.zeros((grid[1], n, r_d), dtype=torch.float32, device=g0.device) if want_a else None
     if h.numel():
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
-        _swiglu_lora_fwd_kernel[_grid(n, inter)](
-            g0, u0, *ops, h, n, inter, xa_g.shape[1], g0.stride(0), u0.stride(0), *strides, h.stride(0),
-            **_blocks(xa_g.shape[1], g0.dtype))
-    return h
+        ad = a_down.to(g0.dtype) if want_a else h
+        _swiglu_lora_fwd_kernel[grid](
+            g0, u0, *ops, h, ad, parts if want_a else h, n, inter, r, r_d, g0.stride(0), u0.stride(0),
+            *strides, h.stride(0), ad.stride(0), n * r_d, r_d, **_blocks(r, g0.dtype, want_a),
+            BLOCK_RD=max(16, next_pow2(r_d)), TILES=tiles, WANT_A=want_a)
+    if not want_a:
+        return h
+    return h, parts.sum(0).to(g0.dtype)
 
 
-def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False):
+
+
+def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, want_db: bool = False,
+                     db_scales: tuple[float, float] = (1.0, 1.0)):
     """(dg, du), the gradients of the corrected g and u (= of g0 and u0); `inplace` writes them over g0, u0
-    (each element is read before it is written, and no other program reads it)."""
+    (each element is read before it is written, and no other program reads it). `want_db`: also return
+    c_g dg b_g and c_u du b_u for (c_g, c_u) = `db_scales`, (N, r) in g0's dtype (with c = 1: d xa_g, d xa_u),
+    summed from the kernel's per-strip partials in fp32, so that nothing reads dg, du back for them."""
     _check(g0, u0, xa_g, b_g, xa_u, b_u, dh)
     n, inter = g0.shape
+    r = xa_g.shape[1]
     dg, du = (g0, u0) if inplace else (torch.empty_like(g0), torch.empty_like(u0))
+    tiles = _PART_TILES if want_db else 1
+    grid = _strips(n, inter, tiles)
+    parts = torch.zeros((2, grid[1], n, r), dtype=torch.float32, device=g0.device) if want_db else None
     if dg.numel():
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
-        _swiglu_lora_bwd_kernel[_grid(n, inter)](
-            dh, g0, u0, *ops, dg, du, n, inter, xa_g.shape[1], dh.stride(0), g0.stride(0), u0.stride(0),
-            *strides, dg.stride(0), du.stride(0), **_blocks(xa_g.shape[1], g0.dtype))
-    return dg, du
+        pg, pu = (parts[0], parts[1]) if want_db else (dg, du)  # unused without want_db
+        _swiglu_lora_bwd_kernel[grid](
+            dh, g0, u0, *ops, dg, du, pg, pu, n, inter, r, dh.stride(0), g0.stride(0), u0.stride(0),
+            *strides, dg.stride(0), du.stride(0), n * r, r, **_blocks(r, g0.dtype, want_db), TILES=tiles,
+            WANT_DB=want_db)
+    if not want_db:
+        return dg, du
+    sums = parts.sum(1)  # (2, N, r) fp32
+    return dg, du, sums[0].mul_(db_scales[0]).to(g0.dtype), sums[1].mul_(db_scales[1]).to(g0.dtype)
 
 
 def _corrected(g0, xa, b) -> torch.Tensor:
@@ -161,8 +246,8 @@ class SwiGLULoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         g0, u0, xa_g, b_g, xa_u, b_u = ctx.saved_tensors
-        dg, du = _swiglu_lora_bwd(dh.contiguous(), g0, u0, xa_g, b_g, xa_u, b_u)
-        return dg, du, dg @ b_g, dg.t() @ xa_g, du @ b_u, du.t() @ xa_u
+        dg, du, dxa_g, dxa_u = _swiglu_lora_bwd(dh.contiguous(), g0, u0, xa_g, b_g, xa_u, b_u, want_db=True)
+        return dg, du, dxa_g, dg.t() @ xa_g, dxa_u, du.t() @ xa_u
 
 
 def swiglu_lora(g0, u0, xa_g, b_g, xa_u, b_u, force_triton: bool | None = None) -> torch.Tensor:
