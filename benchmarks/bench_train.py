@@ -160,16 +160,26 @@ def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
 
 # ---- one stack, one process -------------------------------------------------------------------
 
+PACKING = {"rows": 1}  # rows per sequence of fasttune's steps (variant flag packN), set by configure_fasttune
+
+
 def fasttune_step(model):
     """(trainable params, step): one forward + backward of fasttune's interface (shifted targets, summed
-    token losses divided by the trained-token count), returning the detached loss."""
+    token losses divided by the trained-token count), returning the detached loss. With PACKING['rows'] = N
+    each sequence holds N rows of equal length (positions restart, no target across a row's end), as
+    `fasttune train` packs them."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x):
         targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
-        out = model(input_ids=x, targets=targets)
+        position_ids = None
+        if PACKING["rows"] > 1:
+            B, T = x.shape
+            position_ids = (torch.arange(T, device=x.device) % -(-T // PACKING["rows"])).expand(B, T)
+            targets[position_ids.roll(-1, dims=1) == 0] = -100
+        out = model(input_ids=x, targets=targets, position_ids=position_ids)
         loss = out.loss_sum / out.n_tokens
         loss.backward()
         return loss.detach()
@@ -243,7 +253,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     noqkv (kept attention without its q, k, v: the rerun runs the q/k/v products and RoPE),
     plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
     pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
-    guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5).
+    guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5),
+    packN (N packed rows of equal length per sequence: `fasttune_step`).
     """
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
@@ -263,6 +274,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
     elif mode == "selective":
         keep = int(arg or 0)
     share = next((float(f[2:]) for f in flags if f.startswith("gu")), 0.0)
+    PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
     keep_attention = "off" if "noattn" in flags else "auto"
     model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,
                                      keep_attention=keep_attention, keep_qkv="noqkv" not in flags)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, ab32, q8, qkvtest, qkv8, qkvq, qkvq32, gu8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, ab32, q8, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -103,6 +103,13 @@ has kattn && step kattn-bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --b
 # Kept q, k, v (the rerun skips the q/k/v products and RoPE too; variant +noqkv keeps O only): GPU tests, then
 # both variants in one process beside Unsloth; qkv8: bf16 8 x 2048 (+ a profile), qkvq: QLoRA
 # 8 x 2048, qkvq32: QLoRA 1 x 32,768.
+# Packed rows (positions restart; `fasttune train`'s default): pktest runs the GPU tests of kept attention
+# over packed rows (the variable-length flash kernel) and of the RMSNorm backward with its addend; pack8:
+# bf16 8 x 2048 with 4 rows per sequence, kept (flash varlen) against rerun (flex) attention.
+has pktest && step pytest-packed 150 python3 -m pytest -q -m gpu tests/models/test_kept_attention_packed.py \
+  tests/models/test_kept_attention.py tests/kernels/test_rms_norm.py tests/models/test_llama.py -p no:cacheprovider
+has pack8 && step packed-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 \
+  --variants offload+pack4 offload+pack4+noattn offload+pack4+noqkv
 has qkvtest && step pytest-qkv 150 python3 -m pytest -q -m gpu tests/models/test_kept_attention.py \
   tests/kernels/test_rope.py tests/models/test_llama.py tests/models/test_memory.py -p no:cacheprovider
 has qkv8 && step qkv-bf16-8 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --profile 1 \

@@ -123,3 +123,27 @@ def test_rows_of_another_source_tree_are_labelled_apart():
     assert bt._label(row("fasttune", 1, variant="offload", tree="base")) == "fasttune[offload]@base"
     assert bt._label(row("fasttune", 1, variant="offload")) == "fasttune[offload]"
     assert bt._label(row("unsloth", 1)) == "unsloth"
+
+
+def test_packed_variant_feeds_rows_whose_positions_restart(monkeypatch):
+    """packN: each sequence holds N rows of equal length; no target crosses a row's end."""
+    from types import SimpleNamespace
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, targets, position_ids):
+            seen.update(targets=targets, position_ids=position_ids)
+            return SimpleNamespace(loss_sum=self.w * 2.0, n_tokens=torch.tensor(2))
+
+    _, step = bt.fasttune_step(Recorder())
+    step(torch.arange(8).view(1, 8))
+    assert seen["position_ids"] is None and seen["targets"].tolist() == [[1, 2, 3, 4, 5, 6, 7, -100]]
+    monkeypatch.setitem(bt.PACKING, "rows", 2)
+    step(torch.arange(16).view(2, 8))
+    assert seen["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]] * 2
+    assert seen["targets"].tolist() == [[1, 2, 3, -100, 5, 6, 7, -100], [9, 10, 11, -100, 13, 14, 15, -100]]
