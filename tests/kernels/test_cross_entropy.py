@@ -6,7 +6,12 @@ import pytest
 import torch
 from kernel_checks import assert_bf16_close, assert_fp32_close
 
-from fasttune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
+from fasttune.kernels.cross_entropy import (
+    IGNORE_INDEX,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    target_rows,
+)
 
 # (tokens, hidden, vocab, chunk_rows)
 SHAPES = [(1, 8, 128, None), (7, 16, 256, 3), (13, 12, 257, 5), (3, 8, 4099, 2)]
@@ -112,3 +117,17 @@ def test_chunk_kernel_ignores_rows_in_place(device):
     loss = _chunk_loss_and_grad_triton(zz, y, want_grad=True)
     assert_fp32_close(loss, ref_loss, "chunk loss")
     assert_fp32_close(zz, ref_grad, "chunk grad (in place)")
+
+
+def test_target_rows_found_before_give_the_same_loss_and_are_used_as_given():
+    h, w, y = _inputs(10, 16, 256, "cpu", seed=7)  # positions 0, 3, 6, 9 ignored
+    rows = target_rows(y.view(2, 5))
+    assert rows.tolist() == [1, 2, 4, 5, 7, 8]
+    assert target_rows(torch.zeros(2, 3, dtype=torch.long)) == "all"
+    assert target_rows(torch.full((4,), IGNORE_INDEX)).numel() == 0
+    found, n_found = linear_cross_entropy(h, w, y)
+    given, n_given = linear_cross_entropy(h, w, y, rows=rows)
+    torch.testing.assert_close(given, found)
+    assert int(n_given) == int(n_found) == 6
+    fewer, _ = linear_cross_entropy(h, w, y, rows=rows[1:])  # one trained row left out: a smaller sum
+    assert fewer < given

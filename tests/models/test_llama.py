@@ -127,6 +127,24 @@ def test_logits_to_keep_returns_the_last_positions(tiny_model):
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
 
 
+def test_loss_rows_are_found_before_the_layers_run(tiny_model, monkeypatch):
+    """The host reads the targets (which positions have one) before the first layer is queued, not behind
+    every layer's work, and the loss is the one found after them."""
+    from fasttune.models import llama
+
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 7))
+    tgt = torch.cat([x[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    want = model(x, targets=tgt).loss_sum
+    order = []
+    inner = llama.target_rows
+    monkeypatch.setattr(llama, "target_rows", lambda t: (order.append("rows"), inner(t))[1])
+    model.model.layers[0].register_forward_pre_hook(lambda *a: order.append("layer 0"))
+    got = model(x, targets=tgt).loss_sum
+    assert order == ["rows", "layer 0"]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_kernels_on_matches_reference(tiny_model):
     ref = tiny_model(model_type="qwen3", qk_norm=True, head_dim=24)
     fast = tiny_model(use_kernels=True, model_type="qwen3", qk_norm=True, head_dim=24)

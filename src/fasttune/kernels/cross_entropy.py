@@ -155,27 +155,39 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
+_ALL_ROWS = "all"
+
+
+def target_rows(targets: torch.Tensor) -> torch.Tensor | str:
+    """The flat indices of the positions that have a target, or 'all' when every one has: what
+    `linear_cross_entropy` keeps. Finding them reads the targets on the host (a sync), so a model calls this
+    before queueing its layers, where the wait is short, rather than behind them."""
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    return _ALL_ROWS if bool(keep.all()) else keep.nonzero().squeeze(1)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     chunk_rows: int | None = None,
     force_triton: bool | None = None,
+    rows: torch.Tensor | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token cross-entropies of `hidden @ weight.T` against `targets`, and the count of trained tokens.
 
-    hidden: (..., H), weight: (V, H), targets: (...) with -100 for ignored positions.
-    Returns (loss_sum fp32 scalar, n_tokens int64 scalar). The per-chunk softmax runs the Triton kernels
-    on CUDA and torch elsewhere (`_dispatch.use_triton`).
+    hidden: (..., H), weight: (V, H), targets: (...) with -100 for ignored positions; `rows`: their
+    `target_rows`, if already found (else found here). Returns (loss_sum fp32 scalar, n_tokens int64
+    scalar). The per-chunk softmax runs the Triton kernels on CUDA and torch elsewhere
+    (`_dispatch.use_triton`).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
-    keep = y != IGNORE_INDEX
-    n_tokens = keep.sum()
+    n_tokens = (y != IGNORE_INDEX).sum()
     # Positions without a target contribute nothing: drop them before the vocabulary product.
-    if not bool(keep.all()):
-        idx = keep.nonzero().squeeze(1)
-        h, y = h.index_select(0, idx), y.index_select(0, idx)
+    rows = target_rows(targets) if rows is None else rows
+    if not isinstance(rows, str):
+        h, y = h.index_select(0, rows), y.index_select(0, rows)
     if h.shape[0] == 0:
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float(), n_tokens
     triton = use_triton(h, weight, force=force_triton)

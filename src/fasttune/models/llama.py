@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttune.kernels.cross_entropy import linear_cross_entropy
+from fasttune.kernels.cross_entropy import linear_cross_entropy, target_rows
 from fasttune.kernels.lora import LoRAWeights, lora_mlp, lora_qkv
 from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
@@ -422,19 +422,27 @@ class LlamaForCausalLM(nn.Module):
 
         Without: logits (B, T, V), or of the last `logits_to_keep` positions only (generation).
         """
-        h = self.model(input_ids, position_ids, attention_mask, kv_cache)  # (B, T, H)
+        rows = None
         if targets is not None:
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets {tuple(targets.shape)} != input_ids {tuple(input_ids.shape)}")
-            loss_sum, n_tokens = self._loss(h, targets)
+            if self._fused_loss():
+                rows = target_rows(targets)  # the host reads the targets now, not behind every layer's work
+        h = self.model(input_ids, position_ids, attention_mask, kv_cache)  # (B, T, H)
+        if targets is not None:
+            loss_sum, n_tokens = self._loss(h, targets, rows)
             return LMOutput(loss_sum=loss_sum, n_tokens=n_tokens, kv_cache=kv_cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return LMOutput(logits=self.lm_head(h), kv_cache=kv_cache)
 
-    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
+    def _fused_loss(self) -> bool:
+        """Whether the loss goes through `linear_cross_entropy` (a plain bias-free head)."""
+        return type(self.lm_head) is nn.Linear and self.lm_head.bias is None
+
+    def _loss(self, h: torch.Tensor, targets: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fused_loss():
+            return linear_cross_entropy(h, self.lm_head.weight, targets, rows=rows)
         # A wrapped head (adapter, quantised): run it whole; slower, still exact.
         logits = self.lm_head(h).float()  # (B, T, V)
         y = targets.reshape(-1)
