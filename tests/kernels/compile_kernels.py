@@ -11,6 +11,15 @@ import os
 import sys
 
 
+def _rows(tiles: int, dt: str) -> int:
+    """The SwiGLU-LoRA kernels' row tile: 64 where they make (N, r) products from 16-bit inputs, else 16."""
+    return 64 if tiles > 1 and dt != "fp32" else 16
+
+
+def _swiglu_opts(tiles: int, dt: str) -> dict:
+    return {"num_warps": 4, **({"num_stages": 3} if _rows(tiles, dt) == 64 else {})}
+
+
 def _cases(dt: str):
     from fasttune.kernels import cross_entropy, nf4, rms_norm, rope, swiglu, swiglu_lora
 
@@ -44,8 +53,8 @@ def _cases(dt: str):
                 **{k: i32 for k in ("s_gn", "s_un", "s_xgn", "s_xgr", "s_bgr", "s_xun", "s_xur", "s_bur",
                                     "s_hn", "s_adr", "s_ps", "s_pn")},
                 BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, BLOCK_RD=c, DOT_FP32=c, TILES=c, WANT_A=c),
-           dict(BLOCK_N=16 if tiles == 1 else 64, BLOCK_I=128, BLOCK_R=16, BLOCK_RD=16, DOT_FP32=dt == "fp32",
-                TILES=tiles, WANT_A=tiles > 1), {"num_warps": 4, "num_stages": 3}) for tiles in (1, 8)),
+           dict(BLOCK_N=_rows(tiles, dt), BLOCK_I=128, BLOCK_R=16, BLOCK_RD=16, DOT_FP32=dt == "fp32",
+                TILES=tiles, WANT_A=tiles > 1), _swiglu_opts(tiles, dt)) for tiles in (1, 8)),
         *((swiglu_lora._swiglu_lora_bwd_kernel,
            dict(dh_ptr=p(dt), g_ptr=p(dt), u_ptr=p(dt), xg_ptr=p(dt), bg_ptr=p(dt), xu_ptr=p(dt),
                 bu_ptr=p(dt), dg_ptr=p(dt), du_ptr=p(dt), pg_ptr=p(f32), pu_ptr=p(f32), n_rows=i32,
@@ -53,8 +62,8 @@ def _cases(dt: str):
                 **{k: i32 for k in ("s_dhn", "s_gn", "s_un", "s_xgn", "s_xgr", "s_bgr", "s_xun", "s_xur",
                                     "s_bur", "s_dgn", "s_dun", "s_ps", "s_pn")},
                 BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, DOT_FP32=c, TILES=c, WANT_DB=c),
-           dict(BLOCK_N=16 if tiles == 1 else 64, BLOCK_I=128, BLOCK_R=16, DOT_FP32=dt == "fp32", TILES=tiles,
-                WANT_DB=tiles > 1), {"num_warps": 4, "num_stages": 3}) for tiles in (1, 8)),
+           dict(BLOCK_N=_rows(tiles, dt), BLOCK_I=128, BLOCK_R=16, DOT_FP32=dt == "fp32", TILES=tiles,
+                WANT_DB=tiles > 1), _swiglu_opts(tiles, dt)) for tiles in (1, 8)),
         (nf4._nf4_dequant_fwd_kernel,
          dict(packed_ptr=p("u8"), absmax_ptr=p("u8"), code_ptr=p(f32), absmax2_ptr=p(f32), code2_ptr=p(f32),
               offset_ptr=p(f32), out_ptr=p(dt), n=i32, BLOCKSIZE=c, NESTED=c, NESTED_BLOCKSIZE=c, BLOCK=c),

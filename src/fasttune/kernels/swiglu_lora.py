@@ -26,10 +26,16 @@ import torch.nn.functional as F
 from fasttune.kernels._dispatch import cdiv, interpreting, jit, next_pow2, tl, to_dtype, use_triton
 
 _BLOCK_N, _BLOCK_I = 16, 128  # rows x intermediate columns per program: the fastest of nine tiles on an H100
-# With the (N, r) products, a program walks a strip of _PART_TILES tiles of _PART_ROWS rows (4 warps, 3
-# pipeline stages): the fastest of 72 configurations on an H100 (16,384 x 14,336, r = 16; fwd 746 us, bwd
-# 1,134 us, against 1,850 / 2,242 us for 16-row tiles; benchmarks/RESULTS.md).
+# With the (N, r) products, a program walks a strip of _PART_TILES tiles; for 16-bit inputs they are 64 rows
+# tall (4 warps, 3 pipeline stages): the fastest of 72 configurations on an H100 (bf16, 16,384 x 14,336,
+# r = 16; fwd 746 us, bwd 1,134 us, against 1,850 / 2,242 us for 16-row tiles; benchmarks/RESULTS.md).
+# fp32 inputs keep 16-row tiles, the configuration verified for them on the GPU.
 _PART_ROWS, _PART_TILES = 64, 8
+
+
+def _tall(dtype: torch.dtype) -> bool:
+    """Whether a launch that makes (N, r) products uses the tall (_PART_ROWS) tiles."""
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 @jit
@@ -155,7 +161,7 @@ def _check(g0, u0, xa_g, b_g, xa_u, b_u, dh=None) -> None:
 
 def _blocks(rank: int, dtype: torch.dtype, parts: bool = False) -> dict:
     """Launch parameters; `parts`: for the kernels that also make (N, r) products (strip-walking)."""
-    if parts:
+    if parts and _tall(dtype):
         return dict(BLOCK_N=_PART_ROWS, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
                     DOT_FP32=dtype == torch.float32 or interpreting(), num_warps=4, num_stages=3)
     return dict(BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
@@ -169,9 +175,10 @@ def _lora_operands(xa_g, b_g, xa_u, b_u) -> list:
     return [xa_g, bt_g, xa_u, bt_u], [*xa_g.stride(), bt_g.stride(0), *xa_u.stride(), bt_u.stride(0)]
 
 
-def _strips(n: int, inter: int, tiles: int) -> tuple[int, int]:
+def _strips(n: int, inter: int, tiles: int, dtype: torch.dtype) -> tuple[int, int]:
     """The grid of a launch: row blocks, strips of `tiles` column tiles (one tile: the plain kernels)."""
-    return cdiv(n, _PART_ROWS if tiles > 1 else _BLOCK_N), cdiv(cdiv(inter, _BLOCK_I), tiles)
+    rows = _PART_ROWS if tiles > 1 and _tall(dtype) else _BLOCK_N
+    return cdiv(n, rows), cdiv(cdiv(inter, _BLOCK_I), tiles)
 
 
 def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u, a_down: torch.Tensor | None = None):
@@ -188,7 +195,7 @@ def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u, a_down: torch.Tensor | None =
     r_d = a_down.shape[0] if want_a else 1
     h = torch.empty((n, inter), dtype=g0.dtype, device=g0.device)
     tiles = _PART_TILES if want_a else 1
-    grid = _strips(n, inter, tiles)
+    grid = _strips(n, inter, tiles, g0.dtype)
     parts = torch.zeros((grid[1], n, r_d), dtype=torch.float32, device=g0.device) if want_a else None
     if h.numel():
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
@@ -215,7 +222,7 @@ def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, wa
     r = xa_g.shape[1]
     dg, du = (g0, u0) if inplace else (torch.empty_like(g0), torch.empty_like(u0))
     tiles = _PART_TILES if want_db else 1
-    grid = _strips(n, inter, tiles)
+    grid = _strips(n, inter, tiles, g0.dtype)
     parts = torch.zeros((2, grid[1], n, r), dtype=torch.float32, device=g0.device) if want_db else None
     if dg.numel():
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
