@@ -186,8 +186,8 @@ def gemm_shapes(tokens: int) -> None:
 
 def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: int = 16) -> None:
     """lora_mlp's gate/up and SwiGLU both ways: adapter terms written first and accumulated by the products
-    (then plain SwiGLU), or products without them and the terms added in the SwiGLU kernels; those kernels
-    with and without the (N, r) products they can also make."""
+    (then plain SwiGLU), or products without them and the terms added in the SwiGLU kernels; the backward
+    kernel with and without the (N, r) products it can also make."""
     from fasttune.kernels import swiglu_lora as sl
     from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 
@@ -208,17 +208,13 @@ def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: 
           f"TFLOP/s; without it (mm): {t_mm:.3f} ms = {fl / t_mm / 1e9:.0f}")
     t_f, t_b = ms(lambda: _swiglu_fwd(g, u)), ms(lambda: _swiglu_bwd(dh, g, u))
     print(f"swiglu fwd {t_f * 1e3:.0f} us, bwd {t_b * 1e3:.0f} us (plain)")
-    # The kernels as lora_mlp calls them, alone and also making an (N, r) product (h A_d^T forward, dg B_g
-    # and du B_u backward) from partial sums, beside the products of an (N, inter) tensor they replace.
-    ad = torch.randn(r, inter, device=dev, dtype=dt) / inter**0.5
+    # The backward kernel as lora_mlp calls it, alone and also making dg B_g, du B_u from partial sums,
+    # beside the product of an (N, inter) tensor each of them replaces.
     args = (g, u, xa[:, :r], bs, xa[:, r:], bs)
-    t_f, t_fa = ms(lambda: sl._swiglu_lora_fwd(*args)), ms(lambda: sl._swiglu_lora_fwd(*args, a_down=ad))
-    t_b = ms(lambda: sl._swiglu_lora_bwd(dh, *args))
-    t_bd = ms(lambda: sl._swiglu_lora_bwd(dh, *args, want_db=True))
-    t_pa, t_pb = ms(lambda: g @ ad.t()), ms(lambda: g @ bs)
-    print(f"swiglu_lora fwd {t_f * 1e3:.0f} us, with h A_d^T {t_fa * 1e3:.0f} us (the product alone "
-          f"{t_pa * 1e3:.0f} us); bwd {t_b * 1e3:.0f} us, with dg B_g, du B_u {t_bd * 1e3:.0f} us "
-          f"(each product alone {t_pb * 1e3:.0f} us)")
+    t_f, t_b = ms(lambda: sl._swiglu_lora_fwd(*args)), ms(lambda: sl._swiglu_lora_bwd(dh, *args))
+    t_bd, t_pb = ms(lambda: sl._swiglu_lora_bwd(dh, *args, want_db=True)), ms(lambda: g @ bs)
+    print(f"swiglu_lora fwd {t_f * 1e3:.0f} us; bwd {t_b * 1e3:.0f} us, with dg B_g, du B_u "
+          f"{t_bd * 1e3:.0f} us (each product alone {t_pb * 1e3:.0f} us)")
 
 
 def main() -> None:

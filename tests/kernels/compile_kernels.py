@@ -12,7 +12,7 @@ import sys
 
 
 def _rows(tiles: int, dt: str) -> int:
-    """The SwiGLU-LoRA kernels' row tile: 64 where they make (N, r) products from 16-bit inputs, else 16."""
+    """The SwiGLU-LoRA backward's row tile: 64 where it makes (N, r) products from 16-bit inputs, else 16."""
     return 64 if tiles > 1 and dt != "fp32" else 16
 
 
@@ -46,15 +46,14 @@ def _cases(dt: str):
         (swiglu._swiglu_bwd_kernel,
          dict(dh_ptr=p(dt), g_ptr=p(dt), u_ptr=p(dt), dg_ptr=p(dt), du_ptr=p(dt), n="i64", BLOCK=c),
          dict(BLOCK=1024), {}),
-        # the SwiGLU-LoRA kernels without and with their (N, r) products (tensor-core dots)
-        *((swiglu_lora._swiglu_lora_fwd_kernel,
-           dict(g_ptr=p(dt), u_ptr=p(dt), xg_ptr=p(dt), bg_ptr=p(dt), xu_ptr=p(dt), bu_ptr=p(dt), h_ptr=p(dt),
-                ad_ptr=p(dt), pa_ptr=p(f32), n_rows=i32, n_cols=i32, rank=i32, rank_d=i32,
-                **{k: i32 for k in ("s_gn", "s_un", "s_xgn", "s_xgr", "s_bgr", "s_xun", "s_xur", "s_bur",
-                                    "s_hn", "s_adr", "s_ps", "s_pn")},
-                BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, BLOCK_RD=c, DOT_FP32=c, TILES=c, WANT_A=c),
-           dict(BLOCK_N=_rows(tiles, dt), BLOCK_I=128, BLOCK_R=16, BLOCK_RD=16, DOT_FP32=dt == "fp32",
-                TILES=tiles, WANT_A=tiles > 1), _swiglu_opts(tiles, dt)) for tiles in (1, 8)),
+        (swiglu_lora._swiglu_lora_fwd_kernel,
+         dict(g_ptr=p(dt), u_ptr=p(dt), xg_ptr=p(dt), bg_ptr=p(dt), xu_ptr=p(dt), bu_ptr=p(dt), h_ptr=p(dt),
+              n_rows=i32, n_cols=i32, rank=i32,
+              **{k: i32 for k in ("s_gn", "s_un", "s_xgn", "s_xgr", "s_bgr", "s_xun", "s_xur", "s_bur",
+                                  "s_hn")},
+              BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, DOT_FP32=c),
+         dict(BLOCK_N=16, BLOCK_I=128, BLOCK_R=16, DOT_FP32=dt == "fp32"), {"num_warps": 4}),
+        # the SwiGLU-LoRA backward without and with its (N, r) products (tensor-core dots)
         *((swiglu_lora._swiglu_lora_bwd_kernel,
            dict(dh_ptr=p(dt), g_ptr=p(dt), u_ptr=p(dt), xg_ptr=p(dt), bg_ptr=p(dt), xu_ptr=p(dt),
                 bu_ptr=p(dt), dg_ptr=p(dt), du_ptr=p(dt), pg_ptr=p(f32), pu_ptr=p(f32), n_rows=i32,

@@ -97,23 +97,6 @@ def test_backward_makes_the_adapter_input_gradients(device, shape, dtype):
     torch.testing.assert_close(dxa_u.float(), 3.0 * (du.float() @ b_u.float()), **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,rank_d", [((7, 13, 3), 5), ((67, 131, 16), 16), ((20, 1100, 16), 16)])
-def test_forward_makes_the_down_adapter_product(device, shape, rank_d, dtype):
-    """a_down: the same h, and besides it h A_d^T from the kernel's per-strip sums, equal to the product of
-    the stored h (what `lora_mlp` would otherwise compute by reading h back); a down rank of its own."""
-    gate0, up0, xa, b_g, b_u, _ = (t.to(device, dtype) for t in _inputs(*shape, seed=6))
-    r = shape[2]
-    a_down = torch.randn(rank_d, shape[1], generator=torch.Generator().manual_seed(7)).to(device, dtype)
-    plain = sl._swiglu_lora_fwd(gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u)
-    h, had = sl._swiglu_lora_fwd(gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u, a_down=a_down)
-    assert torch.equal(h, plain) and had.shape == (shape[0], rank_d) and had.dtype == dtype
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(had.float(), h.float() @ a_down.float().t(), **tol)
-    with pytest.raises(ValueError, match="a_down"):
-        sl._swiglu_lora_fwd(gate0, up0, xa[:, :r], b_g, xa[:, r:], b_u, a_down=a_down[:, :-1])
-
-
 def test_row_strided_gate_and_up(device):
     # gate0 and up0 as the two halves of one (N, 2 inter) product: row stride 2 inter.
     gate0, up0, xa, b_g, b_u, _ = (t.to(device) for t in _inputs(7, 13, 3, seed=4))

@@ -19,9 +19,8 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
                gate and up products each write their (N, inter) output once and nothing reads it back.
     backward:  h recomputed from g0, u0; dh from the down backward; dg, du by the SwiGLU backward
                (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
-               On the Triton path the SwiGLU kernels also make the rank-r products of the (N, inter)
-               tensors they write: h A_d^T (forward) and dg B_g, du B_u (backward), so no product reads h,
-               dg or du back for them.
+               On the Triton path the SwiGLU backward kernel also makes the rank-r products dg B_g, du B_u
+               of the (N, inter) tensors it writes, so no product reads dg or du back for them.
     memory:    dh is written over h once the down adapter's gradient has read h, and dg, du over the saved
                g0, u0: three (N, inter) buffers at the backward's peak instead of five. The saved g0, u0 are
                consumed, so a second backward through the same graph (retain_graph) is refused.
@@ -328,16 +327,12 @@ def _gate_up_product(x2, w, bias, a, b, s, xa, x_fp8, defer: bool) -> torch.Tens
     return _forward(x2, w, bias, a, b, s, xa=xa, x_fp8=x_fp8)[0]
 
 
-def _silu_mul(g, u, lora_terms, triton: bool, a_down=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h, h A_d^T) for h = silu(g) u. With lora_terms = (xa_g, b_g, xa_u, b_u) (Triton only), g and u are
-    g0, u0 and the kernel adds xa_g b_g^T and xa_u b_u^T first, and with `a_down` (A_d, (r_d, inter)) also
-    makes h A_d^T from its tiles; otherwise g and u are complete and the second item is None (the caller
-    makes h A_d^T if it needs it)."""
+def _silu_mul(g, u, lora_terms, triton: bool) -> torch.Tensor:
+    """h = silu(g) u. With lora_terms = (xa_g, b_g, xa_u, b_u) (Triton only), g and u are g0, u0 and the
+    kernel adds xa_g b_g^T and xa_u b_u^T first; with None they are complete."""
     if lora_terms is not None:
-        if a_down is None:
-            return _swiglu_lora_fwd(g, u, *lora_terms), None
-        return _swiglu_lora_fwd(g, u, *lora_terms, a_down=a_down)
-    return (_swiglu_fwd(g, u) if triton else F.silu(g) * u), None
+        return _swiglu_lora_fwd(g, u, *lora_terms)
+    return _swiglu_fwd(g, u) if triton else F.silu(g) * u
 
 
 def _silu_mul_grad(dh, g, u, lora_terms, triton: bool, scalings=(1.0, 1.0)):
@@ -388,8 +383,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
         else:
             terms = (xag, lora[0][1] * sg, xau, lora[1][1] * su) if defer else None
-            h, had = _silu_mul(g, u, terms, triton, a_down=lora[2][0])  # (N, inter), (N, r) or None
-            y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd, xa=had)
+            h = _silu_mul(g, u, terms, triton)  # (N, inter)
+            y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
             del h  # recomputed in the backward: the largest activation of the block is never kept
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.defer = defer
@@ -414,9 +409,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
-        h, had_k = _silu_mul(g, u, terms, ctx.triton, a_down=ad if had is None else None)  # recomputed
-        if had is None:  # a recompute for this backward skipped it: from the kernel, or a product
-            had = had_k if had_k is not None else h @ ad.t()  # (N, r)
+        h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
+        if had is None:  # a recompute for this backward skipped it
+            had = h @ ad.t()  # (N, r)
         flags = (n[9], n[10], n[11], n[12], False)
         dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
         # dh goes into h's buffer: every read of h is above.

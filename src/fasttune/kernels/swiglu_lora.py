@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from fasttune.kernels._dispatch import cdiv, interpreting, jit, next_pow2, tl, to_dtype, use_triton
 
 _BLOCK_N, _BLOCK_I = 16, 128  # rows x intermediate columns per program: the fastest of nine tiles on an H100
-# With the (N, r) products, a program walks a strip of _PART_TILES tiles; for 16-bit inputs they are 64 rows
-# tall (4 warps, 3 pipeline stages): the fastest of 72 configurations on an H100 (bf16, 16,384 x 14,336,
-# r = 16; fwd 746 us, bwd 1,134 us, against 1,850 / 2,242 us for 16-row tiles; benchmarks/RESULTS.md).
-# fp32 inputs keep 16-row tiles, the configuration verified for them on the GPU.
+# With the (N, r) products (backward), a program walks a strip of _PART_TILES tiles; for 16-bit inputs they
+# are 64 rows tall (4 warps, 3 pipeline stages): the fastest of 72 configurations on an H100 (bf16, 16,384 x
+# 14,336, r = 16: 1,134 us, against 1,005 us without the products + 2 x 171 us for them as products, and
+# 2,242 us with 16-row tiles; benchmarks/RESULTS.md). fp32 inputs keep 16-row tiles, verified on the GPU.
 _PART_ROWS, _PART_TILES = 64, 8
 
 
@@ -89,28 +89,18 @@ def _store_partial(p_ptr, acc, rows, row_ok, rank, s_ps, s_pn, BLOCK_R: tl.const
 
 
 @jit
-def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr, ad_ptr, pa_ptr,
-                            n_rows, n_cols, rank, rank_d,
-                            s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_hn, s_adr, s_ps, s_pn,
-                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_RD: tl.constexpr, DOT_FP32: tl.constexpr, TILES: tl.constexpr,
-                            WANT_A: tl.constexpr):
-    # A strip of TILES (BLOCK_N, BLOCK_I) tiles per program; with WANT_A also the strip's share of
-    # h A_d^T, (BLOCK_N, rank_d), written to this strip's slot of the partial-sum buffer.
+def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr, n_rows, n_cols, rank,
+                            s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_hn,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+                            BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    acc = tl.zeros((BLOCK_N, BLOCK_RD), dtype=tl.float32)
-    for t in range(TILES):
-        cols = (tl.program_id(1) * TILES + t) * BLOCK_I + tl.arange(0, BLOCK_I)
-        col_ok = cols < n_cols
-        g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
-                             s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
-        h = to_dtype(g * tl.sigmoid(g) * u, h_ptr.dtype.element_ty)
-        tl.store(h_ptr + rows[:, None] * s_hn + cols[None, :], h, mask=row_ok[:, None] & col_ok[None, :])
-        if WANT_A:  # A_d is (r_d, inter): the layout `_times_b` reads
-            acc += _times_b(h, ad_ptr, cols, col_ok, rank_d, s_adr, BLOCK_RD, DOT_FP32)
-    if WANT_A:
-        _store_partial(pa_ptr, acc, rows, row_ok, rank_d, s_ps, s_pn, BLOCK_RD)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok, col_ok = rows < n_rows, cols < n_cols
+    g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
+                         s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
+    h = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + rows[:, None] * s_hn + cols[None, :], to_dtype(h, h_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @jit
@@ -181,34 +171,17 @@ def _strips(n: int, inter: int, tiles: int, dtype: torch.dtype) -> tuple[int, in
     return cdiv(n, rows), cdiv(cdiv(inter, _BLOCK_I), tiles)
 
 
-def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u, a_down: torch.Tensor | None = None):
-    """h (N, inter) from the adapter-free gate/up outputs and their adapter operands (module docstring).
-    `a_down` (r_d, inter), the down adapter's A: also return h A_d^T (N, r_d) in h's dtype, from the
-    kernel's per-strip partial sums in fp32, so that nothing reads h back for it."""
+def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
+    """h (N, inter) from the adapter-free gate/up outputs and their adapter operands (module docstring)."""
     _check(g0, u0, xa_g, b_g, xa_u, b_u)
     n, inter = g0.shape
-    r = xa_g.shape[1]
-    want_a = a_down is not None
-    if want_a and (a_down.dim() != 2 or a_down.shape[1] != inter or a_down.stride(1) != 1):
-        raise ValueError(f"swiglu_lora: a_down {tuple(a_down.shape)} is not (r, {inter}) with unit column "
-                         "stride")
-    r_d = a_down.shape[0] if want_a else 1
     h = torch.empty((n, inter), dtype=g0.dtype, device=g0.device)
-    tiles = _PART_TILES if want_a else 1
-    grid = _strips(n, inter, tiles, g0.dtype)
-    parts = torch.zeros((grid[1], n, r_d), dtype=torch.float32, device=g0.device) if want_a else None
     if h.numel():
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
-        ad = a_down.to(g0.dtype) if want_a else h
-        _swiglu_lora_fwd_kernel[grid](
-            g0, u0, *ops, h, ad, parts if want_a else h, n, inter, r, r_d, g0.stride(0), u0.stride(0),
-            *strides, h.stride(0), ad.stride(0), n * r_d, r_d, **_blocks(r, g0.dtype, want_a),
-            BLOCK_RD=max(16, next_pow2(r_d)), TILES=tiles, WANT_A=want_a)
-    if not want_a:
-        return h
-    return h, parts.sum(0).to(g0.dtype)
-
-
+        _swiglu_lora_fwd_kernel[_strips(n, inter, 1, g0.dtype)](
+            g0, u0, *ops, h, n, inter, xa_g.shape[1], g0.stride(0), u0.stride(0), *strides, h.stride(0),
+            **_blocks(xa_g.shape[1], g0.dtype))
+    return h
 
 
 def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, want_db: bool = False,

@@ -136,7 +136,8 @@ def _backend(q: torch.Tensor, k: torch.Tensor, rows: PackedRows | None = None) -
     if rows is not None:
         D = q.shape[-1]
         ok = (q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
-              and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 8)
+              and torch.backends.cuda.flash_sdp_enabled()
+              and torch.cuda.get_device_capability(q.device)[0] >= 8)
         return "flash_varlen" if ok else None
     choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
     return "cudnn" if choice == _CUDNN else None
@@ -172,7 +173,7 @@ def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv_reu
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
-    """(B, heads, T, D) -> (B * T, heads, D), the variable-length kernel's layout (a view when token-major)."""
+    """(B, heads, T, D) -> (B * T, heads, D), the variable-length kernel's layout (a view if token-major)."""
     B, n, T, D = t.shape
     return t.transpose(1, 2).reshape(B * T, n, D)
 
