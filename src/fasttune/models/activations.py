@@ -21,11 +21,12 @@ They are 3.5x a layer input on Llama-3.1-8B, so the share is bounded by the host
 under the forward's compute, and by host memory (`host_fits`).
 
 Kept attention (`keep_attention`, on by default where the kernel allows: plain causal rows on CUDA where SDPA
-picks cuDNN): each recomputed layer also sends its attention output O (the size of x) and the softmax's
-log-sum-exp to the host, and the rerun of its first half skips the attention forward; the attention backward
-reads the kept O and lse (`models/kept_attention.py`). Attention is quadratic in the row length, so this
-pays most on long rows (~40% of a Llama-3.1-8B layer's forward at 32,768 tokens; +11% per step measured);
-packed rows (flex) still rerun it. With `keep_qkv` (on by default with kept attention, where the host has
+picks cuDNN, packed rows where the variable-length flash kernel runs): each recomputed layer also sends its
+attention output O (the size of x) and the softmax's log-sum-exp to the host, and the rerun of its first
+half skips the attention forward; the attention backward reads the kept O and lse
+(`models/kept_attention.py`). Attention is quadratic in the row length, so this
+pays most on long rows (~40% of a Llama-3.1-8B layer's forward at 32,768 tokens; +11% per step measured).
+With `keep_qkv` (on by default with kept attention, where the host has
 room) such layers also keep q and k after RoPE and v (1.5x a layer input on Llama-3.1-8B), and the rerun
 of the first half skips the q/k/v base products and RoPE as well: it is left with RMSNorm and the rank-r
 products.
