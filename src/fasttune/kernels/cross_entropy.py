@@ -162,7 +162,10 @@ def target_rows(targets: torch.Tensor) -> torch.Tensor | str:
     """The flat indices of the positions that have a target, or 'all' when every one has: what
     `linear_cross_entropy` keeps. Finding them reads the targets on the host (a sync), so a model calls this
     before queueing its layers, where the wait is short, rather than behind them."""
-    keep = targets.reshape(-1) != IGNORE_INDEX
+    return _kept_rows(targets.reshape(-1) != IGNORE_INDEX)
+
+
+def _kept_rows(keep: torch.Tensor) -> torch.Tensor | str:
     return _ALL_ROWS if bool(keep.all()) else keep.nonzero().squeeze(1)
 
 
@@ -183,9 +186,10 @@ def linear_cross_entropy(
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
-    n_tokens = (y != IGNORE_INDEX).sum()
+    keep = y != IGNORE_INDEX
+    n_tokens = keep.sum()
     # Positions without a target contribute nothing: drop them before the vocabulary product.
-    rows = target_rows(targets) if rows is None else rows
+    rows = _kept_rows(keep) if rows is None else rows
     if not isinstance(rows, str):
         h, y = h.index_select(0, rows), y.index_select(0, rows)
     if h.shape[0] == 0:

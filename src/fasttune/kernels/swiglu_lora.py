@@ -196,7 +196,8 @@ def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, wa
     dg, du = (g0, u0) if inplace else (torch.empty_like(g0), torch.empty_like(u0))
     tiles = _PART_TILES if want_db else 1
     grid = _strips(n, inter, tiles, g0.dtype)
-    parts = torch.zeros((2, grid[1], n, r), dtype=torch.float32, device=g0.device) if want_db else None
+    # every (strip, row, rank) slot is written by the launch: no zeroing
+    parts = torch.empty((2, grid[1], n, r), dtype=torch.float32, device=g0.device) if want_db else None
     if dg.numel():
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
         pg, pu = (parts[0], parts[1]) if want_db else (dg, du)  # unused without want_db
