@@ -274,6 +274,26 @@ def test_recompute_hands_the_residual_gradient_to_the_branch_norms(monkeypatch, 
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
+def test_recomputed_layers_take_the_forwards_down_adapter_product(monkeypatch, mode, keep):
+    """Each recomputed layer's MLP gets h A_d^T from its first forward instead of reading h for it again in
+    its backward (`down_a_handoff`); loss and gradients stay those of no checkpointing."""
+    from fasttune.kernels import lora
+
+    model = make_fused_lora_model()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(8))
+    ref_loss, ref_grads = loss_and_grads(model, ids, ids)
+    handed = []
+    inner = lora._given_down_a
+    monkeypatch.setattr(lora, "_given_down_a", lambda *a: (lambda t: (handed.append(t), t)[1])(inner(*a)))
+    model.set_gradient_checkpointing(mode, keep_layers=keep)
+    loss, grads = loss_and_grads(model, ids, ids)
+    assert len(handed) == 3 - keep and all(t is not None and t.shape == (22, 4) for t in handed)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("keep", [0, 1, 5])
 def test_selective_recomputes_only_the_leading_layers(tiny_model, keep):
     model = tiny_model(num_hidden_layers=3).train()

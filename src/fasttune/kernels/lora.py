@@ -35,6 +35,9 @@ down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips 
 recomputes it anyway and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
 values must not be read; the gradients are exact.
 
+Down-adapter hand-off (`down_a_handoff`, used by the same checkpoint): the first forward's h A_d^T, (N, r),
+is kept and handed to the recompute, whose backward would otherwise read h once more to make it again.
+
 Gate/up hand-off (`gate_up_handoff`, used by the same checkpoint to keep a layer's g0 and u0 in host memory
 instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g0, u0) to the list; with
 `given`, the next `lora_mlp` forward takes (g0, u0) from there and runs only the rank-r products of gate and
@@ -102,6 +105,30 @@ def _given_gate_up(n: int, inter: int, dt: torch.dtype) -> tuple[torch.Tensor, t
     if g.shape != (n, inter) or u.shape != (n, inter) or g.dtype != dt or u.dtype != dt:
         raise ValueError(f"lora_mlp: the handed gate/up {tuple(g.shape)} {g.dtype} do not fit ({n}, {inter}) {dt}")
     return g, u
+
+
+@contextlib.contextmanager
+def down_a_handoff(sink: list | None = None, given: torch.Tensor | None = None) -> Iterator[None]:
+    """Within: `lora_mlp` forwards append their h A_d^T (N, r), the down adapter's product, to `sink`; the
+    first recompute (`recompute_for_backward`) takes it from `given` instead of leaving it to its backward,
+    which would read h, (N, inter), once more for it."""
+    before = getattr(_state, "down_a_sink", None), getattr(_state, "down_a_given", None)
+    _state.down_a_sink, _state.down_a_given = sink, given
+    try:
+        yield
+    finally:
+        _state.down_a_sink, _state.down_a_given = before
+
+
+def _given_down_a(n: int, r: int, dt: torch.dtype) -> torch.Tensor | None:
+    given = getattr(_state, "down_a_given", None)
+    if given is None:
+        return None
+    _state.down_a_given = None  # one MLP's
+    if given.shape != (n, r) or given.dtype != dt:
+        raise ValueError(f"lora_mlp: the handed h A_d^T {tuple(given.shape)} {given.dtype} does not fit "
+                         f"({n}, {r}) {dt}")
+    return given
 
 
 def _placeholder(like: torch.Tensor, shape) -> torch.Tensor:
@@ -378,14 +405,17 @@ class LoRAMLPFunction(torch.autograd.Function):
         sink = getattr(_state, "gate_up_sink", None)
         if sink is not None:
             sink.append((g, u))
-        if _skipping():  # nothing reads the down projection's output: h A_d^T is left to the backward
-            had = None
+        if _skipping():  # nothing reads the down output: h A_d^T is handed, or left to the backward
+            had = _given_down_a(x2.shape[0], lora[2][0].shape[0], dt)
             y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
         else:
             terms = (xag, lora[0][1] * sg, xau, lora[1][1] * su) if defer else None
             h = _silu_mul(g, u, terms, triton)  # (N, inter)
             y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
             del h  # recomputed in the backward: the largest activation of the block is never kept
+            down_a_sink = getattr(_state, "down_a_sink", None)
+            if down_a_sink is not None:
+                down_a_sink.append(had)
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.defer = defer
         ctx.dtypes = [None if t is None else t.dtype

@@ -155,25 +155,30 @@ class LayerRecompute(torch.autograd.Function):
     attention forward; 'auto' where the kernel allows, 'reference' also off CUDA, for tests, or 'off'),
     whether the kept attention also keeps q, k, v (the rerun then skips their products and RoPE), and
     `anchors` (tensors that require grad, e.g. the layer's adapter weights, so that the output requires grad
-    even when x does not). The inner backwards accumulate parameter gradients straight into `.grad`, as a
-    reentrant checkpoint does.
+    even when x does not). The down adapter's h A_d^T from the forward is kept too (`down_a_handoff`), so
+    the MLP's backward does not read h again for it. The inner backwards accumulate parameter gradients
+    straight into `.grad`, as a reentrant checkpoint does.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, layer, attn_args, keep_gate_up, keep_attention, keep_qkv, *anchors):
-        from fasttune.kernels.lora import gate_up_handoff
+        from fasttune.kernels.lora import down_a_handoff, gate_up_handoff
         from fasttune.models.kept_attention import attention_handoff
 
         gate_up: list = []
         attn: list = []
+        down_a: list = []
         with torch.no_grad():
             with attention_handoff(sink=attn if keep_attention != "off" else None,
                                    reference=keep_attention == "reference", keep_qkv=keep_qkv):
                 x_mid = x + layer.attn_branch(x, *attn_args)
-            with gate_up_handoff(sink=gate_up if keep_gate_up else None):
+            with gate_up_handoff(sink=gate_up if keep_gate_up else None), down_a_handoff(sink=down_a):
                 out = x_mid + layer.mlp_branch(x_mid)
         ctx.layer, ctx.attn_args = layer, attn_args
+        # h A_d^T of the down adapter, (tokens, r): kept on the device (a fraction of a percent of x), held by
+        # ctx as an intermediate rather than saved through the offloader
+        ctx.down_a = down_a[0] if len(down_a) == 1 else None
         kept_gate_up = gate_up[0] if len(gate_up) == 1 else ()
         kept_attn = attn[0] if len(attn) == 1 else None
         ctx.n_gate_up = len(kept_gate_up)
@@ -185,11 +190,12 @@ class LayerRecompute(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out):
-        from fasttune.kernels.lora import gate_up_handoff, recompute_for_backward
+        from fasttune.kernels.lora import down_a_handoff, gate_up_handoff, recompute_for_backward
         from fasttune.kernels.rms_norm import input_grad_addend
         from fasttune.models.kept_attention import KeptAttention, attention_handoff
 
         x, x_mid, *rest = ctx.saved_tensors
+        down_a, ctx.down_a = ctx.down_a, None
         gate_up, rest = rest[:ctx.n_gate_up], rest[ctx.n_gate_up:]
         given_attn = KeptAttention.from_tensors(rest, *ctx.kept_attn) if ctx.kept_attn is not None else None
         del rest
@@ -197,10 +203,10 @@ class LayerRecompute(torch.autograd.Function):
         with torch.enable_grad(), recompute_for_backward():
             xm = x_mid.detach().requires_grad_(True)
             # out = x_mid + mlp(x_mid): d_out joins x_mid's gradient in the branch's norm backward (or here)
-            with gate_up_handoff(given=tuple(gate_up) if gate_up else None), \
+            with gate_up_handoff(given=tuple(gate_up) if gate_up else None), down_a_handoff(given=down_a), \
                     input_grad_addend(d_out) as added:
                 y = layer.mlp_branch(xm)
-            del gate_up  # the MLP's backward writes its gradients over them
+            del gate_up, down_a  # the MLP's backward writes its gradients over gate/up
             torch.autograd.backward(y, d_out)
             del y
             d_mid = xm.grad if added else d_out + xm.grad
