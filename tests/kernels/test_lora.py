@@ -312,3 +312,20 @@ def test_lora_qkv_with_nf4_bases_and_one_saved_x(any_device):
     exact = _run_qkv(lora_qkv_reference, x.double(), dense, [d.double() for d in dys])
     for k, e, what in zip(kern, exact, QKV_NAMES):
         assert_fp32_close(k, e, f"lora_qkv nf4 {what}")
+
+
+def test_residual_into_output_adds_it_in_the_product_only_in_the_compute_dtype():
+    g = torch.Generator().manual_seed(3)
+    x, w, a, b = (torch.randn(*s, generator=g) for s in ((2, 3, 8), (32, 8), (4, 8), (32, 4)))
+    residual = torch.randn(2, 3, 32, generator=g)
+    with torch.no_grad():
+        plain = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
+        with lora_kernels.residual_into_output(residual) as added:
+            y = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
+            again = lora_kernels.lora_linear(x, w, None, a, b, 0.5)  # one output's: taken once
+        assert added == [True]
+        torch.testing.assert_close(y, residual + plain)
+        torch.testing.assert_close(again, plain)
+        with lora_kernels.residual_into_output(residual.double()) as added:  # a wider stream: left to the caller
+            y = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
+        assert added == [] and torch.equal(y, plain)

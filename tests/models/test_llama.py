@@ -294,6 +294,30 @@ def test_recomputed_layers_take_the_forwards_down_adapter_product(monkeypatch, m
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
+def test_recomputed_layers_add_the_residual_in_the_projections(monkeypatch, mode, keep):
+    """A recomputed layer's forward hands each residual to its branch's last projection (o, down), which
+    adds it in its product (`residual_into_output`, refused under grad mode); loss and gradients stay those
+    of no checkpointing."""
+    from fasttune.kernels import lora
+
+    model = make_fused_lora_model()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(9))
+    ref_loss, ref_grads = loss_and_grads(model, ids, ids)
+    taken = []
+    inner = lora._take_residual
+    monkeypatch.setattr(lora, "_take_residual", lambda *a: (lambda t: (taken.append(t), t)[1])(inner(*a)))
+    model.set_gradient_checkpointing(mode, keep_layers=keep)
+    loss, grads = loss_and_grads(model, ids, ids)
+    taken = [t for t in taken if t is not None]  # the reruns and kept layers run under grad mode: none
+    assert len(taken) == 2 * (3 - keep) and all(t.shape == (22, 64) for t in taken)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(RuntimeError, match="no_grad"), lora.residual_into_output(torch.zeros(2, 3, 64)):
+        pass  # grad mode on: the residual would get no gradient
+
+
 @pytest.mark.parametrize("keep", [0, 1, 5])
 def test_selective_recomputes_only_the_leading_layers(tiny_model, keep):
     model = tiny_model(num_hidden_layers=3).train()

@@ -35,6 +35,11 @@ down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips 
 recomputes it anyway and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
 values must not be read; the gradients are exact.
 
+Residual in the epilogue (`residual_into_output`, used by the same checkpoint's forward, where nothing needs
+a gradient): the next `lora_linear` or `lora_mlp` whose output has the residual's shape writes residual +
+its rank-r term first, and its base product accumulates onto that in the GEMM's epilogue, so the block's
+x + f(x) needs no separate pass that reads both and writes the sum.
+
 Down-adapter hand-off (`down_a_handoff`, used by the same checkpoint): the first forward's h A_d^T, (N, r),
 is kept and handed to the recompute, whose backward would otherwise read h once more to make it again.
 
@@ -82,6 +87,33 @@ def recompute_for_backward() -> Iterator[None]:
 
 def _skipping() -> bool:
     return getattr(_state, "skip_outputs", False)
+
+
+@contextlib.contextmanager
+def residual_into_output(residual: torch.Tensor) -> Iterator[list]:
+    """Within (grad mode off: the residual's gradient is not passed on): the first `lora_linear` /
+    `lora_mlp` output shaped like `residual` comes back as residual + output (module docstring). Yields a
+    list that holds True once one has taken it; the caller adds the residual itself when none did."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("residual_into_output: only under torch.no_grad() (the residual gets no gradient)")
+    taken: list = []
+    before = getattr(_state, "residual", None), getattr(_state, "residual_taken", None)
+    _state.residual, _state.residual_taken = residual, taken
+    try:
+        yield taken
+    finally:
+        _state.residual, _state.residual_taken = before
+
+
+def _take_residual(shape, dt: torch.dtype) -> torch.Tensor | None:
+    """The pending residual as (N, out) rows if it fits an output of `shape` (..., out) in the compute dtype
+    `dt`, else None (a wider residual stream, e.g. fp32 under bf16 autocast, is added by the caller)."""
+    residual = getattr(_state, "residual", None)
+    if residual is None or residual.shape != shape or residual.dtype != dt:
+        return None
+    _state.residual = None  # one output's
+    _state.residual_taken.append(True)
+    return residual.reshape(-1, shape[-1])
 
 
 @contextlib.contextmanager
@@ -180,21 +212,24 @@ def _base(weight, dequant, dt):
     return fp8 if fp8 is not None else _dense(dequant if weight is None else weight, dt)
 
 
-def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None):
-    """y = x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None); returns (y, xA).
+def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None, residual=None):
+    """y = residual + x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None, no residual
+    when it is None); returns (y, xA).
 
-    The rank-r term (and bias) is written first and the base product accumulates onto it in its GEMM's
-    epilogue, where reading y is hidden under the arithmetic; adding it afterwards costs a pass over y.
-    `xa`: x' A^T when the caller has it already (`_down_a`). `w` may be an FP8Weight: the base product
-    then runs in FP8 (`x_fp8`: x already quantised) and the rank-r term is added after it.
+    The residual, rank-r term and bias are written first and the base product accumulates onto them in its
+    GEMM's epilogue, where reading y is hidden under the arithmetic; adding either afterwards costs a pass
+    over y. `xa`: x' A^T when the caller has it already (`_down_a`). `w` may be an FP8Weight: the base
+    product then runs in FP8 (`x_fp8`: x already quantised) and the other terms are added after it.
     """
     if xa is None:
         xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r)
     if isinstance(w, FP8Weight):
         y = fp8_product(x2, w, x2.dtype, x_fp8).addmm_(xa, b.t(), alpha=s)  # (N, out)
-        return (y if bias is None else y.add_(bias)), xa
+        y = y if bias is None else y.add_(bias)
+        return (y if residual is None else y.add_(residual)), xa
     bs = b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
-    y = torch.mm(xa, bs) if bias is None else torch.addmm(bias, xa, bs)  # (N, out)
+    first = residual if bias is None else (bias if residual is None else residual + bias)
+    y = torch.mm(xa, bs) if first is None else torch.addmm(first, xa, bs)  # (N, out)
     y.addmm_(x2, w.t())
     return y, xa
 
@@ -261,7 +296,8 @@ class LoRALinearFunction(torch.autograd.Function):
             y = _placeholder(x2, (x2.shape[0], lora_B.shape[0]))
         else:
             w = _base(weight, dequant, dt)
-            y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2)
+            residual = _take_residual((*shape[:-1], lora_B.shape[0]), dt)
+            y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2, residual=residual)
         ctx.dequant, ctx.scaling = dequant, scaling
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, lora_A, lora_B, x_lora)]
         # x is needed only for dW (frozen: never) and for dA when there is no dropout (x' = x).
@@ -411,7 +447,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         else:
             terms = (xag, lora[0][1] * sg, xau, lora[1][1] * su) if defer else None
             h = _silu_mul(g, u, terms, triton)  # (N, inter)
-            y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd)  # (N, H)
+            residual = _take_residual((*shape[:-1], lora[2][1].shape[0]), dt)
+            y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd,
+                              residual=residual)  # (N, H)
             del h  # recomputed in the backward: the largest activation of the block is never kept
             down_a_sink = getattr(_state, "down_a_sink", None)
             if down_a_sink is not None:

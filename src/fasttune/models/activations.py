@@ -163,18 +163,25 @@ class LayerRecompute(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, layer, attn_args, keep_gate_up, keep_attention, keep_qkv, *anchors):
-        from fasttune.kernels.lora import down_a_handoff, gate_up_handoff
+        from fasttune.kernels.lora import down_a_handoff, gate_up_handoff, residual_into_output
         from fasttune.models.kept_attention import attention_handoff
 
         gate_up: list = []
         attn: list = []
         down_a: list = []
         with torch.no_grad():
+            # each branch's last projection adds the residual in its GEMM's epilogue (or it is added here)
             with attention_handoff(sink=attn if keep_attention != "off" else None,
-                                   reference=keep_attention == "reference", keep_qkv=keep_qkv):
-                x_mid = x + layer.attn_branch(x, *attn_args)
-            with gate_up_handoff(sink=gate_up if keep_gate_up else None), down_a_handoff(sink=down_a):
-                out = x_mid + layer.mlp_branch(x_mid)
+                                   reference=keep_attention == "reference", keep_qkv=keep_qkv), \
+                    residual_into_output(x) as added:
+                a = layer.attn_branch(x, *attn_args)
+            x_mid = a if added else x + a
+            del a
+            with gate_up_handoff(sink=gate_up if keep_gate_up else None), down_a_handoff(sink=down_a), \
+                    residual_into_output(x_mid) as added:
+                m = layer.mlp_branch(x_mid)
+            out = m if added else x_mid + m
+            del m
         ctx.layer, ctx.attn_args = layer, attn_args
         # h A_d^T of the down adapter, (tokens, r): kept on the device (a fraction of a percent of x), held by
         # ctx as an intermediate rather than saved through the offloader
