@@ -326,6 +326,6 @@ def test_residual_into_output_adds_it_in_the_product_only_in_the_compute_dtype()
         assert added == [True]
         torch.testing.assert_close(y, residual + plain)
         torch.testing.assert_close(again, plain)
-        with lora_kernels.residual_into_output(residual.double()) as added:  # a wider stream: left to the caller
+        with lora_kernels.residual_into_output(residual.double()) as added:  # wider: left to the caller
             y = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
         assert added == [] and torch.equal(y, plain)
