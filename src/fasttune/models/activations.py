@@ -156,7 +156,8 @@ class LayerRecompute(torch.autograd.Function):
     whether the kept attention also keeps q, k, v (the rerun then skips their products and RoPE), and
     `anchors` (tensors that require grad, e.g. the layer's adapter weights, so that the output requires grad
     even when x does not). The down adapter's h A_d^T from the forward is kept too (`down_a_handoff`), so
-    the MLP's backward does not read h again for it. The inner backwards accumulate parameter gradients
+    the MLP's backward does not read h again for it, and the forward's residual adds go into the o and down
+    products' epilogues (`residual_into_output`). The inner backwards accumulate parameter gradients
     straight into `.grad`, as a reentrant checkpoint does.
     """
 
