@@ -217,14 +217,36 @@ def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: 
           f"{t_bd * 1e3:.0f} us (each product alone {t_pb * 1e3:.0f} us)")
 
 
+def rank_products(tokens: int) -> None:
+    """The rank-r products the LoRA layers write at (tokens, out): the one-pass kernel of
+    `kernels/rank_product.py` against cuBLAS (mm; addmm with c, which first copies c into the output)."""
+    from fasttune.kernels.rank_product import _rank_product_fwd
+
+    dev, dt = "cuda", torch.bfloat16
+    for out_cols, r in ((4096, 16), (1024, 16), (4096, 48), (4096, 32), (14336, 16)):
+        a = torch.randn(tokens, r, device=dev, dtype=dt)
+        b = torch.randn(out_cols, r, device=dev, dtype=dt).t() * 0.1  # (r, out), as lora.py scales B^T
+        c = torch.randn(tokens, out_cols, device=dev, dtype=dt)
+        gb = tokens * out_cols * 2 / 1e9  # one (tokens, out) bf16 tensor, GB
+        t_mm, t_k = ms(lambda a=a, b=b: torch.mm(a, b)), ms(lambda a=a, b=b: _rank_product_fwd(a, b))
+        t_addmm = ms(lambda a=a, b=b, c=c: torch.addmm(c, a, b))
+        t_kc = ms(lambda a=a, b=b, c=c: _rank_product_fwd(a, b, c))
+        print(f"rank-{r} product to ({tokens}, {out_cols}): cuBLAS mm {t_mm * 1e3:.0f} us "
+              f"({gb / t_mm:.2f} TB/s), kernel {t_k * 1e3:.0f} us ({gb / t_k:.2f}); with c: addmm "
+              f"{t_addmm * 1e3:.0f} us, kernel {t_kc * 1e3:.0f} us ({2 * gb / t_kc:.2f} TB/s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--only", choices=["swiglu"], default=None, help="run only this part")
+    p.add_argument("--only", choices=["swiglu", "rank"], default=None, help="run only this part")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.only == "swiglu":
         swiglu_lora_kernels(args.tokens)
+        return
+    if args.only == "rank":
+        rank_products(args.tokens)
         return
     ceilings()
     gemm_shapes(args.tokens)
@@ -232,6 +254,7 @@ def main() -> None:
     attention(1, 32768)
     lora_ops(args.tokens)
     swiglu_lora_kernels(args.tokens)
+    rank_products(args.tokens)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def _swiglu_opts(tiles: int, dt: str) -> dict:
 
 
 def _cases(dt: str):
-    from fasttune.kernels import cross_entropy, nf4, rms_norm, rope, swiglu, swiglu_lora
+    from fasttune.kernels import cross_entropy, nf4, rank_product, rms_norm, rope, swiglu, swiglu_lora
 
     def p(t):
         return "*" + t
@@ -63,6 +63,12 @@ def _cases(dt: str):
                 BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, DOT_FP32=c, TILES=c, WANT_DB=c),
            dict(BLOCK_N=_rows(tiles, dt), BLOCK_I=128, BLOCK_R=16, DOT_FP32=dt == "fp32", TILES=tiles,
                 WANT_DB=tiles > 1), _swiglu_opts(tiles, dt)) for tiles in (1, 8)),
+        *((rank_product._rank_product_fwd_kernel,
+           dict(a_ptr=p(dt), b_ptr=p(dt), c_ptr=p(dt), out_ptr=p(dt), n_rows=i32, n_cols=i32, rank=i32,
+                **{k: i32 for k in ("s_an", "s_ar", "s_br", "s_bm", "s_cn", "s_on")},
+                BLOCK_N=c, BLOCK_M=c, BLOCK_R=c, HAS_C=c, DOT_FP32=c),
+           dict(BLOCK_N=64, BLOCK_M=128, BLOCK_R=16, HAS_C=has_c, DOT_FP32=dt == "fp32"), {"num_warps": 4})
+          for has_c in (False, True)),
         (nf4._nf4_dequant_fwd_kernel,
          dict(packed_ptr=p("u8"), absmax_ptr=p("u8"), code_ptr=p(f32), absmax2_ptr=p(f32), code2_ptr=p(f32),
               offset_ptr=p(f32), out_ptr=p(dt), n=i32, BLOCKSIZE=c, NESTED=c, NESTED_BLOCKSIZE=c, BLOCK=c),

@@ -15,11 +15,13 @@ CONFIGS = {
 }
 
 
-def _losses(cfg: LlamaConfig, kernels: bool, device: str, steps: int = 3) -> list[float]:
+def _losses(cfg: LlamaConfig, kernels: bool, device: str, steps: int = 3, checkpointing: str = "off"
+            ) -> list[float]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg, use_kernels=kernels)
     apply_lora(model, r=4, lora_alpha=8)
     model.to(device)
+    model.set_gradient_checkpointing(checkpointing)
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.use_kernel = kernels
@@ -51,4 +53,18 @@ def test_kernels_on_and_off_give_the_same_loss_curve(device, name, monkeypatch):
     monkeypatch.setenv("FASTTUNE_TRITON_ON_CPU", "1")  # on the CPU, the public ops run interpreted kernels
     on = _losses(cfg, kernels=True, device=device)
     assert off[-1] < off[0]  # it trains
+    torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_kernels_on_and_off_agree_under_layer_checkpointing(device, monkeypatch):
+    """Recomputed layers (offload mode: the last layer stays, the rest rerun). Their forward adds each
+    branch's residual in its last product (the rank-r kernel writes residual + adapter term), and the rerun
+    skips products; the loss curve is the one without kernels."""
+    cfg = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    off = _losses(cfg, kernels=False, device=device, checkpointing="offload")
+    monkeypatch.setenv("FASTTUNE_TRITON_ON_CPU", "1")
+    on = _losses(cfg, kernels=True, device=device, checkpointing="offload")
+    assert off[-1] < off[0]
     torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-5, atol=1e-5)

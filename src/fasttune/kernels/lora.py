@@ -48,7 +48,9 @@ instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g0,
 `given`, the next `lora_mlp` forward takes (g0, u0) from there and runs only the rank-r products of gate and
 up, not their base products (two thirds of the MLP's forward FLOPs). Both are exact: the same tensors.
 
-The matmuls run through torch (cuBLAS); the SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
+The matmuls run through torch (cuBLAS), except the rank-r products that write an (N, out) output (the
+adapter term the base product accumulates onto, and dx's adapter share): on CUDA the kernel of
+`rank_product.py` writes them in one pass. The SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
 Triton kernels of `swiglu_lora.py` on CUDA; the torch path keeps complete g and u (the terms in the products).
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
 gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
@@ -67,6 +69,7 @@ import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import use_triton
 from fasttune.kernels.fp8 import FP8Weight, fp8_input, fp8_product
+from fasttune.kernels.rank_product import _rank_product_fwd
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 from fasttune.kernels.swiglu_lora import _swiglu_lora_bwd, _swiglu_lora_fwd
 
@@ -229,9 +232,18 @@ def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None, residual=None)
         return (y if residual is None else y.add_(residual)), xa
     bs = b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
     first = residual if bias is None else (bias if residual is None else residual + bias)
-    y = torch.mm(xa, bs) if first is None else torch.addmm(first, xa, bs)  # (N, out)
+    y = _rank_r(xa, bs, first)  # (N, out)
     y.addmm_(x2, w.t())
     return y, xa
+
+
+def _rank_r(a, b, c=None, out=None) -> torch.Tensor:
+    """c + a b for a (N, r), b (r, M) into `out` (new when None): one pass over the output in the Triton
+    kernel of `rank_product.py` on CUDA (cuBLAS is slow at these shapes, and addmm copies c first); torch
+    elsewhere and for a bias vector c (broadcast over the rows)."""
+    if (c is None or c.dim() == 2) and use_triton(a, b, c):
+        return _rank_product_fwd(a, b, c, out)
+    return torch.mm(a, b, out=out) if c is None else torch.addmm(c, a, b, out=out)
 
 
 def _grads(dy2, x2, a, b, s, xl2, xa, needs, dyb=None):
@@ -271,7 +283,7 @@ def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
     adapters = [(dyb, a * s) for _, _, dyb, a, s in terms if dyb is not None]
     rest = terms
     if adapters:
-        dx = torch.mm(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), out=out)
+        dx = _rank_r(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), out=out)
     else:
         dx = torch.mm(terms[0][0], terms[0][1](), out=out)
         rest = terms[1:]
