@@ -24,6 +24,9 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
     memory:    dh is written over h once the down adapter's gradient has read h, and dg, du over the saved
                g0, u0: three (N, inter) buffers at the backward's peak instead of five. The saved g0, u0 are
                consumed, so a second backward through the same graph (retain_graph) is refused.
+    quantised: a dequantiser may carry `fresh` (a callable giving an own dense tensor rather than the shared
+               buffer); in a recompute for the backward the gate and up weights are then dequantised once
+               and held for that backward's dx products (two (inter, hidden) tensors, while it runs).
 
 `lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
 the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buffer (in-place addmm).
@@ -440,6 +443,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
         given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
+        if given is None and _skipping():
+            # A rerun whose backward comes next: quantised gate and up weights are dequantised into tensors
+            # of their own and saved, so the backward's dx products use them instead of dequantising again.
+            dense[:2] = [_dense(dq.fresh, dt) if w is None and hasattr(dq, "fresh") else w
+                         for w, dq in zip(dense[:2], dequants[:2])]
         xag, xau = _down_a(x2, [lora[0][0], lora[1][0]])
         # g0, u0 without their adapter terms, for the Triton SwiGLU to add (in torch it would be extra work)
         defer = triton and max(ag.shape[0], au.shape[0]) <= DEFERRED_MAX_RANK
