@@ -217,14 +217,38 @@ def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: 
           f"{t_bd * 1e3:.0f} us (each product alone {t_pb * 1e3:.0f} us)")
 
 
+def nf4_dequant() -> None:
+    """NF4 dequantisation of the Llama-3.1-8B layer's weights (double-quantised, bf16 out): ours into the
+    reused buffer against bitsandbytes' dequantize_4bit, with the rate of its traffic (packed bytes and
+    block codes in, bf16 out)."""
+    import bitsandbytes.functional as bnbf
+
+    from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
+
+    for name, shape in (("gate/up/down", (14336, 4096)), ("q/o", (4096, 4096)), ("k/v", (1024, 4096))):
+        dense = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, state = bnbf.quantize_4bit(dense, quant_type="nf4", compress_statistics=True)
+        w = NF4Weight.from_bnb(packed, state)
+        assert torch.equal(dequantize_nf4(w), bnbf.dequantize_4bit(packed, state))
+        n = dense.numel()
+        gb = (n // 2 + n // 64 + 2 * n) / 1e9
+        t_ours = ms(lambda w=w: dequantize_nf4(w, reuse_buffer=True))
+        t_bnb = ms(lambda p=packed, st=state: bnbf.dequantize_4bit(p, st))
+        print(f"nf4 dequant {name} {shape}: ours {t_ours * 1e3:.0f} us ({gb / t_ours:.2f} TB/s), "
+              f"bitsandbytes {t_bnb * 1e3:.0f} us ({gb / t_bnb:.2f} TB/s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--only", choices=["swiglu"], default=None, help="run only this part")
+    p.add_argument("--only", choices=["swiglu", "nf4"], default=None, help="run only this part")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.only == "swiglu":
         swiglu_lora_kernels(args.tokens)
+        return
+    if args.only == "nf4":
+        nf4_dequant()
         return
     ceilings()
     gemm_shapes(args.tokens)
@@ -232,6 +256,7 @@ def main() -> None:
     attention(1, 32768)
     lora_ops(args.tokens)
     swiglu_lora_kernels(args.tokens)
+    nf4_dequant()
 
 
 if __name__ == "__main__":
