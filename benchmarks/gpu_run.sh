@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab32, q8, rank, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab32, q8, rank, nf4, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -70,6 +70,11 @@ if has rank; then
   step micro-rank 60 python3 benchmarks/micro_gpu.py --only rank
   step pytest-rank 90 python3 -m pytest -q -m gpu tests/kernels/test_rank_product.py tests/kernels/test_lora.py \
     -p no:cacheprovider
+fi
+# nf4: the NF4 dequantisation against bitsandbytes' (speed, and equal output), then its GPU tests
+if has nf4; then
+  step micro-nf4 60 python3 benchmarks/micro_gpu.py --only nf4
+  step pytest-nf4 60 python3 -m pytest -q -m gpu tests/kernels/test_nf4.py -p no:cacheprovider
 fi
 has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json
 if has fast; then

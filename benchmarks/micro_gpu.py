@@ -234,12 +234,31 @@ def rank_products(tokens: int) -> None:
         print(f"rank-{r} product to ({tokens}, {out_cols}): cuBLAS mm {t_mm * 1e3:.0f} us "
               f"({gb / t_mm:.2f} TB/s), kernel {t_k * 1e3:.0f} us ({gb / t_k:.2f}); with c: addmm "
               f"{t_addmm * 1e3:.0f} us, kernel {t_kc * 1e3:.0f} us ({2 * gb / t_kc:.2f} TB/s)")
+def nf4_dequant() -> None:
+    """NF4 dequantisation of the Llama-3.1-8B layer's weights (double-quantised, bf16 out): ours into the
+    reused buffer against bitsandbytes' dequantize_4bit, with the rate of its traffic (packed bytes and
+    block codes in, bf16 out)."""
+    import bitsandbytes.functional as bnbf
+
+    from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
+
+    for name, shape in (("gate/up/down", (14336, 4096)), ("q/o", (4096, 4096)), ("k/v", (1024, 4096))):
+        dense = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, state = bnbf.quantize_4bit(dense, quant_type="nf4", compress_statistics=True)
+        w = NF4Weight.from_bnb(packed, state)
+        assert torch.equal(dequantize_nf4(w), bnbf.dequantize_4bit(packed, state))
+        n = dense.numel()
+        gb = (n // 2 + n // 64 + 2 * n) / 1e9
+        t_ours = ms(lambda w=w: dequantize_nf4(w, reuse_buffer=True))
+        t_bnb = ms(lambda p=packed, st=state: bnbf.dequantize_4bit(p, st))
+        print(f"nf4 dequant {name} {shape}: ours {t_ours * 1e3:.0f} us ({gb / t_ours:.2f} TB/s), "
+              f"bitsandbytes {t_bnb * 1e3:.0f} us ({gb / t_bnb:.2f} TB/s)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--only", choices=["swiglu", "rank"], default=None, help="run only this part")
+    p.add_argument("--only", choices=["swiglu", "rank", "nf4"], default=None, help="run only this part")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.only == "swiglu":
@@ -248,6 +267,9 @@ def main() -> None:
     if args.only == "rank":
         rank_products(args.tokens)
         return
+    if args.only == "nf4":
+        nf4_dequant()
+        return
     ceilings()
     gemm_shapes(args.tokens)
     attention(8, 2048)
@@ -255,6 +277,7 @@ def main() -> None:
     lora_ops(args.tokens)
     swiglu_lora_kernels(args.tokens)
     rank_products(args.tokens)
+    nf4_dequant()
 
 
 if __name__ == "__main__":
