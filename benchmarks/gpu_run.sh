@@ -57,7 +57,7 @@ if has ab32; then
 fi
 if has abq8; then  # QLoRA 8 x 2048 against the other tree, and Unsloth
   step abq8-base 150 $BASE $B --stacks fasttune --modes qlora --batches 8 --variants offload
-  step abq8-new 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
+  step abq8-new 260 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload --profile 1
 fi
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has swltest && step pytest-swiglu-lora 150 python3 -m pytest -q -m gpu tests/kernels/test_swiglu_lora.py \
