@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab32, q8, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab32, q8, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -65,6 +65,11 @@ has swltest && step pytest-swiglu-lora 150 python3 -m pytest -q -m gpu tests/ker
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
 has swmicro && step micro-swiglu 90 python3 benchmarks/micro_gpu.py --only swiglu
+# swtest: the SwiGLU-LoRA kernels and lora_mlp on the GPU; swfeat: the backward kernel with h written over dh
+# and dh's rank-r term, each against the work it replaces (sweep_swiglu_tiles.py --features)
+has swtest && step pytest-swiglu 90 python3 -m pytest -q -m gpu tests/kernels/test_swiglu_lora.py \
+  tests/kernels/test_lora.py -p no:cacheprovider
+has swfeat && step swiglu-features 130 python3 benchmarks/sweep_swiglu_tiles.py --features --budget-s 100
 has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json
 if has fast; then
   step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \

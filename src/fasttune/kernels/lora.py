@@ -20,9 +20,9 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
     backward:  dh from the down backward; dg, du by the SwiGLU backward (du = dh silu(g),
                dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed. The down
                adapter's dA_d = s_d (dy B_d)^T h needs h: the torch path recomputes it first. On the Triton
-               path one SwiGLU backward kernel does the rest: it reads dy W_d and adds dh's rank-r term
-               s_d (dy B_d) A_d, writes dg, du and (over dh) h, and also makes the rank-r products
-               dg B_g, du B_u, so no product reads dg or du back for them and h is not recomputed apart.
+               path one SwiGLU backward kernel reads dh and writes dg, du and (over dh) h, and also makes
+               the rank-r products dg B_g, du B_u, so no product reads dg or du back for them and h is not
+               recomputed apart.
     memory:    dh and h share one buffer, and dg, du go over the saved g0, u0: three (N, inter) buffers at
                the backward's peak instead of five. The saved g0, u0 are consumed, so a second backward
                through the same graph (retain_graph) is refused.
@@ -477,12 +477,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
         flags = (n[9], n[10], n[11], n[12], False)
         if terms is not None:
-            # dy W_d alone: the kernel adds dh's adapter term, makes dg, du over g, u, and writes h over dh
+            # The kernel makes dg, du over g, u and writes h over dh (dh is read first): h is not recomputed
+            # apart for dA_d = s_d (dy B_d)^T h.
             dybd = dy2 @ bbd  # (N, r)
-            dh = torch.mm(dy2, _dense_or(wd, dqd, dt))  # (N, inter)
+            dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)])  # (N, inter)
             inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))  # s = 0: the adapter's gradients are zero
             dg, du, dybg, dybu, h = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
-                                                     db_scales=inv, dh_lora=(dybd, ad * sd), want_h=True)
+                                                     db_scales=inv, want_h=True)
             del dh
             had = h @ ad.t() if had is None else had  # (N, r); None: a recompute for this backward skipped it
             _, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags, dybd)
