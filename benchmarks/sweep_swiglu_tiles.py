@@ -70,7 +70,7 @@ def features(budget_s: float, tokens: int) -> None:
                 if time.time() - start > budget_s:
                     raise TimeoutError
                 kw = dict(want_db=True, want_h=wh, dh_lora=(yd, a_d) if dhl else None)
-                t = ms(lambda: sl._swiglu_lora_bwd(buf, *ops, **kw))
+                t = ms(lambda kw=kw: sl._swiglu_lora_bwd(buf, *ops, **kw))
                 rows.append((t - saved, cfg, dhl, wh, t))
                 print(f"rows/cols/tiles/warps/stages {cfg} dh_lora {dhl} want_h {wh}: {t * 1e3:.0f} us, "
                       f"net of the work it replaces {(t - saved) * 1e3:.0f} us", flush=True)
