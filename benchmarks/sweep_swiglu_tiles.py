@@ -55,7 +55,7 @@ def features(budget_s: float, tokens: int) -> None:
           flush=True)
     saves = {(False, False): 0.0, (False, True): t_fwd, (True, False): t_term + t_read,
              (True, True): t_fwd + t_term + t_read}
-    shipped = (sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._blocks)
+    shipped = (sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._blocks, sl._H_COLS)
     base_blocks = sl._blocks
     configs = [(64, 128, 8, 4, 3), (64, 128, 8, 4, 2), (64, 128, 4, 4, 3), (64, 64, 16, 4, 3),
                (32, 128, 8, 4, 3), (64, 64, 8, 4, 3)]
@@ -63,9 +63,9 @@ def features(budget_s: float, tokens: int) -> None:
     try:
         for cfg in configs:
             bn, bi, tiles, warps, stages = cfg
-            sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES = bn, bi, tiles
-            sl._blocks = (lambda rank, dtype, parts=False, w=warps, st=stages:
-                          dict(base_blocks(rank, dtype, parts), num_warps=w, num_stages=st))
+            sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._H_COLS = bn, bi, tiles, bi
+            sl._blocks = (lambda rank, dtype, parts=False, want_h=False, w=warps, st=stages:
+                          dict(base_blocks(rank, dtype, parts, want_h), num_warps=w, num_stages=st))
             for (dhl, wh), saved in saves.items():
                 if time.time() - start > budget_s:
                     raise TimeoutError
@@ -77,7 +77,7 @@ def features(budget_s: float, tokens: int) -> None:
     except TimeoutError:
         print("budget spent", flush=True)
     finally:
-        sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._blocks = shipped
+        sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._blocks, sl._H_COLS = shipped
     for net, cfg, dhl, wh, t in sorted(rows)[:6]:
         print(f"best net: {net * 1e3:.0f} us ({t * 1e3:.0f} us) {cfg} dh_lora {dhl} want_h {wh}")
 
@@ -112,8 +112,8 @@ def main() -> None:
                 print("budget spent", flush=True)
                 break
             sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES = bn, bi, tiles
-            sl._blocks = (lambda rank, dtype, parts=False, w=warps, s=stages:
-                          dict(base_blocks(rank, dtype, parts), num_warps=w, num_stages=s))
+            sl._blocks = (lambda rank, dtype, parts=False, want_h=False, w=warps, s=stages:
+                          dict(base_blocks(rank, dtype, parts, want_h), num_warps=w, num_stages=s))
             t = ms(lambda: sl._swiglu_lora_bwd(dh, *ops, want_db=True))
             got = sl._swiglu_lora_bwd(dh, *ops, want_db=True)[2:]
             err = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want))

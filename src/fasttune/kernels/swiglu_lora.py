@@ -37,6 +37,9 @@ _BLOCK_N, _BLOCK_I = 16, 128  # rows x intermediate columns per program: the fas
 # 14,336, r = 16: 1,134 us, against 1,005 us without the products + 2 x 171 us for them as products, and
 # 2,242 us with 16-row tiles; benchmarks/RESULTS.md). fp32 inputs keep 16-row tiles, verified on the GPU.
 _PART_ROWS, _PART_TILES = 64, 8
+# Writing h as well (want_h) keeps more of each tile live: 64 columns a tile there, 8 a strip (1,574 us on an
+# H100 against 1,874 with 128 columns; sweep_swiglu_tiles.py --features, benchmarks/RESULTS.md).
+_H_COLS = 64
 
 
 def _tall(dtype: torch.dtype) -> bool:
@@ -163,10 +166,14 @@ def _check(g0, u0, xa_g, b_g, xa_u, b_u, dh=None) -> None:
                          "(N, inter), (N, r), (inter, r) with unit column strides")
 
 
-def _blocks(rank: int, dtype: torch.dtype, parts: bool = False) -> dict:
+def _cols(tall: bool, want_h: bool) -> int:
+    return _H_COLS if tall and want_h else _BLOCK_I
+
+
+def _blocks(rank: int, dtype: torch.dtype, parts: bool = False, want_h: bool = False) -> dict:
     """Launch parameters; `parts`: for the kernels that also make (N, r) products (strip-walking)."""
     if parts and _tall(dtype):
-        return dict(BLOCK_N=_PART_ROWS, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
+        return dict(BLOCK_N=_PART_ROWS, BLOCK_I=_cols(True, want_h), BLOCK_R=max(16, next_pow2(rank)),
                     DOT_FP32=dtype == torch.float32 or interpreting(), num_warps=4, num_stages=3)
     return dict(BLOCK_N=_BLOCK_N, BLOCK_I=_BLOCK_I, BLOCK_R=max(16, next_pow2(rank)),
                 DOT_FP32=dtype == torch.float32 or interpreting(), num_warps=4)
@@ -179,10 +186,10 @@ def _lora_operands(xa_g, b_g, xa_u, b_u) -> list:
     return [xa_g, bt_g, xa_u, bt_u], [*xa_g.stride(), bt_g.stride(0), *xa_u.stride(), bt_u.stride(0)]
 
 
-def _strips(n: int, inter: int, tiles: int, dtype: torch.dtype) -> tuple[int, int]:
+def _strips(n: int, inter: int, tiles: int, dtype: torch.dtype, want_h: bool = False) -> tuple[int, int]:
     """The grid of a launch: row blocks, strips of `tiles` column tiles (one tile: the plain kernels)."""
-    rows = _PART_ROWS if tiles > 1 and _tall(dtype) else _BLOCK_N
-    return cdiv(n, rows), cdiv(cdiv(inter, _BLOCK_I), tiles)
+    tall = tiles > 1 and _tall(dtype)
+    return cdiv(n, _PART_ROWS if tall else _BLOCK_N), cdiv(cdiv(inter, _cols(tall, want_h)), tiles)
 
 
 def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
@@ -215,7 +222,7 @@ def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, wa
                          f"fit (N, r) and (r, inter) for N = {n}, inter = {inter}, unit column stride")
     dg, du = (g0, u0) if inplace else (torch.empty_like(g0), torch.empty_like(u0))
     tiles = _PART_TILES if want_db else 1
-    grid = _strips(n, inter, tiles, g0.dtype)
+    grid = _strips(n, inter, tiles, g0.dtype, want_h)
     # every (strip, row, rank) slot is written by the launch: no zeroing
     parts = torch.empty((2, grid[1], n, r), dtype=torch.float32, device=g0.device) if want_db else None
     if dg.numel():
@@ -224,8 +231,8 @@ def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, wa
         _swiglu_lora_bwd_kernel[grid](
             dh, g0, u0, *ops, dg, du, pg, pu, yd, ad, n, inter, r, yd.shape[1], dh.stride(0), g0.stride(0),
             u0.stride(0), *strides, dg.stride(0), du.stride(0), n * r, r, *yd.stride(), ad.stride(0),
-            **_blocks(r, g0.dtype, want_db), TILES=tiles, WANT_DB=want_db, DH_LORA=dh_lora is not None,
-            BLOCK_RD=max(16, next_pow2(yd.shape[1])), WANT_H=want_h)
+            **_blocks(r, g0.dtype, want_db, want_h), TILES=tiles, WANT_DB=want_db,
+            DH_LORA=dh_lora is not None, BLOCK_RD=max(16, next_pow2(yd.shape[1])), WANT_H=want_h)
     out = (dg, du)
     if want_db:
         sums = parts.sum(1)  # (2, N, r) fp32
