@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab32, q8, rank, nf4, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab32, q8, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -57,7 +57,7 @@ if has ab32; then
 fi
 if has abq8; then  # QLoRA 8 x 2048 against the other tree, and Unsloth
   step abq8-base 150 $BASE $B --stacks fasttune --modes qlora --batches 8 --variants offload
-  step abq8-new 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
+  step abq8-new 260 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload --profile 1
 fi
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has swltest && step pytest-swiglu-lora 150 python3 -m pytest -q -m gpu tests/kernels/test_swiglu_lora.py \
@@ -76,6 +76,11 @@ if has nf4; then
   step micro-nf4 60 python3 benchmarks/micro_gpu.py --only nf4
   step pytest-nf4 60 python3 -m pytest -q -m gpu tests/kernels/test_nf4.py -p no:cacheprovider
 fi
+# swtest: the SwiGLU-LoRA kernels and lora_mlp on the GPU; swfeat: the backward kernel with h written over dh
+# and dh's rank-r term, each against the work it replaces (sweep_swiglu_tiles.py --features)
+has swtest && step pytest-swiglu 90 python3 -m pytest -q -m gpu tests/kernels/test_swiglu_lora.py \
+  tests/kernels/test_lora.py -p no:cacheprovider
+has swfeat && step swiglu-features 130 python3 benchmarks/sweep_swiglu_tiles.py --features --budget-s 100
 has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json
 if has fast; then
   step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \

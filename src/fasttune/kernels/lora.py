@@ -17,13 +17,15 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
                activation, is NOT saved. g0 and u0 lack their adapter terms: the SwiGLU kernels
                (`swiglu_lora.py`) add xa_g (s_g B_g)^T and xa_u (s_u B_u)^T to each tile they read, so the
                gate and up products each write their (N, inter) output once and nothing reads it back.
-    backward:  h recomputed from g0, u0; dh from the down backward; dg, du by the SwiGLU backward
-               (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
-               On the Triton path the SwiGLU backward kernel also makes the rank-r products dg B_g, du B_u
-               of the (N, inter) tensors it writes, so no product reads dg or du back for them.
-    memory:    dh is written over h once the down adapter's gradient has read h, and dg, du over the saved
-               g0, u0: three (N, inter) buffers at the backward's peak instead of five. The saved g0, u0 are
-               consumed, so a second backward through the same graph (retain_graph) is refused.
+    backward:  dh from the down backward; dg, du by the SwiGLU backward (du = dh silu(g),
+               dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed. The down
+               adapter's dA_d = s_d (dy B_d)^T h needs h: the torch path recomputes it first. On the Triton
+               path one SwiGLU backward kernel reads dh and writes dg, du and (over dh) h, and also makes
+               the rank-r products dg B_g, du B_u, so no product reads dg or du back for them and h is not
+               recomputed apart.
+    memory:    dh and h share one buffer, and dg, du go over the saved g0, u0: three (N, inter) buffers at
+               the backward's peak instead of five. The saved g0, u0 are consumed, so a second backward
+               through the same graph (retain_graph) is refused.
     quantised: a dequantiser may carry `fresh` (a callable giving an own dense tensor rather than the shared
                buffer); in a recompute for the backward the gate and up weights are then dequantised once
                and held for that backward's dx products (two (inter, hidden) tensors, while it runs).
@@ -34,8 +36,8 @@ the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buff
 Recompute for a backward (`recompute_for_backward()`, used by the layer-level checkpoint of
 `models/activations.py`): the backward of `lora_linear` and `lora_mlp` never reads their output y, only x,
 the (N, r) products and (MLP) g, u. Inside that context they skip the output's base product (x W^T, and the
-down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips silu(g) u, its backward
-recomputes it anyway and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
+down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips silu(g) u, which its
+backward makes anyway, and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
 values must not be read; the gradients are exact.
 
 Residual in the epilogue (`residual_into_output`, used by the same checkpoint's forward, where nothing needs
@@ -413,19 +415,15 @@ def _silu_mul(g, u, lora_terms, triton: bool) -> torch.Tensor:
     return _swiglu_fwd(g, u) if triton else F.silu(g) * u
 
 
-def _silu_mul_grad(dh, g, u, lora_terms, triton: bool, scalings=(1.0, 1.0)):
-    """(dg, du, dyB_g, dyB_u) of h = silu(g) u, dg, du written over g and u (the torch branch: the kernel's
-    fp32 formula). dyB = dg B_g, du B_u (N, r) from the SwiGLU-LoRA kernel, whose lora_terms carry
-    s_g B_g and s_u B_u (hence the division by `scalings`); None elsewhere (the caller makes them)."""
-    if lora_terms is not None:
-        inv = tuple(1.0 / s if s else 0.0 for s in scalings)  # s = 0: the adapter's gradients are all zero
-        return _swiglu_lora_bwd(dh, g, u, *lora_terms, inplace=True, want_db=True, db_scales=inv)
+def _silu_mul_grad(dh, g, u, triton: bool):
+    """(dg, du) of h = silu(g) u for complete g, u, written over them (the torch branch: the kernel's fp32
+    formula). With deferred adapter terms the backward calls the SwiGLU-LoRA kernel instead."""
     if triton:
-        return (*_swiglu_bwd(dh, g, u, inplace=True), None, None)
+        return _swiglu_bwd(dh, g, u, inplace=True)
     gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
     du = dhf * gf * sig
     dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
-    return g.copy_(dg), u.copy_(du), None, None
+    return g.copy_(dg), u.copy_(du)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -497,16 +495,29 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
-        h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
-        if had is None:  # a recompute for this backward skipped it
-            had = h @ ad.t()  # (N, r)
         flags = (n[9], n[10], n[11], n[12], False)
-        dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
-        # dh goes into h's buffer: every read of h is above.
-        dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
-        del h
-        dg, du, dybg, dybu = _silu_mul_grad(dh, g, u, terms, ctx.triton, (sg, su))  # over g and u
-        del dh
+        if terms is not None:
+            # The kernel makes dg, du over g, u and writes h over dh (dh is read first): h is not recomputed
+            # apart for dA_d = s_d (dy B_d)^T h.
+            dybd = dy2 @ bbd  # (N, r)
+            dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)])  # (N, inter)
+            inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))  # s = 0: the adapter's gradients are zero
+            dg, du, dybg, dybu, h = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
+                                                     db_scales=inv, want_h=True)
+            del dh
+            had = h @ ad.t() if had is None else had  # (N, r); None: a recompute for this backward skipped it
+            _, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags, dybd)
+            del h
+        else:
+            h = _silu_mul(g, u, None, ctx.triton)  # (N, inter), recomputed
+            had = h @ ad.t() if had is None else had
+            dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
+            # dh goes into h's buffer: every read of h is above.
+            dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
+            del h
+            dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
+            dybg = dybu = None  # made by _grads below
+            del dh
         dybg, dwg, dbg, _, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], False, n[4], False),
                                             dybg)
         dybu, dwu, dbu, _, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], False, n[8], False),
