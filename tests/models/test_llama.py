@@ -274,6 +274,18 @@ def test_recompute_hands_the_residual_gradient_to_the_branch_norms(monkeypatch, 
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _record_results(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that every result it returns is also appended to the returned list."""
+    inner, results = getattr(module, name), []
+
+    def recorded(*args):
+        results.append(inner(*args))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, recorded)
+    return results
+
+
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recomputed_layers_take_the_forwards_down_adapter_product(monkeypatch, mode, keep):
     """Each recomputed layer's MLP gets h A_d^T from its first forward instead of reading h for it again in
@@ -283,9 +295,7 @@ def test_recomputed_layers_take_the_forwards_down_adapter_product(monkeypatch, m
     model = make_fused_lora_model()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(8))
     ref_loss, ref_grads = loss_and_grads(model, ids, ids)
-    handed = []
-    inner = lora._given_down_a
-    monkeypatch.setattr(lora, "_given_down_a", lambda *a: (lambda t: (handed.append(t), t)[1])(inner(*a)))
+    handed = _record_results(monkeypatch, lora, "_given_down_a")
     model.set_gradient_checkpointing(mode, keep_layers=keep)
     loss, grads = loss_and_grads(model, ids, ids)
     assert len(handed) == 3 - keep and all(t is not None and t.shape == (22, 4) for t in handed)
@@ -304,9 +314,7 @@ def test_recomputed_layers_add_the_residual_in_the_projections(monkeypatch, mode
     model = make_fused_lora_model()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(9))
     ref_loss, ref_grads = loss_and_grads(model, ids, ids)
-    taken = []
-    inner = lora._take_residual
-    monkeypatch.setattr(lora, "_take_residual", lambda *a: (lambda t: (taken.append(t), t)[1])(inner(*a)))
+    taken = _record_results(monkeypatch, lora, "_take_residual")
     model.set_gradient_checkpointing(mode, keep_layers=keep)
     loss, grads = loss_and_grads(model, ids, ids)
     taken = [t for t in taken if t is not None]  # the reruns and kept layers run under grad mode: none

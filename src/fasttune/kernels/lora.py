@@ -143,7 +143,8 @@ def _given_gate_up(n: int, inter: int, dt: torch.dtype) -> tuple[torch.Tensor, t
     _state.gate_up_given = None  # one MLP's
     g, u = given
     if g.shape != (n, inter) or u.shape != (n, inter) or g.dtype != dt or u.dtype != dt:
-        raise ValueError(f"lora_mlp: the handed gate/up {tuple(g.shape)} {g.dtype} do not fit ({n}, {inter}) {dt}")
+        raise ValueError(f"lora_mlp: the handed gate/up {tuple(g.shape)} {g.dtype} do not fit "
+                         f"({n}, {inter}) {dt}")
     return g, u
 
 
