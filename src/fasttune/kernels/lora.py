@@ -83,18 +83,25 @@ _state = threading.local()  # the autograd engine runs a backward on its own thr
 
 
 @contextlib.contextmanager
-def recompute_for_backward() -> Iterator[None]:
-    """Within: lora_linear and lora_mlp outputs are placeholders (see the module docstring)."""
-    before = getattr(_state, "skip_outputs", False)
-    _state.skip_outputs = True
+def _state_set(**values) -> Iterator[None]:
+    """Within: the thread's `_state` attributes set to `values`; the earlier ones (None if unset) after."""
+    before = {name: getattr(_state, name, None) for name in values}
+    for name, value in values.items():
+        setattr(_state, name, value)
     try:
         yield
     finally:
-        _state.skip_outputs = before
+        for name, value in before.items():
+            setattr(_state, name, value)
+
+
+def recompute_for_backward() -> contextlib.AbstractContextManager[None]:
+    """Within: lora_linear and lora_mlp outputs are placeholders (see the module docstring)."""
+    return _state_set(skip_outputs=True)
 
 
 def _skipping() -> bool:
-    return getattr(_state, "skip_outputs", False)
+    return bool(getattr(_state, "skip_outputs", False))
 
 
 @contextlib.contextmanager
@@ -105,12 +112,8 @@ def residual_into_output(residual: torch.Tensor) -> Iterator[list]:
     if torch.is_grad_enabled():
         raise RuntimeError("residual_into_output: only under torch.no_grad() (the residual gets no gradient)")
     taken: list = []
-    before = getattr(_state, "residual", None), getattr(_state, "residual_taken", None)
-    _state.residual, _state.residual_taken = residual, taken
-    try:
+    with _state_set(residual=residual, residual_taken=taken):
         yield taken
-    finally:
-        _state.residual, _state.residual_taken = before
 
 
 def _take_residual(shape, dt: torch.dtype) -> torch.Tensor | None:
@@ -124,16 +127,10 @@ def _take_residual(shape, dt: torch.dtype) -> torch.Tensor | None:
     return residual.reshape(-1, shape[-1])
 
 
-@contextlib.contextmanager
 def gate_up_handoff(sink: list | None = None, given: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> Iterator[None]:
+                    ) -> contextlib.AbstractContextManager[None]:
     """Within: `lora_mlp` forwards append their (g, u) to `sink`; the first one takes (g, u) from `given`."""
-    before = getattr(_state, "gate_up_sink", None), getattr(_state, "gate_up_given", None)
-    _state.gate_up_sink, _state.gate_up_given = sink, given
-    try:
-        yield
-    finally:
-        _state.gate_up_sink, _state.gate_up_given = before
+    return _state_set(gate_up_sink=sink, gate_up_given=given)
 
 
 def _given_gate_up(n: int, inter: int, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -148,17 +145,12 @@ def _given_gate_up(n: int, inter: int, dt: torch.dtype) -> tuple[torch.Tensor, t
     return g, u
 
 
-@contextlib.contextmanager
-def down_a_handoff(sink: list | None = None, given: torch.Tensor | None = None) -> Iterator[None]:
+def down_a_handoff(sink: list | None = None, given: torch.Tensor | None = None
+                   ) -> contextlib.AbstractContextManager[None]:
     """Within: `lora_mlp` forwards append their h A_d^T (N, r), the down adapter's product, to `sink`; the
     first recompute (`recompute_for_backward`) takes it from `given` instead of leaving it to its backward,
     which would read h, (N, inter), once more for it."""
-    before = getattr(_state, "down_a_sink", None), getattr(_state, "down_a_given", None)
-    _state.down_a_sink, _state.down_a_given = sink, given
-    try:
-        yield
-    finally:
-        _state.down_a_sink, _state.down_a_given = before
+    return _state_set(down_a_sink=sink, down_a_given=given)
 
 
 def _given_down_a(n: int, r: int, dt: torch.dtype) -> torch.Tensor | None:
