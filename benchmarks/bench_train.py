@@ -254,7 +254,9 @@ def configure_fasttune(model, variant: str, args) -> dict:
     plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
     pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
     guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5),
-    packN (N packed rows of equal length per sequence: `fasttune_step`).
+    packN (N packed rows of equal length per sequence: `fasttune_step`),
+    norank / nowanth / nokeepgu (turn off one of the switches of `fasttune.kernels.lora`: the rank-r product
+    kernel, h written by the SwiGLU backward, the rerun's kept dequantised gate/up weights).
     """
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
@@ -263,6 +265,11 @@ def configure_fasttune(model, variant: str, args) -> dict:
     mode, _, arg = head.partition(":")
     kernels = "ref" not in flags
     model.set_use_kernels(kernels)
+    import fasttune.kernels.lora as lora_kernels
+
+    for flag, switch in (("norank", "RANK_PRODUCT_KERNEL"), ("nowanth", "SWIGLU_BWD_WRITES_H"),
+                         ("nokeepgu", "KEEP_DEQUANTISED_GATE_UP")):
+        setattr(lora_kernels, switch, flag not in flags)
     set_attention_backend("flex" if "flex" in flags else "sdpa" if "sdpa" in flags else "auto")
     est_kw = dict(batch=args.batch, seq=args.seq,
                   quantization={"qlora": "4bit", "fp8": "fp8"}.get(args.mode),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab32, q8, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, q8, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -57,7 +57,19 @@ if has ab32; then
 fi
 if has abq8; then  # QLoRA 8 x 2048 against the other tree, and Unsloth
   step abq8-base 150 $BASE $B --stacks fasttune --modes qlora --batches 8 --variants offload
-  step abq8-new 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
+  step abq8-new 260 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload --profile 1
+fi
+# ab8v / abq8v: as ab8 / abq8 without the profile, the new tree's process also timing it with one of
+# `kernels.lora`'s switches off per variant (bench_train.py: norank, nowanth, nokeepgu)
+if has ab8v; then
+  step ab8v-base 150 $BASE $B --stacks fasttune --modes bf16 --batches 8 --variants offload
+  step ab8v-new 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload offload+norank \
+    offload+nowanth
+fi
+if has abq8v; then
+  step abq8v-base 150 $BASE $B --stacks fasttune --modes qlora --batches 8 --variants offload
+  step abq8v-new 280 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload offload+norank \
+    offload+nowanth offload+nokeepgu
 fi
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has swltest && step pytest-swiglu-lora 150 python3 -m pytest -q -m gpu tests/kernels/test_swiglu_lora.py \
@@ -65,6 +77,22 @@ has swltest && step pytest-swiglu-lora 150 python3 -m pytest -q -m gpu tests/ker
 has ktest && step pytest-lora 60 python3 -m pytest -q -m gpu tests/kernels/test_lora.py -p no:cacheprovider
 has micro && step micro 90 python3 benchmarks/micro_gpu.py
 has swmicro && step micro-swiglu 90 python3 benchmarks/micro_gpu.py --only swiglu
+# rank: the one-pass rank-r product kernel against cuBLAS, and its GPU tests
+if has rank; then
+  step micro-rank 60 python3 benchmarks/micro_gpu.py --only rank
+  step pytest-rank 90 python3 -m pytest -q -m gpu tests/kernels/test_rank_product.py tests/kernels/test_lora.py \
+    -p no:cacheprovider
+fi
+# nf4: the NF4 dequantisation against bitsandbytes' (speed, and equal output), then its GPU tests
+if has nf4; then
+  step micro-nf4 60 python3 benchmarks/micro_gpu.py --only nf4
+  step pytest-nf4 60 python3 -m pytest -q -m gpu tests/kernels/test_nf4.py -p no:cacheprovider
+fi
+# swtest: the SwiGLU-LoRA kernels and lora_mlp on the GPU; swfeat: the backward kernel with h written over dh
+# and dh's rank-r term, each against the work it replaces (sweep_swiglu_tiles.py --features)
+has swtest && step pytest-swiglu 90 python3 -m pytest -q -m gpu tests/kernels/test_swiglu_lora.py \
+  tests/kernels/test_lora.py -p no:cacheprovider
+has swfeat && step swiglu-features 130 python3 benchmarks/sweep_swiglu_tiles.py --features --budget-s 100
 has loss && step loss-curve 150 python3 benchmarks/loss_curve.py --steps 50 --out bench_logs/loss_curves.json
 if has fast; then
   step fast-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 --profile 1 \

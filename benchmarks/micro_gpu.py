@@ -215,16 +215,71 @@ def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: 
     t_bd, t_pb = ms(lambda: sl._swiglu_lora_bwd(dh, *args, want_db=True)), ms(lambda: g @ bs)
     print(f"swiglu_lora fwd {t_f * 1e3:.0f} us; bwd {t_b * 1e3:.0f} us, with dg B_g, du B_u "
           f"{t_bd * 1e3:.0f} us (each product alone {t_pb * 1e3:.0f} us)")
+    # lora_mlp's backward on the Triton path: dh's adapter term added in the kernel and h written over dh,
+    # against what they replace: that term as an (N, inter) product the down product then accumulates onto,
+    # and the forward kernel run again for h.
+    yd, a_d = xa[:, :r], bs.t().contiguous()
+    buf = dh.clone()
+    t_all = ms(lambda: sl._swiglu_lora_bwd(buf, *args, want_db=True, dh_lora=(yd, a_d), want_h=True))
+    t_term, t_dn = ms(lambda: torch.mm(yd, a_d, out=buf)), ms(lambda: buf.addmm_(x, w.t()))
+    t_plain_dn = ms(lambda: torch.mm(x, w.t(), out=buf))
+    print(f"swiglu_lora bwd with dh's term and h: {t_all * 1e3:.0f} us; replaces: dh's term as a product "
+          f"{t_term * 1e3:.0f} us + the forward kernel {t_f * 1e3:.0f} us + the down product reading it "
+          f"back ({t_dn * 1e3:.0f} against {t_plain_dn * 1e3:.0f} us plain)")
+
+
+def rank_products(tokens: int) -> None:
+    """The rank-r products the LoRA layers write at (tokens, out): the one-pass kernel of
+    `kernels/rank_product.py` against cuBLAS (mm; addmm with c, which first copies c into the output)."""
+    from fasttune.kernels.rank_product import _rank_product_fwd
+
+    dev, dt = "cuda", torch.bfloat16
+    for out_cols, r in ((4096, 16), (1024, 16), (4096, 48), (4096, 32), (14336, 16)):
+        a = torch.randn(tokens, r, device=dev, dtype=dt)
+        b = torch.randn(out_cols, r, device=dev, dtype=dt).t() * 0.1  # (r, out), as lora.py scales B^T
+        c = torch.randn(tokens, out_cols, device=dev, dtype=dt)
+        gb = tokens * out_cols * 2 / 1e9  # one (tokens, out) bf16 tensor, GB
+        t_mm, t_k = ms(lambda a=a, b=b: torch.mm(a, b)), ms(lambda a=a, b=b: _rank_product_fwd(a, b))
+        t_addmm = ms(lambda a=a, b=b, c=c: torch.addmm(c, a, b))
+        t_kc = ms(lambda a=a, b=b, c=c: _rank_product_fwd(a, b, c))
+        print(f"rank-{r} product to ({tokens}, {out_cols}): cuBLAS mm {t_mm * 1e3:.0f} us "
+              f"({gb / t_mm:.2f} TB/s), kernel {t_k * 1e3:.0f} us ({gb / t_k:.2f}); with c: addmm "
+              f"{t_addmm * 1e3:.0f} us, kernel {t_kc * 1e3:.0f} us ({2 * gb / t_kc:.2f} TB/s)")
+def nf4_dequant() -> None:
+    """NF4 dequantisation of the Llama-3.1-8B layer's weights (double-quantised, bf16 out): ours into the
+    reused buffer against bitsandbytes' dequantize_4bit, with the rate of its traffic (packed bytes and
+    block codes in, bf16 out)."""
+    import bitsandbytes.functional as bnbf
+
+    from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
+
+    for name, shape in (("gate/up/down", (14336, 4096)), ("q/o", (4096, 4096)), ("k/v", (1024, 4096))):
+        dense = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, state = bnbf.quantize_4bit(dense, quant_type="nf4", compress_statistics=True)
+        w = NF4Weight.from_bnb(packed, state)
+        assert torch.equal(dequantize_nf4(w), bnbf.dequantize_4bit(packed, state))
+        n = dense.numel()
+        gb = (n // 2 + n // 64 + 2 * n) / 1e9
+        t_ours = ms(lambda w=w: dequantize_nf4(w, reuse_buffer=True))
+        t_bnb = ms(lambda p=packed, st=state: bnbf.dequantize_4bit(p, st))
+        print(f"nf4 dequant {name} {shape}: ours {t_ours * 1e3:.0f} us ({gb / t_ours:.2f} TB/s), "
+              f"bitsandbytes {t_bnb * 1e3:.0f} us ({gb / t_bnb:.2f} TB/s)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--only", choices=["swiglu"], default=None, help="run only this part")
+    p.add_argument("--only", choices=["swiglu", "rank", "nf4"], default=None, help="run only this part")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.only == "swiglu":
         swiglu_lora_kernels(args.tokens)
+        return
+    if args.only == "rank":
+        rank_products(args.tokens)
+        return
+    if args.only == "nf4":
+        nf4_dequant()
         return
     ceilings()
     gemm_shapes(args.tokens)
@@ -232,6 +287,8 @@ def main() -> None:
     attention(1, 32768)
     lora_ops(args.tokens)
     swiglu_lora_kernels(args.tokens)
+    rank_products(args.tokens)
+    nf4_dequant()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def _swiglu_opts(tiles: int, dt: str) -> dict:
 
 
 def _cases(dt: str):
-    from fasttune.kernels import cross_entropy, nf4, rms_norm, rope, swiglu, swiglu_lora
+    from fasttune.kernels import cross_entropy, nf4, rank_product, rms_norm, rope, swiglu, swiglu_lora
 
     def p(t):
         return "*" + t
@@ -56,17 +56,28 @@ def _cases(dt: str):
         # the SwiGLU-LoRA backward without and with its (N, r) products (tensor-core dots)
         *((swiglu_lora._swiglu_lora_bwd_kernel,
            dict(dh_ptr=p(dt), g_ptr=p(dt), u_ptr=p(dt), xg_ptr=p(dt), bg_ptr=p(dt), xu_ptr=p(dt),
-                bu_ptr=p(dt), dg_ptr=p(dt), du_ptr=p(dt), pg_ptr=p(f32), pu_ptr=p(f32), n_rows=i32,
-                n_cols=i32, rank=i32,
+                bu_ptr=p(dt), dg_ptr=p(dt), du_ptr=p(dt), pg_ptr=p(f32), pu_ptr=p(f32), yd_ptr=p(dt),
+                ad_ptr=p(dt), n_rows=i32, n_cols=i32, rank=i32, rank_d=i32,
                 **{k: i32 for k in ("s_dhn", "s_gn", "s_un", "s_xgn", "s_xgr", "s_bgr", "s_xun", "s_xur",
-                                    "s_bur", "s_dgn", "s_dun", "s_ps", "s_pn")},
-                BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, DOT_FP32=c, TILES=c, WANT_DB=c),
-           dict(BLOCK_N=_rows(tiles, dt), BLOCK_I=128, BLOCK_R=16, DOT_FP32=dt == "fp32", TILES=tiles,
-                WANT_DB=tiles > 1), _swiglu_opts(tiles, dt)) for tiles in (1, 8)),
+                                    "s_bur", "s_dgn", "s_dun", "s_ps", "s_pn", "s_ydn", "s_ydr", "s_adr")},
+                BLOCK_N=c, BLOCK_I=c, BLOCK_R=c, DOT_FP32=c, TILES=c, WANT_DB=c, DH_LORA=c, BLOCK_RD=c,
+                WANT_H=c),
+           dict(BLOCK_N=_rows(tiles, dt), BLOCK_I=64 if _rows(tiles, dt) == 64 else 128, BLOCK_R=16,
+                DOT_FP32=dt == "fp32", TILES=tiles, WANT_DB=tiles > 1, DH_LORA=tiles > 1, BLOCK_RD=16,
+                WANT_H=tiles > 1),
+           _swiglu_opts(tiles, dt)) for tiles in (1, 8)),
+        *((rank_product._rank_product_fwd_kernel,
+           dict(a_ptr=p(dt), b_ptr=p(dt), c_ptr=p(dt), out_ptr=p(dt), n_rows=i32, n_cols=i32, rank=i32,
+                **{k: i32 for k in ("s_an", "s_ar", "s_br", "s_bm", "s_cn", "s_on")},
+                BLOCK_N=c, BLOCK_M=c, BLOCK_R=c, HAS_C=c, DOT_FP32=c),
+           dict(BLOCK_N=64, BLOCK_M=128, BLOCK_R=16, HAS_C=has_c, DOT_FP32=dt == "fp32"), {"num_warps": 4})
+          for has_c in (False, True)),
         (nf4._nf4_dequant_fwd_kernel,
          dict(packed_ptr=p("u8"), absmax_ptr=p("u8"), code_ptr=p(f32), absmax2_ptr=p(f32), code2_ptr=p(f32),
-              offset_ptr=p(f32), out_ptr=p(dt), n=i32, BLOCKSIZE=c, NESTED=c, NESTED_BLOCKSIZE=c, BLOCK=c),
-         dict(BLOCKSIZE=64, NESTED=True, NESTED_BLOCKSIZE=256, BLOCK=1024), {"enable_fp_fusion": False}),
+              offset_ptr=p(f32), out_ptr=p(dt), n=i32, BLOCKSIZE=c, NESTED=c, NESTED_BLOCKSIZE=c, HALF=c,
+              ROWS=c),
+         dict(BLOCKSIZE=64, NESTED=True, NESTED_BLOCKSIZE=256, HALF=32, ROWS=32),
+         {"enable_fp_fusion": False}),
         (cross_entropy._cross_entropy_fwd_kernel,
          dict(z_ptr=p(dt), y_ptr=p("i64"), lse_ptr=p(f32), loss_ptr=p(f32), stride_z=i32, n_cols=i32,
               ignore_index=i32, BLOCK=c), dict(BLOCK=4096), {"num_warps": 8}),

@@ -18,7 +18,8 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-_KERNEL_MODULES = ["_dispatch", "rms_norm", "rope", "swiglu", "swiglu_lora", "lora", "nf4", "cross_entropy", "fp8"]
+_KERNEL_MODULES = ["_dispatch", "rms_norm", "rope", "swiglu", "swiglu_lora", "rank_product", "lora", "nf4",
+                   "cross_entropy", "fp8"]
 
 
 def _redecorate_for_interpreter() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,6 +247,45 @@ def test_lora_mlp_with_nf4_bases_sharing_one_buffer(any_device):
                      dy.double())
     for k, e, what in zip(kern, exact, MLP_NAMES):
         assert_fp32_close(k, e, f"lora_mlp nf4 {what}")
+
+
+def test_lora_mlp_recompute_holds_its_own_gate_and_up_weights_for_the_backward(any_device, monkeypatch):
+    """A recompute for the backward dequantises the gate and up weights once, into tensors of their own
+    (`fresh`), and its backward's dx products use them; a plain forward/backward dequantises every weight
+    into the shared buffer in each pass. Gradients are those of the plain pass."""
+    x, gate, up, down, dy = _mlp_params((2, 3), 64, 128, 4, any_device, seed=10)
+    q = {name: quantize_nf4(p.weight) for name, p in (("g", gate), ("u", up), ("d", down))}
+    calls = collections.Counter()
+
+    def dequantiser(k):
+        def dequant():
+            calls[f"{k} shared"] += 1
+            return dequantize_nf4(q[k], reuse_buffer=True)
+
+        def fresh():
+            calls[f"{k} fresh"] += 1
+            return dequantize_nf4(q[k])
+
+        dequant.fresh = fresh
+        return dequant
+
+    quantised = [p._replace(weight=dequantiser(k)) for k, p in zip("gud", (gate, up, down))]
+    plain = _run_mlp(lambda *a: lora_mlp(*a, force_triton=False), x, *quantised, dy)
+    assert calls == {"g shared": 2, "u shared": 2, "d shared": 2}
+    calls.clear()
+
+    def recompute(*a):
+        with lora_kernels.recompute_for_backward():
+            return lora_mlp(*a, force_triton=False)
+
+    rerun = _run_mlp(recompute, x, *quantised, dy)
+    assert calls == {"g fresh": 1, "u fresh": 1, "d shared": 1}  # down's product is skipped in the rerun
+    for got, want, what in zip(rerun[1:], plain[1:], MLP_NAMES[1:]):
+        torch.testing.assert_close(got, want, msg=lambda m, w=what: f"{w}: {m}")
+    calls.clear()
+    monkeypatch.setattr(lora_kernels, "KEEP_DEQUANTISED_GATE_UP", False)  # the switch: shared buffer again
+    _run_mlp(recompute, x, *quantised, dy)
+    assert calls == {"g shared": 2, "u shared": 2, "d shared": 1}
 
 
 def _qkv_params(lead, hidden, n_q, n_kv, r, device, seed, dtype=torch.float32, bias=False):

@@ -34,6 +34,15 @@ def test_nf4_kernel_matches_reference_bit_for_bit(device, shape, nested, dtype):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("blocksize", [2, 32, 128, 4096])
+def test_nf4_kernel_other_block_sizes(device, blocksize):
+    """A program covers whole quantisation blocks (a row each): sizes from one byte a block to more than a
+    program's usual 1,024 bytes, a tail block cut short (n not a multiple of it), nested and plain."""
+    for nested in (False, True):
+        w = quantize_nf4(_weight((37, 229), seed=3).to(device), blocksize=blocksize, nested=nested)
+        assert torch.equal(dequantize_nf4(w, force_triton=True), dequantize_nf4_reference(w))
+
+
 def test_nf4_reference_decodes_the_documented_layout():
     # Byte 0x7F: element 0 = code[7] (0.0), element 1 = code[15] (1.0); byte 0x0A: code[0], code[10].
     w = NF4Weight(packed=torch.tensor([0x7F, 0x0A], dtype=torch.uint8), absmax=torch.tensor([2.0, 3.0]),

@@ -17,13 +17,18 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
                activation, is NOT saved. g0 and u0 lack their adapter terms: the SwiGLU kernels
                (`swiglu_lora.py`) add xa_g (s_g B_g)^T and xa_u (s_u B_u)^T to each tile they read, so the
                gate and up products each write their (N, inter) output once and nothing reads it back.
-    backward:  h recomputed from g0, u0; dh from the down backward; dg, du by the SwiGLU backward
-               (du = dh silu(g), dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed.
-               On the Triton path the SwiGLU backward kernel also makes the rank-r products dg B_g, du B_u
-               of the (N, inter) tensors it writes, so no product reads dg or du back for them.
-    memory:    dh is written over h once the down adapter's gradient has read h, and dg, du over the saved
-               g0, u0: three (N, inter) buffers at the backward's peak instead of five. The saved g0, u0 are
-               consumed, so a second backward through the same graph (retain_graph) is refused.
+    backward:  dh from the down backward; dg, du by the SwiGLU backward (du = dh silu(g),
+               dg = dh u sigma (1 + g (1 - sigma))); dx = the gate and up backwards summed. The down
+               adapter's dA_d = s_d (dy B_d)^T h needs h: the torch path recomputes it first. On the Triton
+               path one SwiGLU backward kernel reads dh and writes dg, du and (over dh) h, and also makes
+               the rank-r products dg B_g, du B_u, so no product reads dg or du back for them and h is not
+               recomputed apart.
+    memory:    dh and h share one buffer, and dg, du go over the saved g0, u0: three (N, inter) buffers at
+               the backward's peak instead of five. The saved g0, u0 are consumed, so a second backward
+               through the same graph (retain_graph) is refused.
+    quantised: a dequantiser may carry `fresh` (a callable giving an own dense tensor rather than the shared
+               buffer); in a recompute for the backward the gate and up weights are then dequantised once
+               and held for that backward's dx products (two (inter, hidden) tensors, while it runs).
 
 `lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
 the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buffer (in-place addmm).
@@ -31,8 +36,8 @@ the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buff
 Recompute for a backward (`recompute_for_backward()`, used by the layer-level checkpoint of
 `models/activations.py`): the backward of `lora_linear` and `lora_mlp` never reads their output y, only x,
 the (N, r) products and (MLP) g, u. Inside that context they skip the output's base product (x W^T, and the
-down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips silu(g) u, its backward
-recomputes it anyway and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
+down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips silu(g) u, which its
+backward makes anyway, and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
 values must not be read; the gradients are exact.
 
 Residual in the epilogue (`residual_into_output`, used by the same checkpoint's forward, where nothing needs
@@ -48,7 +53,9 @@ instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g0,
 `given`, the next `lora_mlp` forward takes (g0, u0) from there and runs only the rank-r products of gate and
 up, not their base products (two thirds of the MLP's forward FLOPs). Both are exact: the same tensors.
 
-The matmuls run through torch (cuBLAS); the SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
+The matmuls run through torch (cuBLAS), except the rank-r products that write an (N, out) output (the
+adapter term the base product accumulates onto, and dx's adapter share): on CUDA the kernel of
+`rank_product.py` writes them in one pass. The SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
 Triton kernels of `swiglu_lora.py` on CUDA; the torch path keeps complete g and u (the terms in the products).
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
 gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
@@ -67,6 +74,7 @@ import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import use_triton
 from fasttune.kernels.fp8 import FP8Weight, fp8_input, fp8_product
+from fasttune.kernels.rank_product import _rank_product_fwd
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 from fasttune.kernels.swiglu_lora import _swiglu_lora_bwd, _swiglu_lora_fwd
 
@@ -222,9 +230,18 @@ def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None, residual=None)
         return (y if residual is None else y.add_(residual)), xa
     bs = b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
     first = residual if bias is None else (bias if residual is None else residual + bias)
-    y = torch.mm(xa, bs) if first is None else torch.addmm(first, xa, bs)  # (N, out)
+    y = _rank_r(xa, bs, first)  # (N, out)
     y.addmm_(x2, w.t())
     return y, xa
+
+
+def _rank_r(a, b, c=None, out=None) -> torch.Tensor:
+    """c + a b for a (N, r), b (r, M) into `out` (new when None): one pass over the output in the Triton
+    kernel of `rank_product.py` on CUDA (cuBLAS is slow at these shapes, and addmm copies c first); torch
+    elsewhere and for a bias vector c (broadcast over the rows)."""
+    if RANK_PRODUCT_KERNEL and (c is None or c.dim() == 2) and use_triton(a, b, c):
+        return _rank_product_fwd(a, b, c, out)
+    return torch.mm(a, b, out=out) if c is None else torch.addmm(c, a, b, out=out)
 
 
 def _grads(dy2, x2, a, b, s, xl2, xa, needs, dyb=None):
@@ -264,7 +281,7 @@ def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
     adapters = [(dyb, a * s) for _, _, dyb, a, s in terms if dyb is not None]
     rest = terms
     if adapters:
-        dx = torch.mm(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), out=out)
+        dx = _rank_r(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), out=out)
     else:
         dx = torch.mm(terms[0][0], terms[0][1](), out=out)
         rest = terms[1:]
@@ -375,6 +392,12 @@ def _base_only(x2, w, bias, x_fp8=None) -> torch.Tensor:
 # the cost of larger ranks grows with them.
 DEFERRED_MAX_RANK = 16
 
+# Switches of the three latest fast-path parts, on by default; `benchmarks/bench_train.py` turns each off
+# for a variant (norank, nowanth, nokeepgu) to measure it against the rest in one process.
+RANK_PRODUCT_KERNEL = True  # `_rank_r` through `rank_product.py` on CUDA
+SWIGLU_BWD_WRITES_H = True  # the SwiGLU-LoRA backward writes h over dh (want_h)
+KEEP_DEQUANTISED_GATE_UP = True  # a rerun keeps its dequantised gate/up weights for the backward
+
 
 def _gate_up_product(x2, w, bias, a, b, s, xa, x_fp8, defer: bool) -> torch.Tensor:
     """The gate or up output: without its adapter term if `defer` (the SwiGLU kernel adds it), else whole."""
@@ -391,19 +414,15 @@ def _silu_mul(g, u, lora_terms, triton: bool) -> torch.Tensor:
     return _swiglu_fwd(g, u) if triton else F.silu(g) * u
 
 
-def _silu_mul_grad(dh, g, u, lora_terms, triton: bool, scalings=(1.0, 1.0)):
-    """(dg, du, dyB_g, dyB_u) of h = silu(g) u, dg, du written over g and u (the torch branch: the kernel's
-    fp32 formula). dyB = dg B_g, du B_u (N, r) from the SwiGLU-LoRA kernel, whose lora_terms carry
-    s_g B_g and s_u B_u (hence the division by `scalings`); None elsewhere (the caller makes them)."""
-    if lora_terms is not None:
-        inv = tuple(1.0 / s if s else 0.0 for s in scalings)  # s = 0: the adapter's gradients are all zero
-        return _swiglu_lora_bwd(dh, g, u, *lora_terms, inplace=True, want_db=True, db_scales=inv)
+def _silu_mul_grad(dh, g, u, triton: bool):
+    """(dg, du) of h = silu(g) u for complete g, u, written over them (the torch branch: the kernel's fp32
+    formula). With deferred adapter terms the backward calls the SwiGLU-LoRA kernel instead."""
     if triton:
-        return (*_swiglu_bwd(dh, g, u, inplace=True), None, None)
+        return _swiglu_bwd(dh, g, u, inplace=True)
     gf, sig, dhf = g.float(), torch.sigmoid(g.float()), dh.float()
     du = dhf * gf * sig
     dg = dhf * u.float() * sig * (1 + gf * (1 - sig))
-    return g.copy_(dg), u.copy_(du), None, None
+    return g.copy_(dg), u.copy_(du)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -421,6 +440,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
         given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
+        if given is None and KEEP_DEQUANTISED_GATE_UP and _skipping():
+            # A rerun whose backward comes next: quantised gate and up weights are dequantised into tensors
+            # of their own and saved, so the backward's dx products use them instead of dequantising again.
+            dense[:2] = [_dense(dq.fresh, dt) if w is None and hasattr(dq, "fresh") else w
+                         for w, dq in zip(dense[:2], dequants[:2])]
         xag, xau = _down_a(x2, [lora[0][0], lora[1][0]])
         # g0, u0 without their adapter terms, for the Triton SwiGLU to add (in torch it would be extra work)
         defer = triton and max(ag.shape[0], au.shape[0]) <= DEFERRED_MAX_RANK
@@ -470,16 +494,34 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
-        h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
-        if had is None:  # a recompute for this backward skipped it
-            had = h @ ad.t()  # (N, r)
         flags = (n[9], n[10], n[11], n[12], False)
-        dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
-        # dh goes into h's buffer: every read of h is above.
-        dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
-        del h
-        dg, du, dybg, dybu = _silu_mul_grad(dh, g, u, terms, ctx.triton, (sg, su))  # over g and u
-        del dh
+        if terms is not None and SWIGLU_BWD_WRITES_H:
+            # The kernel makes dg, du over g, u and writes h over dh (dh is read first): h is not recomputed
+            # apart for dA_d = s_d (dy B_d)^T h.
+            dybd = dy2 @ bbd  # (N, r)
+            dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)])  # (N, inter)
+            inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))  # s = 0: the adapter's gradients are zero
+            dg, du, dybg, dybu, h = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
+                                                     db_scales=inv, want_h=True)
+            del dh
+            had = h @ ad.t() if had is None else had  # (N, r); None: a recompute for this backward skipped it
+            _, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags, dybd)
+            del h
+        else:
+            h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
+            had = h @ ad.t() if had is None else had
+            dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
+            # dh goes into h's buffer: every read of h is above.
+            dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
+            del h
+            if terms is not None:  # dg B_g, du B_u made by the kernel too
+                inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))
+                dg, du, dybg, dybu = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
+                                                      db_scales=inv)
+            else:
+                dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
+                dybg = dybu = None  # made by _grads below
+            del dh
         dybg, dwg, dbg, _, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], False, n[4], False),
                                             dybg)
         dybu, dwu, dbu, _, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], False, n[8], False),

@@ -30,7 +30,7 @@ NF4_CODE = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
-_BLOCK_BYTES = 1024
+_BLOCK_BYTES = 1024  # packed bytes per program (whole quantisation blocks)
 
 
 @dataclass
@@ -96,23 +96,26 @@ class NF4Weight:
 @jit
 def _nf4_dequant_fwd_kernel(
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, HALF: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    bmask = byte < (n + 1) // 2
-    q = tl.load(packed_ptr + byte, mask=bmask, other=0)
-    # Both elements of a byte share a block (bs is even); the table gathers hit a 64-byte cache line.
-    blk = (2 * byte) // BLOCKSIZE
+    # A program dequantises ROWS quantisation blocks, one block a row: (ROWS, HALF = BLOCKSIZE / 2) bytes,
+    # each row's scale read once and broadcast along it.
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    n_bytes = (n + 1) // 2
+    byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
+    q = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0)
+    row_ok = blk * HALF < n_bytes
     if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=bmask, other=0.0)
+        qa = tl.load(absmax_ptr + blk, mask=row_ok, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
         scale = tl.load(code2_ptr + qa) * scale2 + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + blk, mask=bmask, other=0.0).to(tl.float32)
-    hi = tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale
-    lo = tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale
-    vals = tl.interleave(hi, lo)  # (2 BLOCK,): element 2i from the high nibble, 2i+1 from the low
-    elem = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        scale = tl.load(absmax_ptr + blk, mask=row_ok, other=0.0).to(tl.float32)
+    hi = tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale[:, None]  # the table gathers hit one cache line
+    lo = tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale[:, None]
+    vals = tl.interleave(hi, lo)  # (ROWS, BLOCKSIZE): element 2i from the high nibble, 2i+1 from the low
+    elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + elem, to_dtype(vals, out_ptr.dtype.element_ty), mask=elem < n)
 
 
@@ -153,9 +156,11 @@ def _launch(w: NF4Weight, out: torch.Tensor) -> None:
         offset = w.offset.float().reshape(1)
     else:  # the nested pointers are never read; pass the tensors we have
         absmax2, code2, offset = w.absmax, code, code
-    _nf4_dequant_fwd_kernel[(cdiv(cdiv(n, 2), _BLOCK_BYTES),)](
+    rows = max(1, _BLOCK_BYTES // (w.blocksize // 2))  # quantisation blocks per program
+    _nf4_dequant_fwd_kernel[(cdiv(cdiv(n, w.blocksize), rows),)](
         w.packed, w.absmax, code, absmax2, code2, offset, out, n,
-        BLOCKSIZE=w.blocksize, NESTED=w.nested, NESTED_BLOCKSIZE=w.nested_blocksize, BLOCK=_BLOCK_BYTES,
+        BLOCKSIZE=w.blocksize, NESTED=w.nested, NESTED_BLOCKSIZE=w.nested_blocksize, HALF=w.blocksize // 2,
+        ROWS=rows,
         # No fused multiply-add: bitsandbytes rounds code2[q] * absmax2 before adding the offset.
         enable_fp_fusion=False)
 

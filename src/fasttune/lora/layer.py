@@ -126,7 +126,13 @@ class LoRALinear(nn.Module):
             from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
 
             nf4 = NF4Weight.from_bnb(w.data, state)
-            return lambda: dequantize_nf4(nf4, reuse_buffer=True)
+
+            def dequant() -> torch.Tensor:
+                return dequantize_nf4(nf4, reuse_buffer=True)
+
+            # an own tensor, for a weight held past the next dequantisation (`kernels.lora`, `fresh`)
+            dequant.fresh = lambda: dequantize_nf4(nf4)
+            return dequant
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

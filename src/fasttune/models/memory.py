@@ -168,6 +168,8 @@ def estimate_memory(
     if offloaded and halves:  # recompute in halves: the MLP half is the larger one
         # x_mid and its norm, gate and up, the h / dh buffer, three (N, H) gradients, the rank-r products
         layer_backward = N * (5 * H + 3 * c.intermediate_size + 3 * r) * act_bytes
+        if quantization == "4bit":  # the rerun's dequantised gate and up weights, held for its backward
+            layer_backward += 2 * H * c.intermediate_size * act_bytes
         gate_up_bytes = 2 * N * c.intermediate_size * act_bytes
         k = host_gate_up_layers(recomputed, host_gate_up)
         if k and host_fits(recomputed, x_bytes, k, gate_up_bytes):
