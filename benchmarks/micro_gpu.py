@@ -245,13 +245,13 @@ def rank_products(tokens: int) -> None:
         print(f"rank-{r} product to ({tokens}, {out_cols}): cuBLAS mm {t_mm * 1e3:.0f} us "
               f"({gb / t_mm:.2f} TB/s), kernel {t_k * 1e3:.0f} us ({gb / t_k:.2f}); with c: addmm "
               f"{t_addmm * 1e3:.0f} us, kernel {t_kc * 1e3:.0f} us ({2 * gb / t_kc:.2f} TB/s)")
-def nf4_dequant() -> None:
+def nf4_dequant(sweep: bool = False) -> None:
     """NF4 dequantisation of the Llama-3.1-8B layer's weights (double-quantised, bf16 out): ours into the
     reused buffer against bitsandbytes' dequantize_4bit, with the rate of its traffic (packed bytes and
-    block codes in, bf16 out)."""
+    block codes in, bf16 out). `sweep`: also our kernel at other tiles (packed bytes a program, warps)."""
     import bitsandbytes.functional as bnbf
 
-    from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
+    from fasttune.kernels.nf4 import NF4Weight, _launch, dequantize_nf4
 
     for name, shape in (("gate/up/down", (14336, 4096)), ("q/o", (4096, 4096)), ("k/v", (1024, 4096))):
         dense = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -264,12 +264,25 @@ def nf4_dequant() -> None:
         t_bnb = ms(lambda p=packed, st=state: bnbf.dequantize_4bit(p, st))
         print(f"nf4 dequant {name} {shape}: ours {t_ours * 1e3:.0f} us ({gb / t_ours:.2f} TB/s), "
               f"bitsandbytes {t_bnb * 1e3:.0f} us ({gb / t_bnb:.2f} TB/s)")
+        if not sweep:
+            continue
+        out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        times = {}
+        for block_bytes in (256, 512, 1024, 2048, 4096, 8192):
+            for warps in (1, 2, 4, 8, 16):
+                _launch(w, out, block_bytes, warps)
+                assert torch.equal(out, dequantize_nf4(w))
+                times[block_bytes, warps] = ms(lambda w=w, o=out, b=block_bytes, k=warps: _launch(w, o, b, k))
+        best = sorted(times, key=times.get)
+        print(f"  sweep {name}: "
+              + ", ".join(f"{b} B x {k} warps {times[b, k] * 1e3:.0f} us" for b, k in best[:6]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--only", choices=["swiglu", "rank", "nf4"], default=None, help="run only this part")
+    p.add_argument("--sweep", action="store_true", help="with --only nf4: also time the NF4 kernel's tiles")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.only == "swiglu":
@@ -279,7 +292,7 @@ def main() -> None:
         rank_products(args.tokens)
         return
     if args.only == "nf4":
-        nf4_dequant()
+        nf4_dequant(args.sweep)
         return
     ceilings()
     gemm_shapes(args.tokens)

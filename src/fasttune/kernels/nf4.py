@@ -145,7 +145,9 @@ def nf4_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     return buf[:numel]
 
 
-def _launch(w: NF4Weight, out: torch.Tensor) -> None:
+def _launch(w: NF4Weight, out: torch.Tensor, block_bytes: int = _BLOCK_BYTES, num_warps: int = 4) -> None:
+    """Dequantise w into out; `block_bytes` (packed bytes a program reads) and `num_warps` are the tile
+    choice (`benchmarks/micro_gpu.py --only nf4 --sweep` times others)."""
     n = w.numel
     if n == 0:
         return
@@ -156,13 +158,13 @@ def _launch(w: NF4Weight, out: torch.Tensor) -> None:
         offset = w.offset.float().reshape(1)
     else:  # the nested pointers are never read; pass the tensors we have
         absmax2, code2, offset = w.absmax, code, code
-    rows = max(1, _BLOCK_BYTES // (w.blocksize // 2))  # quantisation blocks per program
+    rows = max(1, block_bytes // (w.blocksize // 2))  # quantisation blocks per program
     _nf4_dequant_fwd_kernel[(cdiv(cdiv(n, w.blocksize), rows),)](
         w.packed, w.absmax, code, absmax2, code2, offset, out, n,
         BLOCKSIZE=w.blocksize, NESTED=w.nested, NESTED_BLOCKSIZE=w.nested_blocksize, HALF=w.blocksize // 2,
         ROWS=rows,
         # No fused multiply-add: bitsandbytes rounds code2[q] * absmax2 before adding the offset.
-        enable_fp_fusion=False)
+        enable_fp_fusion=False, num_warps=num_warps)
 
 
 def dequantize_nf4(
