@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, q8, q32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -71,9 +71,12 @@ if has abq8v; then
   step abq8v-new 280 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload offload+norank \
     offload+nowanth offload+nokeepgu
 fi
+has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \
   --steps 2 --variants offload
+has prof32 && step prof-32k 200 $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 --warmup 1 \
+  --steps 2 --profile 1 --variants offload
 # kmain: the GPU tests of the kernels `kernels/lora.py` runs and of the model on them
 has kmain && step pytest-kmain 200 python3 -m pytest -q -m gpu tests/kernels/test_rank_product.py \
   tests/kernels/test_lora.py tests/kernels/test_swiglu_lora.py tests/kernels/test_nf4.py \
