@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -71,6 +71,13 @@ if has abq8v; then
   step abq8v-new 280 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload offload+norank \
     offload+nowanth offload+nokeepgu
 fi
+# b8r / q8r / q32r: the last layer's gate/up kept on the device (resident_gate_up) against rerun, beside Unsloth
+has b8r && step bf16-8-res 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload \
+  offload+noresgu
+has q8r && step qlora-8-res 260 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload \
+  offload+noresgu
+has q32r && step qlora-32k-res 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
+  --warmup 1 --steps 2 --variants offload offload+noresgu
 has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \

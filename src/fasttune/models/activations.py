@@ -20,6 +20,11 @@ and its backward takes them back instead of rerunning the gate and up products, 
 They are 3.5x a layer input on Llama-3.1-8B, so the share is bounded by the host link: the copies must hide
 under the forward's compute, and by host memory (`host_fits`).
 
+Gate/up of the resident layer (`resident_gate_up`, on by default): the last recomputed layer keeps its
+tensors on the device (its backward comes right after the loss), and with no kept layers after it its gate
+and up outputs are held there too, so its rerun skips their products. Its backward would make them again
+anyway, and it is the first backward, so they add to the peak only while the loss runs (one chunk of logits).
+
 Kept attention (`keep_attention`, on by default where the kernel allows: plain causal rows on CUDA where SDPA
 picks cuDNN, packed rows where the variable-length flash kernel runs): each recomputed layer also sends its
 attention output O (the size of x) and the softmax's log-sum-exp to the host, and the rerun of its first
@@ -277,6 +282,7 @@ def run_layers(
     gate_up: tuple[float, int] = (0.0, 0),
     keep_attention: str = "off",
     keep_qkv: float = 0.0,
+    resident_gate_up: bool = True,
 ) -> torch.Tensor:
     """x through every layer (`run(layer, x, i)`), recomputing layers 0 .. n - keep_layers - 1 per `mode`.
 
@@ -285,7 +291,8 @@ def run_layers(
     that share of the recomputed layers keeps its MLP gate/up outputs on the host (module docstring), when
     the host has room for them; else none does. keep_attention ('auto', 'reference', 'off'): such layers
     also keep their attention output for the backward (`LayerRecompute`), when the host has room;
-    keep_qkv: the size of a layer's q, k, v relative to x, > 0 to keep them too (when the host has room).
+    keep_qkv: the size of a layer's q, k, v relative to x, > 0 to keep them too (when the host has room);
+    resident_gate_up: the last layer, when it recomputes with its tensors on the device, keeps gate/up there.
 
     The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where it
     is called, so the offloader sees exactly each layer's input x; what `run` closes over (RoPE tables,
@@ -307,6 +314,8 @@ def run_layers(
                            kept_attention=keep_attention != "off", kept_qkv=keep_qkv):
         k = 0
     keep_gate_up = spread(recompute_upto, k)
+    if resident_gate_up and offloader is not None and recompute_upto == n:
+        keep_gate_up.add(n - 1)  # the resident layer: on the device, no host copy (module docstring)
     for i, layer in enumerate(layers):
         if i >= recompute_upto:
             x = run(layer, x, i)

@@ -268,6 +268,7 @@ class LlamaModel(nn.Module):
         self.host_gate_up = 0.0  # offloading modes: share of recomputed layers keeping gate/up on the host
         self.keep_attention = "auto"  # offloading modes: recomputed layers keep their attention output
         self.keep_qkv = True  # with kept attention: also its q, k, v (where they are reusable)
+        self.resident_gate_up = True  # offloading modes: the last layer keeps gate/up on the device
 
     def kept_qkv_share(self) -> float:
         """A layer's q, k, v kept for its rerun, relative to its input x (0: not kept)."""
@@ -306,7 +307,8 @@ class LlamaModel(nn.Module):
         x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
                        self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves,
                        gate_up=(self.host_gate_up, self.config.intermediate_size),
-                       keep_attention=self.keep_attention, keep_qkv=self.kept_qkv_share())
+                       keep_attention=self.keep_attention, keep_qkv=self.kept_qkv_share(),
+                       resident_gate_up=self.resident_gate_up)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -364,15 +366,17 @@ class LlamaForCausalLM(nn.Module):
         return self.model.gradient_checkpointing
 
     def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float = 0.0,
-                                   keep_attention: str = "auto", keep_qkv: bool = True) -> None:
+                                   keep_attention: str = "auto", keep_qkv: bool = True,
+                                   resident_gate_up: bool = True) -> None:
         """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
         or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
         `host_gate_up`: in the offloading modes, the share of recomputed layers whose MLP gate/up outputs
         also go to the host instead of being recomputed; `keep_attention`: in the offloading modes, whether
         recomputed layers keep their attention output instead of rerunning attention ('auto': where the
         CUDA kernel allows; 'reference': also elsewhere, in fp32 math, for tests; 'off'); `keep_qkv`: with
-        kept attention, also keep q, k, v so that the rerun skips their products (where the host has room).
-        See `fasttune.models.activations`."""
+        kept attention, also keep q, k, v so that the rerun skips their products (where the host has room);
+        `resident_gate_up`: in the offloading modes with no kept layers, the last layer (whose tensors stay on
+        the device) keeps its gate/up outputs there too. See `fasttune.models.activations`."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
         if keep_layers < 0:
@@ -386,6 +390,7 @@ class LlamaForCausalLM(nn.Module):
         self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
         self.model.keep_attention = keep_attention
         self.model.keep_qkv = keep_qkv
+        self.model.resident_gate_up = resident_gate_up
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag
