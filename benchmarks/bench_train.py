@@ -257,7 +257,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     packN (N packed rows of equal length per sequence: `fasttune_step`),
     norank / nowanth / nokeepgu (turn off one of the switches of `fasttune.kernels.lora`: the rank-r product
     kernel, h written by the SwiGLU backward, the rerun's kept dequantised gate/up weights),
-    noresgu (offloading modes: the last layer reruns its gate/up products: resident_gate_up=False).
+    dguK (offloading modes: the last K recomputed layers hold gate/up on the device, device_gate_up=K;
+    default 1, dgu0 reruns them all).
     """
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
@@ -284,14 +285,14 @@ def configure_fasttune(model, variant: str, args) -> dict:
     share = next((float(f[2:]) for f in flags if f.startswith("gu")), 0.0)
     PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
     keep_attention = "off" if "noattn" in flags else "auto"
-    resident = "noresgu" not in flags
+    on_device = next((int(f[3:]) for f in flags if f.startswith("dgu")), 1)
     model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,
                                      keep_attention=keep_attention, keep_qkv="noqkv" not in flags,
-                                     resident_gate_up=resident)
+                                     device_gate_up=on_device)
     model.model.recompute_halves = "plain" not in flags
     est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share,
                           kept_attention=keep_attention != "off", kept_qkv=model.model.kept_qkv_share(),
-                          resident_gate_up=resident, **est_kw)
+                          device_gate_up=on_device, **est_kw)
     print(f"[{variant}] keep_layers={keep} {est.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
             "keep_attention": keep_attention, "est_gib": est.total / GiB}

@@ -71,13 +71,13 @@ if has abq8v; then
   step abq8v-new 280 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload offload+norank \
     offload+nowanth offload+nokeepgu
 fi
-# b8r / q8r / q32r: the last layer's gate/up kept on the device (resident_gate_up) against rerun, beside Unsloth
-has b8r && step bf16-8-res 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload \
-  offload+noresgu
-has q8r && step qlora-8-res 260 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload \
-  offload+noresgu
+# b8r / q8r / q32r: gate/up of the last 2 / 1 / 0 layers held on the device (device_gate_up), beside Unsloth
+has b8r && step bf16-8-res 270 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload \
+  offload+dgu2 offload+dgu0
+has q8r && step qlora-8-res 270 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload \
+  offload+dgu2 offload+dgu0
 has q32r && step qlora-32k-res 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
-  --warmup 1 --steps 2 --variants offload offload+noresgu
+  --warmup 1 --steps 2 --variants offload offload+dgu2 offload+dgu0
 has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \

@@ -412,7 +412,7 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
     inner = lora_kernels._gate_up_product
     monkeypatch.setattr(lora_kernels, "_gate_up_product",
                         lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
-    model.set_gradient_checkpointing("offload", host_gate_up=share, resident_gate_up=False)
+    model.set_gradient_checkpointing("offload", host_gate_up=share, device_gate_up=0)
     loss, grads = loss_and_grads(model, ids, tgt, pos)
     gate_or_up = (96, 64)  # (intermediate, hidden)
     assert products.count(gate_or_up) == 2 * 3 + 2 * (3 - kept)  # forward, and rerun where not kept
@@ -426,12 +426,13 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
         model.set_gradient_checkpointing("offload", host_gate_up=1.5)
 
 
-@pytest.mark.parametrize("mode,keep,resident,reruns", [
-    ("offload", 0, True, 2), ("offload", 0, False, 3), ("selective", 0, True, 2), ("selective", 1, True, 2)])
-def test_resident_layer_keeps_gate_up_on_the_device(tiny_model, monkeypatch, mode, keep, resident, reruns):
-    """resident_gate_up: with no kept layers after it, the last recomputed layer (its tensors stay on the
-    device) hands its gate/up outputs to its backward instead of rerunning their products; with a kept
-    layer after it (selective, keep 1) it reruns them. Gradients equal those without checkpointing."""
+@pytest.mark.parametrize("mode,keep,on_device,reruns", [
+    ("offload", 0, 1, 2), ("offload", 0, 0, 3), ("offload", 0, 2, 1), ("offload", 0, 5, 0),
+    ("selective", 0, 1, 2), ("selective", 1, 1, 1), ("selective", 1, 2, 0)])
+def test_last_layers_hold_gate_up_on_the_device(tiny_model, monkeypatch, mode, keep, on_device, reruns):
+    """device_gate_up: the last that many recomputed layers hand their gate/up outputs to their backward
+    on the device instead of rerunning their products (3 layers; selective keep 1 recomputes 2). Gradients
+    equal those without checkpointing."""
     from fasttune.kernels import lora as lora_kernels
 
     model = make_fused_lora_model()
@@ -442,12 +443,14 @@ def test_resident_layer_keeps_gate_up_on_the_device(tiny_model, monkeypatch, mod
     inner = lora_kernels._gate_up_product
     monkeypatch.setattr(lora_kernels, "_gate_up_product",
                         lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
-    model.set_gradient_checkpointing(mode, keep_layers=keep, resident_gate_up=resident)
+    model.set_gradient_checkpointing(mode, keep_layers=keep, device_gate_up=on_device)
     loss, grads = loss_and_grads(model, ids, tgt, pos)
     assert products.count((96, 64)) == 2 * 3 + 2 * reruns  # forward, and the reruns' gate and up
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="device_gate_up"):
+        model.set_gradient_checkpointing(mode, device_gate_up=-1)
 
 
 def test_bad_inputs_raise_clear_errors(tiny_model):

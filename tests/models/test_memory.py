@@ -76,21 +76,26 @@ def test_gate_up_on_host_adds_one_layers_gate_up_when_the_host_has_room(monkeypa
     assert activations.spread(5, 5) == set(range(5)) and activations.spread(7, 0) == set()
 
 
-def test_resident_gate_up_counts_beside_the_loss_chunk(monkeypatch):
-    """The last layer's gate/up are held while the loss runs: they count where the loss's chunk of logits is
-    the larger working set (a short row under a large vocabulary), not where a layer's backward is."""
+def test_gate_up_on_the_device_counts_past_the_first_layer(monkeypatch):
+    """device_gate_up: with no kept layers the last layer's gate/up are held only while the loss runs, so
+    they count where the loss's chunk of logits is the larger working set (a short row under a large
+    vocabulary), not where a layer's backward is; each further layer adds its g and u; with kept layers
+    every such layer does."""
     import fasttune.models.activations as activations
 
     monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
     for batch, seq, grows in ((8, 2048, False), (1, 16, True)):
         kw = dict(batch=batch, seq=seq, checkpointing="offload")
-        on, off = (estimate_memory(c, resident_gate_up=flag, **kw) for flag in (True, False))
-        assert on.total - off.total == (2 * batch * seq * c.intermediate_size * 2 if grows else 0), seq
-        assert estimate_memory(c, **kw).total == on.total  # on by default, as in the model
-    kw = dict(batch=1, seq=16, checkpointing="selective", keep_layers=1)  # a kept layer: the resident one
-    assert estimate_memory(c, resident_gate_up=True, **kw).total == \
-        estimate_memory(c, resident_gate_up=False, **kw).total  # reruns its gate/up
+        gate_up = 2 * batch * seq * c.intermediate_size * 2
+        one, none, three = (estimate_memory(c, device_gate_up=k, **kw).total for k in (1, 0, 3))
+        assert one - none == (gate_up if grows else 0), seq
+        assert three - one == 2 * gate_up
+        assert estimate_memory(c, **kw).total == one  # 1 by default, as in the model
+    kw = dict(batch=1, seq=16, checkpointing="selective", keep_layers=1)
+    gate_up = 2 * 16 * c.intermediate_size * 2
+    assert estimate_memory(c, device_gate_up=1, **kw).total - \
+        estimate_memory(c, device_gate_up=0, **kw).total == gate_up
 
 
 def test_kept_attention_adds_two_layer_inputs_with_recompute_in_halves():

@@ -20,10 +20,11 @@ and its backward takes them back instead of rerunning the gate and up products, 
 They are 3.5x a layer input on Llama-3.1-8B, so the share is bounded by the host link: the copies must hide
 under the forward's compute, and by host memory (`host_fits`).
 
-Gate/up of the resident layer (`resident_gate_up`, on by default): the last recomputed layer keeps its
-tensors on the device (its backward comes right after the loss), and with no kept layers after it its gate
-and up outputs are held there too, so its rerun skips their products. Its backward would make them again
-anyway, and it is the first backward, so they add to the peak only while the loss runs (one chunk of logits).
+Gate/up on the device (`device_gate_up`, a number of layers, 1 by default): the last recomputed layers hold
+their gate and up outputs on the device (not through the offloader), and their reruns skip those products.
+With no kept layers the last one is free: its backward comes first, right after the loss, and would make
+them again anyway, so they add to the peak only while the loss runs (one chunk of logits). Each further
+layer adds its g and u (3.5x a layer input on Llama-3.1-8B) to the peak.
 
 Kept attention (`keep_attention`, on by default where the kernel allows: plain causal rows on CUDA where SDPA
 picks cuDNN, packed rows where the variable-length flash kernel runs): each recomputed layer also sends its
@@ -154,8 +155,9 @@ class LayerInputOffloader:
 class LayerRecompute(torch.autograd.Function):
     """out = layer(x), keeping only x and x_mid; the backward reruns each half for its own gradients.
 
-    Inputs: x, the layer, the extra arguments of its attention branch, whether to keep the MLP's gate/up
-    outputs (saved like x, so through the offloader to the host) instead of recomputing them, whether to keep
+    Inputs: x, the layer, the extra arguments of its attention branch, where to keep the MLP's gate/up
+    outputs instead of recomputing them ('host': saved like x, so through the offloader; 'device': held on
+    the device; '': not kept), whether to keep
     the attention's output and log-sum-exp the same way (`kept_attention`: the rerun then skips the
     attention forward; 'auto' where the kernel allows, 'reference' also off CUDA, for tests, or 'off'),
     whether the kept attention also keeps q, k, v (the rerun then skips their products and RoPE), and
@@ -193,6 +195,10 @@ class LayerRecompute(torch.autograd.Function):
         # ctx as an intermediate rather than saved through the offloader
         ctx.down_a = down_a[0] if len(down_a) == 1 else None
         kept_gate_up = gate_up[0] if len(gate_up) == 1 else ()
+        # on the device: held by ctx, like down_a; on the host: saved, so through the offloader
+        ctx.device_gate_up = kept_gate_up if keep_gate_up == "device" else ()
+        if ctx.device_gate_up:
+            kept_gate_up = ()
         kept_attn = attn[0] if len(attn) == 1 else None
         ctx.n_gate_up = len(kept_gate_up)
         ctx.kept_attn = (kept_attn.backend, kept_attn.extra) if kept_attn is not None else None
@@ -210,6 +216,7 @@ class LayerRecompute(torch.autograd.Function):
         x, x_mid, *rest = ctx.saved_tensors
         down_a, ctx.down_a = ctx.down_a, None
         gate_up, rest = rest[:ctx.n_gate_up], rest[ctx.n_gate_up:]
+        gate_up, ctx.device_gate_up = gate_up or ctx.device_gate_up, ()
         given_attn = KeptAttention.from_tensors(rest, *ctx.kept_attn) if ctx.kept_attn is not None else None
         del rest
         layer = ctx.layer
@@ -282,7 +289,7 @@ def run_layers(
     gate_up: tuple[float, int] = (0.0, 0),
     keep_attention: str = "off",
     keep_qkv: float = 0.0,
-    resident_gate_up: bool = True,
+    device_gate_up: int = 1,
 ) -> torch.Tensor:
     """x through every layer (`run(layer, x, i)`), recomputing layers 0 .. n - keep_layers - 1 per `mode`.
 
@@ -292,7 +299,8 @@ def run_layers(
     the host has room for them; else none does. keep_attention ('auto', 'reference', 'off'): such layers
     also keep their attention output for the backward (`LayerRecompute`), when the host has room;
     keep_qkv: the size of a layer's q, k, v relative to x, > 0 to keep them too (when the host has room);
-    resident_gate_up: the last layer, when it recomputes with its tensors on the device, keeps gate/up there.
+    device_gate_up: with an offloading mode, that many of the last recomputed layers hold gate/up on the
+    device instead (module docstring).
 
     The non-reentrant checkpoint saves its tensor arguments through the saved-tensor hooks active where it
     is called, so the offloader sees exactly each layer's input x; what `run` closes over (RoPE tables,
@@ -313,9 +321,9 @@ def run_layers(
     if k and not host_fits(recompute_upto, x_bytes, k, 2 * x_bytes // x.shape[-1] * inter,
                            kept_attention=keep_attention != "off", kept_qkv=keep_qkv):
         k = 0
-    keep_gate_up = spread(recompute_upto, k)
-    if resident_gate_up and offloader is not None and recompute_upto == n:
-        keep_gate_up.add(n - 1)  # the resident layer: on the device, no host copy (module docstring)
+    on_device = max(0, min(device_gate_up, recompute_upto)) if offloader is not None else 0
+    keep_gate_up = {i: "host" for i in spread(recompute_upto, k)}
+    keep_gate_up.update({i: "device" for i in range(recompute_upto - on_device, recompute_upto)})
     for i, layer in enumerate(layers):
         if i >= recompute_upto:
             x = run(layer, x, i)
@@ -325,8 +333,8 @@ def run_layers(
             offloader.layer, offloader.resident = i, i == recompute_upto - 1
             anchors = [p for p in layer.parameters() if p.requires_grad]
             with offloader.hooks():
-                x = LayerRecompute.apply(x, layer, attn_args, i in keep_gate_up, keep_attention, keep_qkv > 0,
-                                         *anchors)
+                x = LayerRecompute.apply(x, layer, attn_args, keep_gate_up.get(i, ""), keep_attention,
+                                         keep_qkv > 0, *anchors)
         else:
             offloader.layer, offloader.resident = i, i == recompute_upto - 1
             with offloader.hooks():

@@ -268,7 +268,7 @@ class LlamaModel(nn.Module):
         self.host_gate_up = 0.0  # offloading modes: share of recomputed layers keeping gate/up on the host
         self.keep_attention = "auto"  # offloading modes: recomputed layers keep their attention output
         self.keep_qkv = True  # with kept attention: also its q, k, v (where they are reusable)
-        self.resident_gate_up = True  # offloading modes: the last layer keeps gate/up on the device
+        self.device_gate_up = 1  # offloading modes: the last layers that hold gate/up on the device
 
     def kept_qkv_share(self) -> float:
         """A layer's q, k, v kept for its rerun, relative to its input x (0: not kept)."""
@@ -308,7 +308,7 @@ class LlamaModel(nn.Module):
                        self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves,
                        gate_up=(self.host_gate_up, self.config.intermediate_size),
                        keep_attention=self.keep_attention, keep_qkv=self.kept_qkv_share(),
-                       resident_gate_up=self.resident_gate_up)
+                       device_gate_up=self.device_gate_up)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -367,7 +367,7 @@ class LlamaForCausalLM(nn.Module):
 
     def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float = 0.0,
                                    keep_attention: str = "auto", keep_qkv: bool = True,
-                                   resident_gate_up: bool = True) -> None:
+                                   device_gate_up: int = 1) -> None:
         """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
         or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
         `host_gate_up`: in the offloading modes, the share of recomputed layers whose MLP gate/up outputs
@@ -375,14 +375,17 @@ class LlamaForCausalLM(nn.Module):
         recomputed layers keep their attention output instead of rerunning attention ('auto': where the
         CUDA kernel allows; 'reference': also elsewhere, in fp32 math, for tests; 'off'); `keep_qkv`: with
         kept attention, also keep q, k, v so that the rerun skips their products (where the host has room);
-        `resident_gate_up`: in the offloading modes with no kept layers, the last layer (whose tensors stay on
-        the device) keeps its gate/up outputs there too. See `fasttune.models.activations`."""
+        `device_gate_up`: in the offloading modes, how many of the last recomputed layers hold their gate/up
+        outputs on the device instead of rerunning their products (the first is free of memory with no kept
+        layers; each further one adds its gate/up to the peak). See `fasttune.models.activations`."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
         if keep_layers < 0:
             raise ValueError(f"keep_layers={keep_layers}: must be >= 0")
         if not 0.0 <= host_gate_up <= 1.0:
             raise ValueError(f"host_gate_up={host_gate_up}: a share of the layers, in [0, 1]")
+        if device_gate_up < 0:
+            raise ValueError(f"device_gate_up={device_gate_up}: a number of layers, >= 0")
         if keep_attention not in KEEP_ATTENTION:
             raise ValueError(f"keep_attention={keep_attention!r}: expected one of {KEEP_ATTENTION}")
         self.model.gradient_checkpointing = mode
@@ -390,7 +393,7 @@ class LlamaForCausalLM(nn.Module):
         self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
         self.model.keep_attention = keep_attention
         self.model.keep_qkv = keep_qkv
-        self.model.resident_gate_up = resident_gate_up
+        self.model.device_gate_up = device_gate_up
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag

@@ -122,7 +122,7 @@ def estimate_memory(
     host_gate_up: float = 0.0,
     kept_attention: bool = False,
     kept_qkv: float = 0.0,
-    resident_gate_up: bool = True,
+    device_gate_up: int = 1,
 ) -> MemoryEstimate:
     """Peak bytes of one training step (forward + backward + optimiser step) at `batch` x `seq` tokens.
 
@@ -132,7 +132,8 @@ def estimate_memory(
     kept_attention: offloading modes also keep each recomputed layer's attention output (as large as x) on
     the host, so the two layers on the GPU in the backward hold three such tensors each, not two; with
     `kept_qkv` (q, k, v relative to x, `LlamaModel.kept_qkv_share`) they hold that much more each.
-    resident_gate_up: offloading modes without kept layers hold the last layer's gate/up while the loss runs.
+    device_gate_up: offloading modes hold the gate/up of that many last recomputed layers on the device;
+    with no kept layers the last one's only beside the loss (its backward comes first and reuses them).
     """
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
@@ -176,8 +177,11 @@ def estimate_memory(
         k = host_gate_up_layers(recomputed, host_gate_up)
         if k and host_fits(recomputed, x_bytes, k, gate_up_bytes):
             activations += gate_up_bytes  # the next layer's, copied back during this one's backward
-        if resident_gate_up and kept == 0:  # the last layer's, beside the loss (its backward reuses them)
+        d = max(0, min(device_gate_up, recomputed))
+        if d and kept == 0:  # the last layer's only beside the loss: its backward reuses them
             vocab_chunk += gate_up_bytes
+            d -= 1
+        activations += d * gate_up_bytes
     if recomputed == 0:  # no recompute: the backward's extra is the MLP buffer and a few gradients
         layer_backward -= saved
     working = max(vocab_chunk, layer_backward)
