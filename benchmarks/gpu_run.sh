@@ -3,7 +3,7 @@
 # (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
-# long131, maxlen, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
+# long131, maxlen, cli8bq, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
 set -u
@@ -209,6 +209,11 @@ if has cli8b; then  # the product path on the 8B shape: 'auto' checkpointing and
   step cli-8b 150 python3 -m fasttune train --model_name /tmp/bench-model --max_seq_length 2048 \
     --per_device_train_batch_size 8 --max_steps 3 --optim adamw_8bit --eval_answers 0 --eval_steps 100 \
     --logging_steps 1 --show_samples 0 --output_dir /tmp/run-8b
+fi
+if has cli8bq; then  # the same with the base in NF4 (QLoRA), packed rows (the embedded data's uneven rows)
+  step cli-8b-qlora 150 python3 -m fasttune train --model_name /tmp/bench-model --max_seq_length 2048 \
+    --per_device_train_batch_size 8 --max_steps 3 --optim adamw_8bit --eval_answers 0 --eval_steps 100 \
+    --logging_steps 1 --show_samples 0 --load_in_4bit --output_dir /tmp/run-8b-qlora
 fi
 has decode && step decode 200 python3 benchmarks/bench_decode.py
 echo "=== total $(( $(date +%s) - START ))s"
