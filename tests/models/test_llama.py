@@ -286,6 +286,18 @@ def _record_results(monkeypatch, module, name: str) -> list:
     return results
 
 
+def _record_weight_shapes(monkeypatch, module, name: str) -> list:
+    """Wrap module.name, a product taking (x2, w, ...), so that each call appends w's shape to the list."""
+    inner, shapes = getattr(module, name), []
+
+    def recorded(x2, w, *args, **kwargs):
+        shapes.append(tuple(w.shape))
+        return inner(x2, w, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    return shapes
+
+
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recomputed_layers_take_the_forwards_down_adapter_product(monkeypatch, mode, keep):
     """Each recomputed layer's MLP gets h A_d^T from its first forward instead of reading h for it again in
@@ -382,10 +394,7 @@ def test_recompute_in_halves_matches_off_and_skips_output_products(tiny_model, m
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
     ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
 
-    products = []
-    inner = lora_kernels._forward
-    monkeypatch.setattr(lora_kernels, "_forward",
-                        lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
+    products = _record_weight_shapes(monkeypatch, lora_kernels, "_forward")
     model.set_gradient_checkpointing(mode, keep_layers=keep)
     loss, grads = loss_and_grads(model, ids, tgt, pos)
     down = (64, 96)  # (hidden, intermediate): the down projection's weight
@@ -408,10 +417,7 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
     model.set_gradient_checkpointing("offload")
     ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
 
-    products = []  # the gate and up products run through `_gate_up_product`
-    inner = lora_kernels._gate_up_product
-    monkeypatch.setattr(lora_kernels, "_gate_up_product",
-                        lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
+    products = _record_weight_shapes(monkeypatch, lora_kernels, "_gate_up_product")  # gate and up products
     model.set_gradient_checkpointing("offload", host_gate_up=share, device_gate_up=0)
     loss, grads = loss_and_grads(model, ids, tgt, pos)
     gate_or_up = (96, 64)  # (intermediate, hidden)
@@ -439,10 +445,7 @@ def test_last_layers_hold_gate_up_on_the_device(tiny_model, monkeypatch, mode, k
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
     ref_loss, ref_grads = loss_and_grads(model, ids, tgt, pos)
 
-    products = []
-    inner = lora_kernels._gate_up_product
-    monkeypatch.setattr(lora_kernels, "_gate_up_product",
-                        lambda x2, w, *a, **k: (products.append(tuple(w.shape)), inner(x2, w, *a, **k))[1])
+    products = _record_weight_shapes(monkeypatch, lora_kernels, "_gate_up_product")
     model.set_gradient_checkpointing(mode, keep_layers=keep, device_gate_up=on_device)
     loss, grads = loss_and_grads(model, ids, tgt, pos)
     assert products.count((96, 64)) == 2 * 3 + 2 * reruns  # forward, and the reruns' gate and up
