@@ -292,6 +292,26 @@ def test_selective_plan_counts_what_recomputed_layers_keep_on_the_fused_path(mon
     assert calls[-1]["kept_attention"] is True and calls[-1]["kept_qkv"] == (4 + 2 * 2) * 8 / 32
 
 
+def test_device_gate_up_reaches_the_model_and_the_selective_plan(monkeypatch):
+    """train.device_gate_up: set on our Llama in every mode, and counted by the selective planner (which
+    runs before the kept layers are set)."""
+    import fasttune.models.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "plan_keep_layers", lambda config, **kw: calls.append(kw) or 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    model = tiny_lora_llama()
+    model.set_use_kernels(True)
+    for mode in ("offload", "selective"):
+        cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": mode, "device_gate_up": 3}, "test")
+        api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
+        assert model.gradient_checkpointing == mode and model.model.device_gate_up == 3, mode
+    assert calls[-1]["device_gate_up"] == 3
+    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "offload"}, "test")
+    api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
+    assert model.model.device_gate_up == 1  # the default
+
+
 def test_selective_on_the_cpu_runs_without_checkpointing_and_says_so():
     lines: list[str] = []
     model = tiny_lora_llama()

@@ -49,6 +49,7 @@ def test_unknown_key_names_the_key(tmp_path):
     ("optim: sgd\n", r"optim: 'sgd' is not one of adamw_torch, adamw_8bit"),
     ("train: 3\n", r"section 'train' must be a mapping"),
     ("lora:\n  r: 0\n", r"r must be positive"),
+    ("device_gate_up: -1\n", r"device_gate_up must be >= 0"),
     ("- a\n- b\n", r"top level must be a mapping"),
     ("r: [1, 2\n", r"not valid YAML"),
 ])

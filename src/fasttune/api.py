@@ -106,8 +106,10 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
         tokens = cfg.train.per_device_train_batch_size * cfg.model.max_seq_length
         mode = (auto_checkpointing(model.config, device.type, tokens, 4 if precision == "fp32" else 2)
                 if isinstance(model, LlamaForCausalLM) else "on" if device.type == "cuda" else "off")
+    # our Llama: the last layers that hold gate/up on the GPU (`models/activations.py`)
+    held = {"device_gate_up": cfg.train.device_gate_up} if isinstance(model, LlamaForCausalLM) else {}
     if mode != "selective":
-        model.set_gradient_checkpointing(mode)
+        model.set_gradient_checkpointing(mode, **held)
         return mode
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"gradient_checkpointing: 'selective' needs fasttune's own Llama-family model; "
@@ -118,8 +120,9 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
             "its activations ('off', as 'auto' chooses there)")
         model.set_gradient_checkpointing("off")
         return "off"
+    model.set_gradient_checkpointing("selective", **held)  # the plan counts what recomputed layers hold
     keep = plan_selective(model, cfg, device, precision=precision, quantization=quantization)
-    model.set_gradient_checkpointing("selective", keep_layers=keep)
+    model.set_gradient_checkpointing("selective", keep_layers=keep, **held)
     return f"selective (the last {keep} of {model.config.num_hidden_layers} layers keep their activations)"
 
 
