@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, cli8bq, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -78,6 +78,11 @@ has q8r && step qlora-8-res 270 $B --stacks fasttune unsloth --modes qlora --bat
   offload+dgu2 offload+dgu0
 has q32r && step qlora-32k-res 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
   --warmup 1 --steps 2 --variants offload offload+dgu2 offload+dgu0
+# gu32: at 1 x 32,768 the host link has room beside the forward's copies (call 3's profile: ~21 ms of
+# copies a layer against ~40 ms of compute), so a share of the layers may send gate/up to the host; the
+# host rule (40% of host memory, `activations.host_fits`) caps the share, and est GiB shows whether any did
+has gu32 && step qlora-32k-gu 330 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
+  --warmup 1 --steps 2 --variants offload offload+gu0.12 offload+gu0.19
 has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \
