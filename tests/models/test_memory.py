@@ -72,6 +72,13 @@ def test_gate_up_on_host_adds_one_layers_gate_up_when_the_host_has_room(monkeypa
         estimate_memory(c, batch=8, seq=2048, checkpointing="on").total
     monkeypatch.setattr(activations, "_host_bytes", lambda: 24 * GiB)  # no room: no layer keeps them
     assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=1.0).total == base
+    # the room left beside kept attention and q, k, v, as `run_layers` counts it: a 60 GiB host fits 8 layers'
+    # gate/up without them, not with them (32 layers' x, x_mid, O, q, k, v take 18 of its 24 GiB share)
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 60 * GiB)
+    kept = dict(batch=8, seq=2048, checkpointing="offload", kept_attention=True, kept_qkv=1.5)
+    assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.25).total == \
+        base + gate_up
+    assert estimate_memory(c, host_gate_up=0.25, **kept).total == estimate_memory(c, **kept).total
     assert activations.spread(32, 8) == {2, 6, 10, 14, 18, 22, 26, 30}
     assert activations.spread(5, 5) == set(range(5)) and activations.spread(7, 0) == set()
 

@@ -175,7 +175,7 @@ def estimate_memory(
             layer_backward += 2 * H * c.intermediate_size * act_bytes
         gate_up_bytes = 2 * N * c.intermediate_size * act_bytes
         k = host_gate_up_layers(recomputed, host_gate_up)
-        if k and host_fits(recomputed, x_bytes, k, gate_up_bytes):
+        if k and host_fits(recomputed, x_bytes, k, gate_up_bytes, kept_attention, kept_qkv):
             activations += gate_up_bytes  # the next layer's, copied back during this one's backward
         d = max(0, min(device_gate_up, recomputed))
         if d and kept == 0:  # the last layer's only beside the loss: its backward reuses them
