@@ -253,12 +253,38 @@ def test_gguf_cache_key_follows_path_size_and_mtime(tmp_path, monkeypatch):
     assert seen[0].parent == tmp_path / "cache" / "gguf" and seen[0].name.startswith("m-")
 
 
+def test_preset_conversions_are_kept_apart_per_source_and_stale_ones_pruned(tmp_path, monkeypatch):
+    """Two environments, each with its own copy of a preset's GGUF, convert into two directories (neither
+    replaces the other's); a conversion whose source is gone, and the unkeyed layout of before, are removed."""
+    import json
+
+    seen = []
+    monkeypatch.setattr(loading, "gguf_to_dir", lambda path, out: seen.append(out) or out)
+    monkeypatch.setenv("FASTTUNE_CACHE", str(tmp_path / "cache"))
+    envs = [tmp_path / "env1" / "m.gguf", tmp_path / "env2" / "m.gguf"]
+    for f in envs:
+        f.parent.mkdir()
+        f.write_bytes(b"gguf")
+    cache = tmp_path / "cache"
+    for stale, source in (("smollm2-135m-0123456789abcdef", tmp_path / "gone.gguf"),
+                          ("smollm2-135m", envs[0]), ("kept-elsewhere", envs[1])):
+        (cache / stale).mkdir(parents=True)
+        (cache / stale / loading.CACHE_MARKER).write_text(json.dumps({"source": str(source)}))
+    for f in envs + envs:
+        monkeypatch.setattr(loading, "preset_gguf_path", lambda name, f=f: f)
+        resolve_source(ModelConfig(model_name="smollm2-135m"))
+    assert seen[0] == seen[2] != seen[1] == seen[3]
+    assert all(p.parent == cache and p.name.startswith("smollm2-135m-") for p in seen)
+    assert sorted(p.name for p in cache.iterdir()) == ["kept-elsewhere"]  # its source is still there
+
+
 @pytest.mark.slow
 def test_embedded_smollm2_gguf_matches_transformers(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTTUNE_CACHE", str(tmp_path))
     lm = load_model(ModelConfig(model_name="smollm2-135m"))
-    assert lm.family == "llama" and Path(lm.source) == tmp_path / "smollm2-135m"
-    assert (tmp_path / "smollm2-135m" / "model.safetensors").is_file()
+    source = Path(lm.source)
+    assert lm.family == "llama" and source.parent == tmp_path and source.name.startswith("smollm2-135m-")
+    assert (source / "model.safetensors").is_file()
 
     gguf = loading.preset_gguf_path("smollm2-135m")
     ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -272,11 +298,11 @@ def test_embedded_smollm2_gguf_matches_transformers(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-4)
 
-    stamp = (tmp_path / "smollm2-135m" / "model.safetensors").stat().st_mtime
+    stamp = (source / "model.safetensors").stat().st_mtime
     t0 = time.perf_counter()
     again = load_model(ModelConfig(model_name="smollm2-135m"))
     assert time.perf_counter() - t0 < 5.0
-    assert (tmp_path / "smollm2-135m" / "model.safetensors").stat().st_mtime == stamp  # not converted again
+    assert (source / "model.safetensors").stat().st_mtime == stamp  # not converted again
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits, lm.model(ids).logits, rtol=0, atol=0)
 

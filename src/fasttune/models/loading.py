@@ -175,18 +175,47 @@ def _download(repo: str, cfg: ModelConfig) -> Path:
     return Path(path)
 
 
+def _source_key(path: Path) -> str:
+    """A short key of a GGUF file's location, size and modification time. Each source converts into a cache
+    directory of its own, so two environments (each with its own copy of a preset's package) never replace
+    each other's conversion, nor one that the other is reading."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime}".encode()).hexdigest()[:16]
+
+
+def _prune_stale(parent: Path) -> None:
+    """Remove the conversions under `parent` whose source file is gone (an environment deleted, a .gguf
+    moved or rewritten): each holds a full fp32 copy of a model."""
+    if not parent.is_dir():
+        return
+    for d in parent.iterdir():
+        marker = d / CACHE_MARKER
+        if not marker.is_file():  # not a finished conversion (the gguf/ folder, a conversion under way)
+            continue
+        try:
+            source = json.loads(marker.read_text()).get("source", "")
+        except (OSError, ValueError):
+            continue
+        if not Path(source).is_file():
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def resolve_source(cfg: ModelConfig) -> Path:
     """The local directory holding config.json + weights + tokenizer for `cfg.model_name`."""
     name = cfg.model_name
     if name in PRESETS:
-        return gguf_to_dir(preset_gguf_path(name), cache_root() / name)
+        gguf = preset_gguf_path(name)
+        _prune_stale(cache_root())
+        legacy = cache_root() / name  # the layout before keyed directories, no longer read
+        if (legacy / CACHE_MARKER).is_file():
+            shutil.rmtree(legacy, ignore_errors=True)
+        return gguf_to_dir(gguf, cache_root() / f"{name}-{_source_key(gguf)}")
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model_name '{name}': no such .gguf file")
-        stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime}".encode()).hexdigest()[:16]
-        return gguf_to_dir(path, cache_root() / "gguf" / f"{path.stem}-{key}")
+        _prune_stale(cache_root() / "gguf")
+        return gguf_to_dir(path, cache_root() / "gguf" / f"{path.stem}-{_source_key(path)}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model_name '{name}': the directory has no config.json")
