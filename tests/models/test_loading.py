@@ -255,7 +255,8 @@ def test_gguf_cache_key_follows_path_size_and_mtime(tmp_path, monkeypatch):
 
 def test_preset_conversions_are_kept_apart_per_source_and_stale_ones_pruned(tmp_path, monkeypatch):
     """Two environments, each with its own copy of a preset's GGUF, convert into two directories (neither
-    replaces the other's); a conversion whose source is gone, and the unkeyed layout of before, are removed."""
+    replaces the other's); a conversion whose source is gone, and the unkeyed layout of before, are
+    removed."""
     import json
 
     seen = []
