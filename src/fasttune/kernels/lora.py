@@ -495,12 +495,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
         flags = (n[9], n[10], n[11], n[12], False)
+        # the kernel's dg B_g, du B_u come from its terms s_g B_g, s_u B_u (s = 0: the adapter's gradients are 0)
+        inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))
         if terms is not None and SWIGLU_BWD_WRITES_H:
             # The kernel makes dg, du over g, u and writes h over dh (dh is read first): h is not recomputed
             # apart for dA_d = s_d (dy B_d)^T h.
             dybd = dy2 @ bbd  # (N, r)
             dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)])  # (N, inter)
-            inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))  # s = 0: the adapter's gradients are zero
             dg, du, dybg, dybu, h = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
                                                      db_scales=inv, want_h=True)
             del dh
@@ -515,7 +516,6 @@ class LoRAMLPFunction(torch.autograd.Function):
             dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
             del h
             if terms is not None:  # dg B_g, du B_u made by the kernel too
-                inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))
                 dg, du, dybg, dybu = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
                                                       db_scales=inv)
             else:
