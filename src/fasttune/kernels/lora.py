@@ -495,7 +495,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
         terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
         flags = (n[9], n[10], n[11], n[12], False)
-        # the kernel's dg B_g, du B_u come from its terms s_g B_g, s_u B_u (s = 0: the adapter's gradients are 0)
+        # the kernel's dg B_g, du B_u come from its terms s B (s = 0: the adapter's gradients are zero)
         inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))
         if terms is not None and SWIGLU_BWD_WRITES_H:
             # The kernel makes dg, du over g, u and writes h over dh (dh is read first): h is not recomputed
