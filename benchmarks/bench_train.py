@@ -253,13 +253,15 @@ def configure_fasttune(model, variant: str, args) -> dict:
     noqkv (kept attention without its q, k, v: the rerun runs the q/k/v products and RoPE),
     plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
     pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
-    guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5),
+    guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5; without
+    it 'auto', `LlamaModel.gate_up_share`),
     packN (N packed rows of equal length per sequence: `fasttune_step`),
     norank / nowanth / nokeepgu (turn off one of the switches of `fasttune.kernels.lora`: the rank-r product
     kernel, h written by the SwiGLU backward, the rerun's kept dequantised gate/up weights),
     dguK (offloading modes: the last K recomputed layers hold gate/up on the device, device_gate_up=K;
     default 1, dgu0 reruns them all).
     """
+    from fasttune.models.activations import host_gate_up_count
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
 
@@ -282,7 +284,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
         mode = "selective"
     elif mode == "selective":
         keep = int(arg or 0)
-    share = next((float(f[2:]) for f in flags if f.startswith("gu")), 0.0)
+    share = next((float(f[2:]) for f in flags if f.startswith("gu")), "auto")
     PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
     keep_attention = "off" if "noattn" in flags else "auto"
     on_device = next((int(f[3:]) for f in flags if f.startswith("dgu")), 1)
@@ -293,9 +295,15 @@ def configure_fasttune(model, variant: str, args) -> dict:
     est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share,
                           kept_attention=keep_attention != "off", kept_qkv=model.model.kept_qkv_share(),
                           device_gate_up=on_device, **est_kw)
-    print(f"[{variant}] keep_layers={keep} {est.describe()}", flush=True)
+    # the layers that keep gate/up on the host, as `run_layers` counts them (kept attention assumed)
+    n, c = args.batch * args.seq, model.config
+    span = args.seq if PACKING["rows"] == 1 else 0
+    host_layers = 0 if mode not in ("offload", "selective") else host_gate_up_count(
+        c.num_hidden_layers - keep, model.model.gate_up_share(n, span), n * c.hidden_size * 2,
+        2 * n * c.intermediate_size * 2, keep_attention != "off", model.model.kept_qkv_share())
+    print(f"[{variant}] keep_layers={keep} host_gate_up_layers={host_layers} {est.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
-            "keep_attention": keep_attention, "est_gib": est.total / GiB}
+            "keep_attention": keep_attention, "est_gib": est.total / GiB, "host_gate_up_layers": host_layers}
 
 
 def build_hf(args, liger: bool):
@@ -452,8 +460,12 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
             times.append(dt)
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    stats = torch.cuda.memory_stats()  # allocator retries: a full cache flush and a sync each
     del opt
-    return {"step_s": med, "peak_gib": peak, "losses": losses}
+    return {"step_s": med, "peak_gib": peak, "losses": losses,
+            "alloc_retries": stats.get("num_alloc_retries"),
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))}
 
 
 def worker(args) -> list[dict]:
@@ -549,10 +561,12 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
 
 
 def _label(r: dict) -> str:
-    """fasttune[variant], with @tree for a row measured on another source tree (env BENCH_TREE)."""
+    """fasttune[variant], with @tree for a row measured on another source tree (env BENCH_TREE) and +es for
+    one whose allocator ran with expandable segments (env PYTORCH_ALLOC_CONF; Unsloth sets it itself)."""
     if r["stack"] != "fasttune":
         return r["stack"]
-    return f"fasttune[{r.get('variant', '')}]" + (f"@{r['tree']}" if r.get("tree") else "")
+    es = "+es" if "expandable_segments:true" in r.get("alloc_conf", "").lower() else ""
+    return f"fasttune[{r.get('variant', '')}{es}]" + (f"@{r['tree']}" if r.get("tree") else "")
 
 
 STACK_ORDER = {"fasttune": 0, "unsloth": 1, "hf": 2, "liger": 3}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, es32, es8, auto32, resv8, gtest, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, packq, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, cli8bq, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -82,7 +82,28 @@ has q32r && step qlora-32k-res 320 $B --stacks fasttune unsloth --modes qlora --
 # copies a layer against ~40 ms of compute), so a share of the layers may send gate/up to the host; the
 # host rule (40% of host memory, `activations.host_fits`) caps the share, and est GiB shows whether any did
 has gu32 && step qlora-32k-gu 330 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
-  --warmup 1 --steps 2 --variants offload offload+gu0.12 offload+gu0.19
+  --warmup 1 --steps 2 --variants offload offload+gu0.12 offload+gu0.19 offload+gu0.25
+# es32 / es8: the caching allocator with expandable segments (as Unsloth sets for itself) against without
+ES="env PYTORCH_ALLOC_CONF=expandable_segments:True"
+has es32 && step qlora-32k-es 200 $ES $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 --warmup 1 \
+  --steps 2 --variants offload offload+gu0.19
+has es32 && step qlora-32k-noes 330 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
+  --warmup 1 --steps 2 --variants offload offload+gu0.19
+has es8 && step qlora-8-es 150 $ES $B --stacks fasttune --modes qlora --batches 8 --variants offload
+has es8 && step qlora-8-noes 150 $B --stacks fasttune --modes qlora --batches 8 --variants offload
+# auto32: host_gate_up 'auto' (6 of 32 layers at 1 x 32,768) against the tree in .bench_assets/base_tree (0),
+# gu0 isolating it, beside Unsloth; resv8: QLoRA 8 x 2048 reserved memory (one side stream) against that tree
+has auto32 && step auto32-base 160 $BASE $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 \
+  --warmup 1 --steps 2 --variants offload
+has auto32 && step auto32-new 330 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
+  --warmup 1 --steps 2 --variants offload offload+gu0
+has resv8 && step resv8-base 100 $BASE $B --stacks fasttune --modes qlora --batches 8 --variants offload
+has resv8 && step resv8-new 100 $B --stacks fasttune --modes qlora --batches 8 --variants offload
+# gtest: the GPU tests of the offloading path; the reserved-memory test also against the base tree's source
+has gtest && step pytest-offload 150 python3 -m pytest -q -m gpu tests/models/test_llama.py \
+  tests/models/test_memory.py tests/models/test_kept_attention.py -p no:cacheprovider
+has gtest && step pytest-reserved-base 60 env PYTHONPATH=/tmp/site:$PWD/.bench_assets/base_tree/src python3 -m \
+  pytest -q -m gpu tests/models/test_llama.py -k reserve_no_more -p no:cacheprovider
 has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \
@@ -163,6 +184,11 @@ has pktest && step pytest-packed 150 python3 -m pytest -q -m gpu tests/models/te
   tests/models/test_kept_attention.py tests/kernels/test_rms_norm.py tests/models/test_llama.py -p no:cacheprovider
 has pack8 && step packed-bf16-8 200 $B --stacks fasttune --modes bf16 --batches 8 \
   --variants offload+pack4 offload+pack4+noattn offload+pack4+noqkv
+# packq: packed against unpacked rows with QLoRA, at 8 x 2048 (4 rows per sequence) and 1 x 32,768 (8 rows)
+has packq && step packed-qlora-8 200 $B --stacks fasttune --modes qlora --batches 8 \
+  --variants offload offload+pack4
+has packq && step packed-qlora-32k 200 $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 --warmup 1 \
+  --steps 2 --variants offload+pack8
 has qkvtest && step pytest-qkv 150 python3 -m pytest -q -m gpu tests/models/test_kept_attention.py \
   tests/kernels/test_rope.py tests/models/test_llama.py tests/models/test_memory.py -p no:cacheprovider
 has qkv8 && step qkv-bf16-8 260 $B --stacks fasttune unsloth --modes bf16 --batches 8 --profile 1 \

@@ -310,6 +310,11 @@ def test_device_gate_up_reaches_the_model_and_the_selective_plan(monkeypatch):
     cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "offload"}, "test")
     api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
     assert model.model.device_gate_up == 1  # the default
+    assert model.model.host_gate_up == "auto"  # the default, as the YAML's 'AUTO' below
+    for value, share in (("0.25", 0.25), (0, 0.0), ("AUTO", "auto")):
+        cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "selective", "host_gate_up": value}, "t")
+        api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
+        assert model.model.host_gate_up == share and calls[-1]["host_gate_up"] == share, value
 
 
 def test_selective_on_the_cpu_runs_without_checkpointing_and_says_so():

@@ -50,6 +50,8 @@ def test_unknown_key_names_the_key(tmp_path):
     ("train: 3\n", r"section 'train' must be a mapping"),
     ("lora:\n  r: 0\n", r"r must be positive"),
     ("device_gate_up: -1\n", r"device_gate_up must be >= 0"),
+    ("host_gate_up: 1.5\n", r"host_gate_up must be auto or a number in \[0, 1\]"),
+    ("host_gate_up: some\n", r"host_gate_up must be auto or a number in \[0, 1\]"),
     ("- a\n- b\n", r"top level must be a mapping"),
     ("r: [1, 2\n", r"not valid YAML"),
 ])

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fasttune.config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, validate
+from fasttune.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    host_gate_up_setting,
+    validate,
+)
 from fasttune.data.builtin import is_builtin
 
 ADAPTER_DIR = "adapter"
@@ -106,8 +114,11 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
         tokens = cfg.train.per_device_train_batch_size * cfg.model.max_seq_length
         mode = (auto_checkpointing(model.config, device.type, tokens, 4 if precision == "fp32" else 2)
                 if isinstance(model, LlamaForCausalLM) else "on" if device.type == "cuda" else "off")
-    # our Llama: the last layers that hold gate/up on the GPU (`models/activations.py`)
-    held = {"device_gate_up": cfg.train.device_gate_up} if isinstance(model, LlamaForCausalLM) else {}
+    # our Llama: the last layers that hold gate/up on the GPU, and those that send them to the host
+    # (`models/activations.py`)
+    held = {"device_gate_up": cfg.train.device_gate_up,
+            "host_gate_up": host_gate_up_setting(cfg.train.host_gate_up)} \
+        if isinstance(model, LlamaForCausalLM) else {}
     if mode != "selective":
         model.set_gradient_checkpointing(mode, **held)
         return mode

@@ -175,8 +175,8 @@ def test_host_check_counts_the_kept_output(monkeypatch):
     from fasttune.models import activations
 
     monkeypatch.setattr(activations, "_host_bytes", lambda: 1000)  # 40% = 400 bytes of pinned room
-    assert activations.halves_fit_host(layers=2, layer_input_bytes=90)  # 2 x 2 x 90 = 360
-    assert not activations.halves_fit_host(layers=2, layer_input_bytes=90, kept_attention=True)  # 540
+    assert activations.halves_fit_host(layers=3, layer_input_bytes=64)  # 3 x 2 x 64 = 384
+    assert not activations.halves_fit_host(layers=3, layer_input_bytes=64, kept_attention=True)  # 576
 
 
 def _bthd(t: torch.Tensor) -> torch.Tensor:

@@ -432,6 +432,40 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
         model.set_gradient_checkpointing("offload", host_gate_up=1.5)
 
 
+def test_auto_gate_up_on_host_asks_the_link_rule_with_the_row_length(monkeypatch):
+    """host_gate_up 'auto' (the default): the forward asks `activations.link_gate_up_share` about this step,
+    with causal rows of the sequence length or, for packed rows, span 0; the layers keep gate/up on the host
+    as it answers (here all of them: the gate/up products run in the forward only, gradients exact)."""
+    import fasttune.models.llama as llama
+    from fasttune.kernels import lora as lora_kernels
+
+    model = make_fused_lora_model()
+    _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
+    model.set_gradient_checkpointing("offload", keep_attention="reference", device_gate_up=0,
+                                     host_gate_up=0.0)
+    ref_loss, ref_grads = loss_and_grads(model, ids, tgt)
+    asked = []
+
+    def rule(tokens, span, *args):
+        asked.append((tokens, span))
+        return 1.0
+
+    monkeypatch.setattr(llama, "link_gate_up_share", rule)
+    model.set_gradient_checkpointing("offload", keep_attention="reference", device_gate_up=0)
+    assert model.model.host_gate_up == "auto"
+    products = _record_weight_shapes(monkeypatch, lora_kernels, "_gate_up_product")
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert asked == [(14, 14)] and products.count((96, 64)) == 2 * 3  # forward only: no layer reran them
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=0, rtol=0, msg=name)
+    loss_and_grads(model, ids, tgt, pos)
+    assert asked[-1] == (14, 0)  # packed rows: their lengths are not known here, so no attention counted
+    model.set_gradient_checkpointing("offload", keep_attention="off")
+    loss_and_grads(model, ids, tgt)
+    assert model.model.gate_up_share(14, 14) == 0.0 and len(asked) == 2  # measured with kept attention only
+
+
 @pytest.mark.parametrize("mode,keep,on_device,reruns", [
     ("offload", 0, 1, 2), ("offload", 0, 0, 3), ("offload", 0, 2, 1), ("offload", 0, 5, 0),
     ("selective", 0, 1, 2), ("selective", 1, 1, 1), ("selective", 1, 2, 0)])
@@ -529,6 +563,24 @@ def test_offload_keeps_layer_inputs_off_the_gpu(tiny_model):
     inputs_bytes = layers * B * T * H * 4
     assert held["on"] - held["offload"] >= 0.8 * inputs_bytes, held
     assert losses["on"] == pytest.approx(losses["offload"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_offloading_steps_reserve_no_more_memory_as_they_go(tiny_model):
+    """The offloader's copies back are allocated on its side stream, whose freed blocks the caching allocator
+    keeps for that stream: one stream for every step, so step 8 reuses step 2's blocks and the reserved
+    memory stops growing (a new stream per step once held 55 GiB under an 8.9 GiB peak on Llama-3.1-8B)."""
+    model = make_fused_lora_model(layers=4, r=8, hidden_size=256, intermediate_size=688,
+                                  max_position_embeddings=1024).cuda()
+    model.set_gradient_checkpointing("offload")
+    x = torch.randint(0, 97, (2, 1024), device="cuda")
+    reserved = []
+    for _ in range(8):
+        loss_and_grads(model, x, x, autocast=True)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[-1] == reserved[1], reserved
 
 
 @pytest.mark.gpu

@@ -64,23 +64,76 @@ def test_gate_up_on_host_adds_one_layers_gate_up_when_the_host_has_room(monkeypa
     c = make_config(**SHAPES["llama-3.1-8b"])
     gate_up = 2 * 8 * 2048 * c.intermediate_size * 2
     monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
-    base = estimate_memory(c, batch=8, seq=2048, checkpointing="offload").total
+    base = estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.0).total
     for share in (0.25, 1.0):
         est = estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=share)
         assert est.total - base == gate_up
     assert estimate_memory(c, batch=8, seq=2048, checkpointing="on", host_gate_up=1.0).total == \
-        estimate_memory(c, batch=8, seq=2048, checkpointing="on").total
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 24 * GiB)  # no room: no layer keeps them
+        estimate_memory(c, batch=8, seq=2048, checkpointing="on", host_gate_up=0.0).total
+    # no room: no layer keeps them (32 layers' x and x_mid take 8 of a 22 GiB host's 8.8 GiB share)
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 22 * GiB)
     assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=1.0).total == base
-    # the room left beside kept attention and q, k, v, as `run_layers` counts it: a 60 GiB host fits 8 layers'
-    # gate/up without them, not with them (32 layers' x, x_mid, O, q, k, v take 18 of its 24 GiB share)
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 60 * GiB)
+    # the room left beside kept attention and q, k, v, as `run_layers` counts it: a 46 GiB host fits 8 layers'
+    # gate/up without them (1 GiB pinned each), not one with them (32 layers' x, x_mid, O, q, k, v take 18 of
+    # its 18.4 GiB share)
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 46 * GiB)
     kept = dict(batch=8, seq=2048, checkpointing="offload", kept_attention=True, kept_qkv=1.5)
     assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.25).total == \
         base + gate_up
     assert estimate_memory(c, host_gate_up=0.25, **kept).total == estimate_memory(c, **kept).total
+    # fewer than asked where not all fit: a 60 GiB host (24 GiB share) has room for 5 beside them (18 + 5
+    # < 24)
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 60 * GiB)
+    x_bytes = 8 * 2048 * c.hidden_size * 2
+    assert [activations.host_gate_up_count(32, 0.25, x_bytes, gate_up, kept_attention=k, kept_qkv=1.5)
+            for k in (True, False)] == [5, 8]
+    assert estimate_memory(c, host_gate_up=0.25, **kept).total == estimate_memory(c, **kept).total + gate_up
     assert activations.spread(32, 8) == {2, 6, 10, 14, 18, 22, 26, 30}
     assert activations.spread(5, 5) == set(range(5)) and activations.spread(7, 0) == set()
+
+
+def test_auto_gate_up_on_host_only_where_the_link_has_room(monkeypatch):
+    """host_gate_up 'auto' on Llama-3.1-8B, recomputing in halves with kept attention and q, k, v: at
+    8 x 2048 the layer inputs' copies fill the link (no layer); at 1 x 32,768 attention's compute leaves room
+    for 6 of 32 layers (the best share measured on an H100); packed rows (span 0) count no attention and get
+    none, as do layers without kept attention; the host rule still caps it; and the estimate counts one
+    layer's g and u where any layer keeps them."""
+    import fasttune.models.activations as activations
+    from fasttune.models.llama import host_gate_up_share
+
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    c = make_config(**SHAPES["llama-3.1-8b"])
+
+    def layers(tokens, span, host_gib=128):
+        monkeypatch.setattr(activations, "_host_bytes", lambda: host_gib * GiB)
+        share = host_gate_up_share(c, "auto", tokens, span, True, 1.5)
+        return activations.host_gate_up_count(32, share, tokens * c.hidden_size * 2,
+                                              2 * tokens * c.intermediate_size * 2, True, 1.5)
+
+    assert layers(8 * 2048, 2048) == 0
+    assert layers(32768, 32768) == 6
+    assert layers(32768, 0) == 0
+    assert layers(32768, 32768, host_gib=100) == 1  # 36 GiB of the 40 GiB share go to x, x_mid, O, q, k, v
+    assert host_gate_up_share(c, "auto", 32768, 32768, kept_attention=False) == 0.0  # measured with it only
+    assert host_gate_up_share(c, 0.5, 32768, 32768, True, 1.5) == 0.5  # a number is taken as it is
+    kw = dict(checkpointing="offload", kept_attention=True, kept_qkv=1.5)
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    gate_up = 2 * 32768 * c.intermediate_size * 2
+    auto = estimate_memory(c, batch=1, seq=32768, **kw).total  # 'auto' by default, as in the model
+    assert auto - estimate_memory(c, batch=1, seq=32768, host_gate_up=0.0, **kw).total == gate_up
+    assert estimate_memory(c, batch=8, seq=2048, **kw).total == \
+        estimate_memory(c, batch=8, seq=2048, host_gate_up=0.0, **kw).total
+
+
+def test_pinned_host_memory_is_counted_as_the_allocator_rounds_it(monkeypatch):
+    """torch's pinned allocator takes a power of two per tensor: the host rule counts what it takes."""
+    import fasttune.models.activations as activations
+
+    assert [activations.pinned_bytes(n) for n in (0, 1, 64, 65, 939_524_096)] == [0, 1, 64, 128, 2**30]
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 1000)  # 400 bytes of pinned room
+    assert activations.halves_fit_host(layers=2, layer_input_bytes=64)  # 2 x 2 x 64 = 256
+    assert not activations.halves_fit_host(layers=2, layer_input_bytes=90)  # 2 x 2 x 128, not 2 x 2 x 90
+    assert activations.host_fits(1, 16, 1, 2 * 128, False) and not activations.host_fits(1, 16, 1, 2 * 129)
 
 
 def test_gate_up_on_the_device_counts_past_the_first_layer(monkeypatch):

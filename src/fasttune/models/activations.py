@@ -18,7 +18,11 @@ Gate/up on the host (`host_gate_up`, a share of the recomputed layers, spread ev
 its MLP's gate and up outputs g, u (two (tokens, intermediate) tensors) to pinned host memory in the forward,
 and its backward takes them back instead of rerunning the gate and up products, the bulk of the recompute.
 They are 3.5x a layer input on Llama-3.1-8B, so the share is bounded by the host link: the copies must hide
-under the forward's compute, and by host memory (`host_fits`).
+under the forward's compute, and by host memory (`host_fits`; as many layers as fit keep them). 'auto'
+(`link_gate_up_share`, with kept attention) takes half the room the link has beside the other copies,
+counted in the forward's FLOPs: none on Llama-3.1-8B at 8 x 2048 (the layer inputs' copies fill the link),
+6 of 32 layers at 1 x 32,768, where attention adds compute without adding copies (+1.0-1.4% in
+benchmarks/RESULTS.md).
 
 Gate/up on the device (`device_gate_up`, a number of layers, 1 by default): the last recomputed layers hold
 their gate and up outputs on the device (not through the offloader), and their reruns skip those products.
@@ -64,6 +68,19 @@ class _Halves(Protocol):
     def recompute_in_halves(self) -> bool: ...
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The offloader's copy stream on `device`, one for the process. The caching allocator keeps the blocks
+    freed by each stream for that stream alone, and `torch.cuda.Stream()` hands out a different stream of
+    its pool at each call: a new one per step held the copies-back of every step it served (on Llama-3.1-8B,
+    QLoRA 8 x 2048, 55 GiB reserved under an 8.9 GiB peak of allocations)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class LayerInputOffloader:
     """Saved-tensor hooks that keep each checkpointed layer's input in pinned host memory.
 
@@ -80,7 +97,7 @@ class LayerInputOffloader:
         self.resident = False  # set for the last recomputed layer: its tensors stay on the device
         self.kept: dict[int, torch.Tensor] = {}  # the resident tensors, until their backward reads them
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = side_stream(device) if self.cuda else None
         self.host: list[torch.Tensor] = []
         self.d2h: list[torch.cuda.Event | None] = []
         self.device = device
@@ -250,6 +267,15 @@ def _host_bytes() -> int:
 
 
 HOST_SHARE = 0.4  # of host memory, for the pinned copies of offloaded activations
+# Forward FLOPs under which one byte of host copies hides: ~680 TFLOP/s of bf16 products over the ~57 GB/s the
+# copies ran at on an H100 (benchmarks/RESULTS.md). Cards with less compute per byte of link hide more.
+LINK_FLOP_PER_BYTE = 12_000
+
+
+def pinned_bytes(n: int) -> int:
+    """The pinned host memory an n-byte tensor takes: torch's host caching allocator rounds each allocation
+    up to a power of two (Llama-3.1-8B's g at 32,768 tokens, 0.875 GiB, takes 1 GiB)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def halves_fit_host(layers: int, layer_input_bytes: int, kept_attention: bool = False,
@@ -271,11 +297,36 @@ def spread(n: int, k: int) -> set[int]:
 
 def host_fits(layers: int, layer_input_bytes: int, gate_up_layers: int, gate_up_bytes: int,
               kept_attention: bool = False, kept_qkv: float = 0.0) -> bool:
-    """The pinned host memory of recompute in halves with `gate_up_layers` layers' gate/up kept there
-    (and with `kept_attention`, each layer's attention output, the size of its input, and its q, k, v,
-    `kept_qkv` times that size)."""
-    per_layer = (3 + kept_qkv if kept_attention else 2) * layer_input_bytes
-    return layers * per_layer + gate_up_layers * gate_up_bytes < HOST_SHARE * _host_bytes()
+    """The pinned host memory of recompute in halves with `gate_up_layers` layers' gate/up (g and u, together
+    `gate_up_bytes`) kept there (and with `kept_attention`, each layer's attention output, the size of its
+    input, and its q, k, v, `kept_qkv` times that size), each tensor as the pinned allocator rounds it."""
+    per_layer = (3 + kept_qkv if kept_attention else 2) * pinned_bytes(layer_input_bytes)
+    gate_up = 2 * pinned_bytes(gate_up_bytes // 2)
+    return layers * per_layer + gate_up_layers * gate_up < HOST_SHARE * _host_bytes()
+
+
+def host_gate_up_count(layers: int, share: float, layer_input_bytes: int, gate_up_bytes: int,
+                       kept_attention: bool = False, kept_qkv: float = 0.0) -> int:
+    """How many of `layers` recomputed layers keep gate/up on the host: round(share x layers), or as many as
+    the host rule (`host_fits`) leaves room for beside the layers' other pinned tensors."""
+    k = host_gate_up_layers(layers, share)
+    while k and not host_fits(layers, layer_input_bytes, k, gate_up_bytes, kept_attention, kept_qkv):
+        k -= 1
+    return k
+
+
+def link_gate_up_share(tokens: int, span: int, attn_width: int, layer_params: int, layer_input_bytes: int,
+                       gate_up_bytes: int, copied_per_input: float) -> float:
+    """host_gate_up 'auto': the share of recomputed layers whose gate/up the host link carries in the forward.
+
+    A layer's forward does 2 x tokens x `layer_params` FLOPs in its linears and 2 x tokens x `span` x
+    `attn_width` in causal attention over rows of `span` tokens (0 where the rows are unknown, e.g. packed),
+    which hide `LINK_FLOP_PER_BYTE` bytes of copies each; its inputs (`copied_per_input` x
+    `layer_input_bytes`) go first, and half of the room left goes to gate/up: the copies come in bursts, and
+    on the H100 the share past that ran slower (benchmarks/RESULTS.md, 1 x 32,768)."""
+    flops = 2 * tokens * layer_params + 2 * tokens * span * attn_width
+    room = flops / LINK_FLOP_PER_BYTE - copied_per_input * layer_input_bytes
+    return min(1.0, max(0.0, 0.5 * room / gate_up_bytes)) if gate_up_bytes > 0 else 0.0
 
 
 def run_layers(
@@ -295,8 +346,8 @@ def run_layers(
 
     With `halves` and an offloading mode, a layer that supports it (`_Halves.recompute_in_halves`) runs
     through `LayerRecompute` with `layer.attn_branch(x, *attn_args)`. gate_up = (share, intermediate size):
-    that share of the recomputed layers keeps its MLP gate/up outputs on the host (module docstring), when
-    the host has room for them; else none does. keep_attention ('auto', 'reference', 'off'): such layers
+    that share of the recomputed layers keeps its MLP gate/up outputs on the host (module docstring), or as
+    many as the host has room for. keep_attention ('auto', 'reference', 'off'): such layers
     also keep their attention output for the backward (`LayerRecompute`), when the host has room;
     keep_qkv: the size of a layer's q, k, v relative to x, > 0 to keep them too (when the host has room);
     device_gate_up: with an offloading mode, that many of the last recomputed layers hold gate/up on the
@@ -317,10 +368,9 @@ def run_layers(
         keep_attention = "off"
     halves = halves and halves_fit_host(recompute_upto, x_bytes)
     share, inter = gate_up
-    k = host_gate_up_layers(recompute_upto, share) if offloader is not None else 0
-    if k and not host_fits(recompute_upto, x_bytes, k, 2 * x_bytes // x.shape[-1] * inter,
-                           kept_attention=keep_attention != "off", kept_qkv=keep_qkv):
-        k = 0
+    k = 0 if offloader is None else host_gate_up_count(
+        recompute_upto, share, x_bytes, 2 * x_bytes // x.shape[-1] * inter,
+        kept_attention=keep_attention != "off", kept_qkv=keep_qkv)
     on_device = max(0, min(device_gate_up, recompute_upto)) if offloader is not None else 0
     keep_gate_up = {i: "host" for i in spread(recompute_upto, k)}
     keep_gate_up.update({i: "device" for i in range(recompute_upto - on_device, recompute_upto)})

@@ -21,7 +21,7 @@ from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
 from fasttune.kernels.swiglu import swiglu, swiglu_reference
 from fasttune.lora.layer import LoRALinear
-from fasttune.models.activations import CHECKPOINT_MODES, KEEP_ATTENTION, run_layers
+from fasttune.models.activations import CHECKPOINT_MODES, KEEP_ATTENTION, link_gate_up_share, run_layers
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
 from fasttune.models.kept_attention import given_with_qkv, rerun_from_kept
@@ -265,7 +265,8 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = "off"
         self.keep_layers = 0  # 'selective': trailing layers that keep their activations
         self.recompute_halves = True  # offloading modes: `activations.LayerRecompute` where it applies
-        self.host_gate_up = 0.0  # offloading modes: share of recomputed layers keeping gate/up on the host
+        # offloading modes: share of recomputed layers keeping gate/up on the host, or 'auto' (gate_up_share)
+        self.host_gate_up: float | str = "auto"
         self.keep_attention = "auto"  # offloading modes: recomputed layers keep their attention output
         self.keep_qkv = True  # with kept attention: also its q, k, v (where they are reusable)
         self.device_gate_up = 1  # offloading modes: the last layers that hold gate/up on the device
@@ -275,6 +276,12 @@ class LlamaModel(nn.Module):
         c = self.config
         return (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim / c.hidden_size \
             if self.keep_qkv and self.keep_attention != "off" and not c.qk_norm else 0.0
+
+    def gate_up_share(self, tokens: int, span: int, act_bytes: int = 2) -> float:
+        """The share of recomputed layers keeping gate/up on the host at a step of `tokens` tokens in causal
+        rows of `span` (0: packed or masked rows): `host_gate_up`, or what 'auto' gives."""
+        return host_gate_up_share(self.config, self.host_gate_up, tokens, span, self.keep_attention != "off",
+                                  self.kept_qkv_share(), act_bytes)
 
     def forward(
         self,
@@ -306,12 +313,32 @@ class LlamaModel(nn.Module):
             mode = "off"
         x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
                        self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves,
-                       gate_up=(self.host_gate_up, self.config.intermediate_size),
+                       gate_up=(self.gate_up_share(B * T, T if mask.causal else 0, x.element_size())
+                                if mode in ("offload", "selective") else 0.0, self.config.intermediate_size),
                        keep_attention=self.keep_attention, keep_qkv=self.kept_qkv_share(),
                        device_gate_up=self.device_gate_up)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
+
+
+def host_gate_up_share(c: LlamaConfig, setting: float | str, tokens: int, span: int, kept_attention: bool,
+                       kept_qkv: float = 0.0, act_bytes: int = 2) -> float:
+    """`setting` ('auto' or a share in [0, 1]) as a share of recomputed layers keeping gate/up on the host.
+
+    'auto': what the host link carries beside the copies each recomputed layer makes already (x, x_mid, the
+    kept attention output and `kept_qkv` x q, k, v: `activations.link_gate_up_share`), for `tokens` tokens in
+    causal rows of `span`. Only with kept attention, the setting it was measured in: without it the
+    one measurement (8 x 2048, benchmarks/RESULTS.md) gained 0.2% for a layer's g and u more at the peak."""
+    if setting != "auto":
+        return float(setting)
+    if not kept_attention:
+        return 0.0
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    H, inter = c.hidden_size, c.intermediate_size
+    layer_params = H * (q + 2 * kv) + q * H + 3 * H * inter
+    return link_gate_up_share(tokens, span, q, layer_params, tokens * H * act_bytes,
+                              2 * tokens * inter * act_bytes, 3 + kept_qkv)
 
 
 def default_position_ids(
@@ -365,13 +392,14 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing(self) -> str:
         return self.model.gradient_checkpointing
 
-    def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float = 0.0,
+    def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float | str = "auto",
                                    keep_attention: str = "auto", keep_qkv: bool = True,
                                    device_gate_up: int = 1) -> None:
         """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
         or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
         `host_gate_up`: in the offloading modes, the share of recomputed layers whose MLP gate/up outputs
-        also go to the host instead of being recomputed; `keep_attention`: in the offloading modes, whether
+        also go to the host instead of being recomputed ('auto': what the host link carries beside the other
+        copies, none at short rows); `keep_attention`: in the offloading modes, whether
         recomputed layers keep their attention output instead of rerunning attention ('auto': where the
         CUDA kernel allows; 'reference': also elsewhere, in fp32 math, for tests; 'off'); `keep_qkv`: with
         kept attention, also keep q, k, v so that the rerun skips their products (where the host has room);
@@ -382,8 +410,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
         if keep_layers < 0:
             raise ValueError(f"keep_layers={keep_layers}: must be >= 0")
-        if not 0.0 <= host_gate_up <= 1.0:
-            raise ValueError(f"host_gate_up={host_gate_up}: a share of the layers, in [0, 1]")
+        share = isinstance(host_gate_up, (int, float)) and 0.0 <= host_gate_up <= 1.0
+        if host_gate_up != "auto" and not share:
+            raise ValueError(f"host_gate_up={host_gate_up!r}: 'auto' or a share of the layers, in [0, 1]")
         if device_gate_up < 0:
             raise ValueError(f"device_gate_up={device_gate_up}: a number of layers, >= 0")
         if keep_attention not in KEEP_ATTENTION:
@@ -391,6 +420,8 @@ class LlamaForCausalLM(nn.Module):
         self.model.gradient_checkpointing = mode
         self.model.keep_layers = keep_layers if mode == "selective" else 0
         self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
+        if host_gate_up != "auto":
+            self.model.host_gate_up = float(self.model.host_gate_up)
         self.model.keep_attention = keep_attention
         self.model.keep_qkv = keep_qkv
         self.model.device_gate_up = device_gate_up

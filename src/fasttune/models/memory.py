@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fasttune.models.activations import halves_fit_host, host_fits, host_gate_up_layers
-from fasttune.models.llama import LlamaConfig
+from fasttune.models.activations import halves_fit_host, host_gate_up_count
+from fasttune.models.llama import LlamaConfig, host_gate_up_share
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIMIZER_BYTES = {"adamw_8bit": 2.0 + 8 / 256, "adamw_torch": 8.0}  # state bytes per trained parameter
@@ -119,7 +119,7 @@ def estimate_memory(
     use_kernels: bool = True,
     loss_chunk_elems: int = 1 << 27,
     halves: bool | None = None,
-    host_gate_up: float = 0.0,
+    host_gate_up: float | str = "auto",
     kept_attention: bool = False,
     kept_qkv: float = 0.0,
     device_gate_up: int = 1,
@@ -128,7 +128,8 @@ def estimate_memory(
 
     halves: whether offloading modes recompute in halves (None: as `activations.run_layers` decides it,
     from the fused path and the host's memory). host_gate_up: the share of recomputed layers keeping their
-    gate/up outputs on the host (their copy back, one layer ahead of its backward, adds one layer's g and u).
+    gate/up outputs on the host (their copy back, one layer ahead of its backward, adds one layer's g and u),
+    or 'auto' (`llama.host_gate_up_share`, for unpacked rows of `seq` tokens).
     kept_attention: offloading modes also keep each recomputed layer's attention output (as large as x) on
     the host, so the two layers on the GPU in the backward hold three such tensors each, not two; with
     `kept_qkv` (q, k, v relative to x, `LlamaModel.kept_qkv_share`) they hold that much more each.
@@ -174,8 +175,8 @@ def estimate_memory(
         if quantization == "4bit":  # the rerun's dequantised gate and up weights, held for its backward
             layer_backward += 2 * H * c.intermediate_size * act_bytes
         gate_up_bytes = 2 * N * c.intermediate_size * act_bytes
-        k = host_gate_up_layers(recomputed, host_gate_up)
-        if k and host_fits(recomputed, x_bytes, k, gate_up_bytes, kept_attention, kept_qkv):
+        share = host_gate_up_share(c, host_gate_up, N, seq, kept_attention, kept_qkv, act_bytes)
+        if host_gate_up_count(recomputed, share, x_bytes, gate_up_bytes, kept_attention, kept_qkv):
             activations += gate_up_bytes  # the next layer's, copied back during this one's backward
         d = max(0, min(device_gate_up, recomputed))
         if d and kept == 0:  # the last layer's only beside the loss: its backward reuses them

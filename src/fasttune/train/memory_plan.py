@@ -46,13 +46,13 @@ def run_estimate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *
 
 
 def _kept_kwargs(model: torch.nn.Module) -> dict:
-    """What the offloading modes keep per recomputed layer besides its inputs (attention output, q/k/v, and
-    the last layers' gate/up on the device): only on the fused kernel path, the one that recomputes in
-    halves."""
+    """What the offloading modes keep per recomputed layer besides its inputs (attention output, q/k/v, the
+    last layers' gate/up on the device, and gate/up on the host): only on the fused kernel path, the one that
+    recomputes in halves."""
     if not getattr(model, "use_kernels", False):
         return {}
     return dict(kept_attention=model.model.keep_attention != "off", kept_qkv=model.model.kept_qkv_share(),
-                device_gate_up=model.model.device_gate_up)
+                device_gate_up=model.model.device_gate_up, host_gate_up=model.model.host_gate_up)
 
 
 def plan_selective(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *, precision: str,
