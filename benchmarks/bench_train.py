@@ -259,9 +259,14 @@ def configure_fasttune(model, variant: str, args) -> dict:
     norank / nowanth / nokeepgu (turn off one of the switches of `fasttune.kernels.lora`: the rank-r product
     kernel, h written by the SwiGLU backward, the rerun's kept dequantised gate/up weights),
     dguK (offloading modes: the last K recomputed layers hold gate/up on the device, device_gate_up=K;
-    default 1, dgu0 reruns them all).
+    default 1, dgu0 reruns them all),
+    lagN (offloading modes: a layer's tensors are held for their copy to the host through N more layers'
+    forward, `activations.COPY_LAG`),
+    capG (the caching allocator may hold at most G GiB, as on a card of that size: past it, it frees its
+    cache and retries, counted in the row's alloc_retries).
     """
-    from fasttune.models.activations import host_gate_up_count
+    import torch
+
     from fasttune.models.attention import set_attention_backend
     from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
 
@@ -286,6 +291,16 @@ def configure_fasttune(model, variant: str, args) -> dict:
         keep = int(arg or 0)
     share = next((float(f[2:]) for f in flags if f.startswith("gu")), "auto")
     PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
+    cap = next((float(f[3:]) for f in flags if f.startswith("cap")), None)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap * GiB / total))
+    import fasttune.models.activations as activations
+
+    if not hasattr(activations, "DEFAULT_COPY_LAG") and hasattr(activations, "COPY_LAG"):
+        activations.DEFAULT_COPY_LAG = activations.COPY_LAG
+    if hasattr(activations, "COPY_LAG"):
+        activations.COPY_LAG = next((int(f[3:]) for f in flags if f.startswith("lag")),
+                                    activations.DEFAULT_COPY_LAG)
     keep_attention = "off" if "noattn" in flags else "auto"
     on_device = next((int(f[3:]) for f in flags if f.startswith("dgu")), 1)
     model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,
@@ -298,7 +313,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     # the layers that keep gate/up on the host, as `run_layers` counts them (kept attention assumed)
     n, c = args.batch * args.seq, model.config
     span = args.seq if PACKING["rows"] == 1 else 0
-    host_layers = 0 if mode not in ("offload", "selective") else host_gate_up_count(
+    count = getattr(activations, "host_gate_up_count", None)  # None in source trees from before it
+    host_layers = 0 if mode not in ("offload", "selective") or count is None else count(
         c.num_hidden_layers - keep, model.model.gate_up_share(n, span), n * c.hidden_size * 2,
         2 * n * c.intermediate_size * 2, keep_attention != "off", model.model.kept_qkv_share())
     print(f"[{variant}] keep_layers={keep} host_gate_up_layers={host_layers} {est.describe()}", flush=True)
@@ -422,6 +438,7 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
     else:
         opt = bnb.optim.AdamW8bit(params, lr=1e-4)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the reserved peak counts this run's blocks, not those cached by the build
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i, x in enumerate(batches):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, es32, es8, auto32, resv8, gtest, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, packq, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, es32, es8, auto32, resv8, gtest, lag32, lag8, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, packq, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, cli8bq, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -104,6 +104,18 @@ has gtest && step pytest-offload 150 python3 -m pytest -q -m gpu tests/models/te
   tests/models/test_memory.py tests/models/test_kept_attention.py -p no:cacheprovider
 has gtest && step pytest-reserved-base 60 env PYTHONPATH=/tmp/site:$PWD/.bench_assets/base_tree/src python3 -m \
   pytest -q -m gpu tests/models/test_llama.py -k reserve_no_more -p no:cacheprovider
+# lag32 / lag8: offloaded tensors held for their copies in stream order (COPY_LAG layers) against the tree in
+# .bench_assets/base_tree (record_stream), with lag1 and under a cap of Unsloth's peak (capG), beside Unsloth
+has lag32 && step lag32-base 160 $BASE $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 \
+  --warmup 1 --steps 2 --variants offload
+has lag32 && step lag32-new 330 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 \
+  --warmup 1 --steps 2 --variants offload offload+lag1 offload+cap14.5
+has lag8 && step lag8q-base 100 $BASE $B --stacks fasttune --modes qlora --batches 8 --variants offload
+has lag8 && step lag8q-new 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload \
+  offload+cap10
+has lag8 && step lag8b-base 100 $BASE $B --stacks fasttune --modes bf16 --batches 8 --variants offload
+has lag8 && step lag8b-new 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload \
+  offload+cap19.7
 has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \
