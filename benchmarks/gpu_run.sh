@@ -112,10 +112,10 @@ has lag32 && step lag32-new 330 $B --stacks fasttune unsloth --modes qlora --bat
   --warmup 1 --steps 2 --variants offload offload+lag1 offload+cap14.5
 has lag8 && step lag8q-base 100 $BASE $B --stacks fasttune --modes qlora --batches 8 --variants offload
 has lag8 && step lag8q-new 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload \
-  offload+cap10
+  offload+cap10.6
 has lag8 && step lag8b-base 100 $BASE $B --stacks fasttune --modes bf16 --batches 8 --variants offload
 has lag8 && step lag8b-new 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload \
-  offload+cap19.7
+  offload+cap20.2
 has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \
@@ -247,6 +247,11 @@ if has maxlen; then  # 131,072 fitted both stacks before (RESULTS.md), so the se
     --shape ${MAXLEN_SHAPE:-llama-2-7b} --model-dir ${MAXLEN_DIR:-/tmp/bench-model-l2} --start ${MAXLEN_START:-262144} \
     --known-fit ${MAXLEN_KNOWN_FIT:-131072} --resolution 4096 --limit ${MAXLEN_LIMIT:-1048576} \
     --max-seconds $(( $(left) - 20 )) --out bench_logs/results.jsonl --log-dir bench_logs
+fi
+if has cli8b || has cli8bq; then  # the CLI steps read the 8B shape's directory, which only peers' steps write
+  [ -f /tmp/bench-model/config.json ] || python3 -c "import sys; from pathlib import Path; \
+sys.path.insert(0, 'benchmarks'); from bench_train import write_model_dir; \
+write_model_dir('llama-3.1-8b', Path('/tmp/bench-model'), Path('.bench_assets/tokenizer'))"
 fi
 if has cli8b; then  # the product path on the 8B shape: 'auto' checkpointing and the printed estimate
   step cli-8b 150 python3 -m fasttune train --model_name /tmp/bench-model --max_seq_length 2048 \
