@@ -410,8 +410,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
         if keep_layers < 0:
             raise ValueError(f"keep_layers={keep_layers}: must be >= 0")
-        share = isinstance(host_gate_up, (int, float)) and 0.0 <= host_gate_up <= 1.0
-        if host_gate_up != "auto" and not share:
+        is_share = isinstance(host_gate_up, (int, float)) and 0.0 <= host_gate_up <= 1.0
+        if host_gate_up != "auto" and not is_share:
             raise ValueError(f"host_gate_up={host_gate_up!r}: 'auto' or a share of the layers, in [0, 1]")
         if device_gate_up < 0:
             raise ValueError(f"device_gate_up={device_gate_up}: a number of layers, >= 0")
@@ -419,9 +419,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"keep_attention={keep_attention!r}: expected one of {KEEP_ATTENTION}")
         self.model.gradient_checkpointing = mode
         self.model.keep_layers = keep_layers if mode == "selective" else 0
-        self.model.host_gate_up = host_gate_up if mode in ("offload", "selective") else 0.0
-        if host_gate_up != "auto":
-            self.model.host_gate_up = float(self.model.host_gate_up)
+        share = host_gate_up if host_gate_up == "auto" else float(host_gate_up)
+        self.model.host_gate_up = share if mode in ("offload", "selective") else 0.0
         self.model.keep_attention = keep_attention
         self.model.keep_qkv = keep_qkv
         self.model.device_gate_up = device_gate_up
