@@ -262,6 +262,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
     default 1, dgu0 reruns them all),
     lagN (offloading modes: a layer's tensors are held for their copy to the host through N more layers'
     forward, `activations.COPY_LAG`),
+    sidefetch (offloading modes: copies back into side-stream memory, `activations.FETCH_INTO_COMPUTE`),
     capG (the caching allocator may hold at most G GiB, as on a card of that size: past it, it frees its
     cache and retries, counted in the row's alloc_retries).
     """
@@ -301,6 +302,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     if hasattr(activations, "COPY_LAG"):
         activations.COPY_LAG = next((int(f[3:]) for f in flags if f.startswith("lag")),
                                     activations.DEFAULT_COPY_LAG)
+    if hasattr(activations, "FETCH_INTO_COMPUTE"):
+        activations.FETCH_INTO_COMPUTE = "sidefetch" not in flags
     keep_attention = "off" if "noattn" in flags else "auto"
     on_device = next((int(f[3:]) for f in flags if f.startswith("dgu")), 1)
     model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,

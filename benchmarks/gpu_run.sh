@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, then run the steps named in $1
-# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, es32, es8, auto32, resv8, gtest, lag32, lag8, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, packq, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
+# (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, es32, es8, auto32, resv8, gtest, lag32, lag8, lagq8, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, packq, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
 # long131, maxlen, cli8bq, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
@@ -116,6 +116,10 @@ has lag8 && step lag8q-new 240 $B --stacks fasttune unsloth --modes qlora --batc
 has lag8 && step lag8b-base 100 $BASE $B --stacks fasttune --modes bf16 --batches 8 --variants offload
 has lag8 && step lag8b-new 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload \
   offload+cap20.2
+# lagq8: QLoRA 8 x 2048, where holding copies in stream order measured 0.4% slower: longer lag, copies back
+# into side-stream memory, both
+has lagq8 && step lagq8 200 $B --stacks fasttune --modes qlora --batches 8 --variants offload offload+lag3 \
+  offload+sidefetch offload+lag3+sidefetch offload
 has b8 && step bf16-8 240 $B --stacks fasttune unsloth --modes bf16 --batches 8 --variants offload
 has q8 && step qlora-8 240 $B --stacks fasttune unsloth --modes qlora --batches 8 --variants offload
 has q32 && step qlora-32k 320 $B --stacks fasttune unsloth --modes qlora --batches 1 --seqs 32768 --warmup 1 \

@@ -72,6 +72,9 @@ class _Halves(Protocol):
 # layer held adds its offloaded tensors to the forward's memory; gate/up copies take longer than one layer's
 # forward at 1 x 32,768 on Llama-3.1-8B).
 COPY_LAG = 2
+# Copies back into memory of the compute stream, allocated once the compute stream's queued work is done
+# (False: into side-stream memory that the compute stream is recorded on, as before; a benchmark switch).
+FETCH_INTO_COMPUTE = True
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -160,9 +163,15 @@ class LayerInputOffloader:
         event, which the compute stream waits for before it reads the tensor."""
         compute = torch.cuda.current_stream(self.device)
         host = self.host[idx]
-        dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        if stream != compute:
-            stream.wait_stream(compute)
+        side = stream != compute
+        if side and not FETCH_INTO_COMPUTE:
+            with torch.cuda.stream(stream):
+                dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            dev.record_stream(compute)  # allocated on the side stream, used (and freed) on the compute stream
+        else:
+            dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            if side:
+                stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             stream.wait_event(self.d2h[idx])
             dev.copy_(host, non_blocking=True)
