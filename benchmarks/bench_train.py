@@ -160,6 +160,7 @@ def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
 
 # ---- one stack, one process -------------------------------------------------------------------
 
+SHIPPED: dict = {}  # switches' shipped values, kept by configure_fasttune before a variant changes them
 PACKING = {"rows": 1}  # rows per sequence of fasttune's steps (variant flag packN), set by configure_fasttune
 
 
@@ -297,11 +298,9 @@ def configure_fasttune(model, variant: str, args) -> dict:
     torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap * GiB / total))
     import fasttune.models.activations as activations
 
-    if not hasattr(activations, "DEFAULT_COPY_LAG") and hasattr(activations, "COPY_LAG"):
-        activations.DEFAULT_COPY_LAG = activations.COPY_LAG
-    if hasattr(activations, "COPY_LAG"):
-        activations.COPY_LAG = next((int(f[3:]) for f in flags if f.startswith("lag")),
-                                    activations.DEFAULT_COPY_LAG)
+    if hasattr(activations, "COPY_LAG"):  # the shipped lag, read before any variant sets it
+        shipped = SHIPPED.setdefault("COPY_LAG", activations.COPY_LAG)
+        activations.COPY_LAG = next((int(f[3:]) for f in flags if f.startswith("lag")), shipped)
     if hasattr(activations, "FETCH_INTO_COMPUTE"):
         activations.FETCH_INTO_COMPUTE = "sidefetch" not in flags
     keep_attention = "off" if "noattn" in flags else "auto"

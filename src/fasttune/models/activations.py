@@ -324,11 +324,6 @@ def halves_fit_host(layers: int, layer_input_bytes: int, kept_attention: bool = 
     return host_fits(layers, layer_input_bytes, 0, 0, kept_attention, kept_qkv)
 
 
-def host_gate_up_layers(layers: int, share: float) -> int:
-    """How many of `layers` recomputed layers keep gate/up on the host: round(share x layers), in [0, layers]."""
-    return min(layers, max(0, round(share * layers)))
-
-
 def spread(n: int, k: int) -> set[int]:
     """k indices of range(n) spaced evenly (the host copies of their gate/up interleave with other layers)."""
     return {int((j + 0.5) * n / k) for j in range(k)} if k > 0 else set()
@@ -346,9 +341,9 @@ def host_fits(layers: int, layer_input_bytes: int, gate_up_layers: int, gate_up_
 
 def host_gate_up_count(layers: int, share: float, layer_input_bytes: int, gate_up_bytes: int,
                        kept_attention: bool = False, kept_qkv: float = 0.0) -> int:
-    """How many of `layers` recomputed layers keep gate/up on the host: round(share x layers), or as many as
-    the host rule (`host_fits`) leaves room for beside the layers' other pinned tensors."""
-    k = host_gate_up_layers(layers, share)
+    """How many of `layers` recomputed layers keep gate/up on the host: round(share x layers) in [0, layers],
+    or as many as the host rule (`host_fits`) leaves room for beside the layers' other pinned tensors."""
+    k = min(layers, max(0, round(share * layers)))
     while k and not host_fits(layers, layer_input_bytes, k, gate_up_bytes, kept_attention, kept_qkv):
         k -= 1
     return k
