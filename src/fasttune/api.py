@@ -111,9 +111,8 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
 
     mode = cfg.train.gradient_checkpointing
     if mode == "auto":
-        tokens = cfg.train.per_device_train_batch_size * cfg.model.max_seq_length
-        mode = (auto_checkpointing(model.config, device.type, tokens, 4 if precision == "fp32" else 2)
-                if isinstance(model, LlamaForCausalLM) else "on" if device.type == "cuda" else "off")
+        mode = (auto_checkpointing(device.type) if isinstance(model, LlamaForCausalLM)
+                else "on" if device.type == "cuda" else "off")
     # our Llama: the last layers that hold gate/up on the GPU, and those that send them to the host
     # (`models/activations.py`)
     held = {"device_gate_up": cfg.train.device_gate_up,

@@ -247,6 +247,38 @@ def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model
     assert packed == [(2, 9, 64)] * 2 and resident == [False, True]
 
 
+def test_inputs_past_the_hosts_room_stay_on_the_device(tiny_model, monkeypatch):
+    """Whole-layer recompute pins one input per layer as far as the host rule has room; the trailing layers
+    past it keep theirs on the device (as 'on' would), with the same loss and gradients."""
+    from fasttune.models import activations
+
+    resident = []
+    inner = activations.LayerInputOffloader.pack
+
+    def pack(self, t):
+        if t.numel():
+            resident.append(self.resident)
+        return inner(self, t)
+
+    monkeypatch.setattr(activations.LayerInputOffloader, "pack", pack)
+    # a layer input is 2 x 9 x 64 fp32 = 4,608 bytes, pinned as 8,192: 40% of 30,000 bytes holds one
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 30_000)
+    model = tiny_model(num_hidden_layers=4).train()
+    x = torch.randint(0, 97, (2, 9))
+    model.set_gradient_checkpointing("on")
+    ref_loss, ref_grads = loss_and_grads(model, x, x)
+    model.set_gradient_checkpointing("offload")
+    loss, grads = loss_and_grads(model, x, x)
+    assert resident == [False, True, True, True]
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=0, rtol=0, msg=name)
+    resident.clear()
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 10_000)  # no room: every input on the device
+    model(x, targets=x).loss_sum.backward()
+    assert resident == [True] * 4
+
+
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recompute_hands_the_residual_gradient_to_the_branch_norms(monkeypatch, mode, keep):
     """Each recomputed layer's two norms take the residual branch's gradient into their input gradient
@@ -563,6 +595,40 @@ def test_offload_keeps_layer_inputs_off_the_gpu(tiny_model):
     inputs_bytes = layers * B * T * H * 4
     assert held["on"] - held["offload"] >= 0.8 * inputs_bytes, held
     assert losses["on"] == pytest.approx(losses["offload"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_inputs_past_the_hosts_room_stay_on_the_gpu_on_cuda(tiny_model, monkeypatch):
+    """With room on the host for 3 of 6 layer inputs, the last 3 stay on the GPU: the backward of the lowest
+    of them fetches the layer below from the host ahead of time, the ones above fetch nothing; the loss and
+    gradients are those of 'on', and the forward holds the 3 inputs that 'offload' sends away less."""
+    from fasttune.models import activations
+
+    layers, B, T, H = 6, 2, 1024, 256
+    x_bytes = B * T * H * 4  # fp32, a power of two: pinned as it is
+    monkeypatch.setattr(activations, "_host_bytes", lambda: int(3.5 * x_bytes / activations.HOST_SHARE))
+    assert activations.host_input_layers(layers, x_bytes) == 3
+    model = tiny_model(hidden_size=H, intermediate_size=H, num_hidden_layers=layers,
+                       max_position_embeddings=T).cuda().train()
+    x = torch.randint(0, 97, (B, T), device="cuda")
+    results, held = {}, {}
+    for mode in ("on", "offload"):
+        model.set_gradient_checkpointing(mode)
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = model(x, targets=x)
+        torch.cuda.synchronize()
+        held[mode] = torch.cuda.memory_allocated() - before
+        del out
+        results[mode] = loss_and_grads(model, x, x)
+    assert held["on"] - held["offload"] >= 0.8 * 3 * x_bytes, held
+    assert held["on"] - held["offload"] < 4 * x_bytes, held
+    (ref_loss, ref_grads), (loss, grads) = results["on"], results["offload"]
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@ saved inputs live.
     off        every layer keeps its activations (fastest, most memory)
     on         each layer keeps only its input x and is recomputed in the backward (~1/3 more matmul FLOPs)
     offload    as `on`, with x copied to pinned CPU memory on a side stream while the next layers run,
-               and copied back one layer ahead of the backward that needs it
+               and copied back one layer ahead of the backward that needs it (as many layers as the host
+               has room for: the trailing rest keep x on the device, `host_input_layers`)
     selective  the last `keep_layers` layers keep everything, the others recompute with offloaded inputs;
                `keep_layers` comes from the memory budget (`fasttune.models.memory.plan_keep_layers`)
 
@@ -101,11 +102,13 @@ class LayerInputOffloader:
     started on the side stream right away, into memory of the compute stream, so it overlaps layer i's
     backward. The last layer's tensors (`resident`, set by `run_layers`) stay on the device: its backward
     runs right after the loss, with nothing to overlap their copy back (on Llama-3.1-8B at 8 x 2048 a ~11 ms
-    stall per step). One offloader serves one forward/backward; on the CPU it degrades to plain copies.
+    stall per step). So do those of the trailing layers that the host rule leaves no room for
+    (`host_input_layers`). One offloader serves one forward/backward; on the CPU it degrades to plain
+    copies.
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.resident = False  # set for the last recomputed layer: its tensors stay on the device
+        self.resident = False  # set for the last recomputed layers: their tensors stay on the device
         self.kept: dict[int, torch.Tensor] = {}  # the resident tensors, until their backward reads them
         self.cuda = device.type == "cuda"
         self.stream = side_stream(device) if self.cuda else None
@@ -200,7 +203,7 @@ class LayerInputOffloader:
             for j in range(first - 1, -1, -1):
                 if self.group[j] != prev:
                     break
-                if j not in self.prefetched:
+                if j not in self.prefetched and j not in self.kept:
                     self.prefetched[j] = self._fetch(j, self.stream)
         return dev
 
@@ -339,6 +342,16 @@ def host_fits(layers: int, layer_input_bytes: int, gate_up_layers: int, gate_up_
     return layers * per_layer + gate_up_layers * gate_up < HOST_SHARE * _host_bytes()
 
 
+def host_input_layers(layers: int, layer_input_bytes: int) -> int:
+    """How many of `layers` whole-layer recomputes may keep their input on the host (the pinned tensors of
+    that many within the host rule, as the pinned allocator rounds them); the trailing rest keep it on the
+    device. On Llama-3.1-8B at 1 x 262,144 tokens a layer's input is 2 GiB: 25 of 32 layers on a 128 GiB
+    host, where all 32 would pin half of it."""
+    per = pinned_bytes(layer_input_bytes)
+    room = int(HOST_SHARE * _host_bytes())
+    return layers if per == 0 else min(layers, max(0, (room - 1) // per))
+
+
 def host_gate_up_count(layers: int, share: float, layer_input_bytes: int, gate_up_bytes: int,
                        kept_attention: bool = False, kept_qkv: float = 0.0) -> int:
     """How many of `layers` recomputed layers keep gate/up on the host: round(share x layers) in [0, layers],
@@ -401,6 +414,8 @@ def run_layers(
     if keep_attention != "off" and not halves_fit_host(recompute_upto, x_bytes, kept_attention=True):
         keep_attention = "off"
     halves = halves and halves_fit_host(recompute_upto, x_bytes)
+    # whole-layer recompute: the layers past what the host holds keep their input on the device
+    on_host = host_input_layers(recompute_upto, x_bytes)
     share, inter = gate_up
     k = 0 if offloader is None else host_gate_up_count(
         recompute_upto, share, x_bytes, 2 * x_bytes // x.shape[-1] * inter,
@@ -420,7 +435,7 @@ def run_layers(
                 x = LayerRecompute.apply(x, layer, attn_args, keep_gate_up.get(i, ""), keep_attention,
                                          keep_qkv > 0, *anchors)
         else:
-            offloader.layer, offloader.resident = i, i == recompute_upto - 1
+            offloader.layer, offloader.resident = i, i == recompute_upto - 1 or i >= on_host
             with offloader.hooks():
                 x = checkpoint(run, layer, x, i, use_reentrant=False)
     return x

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fasttune.models.activations import halves_fit_host, host_gate_up_count
+from fasttune.models.activations import halves_fit_host, host_gate_up_count, host_input_layers
 from fasttune.models.llama import LlamaConfig, host_gate_up_share
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -163,6 +163,9 @@ def estimate_memory(
     # in halves also with x_mid (and O, when kept).
     per_layer = (3 + kept_qkv if kept_attention else 2) if halves else 1
     inputs = int(2 * per_layer * x_bytes) if offloaded and recomputed else recomputed * x_bytes
+    if offloaded and recomputed and not halves:  # the trailing layers past the host's room keep x on the
+        # device: all of them at the backward's start (two layers' worth at least, as above)
+        inputs = max(2, recomputed - host_input_layers(recomputed, x_bytes)) * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
     activations = inputs + kept * saved + rope + loss_grad
@@ -202,15 +205,15 @@ def plan_keep_layers(c: LlamaConfig, *, batch: int, seq: int, budget_bytes: int,
     return min(c.num_hidden_layers, int((budget_bytes - base) // per_layer))
 
 
-def auto_checkpointing(c: LlamaConfig, device_type: str, tokens: int, act_bytes: int = 2) -> str:
-    """What gradient_checkpointing 'auto' means for our Llama family, for micro-batches of `tokens` tokens.
+def auto_checkpointing(device_type: str) -> str:
+    """What gradient_checkpointing 'auto' means for our Llama family.
 
     CPU: 'off' (time is the limit there, and RAM is usually ample for the models that train on a CPU).
-    GPU: 'offload' (recompute in halves, layer inputs in pinned host memory: the fastest at the least GPU
-    memory in benchmarks/RESULTS.md) while its pinned buffers stay within the host rule of `halves_fit_host`;
-    'on' (inputs kept on the GPU) when they would not.
+    GPU: 'offload', layer inputs in pinned host memory: the fastest at the least GPU memory in
+    benchmarks/RESULTS.md. It recomputes in halves while their pinned buffers stay within the host rule of
+    `halves_fit_host`, else whole layers, with as many layers' inputs on the host as the rule has room for
+    and the trailing rest on the GPU (`activations.host_input_layers`). ('on' kept every input on the GPU
+    where recompute in halves did not fit the host: 32 GiB more than 'offload' on Llama-3.1-8B at 131,072
+    tokens.)
     """
-    if device_type != "cuda":
-        return "off"
-    fits = halves_fit_host(c.num_hidden_layers, tokens * c.hidden_size * act_bytes)
-    return "offload" if fits else "on"
+    return "offload" if device_type == "cuda" else "off"
