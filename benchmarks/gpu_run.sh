@@ -3,7 +3,7 @@
 # (comma-separated: tests, mtest, prof, ab8, abq8, ab8v, abq8v, ab32, b8r, q8r, q32r, gu32, es32, es8, auto32, resv8, gtest, lag32, lag8, lagq8, b8, q8, q32, prof32, kmain, rank, nf4, swtest, swfeat, qkvtest, qkv8, qkvq, qkvq32, gu8, pktest, pack8, packq, swltest, swmicro, ktest, katest, kattn, kattn32, shapes, qwen, mistral, l32odd, micro, loss, fast, gu,
 # gulong, peers, hfbf16,
 # fp8, cli8b, peers2, liger-qlora, l2-8, small, long32, long128,
-# long131, hostres, long262, maxlen, cli8bq, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
+# long131, hostres, long262, u327, pin32, maxlen, cli8bq, decode), each under its own timeout, logs to $OUT. One model directory per shape under /tmp, written
 # once per machine by the first step that needs it (Llama-3.1-8B /tmp/bench-model, Llama-2-7B /tmp/bench-model-l2).
 #   carry: .whl .bench_assets        usage: bash benchmarks/gpu_run.sh tests,micro,fast
 set -u
@@ -248,9 +248,18 @@ fi
 # hostres: the GPU tests of the offloader keeping the inputs past the host's room on the device; long262: one
 # step of 262,144 tokens (QLoRA, batch 1, no warm-up), where 7 of 32 layers' 2 GiB inputs now stay on the GPU
 has hostres && step pytest-host-room 150 python3 -m pytest -q -m gpu tests/models/test_llama.py \
-  tests/models/test_memory.py -p no:cacheprovider
+  tests/models/test_memory.py tests/models/test_kept_attention.py -p no:cacheprovider
 has long262 && step long-262k-8b $(left) $B --stacks fasttune --modes qlora --batches 1 --seqs 262144 \
   --warmup 0 --steps 1 --variants offload
+# u327: Unsloth alone at 327,680 tokens (QLoRA, batch 1, no warm-up): whether it trains past 262,144
+has u327 && step unsloth-327k-8b $(left) $B --stacks unsloth --modes qlora --batches 1 --seqs 327680 \
+  --warmup 0 --steps 1 --timeout $(( $(left) - 10 ))
+# pin32: QLoRA 1 x 32,768 with copies pinned in power-of-two pieces (6 layers' 0.875 GiB g and u in three
+# pieces each) against the tree in .bench_assets/base_tree (each tensor in one pinned allocation)
+has pin32 && step pin32-new 100 $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 --warmup 1 \
+  --steps 2 --variants offload
+has pin32 && step pin32-base 100 $BASE $B --stacks fasttune --modes qlora --batches 1 --seqs 32768 --warmup 1 \
+  --steps 2 --variants offload
 if has maxlen; then  # 131,072 fitted both stacks before (RESULTS.md), so the search starts above it
   # MAXLEN_SHAPE=llama-3.1-8b MAXLEN_DIR=/tmp/bench-model for the issue's shape; MAXLEN_LIMIT caps the doubling
   step maxlen $(left) python3 benchmarks/bench_maxlen.py --stacks ${MAXLEN_STACKS:-fasttune unsloth} --mode qlora \

@@ -74,19 +74,19 @@ def test_gate_up_on_host_adds_one_layers_gate_up_when_the_host_has_room(monkeypa
     monkeypatch.setattr(activations, "_host_bytes", lambda: 22 * GiB)
     assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=1.0).total == base
     # the room left beside kept attention and q, k, v, as `run_layers` counts it: a 46 GiB host fits 8 layers'
-    # gate/up without them (1 GiB pinned each), not one with them (32 layers' x, x_mid, O, q, k, v take 18 of
-    # its 18.4 GiB share)
+    # gate/up without them (0.875 GiB pinned each), not one with them (32 layers' x, x_mid, O, q, k, v take 18
+    # of its 18.4 GiB share)
     monkeypatch.setattr(activations, "_host_bytes", lambda: 46 * GiB)
     kept = dict(batch=8, seq=2048, checkpointing="offload", kept_attention=True, kept_qkv=1.5)
     assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.25).total == \
         base + gate_up
     assert estimate_memory(c, host_gate_up=0.25, **kept).total == estimate_memory(c, **kept).total
-    # fewer than asked where not all fit: a 60 GiB host (24 GiB share) has room for 5 beside them (18 + 5
-    # < 24)
+    # fewer than asked where not all fit: a 60 GiB host (24 GiB share) has room for 6 beside them
+    # (18 + 6 x 0.875 < 24)
     monkeypatch.setattr(activations, "_host_bytes", lambda: 60 * GiB)
     x_bytes = 8 * 2048 * c.hidden_size * 2
     assert [activations.host_gate_up_count(32, 0.25, x_bytes, gate_up, kept_attention=k, kept_qkv=1.5)
-            for k in (True, False)] == [5, 8]
+            for k in (True, False)] == [6, 8]
     assert estimate_memory(c, host_gate_up=0.25, **kept).total == estimate_memory(c, **kept).total + gate_up
     assert activations.spread(32, 8) == {2, 6, 10, 14, 18, 22, 26, 30}
     assert activations.spread(5, 5) == set(range(5)) and activations.spread(7, 0) == set()
@@ -113,7 +113,8 @@ def test_auto_gate_up_on_host_only_where_the_link_has_room(monkeypatch):
     assert layers(8 * 2048, 2048) == 0
     assert layers(32768, 32768) == 6
     assert layers(32768, 0) == 0
-    assert layers(32768, 32768, host_gib=100) == 1  # 36 GiB of the 40 GiB share go to x, x_mid, O, q, k, v
+    # 36 GiB of the 40 GiB share go to x, x_mid, O, q, k, v; a layer's g and u take 1.75
+    assert layers(32768, 32768, host_gib=100) == 2
     assert host_gate_up_share(c, "auto", 32768, 32768, kept_attention=False) == 0.0  # measured with it only
     assert host_gate_up_share(c, 0.5, 32768, 32768, True, 1.5) == 0.5  # a number is taken as it is
     kw = dict(checkpointing="offload", kept_attention=True, kept_qkv=1.5)
@@ -126,14 +127,40 @@ def test_auto_gate_up_on_host_only_where_the_link_has_room(monkeypatch):
 
 
 def test_pinned_host_memory_is_counted_as_the_allocator_rounds_it(monkeypatch):
-    """torch's pinned allocator takes a power of two per tensor: the host rule counts what it takes."""
+    """torch's pinned allocator takes a power of two per allocation, so the offloader pins a tensor in
+    power-of-two pieces down to 1 MiB and the rest in one: the host rule counts what that takes."""
     import fasttune.models.activations as activations
 
-    assert [activations.pinned_bytes(n) for n in (0, 1, 64, 65, 939_524_096)] == [0, 1, 64, 128, 2**30]
+    MiB = 1 << 20
+    assert activations.pinned_pieces(2560 * MiB) == [2048 * MiB, 512 * MiB]  # 327,680 x 4096 x 2 bytes
+    assert activations.pinned_pieces(896 * MiB) == [512 * MiB, 256 * MiB, 128 * MiB]  # g at 1 x 32,768
+    assert activations.pinned_pieces(3 * MiB + 5) == [2 * MiB, MiB, 5]
+    assert activations.pinned_pieces(0) == [] and activations.pinned_pieces(65) == [65]
+    assert [activations.pinned_bytes(n) for n in (0, 1, 64, 65, 896 * MiB, 2560 * MiB, 3 * MiB + 5)] == \
+        [0, 1, 64, 128, 896 * MiB, 2560 * MiB, 3 * MiB + 8]
     monkeypatch.setattr(activations, "_host_bytes", lambda: 1000)  # 400 bytes of pinned room
     assert activations.halves_fit_host(layers=2, layer_input_bytes=64)  # 2 x 2 x 64 = 256
     assert not activations.halves_fit_host(layers=2, layer_input_bytes=90)  # 2 x 2 x 128, not 2 x 2 x 90
     assert activations.host_fits(1, 16, 1, 2 * 128, False) and not activations.host_fits(1, 16, 1, 2 * 129)
+
+
+@pytest.mark.parametrize("shape", [(3, 1 << 18), (2, 1000, 700), (5,)])
+def test_pinned_copy_in_pieces_round_trips(shape):
+    """A tensor copied to the host in its pinned pieces comes back whole, bit for bit (here in plain host
+    memory; on CUDA the offloader's tests run the pinned copies)."""
+    from fasttune.models.activations import _PinnedCopy, pinned_pieces
+
+    t = torch.randn(shape).to(torch.bfloat16)
+    host = _PinnedCopy.of(t, pin=False)
+    assert [p.numel() * 2 for p in host.pieces] == pinned_pieces(t.numel() * 2)
+    back = torch.empty(shape, dtype=torch.bfloat16)
+    host.copy_into(back)
+    assert torch.equal(back, t)
+    strided = torch.randn(64, 4096)[:, ::2]  # not contiguous: one piece of its own shape
+    host = _PinnedCopy.of(strided, pin=False)
+    back = torch.empty(strided.shape)
+    host.copy_into(back)
+    assert len(host.pieces) == 1 and torch.equal(back, strided)
 
 
 def test_gate_up_on_the_device_counts_past_the_first_layer(monkeypatch):

@@ -89,6 +89,39 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
+class _PinnedCopy:
+    """A device tensor's copy in pinned host memory, in `pinned_pieces` (a non-contiguous tensor, which our
+    layers do not offload, in one piece). The copies are queued on the current stream; `pin=False` (tests on
+    the CPU) takes plain host memory."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, pieces: list[torch.Tensor]) -> None:
+        self.shape, self.dtype, self.pieces = shape, dtype, pieces
+
+    @classmethod
+    def of(cls, t: torch.Tensor, pin: bool = True) -> _PinnedCopy:
+        t = t.detach()
+        if not t.is_contiguous():
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            host.copy_(t, non_blocking=True)
+            return cls(t.shape, t.dtype, [host])
+        flat, start, pieces = t.view(-1), 0, []
+        for n in pinned_pieces(t.numel() * t.element_size()):
+            piece = torch.empty(n // t.element_size(), dtype=t.dtype, pin_memory=pin)
+            piece.copy_(flat[start:start + piece.numel()], non_blocking=True)
+            pieces.append(piece)
+            start += piece.numel()
+        return cls(t.shape, t.dtype, pieces)
+
+    def copy_into(self, dev: torch.Tensor) -> None:
+        if len(self.pieces) == 1 and self.pieces[0].shape == self.shape:
+            dev.copy_(self.pieces[0], non_blocking=True)
+            return
+        flat, start = dev.view(-1), 0
+        for piece in self.pieces:
+            flat[start:start + piece.numel()].copy_(piece, non_blocking=True)
+            start += piece.numel()
+
+
 class LayerInputOffloader:
     """Saved-tensor hooks that keep each checkpointed layer's input in pinned host memory.
 
@@ -151,8 +184,7 @@ class LayerInputOffloader:
         compute = torch.cuda.current_stream(t.device)
         self.stream.wait_stream(compute)  # x is complete before the side stream reads it
         with torch.cuda.stream(self.stream):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
+            host = _PinnedCopy.of(t)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.copying.append((self.layer, t, done))
@@ -177,7 +209,7 @@ class LayerInputOffloader:
                 stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             stream.wait_event(self.d2h[idx])
-            dev.copy_(host, non_blocking=True)
+            host.copy_into(dev)
             done = torch.cuda.Event()
             done.record(stream)
         return dev, done
@@ -314,10 +346,24 @@ HOST_SHARE = 0.4  # of host memory, for the pinned copies of offloaded activatio
 LINK_FLOP_PER_BYTE = 12_000
 
 
+PIN_PIECE_MIN = 1 << 20  # bytes: the smallest power-of-two piece a pinned copy is split into
+
+
+def pinned_pieces(n: int) -> list[int]:
+    """The byte sizes of the pieces an n-byte tensor is pinned in: powers of two, largest first, down to
+    PIN_PIECE_MIN, then the rest in one. torch's host caching allocator rounds each allocation up to a power
+    of two: whole, a 2.5 GiB layer input (Llama-3.1-8B at 1 x 327,680) would take 4 GiB; in pieces of 2 GiB
+    and 0.5 GiB it takes 2.5."""
+    pieces = []
+    while n >= PIN_PIECE_MIN:
+        pieces.append(1 << (n.bit_length() - 1))
+        n -= pieces[-1]
+    return pieces + [n] if n else pieces
+
+
 def pinned_bytes(n: int) -> int:
-    """The pinned host memory an n-byte tensor takes: torch's host caching allocator rounds each allocation
-    up to a power of two (Llama-3.1-8B's g at 32,768 tokens, 0.875 GiB, takes 1 GiB)."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
+    """The pinned host memory an n-byte tensor takes in its `pinned_pieces`, as the allocator rounds them."""
+    return sum(1 << (p - 1).bit_length() for p in pinned_pieces(n))
 
 
 def halves_fit_host(layers: int, layer_input_bytes: int, kept_attention: bool = False,
