@@ -106,7 +106,7 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
     estimate fits in the free GPU memory; on the CPU it runs as 'off' and says so.
     """
     from fasttune.models.llama import LlamaForCausalLM
-    from fasttune.models.memory import auto_checkpointing
+    from fasttune.models.memory import auto_checkpointing, offload_placement
     from fasttune.train.memory_plan import plan_selective
 
     mode = cfg.train.gradient_checkpointing
@@ -120,6 +120,11 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
         if isinstance(model, LlamaForCausalLM) else {}
     if mode != "selective":
         model.set_gradient_checkpointing(mode, **held)
+        if mode == "offload" and isinstance(model, LlamaForCausalLM):
+            tokens = cfg.train.per_device_train_batch_size * cfg.model.max_seq_length
+            where = offload_placement(model.config, tokens, 4 if precision == "fp32" else 2,
+                                      bool(getattr(model, "use_kernels", False)))
+            return f"offload ({where})"
         return mode
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"gradient_checkpointing: 'selective' needs fasttune's own Llama-family model; "

@@ -251,6 +251,22 @@ def test_whole_layer_inputs_past_the_hosts_room_count_on_the_gpu(monkeypatch):
     assert est[4] == estimate_memory(c, batch=1, seq=262144, quantization="4bit", checkpointing="on").activations
 
 
+def test_offload_placement_names_what_the_host_rule_decides(monkeypatch):
+    """The run log's account of 'offload' on Llama-3.1-8B QLoRA with a 128 GiB host: halves at 8 x 2048,
+    whole layers with every input pinned at 131,072 tokens, 25 of 32 inputs pinned at 262,144."""
+    import fasttune.models.activations as activations
+    from fasttune.models.memory import offload_placement
+
+    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    c = make_config(**SHAPES["llama-3.1-8b"])
+    assert offload_placement(c, 8 * 2048) == "recompute in halves, layer inputs in pinned host memory"
+    assert offload_placement(c, 131072) == ("whole-layer recompute; halves would pass 40% of host memory, "
+                                            "layer inputs in pinned host memory")
+    assert offload_placement(c, 262144).endswith(
+        "the inputs of 25 of 32 layers in pinned host memory and of the last 7 on the GPU, where 40% of host "
+        "memory holds no more")
+
+
 def test_plan_keep_layers_is_monotone_and_bounded():
     c = make_config(**SHAPES["llama-3.1-8b"])
     kw = dict(batch=2, seq=2048)

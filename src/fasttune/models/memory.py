@@ -205,6 +205,20 @@ def plan_keep_layers(c: LlamaConfig, *, batch: int, seq: int, budget_bytes: int,
     return min(c.num_hidden_layers, int((budget_bytes - base) // per_layer))
 
 
+def offload_placement(c: LlamaConfig, tokens: int, act_bytes: int = 2, use_kernels: bool = True) -> str:
+    """Where 'offload' keeps the layer inputs of micro-batches of `tokens` tokens, as `activations.run_layers`
+    decides it from the host rule (40% of host memory for pinned tensors), for the run log."""
+    L, x_bytes = c.num_hidden_layers, tokens * c.hidden_size * act_bytes
+    if use_kernels and halves_fit_host(L, x_bytes):
+        return "recompute in halves, layer inputs in pinned host memory"
+    on_host = host_input_layers(L, x_bytes)
+    why = "; halves would pass 40% of host memory" if use_kernels else ""
+    if on_host >= L:
+        return f"whole-layer recompute{why}, layer inputs in pinned host memory"
+    return (f"whole-layer recompute{why}, the inputs of {on_host} of {L} layers in pinned host memory and of "
+            f"the last {L - on_host} on the GPU, where 40% of host memory holds no more")
+
+
 def auto_checkpointing(device_type: str) -> str:
     """What gradient_checkpointing 'auto' means for our Llama family.
 
