@@ -350,8 +350,8 @@ def test_auto_checkpointing_offloads_on_a_gpu_however_small_the_host(monkeypatch
         said[host] = api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
         assert model.gradient_checkpointing == "offload"
     # the run log says where the inputs go (this model runs without the fused kernels: whole layers)
-    assert said[1 << 40] == "offload (whole-layer recompute, layer inputs in pinned host memory)"
-    assert said[1000] == ("offload (whole-layer recompute, the inputs of 0 of 6 layers in pinned host memory "
-                          "and of the last 6 on the GPU, where 40% of host memory holds no more)")
+    assert said[1 << 40] == "offload (whole-layer recompute; layer inputs in pinned host memory)"
+    assert said[1000] == ("offload (whole-layer recompute; the inputs of 0 of 6 layers in pinned host memory, "
+                          "of the last 6 on the GPU: 40% of host memory holds no more)")
     assert api.set_checkpointing(model, cfg, torch.device("cpu")) == "off"
     assert model.gradient_checkpointing == "off"

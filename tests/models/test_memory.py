@@ -260,11 +260,11 @@ def test_offload_placement_names_what_the_host_rule_decides(monkeypatch):
     monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
     assert offload_placement(c, 8 * 2048) == "recompute in halves, layer inputs in pinned host memory"
-    assert offload_placement(c, 131072) == ("whole-layer recompute; halves would pass 40% of host memory, "
-                                            "layer inputs in pinned host memory")
+    assert offload_placement(c, 131072) == ("whole-layer recompute, as recompute in halves would pass 40% of "
+                                            "host memory; layer inputs in pinned host memory")
     assert offload_placement(c, 262144).endswith(
-        "the inputs of 25 of 32 layers in pinned host memory and of the last 7 on the GPU, where 40% of host "
-        "memory holds no more")
+        "; the inputs of 25 of 32 layers in pinned host memory, of the last 7 on the GPU: 40% of host memory "
+        "holds no more")
 
 
 def test_plan_keep_layers_is_monotone_and_bounded():

@@ -212,11 +212,11 @@ def offload_placement(c: LlamaConfig, tokens: int, act_bytes: int = 2, use_kerne
     if use_kernels and halves_fit_host(L, x_bytes):
         return "recompute in halves, layer inputs in pinned host memory"
     on_host = host_input_layers(L, x_bytes)
-    why = "; halves would pass 40% of host memory" if use_kernels else ""
+    why = ", as recompute in halves would pass 40% of host memory" if use_kernels else ""
     if on_host >= L:
-        return f"whole-layer recompute{why}, layer inputs in pinned host memory"
-    return (f"whole-layer recompute{why}, the inputs of {on_host} of {L} layers in pinned host memory and of "
-            f"the last {L - on_host} on the GPU, where 40% of host memory holds no more")
+        return f"whole-layer recompute{why}; layer inputs in pinned host memory"
+    return (f"whole-layer recompute{why}; the inputs of {on_host} of {L} layers in pinned host memory, of the "
+            f"last {L - on_host} on the GPU: 40% of host memory holds no more")
 
 
 def auto_checkpointing(device_type: str) -> str:
