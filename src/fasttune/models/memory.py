@@ -160,11 +160,13 @@ def estimate_memory(
     if halves is None:
         halves = use_kernels and halves_fit_host(recomputed, x_bytes)
     # Offloaded: the layer in its backward and the one being copied back, each with its input x; recompute
-    # in halves also with x_mid (and O, when kept).
-    per_layer = (3 + kept_qkv if kept_attention else 2) if halves else 1
-    inputs = int(2 * per_layer * x_bytes) if offloaded and recomputed else recomputed * x_bytes
-    if offloaded and recomputed and not halves:  # the trailing layers past the host's room keep x on the
-        # device: all of them at the backward's start (two layers' worth at least, as above)
+    # in halves also with x_mid (and O, when kept). Whole layers: the trailing layers past the host's room
+    # keep x on the device, all of them at the backward's start.
+    if not (offloaded and recomputed):
+        inputs = recomputed * x_bytes
+    elif halves:
+        inputs = int(2 * (3 + kept_qkv if kept_attention else 2) * x_bytes)
+    else:
         inputs = max(2, recomputed - host_input_layers(recomputed, x_bytes)) * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
