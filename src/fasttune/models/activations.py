@@ -103,7 +103,7 @@ class _PinnedCopy:
         if not t.is_contiguous():
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
             host.copy_(t, non_blocking=True)
-            return cls(t.shape, t.dtype, [host])
+            return cls(t.shape, t.dtype, [host.view(-1)])
         flat, start, pieces = t.view(-1), 0, []
         for n in pinned_pieces(t.numel() * t.element_size()):
             piece = torch.empty(n // t.element_size(), dtype=t.dtype, pin_memory=pin)
@@ -113,9 +113,6 @@ class _PinnedCopy:
         return cls(t.shape, t.dtype, pieces)
 
     def copy_into(self, dev: torch.Tensor) -> None:
-        if len(self.pieces) == 1 and self.pieces[0].shape == self.shape:
-            dev.copy_(self.pieces[0], non_blocking=True)
-            return
         flat, start = dev.view(-1), 0
         for piece in self.pieces:
             flat[start:start + piece.numel()].copy_(piece, non_blocking=True)
