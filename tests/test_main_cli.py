@@ -73,8 +73,18 @@ BAD_ROWS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def converted_model():
+    """The embedded model converted into this run's cache. Its first use converts the GGUF, and transformers'
+    reader draws a progress bar on stderr then; tests that count stderr's lines see the command's alone."""
+    from fasttune.config import ModelConfig
+    from fasttune.models.loading import resolve_source
+
+    return resolve_source(ModelConfig())
+
+
 @pytest.mark.parametrize("command", [["data", "preview"], ["train", "--max_steps", "1"]])
-def test_bad_dataset_exits_2_naming_file_row_field(tmp_path, capsys, command):
+def test_bad_dataset_exits_2_naming_file_row_field(tmp_path, capsys, command, converted_model):
     data = write_jsonl(tmp_path / "broken.jsonl", BAD_ROWS)
     if command[0] == "train":
         command += ["--output_dir", str(tmp_path / "run")]
