@@ -160,7 +160,6 @@ def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
 
 # ---- one stack, one process -------------------------------------------------------------------
 
-SHIPPED: dict = {}  # switches' shipped values, kept by configure_fasttune before a variant changes them
 PACKING = {"rows": 1}  # rows per sequence of fasttune's steps (variant flag packN), set by configure_fasttune
 
 
@@ -252,18 +251,12 @@ def configure_fasttune(model, variant: str, args) -> dict:
     Then any of: ref (PyTorch references instead of the kernels), flex / sdpa (attention backend),
     noattn (offloading modes rerun attention instead of keeping its output: keep_attention='off'),
     noqkv (kept attention without its q, k, v: the rerun runs the q/k/v products and RoPE),
-    plain (offloading modes recompute whole layers through torch's checkpoint, not in halves),
     pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
     guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5; without
     it 'auto', `LlamaModel.gate_up_share`),
     packN (N packed rows of equal length per sequence: `fasttune_step`),
-    norank / nowanth / nokeepgu (turn off one of the switches of `fasttune.kernels.lora`: the rank-r product
-    kernel, h written by the SwiGLU backward, the rerun's kept dequantised gate/up weights),
     dguK (offloading modes: the last K recomputed layers hold gate/up on the device, device_gate_up=K;
     default 1, dgu0 reruns them all),
-    lagN (offloading modes: a layer's tensors are held for their copy to the host through N more layers'
-    forward, `activations.COPY_LAG`),
-    sidefetch (offloading modes: copies back into side-stream memory, `activations.FETCH_INTO_COMPUTE`),
     capG (the caching allocator may hold at most G GiB, as on a card of that size: past it, it frees its
     cache and retries, counted in the row's alloc_retries).
     """
@@ -276,11 +269,6 @@ def configure_fasttune(model, variant: str, args) -> dict:
     mode, _, arg = head.partition(":")
     kernels = "ref" not in flags
     model.set_use_kernels(kernels)
-    import fasttune.kernels.lora as lora_kernels
-
-    for flag, switch in (("norank", "RANK_PRODUCT_KERNEL"), ("nowanth", "SWIGLU_BWD_WRITES_H"),
-                         ("nokeepgu", "KEEP_DEQUANTISED_GATE_UP")):
-        setattr(lora_kernels, switch, flag not in flags)
     set_attention_backend("flex" if "flex" in flags else "sdpa" if "sdpa" in flags else "auto")
     est_kw = dict(batch=args.batch, seq=args.seq,
                   quantization={"qlora": "4bit", "fp8": "fp8"}.get(args.mode),
@@ -298,17 +286,11 @@ def configure_fasttune(model, variant: str, args) -> dict:
     torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap * GiB / total))
     import fasttune.models.activations as activations
 
-    if hasattr(activations, "COPY_LAG"):  # the shipped lag, read before any variant sets it
-        shipped = SHIPPED.setdefault("COPY_LAG", activations.COPY_LAG)
-        activations.COPY_LAG = next((int(f[3:]) for f in flags if f.startswith("lag")), shipped)
-    if hasattr(activations, "FETCH_INTO_COMPUTE"):
-        activations.FETCH_INTO_COMPUTE = "sidefetch" not in flags
     keep_attention = "off" if "noattn" in flags else "auto"
     on_device = next((int(f[3:]) for f in flags if f.startswith("dgu")), 1)
     model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,
                                      keep_attention=keep_attention, keep_qkv="noqkv" not in flags,
                                      device_gate_up=on_device)
-    model.model.recompute_halves = "plain" not in flags
     est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share,
                           kept_attention=keep_attention != "off", kept_qkv=model.model.kept_qkv_share(),
                           device_gate_up=on_device, **est_kw)

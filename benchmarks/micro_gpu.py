@@ -215,17 +215,10 @@ def swiglu_lora_kernels(tokens: int, inter: int = 14336, hidden: int = 4096, r: 
     t_bd, t_pb = ms(lambda: sl._swiglu_lora_bwd(dh, *args, want_db=True)), ms(lambda: g @ bs)
     print(f"swiglu_lora fwd {t_f * 1e3:.0f} us; bwd {t_b * 1e3:.0f} us, with dg B_g, du B_u "
           f"{t_bd * 1e3:.0f} us (each product alone {t_pb * 1e3:.0f} us)")
-    # lora_mlp's backward on the Triton path: dh's adapter term added in the kernel and h written over dh,
-    # against what they replace: that term as an (N, inter) product the down product then accumulates onto,
-    # and the forward kernel run again for h.
-    yd, a_d = xa[:, :r], bs.t().contiguous()
+    # lora_mlp's backward on the Triton path: h written over dh, against the forward kernel run again for h.
     buf = dh.clone()
-    t_all = ms(lambda: sl._swiglu_lora_bwd(buf, *args, want_db=True, dh_lora=(yd, a_d), want_h=True))
-    t_term, t_dn = ms(lambda: torch.mm(yd, a_d, out=buf)), ms(lambda: buf.addmm_(x, w.t()))
-    t_plain_dn = ms(lambda: torch.mm(x, w.t(), out=buf))
-    print(f"swiglu_lora bwd with dh's term and h: {t_all * 1e3:.0f} us; replaces: dh's term as a product "
-          f"{t_term * 1e3:.0f} us + the forward kernel {t_f * 1e3:.0f} us + the down product reading it "
-          f"back ({t_dn * 1e3:.0f} against {t_plain_dn * 1e3:.0f} us plain)")
+    t_all = ms(lambda: sl._swiglu_lora_bwd(buf, *args, want_db=True, want_h=True))
+    print(f"swiglu_lora bwd with h: {t_all * 1e3:.0f} us; replaces the forward kernel {t_f * 1e3:.0f} us")
 
 
 def rank_products(tokens: int) -> None:

@@ -6,13 +6,9 @@ against the shipped one; prints one line per configuration and the five fastest.
     python3 benchmarks/sweep_swiglu_tiles.py [--budget-s 270]
     python3 benchmarks/sweep_swiglu_tiles.py --features   # what lora_mlp's backward could fold into it
 
---features times the kernel, at the shipped tiles and a few others, with what `lora_mlp`'s backward could
-hand it besides: h written over dh (want_h, which saves running the forward kernel again for h) and dh's
-rank-r term (dh_lora, which saves writing it as an (N, inter) product that the down product reads back),
-each against the work it replaces, timed in the same process.
-
-Call 3 of 2026-11-27 (sixth session) ran the version of this sweep on branch next/swiglu-rank-products,
-which also timed the forward kernel making h A_d^T (benchmarks/RESULTS.md).
+--features times the kernel, at the shipped tiles and a few others, with and without h written over dh
+(want_h, which saves running the forward kernel again for h), against the work it replaces, timed in the same
+process.
 """
 
 from __future__ import annotations
@@ -37,24 +33,17 @@ def ms(fn, n: int = 20) -> float:
 
 
 def features(budget_s: float, tokens: int) -> None:
-    inter, hidden, r = 14336, 4096, 16
+    inter, r = 14336, 16
     dev, dt = "cuda", torch.bfloat16
     g, u, dh = (torch.randn(tokens, inter, device=dev, dtype=dt) for _ in range(3))
     xa = torch.randn(tokens, 2 * r, device=dev, dtype=dt)
     bs = torch.randn(inter, r, device=dev, dtype=dt) / r
-    dy = torch.randn(tokens, hidden, device=dev, dtype=dt)
-    wd = torch.randn(hidden, inter, device=dev, dtype=dt) / inter**0.5
     ops = (g, u, xa[:, :r], bs, xa[:, r:], bs)
-    yd, a_d = xa[:, :r], bs.t().contiguous()
     buf = dh.clone()
     t_fwd = ms(lambda: sl._swiglu_lora_fwd(*ops))
-    t_term = ms(lambda: torch.mm(yd, a_d, out=buf))
-    t_read = ms(lambda: buf.addmm_(dy, wd)) - ms(lambda: torch.mm(dy, wd, out=buf))
-    print(f"{torch.cuda.get_device_name()}: replaced work: forward kernel for h {t_fwd * 1e3:.0f} us; dh's "
-          f"term as a product {t_term * 1e3:.0f} us + the down product reading it back {t_read * 1e3:.0f} us",
+    print(f"{torch.cuda.get_device_name()}: replaced work: forward kernel for h {t_fwd * 1e3:.0f} us",
           flush=True)
-    saves = {(False, False): 0.0, (False, True): t_fwd, (True, False): t_term + t_read,
-             (True, True): t_fwd + t_term + t_read}
+    saves = {False: 0.0, True: t_fwd}
     shipped = (sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._blocks, sl._H_COLS)
     base_blocks = sl._blocks
     configs = [(64, 128, 8, 4, 3), (64, 128, 8, 4, 2), (64, 128, 4, 4, 3), (64, 64, 16, 4, 3),
@@ -66,27 +55,27 @@ def features(budget_s: float, tokens: int) -> None:
             sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._H_COLS = bn, bi, tiles, bi
             sl._blocks = (lambda rank, dtype, parts=False, want_h=False, w=warps, st=stages:
                           dict(base_blocks(rank, dtype, parts, want_h), num_warps=w, num_stages=st))
-            for (dhl, wh), saved in saves.items():
+            for wh, saved in saves.items():
                 if time.time() - start > budget_s:
                     raise TimeoutError
-                kw = dict(want_db=True, want_h=wh, dh_lora=(yd, a_d) if dhl else None)
+                kw = dict(want_db=True, want_h=wh)
                 t = ms(lambda kw=kw: sl._swiglu_lora_bwd(buf, *ops, **kw))
-                rows.append((t - saved, cfg, dhl, wh, t))
-                print(f"rows/cols/tiles/warps/stages {cfg} dh_lora {dhl} want_h {wh}: {t * 1e3:.0f} us, "
+                rows.append((t - saved, cfg, wh, t))
+                print(f"rows/cols/tiles/warps/stages {cfg} want_h {wh}: {t * 1e3:.0f} us, "
                       f"net of the work it replaces {(t - saved) * 1e3:.0f} us", flush=True)
     except TimeoutError:
         print("budget spent", flush=True)
     finally:
         sl._PART_ROWS, sl._BLOCK_I, sl._PART_TILES, sl._blocks, sl._H_COLS = shipped
-    for net, cfg, dhl, wh, t in sorted(rows)[:6]:
-        print(f"best net: {net * 1e3:.0f} us ({t * 1e3:.0f} us) {cfg} dh_lora {dhl} want_h {wh}")
+    for net, cfg, wh, t in sorted(rows)[:6]:
+        print(f"best net: {net * 1e3:.0f} us ({t * 1e3:.0f} us) {cfg} want_h {wh}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-s", type=float, default=270.0, help="stop starting configurations after this")
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--features", action="store_true", help="time want_h and dh_lora (module docstring)")
+    p.add_argument("--features", action="store_true", help="time want_h (module docstring)")
     args = p.parse_args()
     if args.features:
         features(args.budget_s, args.tokens)

@@ -127,4 +127,4 @@ def test_our_llama_default_targets_and_training_changes_only_adapters():
         if not p.requires_grad:
             torch.testing.assert_close(p, frozen[n.replace(".base_layer", "")], rtol=0, atol=0)
     model.set_use_kernels(True)  # the model's switch reaches the LoRA layers
-    assert all(m.use_kernel for _, m in lora_modules(model))
+    assert all(m.use_kernels for _, m in lora_modules(model))

@@ -123,12 +123,12 @@ def test_kernel_path_matches_reference_forward_and_backward(dropout):
     layer.train()
     x = torch.randn(3, 5, 13)
     outs, grads = [], []
-    for use_kernel in (False, True):
-        layer.use_kernel = use_kernel
+    for use_kernels in (False, True):
+        layer.use_kernels = use_kernels
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(7)  # the same dropout mask on both paths
         y = layer(xi)
-        assert ("LoRALinearFunction" in type(y.grad_fn).__name__) == use_kernel
+        assert ("LoRALinearFunction" in type(y.grad_fn).__name__) == use_kernels
         y.backward(torch.ones_like(y))
         outs.append(y)
         grads.append((xi.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()))
@@ -145,7 +145,7 @@ def test_use_kernels_alias_follows_the_models_switch():
     for m in model.modules():  # what LlamaForCausalLM.set_use_kernels does
         if hasattr(m, "use_kernels"):
             m.use_kernels = True
-    assert layer.use_kernel is True
+    assert layer.use_kernels is True
 
 
 def test_nf4_base_reaches_the_kernel_as_a_dequantiser():
@@ -169,7 +169,7 @@ def test_nf4_base_reaches_the_kernel_as_a_dequantiser():
     assert callable(layer.kernel_weight())
     x = torch.randn(5, 64)
     want = layer(x)
-    layer.use_kernel = True
+    layer.use_kernels = True
     got = layer(x)
     assert "LoRALinearFunction" in type(got.grad_fn).__name__
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -239,7 +239,7 @@ def _rank_r(a, b, c=None, out=None) -> torch.Tensor:
     """c + a b for a (N, r), b (r, M) into `out` (new when None): one pass over the output in the Triton
     kernel of `rank_product.py` on CUDA (cuBLAS is slow at these shapes, and addmm copies c first); torch
     elsewhere and for a bias vector c (broadcast over the rows)."""
-    if RANK_PRODUCT_KERNEL and (c is None or c.dim() == 2) and use_triton(a, b, c):
+    if (c is None or c.dim() == 2) and use_triton(a, b, c):
         return _rank_product_fwd(a, b, c, out)
     return torch.mm(a, b, out=out) if c is None else torch.addmm(c, a, b, out=out)
 
@@ -392,12 +392,6 @@ def _base_only(x2, w, bias, x_fp8=None) -> torch.Tensor:
 # the cost of larger ranks grows with them.
 DEFERRED_MAX_RANK = 16
 
-# Switches of the three latest fast-path parts, on by default; `benchmarks/bench_train.py` turns each off
-# for a variant (norank, nowanth, nokeepgu) to measure it against the rest in one process.
-RANK_PRODUCT_KERNEL = True  # `_rank_r` through `rank_product.py` on CUDA
-SWIGLU_BWD_WRITES_H = True  # the SwiGLU-LoRA backward writes h over dh (want_h)
-KEEP_DEQUANTISED_GATE_UP = True  # a rerun keeps its dequantised gate/up weights for the backward
-
 
 def _gate_up_product(x2, w, bias, a, b, s, xa, x_fp8, defer: bool) -> torch.Tensor:
     """The gate or up output: without its adapter term if `defer` (the SwiGLU kernel adds it), else whole."""
@@ -440,7 +434,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
         given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
-        if given is None and KEEP_DEQUANTISED_GATE_UP and _skipping():
+        if given is None and _skipping():
             # A rerun whose backward comes next: quantised gate and up weights are dequantised into tensors
             # of their own and saved, so the backward's dx products use them instead of dequantising again.
             dense[:2] = [_dense(dq.fresh, dt) if w is None and hasattr(dq, "fresh") else w
@@ -497,7 +491,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         flags = (n[9], n[10], n[11], n[12], False)
         # the kernel's dg B_g, du B_u come from its terms s B (s = 0: the adapter's gradients are zero)
         inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))
-        if terms is not None and SWIGLU_BWD_WRITES_H:
+        if terms is not None:
             # The kernel makes dg, du over g, u and writes h over dh (dh is read first): h is not recomputed
             # apart for dA_d = s_d (dy B_d)^T h.
             dybd = dy2 @ bbd  # (N, r)
@@ -509,18 +503,14 @@ class LoRAMLPFunction(torch.autograd.Function):
             _, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags, dybd)
             del h
         else:
-            h = _silu_mul(g, u, terms, ctx.triton)  # (N, inter), recomputed
+            h = _silu_mul(g, u, None, ctx.triton)  # (N, inter), recomputed
             had = h @ ad.t() if had is None else had
             dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
             # dh goes into h's buffer: every read of h is above.
             dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
             del h
-            if terms is not None:  # dg B_g, du B_u made by the kernel too
-                dg, du, dybg, dybu = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
-                                                      db_scales=inv)
-            else:
-                dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
-                dybg = dybu = None  # made by _grads below
+            dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
+            dybg = dybu = None  # made by _grads below
             del dh
         dybg, dwg, dbg, _, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], False, n[4], False),
                                             dybg)

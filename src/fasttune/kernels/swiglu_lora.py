@@ -17,11 +17,9 @@ tiles and adds its tiles' dg b_g, du b_u on the tensor cores into (rows, r) part
 strip, which are summed after it (deterministic, no atomics). A product over dg, du would read two
 (N, inter) tensors again for them.
 
-In `lora_mlp`'s backward the upstream dh is itself a LoRA linear's input gradient, dh = dy W_d + dyb_d a_d
-with dyb_d = dy B_d (N, r_d) and a_d = s_d A_d (r_d, inter). The kernel can add that rank-r term to the
-tile it reads (`dh_lora`), so the product writes dy W_d alone; and it can write h = silu(g) u over dh once
-dh is read (`want_h`), which the down adapter's gradient s_d dyb_d^T h needs. Without these the backward
-would write the rank-r term as an (N, inter) product and run the forward kernel again for h.
+The backward kernel can also write h = silu(g) u over dh once dh is read (`want_h`), which the down
+adapter's gradient s_d (dy B_d)^T h in `lora_mlp`'s backward needs; without it that backward would run the
+forward kernel again for h.
 """
 
 from __future__ import annotations
@@ -114,14 +112,14 @@ def _swiglu_lora_fwd_kernel(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, h_ptr,
 
 @jit
 def _swiglu_lora_bwd_kernel(dh_ptr, g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, dg_ptr, du_ptr,
-                            pg_ptr, pu_ptr, yd_ptr, ad_ptr, n_rows, n_cols, rank, rank_d, s_dhn, s_gn, s_un,
-                            s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_dgn, s_dun, s_ps, s_pn, s_ydn, s_ydr,
-                            s_adr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+                            pg_ptr, pu_ptr, n_rows, n_cols, rank, s_dhn, s_gn, s_un,
+                            s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, s_dgn, s_dun, s_ps, s_pn,
+                            BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
                             DOT_FP32: tl.constexpr, TILES: tl.constexpr, WANT_DB: tl.constexpr,
-                            DH_LORA: tl.constexpr, BLOCK_RD: tl.constexpr, WANT_H: tl.constexpr):
+                            WANT_H: tl.constexpr):
     # A strip of TILES (BLOCK_N, BLOCK_I) tiles per program; with WANT_DB also the strip's share of dg b_g
-    # and du b_u, (BLOCK_N, r) each, written to this strip's slot of the partial-sum buffers. DH_LORA: dh
-    # is the read tile plus yd a_d (yd (N, r_d), a_d (r_d, inter)); WANT_H: h is written over dh's tile.
+    # and du b_u, (BLOCK_N, r) each, written to this strip's slot of the partial-sum buffers. WANT_H: h is
+    # written over dh's tile.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     acc_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
@@ -133,9 +131,6 @@ def _swiglu_lora_bwd_kernel(dh_ptr, g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr
         g, u = _load_gate_up(g_ptr, u_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, rows, cols, row_ok, col_ok, rank,
                              s_gn, s_un, s_xgn, s_xgr, s_bgr, s_xun, s_xur, s_bur, BLOCK_R, DOT_FP32)
         dh = tl.load(dh_ptr + rows[:, None] * s_dhn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if DH_LORA:
-            dh += _lora_term(yd_ptr, ad_ptr, rows, cols, row_ok, col_ok, rank_d, s_ydn, s_ydr, s_adr,
-                             BLOCK_RD, DOT_FP32)
         sig = tl.sigmoid(g)
         if WANT_H:  # this program alone reads this dh tile, and has read it
             tl.store(dh_ptr + rows[:, None] * s_dhn + cols[None, :],
@@ -206,20 +201,15 @@ def _swiglu_lora_fwd(g0, u0, xa_g, b_g, xa_u, b_u) -> torch.Tensor:
 
 
 def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, want_db: bool = False,
-                     db_scales: tuple[float, float] = (1.0, 1.0), dh_lora=None, want_h: bool = False):
+                     db_scales: tuple[float, float] = (1.0, 1.0), want_h: bool = False):
     """(dg, du), the gradients of the corrected g and u (= of g0 and u0); `inplace` writes them over g0, u0
     (each element is read before it is written, and no other program reads it). `want_db`: also return
     c_g dg b_g and c_u du b_u for (c_g, c_u) = `db_scales`, (N, r) in g0's dtype (with c = 1: d xa_g, d xa_u),
     summed from the kernel's per-strip partials in fp32, so that nothing reads dg, du back for them.
-    `dh_lora` = (yd (N, r_d), a_d (r_d, inter)): the upstream gradient is dh + yd a_d, summed in fp32.
     `want_h`: h = silu(g) u is written over dh and returned last (module docstring)."""
     _check(g0, u0, xa_g, b_g, xa_u, b_u, dh)
     n, inter = g0.shape
     r = xa_g.shape[1]
-    yd, ad = dh_lora if dh_lora is not None else (xa_g, b_g.t())  # unused without dh_lora
-    if dh_lora is not None and (yd.shape[0] != n or ad.shape != (yd.shape[1], inter) or ad.stride(1) != 1):
-        raise ValueError(f"swiglu_lora: dh's adapter operands {tuple(yd.shape)} and {tuple(ad.shape)} do not "
-                         f"fit (N, r) and (r, inter) for N = {n}, inter = {inter}, unit column stride")
     dg, du = (g0, u0) if inplace else (torch.empty_like(g0), torch.empty_like(u0))
     tiles = _PART_TILES if want_db else 1
     grid = _strips(n, inter, tiles, g0.dtype, want_h)
@@ -229,10 +219,9 @@ def _swiglu_lora_bwd(dh, g0, u0, xa_g, b_g, xa_u, b_u, inplace: bool = False, wa
         ops, strides = _lora_operands(xa_g, b_g, xa_u, b_u)
         pg, pu = (parts[0], parts[1]) if want_db else (dg, du)  # unused without want_db
         _swiglu_lora_bwd_kernel[grid](
-            dh, g0, u0, *ops, dg, du, pg, pu, yd, ad, n, inter, r, yd.shape[1], dh.stride(0), g0.stride(0),
-            u0.stride(0), *strides, dg.stride(0), du.stride(0), n * r, r, *yd.stride(), ad.stride(0),
-            **_blocks(r, g0.dtype, want_db, want_h), TILES=tiles, WANT_DB=want_db,
-            DH_LORA=dh_lora is not None, BLOCK_RD=max(16, next_pow2(yd.shape[1])), WANT_H=want_h)
+            dh, g0, u0, *ops, dg, du, pg, pu, n, inter, r, dh.stride(0), g0.stride(0),
+            u0.stride(0), *strides, dg.stride(0), du.stride(0), n * r, r,
+            **_blocks(r, g0.dtype, want_db, want_h), TILES=tiles, WANT_DB=want_db, WANT_H=want_h)
     out = (dg, du)
     if want_db:
         sums = parts.sum(1)  # (2, N, r) fp32

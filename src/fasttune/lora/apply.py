@@ -83,13 +83,13 @@ def apply_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(random_state)
-    use_kernel = bool(getattr(model, "use_kernels", False))  # follow the model's fast-path switch
+    use_kernels = bool(getattr(model, "use_kernels", False))  # follow the model's fast-path switch
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora,
                            adapter_dtype=adapter_dtype, generator=generator)
-        layer.use_kernel = use_kernel
+        layer.use_kernels = use_kernels
         setattr(parent, child, layer)
     return names
 
@@ -123,8 +123,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         trainable += n if p.requires_grad else 0
     return trainable, total
 
-
-def set_use_kernel(model: nn.Module, on: bool) -> None:
-    """Switch the fused LoRA kernel path of every LoRALinear (the model's fast path calls this)."""
-    for _, m in lora_modules(model):
-        m.use_kernel = on

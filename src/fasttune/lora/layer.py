@@ -72,7 +72,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.use_kernel = False  # set by the model's fast path; needs fasttune.kernels.lora
+        self.use_kernels = False  # set by the model's `set_use_kernels`; needs fasttune.kernels.lora
 
         device = base.weight.device
         if adapter_dtype is None:
@@ -103,15 +103,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 
-    # Our model's `set_use_kernels(flag)` sets `use_kernels` on every module that has it.
-    @property
-    def use_kernels(self) -> bool:
-        return self.use_kernel
-
-    @use_kernels.setter
-    def use_kernels(self, flag: bool) -> None:
-        self.use_kernel = bool(flag)
-
     def kernel_weight(self) -> torch.Tensor | Callable[[], torch.Tensor] | None:
         """The base weight for `fasttune.kernels.lora`: the dense tensor, a dequantiser for an NF4 or FP8 base
         (into a reused buffer; FP8's carries the FP8 weight as `.fp8` for the forward products), or None
@@ -139,7 +130,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         dropping = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        if self.use_kernel:
+        if self.use_kernels:
             fn, weight = _fused_lora_linear(), self.kernel_weight()
             if fn is not None and weight is not None:
                 extra = {"x_lora": self.lora_dropout(x)} if dropping else {}

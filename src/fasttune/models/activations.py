@@ -69,13 +69,6 @@ class _Halves(Protocol):
     def recompute_in_halves(self) -> bool: ...
 
 
-# Layers whose forward a layer's copies to the host may take before the compute stream waits for them (each
-# layer held adds its offloaded tensors to the forward's memory; gate/up copies take longer than one layer's
-# forward at 1 x 32,768 on Llama-3.1-8B).
-COPY_LAG = 2
-# Copies back into memory of the compute stream, allocated once the compute stream's queued work is done
-# (False: into side-stream memory that the compute stream is recorded on, as before; a benchmark switch).
-FETCH_INTO_COMPUTE = True
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -123,7 +116,7 @@ class LayerInputOffloader:
     """Saved-tensor hooks that keep each checkpointed layer's input in pinned host memory.
 
     Forward (pack): the copy to the host runs on a side stream after the compute stream has produced x. The
-    offloader holds x while the next `COPY_LAG` layers run their forward; then the compute stream waits for
+    offloader holds x while the next `copy_lag` layers run their forward; then the compute stream waits for
     x's copy and x is let go, so its memory goes back to the compute stream's blocks in stream order,
     reusable at once. (Telling the allocator instead that the side stream reads x, `record_stream`, keeps
     the block out of use until the host sees the copy done, and the host runs far ahead of the GPU: on
@@ -137,7 +130,10 @@ class LayerInputOffloader:
     copies.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, copy_lag: int = 2) -> None:
+        # layers whose forward a layer's copies to the host may take before the compute stream waits for them
+        # (each layer held adds its offloaded tensors to the forward's memory)
+        self.copy_lag = copy_lag
         self.resident = False  # set for the last recomputed layers: their tensors stay on the device
         self.kept: dict[int, torch.Tensor] = {}  # the resident tensors, until their backward reads them
         self.cuda = device.type == "cuda"
@@ -168,7 +164,7 @@ class LayerInputOffloader:
         idx = len(self.host)
         self.group.append(self.layer)
         if self.cuda:
-            self._let_go(before=self.layer + 1 - COPY_LAG)  # older layers' copies are due
+            self._let_go(before=self.layer + 1 - self.copy_lag)  # older layers' copies are due
         if self.resident:  # its backward comes first, right after the loss: a round trip would stall it
             self.kept[idx] = t
             self.host.append(None)
@@ -195,15 +191,9 @@ class LayerInputOffloader:
         event, which the compute stream waits for before it reads the tensor."""
         compute = torch.cuda.current_stream(self.device)
         host = self.host[idx]
-        side = stream != compute
-        if side and not FETCH_INTO_COMPUTE:
-            with torch.cuda.stream(stream):
-                dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            dev.record_stream(compute)  # allocated on the side stream, used (and freed) on the compute stream
-        else:
-            dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            if side:
-                stream.wait_stream(compute)
+        dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+        if stream != compute:
+            stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             stream.wait_event(self.d2h[idx])
             host.copy_into(dev)
@@ -426,7 +416,6 @@ def run_layers(
     mode: str,
     keep_layers: int,
     attn_args: tuple = (),
-    halves: bool = True,
     gate_up: tuple[float, int] = (0.0, 0),
     keep_attention: str = "off",
     keep_qkv: float = 0.0,
@@ -434,7 +423,7 @@ def run_layers(
 ) -> torch.Tensor:
     """x through every layer (`run(layer, x, i)`), recomputing layers 0 .. n - keep_layers - 1 per `mode`.
 
-    With `halves` and an offloading mode, a layer that supports it (`_Halves.recompute_in_halves`) runs
+    With an offloading mode, a layer that supports it (`_Halves.recompute_in_halves`) runs
     through `LayerRecompute` with `layer.attn_branch(x, *attn_args)`. gate_up = (share, intermediate size):
     that share of the recomputed layers keeps its MLP gate/up outputs on the host (module docstring), or as
     many as the host has room for. keep_attention ('auto', 'reference', 'off'): such layers
@@ -456,7 +445,7 @@ def run_layers(
         keep_qkv = 0.0
     if keep_attention != "off" and not halves_fit_host(recompute_upto, x_bytes, kept_attention=True):
         keep_attention = "off"
-    halves = halves and halves_fit_host(recompute_upto, x_bytes)
+    halves = halves_fit_host(recompute_upto, x_bytes)
     # whole-layer recompute: the layers past what the host holds keep their input on the device
     on_host = host_input_layers(recompute_upto, x_bytes)
     share, inter = gate_up

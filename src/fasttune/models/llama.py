@@ -112,7 +112,7 @@ def fused_lora_weights(*projs: nn.Module) -> list[LoRAWeights] | None:
     (a plain or merged linear, active dropout, an 8-bit or FP4 base, the kernel switch off)."""
     out = []
     for p in projs:
-        if not isinstance(p, LoRALinear) or not p.use_kernel or p.merged:
+        if not isinstance(p, LoRALinear) or not p.use_kernels or p.merged:
             return None
         if p.training and isinstance(p.lora_dropout, nn.Dropout):
             return None
@@ -264,7 +264,6 @@ class LlamaModel(nn.Module):
         )
         self.gradient_checkpointing = "off"
         self.keep_layers = 0  # 'selective': trailing layers that keep their activations
-        self.recompute_halves = True  # offloading modes: `activations.LayerRecompute` where it applies
         # offloading modes: share of recomputed layers keeping gate/up on the host, or 'auto' (gate_up_share)
         self.host_gate_up: float | str = "auto"
         self.keep_attention = "auto"  # offloading modes: recomputed layers keep their attention output
@@ -312,7 +311,7 @@ class LlamaModel(nn.Module):
         if not (self.training and torch.is_grad_enabled() and kv_cache is None):
             mode = "off"
         x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
-                       self.keep_layers, attn_args=(rope, mask), halves=self.recompute_halves,
+                       self.keep_layers, attn_args=(rope, mask),
                        gate_up=(self.gate_up_share(B * T, T if mask.causal else 0, x.element_size())
                                 if mode in ("offload", "selective") else 0.0, self.config.intermediate_size),
                        keep_attention=self.keep_attention, keep_qkv=self.kept_qkv_share(),
@@ -436,16 +435,6 @@ class LlamaForCausalLM(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Final (normed) hidden states (B, T, H), the input of lm_head."""
-        return self.model(input_ids, position_ids, attention_mask, kv_cache)
 
     def forward(
         self,
