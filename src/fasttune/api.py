@@ -28,9 +28,8 @@ from fasttune.config import (
     validate,
 )
 from fasttune.data.builtin import is_builtin
+from fasttune.run_dir import CONTRACT_FILE, RunDir
 
-ADAPTER_DIR = "adapter"
-CONTRACT_FILE = "prompt_contract.json"
 PROBE_FILE = "lumen_probe.json"
 # Questions answered per generate call at an eval: decoding one token costs about the same for 1 or 16 rows
 # on a CPU (reading the weights dominates), and 16 rows of KV cache are small next to training activations.
@@ -234,12 +233,13 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     from fasttune.lora.apply import count_parameters
     from fasttune.train.loop import seed_everything, train_loop
     from fasttune.train.memory_plan import run_estimate
-    from fasttune.train.metrics import METRICS_FILE, plot_loss, summary_text
+    from fasttune.train.metrics import plot_loss, summary_text
     from fasttune.train.precision import resolve_device, resolve_precision
 
     log = log or tqdm.write
     validate(cfg)
-    t, run_dir, max_len = cfg.train, Path(cfg.train.output_dir), cfg.model.max_seq_length
+    t, run, max_len = cfg.train, RunDir(cfg.train.output_dir), cfg.model.max_seq_length
+    run_dir = run.root
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     seed_everything(t.seed)
@@ -277,7 +277,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
 
     run_dir.mkdir(parents=True, exist_ok=True)
     # resume: false, so that `fasttune train --config run.yaml` runs the job again from the start
-    dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False)).save(run_dir / "run.yaml")
+    dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False)).save(run.run_yaml)
 
     before = answer(model, tokenizer, contract, questions)
     if before:
@@ -290,7 +290,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
             f"questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
     metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, answer_eval=scorer,
                          device=device, precision=precision, log=log)
-    adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run_dir / ADAPTER_DIR)
+    adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
     after = answer(model, tokenizer, contract, questions)
     if after:
         log(format_samples("answers after training:", after))
@@ -299,10 +299,11 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         metrics["memory_estimate_gib"] = estimate.total / 2**30
     summary = summary_text(metrics)
     if t.report:
-        png = plot_loss(run_dir / METRICS_FILE, run_dir / "loss.png")
+        plot_loss(run.metrics, run.loss_plot)
         log("summary\n" + summary)
-        log(f"run directory {run_dir}: adapter/, run.yaml, metrics.jsonl"
-            + (", loss.png" if png else "") + ", checkpoints/")
+        made = [run.adapter, run.run_yaml, run.metrics, run.loss_plot, run.checkpoints]
+        log(f"run directory {run_dir}: " + ", ".join(p.name + "/" if p.is_dir() else p.name
+                                                     for p in made if p.exists()))
     return RunResult(run_dir, adapter_dir, metrics, before, after, summary, model, tokenizer, contract)
 
 

@@ -8,15 +8,13 @@ import sys
 
 import pytest
 
-from fasttune.cli import main
-from fasttune.export.cli_commands import GGUF_TYPE_NAMES, register
+from fasttune.cli import build_parser, main
+from fasttune.cli.export import GGUF_TYPE_NAMES
 from fasttune.export.gguf import GGUF_TYPES
 
 
 def _help(*argv: str) -> str:
-    parser = argparse.ArgumentParser(prog="fasttune")
-    register(parser.add_subparsers())
-    sub = parser
+    sub = build_parser()
     for name in argv:
         sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
     return " ".join(sub.format_help().split())  # help wraps lines; compare words
@@ -32,7 +30,7 @@ def test_help_shows_every_default():
         "(default: bf16)",
         "(default: 2GB)",
         "(default: cpu)",
-        "--no-check",
+        "--no_check",
         "(default: the run's model)",
     ):
         assert text in merge
@@ -41,10 +39,7 @@ def test_help_shows_every_default():
 
 
 def test_building_the_parser_imports_no_torch():
-    code = (
-        "import sys, argparse; from fasttune.export.cli_commands import register; "
-        "register(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)"
-    )
+    code = "import sys; from fasttune.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -58,7 +53,7 @@ def test_merge_command_writes_and_checks(run_dir, tmp_path, capsys):
 
 def test_export_commands(run_dir, gpt2_adapter, tmp_path, capsys):
     assert (
-        main(["export", "ollama", str(run_dir), "--out", str(tmp_path / "o"), "--type", "f16", "--no-check"])
+        main(["export", "ollama", str(run_dir), "--out", str(tmp_path / "o"), "--type", "f16", "--no_check"])
         == 0
     )
     assert (tmp_path / "o" / "Modelfile").is_file() and (tmp_path / "o" / "model.gguf").is_file()

@@ -14,8 +14,7 @@ from typing import Any
 from fasttune.data.templates import ALPACA_PROMPT_NO_INPUT, PromptContract
 from fasttune.export.checkpoint import ExportError
 from fasttune.export.source import ExportSource
-
-CONTRACT_FILE = "prompt_contract.json"
+from fasttune.run_dir import CONTRACT_FILE
 
 
 def load_contract(src: ExportSource) -> PromptContract | None:

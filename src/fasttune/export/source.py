@@ -18,12 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from fasttune.export.checkpoint import CheckpointReader, ExportError, is_bnb_4bit, logical_keys, read_logical
+from fasttune.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir, RunNotFound, holds_adapter, locate
 
-# ExportError is re-exported: cli.py catches it as `fasttune.export.source.ExportError`.
+# ExportError is re-exported: the CLI catches it as `fasttune.export.source.ExportError`.
 __all__ = ["ExportError", "ExportSource", "iter_merged", "read_adapter", "resolve_source"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 # ---- the adapter ------------------------------------------------------------------------------------
@@ -149,11 +148,12 @@ class ExportSource:
 
     @property
     def run_yaml(self) -> dict:
-        if self.run_dir is None or not (self.run_dir / "run.yaml").is_file():
+        path = RunDir(self.run_dir).run_yaml if self.run_dir is not None else None
+        if path is None or not path.is_file():
             return {}
         import yaml
 
-        return yaml.safe_load((self.run_dir / "run.yaml").read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
 
 
 def resolve_source(path: str | Path, base: str | None = None) -> ExportSource:
@@ -164,21 +164,14 @@ def resolve_source(path: str | Path, base: str | None = None) -> ExportSource:
     p = Path(path)
     if not p.exists():
         raise ExportError(f"{p}: no such run, adapter or model directory")
-    run_dir = None
-    if (p / "adapter" / ADAPTER_CONFIG).is_file():
-        run_dir, adapter_dir = p, p / "adapter"
-    elif (p / ADAPTER_CONFIG).is_file():
-        adapter_dir = p
-        run_dir = p.parent if (p.parent / "run.yaml").is_file() else None
-    elif (p / "config.json").is_file():
+    if not holds_adapter(p) and (p / "config.json").is_file():
         return ExportSource(path=p, base_dir=p, base_name=str(p))
-    elif (p / "run.yaml").is_file():
-        raise ExportError(f"{p}: a run directory without adapter/{ADAPTER_CONFIG}; has training finished?")
-    else:
-        raise ExportError(
-            f"{p}: neither a run directory (with adapter/), an adapter directory "
-            f"({ADAPTER_CONFIG}) nor a model directory (config.json)"
-        )
+    try:
+        where = locate(p)
+    except RunNotFound as e:
+        raise ExportError(f"{e}; a model directory (config.json) is also accepted") from None
+    adapter_dir = where.adapter_dir
+    run_dir = where.run.root if where.run is not None else None
     src = ExportSource(path=p, base_dir=p, base_name="", adapter_dir=adapter_dir, run_dir=run_dir)
     adapter_cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     model_cfg = src.run_yaml.get("model") or {}

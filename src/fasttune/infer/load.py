@@ -16,9 +16,8 @@ import torch
 
 from fasttune.config import ModelConfig
 from fasttune.data.templates import PromptContract
-
-ADAPTER_CONFIG = "adapter_config.json"
-CONTRACT_FILE = "prompt_contract.json"
+from fasttune.run_dir import ADAPTER_CONFIG, CONTRACT_FILE, Location
+from fasttune.run_dir import locate as locate_run
 
 
 @dataclass
@@ -38,8 +37,7 @@ class InferenceModel:
 @dataclass
 class _Found:
     base: ModelConfig
-    adapter_dir: Path | None
-    run_dir: Path | None
+    location: Location | None  # None: a base model alone
 
 
 def _preset_for_hub_id(name: str) -> str:
@@ -56,26 +54,17 @@ def locate(path: str | Path, model_name: str | None = None) -> _Found:
     """A run or adapter directory -> the base model config and where the adapter is."""
     from fasttune.config import load_yaml
 
-    p = Path(path)
-    if (p / "adapter" / ADAPTER_CONFIG).is_file():
-        run_dir, adapter_dir = p, p / "adapter"
-    elif (p / ADAPTER_CONFIG).is_file():
-        adapter_dir = p
-        run_dir = p.parent if (p.parent / "run.yaml").is_file() else None
-    elif (p / "run.yaml").is_file():
-        raise FileNotFoundError(f"{p}: a run directory without adapter/{ADAPTER_CONFIG}")
-    else:
-        raise FileNotFoundError(f"{p}: not a run directory (run.yaml + adapter/) or an adapter directory "
-                                f"({ADAPTER_CONFIG})")
-    base = load_yaml(run_dir / "run.yaml").model if run_dir is not None else ModelConfig()
+    where = locate_run(path)
+    base = load_yaml(where.run.run_yaml).model if where.run is not None else ModelConfig()
     if model_name is not None:
         base.model_name = model_name
-    elif run_dir is None:
-        recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    elif where.run is None:
+        config = where.adapter_dir / ADAPTER_CONFIG
+        recorded = json.loads(config.read_text()).get("base_model_name_or_path")
         if not recorded:
-            raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: names no base model; pass --model")
+            raise ValueError(f"{config}: names no base model; pass --model")
         base.model_name = _preset_for_hub_id(recorded)
-    return _Found(base, adapter_dir, run_dir)
+    return _Found(base, where)
 
 
 def stop_ids(contract: PromptContract | None, tokenizer: Any, source: str | None = None) -> list[int]:
@@ -127,7 +116,7 @@ def load_for_inference(
     if run is not None and adapter is not None:
         raise ValueError("pass either a run directory or --adapter, not both")
     found = locate(run or adapter, model_name) if (run or adapter) else _Found(
-        ModelConfig(model_name=model_name or ModelConfig().model_name), None, None)
+        ModelConfig(model_name=model_name or ModelConfig().model_name), None)
     base = replace(found.base, dtype=dtype,
                    cpu_fallback_16bit=cpu_fallback_16bit or found.base.cpu_fallback_16bit)
     if load_in_4bit is not None:
@@ -137,18 +126,18 @@ def load_for_inference(
     notes = list(loaded.notes)
     tokenizer, contract = loaded.tokenizer, None
     what = f"{base.model_name} ({loaded.family}, {str(loaded.dtype).removeprefix('torch.')}, {dev})"
-    if found.adapter_dir is not None:
-        attach_adapter(loaded, found.adapter_dir)
-        what += f" + adapter {found.adapter_dir}"
-        for d in (found.adapter_dir, found.run_dir):
-            if d is not None and (d / CONTRACT_FILE).is_file():
-                contract = PromptContract.load(d / CONTRACT_FILE)
-                break
-        if (found.adapter_dir / "tokenizer_config.json").is_file():
+    if found.location is not None:
+        adapter_dir = found.location.adapter_dir
+        attach_adapter(loaded, adapter_dir)
+        what += f" + adapter {adapter_dir}"
+        contract_path = found.location.contract_path()
+        if contract_path is not None:
+            contract = PromptContract.load(contract_path)
+        if (adapter_dir / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(found.adapter_dir))
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
         if contract is None:
-            notes.append(f"{found.adapter_dir}: no {CONTRACT_FILE}; prompts are used as given")
+            notes.append(f"{adapter_dir}: no {CONTRACT_FILE}; prompts are used as given")
     eos = stop_ids(contract, tokenizer, loaded.source)
     return InferenceModel(loaded.model, tokenizer, contract, eos, what, notes)

@@ -172,7 +172,7 @@ class NotebookModel(nn.Module):
         else:
             self.model.save_adapter(out)
         if self.prompt_contract is not None:
-            from fasttune.infer.load import CONTRACT_FILE
+            from fasttune.run_dir import CONTRACT_FILE
 
             self.prompt_contract.save(out / CONTRACT_FILE)
 

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-CHECKPOINTS = "checkpoints"
+from fasttune.run_dir import RunDir
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 REQUIRED = ("adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
@@ -100,7 +101,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def step_dirs(run_dir: str | Path) -> list[Path]:
     """Complete-looking step directories, oldest first (by step number, not by name)."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
@@ -116,7 +117,7 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter_state: dict[str, tor
     `data_state` and `trainer_state` must be JSON-serialisable (they are read back without pickle).
     `save_total_limit` > 0 keeps only that many newest step directories.
     """
-    root = Path(run_dir) / CHECKPOINTS
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     for stale in root.glob(".tmp-step-*"):  # left by a crash mid-save; one writer per run directory
@@ -154,7 +155,7 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter_state: dict[str, tor
 
 def clear_checkpoints(run_dir: str | Path) -> bool:
     """Remove every checkpoint of a run (a fresh run into an old directory); True if any existed."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = RunDir(run_dir).checkpoints
     if not root.exists():
         return False
     had = bool(step_dirs(run_dir))
@@ -176,7 +177,7 @@ def is_complete(path: Path) -> bool:
 
 def latest_checkpoint_dir(run_dir: str | Path) -> Path | None:
     """The directory `latest` names if complete, else the newest complete step directory."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = RunDir(run_dir).checkpoints
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()

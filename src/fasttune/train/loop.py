@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fasttune.config import TrainConfig
 from fasttune.models.base import IGNORE_INDEX
+from fasttune.run_dir import RunDir
 from fasttune.train.checkpoint import (
     clear_checkpoints,
     load_latest,
@@ -34,7 +35,7 @@ from fasttune.train.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from fasttune.train.metrics import METRICS_FILE, MetricsWriter, memory_used, perplexity, truncate_after
+from fasttune.train.metrics import MetricsWriter, memory_used, perplexity, truncate_after
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.precision import autocast, grad_scaler
 
@@ -111,7 +112,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     optimizer = build_optimizer(trainable, cfg)
     scheduler = build_scheduler(optimizer, cfg, total)
     scaler = grad_scaler(precision, device)
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = RunDir(run_dir).metrics
     metrics = MetricsWriter(metrics_path)
     # seconds: wall time of the run (eval and checkpoints included); train_seconds: the steps alone
     st = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "seconds": 0.0,
@@ -171,7 +172,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         log(f"resumed from {ckpt.path} at step {st['step']}/{total}")
     else:
         if cfg.resume:
-            log(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+            log(f"no complete checkpoint in {RunDir(run_dir).checkpoints}; starting from step 0")
         if clear_checkpoints(run_dir):
             log(f"replacing the checkpoints of an earlier run in {run_dir} (use --resume to continue one)")
         metrics_path.unlink(missing_ok=True)

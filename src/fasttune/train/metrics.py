@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-METRICS_FILE = "metrics.jsonl"
-
 
 class MetricsWriter:
     """Appends one JSON line per record and flushes, so a crash loses at most the line being written."""

@@ -1,13 +1,11 @@
-"""`fasttune merge` and `fasttune export gguf|ollama`: parse the options, call the export API, run the check.
-
-`register(subparsers)` adds them to the main parser (cli.py); no export logic lives here.
-"""
+"""`fasttune merge` and `fasttune export gguf|ollama`: parse the options, call the export API, check."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+
+from fasttune.cli.parser import add_command, add_group
 
 # The names of export.gguf.GGUF_TYPES, repeated so that building the parser imports no torch (tested).
 GGUF_TYPE_NAMES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -35,7 +33,7 @@ def _check(args: argparse.Namespace, artifact: object) -> None:
         return
     from fasttune.export.check import check_export
 
-    print("fasttune: checking the export (skip with --no-check) ...", flush=True)
+    print("fasttune: checking the export (skip with --no_check) ...", flush=True)
     print(check_export(args.input, artifact, base=args.base).summary(), flush=True)
 
 
@@ -86,37 +84,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="DEVICE",
         help="where the LoRA products B@A are computed: cpu or cuda (default: cpu)",
     )
-    p.add_argument("--no-check", dest="no_check", action="store_true", help=_CHECK_HELP)
+    p.add_argument("--no_check", action="store_true", help=_CHECK_HELP)
 
 
-def register(
-    subs: argparse._SubParsersAction, subparser: Callable[..., argparse.ArgumentParser] | None = None
-) -> None:
-    """Add `merge` and `export {gguf,ollama}` to the main parser's subcommands.
-
-    `subparser(subs, name, help, description, func)` is cli.py's helper (adds --debug); without it plain
-    `add_parser` is used.
-    """
-
-    def add(
-        parent: argparse._SubParsersAction,
-        name: str,
-        help_text: str,
-        description: str,
-        func: Callable[[argparse.Namespace], int],
-    ) -> argparse.ArgumentParser:
-        if subparser is not None:
-            return subparser(parent, name, help_text, description, func)
-        p = parent.add_parser(
-            name,
-            help=help_text,
-            description=description,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(func=func)
-        return p
-
-    merge = add(
+def register(subs: argparse._SubParsersAction) -> None:
+    """Add `merge` and `export {gguf,ollama}` to the main parser's subcommands."""
+    merge = add_command(
         subs,
         "merge",
         "merge a LoRA adapter into its base model (16-bit HF checkpoint)",
@@ -137,21 +110,15 @@ def register(
     )
     merge.add_argument(
         "--max_shard_size",
-        "--max-shard-size",
         default="2GB",
         metavar="SIZE",
         help="largest safetensors shard, e.g. 2GB, 500MB (default: 2GB)",
     )
 
-    export = subs.add_parser(
-        "export",
-        help="export for llama.cpp / Ollama (gguf, ollama)",
-        description="Export a run for other runtimes.",
-    )
-    export.set_defaults(func=lambda a: (export.print_help(), 0)[1])
-    export_subs = export.add_subparsers(dest="export_command", metavar="FORMAT")
+    export_subs = add_group(subs, "export", "export for llama.cpp / Ollama (gguf, ollama)",
+                            "Export a run for other runtimes.", metavar="FORMAT")
     types = ", ".join(GGUF_TYPE_NAMES)
-    gguf = add(
+    gguf = add_command(
         export_subs,
         "gguf",
         "write one GGUF file (llama.cpp, LM Studio, Ollama)",
@@ -170,7 +137,7 @@ def register(
         help=f"tensor type: {types}; norms stay f32, 4/5-bit files keep embeddings and "
         "output in q8_0 (default: f16)",
     )
-    ollama = add(
+    ollama = add_command(
         export_subs,
         "ollama",
         "write a GGUF and an Ollama Modelfile",

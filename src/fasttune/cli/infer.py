@@ -1,7 +1,7 @@
-"""The `fasttune generate`, `fasttune chat` and `fasttune eval` subcommands: parse, load, call the API.
+"""`fasttune generate`, `fasttune chat` and `fasttune eval`: parse, load, call the inference API.
 
-`register(subparsers)` adds them to the main parser (cli.py). Each command takes a run directory
-(`--run runs/x`), or a base model (`--model`) with an optional `--adapter DIR`.
+Each command takes a run directory (`--run runs/x`), or a base model (`--model`) with an optional
+`--adapter DIR`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+from fasttune.cli.parser import add_command
 from fasttune.config import ConfigError
 
 MODEL_HELP = "Base model: 'smollm2-135m', a hub id, a local directory or a .gguf file (default: the run's, " \
@@ -55,19 +56,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -
                         "--compile means compile)")
 
 
-def _parser(subs: argparse._SubParsersAction, name: str, help_text: str, description: str,
-            func) -> argparse.ArgumentParser:
-    p = subs.add_parser(name, help=help_text, description=description,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="Show the full traceback of an error (default: off)")
-    p.set_defaults(func=func)
-    return p
-
-
 def register(subs: argparse._SubParsersAction) -> None:
     """Add generate, chat and eval to the `fasttune` parser's subcommands."""
-    gen = _parser(subs, "generate", "generate text from a prompt (streamed)",
+    gen = add_command(subs, "generate", "generate text from a prompt (streamed)",
                   "Generate an answer and print it as it is produced, then tokens/s on stderr.\n"
                   "A PROMPT is asked as an instruction in the run's prompt template, or as a user message\n"
                   "in the model's chat template; --raw sends it as is (plain continuation).\n"
@@ -86,7 +77,7 @@ def register(subs: argparse._SubParsersAction) -> None:
     _add_model_flags(gen)
     _add_sampling_flags(gen)
 
-    chat = _parser(subs, "chat", "chat with a model in the terminal (multi-turn)",
+    chat = add_command(subs, "chat", "chat with a model in the terminal (multi-turn)",
                    "A conversation, one message per line, rendered with the model's chat template (or the\n"
                    "run's prompt template). /reset forgets the conversation, /exit (or end of input) quits.\n"
                    "Reads standard input, so `printf 'hi\\n/exit\\n' | fasttune chat` works too.", cmd_chat)
@@ -94,7 +85,7 @@ def register(subs: argparse._SubParsersAction) -> None:
     _add_model_flags(chat)
     _add_sampling_flags(chat)
 
-    ev = _parser(subs, "eval", "evaluate on held-out data: loss, perplexity, answer match",
+    ev = add_command(subs, "eval", "evaluate on held-out data: loss, perplexity, answer match",
                  "Loss and perplexity on the trained tokens of a held-out split, and for question/answer\n"
                  "rows the share of greedy answers equal to the reference (exact and normalised).", cmd_eval)
     ev.add_argument("--dataset", default=None,
@@ -198,13 +189,13 @@ def _eval_rows(args: argparse.Namespace, im) -> tuple[list[dict], str]:
     from fasttune.config import DataConfig, load_yaml
     from fasttune.data.builtin import is_builtin
     from fasttune.data.formats import load_rows
-    from fasttune.infer.load import locate
+    from fasttune.run_dir import locate
 
     data = DataConfig()
     if args.run is not None:
         found = locate(args.run)
-        if found.run_dir is not None:
-            data = load_yaml(found.run_dir / "run.yaml").data
+        if found.run is not None:
+            data = load_yaml(found.run.run_yaml).data
     source = args.dataset or (data.eval_dataset if data.eval_dataset not in (None, "", "none", "auto")
                               else data.dataset if is_builtin(data.dataset) else None)
     if source is None:
