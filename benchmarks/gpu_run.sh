@@ -6,7 +6,7 @@
 # suite     parts                                   the RESULTS.md table it reproduces
 # tests     kernels, rest                           (the GPU tiers of the test suite, `-m gpu`)
 # headline  bf16, qlora, hf, liger                  Llama-3.1-8B, 8 x 2048, beside the peers
-# batch2    (one)                                   Llama-3.1-8B, 2 x 2048
+# batch2    llama31, llama2                         batch 2 x 2048
 # long      32k, 131k, 262k, 262k-unsloth,          long context, QLoRA, batch 1
 #           327k-unsloth, l2-32k, l2-131k
 # shapes    qwen, mistral, llama32, llama2,         other shapes and families; packed rows
@@ -25,7 +25,7 @@
 # directories are written once per machine under /tmp.
 set -u
 cd "$(dirname "$0")/.."
-declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="" \
+declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="speed loss" [decode]="" \
   [checks]="loss cli notebook" [ab]="8k 32k")
@@ -106,7 +106,8 @@ has headline qlora && step headline-qlora 300 $B --stacks fasttune unsloth --mod
 has headline hf && step headline-hf 480 $B --stacks fasttune hf --modes bf16 qlora --batches 8
 has headline liger && step headline-liger 400 $B --stacks fasttune liger --modes bf16 qlora --batches 8
 
-has batch2 && step batch2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2
+has batch2 llama31 && step batch2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2
+has batch2 llama2 && step batch2-llama2 420 $B $L2 --stacks fasttune unsloth --modes bf16 qlora --batches 2
 
 has long 32k && step long-32k 330 $B --stacks fasttune unsloth $ONE --seqs 32768 --steps 2
 has long 131k && step long-131k 560 $B --stacks fasttune unsloth $ONE --seqs 131072 --steps 1
