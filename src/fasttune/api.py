@@ -1,6 +1,6 @@
 """The Python API behind the CLI: `train(cfg)` runs a whole fine-tuning job and returns what it made.
 
-One function per arrow of the flow in DESIGN.md, called in order by `train`:
+One function per step of the flow, called in order by `train`:
 config -> device/precision -> load model -> attach LoRA -> data -> batches -> answers before ->
 train_loop -> adapter + tokenizer + prompt contract + run.yaml + loss.png -> answers after -> summary.
 """

@@ -105,22 +105,22 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this; 0 disables clipping."})
     precision: str = field(default="auto", metadata={"help": "Compute precision: auto, fp32, bf16, fp16 (mixed)."})
     gradient_checkpointing: str = field(default="auto", metadata={"help": (
-        "Activation memory: auto (off on a CPU; on a GPU offload for the Llama family where its pinned "
-        "buffers fit host memory, else on), off, on (recompute each layer), offload (layer inputs in pinned "
-        "CPU memory), selective (Llama family on a GPU: the last layers that fit in free GPU memory keep "
-        "their activations, the others as offload; runs as off on a CPU).")})
+        "Activation memory: auto (off on a CPU; on a GPU offload for the Llama family, on for other "
+        "models), off, on (recompute each layer), offload (layer inputs in pinned CPU memory, up to 40 "
+        "percent of it; the inputs of the last layers past that stay on the GPU), selective (Llama family on "
+        "a GPU: the last layers that fit in free GPU memory keep their activations, the others as offload; "
+        "runs as off on a CPU).")})
     device_gate_up: int = field(default=1, metadata={"help": (
         "Llama family, offload/selective: the last N recomputed layers hold their MLP gate/up outputs on the "
-        "GPU and skip recomputing them. The first costs no peak memory; each further layer adds "
-        "2 x batch x max_seq_length x intermediate_size x 2 bytes (Llama-3.1-8B at 8 x 2048 on an H100: a "
-        "second layer gave 0.4-0.6 percent more speed for 0.66-0.88 GiB, and was slower at 1 x 32768). "
-        "0: recompute them all.")})
+        "GPU and skip recomputing them. The first costs no peak memory (its backward makes them right "
+        "after the loss anyway); each further layer adds 2 x batch x max_seq_length x intermediate_size x "
+        "2 bytes. 0: recompute them all.")})
     host_gate_up: str = field(default="auto", metadata={"help": (
         "Llama family, offload/selective: the share (0 to 1) of recomputed layers that send their MLP "
         "gate/up outputs to pinned host memory in the forward and skip recomputing them, as far as host "
         "memory allows (40 percent of it for all pinned activations). auto: with kept attention, what the "
-        "host link carries beside the other copies; none at short rows, 6 of 32 layers for Llama-3.1-8B at "
-        "1 x 32768 (1.0-1.4 percent faster on an H100). 0: none.")})
+        "host link carries beside the other copies, none at short rows (6 of 32 layers for Llama-3.1-8B "
+        "at 1 x 32768). 0: none.")})
     logging_steps: int = field(default=4, metadata={"help": "Log a line every N steps."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (0: keep all)."})

@@ -1,6 +1,6 @@
 """Prompt templates and the prompt contract: how a row becomes text, and the token ids that frame it.
 
-One `PromptContract` per run (DESIGN decision 6): the template, BOS/EOS/pad ids and stop strings used
+One `PromptContract` per run: the template, BOS/EOS/pad ids and stop strings used
 in training; the run saves it and every export and the inference code read it back, so a prompt at
 generation time is rendered exactly as in training.
 """

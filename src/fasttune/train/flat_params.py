@@ -2,8 +2,8 @@
 optimizer that steps the buffer as a single parameter.
 
 Why: LoRA on 7 projections x 32 layers is 448 small tensors, and an optimizer launches a few kernels per
-tensor (bitsandbytes' AdamW8bit: ~48 ms of GPU time per step on an H100, launch bound). Over one flat
-buffer the step is one (fused) launch whatever the number of adapters.
+tensor, so the step is bound by launches. Over one flat buffer the step is one (fused) launch whatever the
+number of adapters.
 
 Layout, for members A (2, 3) and B (4,) with an alignment of 8 elements (the real one is `ALIGN`):
 ```
