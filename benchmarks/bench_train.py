@@ -428,8 +428,8 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
     for i, x in enumerate(batches):
         prof = None
         if profile and i == warmup:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                      torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+            kinds = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+            prof = torch.profiler.profile(activities=kinds, record_shapes=True)
             prof.__enter__()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
