@@ -31,7 +31,7 @@ TINY = dict(model_type="llama", vocab_size=49152, hidden_size=256, intermediate_
             max_position_embeddings=4096, tie_word_embeddings=False)
 STACKS = ("hf", "fasttune-eager", "fasttune-cuda_graph-unfused", "fasttune-compile-unfused",
           "fasttune-cuda_graph-sync", "fasttune-cuda_graph", "fasttune-compile")
-# eager (44 tok/s, ~10 s) left out: the run stays under ~180 s. cuda_graph-sync reuses cuda_graph's capture.
+# eager is left out of the CUDA default, as the slowest by far; cuda_graph-sync reuses cuda_graph's capture.
 CUDA_DEFAULT = ("hf", "fasttune-cuda_graph-unfused", "fasttune-compile-unfused", "fasttune-cuda_graph-sync",
                 "fasttune-cuda_graph", "fasttune-compile")
 
@@ -94,8 +94,8 @@ def memory_gib(device: str) -> tuple[float, float] | None:
 MODES = {"fasttune-eager": False, "fasttune-cuda_graph-unfused": "cuda_graph-unfused",
          "fasttune-compile-unfused": "compile-unfused", "fasttune-cuda_graph-sync": "cuda_graph-fused",
          "fasttune-cuda_graph": "cuda_graph-fused", "fasttune-compile": "compile-fused"}
-# '-sync': generate's loop waits for each token before it queues the next step (pipeline=False), the loop
-# as it was before pipelining; the same step as the stack without the suffix, to measure what overlap buys.
+# '-sync': generate's loop waits for each token before it queues the next step (pipeline=False); the same
+# step as the stack without the suffix, to measure what the pipelined loop's overlap buys.
 SYNC_LOOP = {"fasttune-cuda_graph-sync"}
 
 

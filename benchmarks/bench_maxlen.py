@@ -10,7 +10,7 @@ The search doubles from `--start` until a length fails, then bisects between the
 fitted and the shortest that ran out of memory, down to `--resolution` tokens. `--known-fit` is a length
 measured earlier to fit (the bisection's floor; it is not re-run).
 
-A step's cost grows with the square of the length (attention), ~50 s at 131,072 tokens on an H100, so
+A step's cost grows with the square of the length (attention), minutes past 131,072 tokens, so
 the budget decides how far the search gets: before each attempt its cost is predicted from the last
 success (load time + step time x (length ratio)^2) and the search stops, saying so, when that exceeds
 what is left of `--max-seconds` (split evenly between the stacks). A timed-out or crashed attempt also
