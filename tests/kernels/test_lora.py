@@ -20,6 +20,7 @@ from fasttune.kernels.lora import (
     lora_qkv_reference,
 )
 from fasttune.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
+from fasttune.memory.layer_pass import LayerPass
 
 # (leading shape, in, out, r)
 SHAPES = [((1, 1), 7, 5, 1), ((2, 5), 13, 11, 4), ((3,), 32, 48, 8)]
@@ -275,8 +276,7 @@ def test_lora_mlp_recompute_holds_its_own_gate_and_up_weights_for_the_backward(a
     calls.clear()
 
     def recompute(*a):
-        with lora_kernels.recompute_for_backward():
-            return lora_mlp(*a, force_triton=False)
+        return lora_mlp(*a, force_triton=False, layer_pass=LayerPass(rerun=True))
 
     rerun = _run_mlp(recompute, x, *quantised, dy)
     assert calls == {"g fresh": 1, "u fresh": 1, "d shared": 1}  # down's product is skipped in the rerun
@@ -351,18 +351,25 @@ def test_lora_qkv_with_nf4_bases_and_one_saved_x(any_device):
         assert_fp32_close(k, e, f"lora_qkv nf4 {what}")
 
 
-def test_residual_into_output_adds_it_in_the_product_only_in_the_compute_dtype():
+def test_residual_is_added_in_the_product_in_the_compute_dtype_and_after_it_otherwise(monkeypatch):
     g = torch.Generator().manual_seed(3)
     x, w, a, b = (torch.randn(*s, generator=g) for s in ((2, 3, 8), (32, 8), (4, 8), (32, 4)))
     residual = torch.randn(2, 3, 32, generator=g)
+    firsts = []
+    real = lora_kernels._forward
+
+    def forward(*args, residual=None, **kw):
+        firsts.append(residual)
+        return real(*args, residual=residual, **kw)
+
+    monkeypatch.setattr(lora_kernels, "_forward", forward)
     with torch.no_grad():
         plain = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
-        with lora_kernels.residual_into_output(residual) as added:
-            y = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
-            again = lora_kernels.lora_linear(x, w, None, a, b, 0.5)  # one output's: taken once
-        assert added == [True]
+        y = lora_kernels.lora_linear(x, w, None, a, b, 0.5, layer_pass=LayerPass(residual=residual))
         torch.testing.assert_close(y, residual + plain)
-        torch.testing.assert_close(again, plain)
-        with lora_kernels.residual_into_output(residual.double()) as added:  # wider: left to the caller
-            y = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
-        assert added == [] and torch.equal(y, plain)
+        wide = lora_kernels.lora_linear(x, w, None, a, b, 0.5,
+                                        layer_pass=LayerPass(residual=residual.double()))
+        assert wide.dtype == torch.float64 and torch.equal(wide, residual.double() + plain)  # added after
+    assert firsts[0] is None and firsts[1] is not None and firsts[2] is None  # written first in the product
+    with pytest.raises(RuntimeError, match="no_grad"):
+        lora_kernels.lora_linear(x, w, None, a, b, 0.5, layer_pass=LayerPass(residual=residual))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_checks import assert_bf16_close, assert_fp32_close
 
-from fasttune.kernels.rms_norm import RMSNormFunction, input_grad_addend, rms_norm, rms_norm_reference
+from fasttune.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 
 # (300, 32): five 64-row tiles over four programs in the backward, the last tiles partial or empty.
 SHAPES = [(1, 1, 7), (2, 5, 37), (3, 128), (11, 1, 96), (300, 32)]
@@ -86,7 +86,8 @@ def test_rms_norm_public_op_forced(device):
 @pytest.mark.parametrize("shape", [(2, 5, 37), (300, 32)])
 def test_rms_norm_backward_adds_the_addend(device, shape, dtype):
     """An addend (a residual branch's gradient) joins dx in the kernel's write: dx = the norm's dx + addend,
-    with dw unchanged; the public op takes it from `input_grad_addend` on either path, once."""
+    with dw unchanged; the public op takes it as `grad_addend` on either path, and refuses one of another
+    shape."""
     x, w, dy = (t.to(dtype) for t in _inputs(shape, device, seed=4))
     addend = (torch.randn(shape, generator=torch.Generator().manual_seed(9)) * 2).to(device, dtype)
     plain = _run(lambda *a: RMSNormFunction.apply(*a), x, w, dy)
@@ -98,10 +99,10 @@ def test_rms_norm_backward_adds_the_addend(device, shape, dtype):
         assert_fp32_close(fused[1], want, f"rms_norm dx + addend {shape}")
     else:
         assert_bf16_close(fused[1], plain[1] + addend, want, f"rms_norm dx + addend {shape}")
-    for force in (True, False):  # the kernel and the torch path take it from the hand-off
-        with input_grad_addend(addend) as taken:
-            got = _run(lambda *a, f=force: rms_norm(*a, force_triton=f), x, w, dy)
-            again = _run(lambda *a, f=force: rms_norm(*a, force_triton=f), x, w, dy)  # one norm's only
-        assert taken == [True]
+    for force in (True, False):  # the kernel and the torch path take it
+        got = _run(lambda *a, f=force: rms_norm(*a, force_triton=f, grad_addend=addend), x, w, dy)
+        without = _run(lambda *a, f=force: rms_norm(*a, force_triton=f), x, w, dy)
         torch.testing.assert_close(got[1].double(), want, rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(again[1], plain[1], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(without[1], plain[1], rtol=1e-2, atol=1e-2)
+        with pytest.raises(ValueError, match="grad_addend"):
+            rms_norm(x, w, 1e-6, force_triton=force, grad_addend=addend[..., :1])

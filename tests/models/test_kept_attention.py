@@ -8,15 +8,20 @@ import torch
 import torch.nn.functional as F
 from model_cases import loss_and_grads, make_fused_lora_model
 
+from fasttune.memory.layer_pass import LayerKept, LayerPass
 from fasttune.models import kept_attention
 from fasttune.models.kept_attention import (
     KeptAttentionFunction,
-    attention_handoff,
     attention_reference_backward,
     attention_reference_forward,
 )
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _keeping(keep_attention: str = "reference", keep_qkv: bool = False) -> LayerPass:
+    """A recomputed layer's forward pass that keeps its attention."""
+    return LayerPass(keep_attention=keep_attention, keep_qkv=keep_qkv)
 
 
 def _qkv(B, H, Hk, T, D, dtype=torch.float32, device="cpu", seed=0):
@@ -49,15 +54,12 @@ def test_reference_forward_and_backward_match_sdpa(B, H, Hk, T, D):
 def test_kept_function_computes_nothing_forward_and_its_backward_is_sdpas():
     q, k, v = (_bthd(t) for t in _qkv(2, 4, 2, 9, 16, seed=1))  # laid out as the model's
     d_out = torch.randn(2, 4, 9, 16)
-    sink: list = []
-    with attention_handoff(sink=sink, reference=True):
-        out = kept_attention.handoff_attention(q, k, v)
-    (kept,) = sink
+    p = _keeping()
+    out = kept_attention.attend_kept(q, k, v, p)
+    kept = p.kept.attention
     assert kept.out_bthd.shape == (2, 9, 4, 16) and kept.lse.shape == (2, 4, 9, 1)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-    with attention_handoff(given=kept, reference=True):
-        again = kept_attention.handoff_attention(qg, kg, vg)
-        assert kept_attention.handoff_attention(qg, kg, vg) is None  # one attention's: consumed
+    again = kept_attention.attend_kept(qg, kg, vg, LayerPass(rerun=True, kept=LayerKept(attention=kept)))
     assert again.data_ptr() == out.data_ptr()  # the kept buffer itself, not a new product
     again.backward(d_out)
     _, dq, dk, dv = _sdpa_grads(q, k, v, d_out)
@@ -65,16 +67,16 @@ def test_kept_function_computes_nothing_forward_and_its_backward_is_sdpas():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_no_handoff_off_cuda_unless_the_reference_is_allowed():
-    q, k, v = _qkv(1, 2, 2, 5, 8)
-    assert kept_attention.handoff_attention(q, k, v) is None  # no hand-off active
-    sink: list = []
-    with attention_handoff(sink=sink):
-        assert kept_attention.handoff_attention(q, k, v) is None
-    assert sink == []
+def test_nothing_kept_off_cuda_unless_the_reference_is_allowed():
+    q, k, v = (_bthd(t) for t in _qkv(1, 2, 2, 5, 8))
+    assert kept_attention.attend_kept(q, k, v, LayerPass()) is None  # the pass keeps no attention
+    p = _keeping("auto")
+    assert kept_attention.attend_kept(q, k, v, p) is None
+    assert p.kept.attention is None
+    assert kept_attention.attend_kept(q, k, v, LayerPass(rerun=True)) is None  # nothing kept for the rerun
     wrong = kept_attention.KeptAttention(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 4, 1), "reference")
-    with attention_handoff(given=wrong), pytest.raises(RuntimeError, match="kept output"):
-        kept_attention.handoff_attention(q, k, v)  # a kept output of another shape (T=4, not 5)
+    with pytest.raises(RuntimeError, match="kept output"):  # a kept output of another shape (T=4, not 5)
+        kept_attention.attend_kept(q, k, v, LayerPass(rerun=True, kept=LayerKept(attention=wrong)))
 
 
 def _plain_rows(seed: int = 5):
@@ -156,11 +158,12 @@ def test_models_with_qk_norms_keep_no_qkv():
     model = make_fused_lora_model(model_type="qwen3", qk_norm=True)
     model.set_gradient_checkpointing("offload", keep_attention="reference")
     assert model.model.kept_qkv_share() == 0.0
-    sink: list = []
     q, k, v = (_bthd(t) for t in _qkv(1, 4, 2, 5, 8))
-    with attention_handoff(sink=sink, reference=True, keep_qkv=True):
-        kept_attention.handoff_attention(q, k, v)  # the caller did not say its q, k, v are reusable
-        kept_attention.handoff_attention(q, k, v, qkv_reusable=True)
+    sink = []
+    for reusable in (False, True):  # without: the caller did not say its q, k, v are reusable
+        p = _keeping(keep_qkv=True)
+        kept_attention.attend_kept(q, k, v, p, qkv_reusable=reusable)
+        sink.append(p.kept.attention)
     assert sink[0].qkv_bthd == () and len(sink[1].qkv_bthd) == 3
     assert [t.shape for t in sink[1].tensors()][2:] == [(1, 5, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)]
 
@@ -189,16 +192,15 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_only_token_major_inputs_are_kept():
-    """q, k, v laid out (B, T, H, D) in memory, as the model makes them, go through the hand-off;
+    """q, k, v laid out (B, T, H, D) in memory, as the model makes them, are kept;
     (B, H, T, D)-contiguous ones take the usual path (the kept cuDNN backward is verified on the model's
     layout only)."""
     q, k, v = _qkv(2, 4, 2, 6, 8)
-    sink: list = []
-    with attention_handoff(sink=sink, reference=True):
-        assert kept_attention.handoff_attention(q, k, v) is None
-        assert sink == []
-        assert kept_attention.handoff_attention(_bthd(q), _bthd(k), _bthd(v)) is not None
-    assert len(sink) == 1
+    p = _keeping()
+    assert kept_attention.attend_kept(q, k, v, p) is None
+    assert p.kept.attention is None
+    assert kept_attention.attend_kept(_bthd(q), _bthd(k), _bthd(v), p) is not None
+    assert p.kept.attention is not None
 
 
 @pytest.mark.gpu
@@ -213,13 +215,12 @@ def test_cudnn_kept_backward_matches_sdpa_on_cuda(H, Hk, T, d_layout):
     d_out = _bthd(d_out) if d_layout == "bthd" else d_out.contiguous()
     if kept_attention._backend(q, k) != "cudnn":
         pytest.skip("SDPA does not pick cuDNN for these tensors here")
-    sink: list = []
-    with attention_handoff(sink=sink):
-        out = kept_attention.handoff_attention(q, k, v)
+    p = _keeping("auto")
+    out = kept_attention.attend_kept(q, k, v, p)
     ref_out, *sdpa = _sdpa_grads(q, k, v, d_out)
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)  # the same kernel
-    host = [torch.empty(t.shape, dtype=t.dtype).copy_(t) for t in sink[0].tensors()]  # as the offloader
-    kept = kept_attention.KeptAttention(*(t.cuda() for t in host), "cudnn", sink[0].extra)
+    host = [torch.empty(t.shape, dtype=t.dtype).copy_(t) for t in p.kept.attention.tensors()]  # as offloaded
+    kept = kept_attention.KeptAttention(*(t.cuda() for t in host), "cudnn", p.kept.attention.extra)
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     KeptAttentionFunction.apply(qg, kg, vg, kept).backward(d_out)
     # ground truth: the fp32 math from the same operands (SDPA's own backward is shown beside it)

@@ -9,16 +9,21 @@ import torch
 import torch.nn.functional as F
 from model_cases import loss_and_grads, make_fused_lora_model
 
+from fasttune.memory.layer_pass import LayerPass
 from fasttune.models import kept_attention
 from fasttune.models.kept_attention import (
     KeptAttentionFunction,
     PackedRows,
-    attention_handoff,
     attention_reference_backward,
     attention_reference_forward,
 )
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _keeping(keep_attention: str = "reference", keep_qkv: bool = False) -> LayerPass:
+    """A recomputed layer's forward pass that keeps its attention."""
+    return LayerPass(keep_attention=keep_attention, keep_qkv=keep_qkv)
 
 
 def _doc_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -82,10 +87,9 @@ def test_packed_kept_function_backward_reads_the_rows():
     q, k, v = (_bthd(torch.randn(2, h, 9, 8, generator=g)) for h in (4, 2, 2))
     d_out = torch.randn(2, 4, 9, 8, generator=g)
     rows = PackedRows.from_doc_ids(doc)
-    sink: list = []
-    with attention_handoff(sink=sink, reference=True):
-        out = kept_attention.handoff_attention(q, k, v, rows=rows)
-    (kept,) = sink
+    p = _keeping()
+    out = kept_attention.attend_kept(q, k, v, p, rows=rows)
+    kept = p.kept.attention
     assert kept.extra == (rows,)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     KeptAttentionFunction.apply(qg, kg, vg, kept).backward(d_out)
@@ -150,10 +154,9 @@ def test_flash_varlen_kept_backward_matches_the_math_on_cuda(H, Hk):
     rows = PackedRows.from_doc_ids(doc)
     if kept_attention._backend(q, k, rows) != "flash_varlen":
         pytest.skip("the flash kernel does not run here")
-    sink: list = []
-    with attention_handoff(sink=sink):
-        out = kept_attention.handoff_attention(q, k, v, rows=rows)
-    (kept,) = sink
+    p = _keeping("auto")
+    out = kept_attention.attend_kept(q, k, v, p, rows=rows)
+    kept = p.kept.attention
     o32, lse32 = attention_reference_forward(*(t.float() for t in (q, k, v)), doc)
     assert _rel_err(out, o32) < 1e-2
     host = [torch.empty(t.shape, dtype=t.dtype).copy_(t) for t in kept.tensors()]  # as the offloader

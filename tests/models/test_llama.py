@@ -9,6 +9,7 @@ import torch
 import transformers
 from model_cases import loss_and_grads, make_fused_lora_model
 
+from fasttune.memory.layer_pass import LayerPass
 from fasttune.models.base import IGNORE_INDEX
 from fasttune.models.hf import hf_config_from_llama
 from fasttune.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, rope_inv_freq
@@ -282,22 +283,21 @@ def test_inputs_past_the_hosts_room_stay_on_the_device(tiny_model, monkeypatch):
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recompute_hands_the_residual_gradient_to_the_branch_norms(monkeypatch, mode, keep):
     """Each recomputed layer's two norms take the residual branch's gradient into their input gradient
-    (`input_grad_addend`), except layer 0's first under a frozen embedding (no gradient wanted there); loss
-    and gradients stay those of no checkpointing."""
-    from fasttune.kernels import rms_norm as rn
+    (`LayerPass.grad_addend`), except layer 0's first under a frozen embedding (no gradient wanted there);
+    loss and gradients stay those of no checkpointing."""
+    from fasttune.models import llama
 
     model = make_fused_lora_model()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(8))
     ref_loss, ref_grads = loss_and_grads(model, ids, ids)
     taken = []
-    inner = rn._take_addend
+    inner = llama.rms_norm
 
-    def take(x):
-        t = inner(x)
-        taken.append(t is not None)
-        return t
+    def norm(x, *args, grad_addend=None, **kwargs):
+        taken.append(grad_addend is not None)
+        return inner(x, *args, grad_addend=grad_addend, **kwargs)
 
-    monkeypatch.setattr(rn, "_take_addend", take)
+    monkeypatch.setattr(llama, "rms_norm", norm)
     model.set_gradient_checkpointing(mode, keep_layers=keep)
     loss, grads = loss_and_grads(model, ids, ids)
     assert sum(taken) == 2 * (3 - keep) - 1
@@ -333,15 +333,16 @@ def _record_weight_shapes(monkeypatch, module, name: str) -> list:
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recomputed_layers_take_the_forwards_down_adapter_product(monkeypatch, mode, keep):
     """Each recomputed layer's MLP gets h A_d^T from its first forward instead of reading h for it again in
-    its backward (`down_a_handoff`); loss and gradients stay those of no checkpointing."""
+    its backward (`LayerKept.down_a`); loss and gradients stay those of no checkpointing."""
     from fasttune.kernels import lora
 
     model = make_fused_lora_model()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(8))
     ref_loss, ref_grads = loss_and_grads(model, ids, ids)
-    handed = _record_results(monkeypatch, lora, "_given_down_a")
+    checked = _record_results(monkeypatch, lora, "_kept")
     model.set_gradient_checkpointing(mode, keep_layers=keep)
     loss, grads = loss_and_grads(model, ids, ids)
+    handed = [t for t in checked if t.shape[-1] == 4]  # h A_d^T (tokens, r); gate/up are (tokens, inter)
     assert len(handed) == 3 - keep and all(t is not None and t.shape == (22, 4) for t in handed)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for name in grads:
@@ -351,14 +352,14 @@ def test_recomputed_layers_take_the_forwards_down_adapter_product(monkeypatch, m
 @pytest.mark.parametrize("mode,keep", [("offload", 0), ("selective", 1)])
 def test_recomputed_layers_add_the_residual_in_the_projections(monkeypatch, mode, keep):
     """A recomputed layer's forward hands each residual to its branch's last projection (o, down), which
-    adds it in its product (`residual_into_output`, refused under grad mode); loss and gradients stay those
-    of no checkpointing."""
+    adds it in its product (`LayerPass.residual`, refused under grad mode); loss and gradients stay those of
+    no checkpointing."""
     from fasttune.kernels import lora
 
     model = make_fused_lora_model()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(9))
     ref_loss, ref_grads = loss_and_grads(model, ids, ids)
-    taken = _record_results(monkeypatch, lora, "_take_residual")
+    taken = _record_results(monkeypatch, lora, "_residual_rows")
     model.set_gradient_checkpointing(mode, keep_layers=keep)
     loss, grads = loss_and_grads(model, ids, ids)
     taken = [t for t in taken if t is not None]  # the reruns and kept layers run under grad mode: none
@@ -366,8 +367,9 @@ def test_recomputed_layers_add_the_residual_in_the_projections(monkeypatch, mode
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
-    with pytest.raises(RuntimeError, match="no_grad"), lora.residual_into_output(torch.zeros(2, 3, 64)):
-        pass  # grad mode on: the residual would get no gradient
+    h = torch.zeros(2, 3, 64)
+    with pytest.raises(RuntimeError, match="no_grad"):  # grad mode on: the residual would get no gradient
+        model.model.layers[0].mlp_branch(h, layer_pass=LayerPass(residual=h))
 
 
 @pytest.mark.parametrize("keep", [0, 1, 5])
@@ -405,7 +407,7 @@ def test_fused_lora_path_matches_unfused(tiny_model, monkeypatch):
     calls = []
     qkv, mlp = llama_mod.lora_qkv, llama_mod.lora_mlp
     monkeypatch.setattr(llama_mod, "lora_qkv", lambda *a: (calls.append("qkv"), qkv(*a))[1])
-    monkeypatch.setattr(llama_mod, "lora_mlp", lambda *a: (calls.append("mlp"), mlp(*a))[1])
+    monkeypatch.setattr(llama_mod, "lora_mlp", lambda *a, **k: (calls.append("mlp"), mlp(*a, **k))[1])
     model.set_use_kernels(True)
     loss, grads = loss_and_grads(model, ids, tgt, pos)
     assert calls.count("qkv") == calls.count("mlp") == model.config.num_hidden_layers

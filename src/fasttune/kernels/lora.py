@@ -33,25 +33,21 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
 `lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
 the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buffer (in-place addmm).
 
-Recompute for a backward (`recompute_for_backward()`, used by the layer-level checkpoint of
-`models/activations.py`): the backward of `lora_linear` and `lora_mlp` never reads their output y, only x,
-the (N, r) products and (MLP) g, u. Inside that context they skip the output's base product (x W^T, and the
-down projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips silu(g) u, which its
-backward makes anyway, and takes h A_d^T from there) and return a zero-stride placeholder of y's shape whose
-values must not be read; the gradients are exact.
-
-Residual in the epilogue (`residual_into_output`, used by the same checkpoint's forward, where nothing needs
-a gradient): the next `lora_linear` or `lora_mlp` whose output has the residual's shape writes residual +
-its rank-r term first, and its base product accumulates onto that in the GEMM's epilogue, so the block's
-x + f(x) needs no separate pass that reads both and writes the sum.
-
-Down-adapter hand-off (`down_a_handoff`, used by the same checkpoint): the first forward's h A_d^T, (N, r),
-is kept and handed to the recompute, whose backward would otherwise read h once more to make it again.
-
-Gate/up hand-off (`gate_up_handoff`, used by the same checkpoint to keep a layer's g0 and u0 in host memory
-instead of recomputing them): with `sink`, `lora_mlp`'s forward appends its (g0, u0) to the list; with
-`given`, the next `lora_mlp` forward takes (g0, u0) from there and runs only the rank-r products of gate and
-up, not their base products (two thirds of the MLP's forward FLOPs). Both are exact: the same tensors.
+A layer recomputed in halves (`memory.layer_pass.LayerPass`, passed as `layer_pass`) changes three things:
+- Rerun for the backward (`rerun`): the backward of `lora_linear` and `lora_mlp` never reads their output y,
+  only x, the (N, r) products and (MLP) g, u. They skip the output's base product (x W^T, and the down
+  projection h W_d^T: a third of the MLP's forward FLOPs; the MLP also skips silu(g) u, which its backward
+  makes anyway, and takes h A_d^T from the forward) and return a zero-stride placeholder of y's shape whose
+  values must not be read; the gradients are exact.
+- Residual in the epilogue (`residual`, in the layer's forward, where nothing needs a gradient): the output
+  comes back as residual + output. Where the residual has the output's shape and compute dtype it is
+  written first with the rank-r term and the base product accumulates onto it in the GEMM's epilogue, so
+  the block's x + f(x) needs no separate pass that reads both and writes the sum; a wider residual (fp32
+  under bf16 autocast) is added after.
+- Kept tensors (`kept`): the forward's h A_d^T, (N, r), is kept for the rerun, whose backward would
+  otherwise read h once more to make it again; with `keep_gate_up` also g0 and u0 (to host memory or held
+  on the device), and the rerun then runs only the rank-r products of gate and up, not their base products
+  (two thirds of the MLP's forward FLOPs). Both are exact: the same tensors.
 
 The matmuls run through torch (cuBLAS), except the rank-r products that write an (N, out) output (the
 adapter term the base product accumulates onto, and dx's adapter share): on CUDA the kernel of
@@ -64,10 +60,8 @@ gradients are returned in the adapters' own dtype. `weight` may be a dense tenso
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,90 +72,35 @@ from fasttune.kernels.rank_product import _rank_product_fwd
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 from fasttune.kernels.swiglu_lora import _swiglu_lora_bwd, _swiglu_lora_fwd
 
+if TYPE_CHECKING:
+    from fasttune.memory.layer_pass import LayerPass
+
 WeightLike = torch.Tensor | Callable[[], torch.Tensor]
-_state = threading.local()  # the autograd engine runs a backward on its own thread per device
 
 
-@contextlib.contextmanager
-def _state_set(**values) -> Iterator[None]:
-    """Within: the thread's `_state` attributes set to `values`; the earlier ones (None if unset) after."""
-    before = {name: getattr(_state, name, None) for name in values}
-    for name, value in values.items():
-        setattr(_state, name, value)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            setattr(_state, name, value)
-
-
-def recompute_for_backward() -> contextlib.AbstractContextManager[None]:
-    """Within: lora_linear and lora_mlp outputs are placeholders (see the module docstring)."""
-    return _state_set(skip_outputs=True)
-
-
-def _skipping() -> bool:
-    return bool(getattr(_state, "skip_outputs", False))
-
-
-@contextlib.contextmanager
-def residual_into_output(residual: torch.Tensor) -> Iterator[list]:
-    """Within (grad mode off: the residual's gradient is not passed on): the first `lora_linear` /
-    `lora_mlp` output shaped like `residual` comes back as residual + output (module docstring). Yields a
-    list that holds True once one has taken it; the caller adds the residual itself when none did."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("residual_into_output: only under torch.no_grad() (the residual gets no gradient)")
-    taken: list = []
-    with _state_set(residual=residual, residual_taken=taken):
-        yield taken
-
-
-def _take_residual(shape, dt: torch.dtype) -> torch.Tensor | None:
-    """The pending residual as (N, out) rows if it fits an output of `shape` (..., out) in the compute dtype
-    `dt`, else None (a wider residual stream, e.g. fp32 under bf16 autocast, is added by the caller)."""
-    residual = getattr(_state, "residual", None)
+def _residual_rows(residual: torch.Tensor | None, shape, dt: torch.dtype) -> torch.Tensor | None:
+    """The residual as (N, out) rows if it fits an output of `shape` (..., out) in the compute dtype `dt`,
+    else None (a wider residual stream, e.g. fp32 under bf16 autocast, is added after the product)."""
     if residual is None or residual.shape != shape or residual.dtype != dt:
         return None
-    _state.residual = None  # one output's
-    _state.residual_taken.append(True)
     return residual.reshape(-1, shape[-1])
 
 
-def gate_up_handoff(sink: list | None = None, given: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> contextlib.AbstractContextManager[None]:
-    """Within: `lora_mlp` forwards append their (g, u) to `sink`; the first one takes (g, u) from `given`."""
-    return _state_set(gate_up_sink=sink, gate_up_given=given)
+def _with_residual(y: torch.Tensor, residual: torch.Tensor | None, fused: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """The output as `layer_pass.residual` asks it: residual + y, unless the product has added it already."""
+    return y if residual is None or fused is not None else residual + y
 
 
-def _given_gate_up(n: int, inter: int, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    given = getattr(_state, "gate_up_given", None)
-    if given is None:
-        return None
-    _state.gate_up_given = None  # one MLP's
-    g, u = given
-    if g.shape != (n, inter) or u.shape != (n, inter) or g.dtype != dt or u.dtype != dt:
-        raise ValueError(f"lora_mlp: the handed gate/up {tuple(g.shape)} {g.dtype} do not fit "
-                         f"({n}, {inter}) {dt}")
-    return g, u
+def _kept(t: torch.Tensor, shape: tuple, dt: torch.dtype, what: str) -> torch.Tensor:
+    if t.shape != shape or t.dtype != dt:
+        raise ValueError(f"lora_mlp: the kept {what} {tuple(t.shape)} {t.dtype} does not fit {shape} {dt}")
+    return t
 
 
-def down_a_handoff(sink: list | None = None, given: torch.Tensor | None = None
-                   ) -> contextlib.AbstractContextManager[None]:
-    """Within: `lora_mlp` forwards append their h A_d^T (N, r), the down adapter's product, to `sink`; the
-    first recompute (`recompute_for_backward`) takes it from `given` instead of leaving it to its backward,
-    which would read h, (N, inter), once more for it."""
-    return _state_set(down_a_sink=sink, down_a_given=given)
-
-
-def _given_down_a(n: int, r: int, dt: torch.dtype) -> torch.Tensor | None:
-    given = getattr(_state, "down_a_given", None)
-    if given is None:
-        return None
-    _state.down_a_given = None  # one MLP's
-    if given.shape != (n, r) or given.dtype != dt:
-        raise ValueError(f"lora_mlp: the handed h A_d^T {tuple(given.shape)} {given.dtype} does not fit "
-                         f"({n}, {r}) {dt}")
-    return given
+def _check_residual(name: str, layer_pass: LayerPass | None) -> None:
+    if layer_pass is not None and layer_pass.residual is not None and torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: a residual is added only under torch.no_grad() (it gets no gradient)")
 
 
 def _placeholder(like: torch.Tensor, shape) -> torch.Tensor:
@@ -293,21 +232,23 @@ def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, x_lora, dequant):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, x_lora, dequant, layer_pass):
         dt = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, in)
         xl2 = None if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dt)  # (N, in)
         a, b = lora_A.to(dt), lora_B.to(dt)
-        skip = _skipping()
+        skip = layer_pass is not None and layer_pass.rerun
+        residual = None if layer_pass is None else layer_pass.residual
+        fused = None
         if skip:
             xa = (x2 if xl2 is None else xl2) @ a.t()  # (N, r); the output's products are skipped
             w = weight.to(dt) if weight is not None and weight.dtype != dt else weight
             y = _placeholder(x2, (x2.shape[0], lora_B.shape[0]))
         else:
             w = _base(weight, dequant, dt)
-            residual = _take_residual((*shape[:-1], lora_B.shape[0]), dt)
-            y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2, residual=residual)
+            fused = _residual_rows(residual, (*shape[:-1], lora_B.shape[0]), dt)
+            y, xa = _forward(x2, w, _cast(bias, dt), a, b, scaling, xl2, residual=fused)
         ctx.dequant, ctx.scaling = dequant, scaling
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, lora_A, lora_B, x_lora)]
         # x is needed only for dW (frozen: never) and for dA when there is no dropout (x' = x).
@@ -315,7 +256,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2 if keep_x else None, xl2, xa, None if weight is None else w, a, b)
         if skip:
             return _placeholder(x2, (*shape[:-1], y.shape[-1]))
-        return y.view(*shape[:-1], y.shape[-1])
+        return _with_residual(y.view(*shape[:-1], y.shape[-1]), residual, fused)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -331,7 +272,7 @@ class LoRALinearFunction(torch.autograd.Function):
         lead = dy.shape[:-1]
         dx = None if dx is None else dx.view(*lead, dx.shape[-1])
         dxl = None if dxl is None else dxl.view(*lead, dxl.shape[-1])
-        return dx, dw, dbias, da, db, None, dxl, None
+        return dx, dw, dbias, da, db, None, dxl, None, None
 
 
 def _check_linear(name: str, in_features: int, p: LoRAWeights) -> None:
@@ -352,16 +293,19 @@ def lora_linear(
     lora_B: torch.Tensor,
     scaling: float,
     x_lora: torch.Tensor | None = None,
+    layer_pass: LayerPass | None = None,
 ) -> torch.Tensor:
     """x W^T + b + scaling (x' A^T) B^T with x' = `x_lora` (dropout(x)) or x; hand-written backward.
 
     x: (..., in); weight: (out, in) tensor, or a callable returning it (a 4-bit base's dequantiser);
     bias: (out,) or None; lora_A: (r, in); lora_B: (out, r). Pure torch, so it runs on any device.
+    `layer_pass`: a layer recomputed in halves (module docstring): its rerun, or its residual.
     """
     _check_linear("lora_linear", x.shape[-1], LoRAWeights(weight, bias, lora_A, lora_B, scaling))
+    _check_residual("lora_linear", layer_pass)
     if isinstance(weight, torch.Tensor):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, x_lora, None)
-    return LoRALinearFunction.apply(x, None, bias, lora_A, lora_B, scaling, x_lora, weight)
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, x_lora, None, layer_pass)
+    return LoRALinearFunction.apply(x, None, bias, lora_A, lora_B, scaling, x_lora, weight, layer_pass)
 
 
 def lora_linear_reference(
@@ -424,7 +368,8 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd, scalings, dequants, triton):
+    def forward(ctx, x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd, scalings, dequants, triton,
+                layer_pass):
         dt = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, hidden)
@@ -433,8 +378,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         dense = [None if w is None else _dense(w, dt) for w in (wg, wu, wd)]
         lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
-        given = _given_gate_up(x2.shape[0], lora[0][1].shape[0], dt)
-        if given is None and _skipping():
+        rerun = layer_pass is not None and layer_pass.rerun
+        kept = None if layer_pass is None else layer_pass.kept
+        n, inter = x2.shape[0], lora[0][1].shape[0]
+        given = kept.gate_up if rerun else None
+        if given is not None:
+            given = tuple(_kept(t, (n, inter), dt, "gate/up") for t in given)
+        if given is None and rerun:
             # A rerun whose backward comes next: quantised gate and up weights are dequantised into tensors
             # of their own and saved, so the backward's dx products use them instead of dequantising again.
             dense[:2] = [_dense(dq.fresh, dt) if w is None and hasattr(dq, "fresh") else w
@@ -449,30 +399,32 @@ class LoRAMLPFunction(torch.autograd.Function):
             g, u = (_gate_up_product(x2, _base(dense[i], dequants[i], dt), _cast(b, dt), *lora[i], s, xa, xq,
                                      defer)  # (N, inter); each dequantised right before its product
                     for i, b, s, xa in ((0, bg, sg, xag), (1, bu, su, xau)))
-        sink = getattr(_state, "gate_up_sink", None)
-        if sink is not None:
-            sink.append((g, u))
-        if _skipping():  # nothing reads the down output: h A_d^T is handed, or left to the backward
-            had = _given_down_a(x2.shape[0], lora[2][0].shape[0], dt)
-            y = _placeholder(x2, (x2.shape[0], lora[2][1].shape[0]))
+        if kept is not None and not rerun and layer_pass.keep_gate_up:
+            kept.gate_up = (g, u)
+        residual = fused = None
+        if rerun:  # nothing reads the down output: h A_d^T is the forward's, or left to the backward
+            had = kept.down_a
+            if had is not None:
+                had = _kept(had, (n, lora[2][0].shape[0]), dt, "h A_d^T")
+            y = _placeholder(x2, (n, lora[2][1].shape[0]))
         else:
             terms = (xag, lora[0][1] * sg, xau, lora[1][1] * su) if defer else None
             h = _silu_mul(g, u, terms, triton)  # (N, inter)
-            residual = _take_residual((*shape[:-1], lora[2][1].shape[0]), dt)
+            residual = None if layer_pass is None else layer_pass.residual
+            fused = _residual_rows(residual, (*shape[:-1], lora[2][1].shape[0]), dt)
             y, had = _forward(h, _base(dense[2], dequants[2], dt), _cast(bd, dt), *lora[2], sd,
-                              residual=residual)  # (N, H)
+                              residual=fused)  # (N, H)
             del h  # recomputed in the backward: the largest activation of the block is never kept
-            down_a_sink = getattr(_state, "down_a_sink", None)
-            if down_a_sink is not None:
-                down_a_sink.append(had)
+            if kept is not None:
+                kept.down_a = had
         ctx.scalings, ctx.dequants, ctx.triton, ctx.consumed = scalings, dequants, triton, False
         ctx.defer = defer
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd)]
         ctx.save_for_backward(x2, g, u, xag, xau, had, *dense, *lora[0], *lora[1], *lora[2])
-        if _skipping():
+        if rerun:
             return _placeholder(x2, (*shape[:-1], y.shape[-1]))
-        return y.view(*shape[:-1], y.shape[-1])
+        return _with_residual(y.view(*shape[:-1], y.shape[-1]), residual, fused)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -523,7 +475,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         grads = [_cast(gr, t) for gr, t in zip(grads, ctx.dtypes)]
         if grads[0] is not None:
             grads[0] = grads[0].view(dy.shape)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def lora_mlp(
@@ -532,16 +484,19 @@ def lora_mlp(
     up: LoRAWeights,
     down: LoRAWeights,
     force_triton: bool | None = None,
+    layer_pass: LayerPass | None = None,
 ) -> torch.Tensor:
     """The Llama MLP down(silu(gate(x)) * up(x)), each projection a LoRA linear, as one autograd node.
 
     Saves x, gate(x), up(x) and the rank-r products; recomputes silu(g) u in the backward. The SwiGLU runs
     the Triton kernel on CUDA (or when forced), torch elsewhere. LoRA dropout is not supported here: with
-    dropout on, call `lora_linear` per projection.
+    dropout on, call `lora_linear` per projection. `layer_pass`: a layer recomputed in halves (module
+    docstring): its residual and kept tensors in the forward, its rerun.
     """
     _check_linear("lora_mlp gate", x.shape[-1], gate)
     _check_linear("lora_mlp up", x.shape[-1], up)
     _check_linear("lora_mlp down", gate.lora_B.shape[0], down)
+    _check_residual("lora_mlp", layer_pass)
     triton = use_triton(x, force=force_triton)
     args: list = [x]
     dequants = []
@@ -550,7 +505,7 @@ def lora_mlp(
         args += [p.weight if is_tensor else None, p.bias, p.lora_A, p.lora_B]
         dequants.append(None if is_tensor else p.weight)
     scalings = (gate.scaling, up.scaling, down.scaling)
-    return LoRAMLPFunction.apply(*args, scalings, tuple(dequants), triton)
+    return LoRAMLPFunction.apply(*args, scalings, tuple(dequants), triton, layer_pass)
 
 
 def lora_mlp_reference(

@@ -11,17 +11,13 @@ Backward, with dy and the rounding of n treated as identity:
 Programs work on (rows, D) tiles of about 4096 elements: one row of a 4096-wide hidden state, or 32 rows of
 a head_dim-128 q/k norm.
 
-Input-gradient addend (`input_grad_addend`): in a pre-norm residual block x + f(norm(x)) the gradient of x is
+Input-gradient addend (`grad_addend`): in a pre-norm residual block x + f(norm(x)) the gradient of x is
 g + d norm(x)/dx, for the block's upstream gradient g. A recompute that knows g before it runs the branch
-(`models/activations.LayerRecompute`) hands it to the norm, whose backward kernel adds it to dx in the same
-write, instead of a separate pass that reads both and writes the sum (dx = rstd (dn - n mean(dn n)) + g).
+(`memory.layer_pass.LayerPass`) hands it to the norm, whose backward kernel adds it to dx in the same write,
+instead of a separate pass that reads both and writes the sum (dx = rstd (dn - n mean(dn n)) + g).
 """
 
 from __future__ import annotations
-
-import contextlib
-import threading
-from collections.abc import Iterator
 
 import torch
 
@@ -163,40 +159,18 @@ class _AddToGrad(torch.autograd.Function):
         return dy + addend, None
 
 
-_state = threading.local()  # the autograd engine runs a backward on its own thread per device
-
-
-@contextlib.contextmanager
-def input_grad_addend(addend: torch.Tensor | None) -> Iterator[list]:
-    """Within: the first `rms_norm` of an input shaped like `addend` that requires grad adds `addend` to its
-    input's gradient (module docstring). Yields a list that holds True once a norm has taken it; the caller
-    adds `addend` itself when none did (another norm, or none that needs the gradient)."""
-    taken: list = []
-    before = getattr(_state, "addend", None), getattr(_state, "taken", None)
-    _state.addend, _state.taken = addend, taken
-    try:
-        yield taken
-    finally:
-        _state.addend, _state.taken = before
-
-
-def _take_addend(x: torch.Tensor) -> torch.Tensor | None:
-    addend = getattr(_state, "addend", None)
-    if addend is None or not (torch.is_grad_enabled() and x.requires_grad) or addend.shape != x.shape:
-        return None
-    _state.addend = None  # one norm's
-    _state.taken.append(True)
-    return addend
-
-
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, force_triton: bool | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, force_triton: bool | None = None,
+    grad_addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RMSNorm over the last dimension: Triton on CUDA, the reference elsewhere (`_dispatch.use_triton`).
-    Inside `input_grad_addend`, the first call whose input needs a gradient takes the addend."""
+    `grad_addend` (x's shape): added to x's gradient in the backward (module docstring)."""
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: x has last dimension {x.shape[-1]} but weight has {weight.shape[-1]}")
-    addend = _take_addend(x)
+    if grad_addend is not None and grad_addend.shape != x.shape:
+        raise ValueError(f"rms_norm: grad_addend {tuple(grad_addend.shape)} is not shaped like x "
+                         f"{tuple(x.shape)}")
+    addend = grad_addend
     if use_triton(x, weight, force=force_triton):
         return RMSNormFunction.apply(x, weight, eps, addend)
     if addend is not None:

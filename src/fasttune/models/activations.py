@@ -13,7 +13,7 @@ With the fused LoRA path, 'offload' and 'selective' recompute a layer in two hal
 input x and its midpoint x_mid = x + attn(x) both go to the host, and the backward of each half reruns only
 what that backward reads: RMSNorm, q/k/v and attention for the first half, RMSNorm, gate and up for the
 second. The o and down projections' base products (a quarter of a layer's matmul FLOPs) are not rerun
-(`kernels.lora.recompute_for_backward`), which an autograd-level checkpoint cannot know to skip.
+(the rerun of `memory.layer_pass.LayerPass`), which an autograd-level checkpoint cannot know to skip.
 
 Gate/up on the host (`host_gate_up`, a share of the recomputed layers, spread evenly): such a layer also sends
 its MLP's gate and up outputs g, u (two (tokens, intermediate) tensors) to pinned host memory in the forward,
@@ -235,49 +235,41 @@ class LayerRecompute(torch.autograd.Function):
 
     Inputs: x, the layer, the extra arguments of its attention branch, where to keep the MLP's gate/up
     outputs instead of recomputing them ('host': saved like x, so through the offloader; 'device': held on
-    the device; '': not kept), whether to keep
-    the attention's output and log-sum-exp the same way (`kept_attention`: the rerun then skips the
-    attention forward; 'auto' where the kernel allows, 'reference' also off CUDA, for tests, or 'off'),
-    whether the kept attention also keeps q, k, v (the rerun then skips their products and RoPE), and
-    `anchors` (tensors that require grad, e.g. the layer's adapter weights, so that the output requires grad
-    even when x does not). The down adapter's h A_d^T from the forward is kept too (`down_a_handoff`), so
-    the MLP's backward does not read h again for it, and the forward's residual adds go into the o and down
-    products' epilogues (`residual_into_output`). The inner backwards accumulate parameter gradients
-    straight into `.grad`, as a reentrant checkpoint does.
+    the device; '': not kept), whether to keep the attention's output and log-sum-exp the same way
+    (`kept_attention`: the rerun then skips the attention forward; 'auto' where the kernel allows,
+    'reference' also off CUDA, for tests, or 'off'), whether the kept attention also keeps q, k, v (the rerun
+    then skips their products and RoPE), and `anchors` (tensors that require grad, e.g. the layer's adapter
+    weights, so that the output requires grad even when x does not). Each branch runs with a
+    `memory.layer_pass.LayerPass`: in the forward the branch's last product adds the residual in its
+    epilogue and the fused ops fill the pass's `kept` (the down adapter's h A_d^T always, so the MLP's
+    backward does not read h again for it); in the rerun they take from it and skip their outputs, and the
+    branch's input norm adds the upstream gradient to its input's. The inner backwards accumulate parameter
+    gradients straight into `.grad`, as a reentrant checkpoint does.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, layer, attn_args, keep_gate_up, keep_attention, keep_qkv, *anchors):
-        from fasttune.kernels.lora import down_a_handoff, gate_up_handoff, residual_into_output
-        from fasttune.models.kept_attention import attention_handoff
+        from fasttune.memory.layer_pass import LayerKept, LayerPass
 
-        gate_up: list = []
-        attn: list = []
-        down_a: list = []
+        kept = LayerKept()
         with torch.no_grad():
-            # each branch's last projection adds the residual in its GEMM's epilogue (or it is added here)
-            with attention_handoff(sink=attn if keep_attention != "off" else None,
-                                   reference=keep_attention == "reference", keep_qkv=keep_qkv), \
-                    residual_into_output(x) as added:
-                a = layer.attn_branch(x, *attn_args)
-            x_mid = a if added else x + a
-            del a
-            with gate_up_handoff(sink=gate_up if keep_gate_up else None), down_a_handoff(sink=down_a), \
-                    residual_into_output(x_mid) as added:
-                m = layer.mlp_branch(x_mid)
-            out = m if added else x_mid + m
-            del m
+            # each branch's last projection adds the residual in its GEMM's epilogue
+            x_mid = layer.attn_branch(x, *attn_args, layer_pass=LayerPass(
+                residual=x, keep_attention=keep_attention, keep_qkv=keep_qkv, kept=kept))
+            out = layer.mlp_branch(x_mid, layer_pass=LayerPass(
+                residual=x_mid, keep_gate_up=bool(keep_gate_up), kept=kept))
         ctx.layer, ctx.attn_args = layer, attn_args
         # h A_d^T of the down adapter, (tokens, r): kept on the device (a fraction of a percent of x), held by
         # ctx as an intermediate rather than saved through the offloader
-        ctx.down_a = down_a[0] if len(down_a) == 1 else None
-        kept_gate_up = gate_up[0] if len(gate_up) == 1 else ()
+        ctx.down_a = kept.down_a
+        kept_gate_up = kept.gate_up or ()
         # on the device: held by ctx, like down_a; on the host: saved, so through the offloader
         ctx.device_gate_up = kept_gate_up if keep_gate_up == "device" else ()
         if ctx.device_gate_up:
             kept_gate_up = ()
-        kept_attn = attn[0] if len(attn) == 1 else None
+        kept_attn = kept.attention
+        del kept
         ctx.n_gate_up = len(kept_gate_up)
         ctx.kept_attn = (kept_attn.backend, kept_attn.extra) if kept_attn is not None else None
         ctx.save_for_backward(x, x_mid, *kept_gate_up,
@@ -287,9 +279,8 @@ class LayerRecompute(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out):
-        from fasttune.kernels.lora import down_a_handoff, gate_up_handoff, recompute_for_backward
-        from fasttune.kernels.rms_norm import input_grad_addend
-        from fasttune.models.kept_attention import KeptAttention, attention_handoff
+        from fasttune.memory.layer_pass import LayerKept, LayerPass
+        from fasttune.models.kept_attention import KeptAttention
 
         x, x_mid, *rest = ctx.saved_tensors
         down_a, ctx.down_a = ctx.down_a, None
@@ -298,25 +289,26 @@ class LayerRecompute(torch.autograd.Function):
         given_attn = KeptAttention.from_tensors(rest, *ctx.kept_attn) if ctx.kept_attn is not None else None
         del rest
         layer = ctx.layer
-        with torch.enable_grad(), recompute_for_backward():
+        with torch.enable_grad():
             xm = x_mid.detach().requires_grad_(True)
-            # out = x_mid + mlp(x_mid): d_out joins x_mid's gradient in the branch's norm backward (or here)
-            with gate_up_handoff(given=tuple(gate_up) if gate_up else None), down_a_handoff(given=down_a), \
-                    input_grad_addend(d_out) as added:
-                y = layer.mlp_branch(xm)
-            del gate_up, down_a  # the MLP's backward writes its gradients over gate/up
+            # out = x_mid + mlp(x_mid): d_out joins x_mid's gradient in the branch's norm backward
+            p = LayerPass(rerun=True, grad_addend=d_out,
+                          kept=LayerKept(gate_up=tuple(gate_up) if gate_up else None, down_a=down_a))
+            y = layer.mlp_branch(xm, layer_pass=p)
+            del gate_up, down_a, p  # the MLP's backward writes its gradients over gate/up
             torch.autograd.backward(y, d_out)
             del y
-            d_mid = xm.grad if added else d_out + xm.grad
+            d_mid = xm.grad
             del xm
             want_dx = ctx.needs_input_grad[0]  # not for layer 0 under a frozen embedding
             xi = x.detach().requires_grad_(want_dx)
-            with attention_handoff(given=given_attn), input_grad_addend(d_mid if want_dx else None) as added:
-                a = layer.attn_branch(xi, *ctx.attn_args)
-            del given_attn
+            p = LayerPass(rerun=True, grad_addend=d_mid if want_dx else None,
+                          kept=LayerKept(attention=given_attn))
+            a = layer.attn_branch(xi, *ctx.attn_args, layer_pass=p)
+            del given_attn, p
             torch.autograd.backward(a, d_mid)
             del a
-            dx = (xi.grad if added else d_mid + xi.grad) if want_dx else None  # x_mid = x + attn(x)
+            dx = xi.grad if want_dx else None  # x_mid = x + attn(x): d_mid joined in the norm's backward
         return dx, None, None, None, None, None, *(None for _ in ctx.needs_input_grad[6:])
 
 

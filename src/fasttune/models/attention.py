@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from fasttune.models.kept_attention import PackedRows, handoff_active, handoff_attention
+from fasttune.models.kept_attention import PackedRows, attend_kept, keeps
+
+if TYPE_CHECKING:
+    from fasttune.memory.layer_pass import LayerPass
 
 # `enable_gqa` lets SDPA read the small K/V directly (torch >= 2.5); older versions repeat K/V.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -215,13 +219,14 @@ def _use_flex(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
-           qkv_reusable: bool = False) -> torch.Tensor:
+           qkv_reusable: bool = False, layer_pass: LayerPass | None = None) -> torch.Tensor:
     """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd).
-    `qkv_reusable`: the caller can rerun from kept q, k, v (`kept_attention.rerun_from_kept`)."""
+    `layer_pass`: a layer recomputed in halves, whose forward may keep the output and whose rerun takes it
+    (models/kept_attention.py), for plain or packed causal rows; `qkv_reusable`: the caller can rerun from
+    kept q, k, v (`kept_attention.rerun_from_kept`)."""
     n_rep = q.shape[1] // k.shape[1]
-    # inside a layer's recompute, its kept output (models/kept_attention.py), for plain or packed causal rows
-    if (mask.causal or mask.doc_causal) and handoff_active():
-        kept = handoff_attention(q, k, v, qkv_reusable, None if mask.causal else packed_rows(mask))
+    if layer_pass is not None and (mask.causal or mask.doc_causal) and keeps(layer_pass):
+        kept = attend_kept(q, k, v, layer_pass, qkv_reusable, None if mask.causal else packed_rows(mask))
         if kept is not None:
             return kept
     if _use_flex(q, k, mask):

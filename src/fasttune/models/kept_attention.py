@@ -2,10 +2,9 @@
 
 A layer rerun for its backward (`activations.LayerRecompute`) needs the attention's gradients, and a flash
 kernel's backward reads only q, k, v, the output O and the row statistics of the softmax, never the forward
-itself. With the hand-off (`attention_handoff`) the first forward appends what the backward will read to
-`sink`; the rerun hands it back through `given`, recomputes q, k, v (cheap: their products) and returns the
-kept O without running attention again. At 32,768 tokens the attention forward is ~40% of a Llama-3.1-8B
-layer's forward.
+itself. In the layer's forward (`memory.layer_pass.LayerPass` with `keep_attention`) `attend_kept` puts what
+the backward will read into the pass's `kept`; the rerun's pass hands it back, recomputes q, k, v (cheap:
+their products) and returns the kept O without running attention again.
 
 For q (B, H, T, D), k, v (B, Hk, T, D), H = Hk * n_rep, scale s = 1 / sqrt(D), causal:
     forward:   S = s q k^T (masked above the diagonal), lse = logsumexp_k S   (B, H, T, 1) fp32
@@ -17,8 +16,8 @@ On CUDA both run as the cuDNN flash kernels SDPA itself picks (`_scaled_dot_prod
 backward), used only where SDPA's own choice for these tensors is cuDNN and q, k, v are laid out token-major
 as our model makes them (the layout verified against the fp32 math on the H100; others take the usual path),
 and dO is handed to the kernel with O's strides (on the H100, torch 2.11's own SDPA backward returned wrong
-gradients, ~140% off, when they differed); elsewhere the hand-off stays off and the rerun runs attention as
-before, except where `reference` is allowed (tests): the math above in fp32.
+gradients, ~140% off, when they differed); elsewhere nothing is kept and the rerun runs attention again,
+except with keep_attention 'reference' (tests): the math above in fp32.
 Exact: the backward reads the forward's own O and lse, as SDPA's backward does.
 
 Packed rows (`PackedRows`: several rows per sequence, causal within each, never across): the same math with
@@ -26,7 +25,7 @@ S also masked where query and key sit in different rows. On CUDA they run as the
 (`_flash_attention_forward` / `_backward` over the batch flattened to B * T tokens, row r spanning
 cu_seqlens[r] to cu_seqlens[r + 1]), whose lse is (H, B * T); the reference is the masked math above.
 
-Kept q, k, v (`keep_qkv` of the hand-off, for attentions whose q, k, v are plain functions of the layer's
+Kept q, k, v (`keep_qkv` of the pass, for attentions whose q, k, v are plain functions of the layer's
 normed input: the fused q/k/v products and RoPE, no q/k norms): the first forward also keeps q and k after
 RoPE and v, so the rerun needs neither the q/k/v base products nor RoPE (`rerun_from_kept`): the q/k/v node
 returns placeholders and computes only its rank-r products, and the kept node's backward runs the attention
@@ -36,15 +35,15 @@ Llama-3.1-8B layer they are 1.5 times the layer input; the q/k/v products are ~1
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-_state = threading.local()  # the autograd engine runs a backward on its own thread per device
+if TYPE_CHECKING:
+    from fasttune.memory.layer_pass import LayerPass
+
 _CUDNN = 3  # torch.nn.attention.SDPBackend.CUDNN_ATTENTION, as torch._fused_sdp_choice returns it
 
 
@@ -92,33 +91,12 @@ class KeptAttention:
         return cls(out, lse, backend, extra, tuple(qkv))
 
 
-_FIELDS = ("sink", "given", "reference", "keep_qkv")
-
-
-@contextlib.contextmanager
-def attention_handoff(sink: list | None = None, given: KeptAttention | None = None,
-                      reference: bool = False, keep_qkv: bool = False) -> Iterator[None]:
-    """Within: causal attention appends a `KeptAttention` to `sink`; the first one takes its O from `given`.
-    `reference`: allow the fp32 math off CUDA (tests), where otherwise nothing is kept. `keep_qkv`: also
-    keep q, k, v where the attention says they are reusable (module docstring)."""
-    before = tuple(getattr(_state, name, None) for name in _FIELDS)
-    _state.sink, _state.given, _state.reference, _state.keep_qkv = sink, given, reference, keep_qkv
-    try:
-        yield
-    finally:
-        _state.sink, _state.given, _state.reference, _state.keep_qkv = before
-
-
-def handoff_active() -> bool:
-    """Whether an attention here would keep its output or take a kept one (a recomputed layer's forward or
-    rerun)."""
-    return getattr(_state, "sink", None) is not None or getattr(_state, "given", None) is not None
-
-
-def given_with_qkv() -> KeptAttention | None:
-    """The kept attention handed to the next attention of a rerun, if it carries q, k, v (not consumed)."""
-    given = getattr(_state, "given", None)
-    return given if given is not None and given.qkv_bthd else None
+def keeps(layer_pass: LayerPass) -> bool:
+    """Whether an attention under `layer_pass` keeps its output (a recomputed layer's forward) or takes a
+    kept one (its rerun)."""
+    if layer_pass.rerun:
+        return layer_pass.kept.attention is not None
+    return layer_pass.keep_attention != "off"
 
 
 def _token_major(t: torch.Tensor) -> bool:
@@ -128,11 +106,12 @@ def _token_major(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.stride(1) == D and t.stride(2) >= H * D
 
 
-def _backend(q: torch.Tensor, k: torch.Tensor, rows: PackedRows | None = None) -> str | None:
+def _backend(q: torch.Tensor, k: torch.Tensor, rows: PackedRows | None = None,
+             reference: bool = False) -> str | None:
     """Plain causal rows: 'cudnn' where SDPA would pick cuDNN for these tensors; packed rows: 'flash_varlen'
     where the flash kernel takes them; 'reference' where allowed (off CUDA); else None."""
     if not q.is_cuda:
-        return "reference" if getattr(_state, "reference", False) else None
+        return "reference" if reference else None
     if rows is not None:
         D = q.shape[-1]
         ok = (q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
@@ -143,32 +122,32 @@ def _backend(q: torch.Tensor, k: torch.Tensor, rows: PackedRows | None = None) -
     return "cudnn" if choice == _CUDNN else None
 
 
-def handoff_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv_reusable: bool = False,
-                      rows: PackedRows | None = None) -> torch.Tensor | None:
-    """Causal self-attention through the hand-off when one is active and the kernel allows it, else None
-    (the caller then runs attention as usual). q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D).
-    `qkv_reusable`: the caller can rerun from kept q, k, v (`rerun_from_kept`); kept if the hand-off asks.
+def attend_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_pass: LayerPass,
+                qkv_reusable: bool = False, rows: PackedRows | None = None) -> torch.Tensor | None:
+    """Causal self-attention that keeps its output into `layer_pass.kept` (the layer's forward) or takes the
+    kept one (its rerun), where `keeps(layer_pass)` and the kernel allows it, else None (the caller then runs
+    attention as usual). q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D).
+    `qkv_reusable`: the caller can rerun from kept q, k, v (`rerun_from_kept`); kept if the pass asks.
     `rows`: the packed rows of the batch (causal within each), or None for plain causal rows."""
-    sink, given = getattr(_state, "sink", None), getattr(_state, "given", None)
-    if (sink is None and given is None) or q.shape[2] != k.shape[2]:
+    if not keeps(layer_pass) or q.shape[2] != k.shape[2]:
         return None
-    if given is not None:  # the rerun: the forward's choice of kernel holds (grad mode may change SDPA's)
-        _state.given = None  # one attention's
+    if layer_pass.rerun:  # the forward's choice of kernel holds (grad mode may change SDPA's)
+        given = layer_pass.kept.attention
         B, H, T, D = q.shape
         if given.out_bthd.shape != (B, T, H, D):
-            raise RuntimeError(f"attention_handoff: the kept output {tuple(given.out_bthd.shape)} does not "
+            raise RuntimeError(f"attend_kept: the kept output {tuple(given.out_bthd.shape)} does not "
                                f"fit this attention's (B, T, H, D) = {(B, T, H, D)}")
         return KeptAttentionFunction.apply(q, k, v, given)
     if not all(_token_major(t) for t in (q, k, v)):
         return None
-    backend = _backend(q, k, rows)
+    backend = _backend(q, k, rows, reference=layer_pass.keep_attention == "reference")
     if backend is None:
         return None
     with torch.no_grad():
         out, kept = _forward(q, k, v, backend, rows)
-    if qkv_reusable and getattr(_state, "keep_qkv", False):
+    if qkv_reusable and layer_pass.keep_qkv:
         kept.qkv_bthd = tuple(t.transpose(1, 2) for t in (q, k, v))
-    sink.append(kept)
+    layer_pass.kept.attention = kept
     return out
 
 
@@ -262,13 +241,11 @@ class KeptQKVAttentionFunction(torch.autograd.Function):
 
 
 def rerun_from_kept(q0: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor,
-                    rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The rerun's attention output (B, H, T, D) from the handed `KeptAttention` with q, k, v (consumed);
+                    rope: tuple[torch.Tensor, torch.Tensor], given: KeptAttention) -> torch.Tensor:
+    """The rerun's attention output (B, H, T, D) from the forward's `KeptAttention` with q, k, v;
     q0, k0, v0: the q/k/v node's placeholders (B, T, heads * D), connecting their backward."""
-    given = given_with_qkv()
-    if given is None:
-        raise RuntimeError("rerun_from_kept: no kept attention with q, k, v is handed to this rerun")
-    _state.given = None  # one attention's
+    if not given.qkv_bthd:
+        raise RuntimeError("rerun_from_kept: the kept attention carries no q, k, v")
     B, T, H, D = given.out_bthd.shape
     if q0.shape != (B, T, H * D) or given.qkv_bthd[0].shape != (B, T, H, D):
         raise RuntimeError(f"rerun_from_kept: the kept q {tuple(given.qkv_bthd[0].shape)} and O "

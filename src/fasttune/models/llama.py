@@ -10,13 +10,14 @@ on, attention and MLP projections that are all LoRA layers run as one fused auto
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fasttune.kernels.cross_entropy import linear_cross_entropy, target_rows
-from fasttune.kernels.lora import LoRAWeights, lora_mlp, lora_qkv
+from fasttune.kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv
 from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
 from fasttune.kernels.swiglu import swiglu, swiglu_reference
@@ -24,9 +25,12 @@ from fasttune.lora.layer import LoRALinear
 from fasttune.models.activations import CHECKPOINT_MODES, KEEP_ATTENTION, link_gate_up_share, run_layers
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
-from fasttune.models.kept_attention import given_with_qkv, rerun_from_kept
+from fasttune.models.kept_attention import rerun_from_kept
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.rotary import RotaryEmbedding, rope_inv_freq  # noqa: F401  (importable from here)
+
+if TYPE_CHECKING:
+    from fasttune.memory.layer_pass import LayerPass
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = {  # rope_scaling["rope_type"] -> keys it needs
@@ -99,9 +103,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.use_kernels = use_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = rms_norm if self.use_kernels else rms_norm_reference
-        return op(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, grad_addend: torch.Tensor | None = None) -> torch.Tensor:
+        """`grad_addend`: added to x's gradient (`kernels.rms_norm`; a layer recomputed in halves)."""
+        if self.use_kernels:
+            return rms_norm(x, self.weight, self.eps, grad_addend=grad_addend)
+        if grad_addend is not None:
+            return rms_norm(x, self.weight, self.eps, force_triton=False, grad_addend=grad_addend)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 # ---------------------------------------------------------------- attention, MLP, block
@@ -157,19 +165,26 @@ class Attention(nn.Module):
         mask: AttentionMask,
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
+        layer_pass: LayerPass | None = None,
     ) -> torch.Tensor:
+        """`layer_pass`: this layer is recomputed in halves (`memory.layer_pass`), so all its projections are
+        fused (`DecoderLayer.recompute_in_halves`)."""
         B, T, _ = x.shape
         fused = fused_lora_weights(self.q_proj, self.k_proj, self.v_proj) if self.use_kernels else None
         # q, k, v are plain functions of x here: a layer's rerun may take them kept (models/kept_attention.py)
         reusable = fused is not None and not self.qk_norm and kv_cache is None
-        if reusable and given_with_qkv() is not None:  # the rerun: no q/k/v products, RoPE or attention
-            y = rerun_from_kept(*lora_qkv(x, *fused, outputs=False), rope)  # (B, nh, T, hd)
+        kept = layer_pass.kept.attention if layer_pass is not None and layer_pass.rerun else None
+        if reusable and kept is not None and kept.qkv_bthd:  # the rerun: no q/k/v products, RoPE or attention
+            y = rerun_from_kept(*lora_qkv(x, *fused, outputs=False), rope, kept)  # (B, nh, T, hd)
         else:
-            y = self._attention(x, fused, rope, mask, kv_cache, layer_idx, reusable)
+            y = self._attention(x, fused, rope, mask, kv_cache, layer_idx, reusable, layer_pass)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
-        return self.o_proj(y)
+        if layer_pass is None:
+            return self.o_proj(y)
+        (o,) = fused_lora_weights(self.o_proj)
+        return lora_linear(y, *o, layer_pass=layer_pass)
 
-    def _attention(self, x, fused, rope, mask, kv_cache, layer_idx, reusable) -> torch.Tensor:
+    def _attention(self, x, fused, rope, mask, kv_cache, layer_idx, reusable, layer_pass) -> torch.Tensor:
         """q/k/v projections, RoPE and attention: (B, T, H) -> (B, nh, T, hd)."""
         B, T, _ = x.shape
         if fused is not None:
@@ -186,7 +201,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nkv, past + T, hd)
-        return attend(q, k, v, mask, qkv_reusable=reusable)  # (B, nh, T, hd)
+        return attend(q, k, v, mask, qkv_reusable=reusable, layer_pass=layer_pass)  # (B, nh, T, hd)
 
 
 class MLP(nn.Module):
@@ -197,11 +212,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.use_kernels = use_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer_pass: LayerPass | None = None) -> torch.Tensor:
+        """`layer_pass`: the layer is recomputed in halves (`memory.layer_pass`); all projections fused."""
         if self.use_kernels:
             fused = fused_lora_weights(self.gate_proj, self.up_proj, self.down_proj)
             if fused is not None:
-                return lora_mlp(x, *fused)
+                return lora_mlp(x, *fused, layer_pass=layer_pass)
         op = swiglu if self.use_kernels else swiglu_reference
         return self.down_proj(op(self.gate_proj(x), self.up_proj(x)))
 
@@ -232,11 +248,14 @@ class DecoderLayer(nn.Module):
         x = x + self.attn_branch(x, rope, mask, kv_cache, layer_idx)
         return x + self.mlp_branch(x)
 
-    def attn_branch(self, x, rope, mask, kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        return self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer_idx)
+    def attn_branch(self, x, rope, mask, kv_cache: KVCache | None = None, layer_idx: int = 0,
+                    layer_pass: LayerPass | None = None) -> torch.Tensor:
+        addend = None if layer_pass is None else layer_pass.grad_addend
+        return self.self_attn(self.input_layernorm(x, addend), rope, mask, kv_cache, layer_idx, layer_pass)
 
-    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.post_attention_layernorm(x))
+    def mlp_branch(self, x: torch.Tensor, layer_pass: LayerPass | None = None) -> torch.Tensor:
+        addend = None if layer_pass is None else layer_pass.grad_addend
+        return self.mlp(self.post_attention_layernorm(x, addend), layer_pass)
 
     def recompute_in_halves(self) -> bool:
         """Whether `activations.LayerRecompute` may rerun this layer: all seven projections fused."""
