@@ -268,11 +268,14 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
 
     packing = resolve_packing(cfg.data.packing, exact=getattr(model, "supports_packing", False))
     batch_size = t.per_device_train_batch_size
-    stream = BatchStream(train_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed)
+    stream = BatchStream(train_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed,
+                         group_by_length=cfg.data.group_by_length)
     eval_batches = None if eval_data is None else make_batches(
         eval_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed, epoch=0)
     steps_per_epoch = math.ceil(len(stream) / t.gradient_accumulation_steps)
-    log(f"  packing {'on' if packing else 'off'}: {len(stream)} micro-batches of {batch_size} per epoch, "
+    grouped = ", grouped by length" if cfg.data.group_by_length else ""
+    log(f"  packing {'on' if packing else 'off'}{grouped}: {len(stream)} micro-batches of {batch_size} per "
+        f"epoch, "
         f"accumulation {t.gradient_accumulation_steps} -> {steps_per_epoch} optimiser steps per epoch")
 
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,10 @@ class DataConfig:
     on_long_row: str = field(default="truncate", metadata={"help": "A row over max_seq_length: truncate or drop."})
     packing: str = field(default="auto", metadata={"help": (
         "Pack several rows per sequence with attention kept inside each row: auto (on where exact), on, off.")})
+    group_by_length: bool = field(default=False, metadata={"help": (
+        "Batch rows of similar length together (as transformers' group_by_length: sorted within random "
+        "mega-batches of 50 micro-batches), so padded batches carry little padding; the same rows per "
+        "epoch.")})
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (after validation)."})
 
 

@@ -163,3 +163,68 @@ def test_batch_stream_shards_across_ranks():
     got = [next(s) for s in shards for _ in range(len(s))]
     used = sorted(seg for b in got for seg in segments(b))
     assert len(used) == 2 * 4 * (len(full) // 4) and len(set(map(str, used))) == len(used)
+
+
+# ---- length-grouped batching -----------------------------------------------------------------------
+
+
+def padding(batches: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+
+@pytest.mark.parametrize("sampler", ["seeded", "torch"])
+def test_group_by_length_keeps_the_rows_and_cuts_the_padding(sampler):
+    # uneven rows, as instruction data has them (a few long ones among many short ones)
+    rng = random.Random(1)
+    lengths = [rng.choice([rng.randint(5, 30), rng.randint(5, 30), rng.randint(60, 150)]) for _ in range(400)]
+    rows = [Example(input_ids=[100 + i % 7] * n, labels=[100 + i % 7] * n) for i, n in enumerate(lengths)]
+    plain = make_batches(rows, 8, 160, PAD, packing=False, seed=3, epoch=1, sampler=sampler)
+    grouped = make_batches(rows, 8, 160, PAD, packing=False, seed=3, epoch=1, group_by_length=True,
+                           sampler=sampler)
+    assert sorted(s for b in grouped for s in segments(b)) == sorted(s for b in plain for s in segments(b))
+    assert len(grouped) == len(plain)
+    assert padding(grouped) < 0.5 * padding(plain)
+    # deterministic per (seed, epoch), different between epochs
+    plan = plan_epoch(lengths, 8, 160, False, seed=3, epoch=1, group_by_length=True, sampler=sampler)
+    assert plan == plan_epoch(lengths, 8, 160, False, seed=3, epoch=1, group_by_length=True, sampler=sampler)
+    assert plan != plan_epoch(lengths, 8, 160, False, seed=3, epoch=2, group_by_length=True, sampler=sampler)
+    # the longest row comes first, as transformers' group_by_length puts it
+    assert max(lengths[i] for i in plan[0][0]) == max(lengths)
+
+
+def test_group_by_length_gives_the_same_loss_totals_per_epoch():
+    from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    rows = random_examples(60, 90, seed=4)
+    totals = []
+    for grouped in (False, True):
+        loss, tokens = 0.0, 0
+        with torch.no_grad():
+            for b in make_batches(rows, 4, 96, PAD, packing=False, seed=2, epoch=0, group_by_length=grouped):
+                out = model(b["input_ids"], position_ids=b["position_ids"], targets=b["targets"],
+                            attention_mask=b["attention_mask"])
+                loss, tokens = loss + float(out.loss_sum), tokens + int(out.n_tokens)
+        totals.append((loss, tokens))
+    assert totals[0][1] == totals[1][1]
+    assert totals[0][0] == pytest.approx(totals[1][0], rel=1e-5)
+
+
+def test_stream_resumes_inside_a_grouped_epoch():
+    rows = random_examples(30, 40, seed=6)
+    stream = BatchStream(rows, 2, 48, PAD, packing=False, seed=1, group_by_length=True, sampler="torch")
+    for _ in range(20):
+        next(stream)
+    resumed = BatchStream(rows, 2, 48, PAD, packing=False, seed=1, group_by_length=True, sampler="torch")
+    resumed.load_state_dict(stream.state_dict())
+    for _ in range(12):
+        a, b = next(stream), next(resumed)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(ValueError, match="sampler 'hf'"):
+        plan_epoch([3, 4], 1, 8, False, seed=0, epoch=0, sampler="hf")

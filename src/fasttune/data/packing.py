@@ -63,21 +63,54 @@ def pack_bins(lengths: Sequence[int], capacity: int, order: Sequence[int]) -> li
     return bins
 
 
+SAMPLERS = ("seeded", "torch")
+
+
+def _length_grouped(sequences: list[list[int]], lengths: Sequence[int], batch_size: int,
+                    generator: torch.Generator) -> list[list[int]]:
+    """`sequences` reordered as transformers' group_by_length orders rows: a random permutation cut into
+    mega-batches of 50 micro-batches (fewer for small data), each sorted longest first, the longest
+    sequence of all in the first micro-batch. Neighbours then have similar lengths, so a padded batch
+    holds little padding, and the order stays random between mega-batches."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    totals = [sum(lengths[i] for i in seq) for seq in sequences]
+    return [sequences[k] for k in get_length_grouped_indices(totals, batch_size, generator=generator)]
+
+
 def plan_epoch(lengths: Sequence[int], batch_size: int, max_seq_length: int, packing: bool, seed: int,
-               epoch: int) -> Plan:
-    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), then rows packed into
-    sequences (packing) or one row per sequence, `batch_size` sequences per micro-batch."""
+               epoch: int, group_by_length: bool = False, sampler: str = "seeded") -> Plan:
+    """The micro-batches of one epoch, `batch_size` sequences each.
+
+    sampler 'seeded': a permutation seeded by (seed, epoch), then rows packed into sequences (packing)
+    or one row per sequence, the sequences permuted again. sampler 'torch': the order in which
+    transformers' Trainer draws rows (`torch.randperm` with a generator seeded by seed + epoch, as
+    accelerate's seedable sampler does); packed sequences are built once in dataset order, as TRL packs
+    a dataset before sampling, and permuted the same way. group_by_length: the sequences are then
+    ordered as transformers' group_by_length orders rows (`_length_grouped`), seeded by seed + epoch.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     too_long = [i for i, n in enumerate(lengths) if n > max_seq_length]
     if too_long:
         raise ValueError(f"{len(too_long)} examples are longer than max_seq_length={max_seq_length} "
                          "(build_dataset truncates or drops them)")
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
-    if packing:
-        sequences = pack_bins(lengths, max_seq_length, order)
-        sequences = [sequences[k] for k in rng.permutation(len(sequences)).tolist()]
+    if sampler == "seeded":
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(lengths)).tolist()
+        if packing:
+            sequences = pack_bins(lengths, max_seq_length, order)
+            sequences = [sequences[k] for k in rng.permutation(len(sequences)).tolist()]
+        else:
+            sequences = [[i] for i in order]
     else:
-        sequences = [[i] for i in order]
+        rows = range(len(lengths))
+        sequences = pack_bins(lengths, max_seq_length, rows) if packing else [[i] for i in rows]
+        perm = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed + epoch))
+        sequences = [sequences[k] for k in perm.tolist()]
+    if group_by_length:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        sequences = _length_grouped(sequences, lengths, batch_size, generator)
     return [sequences[k:k + batch_size] for k in range(0, len(sequences), batch_size)]
 
 
@@ -113,11 +146,13 @@ def collate(batch: list[list[int]], input_ids: Sequence[Sequence[int]], targets:
 
 
 def make_batches(examples: Sequence[Any], batch_size: int, max_seq_length: int, pad_id: int, packing: bool,
-                 seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+                 seed: int, epoch: int, group_by_length: bool = False,
+                 sampler: str = "seeded") -> list[dict[str, torch.Tensor]]:
     """Every micro-batch of one epoch (examples carry `input_ids` and unshifted `labels`)."""
     ids = [e.input_ids for e in examples]
     targets = [shift_targets(e.labels) for e in examples]
-    plan = plan_epoch([len(x) for x in ids], batch_size, max_seq_length, packing, seed, epoch)
+    plan = plan_epoch([len(x) for x in ids], batch_size, max_seq_length, packing, seed, epoch,
+                      group_by_length=group_by_length, sampler=sampler)
     return [collate(b, ids, targets, pad_id, max_seq_length) for b in plan]
 
 
@@ -131,7 +166,8 @@ class BatchStream:
     """
 
     def __init__(self, examples: Sequence[Any], batch_size: int, max_seq_length: int, pad_id: int,
-                 packing: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+                 packing: bool, seed: int, rank: int = 0, world_size: int = 1, group_by_length: bool = False,
+                 sampler: str = "seeded") -> None:
         if not examples:
             raise ValueError("no examples to batch")
         self.input_ids = [list(e.input_ids) for e in examples]
@@ -139,6 +175,7 @@ class BatchStream:
         self.lengths = [len(x) for x in self.input_ids]
         self.batch_size, self.max_seq_length, self.pad_id = batch_size, max_seq_length, pad_id
         self.packing, self.seed, self.rank, self.world_size = packing, seed, rank, world_size
+        self.group_by_length, self.sampler = group_by_length, sampler
         self.epoch, self.index = 0, 0
         self._plan: tuple[int, Plan] | None = None
         if len(self) == 0:
@@ -149,7 +186,7 @@ class BatchStream:
         """This rank's micro-batches of `epoch` (cached for the last epoch asked for)."""
         if self._plan is None or self._plan[0] != epoch:
             full = plan_epoch(self.lengths, self.batch_size, self.max_seq_length, self.packing, self.seed,
-                              epoch)
+                              epoch, group_by_length=self.group_by_length, sampler=self.sampler)
             per_rank = len(full) // self.world_size
             mine = full[self.rank::self.world_size][:per_rank] if self.world_size > 1 else full
             self._plan = (epoch, mine)
