@@ -150,7 +150,7 @@ def test_transformers_training_arguments_map_the_same(tmp_path):
         ("deepspeed", "ds.json"),
         ("neftune_noise_alpha", 5.0),
         ("label_smoothing_factor", 0.1),
-        ("group_by_length", True),
+        ("ignore_data_skip", True),
     ],
 )
 def test_unsupported_fields_are_errors_naming_them(field, value):
@@ -316,34 +316,16 @@ def test_sft_trainer_trains_the_adapters_and_reports_the_loss(loaded, tmp_path):
     assert losses[-1] < 0.7 * losses[0]  # two rows, repeated: the adapters learn them
     assert stats.metrics["train_runtime"] > 0 and stats.metrics["train_loss"] == stats.training_loss
     # the EOS string the notebook appended is trained once, not doubled
-    ex = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)._examples(rows, "rows")[0]
-    assert ex.input_ids.count(tok.eos_token_id) == 1 and ex.input_ids[-1] == tok.eos_token_id
-
-
-def test_formatting_func_per_row_or_batched_gives_the_same_examples(loaded):
-    model, tok = loaded
-    rows = [{"q": "a?", "a": "b."}, {"q": "c?", "a": "d."}]
-    per_row = SFTTrainer(
-        model=model, tokenizer=tok, train_dataset=rows, formatting_func=lambda r: f"Q {r['q']} A {r['a']}"
-    )
-    batched = SFTTrainer(
-        model=model,
-        tokenizer=tok,
-        train_dataset=rows,
-        formatting_func=lambda b: [f"Q {q} A {a}" for q, a in zip(b["q"], b["a"])],
-    )
-    a, b = per_row._examples(rows, "x"), batched._examples(rows, "x")
-    assert [e.input_ids for e in a] == [e.input_ids for e in b]
+    ex = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args).train_dataset[0]
+    assert ex["input_ids"].count(tok.eos_token_id) == 1 and ex["input_ids"][-1] == tok.eos_token_id
 
 
 def test_bad_rows_are_named(loaded):
     model, tok = loaded
-    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"text": "ok"}, {"text": 5}])
     with pytest.raises(ValueError, match=r"train_dataset, row 2, field 'text'"):
-        trainer._examples(trainer.train_dataset, "train_dataset")
-    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"body": "x"}])
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"text": "ok"}, {"text": 5}])
     with pytest.raises(ValueError, match="dataset_text_field"):
-        trainer._examples(trainer.train_dataset, "train_dataset")
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"body": "x"}])
     with pytest.raises(TypeError, match="dataset_text_feild"):
         SFTTrainer(model=model, tokenizer=tok, train_dataset=[], dataset_text_feild="text")
 

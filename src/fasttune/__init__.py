@@ -32,6 +32,7 @@ _EXPORTS = {
     "SFTConfig": "fasttune.notebook",
     "TrainingArguments": "fasttune.notebook",
     "is_bfloat16_supported": "fasttune.notebook",
+    "train_on_responses_only": "fasttune.notebook",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -2,10 +2,12 @@
 libraries runs after changing only its import lines.
 
     from fasttune import FastLanguageModel, SFTTrainer, TrainingArguments, is_bfloat16_supported
+    from fasttune import train_on_responses_only        # Unsloth's unsloth.chat_templates function
 """
 
 from fasttune.notebook.arguments import SFTConfig, TrainingArguments
 from fasttune.notebook.model import FastLanguageModel, NotebookModel, is_bfloat16_supported
+from fasttune.notebook.responses import train_on_responses_only
 from fasttune.notebook.trainer import SFTTrainer, TrainOutput
 
 __all__ = [
@@ -16,4 +18,5 @@ __all__ = [
     "TrainOutput",
     "TrainingArguments",
     "is_bfloat16_supported",
+    "train_on_responses_only",
 ]

@@ -36,9 +36,16 @@ UNSUPPORTED: dict[str, str] = {
     "resume_from_checkpoint": "call trainer.train(resume_from_checkpoint=True) to resume from output_dir",
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
     "eval_on_start": "the baseline evaluation always runs when an eval_dataset is given",
-    "data_seed": "the data order follows `seed`",
-    "group_by_length": "rows are packed or padded per batch, not grouped by length",
     "full_determinism": "not implemented",
+    "ignore_data_skip": "resuming always continues the data where the checkpoint left it",
+    "parallelism_config": "use fasttune's own multi-GPU training (torchrun)",
+    "torch_compile_backend": "training is not compiled; fasttune's kernels are its fast path",
+    "torch_compile_mode": "training is not compiled; fasttune's kernels are its fast path",
+    # TRL's SFTConfig
+    "shuffle_dataset": "rows are drawn in the order transformers' Trainer draws them, with no extra shuffle",
+    "chat_template_path": "set tokenizer.chat_template before building the trainer",
+    "model_init_kwargs": "the model is already loaded by FastLanguageModel.from_pretrained",
+    "router_aux_loss_coef": "Mixture-of-Experts auxiliary losses are not implemented",
 }
 
 # Fields with no effect on what is trained; set to a non-default value they draw one warning listing them.
@@ -81,13 +88,44 @@ IGNORED = frozenset(
         "hub_strategy",
         "project",
         "use_cpu",
-        "dataset_kwargs",
         "use_cache",
         "bf16_full_eval",
         "fp16_full_eval",
         "save_on_each_node",
         "log_on_each_node",
         "ddp_timeout",
+        "length_column_name",
+        "accelerator_config",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "batch_eval_metrics",
+        "dataloader_in_order",
+        "dataloader_multiprocessing_context",
+        "ddp_backend",
+        "ddp_broadcast_buffers",
+        "ddp_bucket_cap_mb",
+        "ddp_static_graph",
+        "debug",
+        "enable_jit_checkpoint",
+        "eval_delay",
+        "eval_do_concat_batches",
+        "eval_use_gather_object",
+        "greater_is_better",
+        "hub_always_push",
+        "hub_revision",
+        "include_for_metrics",
+        "local_rank",
+        "restore_callback_states_from_checkpoint",
+        "trackio_bucket_id",
+        "trackio_space_id",
+        "trackio_static_space_id",
+        # TRL's SFTConfig: padding and memory only (pads are never trained; packing is exact)
+        "padding_free",
+        "pad_to_multiple_of",
+        "pad_token",
+        "eval_packing",
+        "activation_offloading",
+        "trust_remote_code",
     }
 )
 
@@ -142,6 +180,7 @@ class TrainingArguments:
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False
     report_to: Any = "none"
+    train_sampling_strategy: str = "random"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # accepted transformers-only fields
 
     def __init__(self, **kwargs: Any) -> None:
@@ -153,7 +192,7 @@ class TrainingArguments:
             setattr(self, f.name, kwargs.pop(f.name, value))
         self.extra = {}
         for name, value in kwargs.items():
-            if name not in UNSUPPORTED and name not in IGNORED:
+            if name not in UNSUPPORTED and name not in IGNORED and name not in MAPPED:
                 raise TypeError(f"{type(self).__name__}: unknown field '{name}'")
             self.extra[name] = value
 
@@ -166,9 +205,17 @@ class TrainingArguments:
 
 @dataclass(init=False)
 class SFTConfig(TrainingArguments):
-    """TRL's `SFTConfig`: TrainingArguments plus how the dataset is read (same names and defaults)."""
+    """TRL's `SFTConfig`: TrainingArguments plus how the dataset is read, with TRL's names and defaults
+    (its learning rate, logging interval and checkpointing differ from transformers'). bf16=None, TRL's
+    default, means bf16 where the GPU has it (fp32 on a CPU)."""
 
+    learning_rate: float = 2e-5
+    logging_steps: float = 10
+    gradient_checkpointing: bool = True
+    bf16: bool | None = None
     dataset_text_field: str = "text"
+    dataset_kwargs: dict | None = None
+    eos_token: str | None = None
     max_seq_length: int | None = None
     max_length: int | None = 1024
     packing: bool = False
@@ -256,6 +303,15 @@ MAPPED = frozenset(
         "assistant_only_loss",
         "completion_only_loss",
         "dataset_num_proc",  # tokenizing here is single-process and fast
+        # read by sft_args.py (what is trained, and in which order)
+        "dataset_kwargs",
+        "eos_token",
+        "truncation_mode",
+        "packing_strategy",
+        "loss_type",
+        "train_sampling_strategy",
+        "group_by_length",
+        "data_seed",
     }
 )
 

@@ -1,10 +1,9 @@
 """`SFTTrainer` with TRL's arguments, running fasttune's training loop.
 
-The dataset is read the way TRL reads it: a `dataset_text_field` column (default "text") of whole texts,
-trained on every token with EOS appended (a trailing EOS string the notebook added is not doubled); or
-a `formatting_func` that turns each row into that text; or conversational `messages` rows rendered with
-the chat template. Alpaca rows (instruction/input/output) without a text column use fasttune's Alpaca
-prompt, trained on the response only.
+The datasets are prepared when the trainer is built, as TRL prepares them (`notebook/dataset.py`): the
+`dataset_text_field` column (or `formatting_func`'s text) is trained whole, with EOS appended unless the
+text ends with it; `trainer.train_dataset` then holds the rows as `input_ids` and `labels`, which
+`train_on_responses_only` can mask. Rows are drawn in the order transformers' Trainer draws them.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fasttune.config import DataConfig
-from fasttune.data.errors import DataError
-from fasttune.notebook.arguments import SFTConfig, TrainingArguments, to_train_config
+from fasttune.notebook.arguments import SFTConfig, TrainingArguments, check_fields, to_train_config
+from fasttune.notebook.dataset import prepare
 from fasttune.notebook.model import NotebookModel
+from fasttune.notebook.sft_args import max_length, sampling, text_options
 
 SOURCE = "train_dataset"
 
@@ -29,50 +28,6 @@ class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
     metrics: dict[str, Any]
-
-
-def _rows(dataset: Any, name: str) -> list[dict[str, Any]]:
-    if dataset is None:
-        raise ValueError(f"SFTTrainer: {name} is required")
-    if isinstance(dataset, dict) and all(isinstance(v, list) for v in dataset.values()):
-        raise TypeError(f"SFTTrainer: {name} is a dict of columns; pass a datasets.Dataset or a list of rows")
-    rows = list(dataset)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(
-                f"expected a mapping of column names to values, got {type(row).__name__}",
-                file=name,
-                row=i + 1,
-            )
-    return rows
-
-
-def _formatted(rows: list[dict[str, Any]], func: Callable, name: str) -> list[dict[str, str]]:
-    """Apply `formatting_func`: per row returning a string (TRL today), or batched returning a list (older
-    TRL and many notebooks)."""
-    if not rows:
-        return []
-    first = func(rows[0])
-    if isinstance(first, str):
-        texts = [first] + [func(r) for r in rows[1:]]
-    else:
-        columns = {k: [r.get(k) for r in rows] for k in rows[0]}
-        texts = func(columns)
-        if isinstance(texts, dict) and "text" in texts:
-            texts = texts["text"]
-        if not isinstance(texts, list) or len(texts) != len(rows):
-            raise ValueError(
-                "SFTTrainer: formatting_func must return a string per row (or, called on a batch "
-                "of columns, a list with one string per row)"
-            )
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t:
-            raise DataError(
-                f"formatting_func returned {type(t).__name__} {str(t)[:30]!r}, not a text",
-                file=name,
-                row=i + 1,
-            )
-    return [{"text": t} for t in texts]
 
 
 class SFTTrainer:
@@ -114,10 +69,6 @@ class SFTTrainer:
             raise ValueError(
                 "SFTTrainer: peft_config is not supported; call FastLanguageModel.get_peft_model first"
             )
-        if dataset_kwargs and dataset_kwargs.get("skip_prepare_dataset"):
-            raise ValueError(
-                "SFTTrainer: dataset_kwargs skip_prepare_dataset (pre-tokenized data) is not supported"
-            )
         if callbacks:
             warnings.warn(
                 "SFTTrainer: callbacks are ignored; progress and metrics go to the terminal and to "
@@ -128,72 +79,45 @@ class SFTTrainer:
         self.model = model
         self.tokenizer = self.processing_class = processing_class or tokenizer or model.tokenizer
         self.args = args if args is not None else SFTConfig(output_dir="trainer_output")
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        get = lambda name, default: (
-            getattr(self.args, name, None) if getattr(self.args, name, None) is not None else default
-        )  # noqa: E731
-        self.dataset_text_field = dataset_text_field or get("dataset_text_field", "text")
-        self.max_seq_length = (
-            max_seq_length or get("max_seq_length", None) or model.max_seq_length or get("max_length", 1024)
-        )
-        self.packing = packing if packing is not None else bool(get("packing", False))
-        self.assistant_only_loss = bool(get("assistant_only_loss", False))
+        check_fields(self.args)  # unsupported fields are refused here, as TRL refuses them when built
+        self.options = text_options(self.args, dataset_text_field, dataset_kwargs)
+        self.dataset_text_field = self.options.text_field
+        self.max_seq_length = max_length(self.args, max_seq_length, model.max_seq_length)
+        self.options.max_length = self.max_seq_length
+        self.packing = packing if packing is not None else bool(getattr(self.args, "packing", False))
+        self.assistant_only_loss = self.options.assistant_only_loss
         self.formatting_func = formatting_func
-        self.dataset_num_proc = (
-            dataset_num_proc  # tokenizing is single-process and fast; accepted for notebooks
-        )
-        self.contract = None
+        self.dataset_num_proc = dataset_num_proc  # tokenizing is single-process and fast; accepted
+        self.sampling = sampling(self.args)
+        self.train_dataset = prepare(train_dataset, SOURCE, self.tokenizer, self.options, formatting_func)
+        self.contract = self.train_dataset.contract
+        self.eval_dataset = None
+        if eval_dataset is not None:
+            self.eval_dataset = prepare(eval_dataset, "eval_dataset", self.tokenizer, self.options,
+                                        formatting_func, contract=self.contract)
         self.state: Any = None
 
-    # ------------------------------------------------------------ data
-    def _examples(self, dataset: Any, name: str) -> list[Any]:
-        from fasttune.data.formats import detect_format, normalise_row
-        from fasttune.data.templates import make_contract
-        from fasttune.data.tokenize import encode_row
+    def batch_stream(self, batch_size: int, packing: bool) -> Any:
+        """The training micro-batches: rows in transformers' Trainer order (grouped by length if asked)."""
+        from fasttune.data.packing import BatchStream
 
-        rows = _rows(dataset, name)
-        cfg = DataConfig(text_field=self.dataset_text_field)
-        if self.formatting_func is not None:
-            rows, fmt = _formatted(rows, self.formatting_func, name), "completion"
-            cfg = DataConfig(text_field="text")
-        else:
-            fmt = detect_format(rows[0], cfg) if rows else None
-            if fmt is None:
-                keys = sorted(rows[0]) if rows else []
-                raise DataError(
-                    f"no '{self.dataset_text_field}' column (dataset_text_field) and no "
-                    f"messages or instruction/output columns; columns are {keys}. Add a text column "
-                    "(dataset.map) or pass formatting_func",
-                    file=name,
-                    row=1,
-                )
-        if self.contract is None:
-            self.contract = make_contract("auto", fmt, self.tokenizer)
-        train_on_inputs = fmt == "messages" and not self.assistant_only_loss  # TRL trains whole conversations
-        examples = []
-        for i, raw in enumerate(rows):
-            try:
-                ex = encode_row(
-                    normalise_row(raw, fmt, cfg), fmt, self.tokenizer, self.contract, train_on_inputs
-                )
-            except DataError as e:
-                raise e.at(file=name, row=i + 1) from None
-            ex.row = i + 1
-            ex.input_ids, ex.labels = ex.input_ids[: self.max_seq_length], ex.labels[: self.max_seq_length]
-            if ex.n_trained:
-                examples.append(ex)
-        if not examples:
-            raise DataError(
-                f"all labels are masked: nothing to train in {name} with max_seq_length={self.max_seq_length}"
-            )
-        return examples
+        return BatchStream(self.train_dataset.examples, batch_size, self._batch_length(),
+                           self.contract.pad_id, packing, seed=self.sampling.seed,
+                           group_by_length=self.sampling.group_by_length, sampler="torch")
+
+    def _batch_length(self) -> int:
+        """The batch width limit: max_length, or with max_length=None the longest example."""
+        if self.max_seq_length is not None:
+            return self.max_seq_length
+        data = [self.train_dataset] + ([self.eval_dataset] if self.eval_dataset is not None else [])
+        return max(len(ex.input_ids) for d in data for ex in d.examples)
 
     # ------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """Run fasttune's loop on the adapters; return (global_step, training_loss, metrics)."""
         import dataclasses
 
-        from fasttune.data.packing import BatchStream, make_batches, resolve_packing
+        from fasttune.data.packing import make_batches, resolve_packing
         from fasttune.train.loop import seed_everything, train_loop
         from fasttune.train.precision import resolve_precision
 
@@ -211,26 +135,23 @@ class SFTTrainer:
         cfg = dataclasses.replace(cfg, resume=bool(resume_from_checkpoint))
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)
-        examples = self._examples(self.train_dataset, SOURCE)
-        eval_examples = (
-            self._examples(self.eval_dataset, "eval_dataset") if self.eval_dataset is not None else None
-        )
-        packing = resolve_packing(
-            "on" if self.packing else "off", exact=getattr(inner, "supports_packing", False)
-        )
-        if self.packing and not packing:
-            warnings.warn(
-                "SFTTrainer: packing=True is not exact on this architecture; training unpacked",
-                UserWarning,
-                stacklevel=2,
+        examples = self.train_dataset.examples
+        if not examples:
+            raise ValueError("SFTTrainer: train_dataset has no rows left to train")
+        exact = getattr(inner, "supports_packing", False)
+        if self.packing and not exact:
+            raise ValueError(
+                "SFTTrainer: packing=True is not supported for this architecture (its attention cannot be "
+                "kept inside each packed row); set packing=False"
             )
-        bs, pad = cfg.per_device_train_batch_size, self.contract.pad_id
-        stream = BatchStream(examples, bs, self.max_seq_length, pad, packing, seed=cfg.seed)
-        eval_batches = (
-            None
-            if eval_examples is None
-            else make_batches(eval_examples, bs, self.max_seq_length, pad, packing, seed=cfg.seed, epoch=0)
-        )
+        packing = resolve_packing("on" if self.packing else "off", exact=exact)
+        bs = cfg.per_device_train_batch_size
+        stream = self.batch_stream(bs, packing)
+        eval_batches = None
+        if self.eval_dataset is not None:
+            eval_batches = make_batches(self.eval_dataset.examples, bs, self._batch_length(),
+                                        self.contract.pad_id, packing, seed=self.sampling.seed, epoch=0,
+                                        sampler="torch")
         params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
         records: list[dict[str, Any]] = []
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
