@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,10 +236,13 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     from fasttune.train.loop import seed_everything, train_loop
     from fasttune.train.memory_plan import run_estimate
     from fasttune.train.metrics import plot_loss, summary_text
+    from fasttune.train.output_dir import check as check_output_dir
+    from fasttune.train.output_dir import claim as claim_output_dir
     from fasttune.train.precision import resolve_device, resolve_precision
 
     log = log or tqdm.write
     validate(cfg)
+    check_output_dir(cfg.train)  # an earlier run in the way is reported before anything loads
     t, run, max_len = cfg.train, RunDir(cfg.train.output_dir), cfg.model.max_seq_length
     run_dir = run.root
     device = resolve_device(t.device)
@@ -278,36 +283,37 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         f"epoch, "
         f"accumulation {t.gradient_accumulation_steps} -> {steps_per_epoch} optimiser steps per epoch")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # resume: false, so that `fasttune train --config run.yaml` runs the job again from the start
-    dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False)).save(run.run_yaml)
+    with claim_output_dir(t, log):  # inputs validated: from here on the run writes into output_dir
+        # resume and overwrite off, so that `fasttune train --config run.yaml` runs the job again from the start
+        dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False, overwrite=False)).save(run.run_yaml)
 
-    before = answer(model, tokenizer, contract, questions)
-    if before:
-        log(format_samples("answers before training:", before))
-    scorer = None
-    if eval_batches is not None and data.answers is not None:
-        scorer = answer_eval(model, tokenizer, contract, data.answers, t.eval_answers)
-        n = len(data.answers)
-        log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} held-out "
-            f"questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
-    metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, answer_eval=scorer,
-                         device=device, precision=precision, log=log)
-    adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
-    after = answer(model, tokenizer, contract, questions)
-    if after:
-        log(format_samples("answers after training:", after))
+        before = answer(model, tokenizer, contract, questions)
+        if before:
+            log(format_samples("answers before training:", before))
+        scorer = None
+        if eval_batches is not None and data.answers is not None:
+            scorer = answer_eval(model, tokenizer, contract, data.answers, t.eval_answers)
+            n = len(data.answers)
+            log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} held-out "
+                f"questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
+        metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, answer_eval=scorer,
+                             device=device, precision=precision, log=log)
+        adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
+        after = answer(model, tokenizer, contract, questions)
+        if after:
+            log(format_samples("answers after training:", after))
 
-    if estimate is not None:
-        metrics["memory_estimate_gib"] = estimate.total / 2**30
-    summary = summary_text(metrics)
-    if t.report:
-        plot_loss(run.metrics, run.loss_plot)
-        log("summary\n" + summary)
-        made = [run.adapter, run.run_yaml, run.metrics, run.loss_plot, run.checkpoints]
-        log(f"run directory {run_dir}: " + ", ".join(p.name + "/" if p.is_dir() else p.name
-                                                     for p in made if p.exists()))
-    return RunResult(run_dir, adapter_dir, metrics, before, after, summary, model, tokenizer, contract)
+        if estimate is not None:
+            metrics["memory_estimate_gib"] = estimate.total / 2**30
+        summary = summary_text(metrics)
+        if t.report:
+            plot_loss(run.metrics, run.loss_plot)
+            log("summary\n" + summary)
+            made = [run.adapter, run.run_yaml, run.metrics, run.loss_plot, run.checkpoints]
+            log(f"run directory {run_dir}: " + ", ".join(p.name + "/" if p.is_dir() else p.name
+                                                         for p in made if p.exists()))
+        return RunResult(run_dir, adapter_dir, metrics, before, after, summary, model, tokenizer,
+                         contract)
 
 
 @dataclass
@@ -365,16 +371,30 @@ def answer_eval(model: torch.nn.Module, tokenizer: Any, contract: Any, answers: 
 
 def save_run_adapter(model: torch.nn.Module, loaded: Any, tokenizer: Any, cfg: RunConfig, contract: Any,
                      out: Path) -> Path:
-    """adapter_model.safetensors + adapter_config.json (PEFT format), tokenizer files, prompt contract."""
-    if loaded.family == "llama":
-        from fasttune.lora.peft_format import save_adapter
+    """adapter_model.safetensors + adapter_config.json (PEFT format), tokenizer files, prompt contract.
 
-        save_adapter(model, out, base_model_name_or_path=base_model_id(cfg.model, loaded),
-                     revision=cfg.model.revision)
-    else:
-        model.save_adapter(out)
-    tokenizer.save_pretrained(str(out))
-    contract.save(out / CONTRACT_FILE)
+    Written beside `out` and renamed into place, so `out` holds either the earlier adapter or the whole new
+    one; a filesystem error names the path and leaves no partial directory."""
+    from fasttune.fs import filesystem_error, replace_dir, temporary_sibling
+
+    tmp = temporary_sibling(out)
+    try:
+        if loaded.family == "llama":
+            from fasttune.lora.peft_format import save_adapter
+
+            save_adapter(model, tmp, base_model_name_or_path=base_model_id(cfg.model, loaded),
+                         revision=cfg.model.revision)
+        else:
+            model.save_adapter(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        contract.save(tmp / CONTRACT_FILE)
+        replace_dir(tmp, out)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = filesystem_error(e, out)
+        if err is e:
+            raise
+        raise err from e
     return out
 
 
@@ -400,6 +420,10 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
 
     try:
         directory = resolve_source(model_cfg)
+        if model_cfg.trust_remote_code:
+            from fasttune.remote_code import remote_code_warning
+
+            print(remote_code_warning(directory), file=sys.stderr)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=model_cfg.trust_remote_code)
         fix_tokenizer(tokenizer, AutoConfig.from_pretrained(directory,
                                                             trust_remote_code=model_cfg.trust_remote_code))

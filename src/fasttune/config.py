@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -134,7 +135,11 @@ class TrainConfig:
         "share that match the reference exactly and after normalisation; the final eval answers every "
         "question. 0: loss and perplexity only.")})
     seed: int = field(default=3407, metadata={"help": "Seed for data order, dropout and everything random."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    resume: bool = field(default=False, metadata={"help": (
+        "Continue from the newest checkpoint in output_dir that reads back intact.")})
+    overwrite: bool = field(default=False, metadata={"help": (
+        "Replace an earlier run in output_dir (its run.yaml, adapter, metrics, checkpoints); without it a "
+        "fresh run into such a directory is an error.")})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
     show_samples: int = field(default=3, metadata={"help": "Answer this many held-out questions before and after training."})
     report: bool = field(default=True, metadata={"help": "Write loss.png and print the summary at the end."})
@@ -151,7 +156,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the configuration as YAML. A token is never written, and trust_remote_code is written as
+        false (only the current command line or Python call turns it on); a comment says either was used."""
+        data = self.to_dict()
+        notes = []
+        if self.model.token:
+            data["model"]["token"] = None
+            notes.append("# a Hugging Face token was used (not saved: pass --token or set HF_TOKEN)")
+        if self.model.trust_remote_code:
+            data["model"]["trust_remote_code"] = False
+            notes.append("# trust_remote_code was on (not saved: pass --trust_remote_code to turn it on again)")
+        Path(path).write_text("".join(n + "\n" for n in notes) + yaml.safe_dump(data, sort_keys=False))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
@@ -257,17 +272,39 @@ def apply_overrides(cfg: RunConfig, values: dict[str, Any], source: str) -> RunC
     return cfg
 
 
-def load_yaml(path: str | Path, cfg: RunConfig | None = None) -> RunConfig:
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2): `packing: off` stays the string 'off'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(path: str | Path, cfg: RunConfig | None = None, *, allow_remote_code: bool = False) -> RunConfig:
+    """A RunConfig from a YAML file over `cfg` (default: the defaults).
+
+    trust_remote_code cannot be turned on from a file, only by the command line or the Python call of the
+    current process: a file that sets it is an error unless `allow_remote_code` says the command line did.
+    """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Yaml12Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections or keys")
-    return apply_overrides(cfg or RunConfig(), data, str(path))
+    cfg = RunConfig() if cfg is None else cfg
+    trusted = cfg.model.trust_remote_code or allow_remote_code
+    loaded = apply_overrides(cfg, data, str(path))
+    if loaded.model.trust_remote_code and not trusted:
+        raise ConfigError(f"{path}: trust_remote_code: a file cannot turn it on (it runs Python code from the "
+                          "model's folder); pass --trust_remote_code on the command line or set it in Python")
+    return loaded
 
 
 def host_gate_up_setting(value: str) -> float | str | None:
@@ -286,6 +323,7 @@ def validate(cfg: RunConfig) -> None:
     checks = [
         (m.max_seq_length > 0, "max_seq_length must be positive"),
         (lo.r > 0, "r must be positive"),
+        (lo.lora_alpha > 0, "lora_alpha must be positive"),
         (0.0 <= lo.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
         (t.per_device_train_batch_size > 0, "per_device_train_batch_size must be positive"),
         (t.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
@@ -296,6 +334,7 @@ def validate(cfg: RunConfig) -> None:
         (t.logging_steps > 0, "logging_steps must be positive"),
         (t.save_steps >= 0 and t.eval_steps >= 0, "save_steps and eval_steps must be >= 0"),
         (t.eval_answers >= 0, "eval_answers must be >= 0"),
+        (not (t.resume and t.overwrite), "resume and overwrite exclude each other"),
         (t.device_gate_up >= 0, "device_gate_up must be >= 0"),
         (host_gate_up_setting(t.host_gate_up) is not None, "host_gate_up must be auto or a number in [0, 1]"),
         (m.load_in_4bit + m.load_in_8bit + m.load_in_fp8 <= 1,
@@ -304,6 +343,21 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _check_preset_name(m.model_name)
+
+
+def _check_preset_name(name: str) -> None:
+    """A name one letter away from a preset is a typo, not a hub id to download."""
+    import difflib
+
+    from fasttune.models.presets import PRESETS
+
+    if name in PRESETS or "/" in name or Path(name).expanduser().exists():
+        return
+    close = difflib.get_close_matches(name.lower(), list(PRESETS), n=1, cutoff=0.85)
+    if close:
+        raise ConfigError(f"model_name: {name!r} is not a preset; did you mean {close[0]!r}? (a hub id is "
+                          "written org/name)")
 
 
 # ---- the CLI flags, generated from the same fields ----------------------------------------------
@@ -335,7 +389,9 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
 
 
 def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] = tuple(SECTIONS)) -> RunConfig:
-    cfg = load_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    flag = getattr(args, "trust_remote_code", None)
+    trusted = flag is not None and _coerce(flag, bool, "command line: trust_remote_code")
+    cfg = load_yaml(args.config, allow_remote_code=trusted) if getattr(args, "config", None) else RunConfig()
     flags = {}
     for section in sections:
         for f in fields(SECTIONS[section]):

@@ -8,6 +8,7 @@ runs/<name>/
   metrics.jsonl         one JSON record per logged step and eval
   loss.png              the loss curve
   checkpoints/          step-N/ directories and `latest` (train/checkpoint.py owns their insides)
+  run.lock              while a run writes here: its PID and host (run_lock.py)
 ```
 Every other module asks this one for these paths; nothing else spells the names.
 """
@@ -25,6 +26,12 @@ CONTRACT_FILE = "prompt_contract.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = "run.lock"
+
+
+class RunDirError(Exception):
+    """A run directory cannot be used as asked (an earlier run in the way, another writer, not a
+    directory); the message names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,15 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def run_files(self) -> list[Path]:
+        """The paths a training run writes here that exist now (an earlier run's, for a fresh one)."""
+        return [p for p in (self.run_yaml, self.adapter, self.metrics, self.loss_plot, self.checkpoints)
+                if p.exists()]
 
     def is_finished(self) -> bool:
         """A completed training run lives here: its adapter was saved."""

@@ -63,41 +63,74 @@ def test_files_load_without_pickle(tmp_path):
         torch.load(path / name, weights_only=True)  # raises if anything needs the pickle machinery
 
 
-def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_failed_save_keeps_the_previous_checkpoint_and_leaves_nothing(tmp_path, monkeypatch):
     p, opt, sched = setup_state()
     save(tmp_path, 3, p, opt, sched)
-    real_save = torch.save
+    real_write = ck.write_file
 
-    def dying_save(obj, f, *a, **kw):
-        if str(f).endswith("rng.pt"):
-            raise OSError("disk full (simulated)")
-        return real_save(obj, f, *a, **kw)
+    def failing_write(path, data):
+        if path.name == "rng.pt":
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(path, data)
 
-    monkeypatch.setattr(ck.torch, "save", dying_save)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(ck, "write_file", failing_write)
+    with pytest.raises(OSError) as e:
         save(tmp_path, 6, p, opt, sched)
-    monkeypatch.setattr(ck.torch, "save", real_save)
-
-    assert any(d.name.startswith(".tmp-step-6") for d in (tmp_path / "checkpoints").iterdir())
-    assert not (tmp_path / "checkpoints" / "step-6").exists()
+    assert e.value.filename.endswith("rng.pt") and e.value.errno == 28
+    monkeypatch.setattr(ck, "write_file", real_write)
+    assert sorted(d.name for d in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-3"]
     assert ck.load_latest(tmp_path).step == 3
-    save(tmp_path, 6, p, opt, sched)  # the next save cleans the leftover
-    assert not any(d.name.startswith(".tmp") for d in (tmp_path / "checkpoints").iterdir())
-    assert ck.load_latest(tmp_path).step == 6
+
+
+def test_a_dead_writers_temporary_directory_is_reported_not_removed(tmp_path):
+    p, opt, sched = setup_state()
+    save(tmp_path, 3, p, opt, sched)
+    other = tmp_path / "checkpoints" / ".tmp-step-6-999999999"
+    other.mkdir()
+    assert ck.stale_temporaries(tmp_path) == [other]
+    save(tmp_path, 6, p, opt, sched)
+    assert other.is_dir()
+
+
+def corrupt(path, how):
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("name, how, why", [
+    ("adapter.safetensors", "truncate", "adapter.safetensors has"),
+    ("optimizer.pt", "flip", "optimizer.pt does not match its checksum"),
+    ("optimizer.pt", "remove", "optimizer.pt: No such file"),
+    ("manifest.json", "remove", "no manifest.json"),
+    ("manifest.json", "truncate", "manifest.json is unreadable"),
+])
+def test_resume_falls_back_to_the_newest_good_checkpoint_and_says_why(tmp_path, name, how, why):
+    p, opt, sched = setup_state()
+    for step in (3, 6, 9):
+        save(tmp_path, step, p, opt, sched)
+    corrupt(tmp_path / "checkpoints" / "step-9" / name, how)
+    ckpt, skipped = ck.load_resumable(tmp_path)
+    assert ckpt.step == 6
+    assert [(path.name, why in reason) for path, reason in skipped] == [("step-9", True)], skipped
+    assert (tmp_path / "checkpoints" / "step-9").is_dir()  # nothing deleted
 
 
 def test_half_written_step_dir_is_ignored(tmp_path):
     p, opt, sched = setup_state()
     save(tmp_path, 3, p, opt, sched)
-    # a step directory with files missing (e.g. copied by hand, or a non-atomic writer died), and a
-    # `latest` that points at it
+    # a step directory with files missing (e.g. copied by hand), and a `latest` that points at it
     broken = tmp_path / "checkpoints" / "step-9"
     broken.mkdir()
     (broken / "adapter.safetensors").write_bytes(b"\0" * 10)
     assert ck.load_latest(tmp_path).step == 3
     (tmp_path / "checkpoints" / "latest").write_text("step-9\n")
-    assert ck.load_latest(tmp_path).step == 3
-    (tmp_path / "checkpoints" / "latest").unlink()
     assert ck.load_latest(tmp_path).step == 3
 
 

@@ -121,7 +121,7 @@ def test_resume_equals_uninterrupted(toy, examples, make_stream, tmp_path):
 
 def test_resume_without_rng_restore_would_differ(toy, examples, make_stream, tmp_path, monkeypatch):
     """Guards the test above: with dropout, skipping the RNG restore changes the curve."""
-    import fasttune.train.loop as loop
+    import fasttune.train.resume as resume
 
     data = examples(20)
     cfg = cfg_for(per_device_train_batch_size=2, max_steps=4, save_steps=2)
@@ -137,7 +137,7 @@ def test_resume_without_rng_restore_would_differ(toy, examples, make_stream, tmp
     with pytest.raises(KeyboardInterrupt):
         train_loop(model, trainables(model), make_stream(data, 2), cfg, tmp_path / "b",
                    log=lambda s: None, on_record=stop_at_3)
-    monkeypatch.setattr(loop, "set_rng_states", lambda states: None)
+    monkeypatch.setattr(resume, "set_rng_states", lambda states: None)
     torch.manual_seed(99)
     cfg.resume = True
     model = toy(dropout=0.3)

@@ -12,6 +12,7 @@ import sys
 
 from fasttune.cli import export, infer, train
 from fasttune.cli.parser import EXIT_USER_ERROR, Parser, print_help
+from fasttune.fs import is_filesystem_error
 
 # Each registers its subcommands in this order (the order of `fasttune --help`).
 COMMAND_MODULES = (train, infer, export)
@@ -37,8 +38,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fasttune.config import ConfigError
     from fasttune.data.errors import DataError
     from fasttune.export.source import ExportError
+    from fasttune.run_dir import RunDirError, RunNotFound
 
-    return (ConfigError, DataError, ModelLoadError, ExportError)
+    return (ConfigError, DataError, ModelLoadError, ExportError, RunDirError, RunNotFound)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"fasttune: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # a full disk, a read-only or missing directory: one line naming the path
+        if args.debug or not is_filesystem_error(e):
+            raise
+        print(f"fasttune: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\nfasttune: interrupted (continue a training run with --resume)", file=sys.stderr)

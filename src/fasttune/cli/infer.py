@@ -31,6 +31,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="Weights precision (default: auto: bf16 on GPUs that have it, fp32 on CPU)")
     g.add_argument("--cpu_fallback_16bit", action="store_true",
                    help="Load a 4-bit run in 16/32-bit on a machine without CUDA (default: off)")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="Let transformers run Python code from the model's folder; a run directory never "
+                        "turns this on by itself (default: off)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -110,7 +113,8 @@ def _load(args: argparse.Namespace):
 
     try:
         im = load_for_inference(args.model, adapter=args.adapter, run=args.run, device=args.device,
-                                dtype=args.dtype, cpu_fallback_16bit=args.cpu_fallback_16bit)
+                                dtype=args.dtype, cpu_fallback_16bit=args.cpu_fallback_16bit,
+                                trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, RuntimeError) as e:
         what = args.run or args.adapter or args.model or "smollm2-135m"
         raise ConfigError(f"cannot load {what}: {e}") from e

@@ -128,7 +128,8 @@ def _read_jsonl(data: bytes, name: str) -> Iterator[Row]:
 
 def _read_csv(path: Path, name: str, delimiter: str) -> Iterator[Row]:
     text = _decode_whole(path.read_bytes(), name)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: a quote opened and never closed is an error, not a last cell that swallows the rest of the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -145,7 +146,8 @@ def _read_csv(path: Path, name: str, delimiter: str) -> Iterator[Row]:
         except StopIteration:
             return
         except csv.Error as e:
-            yield row, DataError(f"not valid CSV: {e}", file=name, row=row, reason="not CSV")
+            hint = " (a quote opened in this row is never closed)" if "end of data" in str(e) else ""
+            yield row, DataError(f"not valid CSV: {e}{hint}", file=name, row=row, reason="not CSV")
             continue
         if not cells:
             continue

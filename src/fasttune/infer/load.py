@@ -107,9 +107,11 @@ def load_for_inference(
     dtype: str = "auto",
     load_in_4bit: bool | None = None,
     cpu_fallback_16bit: bool = False,
+    trust_remote_code: bool = False,
 ) -> InferenceModel:
     """Load what `fasttune generate/chat/eval` talk to. `run` is a run or adapter directory; `adapter` an
-    adapter directory on top of `model_name`; neither: the base model alone."""
+    adapter directory on top of `model_name`; neither: the base model alone. `trust_remote_code` comes
+    only from this call: what a run directory saved never turns it on."""
     from fasttune.models.loading import load_model
     from fasttune.train.precision import resolve_device
 
@@ -117,11 +119,18 @@ def load_for_inference(
         raise ValueError("pass either a run directory or --adapter, not both")
     found = locate(run or adapter, model_name) if (run or adapter) else _Found(
         ModelConfig(model_name=model_name or ModelConfig().model_name), None)
-    base = replace(found.base, dtype=dtype,
+    base = replace(found.base, dtype=dtype, trust_remote_code=trust_remote_code,
                    cpu_fallback_16bit=cpu_fallback_16bit or found.base.cpu_fallback_16bit)
     if load_in_4bit is not None:
         base.load_in_4bit = load_in_4bit
     dev = resolve_device(device)
+    if trust_remote_code:
+        import sys
+
+        from fasttune.models.loading import resolve_source
+        from fasttune.remote_code import remote_code_warning
+
+        print(remote_code_warning(resolve_source(base)), file=sys.stderr)
     loaded = load_model(base, dev)
     notes = list(loaded.notes)
     tokenizer, contract = loaded.tokenizer, None

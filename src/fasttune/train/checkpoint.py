@@ -1,4 +1,4 @@
-"""Checkpoints: everything needed to continue a run, written atomically, and loaded back safely.
+"""Checkpoints: everything needed to continue a run, written atomically, verified when read back.
 
 Layout under `run_dir/checkpoints/`:
 ```
@@ -8,17 +8,23 @@ step-6/
   scheduler.pt          scheduler.state_dict()
   scaler.pt             GradScaler.state_dict()  (fp16 only)
   rng.pt                python / numpy / torch CPU / CUDA generator states
-  trainer_state.json    step, data position, tokens, seconds, last losses -- written last
-latest                  "step-6": the newest complete checkpoint
+  trainer_state.json    step, data position, tokens, seconds, last losses
+  manifest.json         size and sha256 of every file above -- written last
+latest                  "step-6": the newest checkpoint written
 ```
 A step directory is first written as `.tmp-step-6-<pid>` in the same folder, every file fsynced,
 then renamed into place with one `os.replace`; `latest` is replaced the same way afterwards. A crash
-at any moment therefore leaves either the previous good checkpoint or the new one, never a mix, and
-`load_latest` skips anything incomplete.
+at any moment therefore leaves the previous checkpoints as they were. A checkpoint counts only when
+every file its manifest lists reads back with the recorded size and checksum; `load_resumable` takes the
+newest such one and says why it skipped any newer. Nothing here deletes a checkpoint except the
+`save_total_limit` pruning of the run that wrote them, and a temporary directory is removed only by the
+process that made it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -29,12 +35,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
+from fasttune.fs import fsync_path, write_file
 from fasttune.run_dir import RunDir
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 REQUIRED = ("adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
 
 
@@ -81,31 +90,33 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 # ---- writing ---------------------------------------------------------------------------------
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_file(tmp, text.encode())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def step_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete-looking step directories, oldest first (by step number, not by name)."""
+    """Step directories, oldest first (by step number, not by name), complete or not."""
     root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Half-written checkpoint directories left by a process that ended mid-write (kill -9, power loss)."""
+    root = RunDir(run_dir).checkpoints
+    mine = f"-{os.getpid()}"
+    return sorted(p for p in root.glob(".tmp-step-*") if not p.name.endswith(mine)) if root.is_dir() else []
 
 
 def save_checkpoint(run_dir: str | Path, step: int, adapter_state: dict[str, torch.Tensor],
@@ -115,35 +126,43 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter_state: dict[str, tor
     """Write checkpoints/step-`step`/ atomically, point `latest` at it, prune old ones; return its path.
 
     `data_state` and `trainer_state` must be JSON-serialisable (they are read back without pickle).
-    `save_total_limit` > 0 keeps only that many newest step directories.
+    `save_total_limit` > 0 keeps only that many newest step directories. On a failure (no space, read-only
+    file system) the half-written directory is removed, the previous checkpoints stay as they were, and the
+    OSError names the file it could not write.
     """
     root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    for stale in root.glob(".tmp-step-*"):  # left by a crash mid-save; one writer per run directory
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    tmp.mkdir()
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()},
-              str(tmp / "adapter.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    files = {"adapter.safetensors": save_safetensors(
+        {k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}),
+        "optimizer.pt": _torch_bytes(optimizer.state_dict()),
+        "scheduler.pt": _torch_bytes(scheduler.state_dict()),
+        "rng.pt": _torch_bytes(rng)}
     if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(rng, tmp / "rng.pt")
-    state = {**trainer_state, "step": step, "data_state": data_state}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks completeness
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
+        files["scaler.pt"] = _torch_bytes(scaler.state_dict())
+    files[STATE_FILE] = json.dumps({**trainer_state, "step": step, "data_state": data_state}, indent=1).encode()
+    manifest = {"step": step, "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                                        for name, data in files.items()}}
+
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():  # this process's own earlier attempt at this step
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            write_file(tmp / name, data)
+        write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: marks the write complete
+        fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     if final.exists():  # the same step saved again (a run restarted from an earlier checkpoint)
         old = root / f".old-step-{step}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     _write_text_atomic(root / LATEST, final.name + "\n")
 
     if save_total_limit > 0:
@@ -153,40 +172,42 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter_state: dict[str, tor
     return final
 
 
-def clear_checkpoints(run_dir: str | Path) -> bool:
-    """Remove every checkpoint of a run (a fresh run into an old directory); True if any existed."""
-    root = RunDir(run_dir).checkpoints
-    if not root.exists():
-        return False
-    had = bool(step_dirs(run_dir))
-    shutil.rmtree(root)
-    return had
-
-
 # ---- reading ---------------------------------------------------------------------------------
 
-def is_complete(path: Path) -> bool:
-    if not all((path / name).is_file() for name in REQUIRED):
-        return False
+def verify(path: Path) -> str | None:
+    """None if every file the manifest of checkpoint `path` lists reads back intact, else why not."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and state.get("step") == int(path.name[5:])
+        manifest = json.loads((path / MANIFEST).read_text())
+        listed = manifest["files"]
+        step = manifest["step"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (its write did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    if step != int(path.name[5:]):
+        return f"{MANIFEST} is for step {step}"
+    missing = [name for name in REQUIRED if name not in listed]
+    if missing:
+        return f"{MANIFEST} lists no {missing[0]}"
+    for name, want in listed.items():
+        try:
+            data = (path / name).read_bytes()
+        except OSError as e:
+            return f"{name}: {e.strerror or e}"
+        if len(data) != want["size"]:
+            return f"{name} has {len(data)} bytes, {want['size']} were written (truncated?)"
+        if hashlib.sha256(data).hexdigest() != want["sha256"]:
+            return f"{name} does not match its checksum (changed or corrupted)"
+    return None
+
+
+def is_complete(path: Path) -> bool:
+    return verify(path) is None
 
 
 def latest_checkpoint_dir(run_dir: str | Path) -> Path | None:
-    """The directory `latest` names if complete, else the newest complete step directory."""
-    root = RunDir(run_dir).checkpoints
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named.name.startswith("step-") and named.is_dir() and is_complete(named):
-            return named
-    for path in reversed(step_dirs(run_dir)):
-        if is_complete(path):
-            return path
-    return None
+    """The newest step directory that verifies."""
+    return next((path for path in reversed(step_dirs(run_dir)) if is_complete(path)), None)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -194,13 +215,27 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     load = lambda name: torch.load(path / name, map_location="cpu", weights_only=True)
     state = json.loads((path / STATE_FILE).read_text())
     return Checkpoint(
-        path=path, step=int(state["step"]), adapter=load_file(str(path / "adapter.safetensors")),
+        path=path, step=int(state["step"]),
+        adapter=load_safetensors((path / "adapter.safetensors").read_bytes()),
         optimizer=load("optimizer.pt"), scheduler=load("scheduler.pt"),
         scaler=load("scaler.pt") if (path / "scaler.pt").is_file() else None,
         rng=load("rng.pt"), state=state)
 
 
+def load_resumable(run_dir: str | Path) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies and loads, and (path, reason) for each newer one skipped."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(step_dirs(run_dir)):
+        reason = verify(path)
+        if reason is None:
+            try:
+                return load_checkpoint(path), skipped
+            except Exception as e:  # noqa: BLE001 -- any unreadable file means: try the previous one
+                reason = f"does not load ({type(e).__name__}: {e})"
+        skipped.append((path, reason))
+    return None, skipped
+
+
 def load_latest(run_dir: str | Path) -> Checkpoint | None:
-    """The newest complete checkpoint of the run, or None if there is none."""
-    path = latest_checkpoint_dir(run_dir)
-    return load_checkpoint(path) if path is not None else None
+    """The newest checkpoint of the run that verifies and loads, or None if there is none."""
+    return load_resumable(run_dir)[0]

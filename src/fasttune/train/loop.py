@@ -28,15 +28,10 @@ from tqdm.auto import tqdm
 from fasttune.config import TrainConfig
 from fasttune.models.base import IGNORE_INDEX
 from fasttune.run_dir import RunDir
-from fasttune.train.checkpoint import (
-    clear_checkpoints,
-    load_latest,
-    rng_states,
-    save_checkpoint,
-    set_rng_states,
-)
+from fasttune.train.checkpoint import rng_states, save_checkpoint, set_rng_states
 from fasttune.train.metrics import MetricsWriter, memory_used, perplexity, truncate_after
 from fasttune.train.optim import build_optimizer, build_scheduler
+from fasttune.train.resume import find_start, restore
 from fasttune.train.precision import autocast, grad_scaler
 
 Batch = dict[str, torch.Tensor]
@@ -152,30 +147,14 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         record(rec)
         log(f"step {st['step']:>5}/{total}  {format_eval(rec)}")
 
-    ckpt = load_latest(run_dir) if cfg.resume else None
+    ckpt = find_start(run_dir, cfg.resume, log)
     if ckpt is not None:
-        missing = set(params) ^ set(ckpt.adapter)
-        if missing:
-            raise ValueError(f"checkpoint {ckpt.path} does not match the model's trainable tensors "
-                             f"(differs in {sorted(missing)[:3]}...): was the LoRA configuration changed?")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(ckpt.adapter[name])
-        optimizer.load_state_dict(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.scheduler)
-        if scaler is not None and ckpt.scaler is not None:
-            scaler.load_state_dict(ckpt.scaler)
-        set_rng_states(ckpt.rng)
-        batches.load_state_dict(ckpt.state["data_state"])
+        restore(ckpt, params, optimizer, scheduler, scaler, batches)
         st.update({k: ckpt.state[k] for k in st if k in ckpt.state})
         truncate_after(metrics_path, st["step"])  # steps after the checkpoint are logged again
         log(f"resumed from {ckpt.path} at step {st['step']}/{total}")
     else:
-        if cfg.resume:
-            log(f"no complete checkpoint in {RunDir(run_dir).checkpoints}; starting from step 0")
-        if clear_checkpoints(run_dir):
-            log(f"replacing the checkpoints of an earlier run in {run_dir} (use --resume to continue one)")
-        metrics_path.unlink(missing_ok=True)
+        metrics_path.unlink(missing_ok=True)  # a resumed run that had reached no checkpoint logs again
         seed_everything(cfg.seed)
         if eval_batches is not None:
             run_eval()  # the baseline, so that the eval curve shows what training changed
