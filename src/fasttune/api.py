@@ -284,8 +284,9 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         f"accumulation {t.gradient_accumulation_steps} -> {steps_per_epoch} optimiser steps per epoch")
 
     with claim_output_dir(t, log):  # inputs validated: from here on the run writes into output_dir
-        # resume and overwrite off, so that `fasttune train --config run.yaml` runs the job again from the start
-        dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False, overwrite=False)).save(run.run_yaml)
+        # resume and overwrite off: `fasttune train --config run.yaml` runs the job again from the start
+        saved = dataclasses.replace(t, resume=False, overwrite=False)
+        dataclasses.replace(cfg, train=saved).save(run.run_yaml)
 
         before = answer(model, tokenizer, contract, questions)
         if before:
@@ -294,8 +295,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         if eval_batches is not None and data.answers is not None:
             scorer = answer_eval(model, tokenizer, contract, data.answers, t.eval_answers)
             n = len(data.answers)
-            log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} held-out "
-                f"questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
+            log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} "
+                f"held-out questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
         metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, answer_eval=scorer,
                              device=device, precision=precision, log=log)
         adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)

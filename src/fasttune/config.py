@@ -165,7 +165,7 @@ class RunConfig:
             notes.append("# a Hugging Face token was used (not saved: pass --token or set HF_TOKEN)")
         if self.model.trust_remote_code:
             data["model"]["trust_remote_code"] = False
-            notes.append("# trust_remote_code was on (not saved: pass --trust_remote_code to turn it on again)")
+            notes.append("# trust_remote_code was on (not saved: pass --trust_remote_code to turn it on)")
         Path(path).write_text("".join(n + "\n" for n in notes) + yaml.safe_dump(data, sort_keys=False))
 
 
@@ -279,11 +279,12 @@ class _Yaml12Loader(yaml.SafeLoader):
 _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def load_yaml(path: str | Path, cfg: RunConfig | None = None, *, allow_remote_code: bool = False) -> RunConfig:
+def load_yaml(path: str | Path, cfg: RunConfig | None = None, *,
+              allow_remote_code: bool = False) -> RunConfig:
     """A RunConfig from a YAML file over `cfg` (default: the defaults).
 
     trust_remote_code cannot be turned on from a file, only by the command line or the Python call of the
@@ -302,8 +303,9 @@ def load_yaml(path: str | Path, cfg: RunConfig | None = None, *, allow_remote_co
     trusted = cfg.model.trust_remote_code or allow_remote_code
     loaded = apply_overrides(cfg, data, str(path))
     if loaded.model.trust_remote_code and not trusted:
-        raise ConfigError(f"{path}: trust_remote_code: a file cannot turn it on (it runs Python code from the "
-                          "model's folder); pass --trust_remote_code on the command line or set it in Python")
+        raise ConfigError(f"{path}: trust_remote_code: a file cannot turn it on (it runs Python code from "
+                          "the model's folder); pass --trust_remote_code on the command line or set it in "
+                          "Python")
     return loaded
 
 

@@ -1,4 +1,4 @@
-"""Writes that fail cleanly: every filesystem error names its path, and directories appear whole or not at all.
+"""Writes that fail cleanly: filesystem errors name their path, directories appear whole or not at all.
 
 A full disk, a read-only mount or a file where a directory should be is the user's to fix, so the CLI
 prints it as one line (`filesystem_error` turns what safetensors or a library raised into an OSError
@@ -22,7 +22,7 @@ _OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")  # how Rust libraries (safeten
 
 
 def filesystem_error(e: BaseException, path: str | Path) -> BaseException:
-    """`e` as an OSError naming `path` (or the file it already names) if it is a filesystem error, else `e`."""
+    """`e` as an OSError naming `path` (or the file it already names) if it is a filesystem error, else e."""
     if isinstance(e, OSError) and e.errno is not None:
         return OSError(e.errno, e.strerror, e.filename or str(path))
     found = _OS_ERROR_IN_TEXT.search(str(e))

@@ -1,4 +1,4 @@
-"""`fasttune train` never replaces an earlier run without --overwrite, and one writer holds a run directory."""
+"""`fasttune train` never replaces an earlier run without --overwrite; one writer holds a run directory."""
 
 from __future__ import annotations
 

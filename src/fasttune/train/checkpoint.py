@@ -140,7 +140,8 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter_state: dict[str, tor
         "rng.pt": _torch_bytes(rng)}
     if scaler is not None:
         files["scaler.pt"] = _torch_bytes(scaler.state_dict())
-    files[STATE_FILE] = json.dumps({**trainer_state, "step": step, "data_state": data_state}, indent=1).encode()
+    state = {**trainer_state, "step": step, "data_state": data_state}
+    files[STATE_FILE] = json.dumps(state, indent=1).encode()
     manifest = {"step": step, "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                                         for name, data in files.items()}}
 

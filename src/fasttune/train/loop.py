@@ -31,8 +31,8 @@ from fasttune.run_dir import RunDir
 from fasttune.train.checkpoint import rng_states, save_checkpoint, set_rng_states
 from fasttune.train.metrics import MetricsWriter, memory_used, perplexity, truncate_after
 from fasttune.train.optim import build_optimizer, build_scheduler
-from fasttune.train.resume import find_start, restore
 from fasttune.train.precision import autocast, grad_scaler
+from fasttune.train.resume import find_start, restore
 
 Batch = dict[str, torch.Tensor]
 
