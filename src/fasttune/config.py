@@ -146,11 +146,46 @@ class TrainConfig:
 
 
 @dataclass
+class MethodConfig:
+    """What is optimised: SFT, a preference loss, or GRPO. Names and defaults follow TRL's configs."""
+
+    method: str = field(default="sft", metadata={"help": (
+        "Training method: sft (next-token loss on responses), dpo (chosen/rejected pairs), orpo (pairs, "
+        "no reference), kto (prompt/completion/label rows), grpo (prompts, sampled completions, reward "
+        "functions).")})
+    init_from: str | None = field(default=None, metadata={"help": (
+        "A run directory (or its adapter/ directory) whose adapter this run continues: e.g. DPO after "
+        "SFT. Its prompt contract is used, and its adapter, as it starts, is the reference of dpo, kto "
+        "and grpo.")})
+    beta: float | None = field(default=None, metadata={"help": (
+        "dpo/kto: the KL strength (0.1); ipo: the regulariser tau (0.1); orpo: the odds-ratio weight lambda "
+        "(0.1); grpo: the KL coefficient (0.0: no reference pass). Unset: TRL's default of the method.")})
+    loss_type: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid (DPO) or ipo (IPO)."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of desirable rows."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of undesirable rows."})
+    num_generations: int = field(default=8, metadata={"help": "grpo: completions sampled per prompt (G)."})
+    max_completion_length: int = field(default=64, metadata={"help": "grpo: new tokens per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "grpo: sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "grpo: nucleus sampling threshold."})
+    epsilon: float = field(default=0.2, metadata={"help": "grpo: clipping range of the probability ratio."})
+    num_iterations: int = field(default=1, metadata={"help": (
+        "grpo: optimiser steps on each batch of sampled completions (1: the ratio is 1 and clipping is "
+        "inactive; more: the clipped objective matters).")})
+    reward: list[str] = field(default_factory=list, metadata={"help": (
+        "grpo: reward functions, each module:function (a Python callable taking prompts, completions and "
+        "the dataset's other columns as keyword lists, returning one float per completion) or a built-in: "
+        "exact_match (the completion's answer equals the 'answer' column) or format (regex_format).")})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": (
+        "grpo: one weight per reward function (default: all 1).")})
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,7 +204,8 @@ class RunConfig:
         Path(path).write_text("".join(n + "\n" for n in notes) + yaml.safe_dump(data, sort_keys=False))
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig,
+                             "train": TrainConfig, "method": MethodConfig}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "fp32", "bf16", "fp16"),
@@ -184,6 +220,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "gradient_checkpointing": ("auto", "off", "on", "offload", "selective"),
     "bias": ("none",),
+    "method": ("sft", "dpo", "orpo", "kto", "grpo"),
+    "loss_type": ("sigmoid", "ipo"),
 }
 
 
@@ -321,7 +359,7 @@ def host_gate_up_setting(value: str) -> float | str | None:
 
 
 def validate(cfg: RunConfig) -> None:
-    t, lo, m = cfg.train, cfg.lora, cfg.model
+    t, lo, m, me = cfg.train, cfg.lora, cfg.model, cfg.method
     checks = [
         (m.max_seq_length > 0, "max_seq_length must be positive"),
         (lo.r > 0, "r must be positive"),
@@ -341,6 +379,15 @@ def validate(cfg: RunConfig) -> None:
         (host_gate_up_setting(t.host_gate_up) is not None, "host_gate_up must be auto or a number in [0, 1]"),
         (m.load_in_4bit + m.load_in_8bit + m.load_in_fp8 <= 1,
          "load_in_4bit, load_in_8bit and load_in_fp8 exclude each other"),
+        (me.beta is None or me.beta >= 0, "beta must be >= 0"),
+        (me.loss_type == "sigmoid" or me.method == "dpo", "loss_type applies to method dpo only"),
+        (me.num_generations >= 2, "num_generations must be at least 2 (advantages compare a group)"),
+        (me.max_completion_length > 0, "max_completion_length must be positive"),
+        (me.temperature > 0 and 0 < me.top_p <= 1, "temperature must be > 0, top_p in (0, 1]"),
+        (me.epsilon > 0 and me.num_iterations >= 1, "epsilon must be > 0, num_iterations >= 1"),
+        (not me.reward or me.method == "grpo", "reward applies to method grpo only"),
+        (me.reward_weights is None or len(me.reward_weights) == len(me.reward),
+         "reward_weights must have one weight per reward function"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -72,6 +72,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # set by lora.reference.adapters_off: the forward runs the base alone
         self.use_kernels = False  # set by the model's `set_use_kernels`; needs fasttune.kernels.lora
 
         device = base.weight.device
@@ -127,7 +128,7 @@ class LoRALinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         dropping = self.training and isinstance(self.lora_dropout, nn.Dropout)
         if self.use_kernels:

@@ -117,10 +117,10 @@ class RMSNorm(nn.Module):
 
 def fused_lora_weights(*projs: nn.Module) -> list[LoRAWeights] | None:
     """The projections as the fused LoRA kernels take them, or None when one of them cannot go there
-    (a plain or merged linear, active dropout, an 8-bit or FP4 base, the kernel switch off)."""
+    (a plain, merged or disabled linear, active dropout, an 8-bit or FP4 base, the kernel switch off)."""
     out = []
     for p in projs:
-        if not isinstance(p, LoRALinear) or not p.use_kernels or p.merged:
+        if not isinstance(p, LoRALinear) or not p.use_kernels or p.merged or p.disabled:
             return None
         if p.training and isinstance(p.lora_dropout, nn.Dropout):
             return None

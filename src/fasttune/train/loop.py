@@ -4,7 +4,8 @@ Per optimiser step it takes `gradient_accumulation_steps` micro-batches, counts 
 of the whole window first, and back-propagates each micro-batch's `loss_sum / window_tokens`, so
 the gradient is the mean over every trained token of the window: batch 2 x accumulation 4 gives
 the same update as batch 8, whatever the rows' lengths. Around that: mixed precision, clipping,
-optimizer and schedule, logging, eval, checkpoints and resume.
+optimizer and schedule, logging, eval, checkpoints and resume. The `objective` (train/objective.py)
+says what a micro-batch's loss is and what its units are (SFT: trained tokens; DPO: pairs, ...).
 
 Each eval measures the loss and perplexity of the held-out batches and, when the caller passes
 `answer_eval`, how many held-out questions the model answers right (greedy, exact and normalised).
@@ -26,10 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fasttune.config import TrainConfig
-from fasttune.models.base import IGNORE_INDEX
 from fasttune.run_dir import RunDir
 from fasttune.train.checkpoint import rng_states, save_checkpoint, set_rng_states
 from fasttune.train.metrics import MetricsWriter, memory_used, perplexity, truncate_after
+from fasttune.train.objective import Objective, TokenLoss
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.precision import autocast, grad_scaler
 from fasttune.train.resume import find_start, restore
@@ -61,24 +62,31 @@ def count_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device,
-             precision: str) -> tuple[float, int]:
-    """Mean loss per trained token over all of `batches`, and that token count."""
+             precision: str, objective: Objective | None = None) -> tuple[float, int, dict[str, float]]:
+    """Mean loss per unit (trained token for SFT) over all of `batches`, that unit count, and the
+    objective's metrics as means per unit."""
+    objective = objective or TokenLoss()
     was_training = model.training
     model.eval()
-    loss_sum, n_tokens = torch.zeros((), device=device), 0
+    loss_sum, n_units, sums = torch.zeros((), device=device), 0, {}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        n_units += objective.units(batch)
         with autocast(precision, device):
-            out = model(**batch)
-        loss_sum += out.loss_sum.float()
-        n_tokens += int(out.n_tokens)
+            loss, stats = objective(model, batch)
+        loss_sum += loss.float()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
     model.train(was_training)
-    return float(loss_sum) / max(n_tokens, 1), n_tokens
+    return float(loss_sum) / max(n_units, 1), n_units, {k: v / max(n_units, 1) for k, v in sums.items()}
 
 
 def format_eval(rec: dict[str, Any]) -> str:
     """The eval part of a log line: loss, perplexity and, when answered, the match rates."""
-    text = f"eval loss {rec['eval_loss']:.4f}  ppl {rec['perplexity']:.2f}"
+    text = f"eval loss {rec['eval_loss']:.4f}"
+    text += f"  ppl {rec['perplexity']:.2f}" if "perplexity" in rec else ""
+    text += "".join(f"  {k.removeprefix('eval_')} {v:.4f}" for k, v in rec.items() if k.startswith("eval_")
+                    and k not in ("eval_loss", "eval_tokens"))
     if "n_answered" in rec:
         n = rec["n_answered"]
         text += (f"  answers exact {round(rec['exact_match'] * n)}/{n} "
@@ -91,7 +99,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                answer_eval: Callable[[bool], dict[str, Any]] | None = None,
                device: torch.device | None = None, precision: str = "fp32",
                log: Callable[[str], None] = tqdm.write,
-               on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               on_record: Callable[[dict[str, Any]], None] | None = None,
+               objective: Objective | None = None) -> dict[str, Any]:
     """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
 
     `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
@@ -102,6 +111,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     schedule, random generators and data position, and training continues from its step.
     """
     run_dir, device = Path(run_dir), device or next(iter(params.values())).device
+    objective = objective or TokenLoss()
     trainable = list(params.values())
     accum, total = cfg.gradient_accumulation_steps, count_steps(cfg, len(batches))
     optimizer = build_optimizer(trainable, cfg)
@@ -124,9 +134,11 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
 
     def run_eval() -> None:
         was_training = model.training
-        loss, n = evaluate(model, eval_batches, device, precision)
-        rec = {"kind": "eval", "step": st["step"], "eval_loss": loss, "perplexity": perplexity(loss),
-               "eval_tokens": n}
+        loss, n, stats = evaluate(model, eval_batches, device, precision, objective)
+        rec = {"kind": "eval", "step": st["step"], "eval_loss": loss, "eval_tokens": n,
+               **{f"eval_{k}": v for k, v in stats.items()}}
+        if objective.per_token:
+            rec["perplexity"] = perplexity(loss)
         if answer_eval is not None:
             t0, states = time.perf_counter(), rng_states()
             try:
@@ -137,7 +149,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             rec.update({k: answered[k] for k in ("n_answered", "exact_match", "normalized_match")},
                        answer_seconds=round(time.perf_counter() - t0, 3))
         first = st["first_eval_loss"] is None
-        st.update(eval_loss=loss, eval_perplexity=rec["perplexity"])
+        st.update(eval_loss=loss, eval_perplexity=rec.get("perplexity"))
         st["first_eval_loss"] = loss if first else st["first_eval_loss"]
         for key in ("n_answered", "exact_match", "normalized_match"):
             if key in rec:
@@ -169,21 +181,23 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     model.train()
     bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True,
                disable=None)  # None: a bar on a terminal, none in a log file
-    window_log = {"loss_sum": 0.0, "trained": 0, "tokens": 0, "seconds": 0.0}
+    window_log: dict[str, Any] = {"loss_sum": 0.0, "trained": 0, "tokens": 0, "seconds": 0.0, "stats": {}}
     while st["step"] < total:
         t0 = time.perf_counter()
         window = [next(batches) for _ in range(accum)]
         # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
         # lengths then weigh the same whether they share a micro-batch or not.
-        window_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in window)
+        window_tokens = sum(objective.units(b) for b in window)  # trained tokens for SFT, pairs for DPO, ...
         loss_sum = torch.zeros((), device=device)
         for batch in window:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(precision, device):
-                out = model(**batch)
-            loss = out.loss_sum.float() / max(window_tokens, 1)
+                batch_loss, stats = objective(model, batch)
+            loss = batch_loss.float() / max(window_tokens, 1)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_sum += out.loss_sum.detach().float()
+            loss_sum += batch_loss.detach().float()
+            for k, v in stats.items():
+                window_log["stats"][k] = window_log["stats"].get(k, 0.0) + float(v)
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -215,13 +229,15 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mem=f"{mem:.2f}G")
         bar.update(1)
         if st["step"] % cfg.logging_steps == 0 or st["step"] == total:
-            mean_loss = window_log["loss_sum"] / max(window_log["trained"], 1)  # per token over the interval
+            mean_loss = window_log["loss_sum"] / max(window_log["trained"], 1)  # per unit over the interval
+            stats = {k: v / max(window_log["trained"], 1) for k, v in window_log["stats"].items()}
             record({"kind": "train", "step": st["step"], "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tok_s, "trained_tokens": st["trained_tokens"], "memory_gib": mem,
-                    "memory_kind": mem_kind, "epoch": st["step"] * accum / len(batches)})
+                    "memory_kind": mem_kind, "epoch": st["step"] * accum / len(batches), **stats})
             log(f"step {st['step']:>5}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
-                f"{tok_s:,.0f} tok/s  mem {mem:.2f} GiB")
-            window_log = dict.fromkeys(window_log, 0)
+                + "".join(f"{k} {v:.4f}  " for k, v in stats.items())
+                + f"{tok_s:,.0f} tok/s  mem {mem:.2f} GiB")
+            window_log = {**dict.fromkeys(window_log, 0), "stats": {}}
         if eval_batches is not None and (
                 (cfg.eval_steps and st["step"] % cfg.eval_steps == 0) or st["step"] == total):
             run_eval()
