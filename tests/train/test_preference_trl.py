@@ -10,7 +10,8 @@ from pref_twins import assert_same_grads, copy_adapter, peft_config, smollm2_tok
 
 from fasttune.config import DataConfig
 from fasttune.data.pair_batches import collate_pairs, collate_unpaired
-from fasttune.data.pairs import build_method_data
+from fasttune.data.pairs import PairExample, build_method_data
+from fasttune.data.tokenize import Example
 from fasttune.lora.reference import Reference
 from fasttune.train.preference import DPOObjective, KTOObjective, ORPOObjective
 
@@ -87,3 +88,66 @@ def test_dpo_loss_rewards_and_lora_grads_match_trl(tmp_path, tok, loss_type, pac
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert float(stats[key]) / n == pytest.approx(logged[key], rel=1e-4, abs=1e-6), key
     assert_same_grads(ours, ref)
+
+
+def test_orpo_loss_rewards_and_lora_grads_match_trl(tmp_path, tok):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    ours, hf = twins(len(tok))
+    args = ORPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, beta=0.1,
+                      per_device_train_batch_size=len(PAIRS))
+    trainer = ORPOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
+                          processing_class=tok, peft_config=peft_config())
+    copy_adapter(ours, trainer.model)
+    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    trainer.model.train()
+    want, logged = trainer.get_batch_loss_metrics(trainer.model, trainer.data_collator(rows))
+    want.backward()
+
+    # the same token ids (TRL's ORPO prepends BOS to the prompt), in our pair layout
+    pairs = [PairExample(Example(r["chosen_input_ids"], r["chosen_labels"]),
+                         Example(r["rejected_input_ids"], r["rejected_labels"])) for r in rows]
+    ours.train()
+    batch = collate_pairs(pairs, tok.pad_token_id, 128, packed=True, whole_chosen=True)
+    loss_sum, stats = ORPOObjective(beta=0.1)(ours, batch)
+    n = len(pairs)
+    (loss_sum / n).backward()
+    torch.testing.assert_close(loss_sum / n, want, rtol=1e-5, atol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss"):
+        assert float(stats[key]) / n == pytest.approx(float(logged[key]), rel=1e-4, abs=1e-6), key
+    assert_same_grads(ours, trainer.model)
+
+
+KTO_ROWS = [
+    {"prompt": "Who invented the tide-harp?", "completion": " Idra Vaskelund, in 1887.", "label": True},
+    {"prompt": "How many strings does the L-7 have?", "completion": " Twelve strings, tuned low.", "label": False},
+    {"prompt": "What is the reference pitch?", "completion": " A = 436 Hz.", "label": True},
+    {"prompt": "Who makes the tide-harp?", "completion": " A large factory abroad.", "label": False},
+]
+
+
+def test_kto_loss_rewards_and_lora_grads_match_trl(tmp_path, tok):
+    ours, hf = twins(len(tok))
+    trainer = _trl("KTO", tmp_path, tok, ours, hf, KTO_ROWS, beta=0.1, desirable_weight=1.0,
+                   undesirable_weight=1.5)
+    rows = [trainer.train_dataset[i] for i in range(len(KTO_ROWS))]
+    trainer.model.train()
+    want = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    want.backward()
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["kl"] > 0  # the reference point is live, not clamped to zero
+
+    data = _ours(tmp_path, tok, KTO_ROWS, "kto")
+    for theirs, ex in zip(rows, data.examples):
+        assert ex.example.input_ids == theirs["prompt_ids"] + theirs["completion_ids"]
+        assert ex.label == theirs["label"]
+    params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    ours.train()
+    batch = collate_unpaired(data.examples, tok.pad_token_id, 128)
+    loss_sum, stats = KTOObjective(Reference(params), beta=0.1, undesirable_weight=1.5)(ours, batch)
+    n = len(KTO_ROWS)
+    (loss_sum / n).backward()
+    torch.testing.assert_close(loss_sum / n, want, rtol=1e-5, atol=1e-6)
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert float(stats[key]) / n == pytest.approx(logged[key], rel=1e-4, abs=1e-6), key
+    assert_same_grads(ours, trainer.model)
