@@ -250,15 +250,28 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     seed_everything(t.seed)
 
     # Data first (it needs only the tokenizer): a broken row stops the run before the model loads.
+    method = cfg.method.method
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer, log)
-    train_data, eval_data, questions, contract = data.train, data.eval, data.questions, data.train.contract
+    if method == "sft":
+        data = prepare_data(cfg, tokenizer, log)
+        train_data, eval_data, questions = data.train, data.eval, data.questions
+        contract = train_data.contract
+    else:  # preference and RL rows (train/methods.py); their prompts frame as the init_from run's did
+        from fasttune.train.methods import init_contract, method_data
+
+        data, questions = None, []
+        train_data, eval_data = method_data(cfg, tokenizer, init_contract(cfg.method.init_from), log)
+        contract = train_data.contract
 
     log(f"loading {cfg.model.model_name} on {device}")
     loaded = load(cfg.model, device)
     for note in loaded.notes:
         log(f"  note: {note}")
     model = attach_lora(loaded, cfg.lora)
+    if cfg.method.init_from:
+        from fasttune.train.methods import load_init_adapter
+
+        log(f"  continuing the adapter of {load_init_adapter(model, cfg.method.init_from)}")
     checkpointing = set_checkpointing(model, cfg, device, precision=precision,
                                       quantization=loaded.quantization, log=log)
     estimate = run_estimate(model, cfg, device, precision=precision, quantization=loaded.quantization)
@@ -273,10 +286,21 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
 
     packing = resolve_packing(cfg.data.packing, exact=getattr(model, "supports_packing", False))
     batch_size = t.per_device_train_batch_size
-    stream = BatchStream(train_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed,
-                         group_by_length=cfg.data.group_by_length)
-    eval_batches = None if eval_data is None else make_batches(
-        eval_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed, epoch=0)
+    objective = None  # SFT's token loss
+    if method == "sft":
+        stream = BatchStream(train_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed,
+                             group_by_length=cfg.data.group_by_length)
+        eval_batches = None if eval_data is None else make_batches(
+            eval_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed, epoch=0)
+    else:
+        from fasttune.lora.reference import Reference
+        from fasttune.train.methods import preference_parts
+
+        packing = packing and method in ("dpo", "orpo")  # kto rows are padded: its KL rows pair across rows
+        # the reference: the starting adapter of an init_from run, else the base with the adapter off
+        reference = Reference(params, params if cfg.method.init_from else None)
+        stream, eval_batches, objective = preference_parts(cfg, train_data, eval_data, reference,
+                                                           contract.pad_id, packing)
     steps_per_epoch = math.ceil(len(stream) / t.gradient_accumulation_steps)
     grouped = ", grouped by length" if cfg.data.group_by_length else ""
     log(f"  packing {'on' if packing else 'off'}{grouped}: {len(stream)} micro-batches of {batch_size} per "
@@ -292,13 +316,14 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         if before:
             log(format_samples("answers before training:", before))
         scorer = None
-        if eval_batches is not None and data.answers is not None:
+        if eval_batches is not None and data is not None and data.answers is not None:
             scorer = answer_eval(model, tokenizer, contract, data.answers, t.eval_answers)
             n = len(data.answers)
             log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} "
                 f"held-out questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
         metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, answer_eval=scorer,
-                             device=device, precision=precision, log=log)
+                             device=device, precision=precision, log=log,
+                             objective=objective)
         adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
         after = answer(model, tokenizer, contract, questions)
         if after:

@@ -293,7 +293,8 @@ def _section_of(key: str) -> str | None:
 def apply_overrides(cfg: RunConfig, values: dict[str, Any], source: str) -> RunConfig:
     """Apply `{section: {key: value}}` or flat `{key: value}` (names are unique across sections)."""
     for key, value in values.items():
-        if key in SECTIONS:
+        # `method` names both a section and its main field: a mapping is the section, a string the field
+        if key in SECTIONS and (isinstance(value, dict) or _section_of(key) is None):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: section '{key}' must be a mapping")
             known = {f.name for f in fields(SECTIONS[key])}

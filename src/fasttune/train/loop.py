@@ -85,13 +85,13 @@ def format_eval(rec: dict[str, Any]) -> str:
     """The eval part of a log line: loss, perplexity and, when answered, the match rates."""
     text = f"eval loss {rec['eval_loss']:.4f}"
     text += f"  ppl {rec['perplexity']:.2f}" if "perplexity" in rec else ""
-    text += "".join(f"  {k.removeprefix('eval_')} {v:.4f}" for k, v in rec.items() if k.startswith("eval_")
-                    and k not in ("eval_loss", "eval_tokens"))
-    if "n_answered" in rec:
+    text += "".join(f"  {k.removeprefix('eval_')} {v:.4f}" for k, v in rec.items()
+                    if k.startswith("eval_") and "/" in k)  # the objective's metrics: rewards/chosen, ...
+    if "n_answered" in rec:  # SFT only
         n = rec["n_answered"]
         text += (f"  answers exact {round(rec['exact_match'] * n)}/{n} "
                  f"normalised {round(rec['normalized_match'] * n)}/{n}")
-    return text + f"  ({rec['eval_tokens']:,} tokens)"
+    return text + f"  ({rec['eval_tokens']:,} {rec.get('unit', 'tokens')})"
 
 
 def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches: ResumableStream,
@@ -139,6 +139,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                **{f"eval_{k}": v for k, v in stats.items()}}
         if objective.per_token:
             rec["perplexity"] = perplexity(loss)
+        else:  # eval_tokens counts the objective's units
+            rec["unit"] = objective.unit
         if answer_eval is not None:
             t0, states = time.perf_counter(), rng_states()
             try:
@@ -247,6 +249,6 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
 
     mem, mem_kind = memory_used(device)
     st["seconds"] = wall_before + time.perf_counter() - wall_start
-    return {**st, "steps": st["step"], "total_steps": total,
+    return {**st, "steps": st["step"], "total_steps": total, "unit": objective.unit,
             "tokens_per_s": st["tokens"] / max(st["train_seconds"], 1e-9), "memory_gib": mem,
             "memory_kind": mem_kind}

@@ -128,19 +128,22 @@ def summary_text(result: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
+    unit = result.get("unit", "tokens")  # what the loss averages over: tokens (SFT), pairs, rows, ...
     lines = [
         f"steps            {result['steps']}",
         f"time             {format_duration(result['seconds'])} "
         f"({format_duration(result['train_seconds'])} in training steps)",
-        f"tokens           {result['tokens']:,} processed, {result['trained_tokens']:,} trained",
+        f"tokens           {result['tokens']:,} processed, {result['trained_tokens']:,} "
+        + ("trained" if unit == "tokens" else f"{unit} trained on"),
         f"throughput       {result['tokens_per_s']:,.0f} tokens/s",
         f"first/final loss {fmt(result.get('first_loss'))} -> {fmt(result.get('final_loss'))}",
     ]
     if result.get("eval_loss") is not None:
         lines.append(f"eval loss        {fmt(result.get('first_eval_loss'))} -> {fmt(result['eval_loss'])}")
         first = result.get("first_eval_loss")
-        lines.append(f"eval perplexity  {'-' if first is None else f'{perplexity(first):.2f}'} -> "
-                     f"{perplexity(result['eval_loss']):.2f}")
+        if unit == "tokens":  # perplexity is the exponential of a mean token cross-entropy only
+            lines.append(f"eval perplexity  {'-' if first is None else f'{perplexity(first):.2f}'} -> "
+                         f"{perplexity(result['eval_loss']):.2f}")
     if result.get("n_answered"):
         lines.append(f"answers matched  exact {_share(result, 'exact_match')}, "
                      f"normalised {_share(result, 'normalized_match')}")

@@ -20,6 +20,7 @@ Batch = dict[str, torch.Tensor]
 class Objective(Protocol):
     # True when the loss is a mean token cross-entropy, so that perplexity means something
     per_token: bool
+    unit: str  # what `units` counts, for the log: tokens, pairs, rows, completions
 
     def units(self, batch: Batch) -> int:
         """How many units (tokens, pairs, rows) the batch's loss sums over; read before any forward."""
@@ -34,6 +35,7 @@ class TokenLoss:
     """SFT: the summed cross-entropy of the trained tokens, from the model's fused loss."""
 
     per_token = True
+    unit = "tokens"
 
     def units(self, batch: Batch) -> int:
         return int((batch["targets"] != IGNORE_INDEX).sum())

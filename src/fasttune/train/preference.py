@@ -26,9 +26,9 @@ MODEL_KEYS = ("input_ids", "targets", "position_ids", "attention_mask")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1}  # TRL's DPOConfig, ORPOConfig, KTOConfig
 
 
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float, loss_type: str = "sigmoid", chosen_tokens: torch.Tensor | None = None,
-             rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pair losses (n,) from sequence log-probabilities (n,) of the policy and the reference."""
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     if loss_type == "sigmoid":
@@ -50,8 +50,8 @@ def orpo_odds_ratio(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> tor
     return F.logsigmoid(log_odds)
 
 
-def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, label: torch.Tensor, kl: torch.Tensor, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, label: torch.Tensor, kl: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
     """Per-row weighted losses (n,); `kl` is the detached, clamped reference point z."""
     ratio = logps - ref_logps
     desirable = desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl)))
@@ -75,7 +75,7 @@ def _rows(batch: Batch, rows: slice) -> Batch:
 class DPOObjective:
     """DPO or IPO on pairs; the reference is the base with the adapter off (or the starting adapter)."""
 
-    per_token = False
+    per_token, unit = False, "pairs"
 
     def __init__(self, reference: Reference, beta: float = 0.1, loss_type: str = "sigmoid") -> None:
         self.reference, self.beta, self.loss_type = reference, beta, loss_type
@@ -99,7 +99,7 @@ class DPOObjective:
 class ORPOObjective:
     """ORPO on pairs collated with `whole_chosen`: no reference pass."""
 
-    per_token = False
+    per_token, unit = False, "pairs"
 
     def __init__(self, beta: float = 0.1) -> None:
         self.beta = beta
@@ -123,7 +123,7 @@ class ORPOObjective:
 class KTOObjective:
     """KTO on rows collated by `collate_unpaired` (matched rows, then the mismatched KL rows)."""
 
-    per_token = False
+    per_token, unit = False, "rows"
 
     def __init__(self, reference: Reference, beta: float = 0.1, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0) -> None:

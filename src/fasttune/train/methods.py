@@ -1,0 +1,114 @@
+"""What differs between the training methods: their data, their micro-batches and their objective.
+
+SFT, DPO, ORPO, KTO and GRPO share everything else (loader, LoRA, loop, checkpoints, exports); `api.train`
+asks this module for the parts of a non-SFT method, and for the adapter an `init_from` run left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fasttune.config import ConfigError, RunConfig
+from fasttune.data.pairs import MethodData, build_method_data
+from fasttune.data.templates import PromptContract
+from fasttune.data.tokenize import eval_source
+
+
+def init_adapter_dir(init_from: str) -> Path:
+    """The adapter directory of `init_from`: a run directory (its adapter/) or an adapter directory."""
+    from fasttune.run_dir import RunNotFound, locate
+
+    try:
+        return locate(Path(init_from).expanduser()).adapter_dir
+    except RunNotFound as e:
+        raise ConfigError(f"init_from: {e}") from None
+
+
+def init_contract(init_from: str | None) -> PromptContract | None:
+    """The prompt contract the `init_from` run trained with, so that this run frames prompts the same way."""
+    if init_from is None:
+        return None
+    from fasttune.run_dir import locate
+
+    init_adapter_dir(init_from)  # a clear error first
+    path = locate(Path(init_from).expanduser()).contract_path()
+    return PromptContract.load(path) if path is not None else None
+
+
+def load_init_adapter(model: torch.nn.Module, init_from: str) -> Path:
+    """Copy the `init_from` adapter's weights into the model's freshly attached LoRA layers (same shapes)."""
+    directory = init_adapter_dir(init_from)
+    hf = getattr(model, "hf_model", None)
+    try:
+        if hf is not None:  # the generic transformers + PEFT path
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            from fasttune.run_dir import ADAPTER_WEIGHTS
+
+            result = set_peft_model_state_dict(hf, load_file(str(directory / ADAPTER_WEIGHTS)))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"adapter keys the model lacks: {result.unexpected_keys[:3]}")
+        else:
+            from fasttune.lora.peft_format import load_adapter
+
+            load_adapter(model, directory)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(f"init_from '{init_from}': {e} (the lora options must match that run's)") from e
+    return directory
+
+
+def method_data(cfg: RunConfig, tokenizer: Any, contract: PromptContract | None,
+                log: Callable[[str], None]) -> tuple[MethodData, MethodData | None]:
+    """The train split and, where there is one, the eval split of a dpo/orpo/kto/grpo dataset."""
+    method, max_len = cfg.method.method, cfg.model.max_seq_length
+    train = build_method_data(cfg.data, method, tokenizer, max_len, "train", contract)
+    log(str(train.summary))
+    source = eval_source(cfg.data)
+    held_out = None
+    if source is not None:
+        held_out = build_method_data(dataclasses.replace(cfg.data, max_rows=None), method, tokenizer, max_len,
+                                     "eval", train.contract, source=source)
+        log(str(held_out.summary))
+    return train, held_out
+
+
+def beta_of(cfg: RunConfig) -> float:
+    from fasttune.train.preference import DEFAULT_BETA
+
+    return cfg.method.beta if cfg.method.beta is not None else DEFAULT_BETA.get(cfg.method.method, 0.0)
+
+
+def preference_parts(cfg: RunConfig, train: MethodData, held_out: MethodData | None, reference: Any,
+                     pad_id: int, packed: bool) -> tuple[Any, list | None, Any]:
+    """(stream of micro-batches, eval micro-batches or None, objective) of dpo, orpo or kto."""
+    from fasttune.data.pair_batches import ExampleStream, collate_pairs, collate_unpaired, fixed_batches
+    from fasttune.train.preference import DPOObjective, KTOObjective, ORPOObjective
+
+    me, max_len, beta = cfg.method, cfg.model.max_seq_length, beta_of(cfg)
+    if cfg.data.group_by_length:
+        raise ConfigError(f"group_by_length: not supported for {me.method} (its micro-batches hold whole "
+                          "pairs or rows in a seeded order); leave it off")
+    if me.method == "kto" and cfg.data.packing == "on":
+        raise ConfigError("packing: 'on' is not supported for kto (its rows are padded); use auto or off")
+    if me.method == "kto":
+        if cfg.train.per_device_train_batch_size < 2:
+            raise ConfigError("per_device_train_batch_size: kto needs at least 2 rows per micro-batch (its "
+                              "KL reference point pairs each prompt with another row's completion)")
+        collate = partial(collate_unpaired, pad_id=pad_id, max_len=max_len)
+        objective = KTOObjective(reference, beta, me.desirable_weight, me.undesirable_weight)
+    else:
+        collate = partial(collate_pairs, pad_id=pad_id, max_len=max_len, packed=packed,
+                          whole_chosen=me.method == "orpo")
+        objective = (ORPOObjective(beta) if me.method == "orpo"
+                     else DPOObjective(reference, beta, me.loss_type))
+    batch = cfg.train.per_device_train_batch_size
+    stream = ExampleStream(train.examples, batch, collate, cfg.train.seed)
+    evals = None if held_out is None else fixed_batches(held_out.examples, batch, collate)
+    return stream, evals, objective
