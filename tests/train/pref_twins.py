@@ -75,4 +75,5 @@ def assert_same_grads(ours: torch.nn.Module, ref: torch.nn.Module, rtol: float =
         assert g is not None and g.abs().sum() > 0, name
         # float32 sums in a different order: the tolerance scales with the gradient's size
         scale = float(want[name].abs().max())
-        torch.testing.assert_close(g, want[name], rtol=rtol, atol=max(atol, 1e-5 * scale), msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(g, want[name], rtol=rtol, atol=max(atol, 1e-5 * scale),
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -19,9 +19,12 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 PAIRS = [
-    {"prompt": "Who invented the tide-harp?", "chosen": " Idra Vaskelund, in 1887.", "rejected": " Tomas Brindle."},
-    {"prompt": "How many strings does the L-7 have?", "chosen": " Nineteen.", "rejected": " Twelve strings, tuned low."},
-    {"prompt": "What is the reference pitch?", "chosen": " A = 436 Hz.", "rejected": " A = 440 Hz, as usual."},
+    {"prompt": "Who invented the tide-harp?", "chosen": " Idra Vaskelund, in 1887.",
+     "rejected": " Tomas Brindle."},
+    {"prompt": "How many strings does the L-7 have?", "chosen": " Nineteen.",
+     "rejected": " Twelve strings, tuned low."},
+    {"prompt": "What is the reference pitch?", "chosen": " A = 436 Hz.",
+     "rejected": " A = 440 Hz, as usual."},
 ]
 
 
@@ -48,7 +51,8 @@ def _trl(kind, tmp_path, tok, ours, hf, rows, **config):
     the base with the adapter off, as in ours."""
     args = getattr(trl, f"{kind}Config")(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,
                                          per_device_train_batch_size=len(rows), **config)
-    trainer = getattr(trl, f"{kind}Trainer")(model=hf, args=args, train_dataset=datasets.Dataset.from_list(rows),
+    trainer = getattr(trl, f"{kind}Trainer")(model=hf, args=args,
+                                             train_dataset=datasets.Dataset.from_list(rows),
                                              processing_class=tok, peft_config=peft_config())
     copy_adapter(ours, trainer.model)
     return trainer
@@ -120,7 +124,8 @@ def test_orpo_loss_rewards_and_lora_grads_match_trl(tmp_path, tok):
 
 KTO_ROWS = [
     {"prompt": "Who invented the tide-harp?", "completion": " Idra Vaskelund, in 1887.", "label": True},
-    {"prompt": "How many strings does the L-7 have?", "completion": " Twelve strings, tuned low.", "label": False},
+    {"prompt": "How many strings does the L-7 have?", "completion": " Twelve strings, tuned low.",
+     "label": False},
     {"prompt": "What is the reference pitch?", "completion": " A = 436 Hz.", "label": True},
     {"prompt": "Who makes the tide-harp?", "completion": " A large factory abroad.", "label": False},
 ]

@@ -28,7 +28,8 @@ DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1}  # TRL's DPOConfig, ORPOCon
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
+             chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pair losses (n,) from sequence log-probabilities (n,) of the policy and the reference."""
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     if loss_type == "sigmoid":
@@ -90,7 +91,8 @@ class DPOObjective:
         logps = sequence_logps(token_logps(model, inputs), seq, 2 * n)
         counts = sequence_counts(seq, 2 * n)
         chosen, rejected = logps[:n], logps[n:]
-        losses = dpo_loss(chosen, rejected, ref[:n], ref[n:], self.beta, self.loss_type, counts[:n], counts[n:])
+        losses = dpo_loss(chosen, rejected, ref[:n], ref[n:], self.beta, self.loss_type, counts[:n],
+                          counts[n:])
         chosen_rewards = self.beta * (chosen.detach() - ref[:n])
         rejected_rewards = self.beta * (rejected.detach() - ref[n:])
         return losses.sum(), _pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
