@@ -433,8 +433,16 @@ def preview_data(cfg: RunConfig, n: int = 3, color: bool | None = None) -> str:
 
     validate(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    data = build_dataset(cfg.data, tokenizer, cfg.model.max_seq_length, "train")
     color = sys.stdout.isatty() if color is None else color
+    if cfg.method.method != "sft":  # pairs, KTO rows or GRPO prompts, framed as the init_from run's
+        from fasttune.data.pairs import build_method_data
+        from fasttune.data.preview import preview_method_rows
+        from fasttune.train.methods import init_contract
+
+        data = build_method_data(cfg.data, cfg.method.method, tokenizer, cfg.model.max_seq_length, "train",
+                                 init_contract(cfg.method.init_from))
+        return preview_method_rows(data.examples, tokenizer, n=n, color=color, summary=data.summary)
+    data = build_dataset(cfg.data, tokenizer, cfg.model.max_seq_length, "train")
     return preview_rows(data.examples, tokenizer, n=n, color=color, summary=data.summary)
 
 

@@ -7,7 +7,7 @@ import argparse
 from fasttune.cli.parser import add_command, add_group
 from fasttune.config import add_config_flags, config_from_args
 
-PREVIEW_SECTIONS = ("model", "data")
+PREVIEW_SECTIONS = ("model", "data", "method")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -48,3 +48,27 @@ def preview_rows(examples: Sequence[Any], tokenizer: Any, n: int = 3, color: boo
         out.append("")
         out.append(str(summary))
     return "\n".join(out)
+
+
+def preview_method_rows(examples: Sequence[Any], tokenizer: Any, n: int = 3, color: bool = False,
+                        summary: Any = None) -> str:
+    """The first `n` rows of a dpo/orpo/kto/grpo dataset: each pair's chosen and rejected sequence, each KTO
+    row with its label, each GRPO prompt, trained tokens marked as in `preview_rows`."""
+    legend = "trained tokens in green" if color else f"trained tokens between {OPEN} and {CLOSE}"
+    out = [f"showing {min(n, len(examples))} of {len(examples)} rows; {legend}"]
+    for k, ex in enumerate(examples[:n]):
+        where = f"row {ex.row}" if getattr(ex, "row", None) is not None else f"row {k + 1}"
+        if hasattr(ex, "prompt_ids"):  # grpo: a prompt, completions are sampled
+            out.append(f"── {where}: prompt of {len(ex.prompt_ids)} tokens (completions are sampled) ──")
+            out.append(tokenizer.decode(ex.prompt_ids, skip_special_tokens=False))
+            continue
+        parts = ((("chosen", ex.chosen), ("rejected", ex.rejected)) if hasattr(ex, "chosen")
+                 else ((("desirable" if ex.label else "undesirable"), ex.example),))
+        for name, seq in parts:
+            trained = sum(1 for x in seq.labels if x != IGNORE_INDEX)
+            out.append(f"── {where}, {name}: {len(seq.input_ids)} tokens, {trained} trained ──")
+            out.append(render_example(seq, tokenizer, color))
+    if summary is not None:
+        out.append("")
+        out.append(str(summary))
+    return "\n".join(out)
