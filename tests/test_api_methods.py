@@ -102,7 +102,7 @@ def test_method_errors_name_the_row_or_option(tmp_path, llama_dir, capsys):  # n
                        dataset=_write(tmp_path / "k.jsonl",
                                       [{"prompt": "q", "completion": "a", "label": True}])),
                   log=lambda s: None)
-    with pytest.raises(ConfigError, match="init_from .*no adapter_config.json"):
+    with pytest.raises(ConfigError, match="init_from: .*not a run directory"):
         api.train(_job(tmp_path, llama_dir, init_from=str(tmp_path)), log=lambda s: None)
     with pytest.raises(ConfigError, match="loss_type applies to method dpo only"):
         _job(tmp_path, llama_dir, method="orpo", loss_type="ipo")
