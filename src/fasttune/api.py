@@ -233,12 +233,14 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     """
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
     from fasttune.lora.apply import count_parameters
+    from fasttune.train.interrupts import StopRequests
     from fasttune.train.loop import seed_everything, train_loop
     from fasttune.train.memory_plan import run_estimate
     from fasttune.train.metrics import plot_loss, summary_text
     from fasttune.train.output_dir import check as check_output_dir
     from fasttune.train.output_dir import claim as claim_output_dir
     from fasttune.train.precision import resolve_device, resolve_precision
+    from fasttune.train.step_guard import out_of_memory_error
 
     log = log or tqdm.write
     validate(cfg)
@@ -307,7 +309,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         f"epoch, "
         f"accumulation {t.gradient_accumulation_steps} -> {steps_per_epoch} optimiser steps per epoch")
 
-    with claim_output_dir(t, log):  # inputs validated: from here on the run writes into output_dir
+    # inputs validated: from here on the run writes into output_dir; SIGTERM/SIGINT stop at a step boundary
+    with claim_output_dir(t, log), StopRequests(log) as stop:
         # resume and overwrite off: `fasttune train --config run.yaml` runs the job again from the start
         saved = dataclasses.replace(t, resume=False, overwrite=False)
         dataclasses.replace(cfg, train=saved).save(run.run_yaml)
@@ -321,9 +324,12 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
             n = len(data.answers)
             log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} "
                 f"held-out questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
-        metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches, answer_eval=scorer,
-                             device=device, precision=precision, log=log,
-                             objective=objective)
+        try:
+            metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches,
+                                 answer_eval=scorer, device=device, precision=precision, log=log,
+                                 objective=objective, stop_requested=stop)
+        except torch.cuda.OutOfMemoryError:
+            raise out_of_memory_error(batch_size, max_len, estimate and estimate.describe()) from None
         adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
         after = answer(model, tokenizer, contract, questions)
         if after:

@@ -137,6 +137,12 @@ class TrainConfig:
     seed: int = field(default=3407, metadata={"help": "Seed for data order, dropout and everything random."})
     resume: bool = field(default=False, metadata={"help": (
         "Continue from the newest checkpoint in output_dir that reads back intact.")})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": (
+        "A step whose loss or gradients are NaN/Inf is skipped (no update) and counted; this many in a row "
+        "stop the run.")})
+    auto_batch_size: bool = field(default=False, metadata={"help": (
+        "Out of GPU memory, run each micro-batch as 2, 4, ... parts over the same rows (the global batch and "
+        "the update stay the same) instead of stopping with advice.")})
     overwrite: bool = field(default=False, metadata={"help": (
         "Replace an earlier run in output_dir (its run.yaml, adapter, metrics, checkpoints); without it a "
         "fresh run into such a directory is an error.")})
@@ -376,6 +382,8 @@ def validate(cfg: RunConfig) -> None:
         (t.save_steps >= 0 and t.eval_steps >= 0, "save_steps and eval_steps must be >= 0"),
         (t.eval_answers >= 0, "eval_answers must be >= 0"),
         (not (t.resume and t.overwrite), "resume and overwrite exclude each other"),
+        (t.max_nonfinite_steps > 0, "max_nonfinite_steps must be positive"),
+        (not t.auto_batch_size or me.method == "sft", "auto_batch_size applies to method sft only"),
         (t.device_gate_up >= 0, "device_gate_up must be >= 0"),
         (host_gate_up_setting(t.host_gate_up) is not None, "host_gate_up must be auto or a number in [0, 1]"),
         (m.load_in_4bit + m.load_in_8bit + m.load_in_fp8 <= 1,

@@ -13,6 +13,7 @@ import sys
 from fasttune.cli import export, infer, train
 from fasttune.cli.parser import EXIT_USER_ERROR, Parser, print_help
 from fasttune.fs import is_filesystem_error
+from fasttune.train.interrupts import TrainingStopped
 
 # Each registers its subcommands in this order (the order of `fasttune --help`).
 COMMAND_MODULES = (train, infer, export)
@@ -39,8 +40,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fasttune.data.errors import DataError
     from fasttune.export.source import ExportError
     from fasttune.run_dir import RunDirError, RunNotFound
+    from fasttune.train.step_guard import TrainingError
 
-    return (ConfigError, DataError, ModelLoadError, ExportError, RunDirError, RunNotFound)
+    return (ConfigError, DataError, ModelLoadError, ExportError, RunDirError, RunNotFound, TrainingError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fasttune: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingStopped as e:  # SIGTERM/SIGINT: the checkpoint is written; exit as the signal would
+        print(f"fasttune: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("\nfasttune: interrupted (continue a training run with --resume)", file=sys.stderr)
         return 130

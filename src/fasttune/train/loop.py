@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 from fasttune.config import TrainConfig
 from fasttune.run_dir import RunDir
 from fasttune.train.checkpoint import rng_states, save_checkpoint, set_rng_states
+from fasttune.train.interrupts import TrainingStopped
 from fasttune.train.metrics import MetricsWriter, memory_used, perplexity, truncate_after
 from fasttune.train.objective import Objective, TokenLoss
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.precision import autocast, grad_scaler
 from fasttune.train.resume import find_start, restore
+from fasttune.train.step_guard import check_finite, split_batch
 
 Batch = dict[str, torch.Tensor]
 
@@ -100,7 +102,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                device: torch.device | None = None, precision: str = "fp32",
                log: Callable[[str], None] = tqdm.write,
                on_record: Callable[[dict[str, Any]], None] | None = None,
-               objective: Objective | None = None) -> dict[str, Any]:
+               objective: Objective | None = None,
+               stop_requested: Callable[[], int | None] | None = None) -> dict[str, Any]:
     """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
 
     `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
@@ -109,6 +112,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     `log` receives the human-readable lines; `on_record` every metrics record as it is written.
     With `cfg.resume`, the latest complete checkpoint in `run_dir` restores the adapter, optimizer,
     schedule, random generators and data position, and training continues from its step.
+    `stop_requested()` (interrupts.StopRequests), read after each step, returns a signal number to
+    checkpoint and raise TrainingStopped. NaN/Inf steps and out-of-memory: step_guard.py.
     """
     run_dir, device = Path(run_dir), device or next(iter(params.values())).device
     objective = objective or TokenLoss()
@@ -124,7 +129,9 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
           "first_loss": None, "first_eval_loss": None, "eval_loss": None, "final_loss": None,
           "eval_perplexity": None, "first_exact_match": None, "exact_match": None,
           "first_normalized_match": None, "normalized_match": None, "first_n_answered": None,
-          "n_answered": None}
+          "n_answered": None, "skipped_steps": 0, "nonfinite_in_a_row": 0, "micro_splits": 1,
+          # the logging interval so far, checkpointed so that a resumed run logs the same averages
+          "window_log": {"loss_sum": 0.0, "trained": 0, "tokens": 0, "seconds": 0.0, "stats": {}}}
     wall_start = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
@@ -175,23 +182,18 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
 
     wall_before = st["seconds"]  # restored on resume
 
-    def checkpoint() -> None:
+    def checkpoint() -> Path:
         st["seconds"] = wall_before + time.perf_counter() - wall_start
-        save_checkpoint(run_dir, st["step"], {k: p.detach() for k, p in params.items()}, optimizer,
-                        scheduler, scaler, rng_states(), batches.state_dict(), dict(st), cfg.save_total_limit)
+        return save_checkpoint(run_dir, st["step"], {k: p.detach() for k, p in params.items()}, optimizer,
+                               scheduler, scaler, rng_states(), batches.state_dict(), dict(st),
+                               cfg.save_total_limit)
 
-    model.train()
-    bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True,
-               disable=None)  # None: a bar on a terminal, none in a log file
-    window_log: dict[str, Any] = {"loss_sum": 0.0, "trained": 0, "tokens": 0, "seconds": 0.0, "stats": {}}
-    while st["step"] < total:
-        t0 = time.perf_counter()
-        window = [next(batches) for _ in range(accum)]
-        # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
-        # lengths then weigh the same whether they share a micro-batch or not.
-        window_tokens = sum(objective.units(b) for b in window)  # trained tokens for SFT, pairs for DPO, ...
-        loss_sum = torch.zeros((), device=device)
-        for batch in window:
+    def run_window(window: list[Batch], window_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward of every micro-batch (each as `micro_splits` parts): the window's loss sum
+        and its metric sums."""
+        loss_sum, sums = torch.zeros((), device=device), {}
+        parts = st["micro_splits"]
+        for batch in [p for b in window for p in split_batch(b, parts)] if parts > 1 else window:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(precision, device):
                 batch_loss, stats = objective(model, batch)
@@ -199,39 +201,71 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += batch_loss.detach().float()
             for k, v in stats.items():
-                window_log["stats"][k] = window_log["stats"].get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return loss_sum, sums
+
+    model.train()
+    bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True,
+               disable=None)  # None: a bar on a terminal, none in a log file
+    window_log = st["window_log"]
+    while st["step"] < total:
+        t0 = time.perf_counter()
+        window = [next(batches) for _ in range(accum)]
+        # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
+        # lengths then weigh the same whether they share a micro-batch or not.
+        window_tokens = sum(objective.units(b) for b in window)  # trained tokens for SFT, pairs for DPO, ...
+        while True:
+            try:
+                loss_sum, step_stats = run_window(window, window_tokens)
+                break
+            except torch.cuda.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                rows = window[0]["input_ids"].shape[0]
+                # split only where the unit is the token: a split must not separate a pair's rows
+                splittable = cfg.auto_batch_size and isinstance(objective, TokenLoss)
+                if not splittable or math.ceil(rows / st["micro_splits"]) <= 1:
+                    raise
+                st["micro_splits"] *= 2
+                log(f"out of GPU memory: each micro-batch of {rows} rows now runs as {st['micro_splits']} "
+                    "parts (auto_batch_size; the global batch and the update are unchanged)")
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         lr = scheduler.get_last_lr()[0]  # the lr this update uses
-        if scaler is not None:
+        step_loss = float(loss_sum) / max(window_tokens, 1)
+        good = check_finite(st, step_loss, grad_norm, scaler is not None, cfg.max_nonfinite_steps, log)
+        if scaler is not None:  # skips the update itself when a gradient is not finite
             scaler.step(optimizer)
             scaler.update()
-        else:
+        elif good:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        step_loss = float(loss_sum) / max(window_tokens, 1)
         seconds = time.perf_counter() - t0
         n_input = sum(b["input_ids"].numel() for b in window)
         st["step"] += 1
         st["tokens"] += n_input
-        st["trained_tokens"] += window_tokens
         st["train_seconds"] += seconds
-        st["final_loss"] = step_loss
-        st["first_loss"] = step_loss if st["first_loss"] is None else st["first_loss"]
-        for key, value in (("loss_sum", float(loss_sum)), ("trained", window_tokens), ("tokens", n_input),
-                           ("seconds", seconds)):
-            window_log[key] += value
+        if good:
+            st["trained_tokens"] += window_tokens
+            st["final_loss"] = step_loss
+            st["first_loss"] = step_loss if st["first_loss"] is None else st["first_loss"]
+            for key, value in (("loss_sum", float(loss_sum)), ("trained", window_tokens), ("tokens", n_input),
+                               ("seconds", seconds)):
+                window_log[key] += value
+            for k, v in step_stats.items():
+                window_log["stats"][k] = window_log["stats"].get(k, 0.0) + v
 
         mem, mem_kind = memory_used(device)
         tok_s = window_log["tokens"] / max(window_log["seconds"], 1e-9)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mem=f"{mem:.2f}G")
         bar.update(1)
         if st["step"] % cfg.logging_steps == 0 or st["step"] == total:
-            mean_loss = window_log["loss_sum"] / max(window_log["trained"], 1)  # per unit over the interval
+            # per unit over the interval (NaN when every step of it was skipped)
+            mean_loss = window_log["loss_sum"] / window_log["trained"] if window_log["trained"] else math.nan
             stats = {k: v / max(window_log["trained"], 1) for k, v in window_log["stats"].items()}
             record({"kind": "train", "step": st["step"], "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tok_s, "trained_tokens": st["trained_tokens"], "memory_gib": mem,
@@ -239,12 +273,16 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             log(f"step {st['step']:>5}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
                 + "".join(f"{k} {v:.4f}  " for k, v in stats.items())
                 + f"{tok_s:,.0f} tok/s  mem {mem:.2f} GiB")
-            window_log = {**dict.fromkeys(window_log, 0), "stats": {}}
+            window_log = st["window_log"] = {**dict.fromkeys(window_log, 0), "stats": {}}
         if eval_batches is not None and (
                 (cfg.eval_steps and st["step"] % cfg.eval_steps == 0) or st["step"] == total):
             run_eval()
-        if (cfg.save_steps and st["step"] % cfg.save_steps == 0) or st["step"] == total:
-            checkpoint()
+        saved = (cfg.save_steps and st["step"] % cfg.save_steps == 0) or st["step"] == total
+        if saved or (stop_requested is not None and stop_requested()):
+            path = checkpoint()
+            if stop_requested is not None and stop_requested():
+                bar.close()
+                raise TrainingStopped(stop_requested(), st["step"], str(path))
     bar.close()
 
     mem, mem_kind = memory_used(device)
