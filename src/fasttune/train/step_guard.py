@@ -43,9 +43,9 @@ def check_finite(st: dict[str, Any], loss: float, grad_norm: float, scaled: bool
         f"({n} in a row, {st['skipped_steps']} in all)")
     if n >= limit:
         raise TrainingError(f"the loss or gradients were NaN/Inf for {n} steps in a row "
-                            f"(steps {step - n + 1} to {step}); stopped. Their updates were skipped, so the checkpoints are good. "
-                            "Lower learning_rate, check the data, use bf16 or fp32, or raise "
-                            "max_nonfinite_steps")
+                            f"(steps {step - n + 1} to {step}); stopped. Their updates were skipped, so the "
+                            "checkpoints are good. Lower learning_rate, check the data, use bf16 or fp32, or "
+                            "raise max_nonfinite_steps")
     return False
 
 
