@@ -142,6 +142,18 @@ def test_max_rows_counts_valid_rows(tmp_path):
     assert [r["text"] for _, r in valid.rows] == ["a", "b"] and valid.read == 3
 
 
+def test_a_text_column_beside_alpaca_columns(write_jsonl):
+    """Rows that carry Alpaca columns and the text a notebook built from them: --format completion, or a
+    text_field named away from the default, trains the text; the default reads them as Alpaca rows."""
+    row = dict(GOOD, text="### 질문: Say hi\n### 답: Hi!", body="Q: Say hi A: Hi!")
+    path = str(write_jsonl([row]))
+    assert load_rows(path, DataConfig()).format == "alpaca"
+    explicit = load_rows(path, DataConfig(format="completion"))
+    assert explicit.format == "completion" and explicit.rows == [(1, {"text": row["text"]})]
+    named = load_rows(path, DataConfig(text_field="body"))
+    assert named.format == "completion" and named.rows == [(1, {"text": row["body"]})]
+
+
 def test_explicit_format_validates_against_it(write_jsonl):
     path = write_jsonl([{"text": "hello"}])
     with pytest.raises(DataError, match=r"row 1, field 'instruction': missing"):

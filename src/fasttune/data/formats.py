@@ -18,13 +18,18 @@ from fasttune.data.errors import DataError
 from fasttune.data.sources import read_rows
 
 FORMATS = ("alpaca", "messages", "completion")
+TEXT_FIELD_DEFAULT = DataConfig.text_field
 SHAREGPT_FIELD = "conversations"
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
          "human": "user", "gpt": "assistant"}  # ShareGPT names on the right of the first three
 
 
 def detect_format(row: dict[str, Any], cfg: DataConfig) -> str | None:
-    """The format a row's keys say, or None when they match none."""
+    """The format a row's keys say, or None when they match none. A text_field set away from its default
+    names the column to train, so it wins over Alpaca columns in the same row (as dataset_text_field
+    does in TRL); with the default name, a row with Alpaca columns is an Alpaca row."""
+    if cfg.text_field != TEXT_FIELD_DEFAULT and cfg.text_field in row:
+        return "completion"
     if cfg.instruction_field in row and cfg.output_field in row:
         return "alpaca"
     if cfg.messages_field in row or SHAREGPT_FIELD in row:
