@@ -75,10 +75,10 @@ def _trim(text: str, n_words: int) -> str:
     return " ".join(text.split(" ")[:max(1, n_words)])
 
 
-def target_lengths(n: int, seed: int, lo: int = 50, hi: int = 1500) -> list[int]:
-    """Row lengths in tokens: log-normal, median 250, clipped to [lo, hi]."""
+def target_lengths(n: int, seed: int, lo: int = 50, hi: int = 1500, median: int = 250) -> list[int]:
+    """Row lengths in tokens: log-normal around `median`, clipped to [lo, hi]."""
     rng = random.Random(f"lengths-{seed}")
-    return [min(hi, max(lo, round(math.exp(rng.gauss(math.log(250), 0.8))))) for _ in range(n)]
+    return [min(hi, max(lo, round(math.exp(rng.gauss(math.log(median), 0.8))))) for _ in range(n)]
 
 
 def row_text(row: dict[str, str]) -> str:
@@ -86,13 +86,14 @@ def row_text(row: dict[str, str]) -> str:
     return PROMPT.format(row["instruction"], row["input"], row["output"])
 
 
-def make_rows(n: int, seed: int = 0, tokenizer: Any = None, lo: int = 50, hi: int = 1500) -> list[dict]:
+def make_rows(n: int, seed: int = 0, tokenizer: Any = None, lo: int = 50, hi: int = 1500,
+              median: int = 250) -> list[dict]:
     """n Alpaca rows whose texts (`row_text`) are about `target_lengths` tokens long: exactly, within a few
     tokens, when a tokenizer is given (the output is lengthened or cut to fit); else by word count."""
     count = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer else \
         (lambda t: round(len(t.split()) * TOKENS_PER_WORD))
     rows = []
-    for i, target in enumerate(target_lengths(n, seed, lo, hi)):
+    for i, target in enumerate(target_lengths(n, seed, lo, hi, median)):
         rng = random.Random(f"row-{seed}-{i}")
         topics = rng.sample(TOPICS, 2)
         task = rng.choice(TASKS)

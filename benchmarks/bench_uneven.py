@@ -1,0 +1,299 @@
+"""Training speed on uneven instruction rows, counted in real (non-pad) tokens: fasttune beside Unsloth and
+transformers + PEFT, at batch 2 and 8, packing off and on, plain or length-grouped batches.
+
+Every stack loads the same random-weight model directory (`bench_train.write_model_dir`) and trains LoRA
+r=16 alpha=16 on all seven projections with bitsandbytes AdamW 8-bit in bf16 on the same micro-batches:
+the rows of `instruction_data.py` (about 50 to 1,500 tokens) in the notebook's Alpaca prompt with EOS,
+trained whole as TRL trains a text column, batched by fasttune's own batcher (`data/packing.py`):
+    packing off   each row alone, padded to the longest of its batch (rounded up to 8), pads masked;
+    packing on    rows packed best-fit into sequences of --max-len, positions restarting at each row;
+    grouped       batches of similar lengths (transformers' group_by_length order), same rows per epoch.
+tokens/s = the real tokens of the timed steps / their wall time (warm-up steps left out). fasttune runs
+as `fasttune train` configures it (`gradient_checkpointing: auto`); the peers with their own checkpointing
+('unsloth'; transformers' non-reentrant). Packed rows reach the peers as TRL's padding-free collator
+passes them (position_ids, no attention mask): whether their attention stays inside each row depends on
+their attention backend, which each row records (`attention`). The first step's loss, before any update
+and with LoRA B = 0, is that of the same base model on the same tokens: each row records it (`loss0`) so
+that the stacks can be seen to train the same thing.
+
+    python benchmarks/bench_uneven.py --shape llama-3.1-8b --modes bf16 qlora --batches 2 8 \
+        --packing off on --grouping off on --stacks fasttune unsloth hf --out uneven.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_train as bt  # noqa: E402
+import instruction_data  # noqa: E402
+
+STACK_ORDER = {"fasttune": 0, "unsloth": 1, "hf": 2}
+
+
+# ---- the batches: the same for every stack ---------------------------------------------------------
+
+def examples(tokenizer, rows: list[dict], max_len: int) -> list:
+    """Each row's notebook text + EOS, tokenized as TRL tokenizes a text column, cut to max_len."""
+    from fasttune.data.tokenize import Example
+
+    texts = [instruction_data.row_text(r) + tokenizer.eos_token for r in rows]
+    ids = tokenizer(texts)["input_ids"]
+    return [Example(input_ids=list(x[:max_len]), labels=list(x[:max_len])) for x in ids]
+
+
+def epoch_batches(args) -> list[dict]:
+    """Every micro-batch of epoch 0 over the rows of --data (fasttune's batch contract)."""
+    from transformers import AutoTokenizer
+
+    from fasttune.data.packing import make_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model_dir))
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return make_batches(examples(tokenizer, rows, args.max_len), args.batch, args.max_len, pad,
+                        packing=args.packing == "on", seed=args.seed, epoch=0,
+                        group_by_length=args.grouping == "on")
+
+
+def micro_batches(args) -> list[dict]:
+    """The first warmup + steps micro-batches of epoch 0."""
+    batches = epoch_batches(args)
+    need = args.warmup + args.steps
+    if len(batches) < need:
+        raise SystemExit(f"{len(batches)} micro-batches in an epoch, {need} needed: raise --rows")
+    return batches[:need]
+
+
+def peer_inputs(batch: dict, packed: bool) -> dict:
+    """transformers' arguments for one of our batches: unshifted labels (-100 where nothing is trained);
+    packed batches as TRL's padding-free collator passes them (position_ids, no attention mask)."""
+    import torch
+
+    labels = torch.full_like(batch["targets"], -100)
+    labels[:, 1:] = batch["targets"][:, :-1]  # the model shifts them back: logits[t] predicts labels[t + 1]
+    if packed:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": labels}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+# ---- one stack ------------------------------------------------------------------------------------
+
+def build_fasttune(args):
+    """fasttune's loader and LoRA on the model directory, checkpointing as `fasttune train` sets it."""
+    import torch
+
+    from fasttune.api import attach_lora, load, set_checkpointing
+    from fasttune.config import LoraConfig, ModelConfig, RunConfig
+
+    cfg = RunConfig()
+    cfg.model = ModelConfig(model_name=str(args.model_dir), max_seq_length=args.max_len,
+                            dtype="bf16" if args.device == "cuda" else "fp32",
+                            load_in_4bit=args.mode == "qlora")
+    cfg.train.per_device_train_batch_size = args.batch
+    device = torch.device(args.device)
+    loaded = load(cfg.model, device)
+    model = attach_lora(loaded, LoraConfig(r=16, lora_alpha=16, target_modules=bt.TARGETS))
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    checkpointing = set_checkpointing(model, cfg, device, precision=precision,
+                                      quantization=loaded.quantization, log=print)
+    model.train()
+
+    def step(batch):
+        out = model(**batch)
+        loss = out.loss_sum / out.n_tokens
+        loss.backward()
+        return loss.detach()
+
+    return model, [p for p in model.parameters() if p.requires_grad], step, {"checkpointing": checkpointing}
+
+
+def build_peer(args):
+    model, params, _ = bt.build_unsloth(args) if args.stack == "unsloth" else bt.build_hf(args, liger=False)
+    packed = args.packing == "on"
+
+    def step(batch):
+        loss = model(**peer_inputs(batch, packed)).loss
+        loss.backward()
+        return loss.detach()
+
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return model, params, step, {"attention": f"{attention}: position_ids only" if packed else attention}
+
+
+def timed(params, step, batches, warmup: int, device: str, flat: bool) -> dict:
+    """Wall time and real tokens of the steps after `warmup`; peak memory over all of them."""
+    import torch
+
+    cuda = device == "cuda"
+    if cuda:
+        import bitsandbytes as bnb
+
+        opt_cls = bnb.optim.AdamW8bit
+    else:  # CPU runs check the harness; 8-bit Adam needs CUDA
+        opt_cls = torch.optim.AdamW
+    if flat:
+        from fasttune.train.flat_params import flat_optimizer
+
+        opt = flat_optimizer(opt_cls, params, lr=1e-4)
+    else:
+        opt = opt_cls(params, lr=1e-4)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds, real, padded, losses = 0.0, 0, 0, []
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = step(batch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(float(loss))
+        if i >= warmup:
+            seconds += dt
+            real += int(batch["attention_mask"].sum())
+            padded += batch["input_ids"].numel()
+    out = {"seconds": seconds, "real_tokens": real, "batch_tokens": padded, "tokens_per_s": real / seconds,
+           "pad_share": 1 - real / padded, "loss0": losses[0], "losses": losses}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def worker(args) -> dict:
+    if args.stack == "unsloth":  # Unsloth must be imported before transformers
+        import unsloth  # noqa: F401
+    batches = micro_batches(args)
+    build = build_fasttune if args.stack == "fasttune" else build_peer
+    model, params, step, info = build(args)
+    row = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch,
+           "max_len": args.max_len, "packing": args.packing, "grouping": args.grouping, **info}
+    try:
+        row.update(timed(params, step, batches, args.warmup, args.device, flat=args.stack == "fasttune"))
+    except Exception as e:  # one failure is a row of the table, not the end of the run
+        row["error"] = "OOM" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"[:300]
+    if args.device == "cuda":
+        import torch
+
+        row["gpu"] = torch.cuda.get_device_name()
+    del model
+    gc.collect()
+    return row
+
+
+# ---- the orchestrator -----------------------------------------------------------------------------
+
+def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--mode", mode, "--batch", str(batch),
+           "--packing", packing, "--grouping", grouping, "--shape", args.shape, "--model-dir",
+           str(args.model_dir), "--data", str(args.data), "--max-len", str(args.max_len), "--steps",
+           str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device]
+    key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "max_len": args.max_len,
+           "packing": packing, "grouping": grouping}
+    log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(cmd, env={**os.environ, **bt.ENV}, capture_output=True, text=True,
+                              timeout=args.timeout)
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = f"TIMEOUT after {args.timeout} s\n" + (e.stderr.decode() if isinstance(e.stderr, bytes)
+                                                     else (e.stderr or ""))
+    log.write_text(out + "\n--- stderr ---\n" + err)
+    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    if rows:
+        return rows[0]
+    tail = " | ".join((err or out).strip().splitlines()[-3:])
+    return dict(key, error="OOM" if "out of memory" in err.lower() else tail or "no result")
+
+
+def print_table(rows: list[dict]) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["mode"], r["batch"], r["packing"], r["grouping"]), []).append(r)
+    for (shape, mode, batch, packing, grouping), group in groups.items():
+        group.sort(key=lambda r: STACK_ORDER.get(r["stack"], 9))
+        ref = {r["stack"]: r["tokens_per_s"] for r in group if "tokens_per_s" in r}
+        print(f"\n{shape} {mode}, batch {batch}, packing {packing}, grouped {grouping}")
+        print(f"  {'stack':10} {'real tok/s':>10} {'pad %':>6} {'peak GiB':>9} {'loss0':>8} "
+              f"{'vs unsloth':>10} {'vs hf':>6}  attention")
+        for r in group:
+            if "error" in r:
+                print(f"  {r['stack']:10} ERROR {r['error'][:100]}")
+                continue
+            vs = [r["tokens_per_s"] / ref[s] if s in ref else float("nan") for s in ("unsloth", "hf")]
+            print(f"  {r['stack']:10} {r['tokens_per_s']:10.0f} {100 * r['pad_share']:6.1f} "
+                  f"{r.get('peak_gib', float('nan')):9.2f} {r['loss0']:8.4f} {vs[0]:10.2f} {vs[1]:6.2f}  "
+                  f"{r.get('attention') or r.get('checkpointing', '')}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stack", default="fasttune", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="bf16", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--packing", default="off", choices=["off", "on"], help=argparse.SUPPRESS)
+    p.add_argument("--grouping", default="off", choices=["off", "on"], help=argparse.SUPPRESS)
+    p.add_argument("--stacks", nargs="+", default=["fasttune", "unsloth", "hf"])
+    p.add_argument("--modes", nargs="+", default=["bf16", "qlora"])
+    p.add_argument("--batches", nargs="+", type=int, default=[2, 8])
+    p.add_argument("--packings", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--groupings", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(bt.SHAPES))
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/bench-model"))
+    p.add_argument("--tokenizer", type=Path, default=Path(".bench_assets/tokenizer"))
+    p.add_argument("--data", type=Path, default=Path("/tmp/bench-uneven.jsonl"))
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': tests of the harness
+    p.add_argument("--out", type=Path, default=Path("bench_uneven.jsonl"))
+    p.add_argument("--log-dir", default="bench_logs")
+    p.add_argument("--timeout", type=int, default=900)
+    args = p.parse_args()
+    args.seq = args.max_len  # bench_train's builders size Unsloth's model by it
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    bt.write_model_dir(args.shape, args.model_dir, args.tokenizer)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model_dir))
+    rows = instruction_data.make_rows(args.rows, args.seed, tokenizer)
+    args.data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = []
+    for mode in args.modes:
+        for batch in args.batches:
+            for packing in args.packings:
+                for grouping in args.groupings:
+                    if packing == "on" and grouping == "on":
+                        continue  # packed sequences are full already: grouping has nothing to remove
+                    for stack in args.stacks:
+                        r = run_one(stack, mode, batch, packing, grouping, args)
+                        results.append(r)
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(r) + "\n")
+                        print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
