@@ -65,3 +65,24 @@ def gpt2_adapter(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
         fan_in_fan_out=True,
     )
     return root / "base", adapter
+
+
+@pytest.fixture(scope="session")
+def opt_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny OPT model directory: an architecture llama.cpp does not have."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
+    path = tmp_path_factory.mktemp("opt") / "tiny-opt"
+    OPTForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -222,13 +222,37 @@ def test_quantised_4bit_types_write_and_load(run_dir, tmp_path):
     assert logits.shape == (2, 12, 405) and torch.isfinite(logits).all()
 
 
-def test_uncovered_architecture_error_names_it(gpt2_adapter, tmp_path):
-    _, adapter = gpt2_adapter
-    with pytest.raises(GGUFExportError, match=r"covers llama, mistral, qwen2, qwen3.*'gpt2'"):
-        export_gguf(adapter, tmp_path / "x.gguf")
+def test_gpt2_round_trips_with_its_conv1d_weights_transposed(gpt2_adapter, tmp_path):
+    base, adapter = gpt2_adapter
+    path = export_gguf(adapter, tmp_path / "gpt2.gguf", type="f32")
+    r = gguf.GGUFReader(path)
+    assert _field(r, "general.architecture") == "gpt2"
+    by_name = {t.name: t for t in r.tensors}
+    assert {"position_embd.weight", "blk.1.attn_qkv.bias", "output_norm.bias"} <= set(by_name)
+    assert "output.weight" not in by_name  # tied to token_embd
+    assert list(by_name["blk.0.attn_qkv.weight"].shape) == [32, 96]  # (in, out) innermost first
+    # transformers' GGUF reader sizes GPT-2's position table from another field, so compare the tensors
+    # here (the llama.cpp tier compares answers)
+    from safetensors.torch import load_file
+
+    from fasttune.export.merge import merge
+
+    merged = load_file(merge(adapter, tmp_path / "merged", dtype="fp32") / "model.safetensors")
+    for name, key, transposed in [
+        ("blk.1.attn_qkv.weight", "transformer.h.1.attn.c_attn.weight", True),
+        ("blk.0.ffn_down.weight", "transformer.h.0.mlp.c_proj.weight", True),
+        ("position_embd.weight", "transformer.wpe.weight", False),
+    ]:
+        want = merged[key].T if transposed else merged[key]
+        torch.testing.assert_close(torch.from_numpy(by_name[name].data.copy()), want, rtol=0, atol=0)
+
+
+def test_architecture_llama_cpp_lacks_is_refused_before_any_work(opt_dir, tmp_path):
+    with pytest.raises(GGUFExportError, match=r"'opt': llama.cpp has no OPT architecture"):
+        export_gguf(opt_dir, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     with pytest.raises(GGUFExportError, match="q3_k"):
-        export_gguf(adapter, tmp_path / "x.gguf", type="q3_k")
+        export_gguf(opt_dir, tmp_path / "x.gguf", type="q3_k")
 
 
 def test_sentencepiece_style_tokenizer_round_trips(tmp_path):

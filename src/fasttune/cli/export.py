@@ -8,7 +8,21 @@ import time
 from fasttune.cli.parser import add_command, add_group
 
 # The names of export.gguf.GGUF_TYPES, repeated so that building the parser imports no torch (tested).
-GGUF_TYPE_NAMES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+GGUF_TYPE_NAMES = (
+    "f16",
+    "bf16",
+    "f32",
+    "q8_0",
+    "q5_1",
+    "q5_0",
+    "q4_1",
+    "q4_0",
+    "q6_k",
+    "q5_k_m",
+    "q4_k_m",
+    "q4_k_s",
+    "q3_k_m",
+)
 
 _INPUT_HELP = (
     "a run directory (runs/NAME), its adapter/ directory, or any PEFT LoRA adapter directory "

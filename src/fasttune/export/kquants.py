@@ -1,0 +1,270 @@
+"""fasttune's own quantizer into llama.cpp's K-quant blocks (Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL, in torch.
+
+Every function works on a whole tensor at once on any device (a CUDA GPU when the export runs there)
+and returns the bytes llama.cpp reads: one row of blocks per tensor row, the layout the `gguf` package's
+dequantizers decode. A super-block holds 256 values:
+
+    Q4_K (144 B): d f16 | dmin f16 | 12 B of eight 6-bit scales and mins | 128 B of 4-bit q
+    Q5_K (176 B): d f16 | dmin f16 | 12 B scales/mins | 32 B high bits | 128 B low nibbles
+                  x = d * sc[j] * q - dmin * m[j] per sub-block j of 32, q in 0..15 (0..31 for Q5_K)
+    Q6_K (210 B): 128 B low nibbles | 64 B high 2-bit pairs | 16 int8 scales | d f16
+    Q3_K (110 B): 32 B high-bit mask | 64 B low 2-bit pairs | 12 B of sixteen 6-bit scales | d f16
+                  x = d * sc[j] * q per sub-block j of 16, q in -32..31 (-4..3 for Q3_K)
+    IQ4_NL (18 B per 32 values): d f16 | 16 B of 4-bit indices into a fixed non-linear table
+
+Each sub-block's scale (and min) is chosen by trying a grid of candidate scales around the range fit,
+rounding, solving the weighted least-squares scale (and min) for those integers and keeping the one with
+the least weighted error; the weights favour the larger magnitudes (times an importance vector per
+column when one is given). The sub-block scales are then themselves quantized against one f16 scale
+per super-block and the integers recomputed with the scales as stored, so what llama.cpp decodes is
+what the search measured.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+Q = gguf.GGMLQuantizationType
+QK_K = 256
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+TYPES = (Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL)
+_CHUNK = 1 << 22  # values per step: bounds the search's temporaries (about 20 tensors of this size)
+_GRID = torch.linspace(-1.0, 1.0, 21).tolist()  # candidate offsets of the integer range
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    """Round to f16 and back: the scale as llama.cpp will read it."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(x.shape[0], 2)  # (N, 2)
+
+
+def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """Per-value weights of the error: |x| plus the sub-block's RMS, times the column importance."""
+    w = x.abs() + x.square().mean(-1, keepdim=True).sqrt()
+    if importance is not None:
+        w = w * importance
+    return w
+
+
+def _fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (scale >= 0, offset <= 0) per sub-block with x ~ scale * q + offset, q in 0..nmax.
+
+    x, w: (S, n). Returns scale, offset: (S,).
+    """
+    lo = x.amin(-1).clamp(max=0.0)
+    span = (x.amax(-1) - lo).clamp(min=1e-30)
+    sw = w.sum(-1)
+    swx = (w * x).sum(-1)
+    best_err = torch.full_like(lo, float("inf"))
+    best_scale, best_off = span / nmax, lo.clone()
+    for delta in _GRID:
+        q = ((x - lo[:, None]) * ((nmax + delta) / span)[:, None]).round().clamp(0, nmax)
+        swq, swq2, swqx = (w * q).sum(-1), (w * q * q).sum(-1), (w * q * x).sum(-1)
+        det = sw * swq2 - swq * swq
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        scale = torch.where(ok, (sw * swqx - swq * swx) / det, span / nmax)
+        off = torch.where(ok, (swq2 * swx - swq * swqx) / det, lo)
+        # the block stores the offset as -dmin * m with m >= 0: refit the scale alone where it came out > 0
+        pos = off > 0
+        scale = torch.where(pos, swqx / swq2.clamp(min=1e-30), scale).clamp(min=0.0)
+        off = off.clamp(max=0.0)
+        err = (w * (scale[:, None] * q + off[:, None] - x).square()).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_off = torch.where(better, off, best_off)
+    return best_scale, best_off
+
+
+def _fit_symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Best signed scale per sub-block with x ~ scale * q, q in -nmax..nmax-1. x, w: (S, n) -> (S,).
+
+    The value of largest magnitude goes to the wider end (-nmax) of the range, hence the negative sign.
+    """
+    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    zero = peak == 0
+    peak = torch.where(zero, torch.ones_like(peak), peak)
+    best_err = torch.full_like(peak, float("inf"))
+    best_scale = torch.zeros_like(peak)
+    for delta in _GRID:
+        q = (x * (-(nmax + delta) / peak)[:, None]).round().clamp(-nmax, nmax - 1)
+        swq2, swqx = (w * q * q).sum(-1), (w * q * x).sum(-1)
+        scale = swqx / swq2.clamp(min=1e-30)
+        err = (w * (scale[:, None] * q - x).square()).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return torch.where(zero, torch.zeros_like(best_scale), best_scale)
+
+
+def _ints(x: torch.Tensor, step: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """round(x / step) clamped to [lo, hi]; 0 where the step is 0."""
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    return torch.where(step == 0, torch.zeros_like(x), (x / safe).round().clamp(lo, hi))
+
+
+def _scales_6bit_pairs(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and eight 6-bit mins (N, 8) uint8 -> the 12 packed bytes (N, 12) of Q4_K/Q5_K.
+
+    bytes 0-3: sc[0..3] | top two bits of sc[4..7] in bits 6-7; bytes 4-7: the same for the mins;
+    bytes 8-11: low nibbles of sc[4..7] | low nibbles of m[4..7] << 4.
+    """
+    a = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    b = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    c = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    return torch.cat([a, b, c], dim=1)
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, 8, 32) 4-bit values -> (N, 128): byte i of group k = q[2k][i] | q[2k+1][i] << 4."""
+    q = q.reshape(q.shape[0], 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], 128)
+
+
+def _q45k(x: torch.Tensor, importance: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0]
+    xs = x.reshape(n * 8, 32)
+    w = _weights(xs, None if importance is None else importance.reshape(n * 8, 32))
+    scale, off = _fit_affine(xs, w, nmax)
+    scale, mins = scale.reshape(n, 8), (-off).reshape(n, 8)
+    d = _f16(scale.amax(-1) / 63)  # (N,)
+    dmin = _f16(mins.amax(-1) / 63)
+    sc = _ints(scale, d[:, None].expand_as(scale), 0, 63)
+    m = _ints(mins, dmin[:, None].expand_as(mins), 0, 63)
+    step = (d[:, None] * sc)[:, :, None]  # (N, 8, 1)
+    shift = (dmin[:, None] * m)[:, :, None]
+    q = _ints(x.reshape(n, 8, 32) + shift, step.expand(n, 8, 32), 0, nmax)
+    values = (step * q - shift).reshape(n, QK_K)
+    q, sc, m = q.to(torch.uint8), sc.to(torch.uint8), m.to(torch.uint8)
+    parts = [_f16_bytes(d), _f16_bytes(dmin), _scales_6bit_pairs(sc, m)]
+    if nmax == 31:
+        bits = ((q >> 4) & 1).to(torch.int32)  # (N, 8, 32): bit j of qh[i] is the fifth bit of sub-block j
+        qh = (bits << torch.arange(8, device=x.device, dtype=torch.int32)[None, :, None]).sum(1)
+        parts.append(qh.to(torch.uint8))
+    parts.append(_nibbles(q & 0xF))
+    return torch.cat(parts, dim=1), values
+
+
+def _symmetric_blocks(
+    x: torch.Tensor, importance: torch.Tensor | None, nmax: int, smax: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sixteen sub-blocks of 16 with signed scales quantized to -smax..smax-1 against one f16 d.
+
+    Returns (q + nmax as uint8 (N, 256), stored scales (N, 16) as int, d (N,), decoded values (N, 256)).
+    """
+    n = x.shape[0]
+    xs = x.reshape(n * 16, 16)
+    w = _weights(xs, None if importance is None else importance.reshape(n * 16, 16))
+    scale = _fit_symmetric(xs, w, nmax).reshape(n, 16)
+    peak = scale.gather(-1, scale.abs().argmax(-1, keepdim=True)).squeeze(-1)  # (N,)
+    d = _f16(-peak / smax)
+    sc = _ints(scale, d[:, None].expand_as(scale), -smax, smax - 1)
+    step = (d[:, None] * sc)[:, :, None]  # (N, 16, 1)
+    q = _ints(x.reshape(n, 16, 16), step.expand(n, 16, 16), -nmax, nmax - 1)
+    values = (step * q).reshape(n, QK_K)
+    return (q + nmax).to(torch.uint8).reshape(n, QK_K), sc, d, values
+
+
+def _shifted_or(parts: torch.Tensor, width: int) -> torch.Tensor:
+    """OR together parts[:, :, k] << (k * width) along dim 2: (N, a, k, b) -> (N, a, b) uint8."""
+    shifts = torch.arange(parts.shape[2], device=parts.device, dtype=torch.int32) * width
+    shifts = shifts[None, None, :, None]
+    return (parts.to(torch.int32) << shifts).sum(2).to(torch.uint8)
+
+
+def _q6k(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0]
+    q, sc, d, values = _symmetric_blocks(x, importance, 32, 128)
+    # element h*128 + k*64 + i: low nibble in byte h*64 + i, bits 4k..4k+3
+    ql = _shifted_or((q & 0xF).reshape(n, 2, 2, 64), 4).reshape(n, 128)
+    # element h*128 + k*32 + i: high two bits in byte h*32 + i, bits 2k..2k+1
+    qh = _shifted_or((q >> 4).reshape(n, 2, 4, 32), 2).reshape(n, 64)
+    scales = sc.to(torch.int8).view(torch.uint8)
+    return torch.cat([ql, qh, scales, _f16_bytes(d)], dim=1), values
+
+
+def _q3k(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0]
+    q, sc, d, values = _symmetric_blocks(x, importance, 4, 32)
+    # element b*32 + i: third bit in bit b of hmask byte i
+    hmask = _shifted_or((q >> 2).reshape(n, 1, 8, 32), 1).reshape(n, 32)
+    qs = _shifted_or((q & 3).reshape(n, 2, 4, 32), 2).reshape(n, 64)  # element h*128 + k*32 + i
+    raw = (sc + 32).to(torch.uint8)  # (N, 16), 6 bits each
+    low = (raw[:, :8] & 0xF) | ((raw[:, 8:] & 0xF) << 4)  # scale j < 8 in byte j, j >= 8 in byte j - 8 << 4
+    high = _shifted_or((raw >> 4).reshape(n, 1, 4, 4), 2).reshape(n, 4)  # scale k*4 + b: byte b, bits 2k
+    return torch.cat([hmask, qs, low, high, _f16_bytes(d)], dim=1), values
+
+
+def _iq4nl(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, 32) blocks."""
+    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=x.device)
+    w = _weights(x, importance)
+    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # (N, 1)
+    zero = peak == 0
+    peak = torch.where(zero, torch.ones_like(peak), peak)
+    best_err = torch.full_like(peak, float("inf"))
+    best_d = torch.zeros_like(peak)
+    for delta in _GRID:
+        d = peak / (-127 + 4 * delta)  # the largest magnitude lands near the table's end, -127
+        idx = ((x / d)[..., None] - table).abs().argmin(-1)
+        k = table[idx]
+        d = (w * k * x).sum(-1, keepdim=True) / (w * k * k).sum(-1, keepdim=True).clamp(min=1e-30)
+        err = (w * (d * k - x).square()).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err, best_d = torch.where(better, err, best_err), torch.where(better, d, best_d)
+    d = _f16(torch.where(zero, torch.zeros_like(best_d), best_d))
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    idx = ((x / safe)[..., None] - table).abs().argmin(-1)  # (N, 32)
+    values = d * table[idx]
+    qs = (idx[:, :16] | (idx[:, 16:] << 4)).to(torch.uint8)  # element i: low nibble of byte i, 16 + i: high
+    return torch.cat([_f16_bytes(d.squeeze(-1)), qs], dim=1), values
+
+
+_BLOCKS = {
+    Q.Q4_K: lambda x, imp: _q45k(x, imp, 15),
+    Q.Q5_K: lambda x, imp: _q45k(x, imp, 31),
+    Q.Q6_K: _q6k,
+    Q.Q3_K: _q3k,
+    Q.IQ4_NL: _iq4nl,
+}
+
+
+def quantize_with_values(
+    t: torch.Tensor, qtype: Q, importance: torch.Tensor | None = None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Quantize a 2-D tensor (rows, cols) into `qtype` blocks on t's device.
+
+    Returns the block bytes (rows, cols // block * type_size) uint8 and the values they decode to
+    (rows, cols) fp32, on t's device. importance: optional (cols,) weights of each input column
+    (an importance matrix), which the scale search multiplies into its error weights.
+    """
+    if qtype not in _BLOCKS:
+        raise ValueError(f"fasttune's quantizer writes {', '.join(q.name for q in TYPES)}, not {qtype.name}")
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = t.shape
+    if cols % block:
+        raise ValueError(f"{qtype.name} needs rows that are a multiple of {block} values; these have {cols}")
+    x = t.detach().to(torch.float32).reshape(-1, block)  # (blocks, block)
+    imp = None
+    if importance is not None:
+        imp = importance.to(x.device, torch.float32).reshape(1, cols).expand(rows, cols).reshape(-1, block)
+    out = np.empty((x.shape[0], size), dtype=np.uint8)
+    values = torch.empty_like(x)
+    step = max(1, _CHUNK // block)
+    for i in range(0, x.shape[0], step):
+        part = None if imp is None else imp[i : i + step]
+        raw, val = _BLOCKS[qtype](x[i : i + step], part)
+        out[i : i + step] = raw.cpu().numpy()
+        values[i : i + step] = val
+    return out.reshape(rows, cols // block * size), values.reshape(rows, cols)
+
+
+def quantize(t: torch.Tensor, qtype: Q, importance: torch.Tensor | None = None) -> np.ndarray:
+    """The block bytes of `quantize_with_values`."""
+    return quantize_with_values(t, qtype, importance)[0]
