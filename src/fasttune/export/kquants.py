@@ -30,7 +30,7 @@ Q = gguf.GGMLQuantizationType
 QK_K = 256
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 TYPES = (Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL)
-_CHUNK = 1 << 22  # values per step: bounds the search's temporaries (about 20 tensors of this size)
+_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}  # values per step: cache-sized on a CPU, large on a GPU
 _GRID = torch.linspace(-1.0, 1.0, 21).tolist()  # candidate offsets of the integer range
 
 
@@ -54,27 +54,30 @@ def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
 def _fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best (scale >= 0, offset <= 0) per sub-block with x ~ scale * q + offset, q in 0..nmax.
 
-    x, w: (S, n). Returns scale, offset: (S,).
+    x, w: (S, n). Returns scale, offset: (S,). The error of each candidate comes from the weighted sums
+    alone: sum w (s q + o - x)^2 = s^2 Swqq + 2 s o Swq - 2 s Swqx + o^2 Sw - 2 o Swx + Swxx.
     """
     lo = x.amin(-1).clamp(max=0.0)
     span = (x.amax(-1) - lo).clamp(min=1e-30)
-    sw = w.sum(-1)
-    swx = (w * x).sum(-1)
+    sw, swx, swxx = w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1)
+    shifted = x - lo[:, None]
     best_err = torch.full_like(lo, float("inf"))
     best_scale, best_off = span / nmax, lo.clone()
     for delta in _GRID:
-        q = ((x - lo[:, None]) * ((nmax + delta) / span)[:, None]).round().clamp(0, nmax)
-        swq, swq2, swqx = (w * q).sum(-1), (w * q * q).sum(-1), (w * q * x).sum(-1)
-        det = sw * swq2 - swq * swq
+        q = (shifted * ((nmax + delta) / span)[:, None]).round_().clamp_(0, nmax)
+        wq = w * q
+        swq, swqq, swqx = wq.sum(-1), torch.linalg.vecdot(wq, q), torch.linalg.vecdot(wq, x)
+        det = sw * swqq - swq * swq
         ok = det > 0
         det = torch.where(ok, det, torch.ones_like(det))
         scale = torch.where(ok, (sw * swqx - swq * swx) / det, span / nmax)
-        off = torch.where(ok, (swq2 * swx - swq * swqx) / det, lo)
+        off = torch.where(ok, (swqq * swx - swq * swqx) / det, lo)
         # the block stores the offset as -dmin * m with m >= 0: refit the scale alone where it came out > 0
         pos = off > 0
-        scale = torch.where(pos, swqx / swq2.clamp(min=1e-30), scale).clamp(min=0.0)
+        scale = torch.where(pos, swqx / swqq.clamp(min=1e-30), scale).clamp(min=0.0)
         off = off.clamp(max=0.0)
-        err = (w * (scale[:, None] * q + off[:, None] - x).square()).sum(-1)
+        err = scale * scale * swqq + 2 * scale * off * swq - 2 * scale * swqx
+        err = err + off * off * sw - 2 * off * swx + swxx
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -86,19 +89,22 @@ def _fit_symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
     """Best signed scale per sub-block with x ~ scale * q, q in -nmax..nmax-1. x, w: (S, n) -> (S,).
 
     The value of largest magnitude goes to the wider end (-nmax) of the range, hence the negative sign.
+    For the least-squares scale s = Swqx / Swqq the error is Swxx - s Swqx, so the best candidate is the
+    one with the largest s Swqx.
     """
     peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
     zero = peak == 0
     peak = torch.where(zero, torch.ones_like(peak), peak)
-    best_err = torch.full_like(peak, float("inf"))
+    best_gain = torch.full_like(peak, -1.0)
     best_scale = torch.zeros_like(peak)
     for delta in _GRID:
-        q = (x * (-(nmax + delta) / peak)[:, None]).round().clamp(-nmax, nmax - 1)
-        swq2, swqx = (w * q * q).sum(-1), (w * q * x).sum(-1)
-        scale = swqx / swq2.clamp(min=1e-30)
-        err = (w * (scale[:, None] * q - x).square()).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
+        q = (x * (-(nmax + delta) / peak)[:, None]).round_().clamp_(-nmax, nmax - 1)
+        wq = w * q
+        swqq, swqx = torch.linalg.vecdot(wq, q), torch.linalg.vecdot(wq, x)
+        scale = swqx / swqq.clamp(min=1e-30)
+        gain = scale * swqx
+        better = gain > best_gain
+        best_gain = torch.where(better, gain, best_gain)
         best_scale = torch.where(better, scale, best_scale)
     return torch.where(zero, torch.zeros_like(best_scale), best_scale)
 
@@ -201,26 +207,44 @@ def _q3k(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor
     return torch.cat([hmask, qs, low, high, _f16_bytes(d)], dim=1), values
 
 
+def _nearest_iq4(v: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Index of the IQ4_NL table entry nearest to each value of v.
+
+    The table holds integers, so every midpoint between neighbours is a multiple of 1/2 and floor(2 v)
+    alone decides which side of it v lies on: `lut` maps floor(2 v) (clamped to the table's range) to
+    the index.
+    """
+    u = (v * 2).floor_().clamp_(-256, 227).to(torch.int64) + 256
+    return lut[u]
+
+
+def _iq4_lut(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32)
+    centres = torch.arange(-256, 228, dtype=torch.float32) / 2 + 0.25  # inside each half-unit interval
+    lut = (centres[:, None] - table).abs().argmin(-1)
+    return table.to(device), lut.to(device)
+
+
 def _iq4nl(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, 32) blocks."""
-    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=x.device)
+    table, lut = _iq4_lut(x.device)
     w = _weights(x, importance)
     peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # (N, 1)
     zero = peak == 0
     peak = torch.where(zero, torch.ones_like(peak), peak)
-    best_err = torch.full_like(peak, float("inf"))
+    best_gain = torch.full_like(peak, -1.0)
     best_d = torch.zeros_like(peak)
     for delta in _GRID:
         d = peak / (-127 + 4 * delta)  # the largest magnitude lands near the table's end, -127
-        idx = ((x / d)[..., None] - table).abs().argmin(-1)
-        k = table[idx]
-        d = (w * k * x).sum(-1, keepdim=True) / (w * k * k).sum(-1, keepdim=True).clamp(min=1e-30)
-        err = (w * (d * k - x).square()).sum(-1, keepdim=True)
-        better = err < best_err
-        best_err, best_d = torch.where(better, err, best_err), torch.where(better, d, best_d)
+        k = table[_nearest_iq4(x / d, lut)]
+        wk = w * k
+        swkx, swkk = (wk * x).sum(-1, keepdim=True), (wk * k).sum(-1, keepdim=True).clamp(min=1e-30)
+        d = swkx / swkk  # least squares for these indices; the error is Swxx - d Swkx
+        better = d * swkx > best_gain
+        best_gain, best_d = torch.where(better, d * swkx, best_gain), torch.where(better, d, best_d)
     d = _f16(torch.where(zero, torch.zeros_like(best_d), best_d))
     safe = torch.where(d == 0, torch.ones_like(d), d)
-    idx = ((x / safe)[..., None] - table).abs().argmin(-1)  # (N, 32)
+    idx = _nearest_iq4(x / safe, lut)  # (N, 32)
     values = d * table[idx]
     qs = (idx[:, :16] | (idx[:, 16:] << 4)).to(torch.uint8)  # element i: low nibble of byte i, 16 + i: high
     return torch.cat([_f16_bytes(d.squeeze(-1)), qs], dim=1), values
@@ -256,7 +280,7 @@ def quantize_with_values(
         imp = importance.to(x.device, torch.float32).reshape(1, cols).expand(rows, cols).reshape(-1, block)
     out = np.empty((x.shape[0], size), dtype=np.uint8)
     values = torch.empty_like(x)
-    step = max(1, _CHUNK // block)
+    step = max(1, _CHUNK.get(x.device.type, _CHUNK["cpu"]) // block)
     for i in range(0, x.shape[0], step):
         part = None if imp is None else imp[i : i + step]
         raw, val = _BLOCKS[qtype](x[i : i + step], part)
