@@ -86,3 +86,20 @@ def opt_dir(tmp_path_factory, tokenizer) -> Path:
     OPTForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """The real llama.cpp (node-llama-cpp, installed by scripts/setup_llamacpp.sh); skips without it unless
+    FASTTUNE_REQUIRE_LLAMACPP=1 (scripts/test.sh sets it where node is installed)."""
+    import os
+
+    from fasttune.export.llamacpp import find_llamacpp
+
+    found = find_llamacpp()
+    if found is None:
+        why = "node or node-llama-cpp is not installed (run scripts/setup_llamacpp.sh)"
+        if os.environ.get("FASTTUNE_REQUIRE_LLAMACPP") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return found

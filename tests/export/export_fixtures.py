@@ -98,10 +98,14 @@ def save_peft_adapter(
     tokenizer=None,
     template: str = "chat",
     seed: int = 1,
+    init_scale: float = 0.2,
     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     **lora_kwargs,
 ) -> Path:
-    """A PEFT adapter on `model_dir` with random non-zero B, plus tokenizer and prompt contract."""
+    """A PEFT adapter on `model_dir` with random non-zero B, plus tokenizer and prompt contract.
+
+    init_scale: standard deviation of the random A and B (0.2 changes a tiny model's logits a lot).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +117,7 @@ def save_peft_adapter(
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * init_scale)
     peft_model.save_pretrained(out)
     if tokenizer is not None:
         from fasttune.data.templates import make_contract
