@@ -137,9 +137,11 @@ def register(subs: argparse._SubParsersAction) -> None:
         "gguf",
         "write one GGUF file (llama.cpp, LM Studio, Ollama)",
         "Merge the adapter and write a GGUF file from Python (no llama.cpp build): architecture, "
-        "hyperparameters, tokenizer, chat template and stop ids in the metadata. Covers the Llama "
-        "family (llama, mistral, qwen2, qwen3).\n"
-        "Example: fasttune export gguf runs/default --out model.q8_0.gguf --type q8_0",
+        "hyperparameters, tokenizer, chat template and stop ids in the metadata. Covers llama "
+        "(Llama 2/3/3.1/3.2, SmolLM), mistral, qwen2, qwen3, gpt2 and gemma; an architecture llama.cpp "
+        "lacks (OPT) is refused before any work. K-quant mixes (q4_k_m, ...) are written by fasttune's "
+        "own quantizer with llama.cpp's type per tensor.\n"
+        "Example: fasttune export gguf runs/default --out model.Q4_K_M.gguf --type q4_k_m",
         cmd_export_gguf,
     )
     _common(gguf)
@@ -148,8 +150,9 @@ def register(subs: argparse._SubParsersAction) -> None:
         "--type",
         default="f16",
         choices=tuple(GGUF_TYPE_NAMES),
-        help=f"tensor type: {types}; norms stay f32, 4/5-bit files keep embeddings and "
-        "output in q8_0 (default: f16)",
+        help=f"tensor type: {types}; norms stay f32; q4_0..q5_1 keep embeddings and output in "
+        "q8_0; the K-quant mixes give the output Q6_K and attn_v/ffn_down more bits in some layers, "
+        "as llama.cpp does (default: f16)",
     )
     ollama = add_command(
         export_subs,
