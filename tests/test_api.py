@@ -14,6 +14,8 @@ from fasttune.cli import main
 from fasttune.config import RunConfig, apply_overrides, load_yaml
 from fasttune.train.metrics import read_metrics
 
+# the memory plans read a batch shape; max_seq_length 'auto' is resolved only by a run from its data
+SIZED = {"max_seq_length": 256}
 ROWS = [{"instruction": f"What is the code word number {i}?", "output": f"The code word is zebra-{i}."}
         for i in range(12)]
 
@@ -285,7 +287,7 @@ def test_selective_plan_counts_what_recomputed_layers_keep_on_the_fused_path(mon
     calls = []
     monkeypatch.setattr(memory, "plan_keep_layers", lambda config, **kw: calls.append(kw) or 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
-    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "selective"}, "test")
+    cfg = apply_overrides(RunConfig(), {**SIZED, "gradient_checkpointing": "selective"}, "test")
     model = tiny_lora_llama()
     model.set_use_kernels(True)
     api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
@@ -303,16 +305,18 @@ def test_device_gate_up_reaches_the_model_and_the_selective_plan(monkeypatch):
     model = tiny_lora_llama()
     model.set_use_kernels(True)
     for mode in ("offload", "selective"):
-        cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": mode, "device_gate_up": 3}, "test")
+        cfg = apply_overrides(RunConfig(), {**SIZED, "gradient_checkpointing": mode, "device_gate_up": 3},
+                              "test")
         api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
         assert model.gradient_checkpointing == mode and model.model.device_gate_up == 3, mode
     assert calls[-1]["device_gate_up"] == 3
-    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "offload"}, "test")
+    cfg = apply_overrides(RunConfig(), {**SIZED, "gradient_checkpointing": "offload"}, "test")
     api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
     assert model.model.device_gate_up == 1  # the default
     assert model.model.host_gate_up == "auto"  # the default, as the YAML's 'AUTO' below
     for value, share in (("0.25", 0.25), (0, 0.0), ("AUTO", "auto")):
-        cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "selective", "host_gate_up": value}, "t")
+        cfg = apply_overrides(RunConfig(), {**SIZED, "gradient_checkpointing": "selective",
+                                            "host_gate_up": value}, "t")
         api.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
         assert model.model.host_gate_up == share and calls[-1]["host_gate_up"] == share, value
 
@@ -321,7 +325,7 @@ def test_selective_on_the_cpu_runs_without_checkpointing_and_says_so():
     lines: list[str] = []
     model = tiny_lora_llama()
     model.set_gradient_checkpointing("on")
-    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "selective"}, "test")
+    cfg = apply_overrides(RunConfig(), {**SIZED, "gradient_checkpointing": "selective"}, "test")
     assert api.set_checkpointing(model, cfg, torch.device("cpu"), log=lines.append) == "off"
     assert model.gradient_checkpointing == "off"
     assert len(lines) == 1 and "'selective'" in lines[0] and "CPU" in lines[0]

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fasttune.config import (
+    AUTO,
     ConfigError,
     DataConfig,
     LoraConfig,
@@ -233,6 +234,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     """
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
     from fasttune.lora.apply import count_parameters
+    from fasttune.train.auto import choose_max_seq_length
     from fasttune.train.interrupts import StopRequests
     from fasttune.train.loop import seed_everything, train_loop
     from fasttune.train.memory_plan import run_estimate
@@ -245,11 +247,9 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     log = log or tqdm.write
     validate(cfg)
     check_output_dir(cfg.train)  # an earlier run in the way is reported before anything loads
-    t, run, max_len = cfg.train, RunDir(cfg.train.output_dir), cfg.model.max_seq_length
-    run_dir = run.root
-    device = resolve_device(t.device)
-    precision = resolve_precision(t.precision, device)
-    seed_everything(t.seed)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    seed_everything(cfg.train.seed)
 
     # Data first (it needs only the tokenizer): a broken row stops the run before the model loads.
     method = cfg.method.method
@@ -257,13 +257,21 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     if method == "sft":
         data = prepare_data(cfg, tokenizer, log)
         train_data, eval_data, questions = data.train, data.eval, data.questions
-        contract = train_data.contract
-    else:  # preference and RL rows (train/methods.py); their prompts frame as the init_from run's did
+        contract, max_len = train_data.contract, data.max_seq_length
+    else:  # preference and RL rows (train/methods.py); their prompts frame as the init_from run's
         from fasttune.train.methods import init_contract, method_data
 
         data, questions = None, []
-        train_data, eval_data = method_data(cfg, tokenizer, init_contract(cfg.method.init_from), log)
-        contract = train_data.contract
+        cut, context = length_cut(cfg)
+        train_data, eval_data = method_data(cut, tokenizer, init_contract(cfg.method.init_from), log)
+        contract, max_len = train_data.contract, cut.model.max_seq_length
+        if cfg.model.max_seq_length == AUTO:
+            longest = max(d.summary.longest for d in (train_data, eval_data) if d is not None)
+            max_len = log_choice(choose_max_seq_length(longest, context), log)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_length=max_len))
+    cfg = resolve_learning_rate(cfg, log)
+    t, run = cfg.train, RunDir(cfg.train.output_dir)
+    run_dir = run.root
 
     log(f"loading {cfg.model.model_name} on {device}")
     loaded = load(cfg.model, device)
@@ -311,7 +319,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
 
     # inputs validated: from here on the run writes into output_dir; SIGTERM/SIGINT stop at a step boundary
     with claim_output_dir(t, log), StopRequests(log) as stop:
-        # resume and overwrite off: `fasttune train --config run.yaml` runs the job again from the start
+        # resume and overwrite off: `fasttune train --config run.yaml` runs the job again from the start;
+        # the values auto chose are written as numbers, so that it runs with the same ones
         saved = dataclasses.replace(t, resume=False, overwrite=False)
         dataclasses.replace(cfg, train=saved).save(run.run_yaml)
 
@@ -354,6 +363,7 @@ class PreparedData:
     eval: Any  # TokenizedData, or None without an eval split
     questions: list[dict[str, Any]]  # shown before and after training
     answers: Any = None  # infer.evaluate.AnswerSet: the eval split's questions with references, or None
+    max_seq_length: int = 0  # cfg.model.max_seq_length, or what 'auto' chose from the training data
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> PreparedData:
@@ -362,9 +372,7 @@ def prepare_data(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> 
     from fasttune.data.tokenize import build_dataset
     from fasttune.infer.evaluate import answer_set
 
-    max_len = cfg.model.max_seq_length
-    train_data = build_dataset(cfg.data, tokenizer, max_len, "train")
-    log(str(train_data.summary))
+    max_len, train_data = tokenize_train(cfg, tokenizer, log)
     eval_cfg = eval_config(cfg.data)
     eval_data, eval_rows = None, None
     if eval_cfg is not None:
@@ -383,7 +391,71 @@ def prepare_data(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> 
     answers = None
     if eval_rows is not None and cfg.train.eval_answers > 0:
         answers = answer_set(eval_rows, train_data.contract, tokenizer)
-    return PreparedData(train_data, eval_data, questions, answers)
+    return PreparedData(train_data, eval_data, questions, answers, max_len)
+
+
+def tokenize_train(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> tuple[int, Any]:
+    """(max_seq_length, the tokenized training split). With max_seq_length 'auto' the rows are cut at the
+    longest length auto may choose, and the choice follows from the longest example left
+    (`train/auto.choose_max_seq_length`); every example then fits it as it is."""
+    from fasttune.data.tokenize import build_dataset
+    from fasttune.train.auto import choose_max_seq_length
+
+    cut, context = length_cut(cfg)
+    max_len = cut.model.max_seq_length
+    train_data = build_dataset(cfg.data, tokenizer, max_len, "train")
+    log(str(train_data.summary))
+    if cfg.model.max_seq_length == AUTO:
+        max_len = log_choice(choose_max_seq_length(train_data.summary.longest, context), log)
+    return max_len, train_data
+
+
+def length_cut(cfg: RunConfig) -> tuple[RunConfig, int | None]:
+    """(cfg with max_seq_length 'auto' replaced by the longest length auto may choose, the model's context
+    or None): the data is tokenized at that cut, then auto chooses from the longest example left."""
+    from fasttune.train.auto import auto_length_cap, context_length
+
+    if cfg.model.max_seq_length != AUTO:
+        return cfg, None
+    context = context_length(model_hf_config(cfg.model))
+    cut = dataclasses.replace(cfg.model, max_seq_length=auto_length_cap(context))
+    return dataclasses.replace(cfg, model=cut), context
+
+
+def log_choice(choice: Any, log: Callable[[str], None]) -> int:
+    log("  " + choice.reason)
+    return choice.max_seq_length
+
+
+def resolve_learning_rate(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
+    """cfg with 'auto' in learning_rate and lora_alpha replaced by what suits the model's size
+    (`train/auto.choose_learning_rate`), and the choice logged."""
+    from fasttune.train.auto import choose_learning_rate, parameter_count
+
+    lo, t = cfg.lora, cfg.train
+    if AUTO not in (lo.lora_alpha, t.learning_rate):
+        return cfg
+    if t.learning_rate == AUTO and cfg.method.method != "sft":
+        raise ConfigError(f"learning_rate: 'auto' is chosen for supervised fine-tuning (method sft); set a "
+                          f"learning_rate for method {cfg.method.method}")
+    n_params = parameter_count(model_hf_config(cfg.model), cfg.model.trust_remote_code)
+    choice = choose_learning_rate(n_params, lo.r, lo.lora_alpha, t.learning_rate, lo.use_rslora)
+    log("  " + choice.reason)
+    return dataclasses.replace(cfg, lora=dataclasses.replace(lo, lora_alpha=choice.lora_alpha),
+                               train=dataclasses.replace(t, learning_rate=choice.learning_rate))
+
+
+def model_hf_config(model_cfg: ModelConfig) -> Any:
+    """The model's transformers config, read without its weights."""
+    from transformers import AutoConfig
+
+    from fasttune.models.loading import resolve_source
+
+    try:
+        return AutoConfig.from_pretrained(resolve_source(model_cfg),
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"model_name '{model_cfg.model_name}': {e}") from e
 
 
 def answer_eval(model: torch.nn.Module, tokenizer: Any, contract: Any, answers: Any,
@@ -435,7 +507,6 @@ def preview_data(cfg: RunConfig, n: int = 3, color: bool | None = None) -> str:
     import sys
 
     from fasttune.data.preview import preview_rows
-    from fasttune.data.tokenize import build_dataset
 
     validate(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -445,11 +516,14 @@ def preview_data(cfg: RunConfig, n: int = 3, color: bool | None = None) -> str:
         from fasttune.data.preview import preview_method_rows
         from fasttune.train.methods import init_contract
 
-        data = build_method_data(cfg.data, cfg.method.method, tokenizer, cfg.model.max_seq_length, "train",
+        cut, _ = length_cut(cfg)
+        data = build_method_data(cfg.data, cfg.method.method, tokenizer, cut.model.max_seq_length, "train",
                                  init_contract(cfg.method.init_from))
         return preview_method_rows(data.examples, tokenizer, n=n, color=color, summary=data.summary)
-    data = build_dataset(cfg.data, tokenizer, cfg.model.max_seq_length, "train")
-    return preview_rows(data.examples, tokenizer, n=n, color=color, summary=data.summary)
+    chosen: list[str] = []
+    _, data = tokenize_train(cfg, tokenizer, chosen.append)
+    shown = preview_rows(data.examples, tokenizer, n=n, color=color, summary=data.summary)
+    return "\n".join([shown] + [line for line in chosen if "auto:" in line])
 
 
 def load_tokenizer(model_cfg: ModelConfig) -> Any:

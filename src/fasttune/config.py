@@ -19,6 +19,7 @@ import yaml
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATASET = "builtin:lumen"
+AUTO = "auto"  # the value of a field that the run resolves from the model and the data (train/auto.py)
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,9 @@ class ModelConfig:
     model_name: str = field(default=DEFAULT_MODEL, metadata={"help": (
         "Model to fine-tune: 'smollm2-135m' (embedded, no download), a Hugging Face hub id, "
         "a local directory with config.json + safetensors, or a .gguf file.")})
-    max_seq_length: int = field(default=256, metadata={"help": "Longest training sequence in tokens."})
+    max_seq_length: int | str = field(default=AUTO, metadata={"help": (
+        "Longest training sequence in tokens, or auto: the longest training example rounded up to a "
+        "multiple of 256, within the model's context and at most 4096 (the run log says what it chose).")})
     dtype: str = field(default="auto", metadata={"help": (
         "Weights and compute precision: auto (bf16 on GPUs that support it, fp16 on older GPUs, "
         "fp32 on CPU), fp32, bf16 or fp16.")})
@@ -51,7 +54,9 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_alpha: int | str = field(default=AUTO, metadata={"help": (
+        "LoRA scaling numerator (scale = alpha / r), or auto: 2 x r for models under 1B parameters, r from "
+        "1B up.")})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input path."})
     target_modules: list[str] = field(default_factory=lambda: ["default"], metadata={"help": (
         "Modules to adapt: 'default' (all seven projections of the Llama family, every linear "
@@ -97,8 +102,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     max_steps: int = field(default=-1, metadata={"help": "Optimiser steps; -1 means use num_train_epochs."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the data when max_steps is -1."})
-    learning_rate: float = field(default=5e-3, metadata={"help": (
-        "Peak learning rate (the default suits LoRA on small models; 1e-4..2e-4 is usual for 7B+).")})
+    learning_rate: float | str = field(default=AUTO, metadata={"help": (
+        "Peak learning rate, or auto: scaled by the model's parameter count (5e-3 at 135M, 2e-4 at 8B, "
+        "1e-4 from 33B, for the LoRA scale lora_alpha / r that is set; the run log says what it chose).")})
     warmup_steps: int = field(default=4, metadata={"help": "Linear warmup steps."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a share of all steps (used if warmup_steps is 0)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine or constant (each after warmup)."})
@@ -243,7 +249,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        inner = [a for a in args if a is not type(None)][0]
+        inner = next((a for a in args if a not in (type(None), str)), str)
+        if str in args and inner is not str:  # a number or 'auto'
+            if isinstance(value, str) and value.strip().lower() == AUTO:
+                return AUTO
+            try:
+                return _coerce(value, inner, where)
+            except ConfigError:
+                kind = "an integer" if inner is int else "a number"
+                raise ConfigError(f"{where}: expected {kind} or auto, got {value!r}") from None
         return _coerce(value, inner, where)
     if origin is list:
         if isinstance(value, str):
@@ -367,16 +381,17 @@ def host_gate_up_setting(value: str) -> float | str | None:
 
 def validate(cfg: RunConfig) -> None:
     t, lo, m, me = cfg.train, cfg.lora, cfg.model, cfg.method
+    positive = lambda v: v == AUTO or v > 0
     checks = [
-        (m.max_seq_length > 0, "max_seq_length must be positive"),
+        (positive(m.max_seq_length), "max_seq_length must be positive or auto"),
+        (positive(lo.lora_alpha), "lora_alpha must be positive or auto"),
         (lo.r > 0, "r must be positive"),
-        (lo.lora_alpha > 0, "lora_alpha must be positive"),
         (0.0 <= lo.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
         (t.per_device_train_batch_size > 0, "per_device_train_batch_size must be positive"),
         (t.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
         (t.max_steps == -1 or t.max_steps > 0, "max_steps must be positive or -1"),
         (t.max_steps > 0 or t.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is -1"),
-        (t.learning_rate > 0, "learning_rate must be positive"),
+        (positive(t.learning_rate), "learning_rate must be positive or auto"),
         (t.warmup_steps >= 0 and 0.0 <= t.warmup_ratio < 1.0, "warmup must be non-negative"),
         (t.logging_steps > 0, "logging_steps must be positive"),
         (t.save_steps >= 0 and t.eval_steps >= 0, "save_steps and eval_steps must be >= 0"),

@@ -106,7 +106,7 @@ def test_bad_json_line_names_the_row(tmp_path, capsys):
 
 def test_bad_config_value_and_file(tmp_path, capsys):
     assert main(["data", "preview", "--max_seq_length", "long"]) == 2
-    assert "max_seq_length: expected an integer, got 'long'" in capsys.readouterr().err
+    assert "max_seq_length: expected an integer or auto, got 'long'" in capsys.readouterr().err
     cfg = tmp_path / "run.yaml"
     cfg.write_text("train:\n  learning_rat: 1\n")
     assert main(["train", "--config", str(cfg)]) == 2

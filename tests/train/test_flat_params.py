@@ -196,7 +196,7 @@ def test_per_tensor_optimizer_state_resumes_in_the_flat_buffer():
 
 def test_saved_adapter_is_byte_identical(tmp_path):
     flat_model, plain_model = tiny_lora_llama(), tiny_lora_llama()
-    build_optimizer(trainable(flat_model).values(), TrainConfig())  # moves the adapters into the buffer
+    build_optimizer(trainable(flat_model).values(), TrainConfig(learning_rate=1e-3))  # moves adapters into the buffer
     assert len({p.untyped_storage().data_ptr() for p in trainable(flat_model).values()}) == 1
     for name, model in (("flat", flat_model), ("plain", plain_model)):
         save_adapter(model, tmp_path / name, base_model_name_or_path="tiny")
@@ -211,14 +211,14 @@ def test_saved_adapter_is_byte_identical(tmp_path):
 def test_groups_by_dtype_and_leaves_tied_tensors_alone():
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2, dtype=torch.bfloat16))
     c = torch.nn.Parameter(torch.randn(4))
-    opt = build_optimizer([a, b, c], TrainConfig())
+    opt = build_optimizer([a, b, c], TrainConfig(learning_rate=1e-3))
     flats = opt.param_groups[0]["params"]
     assert [f.dtype for f in flats] == [torch.float32, torch.bfloat16]
     assert [len(g.members) for g in opt.flat_groups] == [2, 1]
 
     base = torch.randn(6)
     tied = [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[2:])]  # overlapping memory
-    opt = build_optimizer(tied, TrainConfig())
+    opt = build_optimizer(tied, TrainConfig(learning_rate=1e-3))
     assert opt.param_groups[0]["params"] == tied and not hasattr(opt, "flat_groups")
 
 

@@ -100,7 +100,7 @@ def test_several_tensors_are_stepped_as_one_flat_buffer():
 def test_adamw_8bit_on_cpu_is_a_clear_error():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ConfigError, match="adamw_8bit needs a CUDA GPU.*--optim adamw_torch"):
-        build_optimizer([p], TrainConfig(optim="adamw_8bit"))
+        build_optimizer([p], TrainConfig(optim="adamw_8bit", learning_rate=1e-3))
 
 
 def test_nothing_trainable_is_an_error():

@@ -27,6 +27,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> t
     params = list({id(p): p for p in params if p.requires_grad}.values())
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameters (check target_modules)")
+    if not isinstance(cfg.learning_rate, float | int):  # 'auto' is resolved from the model (train/auto.py)
+        raise ConfigError(f"learning_rate: build_optimizer needs a number, got {cfg.learning_rate!r} "
+                          "('auto' is chosen by fasttune.train from the loaded model)")
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                   weight_decay=cfg.weight_decay)
     on_cuda = all(p.is_cuda for p in params)
