@@ -153,3 +153,9 @@ def test_the_default_job_resolves_to_the_values_it_was_tuned_with():
     cfg = api.resolve_learning_rate(cfg, lines.append)
     max_len, _ = api.tokenize_train(cfg, tokenizer, lines.append)
     assert (cfg.train.learning_rate, cfg.lora.lora_alpha, max_len) == (5e-3, 32, 256)
+
+
+def test_auto_learning_rate_is_refused_for_preference_methods():
+    cfg = apply_overrides(RunConfig(), {"method": "dpo"}, "test")
+    with pytest.raises(ConfigError, match="learning_rate: 'auto' is chosen for supervised fine-tuning.*dpo"):
+        api.resolve_learning_rate(cfg, lambda line: None)
