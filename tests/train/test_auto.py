@@ -42,7 +42,8 @@ def test_step_size_falls_monotonically_between_the_anchors():
     sizes = [1e8, 1.5e8, 3e8, 1e9, 3e9, 8e9, 1.5e10, 3.3e10, 1e11]
     steps = [step_size(n) for n in sizes]
     assert all(a >= b for a, b in zip(steps, steps[1:]))
-    assert steps[1] == pytest.approx(1e-2) and steps[5] == pytest.approx(2e-4) and steps[7] == pytest.approx(1e-4)
+    assert steps[1] == pytest.approx(1e-2) and steps[5] == pytest.approx(2e-4)
+    assert steps[7] == pytest.approx(1e-4)
 
 
 def test_a_set_alpha_is_kept_and_the_learning_rate_matches_its_scale():
@@ -128,9 +129,9 @@ def test_a_run_logs_what_auto_chose_and_saves_the_numbers(tmp_path, tiny_llama):
             for i in range(6)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = apply_overrides(RunConfig(), dict(model_name=str(tiny_llama), dataset=str(data), eval_dataset="none",
-                                            max_steps=1, r=4, show_samples=0, output_dir=str(tmp_path / "run"),
-                                            report=False), "test")
+    values = dict(model_name=str(tiny_llama), dataset=str(data), eval_dataset="none", max_steps=1, r=4,
+                  show_samples=0, output_dir=str(tmp_path / "run"), report=False)
+    cfg = apply_overrides(RunConfig(), values, "test")
     lines: list[str] = []
     api.train(cfg, log=lines.append)
     said = "\n".join(lines)

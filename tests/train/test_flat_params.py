@@ -196,7 +196,7 @@ def test_per_tensor_optimizer_state_resumes_in_the_flat_buffer():
 
 def test_saved_adapter_is_byte_identical(tmp_path):
     flat_model, plain_model = tiny_lora_llama(), tiny_lora_llama()
-    build_optimizer(trainable(flat_model).values(), TrainConfig(learning_rate=1e-3))  # moves adapters into the buffer
+    build_optimizer(trainable(flat_model).values(), TrainConfig(learning_rate=1e-3))  # flattens the adapters
     assert len({p.untyped_storage().data_ptr() for p in trainable(flat_model).values()}) == 1
     for name, model in (("flat", flat_model), ("plain", plain_model)):
         save_adapter(model, tmp_path / name, base_model_name_or_path="tiny")
