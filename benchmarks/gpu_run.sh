@@ -13,7 +13,10 @@
 #           small, packed
 # fp8       speed, loss                             FP8 frozen base
 # decode    (one)                                   decoding at batch 1
+# uneven    bf16-b2, bf16-b8, qlora-b2, qlora-b8    uneven instruction rows: real tokens/s, packing off/on,
+#                                                   plain or length-grouped, beside Unsloth and HF + PEFT
 # checks    loss, cli, notebook                     loss curves; `fasttune train` and the notebook on 8B
+#                                                   (notebook: both stacks at its own settings, curves)
 # ab        8k, 32k                                 this tree against .bench_assets/base_tree
 #                                                   (benchmarks/unpack_tree.sh REV)
 #
@@ -28,8 +31,8 @@ cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="speed loss" [decode]="" \
-  [checks]="loss cli notebook" [ab]="8k 32k")
-usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode checks ab"
+  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [checks]="loss cli notebook" [ab]="8k 32k")
+usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode uneven checks ab"
 STEPS=${1:-}
 [ -n "$STEPS" ] || { echo "$usage" >&2; exit 2; }
 for s in ${STEPS//,/ }; do
@@ -150,6 +153,15 @@ has fp8 loss && step fp8-loss 200 python3 benchmarks/loss_curve.py --fp8 --steps
 
 has decode && step decode 300 python3 benchmarks/bench_decode.py --out bench_logs/decode.jsonl
 
+# uneven: rows of about 50 to 1,500 tokens (instruction_data.py); each part runs 9 processes (3 stacks x
+# packing off, off + grouped, on), each loading the 8B model
+U="python3 benchmarks/bench_uneven.py --steps 20 --warmup 3 --tokenizer $TOKENIZER --out bench_logs/uneven.jsonl \
+--log-dir bench_logs"
+has uneven bf16-b2 && step uneven-bf16-b2 560 $U --modes bf16 --batches 2
+has uneven bf16-b8 && step uneven-bf16-b8 560 $U --modes bf16 --batches 8
+has uneven qlora-b2 && step uneven-qlora-b2 560 $U --modes qlora --batches 2
+has uneven qlora-b8 && step uneven-qlora-b8 560 $U --modes qlora --batches 8
+
 has checks loss && step loss-curve 200 python3 benchmarks/loss_curve.py --steps 50 --tokenizer $TOKENIZER \
   --out bench_logs/loss_curves.json
 if has checks cli || has checks notebook; then
@@ -162,8 +174,9 @@ if has checks cli; then  # 'auto' checkpointing and the printed estimate on the 
       --logging_steps 1 --show_samples 0 $q --output_dir "/tmp/run-8b$q"
   done
 fi
-has checks notebook && step notebook 200 python3 benchmarks/notebook_gpu.py --model-dir /tmp/bench-model \
-  --tokenizer $TOKENIZER
+# the notebook as written (Unsloth) and with fasttune's imports, 60 steps each: per-step loss and tokens
+has checks notebook && step notebook 560 python3 benchmarks/notebook_gpu.py --model-dir /tmp/bench-model \
+  --tokenizer $TOKENIZER --out bench_logs/notebook_curves.json --plot bench_logs/notebook_curves.png
 
 # ab: the tree in .bench_assets/base_tree and this one, each measured by its own bench_train.py, in turns
 # within one call; Unsloth beside this tree for the ratio

@@ -364,6 +364,11 @@ IMPORTS = {
 }
 
 
+# the notebook's sizes, made small for a CPU (its own: 2048, 4, 5, 60, 64)
+CPU_SIZES = dict(MAX_SEQ_LENGTH=256, GRADIENT_ACCUMULATION_STEPS=1, WARMUP_STEPS=1, MAX_STEPS=2,
+                 MAX_NEW_TOKENS=16)
+
+
 @pytest.mark.slow
 def test_unsloth_alpaca_notebook_runs_with_only_its_imports_changed(tmp_path):
     original = NOTEBOOK.read_text()
@@ -388,6 +393,7 @@ def test_unsloth_alpaca_notebook_runs_with_only_its_imports_changed(tmp_path):
                 DATA_FILE=str(data),
                 OUTPUT_DIR=str(tmp_path / "outputs"),
                 SAVE_DIR=str(tmp_path / "lora_model"),
+                **CPU_SIZES,
             ),
         )
     warned = " ".join(str(w.message) for w in caught)

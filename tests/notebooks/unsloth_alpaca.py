@@ -1,11 +1,13 @@
 # ruff: noqa
-# The Unsloth Alpaca fine-tuning notebook (unslothai/notebooks, "Llama3.1_(8B)-Alpaca"), its cells joined,
-# sized for a CPU: model, dataset, max_seq_length, max_steps and max_new_tokens are smaller, and the device
-# follows torch.cuda.is_available(). MODEL_NAME, DATA_FILE, OUTPUT_DIR and SAVE_DIR come from the test.
-# tests/test_notebook.py changes only the import lines (unsloth/trl/transformers -> fasttune) and runs it.
+# The Unsloth Alpaca fine-tuning notebook (unslothai/notebooks, "Llama3.1_(8B)-Alpaca"), its cells joined.
+# The caller sets MODEL_NAME, DATA_FILE, OUTPUT_DIR, SAVE_DIR and the sizes the notebook fixes in its
+# cells: MAX_SEQ_LENGTH, GRADIENT_ACCUMULATION_STEPS, WARMUP_STEPS, MAX_STEPS, MAX_NEW_TOKENS (the
+# notebook's own values: 2048, 4, 5, 60, 64; benchmarks/notebook_gpu.py runs it at them, tests/test_notebook.py
+# at CPU sizes). The device follows torch.cuda.is_available(). Both change only the import lines
+# (unsloth/trl/transformers -> fasttune) to run it on fasttune.
 from unsloth import FastLanguageModel
 import torch
-max_seq_length = 256 # Choose any! We auto support RoPE Scaling internally!
+max_seq_length = MAX_SEQ_LENGTH # Choose any! We auto support RoPE Scaling internally!
 dtype = None # None for auto detection. Float16 for Tesla T4, V100, Bfloat16 for Ampere+
 load_in_4bit = True # Use 4bit quantization to reduce memory usage. Can be False.
 
@@ -74,9 +76,9 @@ trainer = SFTTrainer(
     packing = False, # Can make training 5x faster for short sequences.
     args = TrainingArguments(
         per_device_train_batch_size = 2,
-        gradient_accumulation_steps = 1,
-        warmup_steps = 1,
-        max_steps = 2,
+        gradient_accumulation_steps = GRADIENT_ACCUMULATION_STEPS,
+        warmup_steps = WARMUP_STEPS,
+        max_steps = MAX_STEPS,
         learning_rate = 2e-4,
         fp16 = not is_bfloat16_supported(),
         bf16 = is_bfloat16_supported(),
@@ -104,12 +106,12 @@ inputs = tokenizer(
     )
 ], return_tensors = "pt").to("cuda" if torch.cuda.is_available() else "cpu")
 
-outputs = model.generate(**inputs, max_new_tokens = 16, use_cache = True)
+outputs = model.generate(**inputs, max_new_tokens = MAX_NEW_TOKENS, use_cache = True)
 decoded = tokenizer.batch_decode(outputs)
 
 from transformers import TextStreamer
 text_streamer = TextStreamer(tokenizer)
-_ = model.generate(**inputs, streamer = text_streamer, max_new_tokens = 16)
+_ = model.generate(**inputs, streamer = text_streamer, max_new_tokens = MAX_NEW_TOKENS)
 
 model.save_pretrained(SAVE_DIR) # Local saving
 tokenizer.save_pretrained(SAVE_DIR)
