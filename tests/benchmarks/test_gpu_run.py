@@ -21,8 +21,8 @@ def parts() -> dict[str, list[str]]:
 def test_every_part_runs_a_step():
     text = SCRIPT.read_text()
     found = parts()
-    assert set(found) == {"tests", "headline", "batch2", "long", "shapes", "fp8", "decode", "uneven", "checks",
-                          "ab"}
+    assert set(found) == {"tests", "headline", "batch2", "long", "shapes", "fp8", "decode", "uneven",
+                          "checks", "ab"}
     for suite, names in found.items():
         for part in names or [None]:
             pattern = rf"has {suite} {re.escape(part)}\b" if part else rf"has {suite}( |$|\))"
