@@ -151,6 +151,8 @@ def test_transformers_training_arguments_map_the_same(tmp_path):
         ("neftune_noise_alpha", 5.0),
         ("label_smoothing_factor", 0.1),
         ("ignore_data_skip", True),
+        ("dataloader_drop_last", True),
+        ("use_cpu", True),
     ],
 )
 def test_unsupported_fields_are_errors_naming_them(field, value):
