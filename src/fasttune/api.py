@@ -243,10 +243,13 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     from fasttune.train.output_dir import claim as claim_output_dir
     from fasttune.train.precision import resolve_device, resolve_precision
     from fasttune.train.step_guard import out_of_memory_error
+    from fasttune.train.trackers import Trackers
+    from fasttune.train.trackers import check_installed as check_trackers
 
     log = log or tqdm.write
     validate(cfg)
     check_output_dir(cfg.train)  # an earlier run in the way is reported before anything loads
+    check_trackers(cfg.train.report_to)  # an absent tracker library too
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
@@ -334,9 +337,10 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
             log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} "
                 f"held-out questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
         try:
-            metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches,
-                                 answer_eval=scorer, device=device, precision=precision, log=log,
-                                 objective=objective, stop_requested=stop)
+            with Trackers(t.report_to, run_dir, cfg.to_dict(), run_dir.resolve().name) as trackers:
+                metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches,
+                                     answer_eval=scorer, device=device, precision=precision, log=log,
+                                     objective=objective, stop_requested=stop, on_record=trackers.record)
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory_error(batch_size, max_len, estimate and estimate.describe()) from None
         adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)

@@ -134,6 +134,9 @@ class TrainConfig:
         "at 1 x 32768). 0: none.")})
     logging_steps: int = field(default=4, metadata={"help": "Log a line every N steps."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": (
+        "Also send metrics and the configuration to these trackers: tensorboard, wandb, mlflow, trackio "
+        "(each through its own library, the pip extra of that name), or none.")})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints (0: keep all)."})
     eval_steps: int = field(default=12, metadata={"help": "Evaluate every N steps when an eval set is given (0: at the end)."})
     eval_answers: int = field(default=16, metadata={"help": (
@@ -416,6 +419,9 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from fasttune.train.trackers import tracker_names
+
+    tracker_names(t.report_to)  # an unknown name is an error here, an absent library when the run starts
     _check_preset_name(m.model_name)
 
 

@@ -385,17 +385,13 @@ def to_train_config(
             )
         elif strategy not in ("steps", "no", "best"):
             raise ValueError(f"TrainingArguments.{name}={strategy!r}: expected 'steps' or 'no'")
-    report = get("report_to")
-    if report not in (None, "none", [], ["none"], "all"):
-        notes.append(
-            f"TrainingArguments.report_to={report!r} is ignored: fasttune writes metrics.jsonl and "
-            "loss.png in output_dir"
-        )
+    report_to = notebook_report_to(get("report_to"))
     if gradient_checkpointing is None:
         gradient_checkpointing = "on" if get("gradient_checkpointing") else "off"
     eval_steps = get("eval_steps")
     cfg = TrainConfig(
         output_dir=str(get("output_dir") or "trainer_output"),
+        report_to=report_to,
         per_device_train_batch_size=int(get("per_device_train_batch_size", 8)),
         gradient_accumulation_steps=int(get("gradient_accumulation_steps", 1)),
         max_steps=int(get("max_steps", -1)),
@@ -426,3 +422,22 @@ def to_train_config(
         for note in notes:
             warnings.warn(note, UserWarning, stacklevel=3)
     return cfg
+
+
+def notebook_report_to(report: Any) -> list[str]:
+    """TrainingArguments.report_to as TrainConfig.report_to: a name or a list of names; None, 'none' or []
+    for none; 'all', as in transformers, every supported tracker whose library is installed."""
+    import importlib.util
+
+    from fasttune.config import ConfigError
+    from fasttune.train.trackers import TRACKERS, tracker_names
+
+    if report is None or report == [] or report == "none":
+        return ["none"]
+    if report == "all":
+        return [n for n, (module, _) in TRACKERS.items() if importlib.util.find_spec(module)] or ["none"]
+    names = [report] if isinstance(report, str) else list(report)
+    try:
+        return tracker_names(names) or ["none"]
+    except ConfigError as e:
+        raise ValueError(f"TrainingArguments.{e}") from None

@@ -120,6 +120,7 @@ class SFTTrainer:
         from fasttune.data.packing import make_batches, resolve_packing
         from fasttune.train.loop import seed_everything, train_loop
         from fasttune.train.precision import resolve_precision
+        from fasttune.train.trackers import Trackers
 
         if isinstance(resume_from_checkpoint, str):
             raise ValueError(
@@ -156,17 +157,25 @@ class SFTTrainer:
         records: list[dict[str, Any]] = []
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        result = train_loop(
-            inner,
-            params,
-            stream,
-            cfg,
-            cfg.output_dir,
-            eval_batches=eval_batches,
-            device=device,
-            precision=precision,
-            on_record=records.append,
-        )
+        run_name = Path(cfg.output_dir).resolve().name
+        config = {"train": dataclasses.asdict(cfg)}
+        with Trackers(cfg.report_to, cfg.output_dir, config, run_name) as trackers:
+
+            def on_record(rec: dict[str, Any]) -> None:
+                records.append(rec)
+                trackers.record(rec)
+
+            result = train_loop(
+                inner,
+                params,
+                stream,
+                cfg,
+                cfg.output_dir,
+                eval_batches=eval_batches,
+                device=device,
+                precision=precision,
+                on_record=on_record,
+            )
         runtime = time.perf_counter() - t0
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)
