@@ -55,7 +55,7 @@ def kill_and_resume(ctx, argv, run, rng, kills_wanted) -> int:
             if kills % 2:  # mid-write: as soon as a checkpoint's temporary directory shows
                 deadline = time.monotonic() + 2.0
                 while child.is_alive() and time.monotonic() < deadline and not any(
-                        (run / "checkpoints").glob(".tmp-step-*")):
+                        (run / "checkpoints").glob(f".tmp-step-*-{child.pid}")):
                     time.sleep(0.002)
             else:
                 time.sleep(rng.uniform(0.0, 0.3))
