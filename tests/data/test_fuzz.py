@@ -1,9 +1,11 @@
-"""A property-based fuzzer over every data format and source: malformed JSON, wrong types, missing and extra
-columns, empty strings, huge rows, invalid UTF-8, mixed formats, duplicate rows and broken quoting.
+"""A property-based fuzzer over every data format and source (SFT rows, and the TRL rows of the preference
+and RL methods): malformed JSON, wrong types, missing and extra columns, empty strings, huge rows, invalid
+UTF-8, mixed formats, duplicate rows and broken quoting.
 
-Whatever the input, `load_rows` either raises DataError naming the file (and the row, and the field where a
-field is at fault) or, with on_bad_row=skip, returns rows and skip counts that add up to the rows read.
-Never another exception. The examples are derandomized and bounded, so the suite is reproducible and fast.
+Whatever the input, loading either raises DataError naming the file (and the row, and the field where a
+field is at fault) or, with on_bad_row=skip, returns rows and skip counts that add up to the rows read, and
+loses no row without reporting it. Never another exception. The examples are derandomized and bounded, so
+the suite is reproducible and fast.
 """
 
 from __future__ import annotations
@@ -155,5 +157,72 @@ def test_every_source_and_format_errs_or_counts(kind, fmt_option, tmp_path_facto
         rows, _ = data.draw(datasets(columnar=kind in ("parquet", "saved")))
         path = write(kind, rows, tmp_path_factory.mktemp(kind), data.draw)
         check(path, fmt_option, len(rows))
+
+    run()
+
+
+# ---- the TRL formats of the preference and RL methods ------------------------------------------------
+
+METHOD_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion", "label"),
+                  "grpo": ("prompt",)}
+
+
+@st.composite
+def method_rows(draw, method: str, columnar: bool):
+    rows: list[dict] = []
+    for _ in range(draw(st.integers(1, 6))):
+        conversational = draw(st.booleans())
+        if conversational:
+            row = {"prompt": [{"role": "user", "content": draw(TEXT)}]}
+            for key in METHOD_COLUMNS[method][1:]:
+                row[key] = [{"role": "assistant", "content": draw(TEXT)}] if key != "label" else True
+        else:
+            row = {"prompt": draw(TEXT)}
+            for key in METHOD_COLUMNS[method][1:]:
+                row[key] = draw(TEXT) if key != "label" else draw(st.booleans())
+        how = draw(st.sampled_from(["ok", "ok", "missing", "empty", "wrong_type", "extra", "mixed",
+                                    "duplicate"]))
+        key = draw(st.sampled_from(sorted(row)))
+        if how == "missing":
+            del row[key]
+        elif how == "empty":
+            row[key] = "" if key != "label" else None
+        elif how == "wrong_type" and not columnar:
+            row[key] = draw(ODD)
+        elif how == "extra":
+            row["zzz_extra"] = draw(TEXT)
+        elif how == "mixed":  # a plain prompt with conversational completions, or the reverse
+            row["prompt"] = draw(TEXT) if conversational else [{"role": "user", "content": draw(TEXT)}]
+        elif how == "duplicate" and rows:
+            row = json.loads(json.dumps(rows[-1]))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet", "saved"])
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo"])
+def test_every_source_of_method_rows_errs_or_counts(kind, method, smol_tok, tmp_path_factory):
+    from fasttune.data.pairs import build_method_data
+
+    @SETTINGS
+    @given(st.data())
+    def run(data):
+        rows = data.draw(method_rows(method, columnar=kind in ("parquet", "saved")))
+        path = write(kind, rows, tmp_path_factory.mktemp(kind), data.draw)
+        for on_bad_row in ("error", "skip"):
+            cfg = DataConfig(dataset=str(path), on_bad_row=on_bad_row)
+            try:
+                made = build_method_data(cfg, method, smol_tok, 64)
+            except DataError as e:
+                assert str(path) in str(e), str(e)
+                if e.reason in ("missing field", "wrong type") or e.reason.startswith("empty"):
+                    assert e.row is not None and e.field is not None, str(e)
+                continue
+            s = made.summary
+            assert s.examples <= s.rows_valid <= s.rows_read
+            assert s.rows_read - s.rows_valid <= sum(s.skipped.values())
+            assert s.rows_read == len(rows) or s.skipped, (s.rows_read, len(rows))
+            if on_bad_row == "error":
+                assert not s.skipped
 
     run()
