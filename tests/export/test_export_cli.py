@@ -69,3 +69,25 @@ def test_export_commands(run_dir, opt_dir, tmp_path, capsys):
 def test_bad_type_is_refused_by_the_parser(run_dir, tmp_path):
     with pytest.raises(SystemExit):
         main(["export", "gguf", str(run_dir), "--out", str(tmp_path / "x.gguf"), "--type", "q3_k"])
+
+
+def test_an_existing_out_is_replaced_only_with_overwrite_and_a_failed_merge_keeps_it(run_dir, gpt2_adapter,
+                                                                                       tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert main(["merge", str(run_dir), "--out", str(out), "--no_check"]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory that is not empty; pass --overwrite" in err and (out / "mine.txt").is_file()
+    (tmp_path / "x.gguf").write_bytes(b"old")
+    assert main(["export", "gguf", str(run_dir), "--out", str(tmp_path / "x.gguf"), "--no_check"]) == 2
+    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "x.gguf").read_bytes() == b"old"
+    # the adapter does not fit the base it is told to merge into: the error comes mid-write, --out stays
+    base = gpt2_adapter[0]
+    assert main(["merge", str(run_dir), "--out", str(out), "--base", str(base), "--overwrite",
+                 "--no_check"]) == 2
+    assert "has no weight in the base checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert main(["merge", str(run_dir), "--out", str(out), "--overwrite", "--no_check"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "mine.txt").exists()

@@ -51,9 +51,25 @@ def _check(args: argparse.Namespace, artifact: object) -> None:
     print(check_export(args.input, artifact, base=args.base).summary(), flush=True)
 
 
+def _refuse_existing(args: argparse.Namespace) -> None:
+    """An --out that already holds something is replaced only with --overwrite (checked before any work)."""
+    from pathlib import Path
+
+    from fasttune.export.source import ExportError
+
+    out = Path(args.out)
+    if args.overwrite or not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    what = "a directory that is not empty" if out.is_dir() else "an existing file"
+    raise ExportError(f"--out {out} is {what}; pass --overwrite to replace it, or choose another --out")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from fasttune.export.merge import merge
 
+    _refuse_existing(args)
     started = time.perf_counter()
     out = merge(
         args.input,
@@ -71,6 +87,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     from fasttune.export.gguf import export_gguf
 
+    _refuse_existing(args)
     started = time.perf_counter()
     out = export_gguf(args.input, args.out, type=args.type, base=args.base, device=args.device)
     _report(f"GGUF ({args.type})", out, started)
@@ -81,6 +98,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 def cmd_export_ollama(args: argparse.Namespace) -> int:
     from fasttune.export.ollama import export_ollama
 
+    _refuse_existing(args)
     started = time.perf_counter()
     modelfile = export_ollama(args.input, args.out, type=args.type, base=args.base, device=args.device)
     _report("Ollama Modelfile and GGUF", modelfile.parent, started)
@@ -99,6 +117,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="where the LoRA products B@A are computed: cpu or cuda (default: cpu)",
     )
     p.add_argument("--no_check", action="store_true", help=_CHECK_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out already holds; without it an existing --out is an error "
+                        "(default: off)")
 
 
 def register(subs: argparse._SubParsersAction) -> None:

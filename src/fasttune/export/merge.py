@@ -21,6 +21,7 @@ import torch
 from fasttune.export.checkpoint import CheckpointReader, ExportError, logical_specs
 from fasttune.export.contract import write_tokenizer_files
 from fasttune.export.source import ExportSource, iter_merged, resolve_source
+from fasttune.fs import replace_dir, temporary_sibling
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -79,13 +80,19 @@ def merge(
     for existing in (src.base_dir, src.adapter_dir):
         if existing is not None and out.resolve() == existing.resolve():
             raise ExportError(f"--out {out} is the input directory itself; choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        stale.unlink()
-
-    _write_shards(src, out, DTYPES[dtype], limit, device)
-    _write_config(src, out, dtype)
-    write_tokenizer_files(src, out)
+    # Written beside `out` and renamed into place at the end: a merge that fails leaves `out` as it was.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover
+    tmp.mkdir()
+    try:
+        _write_shards(src, tmp, DTYPES[dtype], limit, device)
+        _write_config(src, tmp, dtype)
+        write_tokenizer_files(src, tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
