@@ -253,7 +253,7 @@ def configure_fasttune(model, variant: str, args) -> dict:
     noqkv (kept attention without its q, k, v: the rerun runs the q/k/v products and RoPE),
     pertensor (the optimiser over each adapter tensor, not fasttune's one flat buffer: read in `worker`),
     guS (offloading modes: share S of the recomputed layers keeps gate/up on the host, e.g. gu0.5; without
-    it 'auto', `LlamaModel.gate_up_share`),
+    it 'auto', `memory.plan.host_gate_up_share`),
     packN (N packed rows of equal length per sequence: `fasttune_step`),
     dguK (offloading modes: the last K recomputed layers hold gate/up on the device, device_gate_up=K;
     default 1, dgu0 reruns them all),
@@ -262,46 +262,44 @@ def configure_fasttune(model, variant: str, args) -> dict:
     """
     import torch
 
+    from fasttune.memory.estimate import GiB, estimate_memory, plan_keep_layers, step_plan
+    from fasttune.memory.plan import ModelShape, plan_memory
+    from fasttune.memory.settings import Checkpointing
     from fasttune.models.attention import set_attention_backend
-    from fasttune.models.memory import GiB, estimate_memory, plan_keep_layers
 
     head, *flags = variant.split("+")
     mode, _, arg = head.partition(":")
     kernels = "ref" not in flags
     model.set_use_kernels(kernels)
     set_attention_backend("flex" if "flex" in flags else "sdpa" if "sdpa" in flags else "auto")
-    est_kw = dict(batch=args.batch, seq=args.seq,
-                  quantization={"qlora": "4bit", "fp8": "fp8"}.get(args.mode),
-                  r=16, use_kernels=kernels)
+    c = model.config
+    est_kw = dict(quantization={"qlora": "4bit", "fp8": "fp8"}.get(args.mode), r=16, use_kernels=kernels)
+    share = next((float(f[2:]) for f in flags if f.startswith("gu")), "auto")
+    keep_attention = "off" if "noattn" in flags else "auto"
+    on_device = next((int(f[3:]) for f in flags if f.startswith("dgu")), 1)
+    options = dict(host_gate_up=share, keep_attention=keep_attention, keep_qkv="noqkv" not in flags,
+                   device_gate_up=on_device)
     keep = 0
     if mode == "budget":
-        keep = plan_keep_layers(model.config, budget_bytes=int(float(arg) * GiB), **est_kw)
         mode = "selective"
+        keep = plan_keep_layers(c, Checkpointing(mode, **options), batch=args.batch, seq=args.seq,
+                                budget_bytes=int(float(arg) * GiB), **est_kw)
     elif mode == "selective":
         keep = int(arg or 0)
-    share = next((float(f[2:]) for f in flags if f.startswith("gu")), "auto")
     PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
     cap = next((float(f[3:]) for f in flags if f.startswith("cap")), None)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap * GiB / total))
-    import fasttune.models.activations as activations
-
-    keep_attention = "off" if "noattn" in flags else "auto"
-    on_device = next((int(f[3:]) for f in flags if f.startswith("dgu")), 1)
-    model.set_gradient_checkpointing(mode, keep_layers=keep, host_gate_up=share,
-                                     keep_attention=keep_attention, keep_qkv="noqkv" not in flags,
-                                     device_gate_up=on_device)
-    est = estimate_memory(model.config, checkpointing=mode, keep_layers=keep, host_gate_up=share,
-                          kept_attention=keep_attention != "off", kept_qkv=model.model.kept_qkv_share(),
-                          device_gate_up=on_device, **est_kw)
-    # the layers that keep gate/up on the host, as `run_layers` counts them (kept attention assumed)
-    n, c = args.batch * args.seq, model.config
-    span = args.seq if PACKING["rows"] == 1 else 0
-    count = getattr(activations, "host_gate_up_count", None)  # None in source trees from before it
-    host_layers = 0 if mode not in ("offload", "selective") or count is None else count(
-        c.num_hidden_layers - keep, model.model.gate_up_share(n, span), n * c.hidden_size * 2,
-        2 * n * c.intermediate_size * 2, keep_attention != "off", model.model.kept_qkv_share())
-    print(f"[{variant}] keep_layers={keep} host_gate_up_layers={host_layers} {est.describe()}", flush=True)
+    model.set_gradient_checkpointing(mode, keep_layers=keep, **options)
+    settings = model.model.checkpointing
+    step = step_plan(c, settings, batch=args.batch, seq=args.seq, use_kernels=kernels)
+    est = estimate_memory(c, step, **est_kw)
+    # the plan the model executes at this batch (packed rows count no attention for the host link)
+    plan = plan_memory(ModelShape.of(c), settings, tokens=args.batch * args.seq,
+                       span=args.seq if PACKING["rows"] == 1 else 0, act_bytes=2, fused=kernels)
+    host_layers = plan.count(gate_up="host")
+    print(f"[{variant}] keep_layers={keep} host_gate_up_layers={host_layers} {est.describe()}; "
+          f"{plan.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
             "keep_attention": keep_attention, "est_gib": est.total / GiB, "host_gate_up_layers": host_layers}
 

@@ -27,7 +27,6 @@ from fasttune.config import (
     LoraConfig,
     ModelConfig,
     RunConfig,
-    host_gate_up_setting,
     validate,
 )
 from fasttune.data.builtin import is_builtin
@@ -96,51 +95,6 @@ def attach_lora(loaded: Any, lora: LoraConfig) -> torch.nn.Module:
     return loaded.model
 
 
-
-
-def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *,
-                      precision: str = "fp32", quantization: str | None = None,
-                      log: Callable[[str], None] = print) -> str:
-    """Apply cfg.train.gradient_checkpointing and return what was chosen, for the run log.
-
-    'auto': `memory.auto_checkpointing` for our Llama model, else on for a GPU and off for a CPU.
-    'selective' (our Llama model only): the last layers keep their activations, as many as the memory
-    estimate fits in the free GPU memory; on the CPU it runs as 'off' and says so.
-    """
-    from fasttune.models.llama import LlamaForCausalLM
-    from fasttune.models.memory import auto_checkpointing, offload_placement
-    from fasttune.train.memory_plan import plan_selective
-
-    mode = cfg.train.gradient_checkpointing
-    if mode == "auto":
-        mode = (auto_checkpointing(device.type) if isinstance(model, LlamaForCausalLM)
-                else "on" if device.type == "cuda" else "off")
-    # our Llama: the last layers that hold gate/up on the GPU, and those that send them to the host
-    # (`models/activations.py`)
-    held = {"device_gate_up": cfg.train.device_gate_up,
-            "host_gate_up": host_gate_up_setting(cfg.train.host_gate_up)} \
-        if isinstance(model, LlamaForCausalLM) else {}
-    if mode != "selective":
-        model.set_gradient_checkpointing(mode, **held)
-        if mode == "offload" and isinstance(model, LlamaForCausalLM):
-            tokens = cfg.train.per_device_train_batch_size * cfg.model.max_seq_length
-            where = offload_placement(model.config, tokens, 4 if precision == "fp32" else 2,
-                                      bool(getattr(model, "use_kernels", False)))
-            return f"offload ({where})"
-        return mode
-    if not isinstance(model, LlamaForCausalLM):
-        raise ConfigError(f"gradient_checkpointing: 'selective' needs fasttune's own Llama-family model; "
-                          f"{type(model).__name__} (the generic transformers path) supports on, offload "
-                          "or off")
-    if device.type != "cuda":
-        log("  gradient_checkpointing 'selective' plans from free GPU memory; on the CPU every layer keeps "
-            "its activations ('off', as 'auto' chooses there)")
-        model.set_gradient_checkpointing("off")
-        return "off"
-    model.set_gradient_checkpointing("selective", **held)  # the plan counts what recomputed layers hold
-    keep = plan_selective(model, cfg, device, precision=precision, quantization=quantization)
-    model.set_gradient_checkpointing("selective", keep_layers=keep, **held)
-    return f"selective (the last {keep} of {model.config.num_hidden_layers} layers keep their activations)"
 
 
 def base_model_id(model_cfg: ModelConfig, loaded: Any) -> str:
@@ -234,10 +188,10 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     """
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
     from fasttune.lora.apply import count_parameters
+    from fasttune.memory.setup import run_estimate, run_plan, set_checkpointing
     from fasttune.train.auto import choose_max_seq_length
     from fasttune.train.interrupts import StopRequests
     from fasttune.train.loop import seed_everything, train_loop
-    from fasttune.train.memory_plan import run_estimate
     from fasttune.train.metrics import plot_loss, summary_text
     from fasttune.train.output_dir import check as check_output_dir
     from fasttune.train.output_dir import claim as claim_output_dir
@@ -294,7 +248,9 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         f"kernels {'on' if loaded.use_kernels else 'off'}, gradient checkpointing {checkpointing}")
     log(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.2f}%)")
-    if estimate is not None:
+    if estimate is not None:  # our Llama model on a GPU: the plan it executes and the estimate read from it
+        log(f"  activation memory plan at {t.per_device_train_batch_size} x {max_len} tokens: "
+            f"{run_plan(model, cfg, precision).describe()}")
         log(f"  GPU memory {estimate.describe()} at {t.per_device_train_batch_size} x {max_len} tokens")
 
     packing = resolve_packing(cfg.data.packing, exact=getattr(model, "supports_packing", False))

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from fasttune.memory.settings import parse_host_gate_up
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATASET = "builtin:lumen"
 AUTO = "auto"  # the value of a field that the run resolves from the model and the data (train/auto.py)
@@ -371,17 +373,6 @@ def load_yaml(path: str | Path, cfg: RunConfig | None = None, *,
     return loaded
 
 
-def host_gate_up_setting(value: str) -> float | str | None:
-    """train.host_gate_up as the model takes it: 'auto' or a share in [0, 1]; None when it is neither."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        share = float(value)
-    except ValueError:
-        return None
-    return share if 0.0 <= share <= 1.0 else None
-
-
 def validate(cfg: RunConfig) -> None:
     t, lo, m, me = cfg.train, cfg.lora, cfg.model, cfg.method
     positive = lambda v: v == AUTO or v > 0
@@ -403,7 +394,7 @@ def validate(cfg: RunConfig) -> None:
         (t.max_nonfinite_steps > 0, "max_nonfinite_steps must be positive"),
         (not t.auto_batch_size or me.method == "sft", "auto_batch_size applies to method sft only"),
         (t.device_gate_up >= 0, "device_gate_up must be >= 0"),
-        (host_gate_up_setting(t.host_gate_up) is not None, "host_gate_up must be auto or a number in [0, 1]"),
+        (parse_host_gate_up(t.host_gate_up) is not None, "host_gate_up must be auto or a number in [0, 1]"),
         (m.load_in_4bit + m.load_in_8bit + m.load_in_fp8 <= 1,
          "load_in_4bit, load_in_8bit and load_in_fp8 exclude each other"),
         (me.beta is None or me.beta >= 0, "beta must be >= 0"),

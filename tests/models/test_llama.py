@@ -221,10 +221,10 @@ def test_gradient_checkpointing_matches_off(tiny_model, mode, frozen_base):
 
 
 def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model, monkeypatch):
-    from fasttune.models import activations
+    from fasttune.memory import offload
 
     packed, resident, offloaders = [], [], []
-    inner = activations.LayerInputOffloader.pack
+    inner = offload.LayerInputOffloader.pack
 
     def pack(self, t):
         if t.numel():
@@ -233,7 +233,7 @@ def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model
             offloaders.append(self)
         return inner(self, t)
 
-    monkeypatch.setattr(activations.LayerInputOffloader, "pack", pack)
+    monkeypatch.setattr(offload.LayerInputOffloader, "pack", pack)
     model = tiny_model(num_hidden_layers=3).train()
     model.set_gradient_checkpointing("offload")
     x = torch.randint(0, 97, (2, 9))
@@ -251,19 +251,19 @@ def test_offload_moves_exactly_the_layer_inputs_through_the_offloader(tiny_model
 def test_inputs_past_the_hosts_room_stay_on_the_device(tiny_model, monkeypatch):
     """Whole-layer recompute pins one input per layer as far as the host rule has room; the trailing layers
     past it keep theirs on the device (as 'on' would), with the same loss and gradients."""
-    from fasttune.models import activations
+    from fasttune.memory import host, offload
 
     resident = []
-    inner = activations.LayerInputOffloader.pack
+    inner = offload.LayerInputOffloader.pack
 
     def pack(self, t):
         if t.numel():
             resident.append(self.resident)
         return inner(self, t)
 
-    monkeypatch.setattr(activations.LayerInputOffloader, "pack", pack)
+    monkeypatch.setattr(offload.LayerInputOffloader, "pack", pack)
     # a layer input is 2 x 9 x 64 fp32 = 4,608 bytes, pinned as 8,192: 40% of 30,000 bytes holds one
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 30_000)
+    monkeypatch.setattr(host, "host_bytes", lambda: 30_000)
     model = tiny_model(num_hidden_layers=4).train()
     x = torch.randint(0, 97, (2, 9))
     model.set_gradient_checkpointing("on")
@@ -275,7 +275,7 @@ def test_inputs_past_the_hosts_room_stay_on_the_device(tiny_model, monkeypatch):
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=0, rtol=0, msg=name)
     resident.clear()
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 10_000)  # no room: every input on the device
+    monkeypatch.setattr(host, "host_bytes", lambda: 10_000)  # no room: every input on the device
     model(x, targets=x).loss_sum.backward()
     assert resident == [True] * 4
 
@@ -461,17 +461,20 @@ def test_gate_up_on_host_replaces_their_recompute_exactly(tiny_model, monkeypatc
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=0, rtol=0, msg=name)
     model.set_gradient_checkpointing("on", host_gate_up=share)  # only offloading modes keep them
-    assert model.model.host_gate_up == 0.0
+    assert model.model.checkpointing.host_gate_up == 0.0
     with pytest.raises(ValueError, match="host_gate_up"):
         model.set_gradient_checkpointing("offload", host_gate_up=1.5)
 
 
-def test_auto_gate_up_on_host_asks_the_link_rule_with_the_row_length(monkeypatch):
-    """host_gate_up 'auto' (the default): the forward asks `activations.link_gate_up_share` about this step,
-    with causal rows of the sequence length or, for packed rows, span 0; the layers keep gate/up on the host
-    as it answers (here all of them: the gate/up products run in the forward only, gradients exact)."""
-    import fasttune.models.llama as llama
+def test_auto_gate_up_on_host_asks_the_link_rule_with_the_row_length(monkeypatch, request):
+    """host_gate_up 'auto' (the default): the plan of a step asks `host.link_gate_up_share` about it, with
+    causal rows of the sequence length or, for packed rows, span 0; the layers keep gate/up on the host as it
+    answers (here all of them: the gate/up products run in the forward only, gradients exact)."""
     from fasttune.kernels import lora as lora_kernels
+    from fasttune.memory import host, plan
+
+    plan._plan.cache_clear()  # plans made with the rule below must not outlive this test
+    request.addfinalizer(plan._plan.cache_clear)
 
     model = make_fused_lora_model()
     _, _, ids, tgt, pos = _packed_rows([6, 7], pad=1)
@@ -484,9 +487,9 @@ def test_auto_gate_up_on_host_asks_the_link_rule_with_the_row_length(monkeypatch
         asked.append((tokens, span))
         return 1.0
 
-    monkeypatch.setattr(llama, "link_gate_up_share", rule)
+    monkeypatch.setattr(host, "link_gate_up_share", rule)
     model.set_gradient_checkpointing("offload", keep_attention="reference", device_gate_up=0)
-    assert model.model.host_gate_up == "auto"
+    assert model.model.checkpointing.host_gate_up == "auto"
     products = _record_weight_shapes(monkeypatch, lora_kernels, "_gate_up_product")
     loss, grads = loss_and_grads(model, ids, tgt)
     assert asked == [(14, 14)] and products.count((96, 64)) == 2 * 3  # forward only: no layer reran them
@@ -497,7 +500,9 @@ def test_auto_gate_up_on_host_asks_the_link_rule_with_the_row_length(monkeypatch
     assert asked[-1] == (14, 0)  # packed rows: their lengths are not known here, so no attention counted
     model.set_gradient_checkpointing("offload", keep_attention="off")
     loss_and_grads(model, ids, tgt)
-    assert model.model.gate_up_share(14, 14) == 0.0 and len(asked) == 2  # measured with kept attention only
+    settings, shape = model.model.checkpointing, plan.ModelShape.of(model.config)
+    step = plan.plan_memory(shape, settings, tokens=14, span=14, act_bytes=4, fused=True)
+    assert step.count(gate_up="host") == 0 and len(asked) == 2  # without kept attention: not asked
 
 
 @pytest.mark.parametrize("mode,keep,on_device,reruns", [
@@ -605,12 +610,12 @@ def test_inputs_past_the_hosts_room_stay_on_the_gpu_on_cuda(tiny_model, monkeypa
     """With room on the host for 3 of 6 layer inputs, the last 3 stay on the GPU: the backward of the lowest
     of them fetches the layer below from the host ahead of time, the ones above fetch nothing; the loss and
     gradients are those of 'on', and the forward holds the 3 inputs that 'offload' sends away less."""
-    from fasttune.models import activations
+    from fasttune.memory import host
 
     layers, B, T, H = 6, 2, 1024, 256
     x_bytes = B * T * H * 4  # fp32, a power of two: pinned as it is
-    monkeypatch.setattr(activations, "_host_bytes", lambda: int(3.5 * x_bytes / activations.HOST_SHARE))
-    assert activations.host_input_layers(layers, x_bytes) == 3
+    monkeypatch.setattr(host, "host_bytes", lambda: int(3.5 * x_bytes / host.HOST_SHARE))
+    assert host.host_input_layers(layers, x_bytes) == 3
     model = tiny_model(hidden_size=H, intermediate_size=H, num_hidden_layers=layers,
                        max_position_embeddings=T).cuda().train()
     x = torch.randint(0, 97, (B, T), device="cuda")
@@ -638,7 +643,7 @@ def test_inputs_past_the_hosts_room_stay_on_the_gpu_on_cuda(tiny_model, monkeypa
 def test_offloading_steps_reserve_no_more_memory_as_they_go(tiny_model):
     """The offloader's copies back are allocated on its side stream, whose freed blocks the caching allocator
     keeps for that stream: one stream for every step, so step 8 reuses step 2's blocks and the reserved
-    memory stops growing (a new stream per step once held 55 GiB under an 8.9 GiB peak on Llama-3.1-8B)."""
+    memory stops growing (a new stream per step would let it grow each step)."""
     model = make_fused_lora_model(layers=4, r=8, hidden_size=256, intermediate_size=688,
                                   max_position_embeddings=1024).cuda()
     model.set_gradient_checkpointing("offload")

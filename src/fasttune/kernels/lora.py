@@ -331,9 +331,8 @@ def _base_only(x2, w, bias, x_fp8=None) -> torch.Tensor:
     return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
 
 
-# Gate/up adapters of rank <= this are added in the Triton SwiGLU kernels (module docstring): measured at
-# rank 16 on an H100 (benchmarks/RESULTS.md); the kernels read a (rank, 128) slice of B per 16-row tile, so
-# the cost of larger ranks grows with them.
+# Gate/up adapters of rank <= this are added in the Triton SwiGLU kernels (module docstring): the kernels read
+# a (rank, 128) slice of B per 16-row tile, so their cost grows with the rank.
 DEFERRED_MAX_RANK = 16
 
 
@@ -571,7 +570,7 @@ def lora_qkv(
     """(q, k, v) projections of one x, each a LoRA linear, as one autograd node (one saved x, one dx buffer).
 
     Pure torch, so it runs on any device. LoRA dropout is not supported here (use `lora_linear`).
-    outputs=False (a rerun whose attention backward reads kept q, k, v: `models/kept_attention.py`): the
+    outputs=False (a rerun whose attention backward reads kept q, k, v: `memory/kept_attention.py`): the
     base products are skipped and the outputs are placeholders whose values must not be read; the backward
     is the same.
     """

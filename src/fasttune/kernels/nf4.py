@@ -147,7 +147,7 @@ def nf4_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
 
 def _launch(w: NF4Weight, out: torch.Tensor, block_bytes: int = _BLOCK_BYTES, num_warps: int = 4) -> None:
     """Dequantise w into out; `block_bytes` (packed bytes a program reads) and `num_warps` are the tile
-    choice (`benchmarks/micro_gpu.py --only nf4 --sweep` times others)."""
+    choice."""
     n = w.numel
     if n == 0:
         return

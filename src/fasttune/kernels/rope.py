@@ -139,7 +139,7 @@ def rope_backward(
     dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, force_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of `apply_rope`'s inputs from those of its outputs (the transpose of the rotation), for
-    a backward that has the outputs' gradients without the forward's graph (`models/kept_attention.py`).
+    a backward that has the outputs' gradients without the forward's graph (`memory/kept_attention.py`).
     dq (B, T, nh, hd), dk (B, T, nkv, hd), any strides; returns contiguous tensors of those shapes."""
     _check(dq, dk, cos, sin)
     if use_triton(dq, dk, cos, sin, force=force_triton):

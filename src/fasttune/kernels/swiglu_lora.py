@@ -29,14 +29,13 @@ import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import cdiv, interpreting, jit, next_pow2, tl, to_dtype, use_triton
 
-_BLOCK_N, _BLOCK_I = 16, 128  # rows x intermediate columns per program: the fastest of nine tiles on an H100
+# Tile shapes tuned on an H100 at the Llama-3.1-8B MLP (bf16, r = 16).
+_BLOCK_N, _BLOCK_I = 16, 128  # rows x intermediate columns per program
 # With the (N, r) products (backward), a program walks a strip of _PART_TILES tiles; for 16-bit inputs they
-# are 64 rows tall (4 warps, 3 pipeline stages): the fastest of 72 configurations on an H100 (bf16, 16,384 x
-# 14,336, r = 16: 1,134 us, against 1,005 us without the products + 2 x 171 us for them as products, and
-# 2,242 us with 16-row tiles; benchmarks/RESULTS.md). fp32 inputs keep 16-row tiles, verified on the GPU.
+# are 64 rows tall (4 warps, 3 pipeline stages), so that each strip's (rows, r) sums cover more rows; fp32
+# inputs keep 16-row tiles.
 _PART_ROWS, _PART_TILES = 64, 8
-# Writing h as well (want_h) keeps more of each tile live: 64 columns a tile there, 8 a strip (1,574 us on an
-# H100 against 1,874 with 128 columns; sweep_swiglu_tiles.py --features, benchmarks/RESULTS.md).
+# Writing h as well (want_h) keeps more of each tile live: 64 columns a tile there, 8 a strip.
 _H_COLS = 64
 
 

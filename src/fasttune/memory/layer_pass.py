@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from fasttune.models.kept_attention import KeptAttention
+    from fasttune.memory.kept_attention import KeptAttention
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from fasttune.models.kept_attention import PackedRows, attend_kept, keeps
+from fasttune.memory.kept_attention import PackedRows, attend_kept, keeps
 
 if TYPE_CHECKING:
     from fasttune.memory.layer_pass import LayerPass
@@ -222,7 +222,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
            qkv_reusable: bool = False, layer_pass: LayerPass | None = None) -> torch.Tensor:
     """q: (B, n_heads, q_len, hd), k/v: (B, n_kv, kv_len, hd) -> (B, n_heads, q_len, hd).
     `layer_pass`: a layer recomputed in halves, whose forward may keep the output and whose rerun takes it
-    (models/kept_attention.py), for plain or packed causal rows; `qkv_reusable`: the caller can rerun from
+    (memory/kept_attention.py), for plain or packed causal rows; `qkv_reusable`: the caller can rerun from
     kept q, k, v (`kept_attention.rerun_from_kept`)."""
     n_rep = q.shape[1] // k.shape[1]
     if layer_pass is not None and (mask.causal or mask.doc_causal) and keeps(layer_pass):

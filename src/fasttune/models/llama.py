@@ -22,10 +22,12 @@ from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
 from fasttune.kernels.swiglu import swiglu, swiglu_reference
 from fasttune.lora.layer import LoRALinear
-from fasttune.models.activations import CHECKPOINT_MODES, KEEP_ATTENTION, link_gate_up_share, run_layers
+from fasttune.memory.kept_attention import rerun_from_kept
+from fasttune.memory.plan import ModelShape, plan_memory
+from fasttune.memory.recompute import run_layers
+from fasttune.memory.settings import Checkpointing
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
-from fasttune.models.kept_attention import rerun_from_kept
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.rotary import RotaryEmbedding, rope_inv_freq  # noqa: F401  (importable from here)
 
@@ -171,7 +173,7 @@ class Attention(nn.Module):
         fused (`DecoderLayer.recompute_in_halves`)."""
         B, T, _ = x.shape
         fused = fused_lora_weights(self.q_proj, self.k_proj, self.v_proj) if self.use_kernels else None
-        # q, k, v are plain functions of x here: a layer's rerun may take them kept (models/kept_attention.py)
+        # q, k, v are plain functions of x here: a layer's rerun may take them kept (memory/kept_attention.py)
         reusable = fused is not None and not self.qk_norm and kv_cache is None
         kept = layer_pass.kept.attention if layer_pass is not None and layer_pass.rerun else None
         if reusable and kept is not None and kept.qkv_bthd:  # the rerun: no q/k/v products, RoPE or attention
@@ -258,7 +260,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x, addend), layer_pass)
 
     def recompute_in_halves(self) -> bool:
-        """Whether `activations.LayerRecompute` may rerun this layer: all seven projections fused."""
+        """Whether `memory.recompute.LayerRecompute` may rerun this layer: all seven projections fused."""
         a, m = self.self_attn, self.mlp
         projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         return a.use_kernels and fused_lora_weights(*projs) is not None
@@ -281,25 +283,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )
-        self.gradient_checkpointing = "off"
-        self.keep_layers = 0  # 'selective': trailing layers that keep their activations
-        # offloading modes: share of recomputed layers keeping gate/up on the host, or 'auto' (gate_up_share)
-        self.host_gate_up: float | str = "auto"
-        self.keep_attention = "auto"  # offloading modes: recomputed layers keep their attention output
-        self.keep_qkv = True  # with kept attention: also its q, k, v (where they are reusable)
-        self.device_gate_up = 1  # offloading modes: the last layers that hold gate/up on the device
-
-    def kept_qkv_share(self) -> float:
-        """A layer's q, k, v kept for its rerun, relative to its input x (0: not kept)."""
-        c = self.config
-        return (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim / c.hidden_size \
-            if self.keep_qkv and self.keep_attention != "off" and not c.qk_norm else 0.0
-
-    def gate_up_share(self, tokens: int, span: int, act_bytes: int = 2) -> float:
-        """The share of recomputed layers keeping gate/up on the host at a step of `tokens` tokens in causal
-        rows of `span` (0: packed or masked rows): `host_gate_up`, or what 'auto' gives."""
-        return host_gate_up_share(self.config, self.host_gate_up, tokens, span, self.keep_attention != "off",
-                                  self.kept_qkv_share(), act_bytes)
+        self.use_kernels = use_kernels
+        self.checkpointing = Checkpointing()  # the user's settings; `memory.plan` plans each batch shape
 
     def forward(
         self,
@@ -326,37 +311,17 @@ class LlamaModel(nn.Module):
             T, position_ids=position_ids, attention_mask=attention_mask, past_len=past,
             sliding_window=self.config.sliding_window, device=input_ids.device, head_dim=self.config.head_dim,
         )
-        mode = self.gradient_checkpointing
-        if not (self.training and torch.is_grad_enabled() and kv_cache is None):
-            mode = "off"
-        x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), mode,
-                       self.keep_layers, attn_args=(rope, mask),
-                       gate_up=(self.gate_up_share(B * T, T if mask.causal else 0, x.element_size())
-                                if mode in ("offload", "selective") else 0.0, self.config.intermediate_size),
-                       keep_attention=self.keep_attention, keep_qkv=self.kept_qkv_share(),
-                       device_gate_up=self.device_gate_up)
+        plan = None
+        training = self.training and torch.is_grad_enabled() and kv_cache is None
+        if self.checkpointing.mode != "off" and training:  # one plan per batch shape (cached)
+            plan = plan_memory(ModelShape.of(self.config), self.checkpointing, tokens=B * T,
+                               span=T if mask.causal else 0, act_bytes=x.element_size(),
+                               fused=self.use_kernels)
+        x = run_layers(self.layers, x, lambda layer, h, i: layer(h, rope, mask, kv_cache, i), plan,
+                       attn_args=(rope, mask))
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
-
-
-def host_gate_up_share(c: LlamaConfig, setting: float | str, tokens: int, span: int, kept_attention: bool,
-                       kept_qkv: float = 0.0, act_bytes: int = 2) -> float:
-    """`setting` ('auto' or a share in [0, 1]) as a share of recomputed layers keeping gate/up on the host.
-
-    'auto': what the host link carries beside the copies each recomputed layer makes already (x, x_mid, the
-    kept attention output and `kept_qkv` x q, k, v: `activations.link_gate_up_share`), for `tokens` tokens in
-    causal rows of `span`. Only with kept attention, the setting it was measured in: without it the
-    one measurement (8 x 2048, benchmarks/RESULTS.md) gained 0.2% for a layer's g and u more at the peak."""
-    if setting != "auto":
-        return float(setting)
-    if not kept_attention:
-        return 0.0
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    H, inter = c.hidden_size, c.intermediate_size
-    layer_params = H * (q + 2 * kv) + q * H + 3 * H * inter
-    return link_gate_up_share(tokens, span, q, layer_params, tokens * H * act_bytes,
-                              2 * tokens * inter * act_bytes, 3 + kept_qkv)
 
 
 def default_position_ids(
@@ -408,40 +373,14 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> str:
-        return self.model.gradient_checkpointing
+        return self.model.checkpointing.mode
 
     def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float | str = "auto",
                                    keep_attention: str = "auto", keep_qkv: bool = True,
                                    device_gate_up: int = 1) -> None:
-        """'off', 'on' (recompute each layer in the backward), 'offload' (also keep layer inputs on the CPU)
-        or 'selective' (the last `keep_layers` layers keep their activations, the others as 'offload');
-        `host_gate_up`: in the offloading modes, the share of recomputed layers whose MLP gate/up outputs
-        also go to the host instead of being recomputed ('auto': what the host link carries beside the other
-        copies, none at short rows); `keep_attention`: in the offloading modes, whether
-        recomputed layers keep their attention output instead of rerunning attention ('auto': where the
-        CUDA kernel allows; 'reference': also elsewhere, in fp32 math, for tests; 'off'); `keep_qkv`: with
-        kept attention, also keep q, k, v so that the rerun skips their products (where the host has room);
-        `device_gate_up`: in the offloading modes, how many of the last recomputed layers hold their gate/up
-        outputs on the device instead of rerunning their products (the first is free of memory with no kept
-        layers; each further one adds its gate/up to the peak). See `fasttune.models.activations`."""
-        if mode not in CHECKPOINT_MODES:
-            raise ValueError(f"gradient_checkpointing={mode!r}: expected one of {CHECKPOINT_MODES}")
-        if keep_layers < 0:
-            raise ValueError(f"keep_layers={keep_layers}: must be >= 0")
-        is_share = isinstance(host_gate_up, (int, float)) and 0.0 <= host_gate_up <= 1.0
-        if host_gate_up != "auto" and not is_share:
-            raise ValueError(f"host_gate_up={host_gate_up!r}: 'auto' or a share of the layers, in [0, 1]")
-        if device_gate_up < 0:
-            raise ValueError(f"device_gate_up={device_gate_up}: a number of layers, >= 0")
-        if keep_attention not in KEEP_ATTENTION:
-            raise ValueError(f"keep_attention={keep_attention!r}: expected one of {KEEP_ATTENTION}")
-        self.model.gradient_checkpointing = mode
-        self.model.keep_layers = keep_layers if mode == "selective" else 0
-        share = host_gate_up if host_gate_up == "auto" else float(host_gate_up)
-        self.model.host_gate_up = share if mode in ("offload", "selective") else 0.0
-        self.model.keep_attention = keep_attention
-        self.model.keep_qkv = keep_qkv
-        self.model.device_gate_up = device_gate_up
+        """'off', 'on', 'offload' or 'selective', with their options: `memory.settings.Checkpointing`."""
+        self.model.checkpointing = Checkpointing(mode, keep_layers, host_gate_up, keep_attention, keep_qkv,
+                                                 device_gate_up)
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag

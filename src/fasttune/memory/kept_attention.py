@@ -1,8 +1,8 @@
 """Causal attention whose output and log-sum-exp are kept from the forward, so a recompute skips its forward.
 
-A layer rerun for its backward (`activations.LayerRecompute`) needs the attention's gradients, and a flash
-kernel's backward reads only q, k, v, the output O and the row statistics of the softmax, never the forward
-itself. In the layer's forward (`memory.layer_pass.LayerPass` with `keep_attention`) `attend_kept` puts what
+A layer rerun for its backward (`memory.recompute.LayerRecompute`) needs the attention's gradients, and a
+flash kernel's backward reads only q, k, v, the output O and the row statistics of the softmax, never the
+forward itself. In the layer's forward (`memory.layer_pass.LayerPass` with `keep_attention`) `attend_kept` puts what
 the backward will read into the pass's `kept`; the rerun's pass hands it back, recomputes q, k, v (cheap:
 their products) and returns the kept O without running attention again.
 

@@ -1,12 +1,14 @@
-"""Peak GPU memory of a LoRA/QLoRA training step of our Llama model, estimated before anything is allocated,
-and the number of layers that may keep their activations ('selective' checkpointing) within a budget.
+"""Peak GPU memory of a LoRA/QLoRA training step of our Llama model, estimated before anything is allocated
+from the step's `MemoryPlan`, and the number of layers that may keep their activations ('selective'
+checkpointing) within a budget.
 
 The estimate adds four parts (bytes; N = batch x seq tokens, e = bytes per activation element):
     weights      16-bit tensors, or NF4 (half a byte per element plus block scales) for 4-bit linears
     adapters     LoRA A and B in fp32, their gradients, and the optimiser state (8-bit AdamW: 2 bytes/param)
     activations  what stays on the GPU between the forward and the backward: each recomputed layer's input
-                 x (N H e; when offloaded, two layers' only: x, and x_mid in halves), all saved tensors of
-                 each kept layer, the loss gradient
+                 x (N H e; when offloaded, two layers' only: x, and x_mid, the kept attention output and
+                 q, k, v in halves; whole layers past the host rule's room keep x on the GPU), gate/up
+                 the plan keeps, all saved tensors of each kept layer, the loss gradient
     working      one layer's recompute and backward at once (its saved tensors, plus the MLP backward's
                  (N, intermediate) buffer and a few (N, H) gradients; with recompute in halves, only the
                  MLP half's), or one chunk of loss logits
@@ -19,11 +21,16 @@ with the same formula plus those tensors and is only a rough guide.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fasttune.models.activations import halves_fit_host, host_gate_up_count, host_input_layers
-from fasttune.models.llama import LlamaConfig, host_gate_up_share
+from fasttune.memory.plan import MemoryPlan, ModelShape, plan_memory
+from fasttune.memory.settings import Checkpointing
+
+if TYPE_CHECKING:
+    from fasttune.models.llama import LlamaConfig
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIMIZER_BYTES = {"adamw_8bit": 2.0 + 8 / 256, "adamw_torch": 8.0}  # state bytes per trained parameter
@@ -104,41 +111,37 @@ class MemoryEstimate:
         return f"estimated peak {self.total / GiB:.2f} GiB ({parts})"
 
 
+def step_plan(c: LlamaConfig, settings: Checkpointing, *, batch: int, seq: int, act_bytes: int = 2,
+              use_kernels: bool = True) -> MemoryPlan:
+    """The plan of a step of `batch` rows of `seq` tokens (plain causal rows), as the model makes it."""
+    return plan_memory(ModelShape.of(c), settings, tokens=batch * seq, span=seq, act_bytes=act_bytes,
+                       fused=use_kernels)
+
+
 def estimate_memory(
     c: LlamaConfig,
+    plan: MemoryPlan,
     *,
-    batch: int,
-    seq: int,
     quantization: str | None = None,
     r: int = 16,
     targets: Sequence[str] = DEFAULT_TARGETS,
-    checkpointing: str = "on",
-    keep_layers: int = 0,
     optimizer: str = "adamw_8bit",
-    act_bytes: int = 2,
     use_kernels: bool = True,
     loss_chunk_elems: int = 1 << 27,
-    halves: bool | None = None,
-    host_gate_up: float | str = "auto",
-    kept_attention: bool = False,
-    kept_qkv: float = 0.0,
-    device_gate_up: int = 1,
 ) -> MemoryEstimate:
-    """Peak bytes of one training step (forward + backward + optimiser step) at `batch` x `seq` tokens.
+    """Peak bytes of one training step (forward + backward + optimiser step) under `plan` (its tokens and
+    bytes per activation element; `step_plan` makes it), with `use_kernels` (the saved tensors of the fused
+    path, or of the references).
 
-    halves: whether offloading modes recompute in halves (None: as `activations.run_layers` decides it,
-    from the fused path and the host's memory). host_gate_up: the share of recomputed layers keeping their
-    gate/up outputs on the host (their copy back, one layer ahead of its backward, adds one layer's g and u),
-    or 'auto' (`llama.host_gate_up_share`, for unpacked rows of `seq` tokens).
-    kept_attention: offloading modes also keep each recomputed layer's attention output (as large as x) on
-    the host, so the two layers on the GPU in the backward hold three such tensors each, not two; with
-    `kept_qkv` (q, k, v relative to x, `LlamaModel.kept_qkv_share`) they hold that much more each.
-    device_gate_up: offloading modes hold the gate/up of that many last recomputed layers on the device;
-    with no kept layers the last one's only beside the loss (its backward comes first and reuses them).
+    Offloading plans: in the backward the layer at hand and the one being copied back hold their offloaded
+    tensors on the GPU (x, and in halves x_mid, the kept attention output and q, k, v); a plan keeping gate/up
+    on the host adds one layer's g and u (copied back one layer ahead of its backward); gate/up held on the
+    device count per layer, except, with no kept layers, the last one's, held only beside the loss (its
+    backward comes first and reuses them).
     """
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
-    N, H, L = batch * seq, c.hidden_size, c.num_hidden_layers
+    N, H, L, act_bytes = plan.tokens, c.hidden_size, c.num_hidden_layers, plan.act_bytes
     weights = weight_bytes(c, quantization, act_bytes)
     if quantization in ("4bit", "fp8"):  # one shared dequantisation buffer of the largest linear
         weights += max(i * o for i, o in _linear_shapes(c).values()) * act_bytes
@@ -147,27 +150,15 @@ def estimate_memory(
 
     saved = layer_saved_bytes(c, N, r, act_bytes, use_kernels)
     x_bytes = N * H * act_bytes
-    if checkpointing == "off":
-        kept, recomputed = L, 0
-    elif checkpointing == "selective":
-        kept = min(max(keep_layers, 0), L)
-        recomputed = L - kept
-    elif checkpointing in ("on", "offload"):
-        kept, recomputed = 0, L
-    else:
-        raise ValueError(f"memory estimate: checkpointing {checkpointing!r}")
-    offloaded = checkpointing in ("offload", "selective")
-    if halves is None:
-        halves = use_kernels and halves_fit_host(recomputed, x_bytes)
-    # Offloaded: the layer in its backward and the one being copied back, each with its input x; recompute
-    # in halves also with x_mid (and O, when kept). Whole layers: the trailing layers past the host's room
-    # keep x on the device, all of them at the backward's start.
-    if not (offloaded and recomputed):
+    recomputed = plan.recomputed
+    kept = L - recomputed
+    offloaded, halves = plan.offloads, plan.halves
+    if not offloaded:
         inputs = recomputed * x_bytes
     elif halves:
-        inputs = int(2 * (3 + kept_qkv if kept_attention else 2) * x_bytes)
+        inputs = int(2 * (3 + plan.qkv_share if plan.keep_attention != "off" else 2) * x_bytes)
     else:
-        inputs = max(2, recomputed - host_input_layers(recomputed, x_bytes)) * x_bytes
+        inputs = max(2, recomputed - plan.host_inputs) * x_bytes
     rope = N * c.head_dim * 2 * act_bytes  # cos and sin, shared by every layer
     loss_grad = x_bytes + 2 * x_bytes  # d loss / d hidden, the final norm's input and output
     activations = inputs + kept * saved + rope + loss_grad
@@ -180,10 +171,9 @@ def estimate_memory(
         if quantization == "4bit":  # the rerun's dequantised gate and up weights, held for its backward
             layer_backward += 2 * H * c.intermediate_size * act_bytes
         gate_up_bytes = 2 * N * c.intermediate_size * act_bytes
-        share = host_gate_up_share(c, host_gate_up, N, seq, kept_attention, kept_qkv, act_bytes)
-        if host_gate_up_count(recomputed, share, x_bytes, gate_up_bytes, kept_attention, kept_qkv):
+        if plan.count(gate_up="host"):
             activations += gate_up_bytes  # the next layer's, copied back during this one's backward
-        d = max(0, min(device_gate_up, recomputed))
+        d = plan.count(gate_up="device")
         if d and kept == 0:  # the last layer's only beside the loss: its backward reuses them
             vocab_chunk += gate_up_bytes
             d -= 1
@@ -194,42 +184,15 @@ def estimate_memory(
     return MemoryEstimate(weights, adapters, activations, working)
 
 
-def plan_keep_layers(c: LlamaConfig, *, batch: int, seq: int, budget_bytes: int, **kwargs) -> int:
-    """How many trailing layers may keep their activations ('selective') with the estimate under budget.
-
-    0 means every layer recomputes (and the budget may still be exceeded: check `estimate_memory`).
-    """
-    base = estimate_memory(c, batch=batch, seq=seq, checkpointing="selective", keep_layers=0, **kwargs).total
-    per_layer = layer_saved_bytes(c, batch * seq, kwargs.get("r", 16), kwargs.get("act_bytes", 2),
-                                  kwargs.get("use_kernels", True))
+def plan_keep_layers(c: LlamaConfig, settings: Checkpointing, *, batch: int, seq: int, budget_bytes: int,
+                     act_bytes: int = 2, use_kernels: bool = True, **kwargs) -> int:
+    """How many trailing layers may keep their activations ('selective', with the other `settings`) with the
+    estimate under budget. 0 means every layer recomputes (and the budget may still be exceeded: check
+    `estimate_memory`). `kwargs`: the rest of `estimate_memory`'s."""
+    none_kept = dataclasses.replace(settings, mode="selective", keep_layers=0)
+    plan = step_plan(c, none_kept, batch=batch, seq=seq, act_bytes=act_bytes, use_kernels=use_kernels)
+    base = estimate_memory(c, plan, use_kernels=use_kernels, **kwargs).total
+    per_layer = layer_saved_bytes(c, batch * seq, kwargs.get("r", 16), act_bytes, use_kernels)
     if budget_bytes <= base:
         return 0
     return min(c.num_hidden_layers, int((budget_bytes - base) // per_layer))
-
-
-def offload_placement(c: LlamaConfig, tokens: int, act_bytes: int = 2, use_kernels: bool = True) -> str:
-    """Where 'offload' keeps the layer inputs of micro-batches of `tokens` tokens, as `activations.run_layers`
-    decides it from the host rule (40% of host memory for pinned tensors), for the run log."""
-    L, x_bytes = c.num_hidden_layers, tokens * c.hidden_size * act_bytes
-    if use_kernels and halves_fit_host(L, x_bytes):
-        return "recompute in halves, layer inputs in pinned host memory"
-    on_host = host_input_layers(L, x_bytes)
-    why = ", as recompute in halves would pass 40% of host memory" if use_kernels else ""
-    if on_host >= L:
-        return f"whole-layer recompute{why}; layer inputs in pinned host memory"
-    return (f"whole-layer recompute{why}; the inputs of {on_host} of {L} layers in pinned host memory, of the "
-            f"last {L - on_host} on the GPU: 40% of host memory holds no more")
-
-
-def auto_checkpointing(device_type: str) -> str:
-    """What gradient_checkpointing 'auto' means for our Llama family.
-
-    CPU: 'off' (time is the limit there, and RAM is usually ample for the models that train on a CPU).
-    GPU: 'offload', layer inputs in pinned host memory: the fastest at the least GPU memory in
-    benchmarks/RESULTS.md. It recomputes in halves while their pinned buffers stay within the host rule of
-    `halves_fit_host`, else whole layers, with as many layers' inputs on the host as the rule has room for
-    and the trailing rest on the GPU (`activations.host_input_layers`). ('on' kept every input on the GPU
-    where recompute in halves did not fit the host: 32 GiB more than 'offload' on Llama-3.1-8B at 131,072
-    tokens.)
-    """
-    return "offload" if device_type == "cuda" else "off"

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from model_cases import loss_and_grads, make_fused_lora_model
 
-from fasttune.memory.layer_pass import LayerKept, LayerPass
-from fasttune.models import kept_attention
-from fasttune.models.kept_attention import (
+from fasttune.memory import kept_attention
+from fasttune.memory.estimate import step_plan
+from fasttune.memory.kept_attention import (
     KeptAttentionFunction,
     attention_reference_backward,
     attention_reference_forward,
 )
+from fasttune.memory.layer_pass import LayerKept, LayerPass
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -157,7 +158,7 @@ def test_models_with_qk_norms_keep_no_qkv():
     """q/k norms sit between the products and RoPE: such attentions keep O only, and count no q, k, v."""
     model = make_fused_lora_model(model_type="qwen3", qk_norm=True)
     model.set_gradient_checkpointing("offload", keep_attention="reference")
-    assert model.model.kept_qkv_share() == 0.0
+    assert step_plan(model.config, model.model.checkpointing, batch=1, seq=5).qkv_share == 0.0
     q, k, v = (_bthd(t) for t in _qkv(1, 4, 2, 5, 8))
     sink = []
     for reusable in (False, True):  # without: the caller did not say its q, k, v are reusable
@@ -172,14 +173,6 @@ def test_keep_attention_rejects_unknown_values():
     model = make_fused_lora_model(layers=1)
     with pytest.raises(ValueError, match="keep_attention"):
         model.set_gradient_checkpointing("offload", keep_attention="yes")
-
-
-def test_host_check_counts_the_kept_output(monkeypatch):
-    from fasttune.models import activations
-
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 1000)  # 40% = 400 bytes of pinned room
-    assert activations.halves_fit_host(layers=3, layer_input_bytes=64)  # 3 x 2 x 64 = 384
-    assert not activations.halves_fit_host(layers=3, layer_input_bytes=64, kept_attention=True)  # 576
 
 
 def _bthd(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The peak-memory estimate: exact parameter bytes, adapter counts, saved activations (CUDA), and the plan."""
+"""The peak-memory estimate read from a step's plan: exact parameter bytes, adapter counts, saved activations
+(CUDA), what each plan keeps on the GPU, and the selective planner."""
 
 from __future__ import annotations
 
@@ -7,16 +8,30 @@ import torch
 from model_cases import FAMILY_CASES, make_config, make_model
 
 from fasttune.lora.apply import apply_lora, lora_parameters
-from fasttune.models.llama import LlamaForCausalLM
-from fasttune.models.memory import (
+from fasttune.memory import host
+from fasttune.memory.estimate import (
     GiB,
     adapter_params,
     estimate_memory,
     layer_saved_bytes,
     plan_keep_layers,
+    step_plan,
     weight_bytes,
 )
+from fasttune.memory.plan import ModelShape, host_gate_up_share
+from fasttune.memory.settings import Checkpointing
 from fasttune.models.presets import SHAPES
+
+
+def estimate(c, *, batch, seq, checkpointing="on", keep_layers=0, halves=True, keep_attention="off",
+             keep_qkv=False, host_gate_up="auto", device_gate_up=1, use_kernels=True, act_bytes=2, **kwargs):
+    """estimate_memory of the plan these settings make; halves=False: a plan without the fused path's halves
+    (the saved tensors still those of `use_kernels`)."""
+    settings = Checkpointing(checkpointing, keep_layers, host_gate_up, keep_attention, keep_qkv,
+                             device_gate_up)
+    plan = step_plan(c, settings, batch=batch, seq=seq, act_bytes=act_bytes,
+                     use_kernels=use_kernels and halves)
+    return estimate_memory(c, plan, use_kernels=use_kernels, **kwargs)
 
 
 @pytest.mark.parametrize("case", sorted(FAMILY_CASES))
@@ -41,13 +56,13 @@ def test_adapter_params_count_what_apply_lora_creates():
 
 def test_estimate_orders_the_strategies_and_scales_with_tokens():
     c = make_config(**SHAPES["llama-3.1-8b"])
-    est = {m: estimate_memory(c, batch=8, seq=2048, checkpointing=m).total for m in ("off", "on", "offload")}
+    est = {m: estimate(c, batch=8, seq=2048, checkpointing=m).total for m in ("off", "on", "offload")}
     assert est["off"] > est["on"] > est["offload"]
-    q = estimate_memory(c, batch=8, seq=2048, quantization="4bit")
-    bf = estimate_memory(c, batch=8, seq=2048)
+    q = estimate(c, batch=8, seq=2048, quantization="4bit")
+    bf = estimate(c, batch=8, seq=2048)
     assert q.weights < 0.45 * bf.weights and q.activations == bf.activations
-    small = estimate_memory(c, batch=1, seq=2048).activations
-    assert estimate_memory(c, batch=4, seq=2048).activations == pytest.approx(4 * small, rel=0.01)
+    small = estimate(c, batch=1, seq=2048).activations
+    assert estimate(c, batch=4, seq=2048).activations == pytest.approx(4 * small, rel=0.01)
     assert "estimated peak" in bf.describe()
 
 
@@ -59,37 +74,33 @@ def test_llama_8b_estimate_is_in_the_measured_range():
 
 
 def test_gate_up_on_host_adds_one_layers_gate_up_when_the_host_has_room(monkeypatch):
-    import fasttune.models.activations as activations
-
     c = make_config(**SHAPES["llama-3.1-8b"])
     gate_up = 2 * 8 * 2048 * c.intermediate_size * 2
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
-    base = estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.0).total
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
+    base = estimate(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.0).total
     for share in (0.25, 1.0):
-        est = estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=share)
+        est = estimate(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=share)
         assert est.total - base == gate_up
-    assert estimate_memory(c, batch=8, seq=2048, checkpointing="on", host_gate_up=1.0).total == \
-        estimate_memory(c, batch=8, seq=2048, checkpointing="on", host_gate_up=0.0).total
+    assert estimate(c, batch=8, seq=2048, checkpointing="on", host_gate_up=1.0).total == \
+        estimate(c, batch=8, seq=2048, checkpointing="on", host_gate_up=0.0).total
     # no room: no layer keeps them (32 layers' x and x_mid take 8 of a 22 GiB host's 8.8 GiB share)
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 22 * GiB)
-    assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=1.0).total == base
+    monkeypatch.setattr(host, "host_bytes", lambda: 22 * GiB)
+    assert estimate(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=1.0).total == base
     # the room left beside kept attention and q, k, v, as `run_layers` counts it: a 46 GiB host fits 8 layers'
     # gate/up without them (0.875 GiB pinned each), not one with them (32 layers' x, x_mid, O, q, k, v take 18
     # of its 18.4 GiB share)
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 46 * GiB)
-    kept = dict(batch=8, seq=2048, checkpointing="offload", kept_attention=True, kept_qkv=1.5)
-    assert estimate_memory(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.25).total == \
+    monkeypatch.setattr(host, "host_bytes", lambda: 46 * GiB)
+    kept = dict(batch=8, seq=2048, checkpointing="offload", keep_attention="auto", keep_qkv=True)
+    assert estimate(c, batch=8, seq=2048, checkpointing="offload", host_gate_up=0.25).total == \
         base + gate_up
-    assert estimate_memory(c, host_gate_up=0.25, **kept).total == estimate_memory(c, **kept).total
+    assert estimate(c, host_gate_up=0.25, **kept).total == estimate(c, **kept).total
     # fewer than asked where not all fit: a 60 GiB host (24 GiB share) has room for 6 beside them
     # (18 + 6 x 0.875 < 24)
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 60 * GiB)
+    monkeypatch.setattr(host, "host_bytes", lambda: 60 * GiB)
     x_bytes = 8 * 2048 * c.hidden_size * 2
-    assert [activations.host_gate_up_count(32, 0.25, x_bytes, gate_up, kept_attention=k, kept_qkv=1.5)
+    assert [host.host_gate_up_count(32, 0.25, x_bytes, gate_up, kept_attention=k, kept_qkv=1.5)
             for k in (True, False)] == [6, 8]
-    assert estimate_memory(c, host_gate_up=0.25, **kept).total == estimate_memory(c, **kept).total + gate_up
-    assert activations.spread(32, 8) == {2, 6, 10, 14, 18, 22, 26, 30}
-    assert activations.spread(5, 5) == set(range(5)) and activations.spread(7, 0) == set()
+    assert estimate(c, host_gate_up=0.25, **kept).total == estimate(c, **kept).total + gate_up
 
 
 def test_auto_gate_up_on_host_only_where_the_link_has_room(monkeypatch):
@@ -98,69 +109,30 @@ def test_auto_gate_up_on_host_only_where_the_link_has_room(monkeypatch):
     for 6 of 32 layers (the best share measured on an H100); packed rows (span 0) count no attention and get
     none, as do layers without kept attention; the host rule still caps it; and the estimate counts one
     layer's g and u where any layer keeps them."""
-    import fasttune.models.activations as activations
-    from fasttune.models.llama import host_gate_up_share
-
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
+    shape = ModelShape.of(c)
 
     def layers(tokens, span, host_gib=128):
-        monkeypatch.setattr(activations, "_host_bytes", lambda: host_gib * GiB)
-        share = host_gate_up_share(c, "auto", tokens, span, True, 1.5)
-        return activations.host_gate_up_count(32, share, tokens * c.hidden_size * 2,
-                                              2 * tokens * c.intermediate_size * 2, True, 1.5)
+        monkeypatch.setattr(host, "host_bytes", lambda: host_gib * GiB)
+        share = host_gate_up_share(shape, "auto", tokens, span, True, 1.5)
+        return host.host_gate_up_count(32, share, tokens * c.hidden_size * 2,
+                                       2 * tokens * c.intermediate_size * 2, True, 1.5)
 
     assert layers(8 * 2048, 2048) == 0
     assert layers(32768, 32768) == 6
     assert layers(32768, 0) == 0
     # 36 GiB of the 40 GiB share go to x, x_mid, O, q, k, v; a layer's g and u take 1.75
     assert layers(32768, 32768, host_gib=100) == 2
-    assert host_gate_up_share(c, "auto", 32768, 32768, kept_attention=False) == 0.0  # measured with it only
-    assert host_gate_up_share(c, 0.5, 32768, 32768, True, 1.5) == 0.5  # a number is taken as it is
-    kw = dict(checkpointing="offload", kept_attention=True, kept_qkv=1.5)
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    assert host_gate_up_share(shape, "auto", 32768, 32768, kept_attention=False) == 0.0  # needs kept O
+    assert host_gate_up_share(shape, 0.5, 32768, 32768, True, 1.5) == 0.5  # a number is taken as it is
+    kw = dict(checkpointing="offload", keep_attention="auto", keep_qkv=True)
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
     gate_up = 2 * 32768 * c.intermediate_size * 2
-    auto = estimate_memory(c, batch=1, seq=32768, **kw).total  # 'auto' by default, as in the model
-    assert auto - estimate_memory(c, batch=1, seq=32768, host_gate_up=0.0, **kw).total == gate_up
-    assert estimate_memory(c, batch=8, seq=2048, **kw).total == \
-        estimate_memory(c, batch=8, seq=2048, host_gate_up=0.0, **kw).total
-
-
-def test_pinned_host_memory_is_counted_as_the_allocator_rounds_it(monkeypatch):
-    """torch's pinned allocator takes a power of two per allocation, so the offloader pins a tensor in
-    power-of-two pieces down to 1 MiB and the rest in one: the host rule counts what that takes."""
-    import fasttune.models.activations as activations
-
-    MiB = 1 << 20
-    assert activations.pinned_pieces(2560 * MiB) == [2048 * MiB, 512 * MiB]  # 327,680 x 4096 x 2 bytes
-    assert activations.pinned_pieces(896 * MiB) == [512 * MiB, 256 * MiB, 128 * MiB]  # g at 1 x 32,768
-    assert activations.pinned_pieces(3 * MiB + 5) == [2 * MiB, MiB, 5]
-    assert activations.pinned_pieces(0) == [] and activations.pinned_pieces(65) == [65]
-    assert [activations.pinned_bytes(n) for n in (0, 1, 64, 65, 896 * MiB, 2560 * MiB, 3 * MiB + 5)] == \
-        [0, 1, 64, 128, 896 * MiB, 2560 * MiB, 3 * MiB + 8]
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 1000)  # 400 bytes of pinned room
-    assert activations.halves_fit_host(layers=2, layer_input_bytes=64)  # 2 x 2 x 64 = 256
-    assert not activations.halves_fit_host(layers=2, layer_input_bytes=90)  # 2 x 2 x 128, not 2 x 2 x 90
-    assert activations.host_fits(1, 16, 1, 2 * 128, False) and not activations.host_fits(1, 16, 1, 2 * 129)
-
-
-@pytest.mark.parametrize("shape", [(3, 1 << 18), (2, 1000, 700), (5,)])
-def test_pinned_copy_in_pieces_round_trips(shape):
-    """A tensor copied to the host in its pinned pieces comes back whole, bit for bit (here in plain host
-    memory; on CUDA the offloader's tests run the pinned copies)."""
-    from fasttune.models.activations import _PinnedCopy, pinned_pieces
-
-    t = torch.randn(shape).to(torch.bfloat16)
-    host = _PinnedCopy.of(t, pin=False)
-    assert [p.numel() * 2 for p in host.pieces] == pinned_pieces(t.numel() * 2)
-    back = torch.empty(shape, dtype=torch.bfloat16)
-    host.copy_into(back)
-    assert torch.equal(back, t)
-    strided = torch.randn(64, 4096)[:, ::2]  # not contiguous: one piece of its own shape
-    host = _PinnedCopy.of(strided, pin=False)
-    back = torch.empty(strided.shape)
-    host.copy_into(back)
-    assert len(host.pieces) == 1 and torch.equal(back, strided)
+    auto = estimate(c, batch=1, seq=32768, **kw).total  # 'auto' by default, as in the model
+    assert auto - estimate(c, batch=1, seq=32768, host_gate_up=0.0, **kw).total == gate_up
+    assert estimate(c, batch=8, seq=2048, **kw).total == \
+        estimate(c, batch=8, seq=2048, host_gate_up=0.0, **kw).total
 
 
 def test_gate_up_on_the_device_counts_past_the_first_layer(monkeypatch):
@@ -168,51 +140,46 @@ def test_gate_up_on_the_device_counts_past_the_first_layer(monkeypatch):
     they count where the loss's chunk of logits is the larger working set (a short row under a large
     vocabulary), not where a layer's backward is; each further layer adds its g and u; with kept layers
     every such layer does."""
-    import fasttune.models.activations as activations
-
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
     for batch, seq, grows in ((8, 2048, False), (1, 16, True)):
         kw = dict(batch=batch, seq=seq, checkpointing="offload")
         gate_up = 2 * batch * seq * c.intermediate_size * 2
-        one, none, three = (estimate_memory(c, device_gate_up=k, **kw).total for k in (1, 0, 3))
+        one, none, three = (estimate(c, device_gate_up=k, **kw).total for k in (1, 0, 3))
         assert one - none == (gate_up if grows else 0), seq
         assert three - one == 2 * gate_up
-        assert estimate_memory(c, **kw).total == one  # 1 by default, as in the model
+        assert estimate(c, **kw).total == one  # 1 by default, as in the model
     kw = dict(batch=1, seq=16, checkpointing="selective", keep_layers=1)
     gate_up = 2 * 16 * c.intermediate_size * 2
-    assert estimate_memory(c, device_gate_up=1, **kw).total - \
-        estimate_memory(c, device_gate_up=0, **kw).total == gate_up
+    assert estimate(c, device_gate_up=1, **kw).total - \
+        estimate(c, device_gate_up=0, **kw).total == gate_up
 
 
-def test_kept_attention_adds_two_layer_inputs_with_recompute_in_halves():
+def test_kept_attention_adds_two_layer_inputs_with_recompute_in_halves(monkeypatch):
     """The layer in its backward and the one copied back each also hold their attention output (x-sized)."""
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
     x_bytes = 8 * 2048 * c.hidden_size * 2
-    kw = dict(batch=8, seq=2048, checkpointing="offload")
-    base = estimate_memory(c, halves=True, **kw).total
-    assert estimate_memory(c, halves=True, kept_attention=True, **kw).total - base == 2 * x_bytes
-    assert estimate_memory(c, halves=False, kept_attention=True, **kw).total == \
-        estimate_memory(c, halves=False, **kw).total  # whole-layer checkpoints keep no attention output
+    kw = dict(batch=8, seq=2048, checkpointing="offload", host_gate_up=0.0)  # no gate/up on the host
+    base = estimate(c, halves=True, **kw).total
+    assert estimate(c, halves=True, keep_attention="auto", **kw).total - base == 2 * x_bytes
+    assert estimate(c, halves=False, keep_attention="auto", **kw).total == \
+        estimate(c, halves=False, **kw).total  # whole-layer checkpoints keep no attention output
     # with q, k, v kept too: 1.5 x more per layer on this shape ((32 + 2 x 8) heads of 128 over 4096)
-    with torch.device("meta"):  # the shape's modules without their memory
-        share = LlamaForCausalLM(c).model.kept_qkv_share()
-    assert share == 1.5
-    with_qkv = estimate_memory(c, halves=True, kept_attention=True, kept_qkv=share, **kw).total
+    assert ModelShape.of(c).qkv_share == 1.5
+    with_qkv = estimate(c, halves=True, keep_attention="auto", keep_qkv=True, **kw).total
     assert with_qkv - base == 2 * x_bytes + 3 * x_bytes
 
 
 def test_offloaded_inputs_on_the_gpu_are_two_layers_worth(monkeypatch):
     """In the backward the layer at hand and the one being copied back hold their offloaded inputs: x alone
     for whole-layer recompute, x and x_mid in halves."""
-    import fasttune.models.activations as activations
-
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
     x_bytes = 8 * 2048 * c.hidden_size * 2
     kw = dict(batch=8, seq=2048, checkpointing="offload")
-    whole, halves = estimate_memory(c, halves=False, **kw), estimate_memory(c, halves=True, **kw)
-    on = estimate_memory(c, batch=8, seq=2048, checkpointing="on")
+    whole, halves = estimate(c, halves=False, **kw), estimate(c, halves=True, **kw)
+    on = estimate(c, batch=8, seq=2048, checkpointing="on")
     assert on.activations - whole.activations == (c.num_hidden_layers - 2) * x_bytes
     assert halves.activations - whole.activations == 2 * x_bytes
 
@@ -225,11 +192,9 @@ def test_long_context_estimates_stay_above_the_measured_peaks(monkeypatch, shape
     an H100 with a 128 GiB host (benchmarks/RESULTS.md); the estimate is allowed to be loose, never short.
     262,144 tokens was measured twice: with every layer's input on the host, before the host rule covered
     whole-layer recompute (the host here is one with room for all 32), and with 7 of 32 kept on the GPU."""
-    import fasttune.models.activations as activations
-
-    monkeypatch.setattr(activations, "_host_bytes", lambda: host_gib * GiB)
+    monkeypatch.setattr(host, "host_bytes", lambda: host_gib * GiB)
     c = make_config(**SHAPES[shape])
-    est = estimate_memory(c, batch=1, seq=seq, quantization="4bit", checkpointing="offload", halves=False)
+    est = estimate(c, batch=1, seq=seq, quantization="4bit", checkpointing="offload", halves=False)
     assert peak_gib * GiB < est.total < 1.35 * peak_gib * GiB
 
 
@@ -237,28 +202,27 @@ def test_whole_layer_inputs_past_the_hosts_room_count_on_the_gpu(monkeypatch):
     """Whole-layer recompute pins one input per layer while the host rule has room (25 of 32 layers of 2 GiB
     on a 128 GiB host); the rest stay on the GPU, and all of them are there when the backward starts. With no
     room on the host the estimate is that of 'on'."""
-    import fasttune.models.activations as activations
-
     c = make_config(**SHAPES["llama-3.1-8b"])
     x_bytes = 262144 * c.hidden_size * 2
     kw = dict(batch=1, seq=262144, quantization="4bit", checkpointing="offload", halves=False)
     est = {}
     for host_gib, on_host in ((256, 32), (128, 25), (4, 0)):
-        monkeypatch.setattr(activations, "_host_bytes", lambda h=host_gib: h * GiB)
-        assert activations.host_input_layers(32, x_bytes) == on_host
-        est[host_gib] = estimate_memory(c, **kw).activations
+        monkeypatch.setattr(host, "host_bytes", lambda h=host_gib: h * GiB)
+        assert host.host_input_layers(32, x_bytes) == on_host
+        est[host_gib] = estimate(c, **kw).activations
     assert est[128] - est[256] == (7 - 2) * x_bytes
-    assert est[4] == estimate_memory(c, batch=1, seq=262144, quantization="4bit", checkpointing="on").activations
+    assert est[4] == estimate(c, batch=1, seq=262144, quantization="4bit", checkpointing="on").activations
 
 
 def test_offload_placement_names_what_the_host_rule_decides(monkeypatch):
     """The run log's account of 'offload' on Llama-3.1-8B QLoRA with a 128 GiB host: halves at 8 x 2048,
     whole layers with every input pinned at 131,072 tokens, 25 of 32 inputs pinned at 262,144."""
-    import fasttune.models.activations as activations
-    from fasttune.models.memory import offload_placement
-
-    monkeypatch.setattr(activations, "_host_bytes", lambda: 128 * GiB)
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
+
+    def offload_placement(c, tokens):
+        return step_plan(c, Checkpointing("offload"), batch=1, seq=tokens).placement()
+
     assert offload_placement(c, 8 * 2048) == "recompute in halves, layer inputs in pinned host memory"
     assert offload_placement(c, 131072) == ("whole-layer recompute, as recompute in halves would pass 40% of "
                                             "host memory; layer inputs in pinned host memory")
@@ -270,33 +234,37 @@ def test_offload_placement_names_what_the_host_rule_decides(monkeypatch):
 def test_plan_keep_layers_is_monotone_and_bounded():
     c = make_config(**SHAPES["llama-3.1-8b"])
     kw = dict(batch=2, seq=2048)
-    base = estimate_memory(c, checkpointing="selective", **kw).total
-    plans = [plan_keep_layers(c, budget_bytes=int(base + k * GiB), **kw) for k in (-1, 0, 2, 8, 1000)]
+    base = estimate(c, checkpointing="selective", **kw).total
+    settings = Checkpointing("selective", keep_attention="off")
+    plans = [plan_keep_layers(c, settings, budget_bytes=int(base + k * GiB), **kw)
+             for k in (-1, 0, 2, 8, 1000)]
     assert plans[0] == plans[1] == 0 and plans == sorted(plans) and plans[-1] == c.num_hidden_layers
     per_layer = layer_saved_bytes(c, 2 * 2048)
     assert plans[2] == int(2 * GiB // per_layer)
     keep = plans[3]
-    assert estimate_memory(c, checkpointing="selective", keep_layers=keep, **kw).total <= base + 8 * GiB
+    assert estimate(c, checkpointing="selective", keep_layers=keep, **kw).total <= base + 8 * GiB
 
 
-def test_plan_keep_layers_counts_the_kept_tensors():
+def test_plan_keep_layers_counts_the_kept_tensors(monkeypatch):
     """A budget with room for exactly three kept layers when the recomputed ones keep nothing but their
-    inputs holds fewer once they also keep their attention output and q, k, v (`plan_selective` passes
-    them, as the run's estimate does)."""
+    inputs holds fewer once they also keep their attention output and q, k, v (the planner reads the plan of
+    the settings, as the run's estimate does)."""
+    monkeypatch.setattr(host, "host_bytes", lambda: 128 * GiB)
     c = make_config(**SHAPES["llama-3.1-8b"])
-    kw = dict(batch=8, seq=2048, halves=True)
-    base = estimate_memory(c, checkpointing="selective", **kw).total
+    kw = dict(batch=8, seq=2048)
+    base = estimate(c, checkpointing="selective", **kw).total
     budget = base + 3 * layer_saved_bytes(c, 8 * 2048)
-    assert plan_keep_layers(c, budget_bytes=budget, **kw) == 3
-    assert plan_keep_layers(c, budget_bytes=budget, kept_attention=True, kept_qkv=1.5, **kw) == 2
+    plain = Checkpointing("selective", keep_attention="off")
+    assert plan_keep_layers(c, plain, budget_bytes=budget, **kw) == 3
+    assert plan_keep_layers(c, Checkpointing("selective"), budget_bytes=budget, **kw) == 2
 
 
 def test_bad_options_are_named():
     c = make_config()
     with pytest.raises(ValueError, match="optimizer"):
-        estimate_memory(c, batch=1, seq=8, optimizer="sgd")
-    with pytest.raises(ValueError, match="checkpointing"):
-        estimate_memory(c, batch=1, seq=8, checkpointing="sometimes")
+        estimate(c, batch=1, seq=8, optimizer="sgd")
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        estimate(c, batch=1, seq=8, checkpointing="sometimes")
     with pytest.raises(ValueError, match="quantization"):
         weight_bytes(c, "3bit")
 

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from model_cases import loss_and_grads, make_fused_lora_model
 
-from fasttune.memory.layer_pass import LayerPass
-from fasttune.models import kept_attention
-from fasttune.models.kept_attention import (
+from fasttune.memory import kept_attention
+from fasttune.memory.kept_attention import (
     KeptAttentionFunction,
     PackedRows,
     attention_reference_backward,
     attention_reference_forward,
 )
+from fasttune.memory.layer_pass import LayerPass
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -1,0 +1,165 @@
+"""Layer inputs in pinned host memory: the offloader's saved-tensor hooks, copy stream and pinned copies."""
+
+from __future__ import annotations
+
+import torch
+
+from fasttune.memory.host import pinned_pieces
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The offloader's copy stream on `device`, one for the process. The caching allocator keeps the blocks
+    freed by each stream for that stream alone, and `torch.cuda.Stream()` hands out a different stream of
+    its pool at each call: a new one per step would let the reserved memory grow each step."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+class PinnedCopy:
+    """A device tensor's copy in pinned host memory, in `pinned_pieces` (a non-contiguous tensor, which our
+    layers do not offload, in one piece). The copies are queued on the current stream; `pin=False` (tests on
+    the CPU) takes plain host memory."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, pieces: list[torch.Tensor]) -> None:
+        self.shape, self.dtype, self.pieces = shape, dtype, pieces
+
+    @classmethod
+    def of(cls, t: torch.Tensor, pin: bool = True) -> PinnedCopy:
+        t = t.detach()
+        if not t.is_contiguous():
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            host.copy_(t, non_blocking=True)
+            return cls(t.shape, t.dtype, [host.view(-1)])
+        flat, start, pieces = t.view(-1), 0, []
+        for n in pinned_pieces(t.numel() * t.element_size()):
+            piece = torch.empty(n // t.element_size(), dtype=t.dtype, pin_memory=pin)
+            piece.copy_(flat[start:start + piece.numel()], non_blocking=True)
+            pieces.append(piece)
+            start += piece.numel()
+        return cls(t.shape, t.dtype, pieces)
+
+    def copy_into(self, dev: torch.Tensor) -> None:
+        flat, start = dev.view(-1), 0
+        for piece in self.pieces:
+            flat[start:start + piece.numel()].copy_(piece, non_blocking=True)
+            start += piece.numel()
+
+
+class LayerInputOffloader:
+    """Saved-tensor hooks that keep each checkpointed layer's input in pinned host memory.
+
+    Forward (pack): the copy to the host runs on a side stream after the compute stream has produced x. The
+    offloader holds x while the next `copy_lag` layers run their forward; then the compute stream waits for
+    x's copy and x is let go, so its memory goes back to the compute stream's blocks in stream order,
+    reusable at once. (Telling the allocator instead that the side stream reads x, `record_stream`, would
+    keep the block out of use until the host sees the copy done, and the host runs far ahead of the GPU, so
+    the cache would grow far past the peak of allocations.)
+    Backward (unpack, layers in reverse order): layer i's input is copied back, and layer i-1's copy back is
+    started on the side stream right away, into memory of the compute stream, so it overlaps layer i's
+    backward. The tensors of a layer whose plan keeps them on the device (`resident`, set by `run_layers`
+    from `LayerPlan.input`) stay there: the last recomputed layer's, whose backward runs right after the loss
+    with nothing to overlap their copy back, and those of the trailing layers the host rule leaves no room
+    for. One offloader serves one forward/backward; on the CPU it degrades to plain copies.
+    """
+
+    def __init__(self, device: torch.device, copy_lag: int = 2) -> None:
+        # layers whose forward a layer's copies to the host may take before the compute stream waits for them
+        # (each layer held adds its offloaded tensors to the forward's memory)
+        self.copy_lag = copy_lag
+        self.resident = False  # set per layer by `run_layers`: its tensors stay on the device
+        self.kept: dict[int, torch.Tensor] = {}  # the resident tensors, until their backward reads them
+        self.cuda = device.type == "cuda"
+        self.stream = side_stream(device) if self.cuda else None
+        self.host: list[torch.Tensor] = []
+        self.d2h: list[torch.cuda.Event | None] = []
+        self.device = device
+        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.group: list[int] = []  # layer of each packed tensor: a layer's tensors are fetched together
+        self.layer = 0
+        self.copying: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # (layer, x, its copy's event)
+
+    def _let_go(self, before: int) -> None:
+        """Release the device tensors of layers < `before` whose copies to the host were queued: the compute
+        stream waits for each copy, then the tensor goes back to its blocks, in stream order."""
+        keep = []
+        compute = torch.cuda.current_stream(self.device) if self.copying else None
+        for layer, t, done in self.copying:
+            if layer < before:
+                compute.wait_event(done)
+            else:
+                keep.append((layer, t, done))
+        self.copying = keep
+
+    def pack(self, t: torch.Tensor) -> int | torch.Tensor:
+        if t.device != self.device or t.numel() == 0:  # the checkpoint's placeholder (CPU): keep it as it is
+            return t
+        idx = len(self.host)
+        self.group.append(self.layer)
+        if self.cuda:
+            self._let_go(before=self.layer + 1 - self.copy_lag)  # older layers' copies are due
+        if self.resident:  # its backward comes first, right after the loss: a round trip would stall it
+            self.kept[idx] = t
+            self.host.append(None)
+            self.d2h.append(None)
+            return idx
+        if not self.cuda:
+            self.host.append(t.detach().clone())
+            self.d2h.append(None)
+            return idx
+        compute = torch.cuda.current_stream(t.device)
+        self.stream.wait_stream(compute)  # x is complete before the side stream reads it
+        with torch.cuda.stream(self.stream):
+            host = PinnedCopy.of(t)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.copying.append((self.layer, t, done))
+        self.host.append(host)
+        self.d2h.append(done)
+        return idx
+
+    def _fetch(self, idx: int, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Start the copy back of input `idx` on `stream` into memory of the compute stream (once the work
+        queued there, which may have freed that memory, is done); returns the device tensor and the copy's
+        event, which the compute stream waits for before it reads the tensor."""
+        compute = torch.cuda.current_stream(self.device)
+        host = self.host[idx]
+        dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+        if stream != compute:
+            stream.wait_stream(compute)
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.d2h[idx])
+            host.copy_into(dev)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return dev, done
+
+    def unpack(self, idx: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            return idx
+        if self.copying:  # the backward has begun: every copy to the host is due
+            self._let_go(before=1 << 30)
+        if idx in self.kept:
+            dev = self.kept.pop(idx)  # read once, by its layer's backward: not held past it
+        elif not self.cuda:
+            return self.host[idx]
+        elif idx in self.prefetched:
+            dev, done = self.prefetched.pop(idx)
+            torch.cuda.current_stream(self.device).wait_event(done)  # the copy is in before it is read
+        else:
+            dev, _ = self._fetch(idx, torch.cuda.current_stream(self.device))
+        # Start copying back the previous layer's tensors, to overlap this layer's backward.
+        first = self.group.index(self.group[idx])
+        if first > 0 and self.cuda:
+            prev = self.group[first - 1]
+            for j in range(first - 1, -1, -1):
+                if self.group[j] != prev:
+                    break
+                if j not in self.prefetched and j not in self.kept:
+                    self.prefetched[j] = self._fetch(j, self.stream)
+        return dev
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
