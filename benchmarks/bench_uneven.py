@@ -91,8 +91,9 @@ def build_fasttune(args):
     """fasttune's loader and LoRA on the model directory, checkpointing as `fasttune train` sets it."""
     import torch
 
-    from fasttune.api import attach_lora, load, set_checkpointing
+    from fasttune.api import attach_lora, load
     from fasttune.config import LoraConfig, ModelConfig, RunConfig
+    from fasttune.memory.setup import set_checkpointing
 
     cfg = RunConfig()
     cfg.model = ModelConfig(model_name=str(args.model_dir), max_seq_length=args.max_len,
