@@ -2,9 +2,9 @@
 
 A layer rerun for its backward (`memory.recompute.LayerRecompute`) needs the attention's gradients, and a
 flash kernel's backward reads only q, k, v, the output O and the row statistics of the softmax, never the
-forward itself. In the layer's forward (`memory.layer_pass.LayerPass` with `keep_attention`) `attend_kept` puts what
-the backward will read into the pass's `kept`; the rerun's pass hands it back, recomputes q, k, v (cheap:
-their products) and returns the kept O without running attention again.
+forward itself. In the layer's forward (`memory.layer_pass.LayerPass` with `keep_attention`) `attend_kept`
+puts what the backward will read into the pass's `kept`; the rerun's pass hands it back, recomputes q, k, v
+(cheap: their products) and returns the kept O without running attention again.
 
 For q (B, H, T, D), k, v (B, Hk, T, D), H = Hk * n_rep, scale s = 1 / sqrt(D), causal:
     forward:   S = s q k^T (masked above the diagonal), lse = logsumexp_k S   (B, H, T, 1) fp32

@@ -2,9 +2,9 @@
 where its saved tensors live, and what it keeps for its rerun.
 
 One `MemoryPlan` comes from the model's shape, the user's `Checkpointing`, the batch (tokens, row length,
-bytes per activation), which layers can recompute in halves, and the host rule (`memory.host`). It is built
-once per batch shape (cached) and read by everything that needs it: `memory.recompute.run_layers` executes
-it, `memory.estimate.estimate_memory` counts it, and the run log prints `describe()`.
+bytes per activation), the kernel path (fused layers recompute in halves) and the host rule (`memory.host`).
+It is built once per batch shape (cached) and read by everything that needs it: `memory.recompute.run_layers`
+executes it, `memory.estimate.estimate_memory` counts it, and the run log prints `describe()`.
 
     mode        layer i             recompute   saved tensors               kept for the rerun
     off         every layer         none        all, on the device          -
@@ -13,8 +13,9 @@ it, `memory.estimate.estimate_memory` counts it, and the run log prints `describ
                 (fused, host room)              memory (the last layer:     gate/up (host or device)
                                                 on the device)
                 otherwise           whole       x in pinned host memory     -
-                                                (the layers past the host
-                                                rule's room: on the device)
+                                                (the last layer and those
+                                                past the host rule's room:
+                                                on the device)
     selective   the last keep_layers: none; the others as offload
 
 Halves (`LayerRecompute`) rerun each half of a layer for its own backward and skip the o and down products;
