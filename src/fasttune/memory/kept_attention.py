@@ -14,10 +14,10 @@ For q (B, H, T, D), k, v (B, Hk, T, D), H = Hk * n_rep, scale s = 1 / sqrt(D), c
                that share one kv head)
 On CUDA both run as the cuDNN flash kernels SDPA itself picks (`_scaled_dot_product_cudnn_attention` and its
 backward), used only where SDPA's own choice for these tensors is cuDNN and q, k, v are laid out token-major
-as our model makes them (the layout verified against the fp32 math on the H100; others take the usual path),
-and dO is handed to the kernel with O's strides (on the H100, torch 2.11's own SDPA backward returned wrong
-gradients, ~140% off, when they differed); elsewhere nothing is kept and the rerun runs attention again,
-except with keep_attention 'reference' (tests): the math above in fp32.
+as our model makes them (the layout the GPU tests check against the fp32 math; others take the usual path),
+and dO is handed to the kernel with O's strides (the cuDNN backward of torch 2.11 gives wrong gradients when
+they differ); elsewhere nothing is kept and the rerun runs attention again, except with keep_attention
+'reference' (tests): the math above in fp32.
 Exact: the backward reads the forward's own O and lse, as SDPA's backward does.
 
 Packed rows (`PackedRows`: several rows per sequence, causal within each, never across): the same math with
