@@ -92,3 +92,33 @@ def test_killed_runs_resume_to_the_same_adapter(forkserver, tmp_path, tiny_llama
         chains += 1
         assert adapter_bytes(run) == adapter_bytes(straight), f"after {kills} kills"
     assert kills >= KILLS_PER_SUITE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_exits_and_resumes_to_the_same_adapter(forkserver, tmp_path, tiny_llama,
+                                                                     train_file, signum):
+    from fasttune.train.checkpoint import load_latest
+
+    argv = lambda out, *more: train_args(tiny_llama, train_file, out, "--max_steps", "12",
+                                         "--save_steps", "5", *more)
+    straight = tmp_path / "straight"
+    child = forkserver.Process(target=run_cli, args=(argv(straight),))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    run = tmp_path / "run"
+    child = forkserver.Process(target=run_cli, args=(argv(run),))
+    child.start()
+    while child.is_alive() and logged_steps(run) < 2:
+        time.sleep(0.01)
+    os.kill(child.pid, signum)
+    child.join()
+    assert child.exitcode == 128 + signum
+    stopped_at = load_latest(run).step  # the checkpoint of the step it was in, not of a save_steps multiple
+    assert stopped_at == logged_steps(run) and 2 <= stopped_at < 12
+    assert not (run / "run.lock").exists() and not (run / "adapter").exists()
+    child = forkserver.Process(target=run_cli, args=(argv(run, "--resume"),))
+    child.start()
+    child.join()
+    assert child.exitcode == 0 and adapter_bytes(run) == adapter_bytes(straight)
