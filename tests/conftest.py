@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _OWN_CACHE = None
 if "PYTEST_XDIST_WORKER" not in os.environ:  # an xdist worker uses its controller's folder
     _OWN_CACHE = tempfile.mkdtemp(prefix="fasttune-test-cache-")
@@ -21,3 +23,12 @@ if "PYTEST_XDIST_WORKER" not in os.environ:  # an xdist worker uses its controll
 def pytest_unconfigure(config) -> None:
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished 2-step run of a tiny random Llama (tests/tiny_run.py), shared by the tests of what is made
+    from a run directory (model cards, Hub uploads)."""
+    from tiny_run import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny-run"))

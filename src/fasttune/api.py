@@ -189,6 +189,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
     from fasttune.lora.apply import count_parameters
     from fasttune.memory.setup import run_estimate, run_plan, set_checkpointing
+    from fasttune.model_card import write_card
     from fasttune.train.auto import choose_max_seq_length
     from fasttune.train.interrupts import StopRequests
     from fasttune.train.loop import seed_everything, train_loop
@@ -300,6 +301,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory_error(batch_size, max_len, estimate and estimate.describe()) from None
         adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
+        write_card(adapter_dir, "adapter", run_dir)  # README.md: from run.yaml, metrics and the contract
         after = answer(model, tokenizer, contract, questions)
         if after:
             log(format_samples("answers after training:", after))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fasttune.cli import export, infer, train
+from fasttune.cli import export, hub, infer, train
 from fasttune.cli.parser import EXIT_USER_ERROR, Parser, print_help
 from fasttune.fs import is_filesystem_error
 from fasttune.train.interrupts import TrainingStopped
 
 # Each registers its subcommands in this order (the order of `fasttune --help`).
-COMMAND_MODULES = (train, infer, export)
+COMMAND_MODULES = (train, infer, export, hub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +39,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fasttune.config import ConfigError
     from fasttune.data.errors import DataError
     from fasttune.export.source import ExportError
+    from fasttune.hub import HubError
     from fasttune.run_dir import RunDirError, RunNotFound
     from fasttune.train.step_guard import TrainingError
 
-    return (ConfigError, DataError, ModelLoadError, ExportError, RunDirError, RunNotFound, TrainingError)
+    return (ConfigError, DataError, ModelLoadError, ExportError, RunDirError, RunNotFound, TrainingError,
+            HubError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,7 @@ def _refuse_existing(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from fasttune.export.merge import merge
+    from fasttune.model_card import write_card
 
     _refuse_existing(args)
     started = time.perf_counter()
@@ -80,17 +81,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
         device=args.device,
     )
     _report("merged checkpoint", out, started)
+    print(f"fasttune: wrote the model card {write_card(out, 'merged', args.input)}", flush=True)
     _check(args, out)
     return 0
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fasttune.export.gguf import export_gguf
+    from fasttune.hub import gguf_card_path
+    from fasttune.model_card import write_card
 
     _refuse_existing(args)
     started = time.perf_counter()
     out = export_gguf(args.input, args.out, type=args.type, base=args.base, device=args.device)
     _report(f"GGUF ({args.type})", out, started)
+    card = write_card(gguf_card_path(out), "gguf", args.input, gguf_name=Path(out).name)
+    print(f"fasttune: wrote the model card {card} (README.md when pushed: fasttune push)", flush=True)
     _check(args, out)
     return 0
 

@@ -176,23 +176,47 @@ class NotebookModel(nn.Module):
 
             self.prompt_contract.save(out / CONTRACT_FILE)
 
-    def save_pretrained_merged(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "save_pretrained_merged is Unsloth's; in fasttune: model.save_pretrained(DIR), then "
-            "`fasttune merge DIR --out MERGED_DIR`"
-        )
+    def save_pretrained_merged(self, save_directory: str | Path, tokenizer: Any = None,
+                               save_method: str = "merged_16bit") -> None:
+        """Unsloth's: the adapter merged into its base (16-bit transformers checkpoint), or with
+        save_method='lora' the adapter alone, with a model card (notebook/hub.py)."""
+        from fasttune.notebook.hub import save_pretrained_merged
 
-    def save_pretrained_gguf(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "save_pretrained_gguf is Unsloth's; in fasttune: model.save_pretrained(DIR), then "
-            "`fasttune export gguf DIR --out model.gguf --type q8_0`"
-        )
+        save_pretrained_merged(self, save_directory, tokenizer, save_method)
 
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "push_to_hub is not supported: save_pretrained(dir), then upload the "
-            "directory with huggingface_hub"
-        )
+    def save_pretrained_gguf(self, save_directory: str | Path, tokenizer: Any = None,
+                             quantization_method: str = "q8_0") -> None:
+        """Unsloth's: save_directory/model-<quantization_method>.gguf with its model card."""
+        from fasttune.notebook.hub import save_pretrained_gguf
+
+        save_pretrained_gguf(self, save_directory, tokenizer, quantization_method)
+
+    def push_to_hub(self, repo_id: str, tokenizer: Any = None, *, token: str | None = None,
+                    private: bool | None = None, commit_message: str | None = None,
+                    revision: str | None = None) -> str:
+        """The adapter and a model card, uploaded to `repo_id` through huggingface_hub."""
+        from fasttune.notebook.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, tokenizer, token=token, private=private,
+                           commit_message=commit_message, revision=revision)
+
+    def push_to_hub_merged(self, repo_id: str, tokenizer: Any = None, save_method: str = "merged_16bit", *,
+                           token: str | None = None, private: bool | None = None,
+                           commit_message: str | None = None, revision: str | None = None) -> str:
+        """Unsloth's: save_pretrained_merged, uploaded to `repo_id`."""
+        from fasttune.notebook.hub import push_to_hub_merged
+
+        return push_to_hub_merged(self, repo_id, tokenizer, save_method, token=token, private=private,
+                                  commit_message=commit_message, revision=revision)
+
+    def push_to_hub_gguf(self, repo_id: str, tokenizer: Any = None, quantization_method: str = "q8_0", *,
+                         token: str | None = None, private: bool | None = None,
+                         commit_message: str | None = None, revision: str | None = None) -> str:
+        """Unsloth's: save_pretrained_gguf, uploaded to `repo_id` (the card as README.md)."""
+        from fasttune.notebook.hub import push_to_hub_gguf
+
+        return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method, token=token, private=private,
+                                commit_message=commit_message, revision=revision)
 
 
 class FastLanguageModel:
