@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +65,13 @@ class RunResult:
 
 def load(model_cfg: ModelConfig, device: torch.device):
     """fasttune.models.loading.load_model, with its failures turned into one clear ModelLoadError."""
-    from fasttune.models.loading import load_model
+    from fasttune.models.loading import load_model, resolve_source
 
     try:
+        if model_cfg.trust_remote_code:
+            from fasttune.remote_code import warn_remote_code
+
+            warn_remote_code(resolve_source(model_cfg))
         return load_model(model_cfg, device)
     except (OSError, RuntimeError, ValueError, ImportError) as e:
         raise ModelLoadError(f"model_name '{model_cfg.model_name}': {e}") from e
@@ -497,9 +500,9 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
     try:
         directory = resolve_source(model_cfg)
         if model_cfg.trust_remote_code:
-            from fasttune.remote_code import remote_code_warning
+            from fasttune.remote_code import warn_remote_code
 
-            print(remote_code_warning(directory), file=sys.stderr)
+            warn_remote_code(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=model_cfg.trust_remote_code)
         fix_tokenizer(tokenizer, AutoConfig.from_pretrained(directory,
                                                             trust_remote_code=model_cfg.trust_remote_code))

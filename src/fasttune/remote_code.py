@@ -7,7 +7,10 @@ YAML config cannot (config.load_yaml), so opening someone else's run never runs 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+_warned: set[Path] = set()
 
 
 def remote_code_warning(directory: str | Path) -> str:
@@ -23,3 +26,11 @@ def remote_code_warning(directory: str | Path) -> str:
     if mapped:
         code += f"; config.json auto_map: {', '.join(mapped)}"
     return f"warning: trust_remote_code is on: transformers may import and run Python code from {d} ({code})"
+
+
+def warn_remote_code(directory: str | Path) -> None:
+    """Print `remote_code_warning` to stderr, once per model folder in this process."""
+    d = Path(directory).resolve()
+    if d not in _warned:
+        _warned.add(d)
+        print(remote_code_warning(d), file=sys.stderr)

@@ -125,12 +125,10 @@ def load_for_inference(
         base.load_in_4bit = load_in_4bit
     dev = resolve_device(device)
     if trust_remote_code:
-        import sys
-
         from fasttune.models.loading import resolve_source
-        from fasttune.remote_code import remote_code_warning
+        from fasttune.remote_code import warn_remote_code
 
-        print(remote_code_warning(resolve_source(base)), file=sys.stderr)
+        warn_remote_code(resolve_source(base))
     loaded = load_model(base, dev)
     notes = list(loaded.notes)
     tokenizer, contract = loaded.tokenizer, None
