@@ -56,24 +56,32 @@ def ported_notebook() -> str:
 
 # ---- what each step trained -----------------------------------------------------------------------
 
-def _micro_batch_counts(batches, accumulation: int, steps: int, fasttune: bool) -> list[dict[str, Any]]:
-    """Per optimiser step: trained tokens and the real length of each row of its micro-batches."""
-    out: list[dict[str, Any]] = []
-    for i, batch in enumerate(batches):
-        if i // accumulation >= steps:
-            break
-        if i % accumulation == 0:
-            out.append({"step": len(out) + 1, "trained_tokens": 0, "row_lengths": []})
-        if fasttune:  # targets are already shifted
-            trained = int((batch["targets"] != -100).sum())
-            lengths = batch["attention_mask"].sum(1).tolist()
+def _windows(loader, accumulation: int, steps: int, per_epoch: bool) -> list[list[dict]]:
+    """The micro-batches of each of the first `steps` optimiser steps. per_epoch: `loader` yields one
+    epoch per pass (transformers' train dataloader, whose seedable sampler moves to the next epoch after
+    each pass) and every epoch ends on its own, possibly shorter, window; else it is one endless stream."""
+    out: list[list[dict]] = []
+    while len(out) < steps:
+        if per_epoch:
+            epoch = list(loader)
+            out += [epoch[k:k + accumulation] for k in range(0, len(epoch), accumulation)]
+        else:
+            out.append([next(loader) for _ in range(accumulation)])
+    return out[:steps]
+
+
+def _counts(window: list[dict], fasttune: bool) -> dict[str, Any]:
+    """Trained tokens and the real length of each row of one step's micro-batches."""
+    trained, lengths = 0, []
+    for batch in window:
+        if fasttune:  # targets are already shifted; a row with none completes a window (a filler)
+            trained += int((batch["targets"] != -100).sum())
+            lengths += batch["attention_mask"].sum(1)[(batch["targets"] != -100).any(1)].tolist()
         else:  # transformers' labels: the model shifts them, so position 0 is never a target
-            trained = int((batch["labels"][:, 1:] != -100).sum())
+            trained += int((batch["labels"][:, 1:] != -100).sum())
             mask = batch.get("attention_mask")
-            lengths = (mask if mask is not None else batch["labels"] != -100).sum(1).tolist()
-        out[-1]["trained_tokens"] += trained
-        out[-1]["row_lengths"] += [int(n) for n in lengths]
-    return out
+            lengths += (mask if mask is not None else batch["labels"] != -100).sum(1).tolist()
+    return {"trained_tokens": trained, "row_lengths": [int(n) for n in lengths]}
 
 
 def step_records(trainer: Any, fasttune: bool) -> list[dict[str, Any]]:
@@ -83,12 +91,12 @@ def step_records(trainer: Any, fasttune: bool) -> list[dict[str, Any]]:
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     steps = max(losses, default=0)
     if fasttune:
-        batches = trainer.batch_stream(int(args.per_device_train_batch_size), trainer.packing)
+        loader = trainer.batch_stream(int(args.per_device_train_batch_size), trainer.packing, accumulation)
     else:
-        batches = iter(trainer.get_train_dataloader())  # a fresh sampler: epoch 0's order, as trained
-    records = _micro_batch_counts(batches, accumulation, steps, fasttune)
-    for r in records:
-        r["loss"] = losses.get(r["step"])
+        loader = trainer.get_train_dataloader()  # a fresh sampler: epoch 0's order, as trained
+    windows = _windows(loader, accumulation, steps, per_epoch=not fasttune)
+    records = [{"step": i + 1, "loss": losses.get(i + 1), **_counts(w, fasttune)}
+               for i, w in enumerate(windows)]
     if fasttune:  # the loop's own count of what it trained (cumulative in metrics.jsonl), step by step
         metrics = Path(args.output_dir) / "metrics.jsonl"
         logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []

@@ -1,6 +1,7 @@
 """notebook_gpu's step records on the CPU: fasttune's SFTTrainer and TRL's, on the same model, rows and
 arguments at learning rate 0, draw the same rows into each step, train the same tokens and report the same
-loss, step by step (what the GPU run compares with Unsloth's trainer, which is TRL's)."""
+loss, step by step, across an epoch boundary that falls inside an accumulation window (what the GPU run
+compares with Unsloth's trainer, which is TRL's)."""
 
 import json
 import warnings
@@ -30,8 +31,9 @@ def test_both_trainers_draw_the_same_rows_and_report_the_same_losses(tmp_path, t
     bt.write_model_dir("tiny", tmp_path / "model", tokenizer_dir)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model"))
     rows = [{"text": instruction_data.row_text(r)}
-            for r in instruction_data.make_rows(24, seed=5, tokenizer=tok, lo=20, hi=120, median=50)]
-    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
+            for r in instruction_data.make_rows(22, seed=5, tokenizer=tok, lo=20, hi=120, median=50)]
+    # 11 micro-batches of 2 rows an epoch: its 6th step has one, and the 7th and 8th are epoch 2's
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=8,
                   learning_rate=0.0, logging_steps=1, save_strategy="no", seed=3407, report_to="none")
 
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "model"), max_seq_length=128,
@@ -50,7 +52,8 @@ def test_both_trainers_draw_the_same_rows_and_report_the_same_losses(tmp_path, t
         theirs.train()
 
     a, b = ng.step_records(ours, fasttune=True), ng.step_records(theirs, fasttune=False)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    assert len(a[5]["row_lengths"]) == 2 and len(a[6]["row_lengths"]) == 4
     for x, y in zip(a, b):
         assert sorted(x["row_lengths"]) == sorted(y["row_lengths"])
         assert x["trained_tokens"] == y["trained_tokens"] == x["trained_tokens_logged"]

@@ -228,3 +228,21 @@ def test_stream_resumes_inside_a_grouped_epoch():
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="sampler 'hf'"):
         plan_epoch([3, 4], 1, 8, False, seed=0, epoch=0, sampler="hf")
+
+
+def test_epochs_end_on_whole_windows_with_fillers_that_train_nothing():
+    rows = random_examples(13, 30, seed=8)  # 7 micro-batches of 2 an epoch
+    plain = BatchStream(rows, 2, 32, PAD, packing=False, seed=4, sampler="torch")
+    aligned = BatchStream(rows, 2, 32, PAD, packing=False, seed=4, sampler="torch", epoch_multiple=4)
+    assert (len(plain), len(aligned)) == (7, 8)
+    for epoch in range(2):
+        for i in range(8):
+            batch = next(aligned)
+            if i < 7:
+                want = next(plain)
+                assert all(torch.equal(batch[k], want[k]) for k in want), (epoch, i)
+            else:  # the filler: one attended pad token, no target
+                assert (batch["targets"] == IGN).all() and int(batch["attention_mask"].sum()) == 1
+    resumed = BatchStream(rows, 2, 32, PAD, packing=False, seed=4, sampler="torch", epoch_multiple=4)
+    resumed.load_state_dict({"epoch": 1, "index": 7})
+    assert (next(resumed)["targets"] == IGN).all() and resumed.state_dict() == {"epoch": 2, "index": 0}

@@ -145,6 +145,16 @@ def collate(batch: list[list[int]], input_ids: Sequence[Sequence[int]], targets:
     return {"input_ids": out_ids, "targets": out_tgt, "position_ids": out_pos, "attention_mask": out_mask}
 
 
+def filler_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch that trains nothing: one row of PAD_MULTIPLE pad ids, the first attended, no
+    target. Its loss and gradient are zero; it only completes an accumulation window (BatchStream)."""
+    ids = torch.full((1, PAD_MULTIPLE), pad_id, dtype=torch.long)
+    mask = torch.zeros((1, PAD_MULTIPLE), dtype=torch.long)
+    mask[0, 0] = 1
+    return {"input_ids": ids, "targets": torch.full_like(ids, IGNORE_INDEX),
+            "position_ids": torch.arange(PAD_MULTIPLE).unsqueeze(0), "attention_mask": mask}
+
+
 def make_batches(examples: Sequence[Any], batch_size: int, max_seq_length: int, pad_id: int, packing: bool,
                  seed: int, epoch: int, group_by_length: bool = False,
                  sampler: str = "seeded") -> list[dict[str, torch.Tensor]]:
@@ -162,12 +172,14 @@ class BatchStream:
     `state_dict()` is {"epoch", "index"}: the next batch is micro-batch `index` of epoch `epoch`
     (plans are rebuilt from the seed, so nothing else need be saved). `len()` is micro-batches per
     epoch for this rank. With `world_size` > 1 each rank takes every world_size-th micro-batch and
-    all ranks get the same count (the remainder of an epoch is left out).
+    all ranks get the same count (the remainder of an epoch is left out). `epoch_multiple` N > 1 ends
+    each epoch on a window of N micro-batches, as transformers' Trainer does: the last window of an
+    epoch holds its remaining micro-batches and is completed with `filler_batch`es, which train nothing.
     """
 
     def __init__(self, examples: Sequence[Any], batch_size: int, max_seq_length: int, pad_id: int,
                  packing: bool, seed: int, rank: int = 0, world_size: int = 1, group_by_length: bool = False,
-                 sampler: str = "seeded") -> None:
+                 sampler: str = "seeded", epoch_multiple: int = 1) -> None:
         if not examples:
             raise ValueError("no examples to batch")
         self.input_ids = [list(e.input_ids) for e in examples]
@@ -175,7 +187,7 @@ class BatchStream:
         self.lengths = [len(x) for x in self.input_ids]
         self.batch_size, self.max_seq_length, self.pad_id = batch_size, max_seq_length, pad_id
         self.packing, self.seed, self.rank, self.world_size = packing, seed, rank, world_size
-        self.group_by_length, self.sampler = group_by_length, sampler
+        self.group_by_length, self.sampler, self.epoch_multiple = group_by_length, sampler, epoch_multiple
         self.epoch, self.index = 0, 0
         self._plan: tuple[int, Plan] | None = None
         if len(self) == 0:
@@ -189,6 +201,8 @@ class BatchStream:
                               epoch, group_by_length=self.group_by_length, sampler=self.sampler)
             per_rank = len(full) // self.world_size
             mine = full[self.rank::self.world_size][:per_rank] if self.world_size > 1 else full
+            if len(mine) % self.epoch_multiple:  # [] stands for a filler micro-batch
+                mine = mine + [[]] * (self.epoch_multiple - len(mine) % self.epoch_multiple)
             self._plan = (epoch, mine)
         return self._plan[1]
 
@@ -201,7 +215,9 @@ class BatchStream:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         plan = self.plan(self.epoch)
-        batch = collate(plan[self.index], self.input_ids, self.targets, self.pad_id, self.max_seq_length)
+        entry = plan[self.index]
+        batch = (collate(entry, self.input_ids, self.targets, self.pad_id, self.max_seq_length) if entry
+                 else filler_batch(self.pad_id))
         self.index += 1
         if self.index >= len(plan):
             self.epoch, self.index = self.epoch + 1, 0

@@ -97,13 +97,16 @@ class SFTTrainer:
                                         formatting_func, contract=self.contract)
         self.state: Any = None
 
-    def batch_stream(self, batch_size: int, packing: bool) -> Any:
-        """The training micro-batches: rows in transformers' Trainer order (grouped by length if asked)."""
+    def batch_stream(self, batch_size: int, packing: bool, accumulation: int = 1) -> Any:
+        """The training micro-batches as transformers' Trainer draws them: rows in its order (grouped by
+        length if asked), each epoch ending on its own accumulation window, however few micro-batches
+        are left for it."""
         from fasttune.data.packing import BatchStream
 
         return BatchStream(self.train_dataset.examples, batch_size, self._batch_length(),
                            self.contract.pad_id, packing, seed=self.sampling.seed,
-                           group_by_length=self.sampling.group_by_length, sampler="torch")
+                           group_by_length=self.sampling.group_by_length, sampler="torch",
+                           epoch_multiple=accumulation)
 
     def _batch_length(self) -> int:
         """The batch width limit: max_length, or with max_length=None the longest example."""
@@ -147,7 +150,7 @@ class SFTTrainer:
             )
         packing = resolve_packing("on" if self.packing else "off", exact=exact)
         bs = cfg.per_device_train_batch_size
-        stream = self.batch_stream(bs, packing)
+        stream = self.batch_stream(bs, packing, cfg.gradient_accumulation_steps)
         eval_batches = None
         if self.eval_dataset is not None:
             eval_batches = make_batches(self.eval_dataset.examples, bs, self._batch_length(),
