@@ -12,6 +12,10 @@ row 1 keys    pad  d    e    x'   y'   .      key_mask 0 1 1 1 1 0
 ```
 The prefill still runs the model's forward (one call, any length) into the same buffers.
 
+`slot` is either one cache column shared by every row, (1,), as `generate` uses it, or one column per row,
+(B,), as the server's continuous batching uses it: there each row holds its own sequence from column 0, so
+a row's column is its position, and rows of different lengths step together.
+
 Two steps: `decode_step` runs the model's own layers; `fused_decode_step` (the default of the compiled and
 CUDA-graph modes on a GPU) runs the same math with fewer, larger kernels: q/k/v as one GEMV and gate/up as
 one over weights packed by `decode_weights.py`, the residual added inside the o/down GEMVs, one additive
@@ -100,6 +104,16 @@ def step_rope(
     return model.model.rotary_emb(position_ids, dtype)
 
 
+def write_slot(buf: torch.Tensor, slot: torch.Tensor, kv: torch.Tensor) -> None:
+    """kv (B, n_kv, 1, hd) into column `slot` of buf (B, n_kv, max_len, hd): one shared column (1,), or
+    row b's own column slot[b] when slot is (B,)."""
+    if slot.numel() == 1:
+        buf.index_copy_(2, slot, kv)
+    else:
+        rows = torch.arange(buf.shape[0], device=buf.device)
+        buf[rows, :, slot] = kv[:, :, 0]  # (B, n_kv, hd) at (b, :, slot[b])
+
+
 class _Slots:
     """What an attention layer calls `kv_cache`: write this step's k/v at `pos`, return every slot."""
 
@@ -108,19 +122,22 @@ class _Slots:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (B, n_kv, 1, hd) written at slot `pos` of (B, n_kv, max_len, hd)
-        self.k[layer].index_copy_(2, self.pos, k)
-        self.v[layer].index_copy_(2, self.pos, v)
+        write_slot(self.k[layer], self.pos, k)
+        write_slot(self.v[layer], self.pos, v)
         return self.k[layer], self.v[layer]
 
 
 def visible_keys(static: StaticKV, slot: torch.Tensor, window: int | None) -> torch.Tensor:
     """Mark `slot` filled and return the (B, max_len) bool mask of the slots this step's query may read."""
-    static.key_mask.index_fill_(1, slot, True)
     keys = static.key_mask  # (B, max_len)
+    if slot.numel() == 1:
+        keys.index_fill_(1, slot, True)
+    else:
+        keys[torch.arange(keys.shape[0], device=keys.device), slot] = True
     if window is not None:
         # Mistral: slots more than `window` behind this one fall out of view.
         idx = torch.arange(keys.shape[1], device=keys.device)
-        keys = keys & (idx > slot - window)[None]
+        keys = keys & (idx[None] > slot.view(-1, 1) - window)  # (B or 1, max_len) broadcast over rows
     return keys
 
 
@@ -133,7 +150,8 @@ def decode_step(
 ) -> torch.Tensor:
     """Feed one token per row; return the next-token logits (B, V) in fp32.
 
-    input_ids, position_ids: (B, 1); slot: (1,) int64, the cache slot this token fills.
+    input_ids, position_ids: (B, 1); slot: (1,) or (B,) int64, the cache slot this token fills (every row's,
+    or each row's own).
     """
     inner = model.model
     keys = visible_keys(static, slot, model.config.sliding_window)
@@ -187,8 +205,8 @@ def _fused_attention(layer: nn.Module, packed, x, rope, bias, static: StaticKV, 
     if a.qk_norm:
         q, k = a.q_norm(q), a.k_norm(k)
     q, k = (apply_rope if a.use_kernels else apply_rope_reference)(q, k, *rope)
-    static.k[i].index_copy_(2, slot, k.transpose(1, 2))  # (B, nkv, 1, hd) into slot of (B, nkv, max_len, hd)
-    static.v[i].index_copy_(2, slot, v.transpose(1, 2))
+    write_slot(static.k[i], slot, k.transpose(1, 2))  # (B, nkv, 1, hd) into slot of (B, nkv, max_len, hd)
+    write_slot(static.v[i], slot, v.transpose(1, 2))
     # Grouped-query attention for a single query: the `nh / nkv` query heads that share a KV head become
     # that head's query rows (head h = kv * group + j, as repeat_kv numbers them), so SDPA reads each KV
     # head once and nothing repeats K/V over all max_len slots; the (B, 1, 1, max_len) mask broadcasts.

@@ -54,6 +54,14 @@ class KVCache:
             dtype=dtype or emb.dtype, device=device or emb.device,
         )
 
+    def rows(self, start: int, end: int) -> KVCache:
+        """An empty cache over rows start:end of these buffers (views: what it writes lands here), for a
+        prefill of some rows while the others keep their contents (the server's continuous batching)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:end], self.v[:, start:end]  # (L, end - start, n_kv, max_len, hd)
+        view.length = 0
+        return view
+
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
