@@ -77,24 +77,30 @@ class Scheduler:
     graph of the step for a 16-bit model on a GPU, else eager), 'eager' or 'cuda_graph'.
     """
 
-    def __init__(self, model: torch.nn.Module, *, slots: int, max_len: int, max_queue: int,
-                 compile: str = "auto") -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, slots: int, max_len: int, max_queue: int, compile: str = "auto"
+    ) -> None:
         from fasttune.infer.generate import is_own_model
 
         if not is_own_model(model):
-            raise ValueError("serving with continuous batching needs a Llama-family model (Llama, Mistral, "
-                             "Qwen2/3, SmolLM), which fasttune runs on its own model")
+            raise ValueError(
+                "serving with continuous batching needs a Llama-family model (Llama, Mistral, "
+                "Qwen2/3, SmolLM), which fasttune runs on its own model"
+            )
         if slots < 1 or max_len < 2 or max_queue < 0:
-            raise ValueError(f"slots={slots}, max_len={max_len}, max_queue={max_queue}: need slots >= 1, "
-                             "max_len >= 2, max_queue >= 0")
+            raise ValueError(
+                f"slots={slots}, max_len={max_len}, max_queue={max_queue}: need slots >= 1, "
+                "max_len >= 2, max_queue >= 0"
+            )
         if compile not in ("auto", "eager", "cuda_graph"):
             raise ValueError(f"compile={compile!r}: expected auto, eager or cuda_graph")
         self.model = model
         self.slots, self.max_len, self.max_queue = slots, max_len, max_queue
         emb = model.get_input_embeddings().weight
         self.device, self.vocab = emb.device, emb.shape[0]
-        resolved = resolve_compile(model, "auto" if compile == "auto" else
-                                   (False if compile == "eager" else "cuda_graph"))
+        resolved = resolve_compile(
+            model, "auto" if compile == "auto" else (False if compile == "eager" else "cuda_graph")
+        )
         mode, fused = decode_variant(resolved)
         # A Decoder of its own (not infer's per-model cache): its buffers must not be resized by a
         # `generate` call on the same model elsewhere in the process.
@@ -105,8 +111,10 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._stop = False
+        self._in_flight = 0  # submitted and not yet ended (waiting, being prefilled, or in a row)
         self._thread = threading.Thread(target=self._run, name="fasttune-scheduler", daemon=True)
-        self.steps = 0  # decoding steps run (batched forwards), for tests and /health
+        self.steps = 0  # decoding steps run (batched forwards)
+        self.cancelled = 0  # requests dropped before their end (a client that went away, a stop string)
 
     # ---- the caller's side (any thread) ------------------------------------------------------------
 
@@ -125,12 +133,15 @@ class Scheduler:
         if not job.prompt_ids:
             raise ValueError("empty prompt")
         if len(job.prompt_ids) + job.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(job.prompt_ids)} tokens) + max_new_tokens ({job.max_new_tokens}) "
-                             f"> the server's context of {self.max_len} tokens")
+            raise ValueError(
+                f"prompt ({len(job.prompt_ids)} tokens) + max_new_tokens ({job.max_new_tokens}) "
+                f"> the server's context of {self.max_len} tokens"
+            )
         with self._wake:
             if len(self._waiting) >= self.max_queue + self.free_rows():
                 raise QueueFull(f"{len(self._waiting)} requests are waiting; try again later")
             self._waiting.append(job)
+            self._in_flight += 1
             self._wake.notify_all()
 
     def free_rows(self) -> int:
@@ -138,8 +149,14 @@ class Scheduler:
 
     def load(self) -> dict[str, int]:
         """Rows in use, requests waiting, and the capacity: what /health reports."""
-        return {"slots": self.slots, "active": self.slots - self.free_rows(), "waiting": len(self._waiting),
-                "max_queue": self.max_queue, "context": self.max_len}
+        return {
+            "slots": self.slots,
+            "active": self.slots - self.free_rows(),
+            "waiting": len(self._waiting),
+            "in_flight": self._in_flight,
+            "max_queue": self.max_queue,
+            "context": self.max_len,
+        }
 
     # ---- the scheduler thread ----------------------------------------------------------------------
 
@@ -159,13 +176,13 @@ class Scheduler:
                     log.exception("scheduler step failed")
                     for b, row in enumerate(self._rows):
                         if row is not None:
-                            row.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                            self._end(row.job, "error", f"generation failed: {type(e).__name__}: {e}")
                             self._rows[b] = None
         for row in self._rows:
             if row is not None:
-                row.job.emit("end", "cancelled")
+                self._end(row.job, "end", "cancelled")
         for job in self._waiting:
-            job.emit("end", "cancelled")
+            self._end(job, "end", "cancelled")
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows (one forward each) and hand out their first token."""
@@ -175,18 +192,19 @@ class Scheduler:
                     return
                 job = self._waiting.popleft()
             if job.cancelled.is_set():
-                job.emit("end", "cancelled")
+                self._drop(job)
                 continue
             b = self._rows.index(None)
             try:
                 logits = self._prefill(b, job.prompt_ids)
             except Exception as e:
                 log.exception("prefill failed")
-                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                self._end(job, "error", f"generation failed: {type(e).__name__}: {e}")
                 continue
             seed = job.seed if job.seed is not None else secrets.randbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed) if job.sampling.do_sample \
-                else None
+            generator = (
+                torch.Generator(device=self.device).manual_seed(seed) if job.sampling.do_sample else None
+            )
             row = _Row(job, len(job.prompt_ids), 0, generator)
             self._rows[b] = row
             self._deliver(b, row, self._pick(row, logits))
@@ -202,15 +220,20 @@ class Scheduler:
         positions = torch.arange(T, device=self.device)[None]  # (1, T)
         self.static.key_mask[b] = False
         self.static.key_mask[b, :T] = True
-        out = self.model(ids, position_ids=positions, attention_mask=torch.ones_like(ids),
-                         kv_cache=self.static.kv_cache.rows(b, b + 1), logits_to_keep=1)
+        out = self.model(
+            ids,
+            position_ids=positions,
+            attention_mask=torch.ones_like(ids),
+            kv_cache=self.static.kv_cache.rows(b, b + 1),
+            logits_to_keep=1,
+        )
         return out.logits[:, -1].float()  # (1, V)
 
     def _step(self) -> None:
         """Drop cancelled rows, then one decoding step over every row; hand out each active row's token."""
         for b, row in enumerate(self._rows):
             if row is not None and row.job.cancelled.is_set():
-                row.job.emit("end", "cancelled")
+                self._drop(row.job)
                 self._rows[b] = None
         active = [(b, row) for b, row in enumerate(self._rows) if row is not None]
         if not active:
@@ -226,8 +249,18 @@ class Scheduler:
         greedy = logits.argmax(dim=-1).tolist()
         for b, row in active:
             row.column += 1
-            token = self._pick(row, logits[b:b + 1]) if row.job.sampling.do_sample else greedy[b]
+            token = self._pick(row, logits[b : b + 1]) if row.job.sampling.do_sample else greedy[b]
             self._deliver(b, row, token)
+
+    def _end(self, job: Job, kind: str, value: str) -> None:
+        """The one way a job ends: its last message, and it no longer counts as in flight."""
+        with self._wake:
+            self._in_flight -= 1
+        job.emit(kind, value)
+
+    def _drop(self, job: Job) -> None:
+        self.cancelled += 1
+        self._end(job, "end", "cancelled")
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> int:
         """The row's next token from its (1, V) logits, with its own sampling settings and generator."""
@@ -239,9 +272,9 @@ class Scheduler:
         job.new_tokens += 1
         job.emit("token", token)
         if token in job.eos_ids:
-            job.emit("end", "stop")
+            self._end(job, "end", "stop")
         elif job.new_tokens >= job.max_new_tokens:
-            job.emit("end", "length")
+            self._end(job, "end", "length")
         else:
             row.token = token
             return
@@ -249,11 +282,10 @@ class Scheduler:
 
 
 def wait_idle(scheduler: Scheduler, timeout: float = 10.0) -> bool:
-    """True once no row is in use and nothing waits (tests: a cancelled request has left its row)."""
+    """True once every submitted request has ended (tests: a cancelled request has left its row)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        load = scheduler.load()
-        if load["active"] == 0 and load["waiting"] == 0:
+        if scheduler.load()["in_flight"] == 0:
             return True
         time.sleep(0.02)
     return False
