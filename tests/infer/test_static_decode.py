@@ -44,8 +44,9 @@ def with_adapters(model: nn.Module, seed: int = 1, targets=("default",)) -> nn.M
     return model.eval()
 
 
-def run_steps(model, step, packed=None, rope_table=False) -> torch.Tensor:
-    """Prefill two left-padded prompts, then STEPS greedy steps of `step`; the logits (STEPS, B, V)."""
+def run_steps(model, step, packed=None, rope_table=False, per_row=False) -> torch.Tensor:
+    """Prefill two left-padded prompts, then STEPS greedy steps of `step`; the logits (STEPS, B, V).
+    per_row: give the cache column as one per row, (B,), instead of one shared (1,)."""
     ids, mask = left_pad([[5, 9, 3, 17, 2, 44], [8, 1, 30]])
     B, T = ids.shape
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -54,7 +55,7 @@ def run_steps(model, step, packed=None, rope_table=False) -> torch.Tensor:
     out = []
     with torch.no_grad():
         model(ids, position_ids=positions, attention_mask=mask, kv_cache=static.start(mask.bool()))
-        token, pos, slot = ids[:, -1:], positions[:, -1:] + 1, torch.tensor([T])
+        token, pos, slot = ids[:, -1:], positions[:, -1:] + 1, torch.tensor([T] * (B if per_row else 1))
         for _ in range(STEPS):
             args = (packed,) if packed is not None else ()
             logits = step(model, static, token, pos, slot, *args)
@@ -76,6 +77,52 @@ def test_fused_step_logits_equal_the_model_step(config, lora):
     assert ref.abs().max() > 1.0  # logits of a peaked distribution, not all near zero
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("config", ["llama_gqa", "qwen3_qk_norm", "mistral_window"])
+def test_a_column_per_row_equals_the_shared_column(config):
+    model = make_model(**CONFIGS[config])
+    for step, packed in ((decode_step, None), (fused_decode_step, pack_decode_weights(model))):
+        ref = run_steps(model, step, packed)
+        got = run_steps(model, step, packed, per_row=True)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_rows_at_their_own_columns_equal_each_row_alone():
+    """Two sequences of different lengths, each from column 0 of its own row, stepped together: each row's
+    logits are those of the same sequence decoded alone (a window of 4 makes the per-row window matter)."""
+    model = make_model(model_type="mistral", sliding_window=4)
+    prompts = [[5, 9, 3, 17, 2, 44], [8, 1, 30]]
+
+    def alone(prompt):
+        static = StaticKV(model, 1, 20)
+        ids = torch.tensor([prompt])
+        out = []
+        with torch.no_grad():
+            model(ids, kv_cache=static.start(torch.ones_like(ids, dtype=torch.bool)))
+            token, T = ids[:, -1:], len(prompt)
+            for i in range(STEPS):
+                logits = decode_step(model, static, token, torch.tensor([[T + i]]), torch.tensor([T + i]))
+                out.append(logits[0].clone())
+                token = logits.argmax(-1, keepdim=True)
+        return torch.stack(out)  # (STEPS, V)
+
+    static = StaticKV(model, 2, 20)
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])
+            static.key_mask[b, : len(prompt)] = True
+            model(ids, kv_cache=static.kv_cache.rows(b, b + 1))
+        cols = torch.tensor([len(p) for p in prompts])
+        token = torch.tensor([[p[-1]] for p in prompts])
+        got = []
+        for _ in range(STEPS):
+            logits = decode_step(model, static, token, cols[:, None], cols)
+            got.append(logits.clone())
+            token, cols = logits.argmax(-1, keepdim=True), cols + 1
+    got = torch.stack(got)  # (STEPS, 2, V)
+    for b, prompt in enumerate(prompts):
+        torch.testing.assert_close(got[:, b], alone(prompt), rtol=1e-5, atol=1e-5)
 
 
 def test_repacking_keeps_values_and_parameters_and_makes_views():
