@@ -51,6 +51,7 @@ class LiveServer:
         runs_root: str | Path | None = None,
         model_id: str = MODEL_ID,
         start_scheduler: bool = True,
+        eos_ids: list[int] | None = None,
     ) -> None:
         from fasttune.infer.load import stop_ids
         from fasttune.serve.app import build_app
@@ -59,7 +60,7 @@ class LiveServer:
 
         self.model, self.tokenizer, self.contract = model, tokenizer, contract
         self.start_scheduler = start_scheduler
-        self.eos_ids = stop_ids(contract, tokenizer)
+        self.eos_ids = eos_ids if eos_ids is not None else stop_ids(contract, tokenizer)
         self.scheduler = Scheduler(model, slots=slots, max_len=context, max_queue=max_queue, compile="eager")
         self.info = ModelInfo(model_id, tokenizer, contract, self.eos_ids, context)
         self.app = build_app(
