@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fasttune.cli import export, hub, infer, train
+from fasttune.cli import export, hub, infer, serve, train
 from fasttune.cli.parser import EXIT_USER_ERROR, Parser, print_help
 from fasttune.fs import is_filesystem_error
 from fasttune.train.interrupts import TrainingStopped
 
 # Each registers its subcommands in this order (the order of `fasttune --help`).
-COMMAND_MODULES = (train, infer, export, hub)
+COMMAND_MODULES = (train, infer, export, hub, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

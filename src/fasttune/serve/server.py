@@ -43,6 +43,8 @@ def model_id(run: str | None, model: str | None, adapter: str | None) -> str:
         return p.parent.name if p.name == "adapter" else p.name
     if adapter is not None:
         return Path(adapter).resolve().name
+    if model is not None and Path(model).exists():
+        return Path(model).resolve().name  # a local directory or .gguf file: its name
     return model or "smollm2-135m"
 
 
