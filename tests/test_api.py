@@ -3,6 +3,7 @@ directory, re-running run.yaml, resume, and the answers shown before and after."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -94,6 +95,9 @@ def test_train_writes_the_run_directory(tmp_path, llama_dir):
 
     assert len(result.samples_before) == len(result.samples_after) == 2
     assert result.samples_before[0].question == ROWS[0]["instruction"]
+    saved_answers = json.loads((run / "answers.json").read_text())
+    assert saved_answers == {"before": [dataclasses.asdict(s) for s in result.samples_before],
+                             "after": [dataclasses.asdict(s) for s in result.samples_after]}
     text = "\n".join(lines)
     assert "answers before training:" in text and "answers after training:" in text and "summary" in text
 

@@ -18,9 +18,9 @@ def make_run(root, contract_in_adapter=True):
 def test_layout_names():
     run = RunDir("runs/x")
     assert [p.as_posix() for p in (run.run_yaml, run.adapter, run.contract, run.metrics, run.loss_plot,
-                                   run.checkpoints)] == [
+                                   run.answers, run.checkpoints, run.exports)] == [
         "runs/x/run.yaml", "runs/x/adapter", "runs/x/adapter/prompt_contract.json", "runs/x/metrics.jsonl",
-        "runs/x/loss.png", "runs/x/checkpoints"]
+        "runs/x/loss.png", "runs/x/answers.json", "runs/x/checkpoints", "runs/x/exports"]
 
 
 def test_locate_a_run_its_adapter_and_a_bare_adapter(tmp_path):

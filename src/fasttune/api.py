@@ -175,6 +175,13 @@ def answer(model: torch.nn.Module, tokenizer: Any, contract: Any, questions: Seq
     return [Sample(q, a) for q, a in zip(shown, replies)]
 
 
+def save_answers(path: Path, before: Sequence[Sample], after: Sequence[Sample] | None) -> None:
+    """answers.json: {"before": [{question, answer}], "after": [...] or null while training runs}."""
+    rows = lambda samples: [dataclasses.asdict(s) for s in samples]
+    body = {"before": rows(before), "after": None if after is None else rows(after)}
+    path.write_text(json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+
+
 def format_samples(title: str, samples: Sequence[Sample]) -> str:
     lines = [title]
     for s in samples:
@@ -288,6 +295,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         dataclasses.replace(cfg, train=saved).save(run.run_yaml)
 
         before = answer(model, tokenizer, contract, questions)
+        save_answers(run.answers, before, None)
         if before:
             log(format_samples("answers before training:", before))
         scorer = None
@@ -306,6 +314,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
         write_card(adapter_dir, "adapter", run_dir)  # README.md: from run.yaml, metrics and the contract
         after = answer(model, tokenizer, contract, questions)
+        save_answers(run.answers, before, after)
         if after:
             log(format_samples("answers after training:", after))
 

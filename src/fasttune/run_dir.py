@@ -6,9 +6,11 @@ runs/<name>/
   adapter/              adapter_model.safetensors + adapter_config.json (PEFT), tokenizer files,
     prompt_contract.json  template, BOS/EOS/pad ids and stop strings used in training
   metrics.jsonl         one JSON record per logged step and eval
+  answers.json          the greedy answers to the shown held-out questions, before and after training
   loss.png              the loss curve
   checkpoints/          step-N/ directories and `latest` (train/checkpoint.py owns their insides)
   run.lock              while a run writes here: its PID and host (run_lock.py)
+  exports/              what the web page's export button writes: merged/, <type>.gguf, ollama/
 ```
 Every other module asks this one for these paths; nothing else spells the names.
 """
@@ -25,8 +27,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONTRACT_FILE = "prompt_contract.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+ANSWERS_FILE = "answers.json"
 CHECKPOINTS = "checkpoints"
 LOCK_FILE = "run.lock"
+EXPORTS = "exports"
 
 
 class RunDirError(Exception):
@@ -64,6 +68,14 @@ class RunDir:
         return self.root / LOSS_PLOT
 
     @property
+    def answers(self) -> Path:
+        return self.root / ANSWERS_FILE
+
+    @property
+    def exports(self) -> Path:
+        return self.root / EXPORTS
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
 
@@ -72,9 +84,10 @@ class RunDir:
         return self.root / LOCK_FILE
 
     def run_files(self) -> list[Path]:
-        """The paths a training run writes here that exist now (an earlier run's, for a fresh one)."""
-        return [p for p in (self.run_yaml, self.adapter, self.metrics, self.loss_plot, self.checkpoints)
-                if p.exists()]
+        """The paths a training run writes here that exist now (an earlier run's, for a fresh one), and the
+        exports made from it."""
+        return [p for p in (self.run_yaml, self.adapter, self.metrics, self.loss_plot, self.answers,
+                            self.checkpoints, self.exports) if p.exists()]
 
     def is_finished(self) -> bool:
         """A completed training run lives here: its adapter was saved."""

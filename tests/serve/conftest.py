@@ -38,3 +38,14 @@ def server(tiny, tokenizer, contract):
     """The app over `tiny` with 4 slots of 160 tokens and room for 8 waiting requests."""
     with LiveServer(tiny, tokenizer, contract, slots=4, context=160, max_queue=8) as live:
         yield live
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny, tokenizer):
+    """A Hugging Face style directory (config.json, safetensors, tokenizer) of `tiny`."""
+    from infer_models import hf_twin
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    hf_twin(tiny).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path

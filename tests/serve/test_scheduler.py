@@ -38,11 +38,15 @@ class Collector:
 
 
 def alone(model, prompt, n, **sampling) -> list[int]:
-    out = generate(model, torch.tensor([prompt]), max_new_tokens=n, eos_token_ids=[], compile=False, **sampling)
+    out = generate(
+        model, torch.tensor([prompt]), max_new_tokens=n, eos_token_ids=[], compile=False, **sampling
+    )
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("config", [{}, {"model_type": "mistral", "sliding_window": 4}], ids=["llama", "window"])
+@pytest.mark.parametrize(
+    "config", [{}, {"model_type": "mistral", "sliding_window": 4}], ids=["llama", "window"]
+)
 def test_every_request_gets_the_tokens_it_gets_alone(config):
     model = make_model(**config)
     # Greedy and sampled requests (each with its own seed and settings) share rows; 8 requests on 3 rows.
