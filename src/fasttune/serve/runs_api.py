@@ -117,7 +117,10 @@ class RunsAPI:
                         **summarize(read_metrics(run.metrics)),
                     }
                 )
-        return JSONResponse({"root": str(self.root), "runs": runs})
+        from fasttune.cli.export import GGUF_TYPE_NAMES
+
+        return JSONResponse({"root": str(self.root), "runs": runs, "gguf_types": list(GGUF_TYPE_NAMES),
+                             "gguf_default": GGUF_DEFAULT})
 
     async def show_run(self, request: Request) -> Response:
         run = self._run(request.path_params["name"])
