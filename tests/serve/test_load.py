@@ -29,6 +29,7 @@ def run_clients(url: str, model: str, requests: list[dict], tmp_path: Path) -> d
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_32_clients_from_another_process_get_complete_correct_answers(tiny, tokenizer, contract, tmp_path):
     requests = [
         {"question": f"Question number {i}: what comes next?", "max_tokens": 8 + i % 9, "stream": i % 2 == 0}

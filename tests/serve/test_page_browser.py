@@ -23,6 +23,7 @@ ROWS = [
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WAIT_S = 60
+pytestmark = pytest.mark.slow  # two short trainings and a browser: well over ten seconds on two cores
 
 
 def train_run(root: Path, name: str, model_dir: Path, data: Path, learning_rate: float) -> Path:

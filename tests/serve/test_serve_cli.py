@@ -46,6 +46,7 @@ def test_context_past_the_model_limit_is_named(tiny_model_dir, capsys):
     assert "--context 100000: the model's limit is 256 positions" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_served_process_answers_and_logs_one_line_per_request(tiny_model_dir, tmp_path):
     import openai
 
