@@ -104,9 +104,18 @@ def browser():
 
 
 def wait_for(driver, condition, message: str):
+    """condition(driver) once it is truthy; an element redrawn meanwhile (stale) is looked up again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_S).until(lambda d: condition(d), message)
+    wait = WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(lambda d: condition(d), message)
+
+
+def points(driver, run: str, kind: str) -> int | None:
+    """The number of points of a run's curve as drawn, or None before it is drawn."""
+    lines = by_css(driver, f'polyline[data-run="{run}"][data-kind="{kind}"]')
+    return int(lines[0].get_attribute("data-points")) if lines else None
 
 
 def screenshot(driver, name: str) -> None:
@@ -128,21 +137,16 @@ def test_page_shows_a_finished_runs_curves_answers_and_two_runs_side_by_side(pag
 
     browser.get(page_server.url + "/")
     wait_for(browser, lambda d: len(by_css(d, "#run-list li")) == 2, "the two runs are listed")
-    by_css(browser, '#run-list li[data-run="alpha"]')[0].click()
+    wait_for(browser, lambda d: by_css(d, '#run-list li[data-run="alpha"]')[0].click() or True, "a click")
     records = read_metrics(runs_root / "alpha" / "metrics.jsonl")
     n_train = sum(r["kind"] == "train" for r in records)
     n_eval = sum(r["kind"] == "eval" for r in records)
-    line = wait_for(browser, lambda d: by_css(d, 'polyline[data-run="alpha"][data-kind="train"]'), "a curve")[
-        0
-    ]
-    assert int(line.get_attribute("data-points")) == n_train == 6
-    assert (
-        int(by_css(browser, 'polyline[data-run="alpha"][data-kind="eval"]')[0].get_attribute("data-points"))
-        == n_eval
-    )
-    assert by_css(browser, "#run-state")[0].text == "finished"
+    assert n_train == 6
+    wait_for(browser, lambda d: points(d, "alpha", "train") == n_train, "the training curve")
+    wait_for(browser, lambda d: points(d, "alpha", "eval") == n_eval, "the eval curve")
+    wait_for(browser, lambda d: by_css(d, "#run-state")[0].text == "finished", "the run's state")
     saved = json.loads((runs_root / "alpha" / "answers.json").read_text())
-    cells = [td.text for td in by_css(browser, "#answers td")]
+    cells = wait_for(browser, lambda d: [td.text for td in by_css(d, "#answers td")], "the answers")
     assert cells[:3] == [
         saved["before"][0]["question"],
         saved["before"][0]["answer"].strip(),
@@ -150,7 +154,7 @@ def test_page_shows_a_finished_runs_curves_answers_and_two_runs_side_by_side(pag
     ]
     assert "tokens/s (mean)" in by_css(browser, "#summary")[0].text
 
-    Select(by_css(browser, "#compare")[0]).select_by_value("beta")
+    wait_for(browser, lambda d: Select(by_css(d, "#compare")[0]).select_by_value("beta") or True, "compare")
     wait_for(
         browser, lambda d: by_css(d, 'polyline[data-run="beta"][data-kind="train"]'), "the second run's curve"
     )
