@@ -98,17 +98,30 @@ def browser():
         "--window-size=1280,1000",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
 
 
+@pytest.fixture(autouse=True)
+def no_script_errors(browser):
+    """After each test: the page's JavaScript raised nothing (the browser's console has no error)."""
+    browser.get_log("browser")  # drop what earlier tests left
+    yield
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"
+              and e["source"] == "javascript"]
+    assert errors == []
+
+
 def wait_for(driver, condition, message: str):
-    """condition(driver) once it is truthy; an element redrawn meanwhile (stale) is looked up again."""
+    """condition(driver) once it is truthy; an element not drawn yet, or redrawn meanwhile (stale), is looked
+    up again."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
+    # IndexError: the element is not on the page yet
+    wait = WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException, IndexError))
     return wait.until(lambda d: condition(d), message)
 
 
@@ -229,3 +242,25 @@ def test_export_from_the_page_writes_the_artifact_and_shows_its_check(page_serve
     assert (runs_root / "alpha" / "exports" / "f32.gguf").is_file()
     assert "check: " in status.text and "greedy answer" in status.text
     screenshot(browser, "serve-export.png")
+
+
+def test_a_training_runs_curve_grows_as_its_metrics_are_written(page_server, browser, runs_root):
+    """A run directory as a training run leaves it midway (run.yaml and metrics.jsonl, no adapter yet),
+    with alpha's records written a few at a time: the page marks it training and redraws the curve."""
+    alpha = runs_root / "alpha"
+    records = (alpha / "metrics.jsonl").read_text().splitlines(keepends=True)
+    train_lines = [i for i, line in enumerate(records) if '"kind": "train"' in line]
+    live = runs_root / "gamma"
+    live.mkdir()
+    shutil.copy(alpha / "run.yaml", live / "run.yaml")
+    (live / "metrics.jsonl").write_text("".join(records[: train_lines[1] + 1]))
+    try:
+        browser.get(page_server.url + "/")
+        wait_for(browser, lambda d: by_css(d, '#run-list li[data-run="gamma"]')[0].click() or True, "gamma")
+        wait_for(browser, lambda d: points(d, "gamma", "train") == 2, "the first two steps")
+        assert by_css(browser, "#run-state")[0].text == "training"
+        with (live / "metrics.jsonl").open("a") as f:
+            f.write("".join(records[train_lines[1] + 1 : train_lines[3] + 1]))
+        wait_for(browser, lambda d: points(d, "gamma", "train") == 4, "two more steps, without a reload")
+    finally:
+        shutil.rmtree(live)

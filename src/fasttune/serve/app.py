@@ -26,7 +26,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from fasttune.serve.answers import Answer
-from fasttune.serve.protocol import APIError, Generation, ModelInfo, parse_body, parse_chat, parse_completion
+from fasttune.serve.protocol import (
+    APIError,
+    Generation,
+    ModelInfo,
+    parse_body,
+    parse_chat,
+    parse_completion,
+    read_body,
+)
 from fasttune.serve.scheduler import Scheduler
 
 log = logging.getLogger("fasttune.serve")
@@ -36,28 +44,6 @@ DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt the context holds
 
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with a 413 as soon as it passes `limit` bytes (declared or sent)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise APIError(
-            413,
-            f"the request body is larger than the server's limit of {limit} bytes",
-            code="request_too_large",
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(
-                413,
-                f"the request body is larger than the server's limit of {limit} bytes",
-                code="request_too_large",
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _watch_disconnect(request: Request, answer: Answer) -> None:

@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fasttune.infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_STOPS = 4
@@ -72,6 +75,28 @@ class Generation:
     stops: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it passes `limit` bytes (declared or sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise APIError(
+            413,
+            f"the request body is larger than the server's limit of {limit} bytes",
+            code="request_too_large",
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(
+                413,
+                f"the request body is larger than the server's limit of {limit} bytes",
+                code="request_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:

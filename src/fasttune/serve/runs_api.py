@@ -24,12 +24,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fasttune.run_dir import RunDir
-from fasttune.serve.protocol import APIError, bad, parse_body
+from fasttune.serve.protocol import APIError, bad, parse_body, read_body
 from fasttune.train.metrics import read_metrics
 
 TRAINING_WITHIN_S = 120  # metrics.jsonl written this recently, no adapter yet: the run is training
 EXPORT_KINDS = ("merge", "gguf", "ollama")
 GGUF_DEFAULT = "q8_0"
+MAX_EXPORT_BODY = 4096  # {"kind": ..., "type": ...}
 
 
 def run_state(run: RunDir) -> str:
@@ -102,25 +103,23 @@ class RunsAPI:
         runs = []
         if self.root.is_dir():
             for path in sorted(self.root.iterdir()):
-                if not (path / "run.yaml").is_file():
-                    continue
-                run = RunDir(path)
-                config = _read_yaml(run.run_yaml)
-                mtimes = [p.stat().st_mtime for p in (run.run_yaml, run.metrics) if p.is_file()]
-                runs.append(
-                    {
-                        "name": path.name,
-                        "state": run_state(run),
-                        "model": _field(config, "model", "model_name"),
-                        "dataset": _field(config, "data", "dataset"),
-                        "updated": max(mtimes),
-                        **summarize(read_metrics(run.metrics)),
-                    }
-                )
+                if (path / "run.yaml").is_file():
+                    try:
+                        runs.append(self._entry(RunDir(path)))
+                    except OSError:  # removed while being read
+                        continue
         from fasttune.cli.export import GGUF_TYPE_NAMES
 
         return JSONResponse({"root": str(self.root), "runs": runs, "gguf_types": list(GGUF_TYPE_NAMES),
                              "gguf_default": GGUF_DEFAULT})
+
+    @staticmethod
+    def _entry(run: RunDir) -> dict[str, Any]:
+        config = _read_yaml(run.run_yaml)
+        mtimes = [p.stat().st_mtime for p in (run.run_yaml, run.metrics) if p.exists()]
+        return {"name": run.root.name, "state": run_state(run),
+                "model": _field(config, "model", "model_name"), "dataset": _field(config, "data", "dataset"),
+                "updated": max(mtimes, default=None), **summarize(read_metrics(run.metrics))}
 
     async def show_run(self, request: Request) -> Response:
         run = self._run(request.path_params["name"])
@@ -147,7 +146,7 @@ class RunsAPI:
 
     async def start_export(self, request: Request) -> Response:
         run = self._run(request.path_params["name"])
-        body = parse_body(await request.body())
+        body = parse_body(await read_body(request, MAX_EXPORT_BODY))
         unknown = set(body) - {"kind", "type"}
         if unknown:
             raise bad(sorted(unknown)[0], f"unsupported parameter '{sorted(unknown)[0]}'")

@@ -129,7 +129,9 @@ function drawAnswers(run) {
   table.replaceChildren();
   const a = run.answers;
   if (!a || !a.before || a.before.length === 0) {
-    table.append(el("tr", {}, "")).lastChild.append(el("td", { class: "muted" }, "No answers recorded."));
+    const tr = el("tr");
+    tr.append(el("td", { class: "muted" }, "No answers recorded yet."));
+    table.append(tr);
     return;
   }
   const head = el("tr");
