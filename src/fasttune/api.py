@@ -222,6 +222,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
     # Data first (it needs only the tokenizer): a broken row stops the run before the model loads.
     method = cfg.method.method
     tokenizer = load_tokenizer(cfg.model)
+    cfg = use_chat_template(cfg, tokenizer, log)
     if method == "sft":
         data = prepare_data(cfg, tokenizer, log)
         train_data, eval_data, questions = data.train, data.eval, data.questions
@@ -236,6 +237,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
         if cfg.model.max_seq_length == AUTO:
             longest = max(d.summary.longest for d in (train_data, eval_data) if d is not None)
             max_len = log_choice(choose_max_seq_length(longest, context), log)
+    check_chat_template_used(cfg, tokenizer, contract, getattr(train_data, "format", method))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_length=max_len))
     cfg = resolve_learning_rate(cfg, log)
     t, run = cfg.train, RunDir(cfg.train.output_dir)
@@ -401,6 +403,29 @@ def log_choice(choice: Any, log: Callable[[str], None]) -> int:
     return choice.max_seq_length
 
 
+def use_chat_template(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> RunConfig:
+    """data.chat_template (a name or a .jinja file), checked in Jinja's sandbox, made the tokenizer's chat
+    template; with template 'auto', alpaca rows are then rendered as chat too."""
+    from fasttune.data.chat_templates import resolve_chat_template
+
+    value = cfg.data.chat_template
+    if not value:
+        return cfg
+    if cfg.data.template == "alpaca":
+        raise ConfigError(f"chat_template {value}: template 'alpaca' renders alpaca rows with the alpaca "
+                          "prompt, not a chat template; set template to auto or chat, or drop chat_template")
+    tokenizer.chat_template = resolve_chat_template(value, tokenizer)
+    log(f"  chat template {value} (instead of the tokenizer's own)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template="chat"))
+
+
+def check_chat_template_used(cfg: RunConfig, tokenizer: Any, contract: Any, fmt: str) -> None:
+    """A chat_template the run's rows are not rendered with is an error, not a silent no-op."""
+    if cfg.data.chat_template and contract.chat_template != tokenizer.chat_template:
+        raise ConfigError(f"chat_template {cfg.data.chat_template}: the {fmt} rows of {cfg.data.dataset} are "
+                          "not rendered with a chat template (text rows are trained as they are)")
+
+
 def resolve_learning_rate(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
     """cfg with 'auto' in learning_rate and lora_alpha replaced by what suits the model's size
     (`train/auto.choose_learning_rate`), and the choice logged."""
@@ -484,6 +509,7 @@ def preview_data(cfg: RunConfig, n: int = 3, color: bool | None = None) -> str:
 
     validate(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    cfg = use_chat_template(cfg, tokenizer, lambda line: None)
     color = sys.stdout.isatty() if color is None else color
     if cfg.method.method != "sft":  # pairs, KTO rows or GRPO prompts, framed as the init_from run's
         from fasttune.data.pairs import build_method_data
