@@ -29,10 +29,31 @@ def test_check_sees_a_different_model(run_dir, llama_dir, tmp_path):
 
 def test_gguf_check_reports_agreement(run_dir, tmp_path):
     path = export_gguf(run_dir, tmp_path / "m.gguf", type="q8_0")
-    result = check_export(run_dir, path, max_new_tokens=16)
+    result = check_export(run_dir, path, max_new_tokens=16, use_llamacpp=False)
     assert result.prompt_ids_match  # the GGUF's own tokenizer encodes the prompt as the run's does
     assert 0.0 <= result.agreement <= 1.0 and result.exported_ids
     assert result.artifact.endswith("m.gguf")
+    assert result.reader.startswith("transformers (GGUF reader")
+    assert "(read by transformers (GGUF reader" in result.summary()
+
+
+def test_gguf_check_reads_with_llama_cpp(llama_cpp, run_dir, tmp_path):
+    path = export_gguf(run_dir, tmp_path / "m.f32.gguf", type="f32")
+    result = check_export(run_dir, path, max_new_tokens=16)
+    assert result.reader == llama_cpp.name and "node-llama-cpp 3.21.1" in result.summary()
+    assert result.prompt_ids_match  # llama.cpp's tokenizer, special tokens parsed, gives the run's ids
+    assert result.identical, result.summary()
+
+
+def test_check_without_llama_cpp_refuses_an_architecture_transformers_cannot_read(gpt2_adapter, tmp_path):
+    import pytest
+
+    from fasttune.export.source import ExportError
+
+    _, adapter = gpt2_adapter
+    path = export_gguf(adapter, tmp_path / "g.gguf", type="f32")
+    with pytest.raises(ExportError, match="gpt2 GGUF with llama.cpp only.*--no_check"):
+        check_export(adapter, path, use_llamacpp=False)
 
 
 def test_held_out_prompt_comes_from_the_runs_eval_set(run_dir, tmp_path):

@@ -2,7 +2,9 @@
 
 The reference is transformers + PEFT on the base checkpoint (the unmerged adapter), so the check also
 crosses libraries. The exported side reads the artifact as a user would: the merged directory with
-`AutoModelForCausalLM`, a GGUF file through transformers' GGUF reader (its own tokenizer included).
+`AutoModelForCausalLM`; a GGUF file with the real llama.cpp (node-llama-cpp, see llamacpp.py) where it is
+installed, else through transformers' GGUF reader. Either way the artifact's own tokenizer encodes the
+prompt too, and the result names the reader.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from fasttune.data.templates import PromptContract, encode_prompt, render_messages, render_prompt
 from fasttune.export.contract import load_contract, load_tokenizer, stop_token_ids
-from fasttune.export.source import ExportSource, resolve_source
+from fasttune.export.llamacpp import find_llamacpp, greedy_request
+from fasttune.export.source import ExportError, ExportSource, resolve_source
 
 FALLBACK_PROMPT = "Explain in one sentence what you can help with."
 
@@ -30,6 +33,7 @@ class CheckResult:
     exported_text: str
     stop_ids: list[int] = field(default_factory=list)
     prompt_ids_match: bool = True  # the artifact's tokenizer encodes the prompt as the run's did
+    reader: str = "transformers"  # what read the artifact
 
     @property
     def agreement(self) -> float:
@@ -52,7 +56,7 @@ class CheckResult:
     def summary(self) -> str:
         verdict = "identical" if self.identical else f"{self.agreement:.0%} of tokens agree"
         lines = [
-            f"check: {self.artifact}: greedy answer {verdict} with base + adapter "
+            f"check: {self.artifact} (read by {self.reader}): greedy answer {verdict} with base + adapter "
             f"(EOS reached: exported {'yes' if self.eos_exported else 'no'}, "
             f"reference {'yes' if self.eos_reference else 'no'})",
             f"  prompt:    {self.prompt.strip()[-200:]!r}",
@@ -147,6 +151,17 @@ def reference_model(src: ExportSource) -> Any:
     return model.eval()
 
 
+def _transformers_reads(path: Path) -> None:
+    import gguf
+
+    arch = gguf.GGUFReader(path).fields["general.architecture"].contents()
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ExportError(
+            f"{path}: the check reads a {arch} GGUF with llama.cpp only, which is not installed "
+            "(scripts/setup_llamacpp.sh); pass --no_check to skip the check"
+        )
+
+
 def check_export(
     run_or_adapter: str | Path,
     artifact: str | Path,
@@ -154,8 +169,12 @@ def check_export(
     base: str | None = None,
     max_new_tokens: int = 24,
     prompt: str | None = None,
+    use_llamacpp: bool = True,
 ) -> CheckResult:
-    """Decode one prompt greedily from `artifact` (merged dir or .gguf) and from base + adapter; compare."""
+    """Decode one prompt greedily from `artifact` (merged dir or .gguf) and from base + adapter; compare.
+
+    use_llamacpp: read a .gguf with llama.cpp when it is installed (else, or when False, transformers).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(run_or_adapter, base=base)
@@ -170,20 +189,33 @@ def check_export(
     stops = stop_token_ids(contract, tokenizer)
 
     artifact = Path(artifact)
-    if artifact.suffix == ".gguf":
-        kw = dict(gguf_file=artifact.name)
-        exported = AutoModelForCausalLM.from_pretrained(
-            str(artifact.parent), dtype=torch.float32, **kw
-        ).eval()
-        art_tok = AutoTokenizer.from_pretrained(str(artifact.parent), **kw)
+    llama_cpp = find_llamacpp() if artifact.suffix == ".gguf" and use_llamacpp else None
+    if llama_cpp is not None:
+        tokenized, generated = llama_cpp.results(
+            artifact,
+            [
+                {"op": "tokenize", "text": text, "special": True},
+                greedy_request(ids, max_new_tokens, stops),
+            ],
+        )
+        art_ids, got, reader = tokenized["tokens"], _cut(generated["tokens"], stops), llama_cpp.name
     else:
-        exported = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32).eval()
-        art_tok = AutoTokenizer.from_pretrained(str(artifact))
-    art_ids = art_tok(text, add_special_tokens=False)["input_ids"]
+        if artifact.suffix == ".gguf":
+            _transformers_reads(artifact)
+            kw = dict(gguf_file=artifact.name)
+            exported = AutoModelForCausalLM.from_pretrained(
+                str(artifact.parent), dtype=torch.float32, **kw
+            ).eval()
+            art_tok = AutoTokenizer.from_pretrained(str(artifact.parent), **kw)
+            reader = "transformers (GGUF reader; llama.cpp not installed: scripts/setup_llamacpp.sh)"
+        else:
+            exported = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32).eval()
+            art_tok = AutoTokenizer.from_pretrained(str(artifact))
+            reader = "transformers"
+        art_ids = art_tok(text, add_special_tokens=False)["input_ids"]
+        got = _cut(_greedy(exported, ids, max_new_tokens, stops), stops)
+        del exported
     plain_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    got = _cut(_greedy(exported, ids, max_new_tokens, stops), stops)
-    del exported
     ref = _cut(_greedy(reference_model(src), ids, max_new_tokens, stops), stops)
     return CheckResult(
         artifact=str(artifact),
@@ -194,4 +226,5 @@ def check_export(
         exported_text=tokenizer.decode(got, skip_special_tokens=False),
         stop_ids=stops,
         prompt_ids_match=art_ids == plain_ids,
+        reader=reader,
     )
