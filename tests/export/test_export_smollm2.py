@@ -3,7 +3,6 @@ by fasttune's loader; its tokenizer metadata is compared with what llama.cpp's c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
@@ -22,41 +21,6 @@ TEXTS = [
     "Ünïcödé façade naïve — “quotes”",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm_run(tmp_path_factory):
-    """runs/smol: the embedded model with a 'trained' LoRA (random non-zero B) saved by fasttune's code."""
-    from fasttune.config import ModelConfig
-    from fasttune.data.templates import make_contract
-    from fasttune.lora.apply import apply_lora, lora_modules
-    from fasttune.lora.peft_format import save_adapter
-    from fasttune.models.loading import load_model
-
-    loaded = load_model(ModelConfig(dtype="fp32", use_kernels="off"), "cpu")
-    apply_lora(loaded.model, r=8, lora_alpha=16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, m in lora_modules(loaded.model):
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
-    run = tmp_path_factory.mktemp("runs") / "smol"
-    adapter = save_adapter(
-        loaded.model, run / "adapter", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
-    loaded.tokenizer.save_pretrained(adapter)
-    make_contract("chat", "messages", loaded.tokenizer).save(adapter / "prompt_contract.json")
-    (run / "run.yaml").write_text(json.dumps({"model": {"model_name": "smollm2-135m"}}))
-    prompt = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Who built the tide-harp?"}], tokenize=False, add_generation_prompt=True
-    )
-    ids = torch.tensor([loaded.tokenizer.encode(prompt, add_special_tokens=False)])
-    with torch.no_grad():
-        ref = loaded.model(ids).logits
-        for _, m in lora_modules(loaded.model):
-            m.lora_B.weight.zero_()
-        base = loaded.model(ids).logits
-    assert (ref - base).abs().max() > 0.5  # the adapter changes the model
-    return {"run": run, "ids": ids, "ref": ref, "tokenizer": loaded.tokenizer, "source": Path(loaded.source)}
 
 
 def test_q8_0_through_transformers_and_tokenizer_round_trip(smollm_run, tmp_path):

@@ -2,7 +2,8 @@
 
 node-llama-cpp ships llama.cpp prebuilt for CPUs, so no compiler is needed. `scripts/setup_llamacpp.sh`
 installs the pinned version into `.llamacpp/` of the repository, or set FASTTUNE_LLAMACPP_DIR to a
-directory that holds `node_modules/node-llama-cpp`. `llamacpp_reader.mjs` loads one file and answers a list
+directory that holds `node_modules/node-llama-cpp`. FASTTUNE_LLAMACPP_THREADS sets llama.cpp's threads
+(default: up to 4). `llamacpp_reader.mjs` loads one file and answers a list
 of requests as JSON (metadata, tokenize, greedy generation, next-token log-probabilities, chat template);
 this module runs it with `node` and returns the answers.
 """
@@ -48,7 +49,7 @@ class LlamaCpp:
         payload = {
             "jobs": [{"model": str(Path(m).resolve()), "requests": reqs} for m, reqs in jobs],
             "context": context,
-            "threads": min(4, os.cpu_count() or 1),
+            "threads": int(os.environ.get("FASTTUNE_LLAMACPP_THREADS") or min(4, os.cpu_count() or 1)),
         }
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(payload, f)

@@ -1,18 +1,22 @@
 """`export_ollama`: the GGUF plus a `Modelfile` with TEMPLATE and `stop` lines from the run's prompt contract.
 
 The Go TEMPLATE is derived by rendering the training template itself with placeholder text and putting
-Ollama's variables where the placeholders landed, so a single-turn prompt in Ollama is byte for byte
-the prompt the model was trained on (including a default system block a chat template inserts).
+Ollama's variables where the placeholders landed, so a prompt in Ollama is byte for byte the prompt the
+model was trained on. A chat template is cut into the text around each role's message (chat_turns.py),
+which a `range` over Ollama's `.Messages` puts back together for any number of turns, with or without a
+system message (and the default system block a template inserts when there is none).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fasttune.data.templates import ALPACA_PROMPT_NO_INPUT, PromptContract
+from fasttune.export.chat_turns import chat_turns
 from fasttune.export.checkpoint import ExportError
 from fasttune.export.contract import load_contract, load_tokenizer
 from fasttune.export.gguf import export_gguf
@@ -69,12 +73,43 @@ def chat_go_template(chat_template: str, tokenizer: Any, end_of_turn: str | None
     )
 
 
+def chat_messages_template(chat_template: str, tokenizer: Any, end_of_turn: str | None) -> str:
+    """Any number of turns through `.Messages` where the template cuts into per-role pieces; the one-turn
+    template (`.System`, `.Prompt`, `.Response`) where Ollama passes no messages."""
+    single = chat_go_template(chat_template, tokenizer, end_of_turn)
+    turns = chat_turns(chat_template, tokenizer)
+    if turns is None:
+        warnings.warn(
+            "the run's chat template does not split into the same text around every turn; the Ollama "
+            "TEMPLATE renders single-turn prompts only (.System, .Prompt)",
+            stacklevel=3,
+        )
+        return single
+    return "{{ if .Messages }}" + turns.go_template(_go_literal) + "{{ else }}" + single + "{{ end }}"
+
+
 def alpaca_go_template(contract: PromptContract) -> str:
-    """The no-input Alpaca prompt (an Ollama prompt is one instruction) followed by the response."""
+    """Each user message as an Alpaca instruction and each answer after it, as the run renders a
+    conversation (system messages are dropped); one instruction where Ollama passes no messages."""
     prompt = contract.prompt_template_no_input or ALPACA_PROMPT_NO_INPUT
+    before, after = (_go_literal(part) for part in prompt.split("{instruction}", 1))
+    messages = (
+        "{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+        '{{ if eq $m.Role "user" }}'
+        + before
+        + "{{ $m.Content }}"
+        + after
+        + '{{ else if eq $m.Role "assistant" }}{{ $m.Content }}'
+        + "{{ if not $last }}\n\n{{ end }}{{ end }}{{ end }}"
+    )
     return (
-        _go_literal(prompt.replace("{instruction}", _PROMPT)).replace(_PROMPT, "{{ .Prompt }}")
-        + "{{ .Response }}"
+        "{{ if .Messages }}"
+        + messages
+        + "{{ else }}"
+        + before
+        + "{{ .Prompt }}"
+        + after
+        + "{{ .Response }}{{ end }}"
     )
 
 
@@ -90,7 +125,10 @@ def ollama_template(contract: PromptContract | None, tokenizer: Any) -> OllamaTe
         return OllamaTemplate("{{ .Prompt }}{{ .Response }}", _stops([], eos))
     end = contract.end_of_turn if contract is not None else None
     stops = contract.stop_strings if contract is not None else [end or ""]
-    return OllamaTemplate(chat_go_template(chat, tokenizer, end), _stops(stops, eos))
+    turns = chat_turns(chat, tokenizer)
+    opener = turns.user_prefix.strip() if turns is not None else ""
+    # a model that runs past its end of turn into a new user turn is stopped there too
+    return OllamaTemplate(chat_messages_template(chat, tokenizer, end), _stops([*stops, opener], eos))
 
 
 def _stops(stops: list[str], eos: str | None) -> list[str]:

@@ -1,0 +1,110 @@
+"""The embedded SmolLM2-135M with a fasttune LoRA adapter, exported and run in the real llama.cpp
+(node-llama-cpp): greedy answers to held-out questions against `fasttune generate`'s, EOS, tokenization of
+Korean, emoji and code, special tokens and the chat template llama.cpp applies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+# Share of generated positions where llama.cpp's greedy answer equals fasttune's, over the held-out
+# questions (measured on this model and adapter; the 16-bit files must match exactly).
+MIN_AGREEMENT = {"f16": 1.0, "bf16": 1.0, "q8_0": 0.6, "q6_k": 0.5, "q4_k_m": 0.3}
+TEXTS = [
+    "안녕하세요! 오늘 날씨가 좋네요. 조율은 어렵습니다.",
+    "Emoji: 🙂🚀👍🏽 and 🦙🦙 — “quotes”",
+    "def f(x):\n    return {'a': [1, 22, 333]}\n\tif x != 0: pass",
+    "Tabs\tand   runs of    spaces\n\n\n  end 12345 3.14159",
+    "Ünïcödé façade naïve",
+]
+CHAT = [
+    {"role": "system", "content": "You answer in one sentence."},
+    {"role": "user", "content": "What is the tide-harp?"},
+    {"role": "assistant", "content": "A seven-string instrument."},
+    {"role": "user", "content": "Who builds it?"},
+]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm_run, tmp_path_factory):
+    """GGUF files of the run, the held-out prompts and fasttune's greedy answers to them."""
+    from fasttune.data.builtin import builtin_file
+    from fasttune.data.templates import encode_prompt, render_prompt
+    from fasttune.export.gguf import export_gguf
+    from fasttune.infer.generate import generate
+    from fasttune.infer.load import load_for_inference
+
+    out = tmp_path_factory.mktemp("smol-gguf")
+    paths = {t: export_gguf(smollm_run["run"], out / f"smol.{t}.gguf", type=t) for t in MIN_AGREEMENT}
+    im = load_for_inference(run=smollm_run["run"], device="cpu", dtype="fp32")
+    rows = [json.loads(line) for line in builtin_file("builtin:lumen", "eval").read_text().splitlines()[:4]]
+    prompts = [
+        encode_prompt(
+            render_prompt(r["instruction"], r.get("input", ""), im.contract, im.tokenizer),
+            im.contract,
+            im.tokenizer,
+        )
+        for r in rows
+    ]
+    stops = list(im.eos_token_ids)
+    answers = []
+    for ids in prompts:
+        full = generate(im.model, torch.tensor([ids]), max_new_tokens=40, eos_token_ids=stops, compile=False)
+        answer = full[0, len(ids) :].tolist()
+        answers.append(answer[: next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))])
+    return {"paths": paths, "prompts": prompts, "answers": answers, "stops": stops, "im": im}
+
+
+def _agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1)
+
+
+def test_greedy_answers_match_fasttune_generate(llama_cpp, smol):
+    jobs = [
+        (
+            p,
+            [
+                {"op": "generate", "tokens": ids, "max_tokens": 40, "stop_ids": smol["stops"]}
+                for ids in smol["prompts"]
+            ],
+        )
+        for p in smol["paths"].values()
+    ]
+    got = dict(zip(smol["paths"], llama_cpp.run(jobs)["jobs"]))
+    report = {}
+    for kind, results in got.items():
+        agree = [_agreement(r["tokens"], ref) for r, ref in zip(results, smol["answers"])]
+        report[kind] = round(sum(agree) / len(agree), 3)
+    print(report, [len(a) for a in smol["answers"]], [a[-1] in smol["stops"] for a in smol["answers"]])
+    for kind in got:
+        assert report[kind] >= MIN_AGREEMENT[kind], (kind, report)
+    for r, ref in zip(got["f16"], smol["answers"]):  # EOS reached where fasttune reaches it
+        assert (r["tokens"][-1] in smol["stops"]) == (ref[-1] in smol["stops"])
+    assert any(ref[-1] in smol["stops"] for ref in smol["answers"])
+
+
+def test_tokenization_special_tokens_and_chat_template(llama_cpp, smol):
+    tok, contract = smol["im"].tokenizer, smol["im"].contract
+    special = "<|im_start|>user\nhi<|im_end|>\n"
+    requests = [{"op": "tokenize", "text": t} for t in TEXTS]
+    requests += [
+        {"op": "tokenize", "text": special, "special": True},
+        {"op": "meta"},
+        {"op": "chat_template", "messages": CHAT},
+    ]
+    answers = llama_cpp.results(smol["paths"]["q8_0"], requests)
+    for text, got in zip(TEXTS, answers):
+        assert got["tokens"] == tok.encode(text, add_special_tokens=False), text
+    assert answers[len(TEXTS)]["tokens"] == tok.encode(special, add_special_tokens=False)
+    meta = answers[len(TEXTS) + 1]
+    assert (meta["eos"], meta["bos"]) == (contract.eos_id, tok.bos_token_id)
+    assert meta["chat_template"] == contract.chat_template
+    chat = answers[len(TEXTS) + 2]
+    want = tok.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=True, chat_template=contract.chat_template
+    )
+    assert chat["text"] == want
