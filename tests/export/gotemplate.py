@@ -14,7 +14,9 @@ import re
 from typing import Any
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
-_TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|\(|\)|\$?[A-Za-z_]\w*(?:\.\w+)*|\$(?:\.\w+)*|\.(?:\w+(?:\.\w+)*)?|-?\d+)')
+_TOKEN = re.compile(
+    r'\s*("(?:[^"\\]|\\.)*"|\(|\)|\$?[A-Za-z_]\w*(?:\.\w+)*|\$(?:\.\w+)*|\.(?:\w+(?:\.\w+)*)?|-?\d+)'
+)
 
 
 def _tokens(text: str) -> list[str]:

@@ -49,6 +49,7 @@ def test_merge_command_writes_and_checks(run_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert "wrote merged checkpoint" in out and "greedy answer identical" in out
+    assert "ready for vLLM and TGI" in out and "vllm serve" in out
 
 
 def test_export_commands(run_dir, opt_dir, tmp_path, capsys):

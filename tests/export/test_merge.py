@@ -338,3 +338,27 @@ def test_merge_peak_memory_stays_near_one_shard(tokenizer, tmp_path):
     merged = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     assert set(merged["weight_map"]) == set(names)
     assert merged["metadata"]["total_size"] == size // 2
+
+
+def test_merged_checkpoint_has_what_vllm_and_tgi_read(run_dir, tmp_path):
+    import json
+
+    from fasttune.export.contract import load_contract, load_tokenizer, stop_token_ids
+    from fasttune.export.serving import serving_problems
+    from fasttune.export.source import resolve_source
+
+    src = resolve_source(run_dir)
+    stops = stop_token_ids(load_contract(src), load_tokenizer(src))
+    out = merge(run_dir, tmp_path / "m", dtype="bf16", max_shard_size="100KB")  # sharded
+    assert serving_problems(out, stops) == []
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen["eos_token_id"] = 0
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["architectures"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    next(out.glob("model-00002-of-*.safetensors")).unlink()
+    problems = serving_problems(out, stops)
+    assert any("lacks the stop ids" in p for p in problems)
+    assert any("no 'architectures'" in p for p in problems)
+    assert any("shard named in the index is missing" in p for p in problems)

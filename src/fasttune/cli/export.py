@@ -82,6 +82,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )
     _report("merged checkpoint", out, started)
     print(f"fasttune: wrote the model card {write_card(out, 'merged', args.input)}", flush=True)
+    from fasttune.export.serving import SERVE_COMMANDS, serving_problems
+
+    problems = serving_problems(out)
+    for problem in problems:
+        print(f"fasttune: warning: not ready for vLLM/TGI: {problem}", flush=True)
+    if not problems:
+        print(
+            "fasttune: ready for vLLM and TGI (config, weights, tokenizer with chat template, stop ids); "
+            "serve it with:",
+            flush=True,
+        )
+        for command in SERVE_COMMANDS:
+            print("  " + command.format(dir=out, name=out.name), flush=True)
     _check(args, out)
     return 0
 

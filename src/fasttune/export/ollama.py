@@ -19,7 +19,7 @@ from fasttune.data.templates import ALPACA_PROMPT_NO_INPUT, PromptContract
 from fasttune.export.chat_turns import chat_turns
 from fasttune.export.checkpoint import ExportError
 from fasttune.export.contract import load_contract, load_tokenizer
-from fasttune.export.gguf import export_gguf
+from fasttune.export.gguf import export_gguf, gguf_supported
 from fasttune.export.source import resolve_source
 
 MODELFILE = "Modelfile"
@@ -156,9 +156,10 @@ def export_ollama(
     type: the GGUF type (q8_0 by default: small and close to 16-bit; f16, bf16, q4_0, ... as in
     `export_gguf`). Returns the Modelfile's path.
     """
+    src = resolve_source(run_or_adapter, base=base)
+    gguf_supported(src)  # refuse an architecture llama.cpp lacks before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = resolve_source(run_or_adapter, base=base)
     tpl = ollama_template(load_contract(src), load_tokenizer(src))
     gguf_path = export_gguf(run_or_adapter, out / "model.gguf", type=type, base=base, device=device)
     path = out / MODELFILE
