@@ -1,0 +1,116 @@
+"""Perplexity of a run's GGUF exports in the real llama.cpp, per --type, on the run's held-out set.
+
+    python benchmarks/gguf_perplexity.py runs/default --types f16 q8_0 q6_k q5_k_m q4_k_m q4_k_s q3_k_m q4_0
+
+Every held-out row is rendered as training renders it (the run's prompt contract: prompt, answer, EOS) and
+tokenized once with the run's tokenizer; the same ids go to llama.cpp (node-llama-cpp, CPU) for each exported
+file and to fasttune's own model (PyTorch, fp32: the unquantized reference). Perplexity = exp of the mean
+negative log-probability of every token after the first of each row. Also prints each export's size and
+time. Needs scripts/setup_llamacpp.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def held_out_ids(run: Path, max_rows: int) -> list[list[int]]:
+    from fasttune.data.sources import read_rows
+    from fasttune.data.templates import encode_prompt, render_chat, render_prompt
+    from fasttune.export.check import _eval_source
+    from fasttune.export.contract import load_contract, load_tokenizer
+    from fasttune.export.source import resolve_source
+
+    src = resolve_source(run)
+    contract, tokenizer = load_contract(src), load_tokenizer(src)
+    data = src.run_yaml.get("data") or {}
+    source = _eval_source(data) or "builtin:lumen"
+    split = "eval" if source.startswith("builtin:") else None
+    out = []
+    for _, row in read_rows(source, split):
+        if contract.template == "chat":
+            user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            turns = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+            text = render_chat(turns, contract, tokenizer, add_generation_prompt=False)
+        else:
+            text = render_prompt(row["instruction"], row.get("input", ""), contract, tokenizer)
+            text += row["output"] + contract.eos_token
+        out.append(encode_prompt(text, contract, tokenizer))
+        if len(out) == max_rows:
+            break
+    return out
+
+
+def reference_logprobs(run: Path, rows: list[list[int]]) -> list[list[float]]:
+    from fasttune.infer.load import load_for_inference
+
+    im = load_for_inference(run=run, device="cpu", dtype="fp32")
+    out = []
+    with torch.no_grad():
+        for ids in rows:
+            x = torch.tensor([ids])
+            lp = torch.log_softmax(im.model(x).logits[0, :-1].double(), -1)
+            out.append(lp.gather(-1, x[0, 1:, None]).squeeze(-1).tolist())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run")
+    ap.add_argument(
+        "--types", nargs="+", default=["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m"]
+    )
+    ap.add_argument("--out", default="bench_gguf", help="directory for the exported files")
+    ap.add_argument("--max_rows", type=int, default=30)
+    args = ap.parse_args()
+
+    from importlib.metadata import version
+
+    import transformers
+
+    from fasttune.export.gguf import export_gguf
+    from fasttune.export.llamacpp import find_llamacpp, perplexity
+
+    llama_cpp = find_llamacpp()
+    if llama_cpp is None:
+        raise SystemExit("llama.cpp is not installed: run scripts/setup_llamacpp.sh")
+    run, out = Path(args.run), Path(args.out)
+    rows = held_out_ids(run, args.max_rows)
+    files = {}
+    for kind in args.types:
+        started = time.perf_counter()
+        files[kind] = export_gguf(run, out / f"{run.name}.{kind}.gguf", type=kind)
+        files[kind] = (files[kind], time.perf_counter() - started)
+    jobs = [(path, [{"op": "logprobs", "tokens": ids} for ids in rows]) for path, _ in files.values()]
+    answers = llama_cpp.run(jobs, context=max(512, max(len(r) for r in rows)))
+    reference = perplexity(reference_logprobs(run, rows))
+    print(
+        json.dumps(
+            {
+                "llama_cpp": answers["llama_cpp"],
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "gguf": version("gguf"),
+                "rows": len(rows),
+                "tokens": sum(len(r) - 1 for r in rows),
+            }
+        )
+    )
+    print("| file | size MiB | export s | perplexity (llama.cpp) | vs f16 |")
+    print("|---|---:|---:|---:|---:|")
+    ppl = {kind: perplexity([a["logprobs"] for a in job]) for kind, job in zip(files, answers["jobs"])}
+    for kind, (path, seconds) in files.items():
+        rel = f"{ppl[kind] / ppl['f16'] - 1:+.2%}" if "f16" in ppl else ""
+        print(f"| {kind} | {path.stat().st_size / 2**20:,.1f} | {seconds:.1f} | {ppl[kind]:.4f} | {rel} |")
+    print(f"| fasttune fp32 (PyTorch, no export) | | | {reference:.4f} | |")
+
+
+if __name__ == "__main__":
+    main()
