@@ -259,15 +259,9 @@ _BLOCKS = {
 }
 
 
-def quantize_with_values(
-    t: torch.Tensor, qtype: Q, importance: torch.Tensor | None = None
-) -> tuple[np.ndarray, torch.Tensor]:
-    """Quantize a 2-D tensor (rows, cols) into `qtype` blocks on t's device.
-
-    Returns the block bytes (rows, cols // block * type_size) uint8 and the values they decode to
-    (rows, cols) fp32, on t's device. importance: optional (cols,) weights of each input column
-    (an importance matrix), which the scale search multiplies into its error weights.
-    """
+def _quantize(
+    t: torch.Tensor, qtype: Q, importance: torch.Tensor | None, keep_values: bool
+) -> tuple[np.ndarray, torch.Tensor | None]:
     if qtype not in _BLOCKS:
         raise ValueError(f"fasttune's quantizer writes {', '.join(q.name for q in TYPES)}, not {qtype.name}")
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -279,16 +273,31 @@ def quantize_with_values(
     if importance is not None:
         imp = importance.to(x.device, torch.float32).reshape(1, cols).expand(rows, cols).reshape(-1, block)
     out = np.empty((x.shape[0], size), dtype=np.uint8)
-    values = torch.empty_like(x)
+    values = torch.empty_like(x) if keep_values else None
     step = max(1, _CHUNK.get(x.device.type, _CHUNK["cpu"]) // block)
     for i in range(0, x.shape[0], step):
         part = None if imp is None else imp[i : i + step]
         raw, val = _BLOCKS[qtype](x[i : i + step], part)
         out[i : i + step] = raw.cpu().numpy()
-        values[i : i + step] = val
-    return out.reshape(rows, cols // block * size), values.reshape(rows, cols)
+        if values is not None:
+            values[i : i + step] = val
+    decoded = None if values is None else values.reshape(rows, cols)
+    return out.reshape(rows, cols // block * size), decoded
+
+
+def quantize_with_values(
+    t: torch.Tensor, qtype: Q, importance: torch.Tensor | None = None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Quantize a 2-D tensor (rows, cols) into `qtype` blocks on t's device.
+
+    Returns the block bytes (rows, cols // block * type_size) uint8 and the values they decode to
+    (rows, cols) fp32, on t's device. importance: optional (cols,) weights of each input column
+    (an importance matrix), which the scale search multiplies into its error weights.
+    """
+    raw, values = _quantize(t, qtype, importance, keep_values=True)
+    return raw, values
 
 
 def quantize(t: torch.Tensor, qtype: Q, importance: torch.Tensor | None = None) -> np.ndarray:
-    """The block bytes of `quantize_with_values`."""
-    return quantize_with_values(t, qtype, importance)[0]
+    """The block bytes of `quantize_with_values`, without keeping the decoded values."""
+    return _quantize(t, qtype, importance, keep_values=False)[0]
