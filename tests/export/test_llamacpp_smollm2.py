@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 # Share of generated positions where llama.cpp's greedy answer equals fasttune's fp32 one, over four
 # held-out questions. f16 must match exactly; bf16 rounds the weights to 8 mantissa bits, so its answers
 # may part from the fp32 ones after a while, as the quantized ones do sooner (bounds below what was measured
-# on this model and adapter: f16 1.0, bf16 0.81, q8_0 0.53, q6_k 0.66, q4_k_m 0.26).
-MIN_AGREEMENT = {"f16": 1.0, "bf16": 0.7, "q8_0": 0.4, "q6_k": 0.4, "q4_k_m": 0.15}
+# on this model and adapter: f16 1.0, bf16 0.81, q8_0 0.53, q4_k_m 0.26). Every type is read by llama.cpp
+# in test_llamacpp.py; here the shipped ones.
+MIN_AGREEMENT = {"f16": 1.0, "bf16": 0.7, "q8_0": 0.4, "q4_k_m": 0.15}
 TEXTS = [
     "안녕하세요! 오늘 날씨가 좋네요. 조율은 어렵습니다.",
     "Emoji: 🙂🚀👍🏽 and 🦙🦙 — “quotes”",
