@@ -4,6 +4,7 @@ process answers the openai client and logs one line per request."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -97,3 +98,15 @@ def test_served_process_answers_and_logs_one_line_per_request(tiny_model_dir, tm
     assert len(lines) == 2, err
     assert "GET /v1/models 200" in lines[0]
     assert "POST /v1/chat/completions 200" in lines[1] and "prompt=" in lines[1] and "finish=" in lines[1]
+
+
+def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path, capsys):
+    """A model directory whose weights are a pickle file (pytorch_model.bin) is refused, not unpickled."""
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    assert main(["serve", str(pickled), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "no .safetensors weights (pytorch_model.bin are pickle files, which are never loaded)" in err
