@@ -110,3 +110,24 @@ def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path, capsys):
     assert main(["serve", str(pickled), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "no .safetensors weights (pytorch_model.bin are pickle files, which are never loaded)" in err
+
+
+def test_ui_serves_the_page_and_the_runs_without_a_model(tmp_path):
+    from serve_helpers import AppServer
+
+    from fasttune.serve.app import build_app
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "run.yaml").write_text("model:\n  model_name: smollm2-135m\n")
+    with AppServer(build_app(None, None, runs_root=tmp_path)) as live:
+        status, page = live.request("GET", "/")
+        assert status == 200 and "<title>fasttune</title>" in page
+        status, runs = live.request("GET", "/api/runs")
+        assert status == 200 and [r["name"] for r in runs["runs"]] == ["one"]
+        assert runs["runs"][0]["state"] == "stopped" and runs["runs"][0]["model"] == "smollm2-135m"
+        status, body = live.request("POST", "/v1/chat/completions", {"model": "x", "messages": []})
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        status, body = live.request("POST", "/api/runs/one/export", {"kind": "gguf"})
+        assert status == 409 and body["error"]["code"] == "run_not_finished"
+        status, body = live.request("GET", "/api/runs/..%2F..%2Fetc")
+        assert status == 404 and "error" in body

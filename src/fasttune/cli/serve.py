@@ -1,4 +1,5 @@
-"""`fasttune serve`: an OpenAI-compatible server for a run (or a base model) and the runs web page.
+"""`fasttune serve`: an OpenAI-compatible server for a run (or a base model) and the runs web page;
+`fasttune ui`: the page alone, with no model loaded.
 
 The options are checked before anything loads; a wrong one is one line naming it and exit status 2.
 """
@@ -37,13 +38,7 @@ def register(subs: argparse._SubParsersAction) -> None:
                    help="Weights precision (default: auto: bf16 on GPUs that have it, fp32 on CPU)")
     p.add_argument("--cpu_fallback_16bit", action="store_true",
                    help="Load a 4-bit run in 16/32-bit on a machine without CUDA (default: off)")
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="Address to listen on; 0.0.0.0 opens it to the network (default: 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    g.add_argument("--api_key", default=None,
-                   help=f"Require 'Authorization: Bearer KEY' on /v1 and /api (default: ${API_KEY_ENV}, "
-                        "else none)")
+    g = _add_listen_flags(p)
     g.add_argument("--slots", type=int, default=8, metavar="N",
                    help="Requests decoded together in one batch (default: 8)")
     g.add_argument("--context", type=int, default=None, metavar="N",
@@ -59,14 +54,34 @@ def register(subs: argparse._SubParsersAction) -> None:
                    help="The page lists the runs in this directory (default: the served run's parent "
                         "directory, else ./runs)")
 
+    ui = add_command(
+        subs, "ui", "the runs web page alone (no model loaded)",
+        "Serve the page of `fasttune serve` without a model: the runs under --runs_root with their curves,\n"
+        "answers and exports. Its chat tab needs `fasttune serve`. Example: fasttune ui --runs_root runs",
+        cmd_ui)
+    g = _add_listen_flags(ui)
+    g.add_argument("--runs_root", default="runs", metavar="DIR",
+                   help="The page lists the runs in this directory (default: runs)")
+
+
+def _add_listen_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="Address to listen on; 0.0.0.0 opens it to the network (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    g.add_argument("--api_key", default=None,
+                   help=f"Require 'Authorization: Bearer KEY' on /v1 and /api (default: ${API_KEY_ENV}, "
+                        "else none)")
+    return g
+
 
 def _check(args: argparse.Namespace) -> None:
     for name, low in (("slots", 1), ("max_queue", 0), ("max_body", 1)):
-        if getattr(args, name) < low:
+        if getattr(args, name, low) < low:
             raise ConfigError(f"--{name} {getattr(args, name)}: must be at least {low}")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: must be between 1 and 65535")
-    if args.context is not None and args.context < 2:
+    if getattr(args, "context", None) is not None and args.context < 2:
         raise ConfigError(f"--context {args.context}: must be at least 2")
     if args.runs_root is not None and not Path(args.runs_root).is_dir():
         raise ConfigError(f"--runs_root {args.runs_root}: no such directory")
@@ -119,4 +134,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach it can use it",
               file=sys.stderr)
     serve_forever(app, scheduler, opts)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from fasttune.serve.app import build_app
+    from fasttune.serve.server import ServeOptions, serve_forever
+
+    _check(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    opts = ServeOptions(host=args.host, port=args.port, api_key=api_key, runs_root=args.runs_root)
+    if _open_to_network(args.host) and api_key is None:
+        print(f"warning: listening on {args.host} without --api_key: anyone who can reach it can use it",
+              file=sys.stderr)
+    serve_forever(build_app(None, None, api_key=api_key, runs_root=args.runs_root), None, opts)
     return 0

@@ -241,6 +241,11 @@ class Gate:
         log.info(line)
 
 
+def _no_model(request: Request) -> Response:
+    raise APIError(404, "no model is served here (fasttune ui shows the runs only); start `fasttune serve "
+                        "RUN_DIR` to chat with one", code="model_not_found")
+
+
 def _api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)  # type: ignore[arg-type]
 
@@ -256,22 +261,32 @@ def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(
-    scheduler: Scheduler,
-    info: ModelInfo,
+    scheduler: Scheduler | None,
+    info: ModelInfo | None,
     *,
     api_key: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     runs_root: str | Path | None = None,
 ) -> Any:
-    """The ASGI application: OpenAI routes for `info` served by `scheduler`, the page, the runs API."""
-    routes = OpenAIRoutes(scheduler, info, max_body)
-    table = [
-        Route("/health", routes.health, methods=["GET"]),
-        Route("/v1/models", routes.models, methods=["GET"]),
-        Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
-        Route("/v1/chat/completions", routes.chat, methods=["POST"]),
-        Route("/v1/completions", routes.completions, methods=["POST"]),
-    ]
+    """The ASGI application: OpenAI routes for `info` served by `scheduler`, the page, the runs API.
+
+    Without a scheduler (`fasttune ui`) it serves the page and the runs API only; /v1 answers 404.
+    """
+    table = []
+    if scheduler is not None and info is not None:
+        routes = OpenAIRoutes(scheduler, info, max_body)
+        table += [
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
+            Route("/v1/chat/completions", routes.chat, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+        ]
+    else:
+        table += [
+            Route("/health", lambda request: JSONResponse({"status": "ok", "model": None}), methods=["GET"]),
+            Route("/v1/{rest:path}", _no_model, methods=["GET", "POST"]),
+        ]
     if runs_root is not None:
         from fasttune.serve.runs_api import RunsAPI
 

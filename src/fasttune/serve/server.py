@@ -73,21 +73,19 @@ def build(im: Any, mid: str, opts: ServeOptions) -> tuple[Any, Scheduler]:
     return app, scheduler
 
 
-def serve_forever(app: Any, scheduler: Scheduler, opts: ServeOptions) -> None:
-    """Run uvicorn until interrupted, then stop the scheduler."""
+def serve_forever(app: Any, scheduler: Scheduler | None, opts: ServeOptions) -> None:
+    """Run uvicorn until interrupted, then stop the scheduler (None: the page alone, `fasttune ui`)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    log.info(
-        "serving %d slots x %d tokens (%s decode step) on http://%s:%d",
-        scheduler.slots,
-        scheduler.max_len,
-        scheduler.mode,
-        opts.host,
-        opts.port,
-    )
+    if scheduler is not None:
+        log.info("serving %d slots x %d tokens (%s decode step) on http://%s:%d", scheduler.slots,
+                 scheduler.max_len, scheduler.mode, opts.host, opts.port)
+    else:
+        log.info("showing the runs under %s on http://%s:%d", opts.runs_root, opts.host, opts.port)
     try:
         # access_log off: the app's gate writes the one line per request (with tokens and timing)
         uvicorn.run(app, host=opts.host, port=opts.port, access_log=False, log_level="warning")
     finally:
-        scheduler.shutdown()
+        if scheduler is not None:
+            scheduler.shutdown()
