@@ -28,7 +28,6 @@ from fasttune.config import (
     RunConfig,
     validate,
 )
-from fasttune.data.builtin import is_builtin
 from fasttune.run_dir import CONTRACT_FILE, RunDir
 
 PROBE_FILE = "lumen_probe.json"
@@ -114,14 +113,13 @@ def base_model_id(model_cfg: ModelConfig, loaded: Any) -> str:
 
 def eval_config(data: DataConfig) -> DataConfig | None:
     """The eval split's DataConfig: eval_dataset if given; for 'auto', a built-in dataset's held-out
-    split (other sources have none, so no eval)."""
-    source = data.eval_dataset
-    if source in (None, "none", ""):
+    split (other sources have none, so no eval); 'split:F' or val_set_size, a share held out of the
+    training data (data/holdout.py)."""
+    from fasttune.data.tokenize import eval_source
+
+    source = eval_source(data)
+    if source is None:
         return None
-    if source == "auto":
-        if not is_builtin(data.dataset):
-            return None
-        source = data.dataset
     return dataclasses.replace(data, eval_dataset=source, max_rows=None)
 
 

@@ -75,7 +75,11 @@ class DataConfig:
         "saved with datasets.save_to_disk, or a hub dataset name (optionally name:split).")})
     eval_dataset: str | None = field(default="auto", metadata={"help": (
         "Held-out data in the same format: a file or directory, 'builtin:lumen' (its held-out split), "
-        "'auto' (the built-in dataset's held-out split when training on one, else none) or none.")})
+        "'auto' (the built-in dataset's held-out split when training on one, else none), split:0.05 (that "
+        "share of the training rows, held out) or none.")})
+    val_set_size: float = field(default=0.0, metadata={"help": (
+        "Hold this share of the training rows out as the eval set (the same rows in every run; "
+        "eval_dataset split:0.05 says the same). 0: none.")})
     format: str = field(default="auto", metadata={"help": "Row format: auto, alpaca, messages, completion."})
     instruction_field: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
     input_field: str = field(default="input", metadata={"help": "Alpaca input column (may be absent)."})
@@ -414,7 +418,10 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from fasttune.data.holdout import holdout_fraction
     from fasttune.train.trackers import tracker_names
+
+    holdout_fraction(cfg.data)  # a malformed split:F or val_set_size is an error here
 
     tracker_names(t.report_to)  # an unknown name is an error here, an absent library when the run starts
     _check_preset_name(m.model_name)

@@ -9,6 +9,7 @@ ShareGPT rows (`conversations` of {from: human/gpt/system, value}) become messag
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,8 +130,21 @@ def load_rows(source: str, cfg: DataConfig, split: str | None = None) -> ValidRo
     """Read, detect the format (cfg.format='auto': from the first readable row) and validate every row.
 
     cfg.on_bad_row='error' raises the first DataError; 'skip' counts skipped rows by reason.
-    cfg.max_rows stops after that many valid rows.
+    cfg.max_rows stops after that many valid rows. With an eval split held out of the training data
+    (data/holdout.py), `source` 'split:F' reads that part, and cfg.dataset the rest.
     """
+    from fasttune.data.holdout import held_out, holdout_fraction, parse_split
+
+    fraction = holdout_fraction(cfg)
+    if fraction is not None and (source == cfg.dataset or parse_split(source) is not None):
+        whole = load_rows(cfg.dataset, dataclasses.replace(cfg, max_rows=None, eval_dataset="none",
+                                                           val_set_size=0.0))
+        evals = held_out([n for n, _ in whole.rows], fraction)
+        keep = (lambda n: n in evals) if parse_split(source) is not None else (lambda n: n not in evals)
+        whole.rows = [(n, r) for n, r in whole.rows if keep(n)]
+        if parse_split(source) is None and cfg.max_rows is not None:
+            whole.rows = whole.rows[:cfg.max_rows]
+        return whole
     fmt = None if cfg.format == "auto" else cfg.format
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"unknown format '{fmt}' (known: auto, {', '.join(FORMATS)})")

@@ -278,6 +278,11 @@ class TokenizedData:
 def eval_source(data_cfg: DataConfig) -> str | None:
     """The held-out source: eval_dataset, where 'auto' means the built-in dataset's held-out split when
     training on a built-in dataset, else none."""
+    from fasttune.data.holdout import PREFIX, holdout_fraction
+
+    fraction = holdout_fraction(data_cfg)
+    if fraction is not None:  # held out of the training data (data/holdout.py)
+        return f"{PREFIX}{fraction:g}"
     source = data_cfg.eval_dataset
     if source == "auto":
         return data_cfg.dataset if is_builtin(data_cfg.dataset) else None
