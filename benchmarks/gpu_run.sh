@@ -13,6 +13,8 @@
 #           small, packed
 # fp8       speed, loss                             FP8 frozen base
 # decode    (one)                                   decoding at batch 1
+# serve     (one)                                   fasttune serve at 1/8/32/64 clients beside transformers'
+#                                                   batched generate (wheels: wheelhouse.sh --serve)
 # uneven    bf16-b2, bf16-b8, qlora-b2, qlora-b8    uneven instruction rows: real tokens/s, packing off/on,
 #                                                   plain or length-grouped, beside Unsloth and HF + PEFT
 # checks    loss, cli, notebook                     loss curves; `fasttune train` and the notebook on 8B
@@ -30,9 +32,9 @@ set -u
 cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
-  [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="speed loss" [decode]="" \
+  [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="speed loss" [decode]="" [serve]="" \
   [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [checks]="loss cli notebook" [ab]="8k 32k")
-usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode uneven checks ab"
+usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven checks ab"
 STEPS=${1:-}
 [ -n "$STEPS" ] || { echo "$usage" >&2; exit 2; }
 for s in ${STEPS//,/ }; do
@@ -152,6 +154,7 @@ has fp8 loss && step fp8-loss 200 python3 benchmarks/loss_curve.py --fp8 --steps
   --tokenizer $TOKENIZER --out bench_logs/loss_curves_fp8.json
 
 has decode && step decode 300 python3 benchmarks/bench_decode.py --out bench_logs/decode.jsonl
+has serve && step serve 500 python3 benchmarks/bench_serve.py --out bench_logs/serve.jsonl
 
 # uneven: rows of about 50 to 1,500 tokens (instruction_data.py); each part runs 9 processes (3 stacks x
 # packing off, off + grouped, on), each loading the 8B model
@@ -189,7 +192,7 @@ has ab 32k && step ab-32k 330 $B --stacks fasttune unsloth $ONE --seqs 32768 --s
 
 echo "=== total $(( $(date +%s) - START ))s"
 tar czf "$OUT/bench_logs.tgz" bench_logs
-for f in results.jsonl decode.jsonl loss_curves.json loss_curves_fp8.json; do
+for f in results.jsonl decode.jsonl serve.jsonl loss_curves.json loss_curves_fp8.json; do
   [ -f "bench_logs/$f" ] && cp "bench_logs/$f" "$OUT/"
 done
 python3 - <<'EOF'

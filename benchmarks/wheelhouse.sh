@@ -5,11 +5,12 @@
 # root on a machine with network, then carry .whl and start the GPU command with the line printed at the end
 # (gpu_run.sh runs that line itself).
 #
-#   benchmarks/wheelhouse.sh [--peers] [NAME==VERSION ...]
+#   benchmarks/wheelhouse.sh [--peers] [--serve] [NAME==VERSION ...]
 #
 # Always: bitsandbytes (QLoRA and AdamW 8-bit; only its CUDA 13 libraries kept) and gguf (fasttune imports it).
 # --peers: the stacks fasttune is compared with: Liger Kernel, and Unsloth with what it imports (unsloth
 # without its web app, unsloth_zoo, trl, datasets, torchao, cut_cross_entropy, small pure-Python packages).
+# --serve: what bench_serve.py needs besides (the server's starlette and uvicorn, the openai client).
 # Base alone is ~7 MB, with --peers ~22 MB; a device call carries at most 64 MiB in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +23,16 @@ peers=(liger-kernel==0.8.5 unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0
        tyro==1.0.17 docstring-parser==0.18.0 shtab==1.13.0 typeguard==4.6.1 msgspec==0.22.0
        structlog==26.1.0 json5==0.17.3 nest-asyncio==1.6.0 pydantic==2.14.4 pydantic-core==2.50.5
        annotated-types==0.8.0 typing-inspection==0.4.5)
+serve=(starlette==1.10.0 uvicorn==0.54.0 click==8.5.1 h11==0.16.0 anyio==4.16.0 idna==3.21 sniffio==1.3.1
+       openai==3.51.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 jiter==0.19.0 pydantic==2.14.4
+       pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0)
 want=("${base[@]}")
 for a in "$@"; do
-  if [ "$a" = "--peers" ]; then want+=("${peers[@]}"); else want+=("$a"); fi
+  case "$a" in
+    --peers) want+=("${peers[@]}") ;;
+    --serve) want+=("${serve[@]}") ;;
+    *) want+=("$a") ;;
+  esac
 done
 plat=()
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do

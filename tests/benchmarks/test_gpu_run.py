@@ -21,7 +21,7 @@ def parts() -> dict[str, list[str]]:
 def test_every_part_runs_a_step():
     text = SCRIPT.read_text()
     found = parts()
-    assert set(found) == {"tests", "headline", "batch2", "long", "shapes", "fp8", "decode", "uneven",
+    assert set(found) == {"tests", "headline", "batch2", "long", "shapes", "fp8", "decode", "serve", "uneven",
                           "checks", "ab"}
     for suite, names in found.items():
         for part in names or [None]:
