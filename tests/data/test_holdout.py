@@ -38,7 +38,8 @@ def test_train_and_eval_parts_partition_the_rows(write_jsonl, spec):
     assert train_numbers | eval_numbers == set(range(1, 41))
     capped = load_rows(cfg.dataset, dataclasses.replace(cfg, max_rows=5))
     assert [n for n, _ in capped.rows] == [n for n, _ in train.rows][:5]  # max_rows cuts the train part only
-    assert {n for n, _ in load_rows(source, dataclasses.replace(cfg, max_rows=5), "eval").rows} == eval_numbers
+    capped_eval = load_rows(source, dataclasses.replace(cfg, max_rows=5), "eval")
+    assert {n for n, _ in capped_eval.rows} == eval_numbers
 
 
 def test_the_run_evaluates_on_the_held_out_rows(write_jsonl, smol_tok):
