@@ -165,7 +165,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": (
         "Replace an earlier run in output_dir (its run.yaml, adapter, metrics, checkpoints); without it a "
         "fresh run into such a directory is an error.")})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA, else Apple mps, else CPU), cpu, mps, cuda or cuda:N."})
     show_samples: int = field(default=3, metadata={"help": "Answer this many held-out questions before and after training."})
     report: bool = field(default=True, metadata={"help": "Write loss.png and print the summary at the end."})
 

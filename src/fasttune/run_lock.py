@@ -8,7 +8,6 @@ other hosts, the PID and host in the file are what a user reads to decide.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -16,6 +15,30 @@ import time
 from pathlib import Path
 
 from fasttune.run_dir import RunDirError
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive lock on fd without waiting: True taken, False held by another process, None where
+    the platform has neither flock (POSIX) nor msvcrt.locking (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    try:
+        import msvcrt
+    except ImportError:
+        return None
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _describe(owner: dict) -> str:
@@ -38,9 +61,11 @@ class RunLock:
     def acquire(self) -> RunLock:
         for _ in range(10):  # another process may unlink the file between our open and our flock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            locked = _try_lock(fd)
+            if locked is None:
+                self.log(f"  {self.path}: this platform has no file locks; the lock file names this run "
+                         "but does not stop another from writing here")
+            if locked is False:
                 owner = _read(fd)
                 os.close(fd)
                 raise RunDirError(f"{self.path.parent}: another fasttune run is writing here: "
@@ -59,7 +84,8 @@ class RunLock:
                          f"({self.stale}); taking it over")
             me = {"pid": os.getpid(), "host": socket.gethostname(), "started": int(time.time())}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(me) + "\n").encode())
             os.fsync(fd)
             self._fd = fd
             return self
@@ -83,7 +109,8 @@ class RunLock:
 
 def _read(fd: int) -> dict:
     try:
-        data = os.pread(fd, 4096, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 4096)
         owner = json.loads(data.decode() or "{}")
     except (OSError, ValueError):
         return {"pid": "?", "host": "?"}
