@@ -1,13 +1,30 @@
-"""FP8 (e4m3) products for a frozen base weight: y = x W^T with both operands in FP8 and per-row scales.
+"""FP8 (e4m3) products for a frozen base weight with per-row scales: the forward's y = x W^T and the
+backward's input gradient dx = dy W.
 
     weight  W (out, in) -> W8 (out, in) e4m3 and sw (out, 1) fp32, W ~ sw * W8 (once, at load)
     input   x (N, in)   -> x8 (N, in) e4m3 and sx (N, 1) fp32, x ~ sx * x8 (each product; one Triton pass:
                            row max, scale to the e4m3 range, cast)
     product y = sx * (x8 W8^T) * sw^T in bf16 (`torch._scaled_mm` with row-wise scales: FP8 tensor cores)
+    grad    dx = dy W = (dy diag(sw)) W8. sw scales the rows of W, the contraction dimension of dy W, so it
+            cannot scale the output; it is folded into dy's columns in the pass that quantises dy per row:
+            dy diag(sw) -> d8 (N, out) e4m3 and sd (N, 1), and dx = sd * (d8 W8) in bf16.
 Scales: s = max|row| / 448 (e4m3's largest finite value), so a row's largest element maps to 448; a zero
-row gets s = 1e-12 / 448 and stays zero. The backward of a LoRA layer reads W in bf16: `dequantize_fp8`
-writes sw * W8 into a buffer shared by all layers (input gradients stay in bf16, only forward products and
-their reruns are FP8).
+row gets s = 1e-12 / 448 and stays zero.
+
+The backward's choices:
+- Fold sw into dy rather than keep a second copy of W quantised per input column: the fold costs no memory
+  and no pass (sw is read beside dy in the quantisation dy needs anyway) and multiplies by the forward's own
+  W8; a second copy would add a byte per base parameter (7 GB at Llama-3.1-8B, more than half of that run's
+  peak) and round W once more.
+- `torch._scaled_mm` takes its second operand column-major, which for d8 W8 is W8^T contiguous (in, out):
+  each product first transposes W8 into one FP8 buffer per device (`transpose_fp8`, the largest weight).
+  That is a read and a write of a byte per weight element, less than the bf16 dequantisation it replaces
+  (a byte read, two written, and two read again by the bf16 product).
+- dy in e4m3, not e5m2: peers that cast gradients to e5m2 (Transformer Engine's hybrid format, torchao's
+  tensor-wise recipe) do so because one scale per tensor must cover the gradient's range across all rows.
+  With a scale per row (as torchao's row-wise recipe, which casts gradients to e4m3 too), each row's largest
+  element maps to 448, e4m3's normal range (448 down to 2^-6, a factor of 2^15) covers what counts in the
+  row's dot products, and e4m3 keeps 3 mantissa bits to e5m2's 2.
 """
 
 from __future__ import annotations
@@ -61,12 +78,15 @@ def dequantize_fp8(w: FP8Weight, dtype: torch.dtype = torch.bfloat16, reuse_buff
 
 
 @jit
-def _quantize_rows_kernel(x_ptr, y_ptr, s_ptr, stride_x, stride_y, n_cols, BLOCK: tl.constexpr):
-    # One row per program, held in registers: its max, then the scaled cast.
+def _quantize_rows_kernel(x_ptr, c_ptr, y_ptr, s_ptr, stride_x, stride_y, n_cols, BLOCK: tl.constexpr,
+                          HAS_COL_SCALE: tl.constexpr):
+    # One row per program, held in registers: (times the column scales), its max, then the scaled cast.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL_SCALE:
+        x = x * tl.load(c_ptr + cols, mask=mask, other=0.0)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
     tl.store(s_ptr + row, tl.fdiv(amax, 0.0 * amax + 448.0, ieee_rounding=True))  # IEEE division, as torch's
     y = tl.minimum(tl.maximum(x * tl.fdiv(448.0 + 0.0 * amax, amax, ieee_rounding=True), -448.0), 448.0)
@@ -79,33 +99,43 @@ def _quantize_rows_kernel(x_ptr, y_ptr, s_ptr, stride_x, stride_y, n_cols, BLOCK
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _quantize_rows_triton(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_rows_triton(x2: torch.Tensor, col_scale: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x2.shape
     block, num_warps = row_block(n_cols)
     y = torch.empty((n_rows, n_cols), dtype=E4M3, device=x2.device)
     s = torch.empty((n_rows, 1), dtype=torch.float32, device=x2.device)
+    c = x2 if col_scale is None else col_scale.reshape(-1).to(torch.float32).contiguous()
     if n_rows:
-        _quantize_rows_kernel[(n_rows,)](x2, y, s, x2.stride(0), y.stride(0), n_cols, BLOCK=block,
-                                         num_warps=num_warps)
+        _quantize_rows_kernel[(n_rows,)](x2, c, y, s, x2.stride(0), y.stride(0), n_cols, BLOCK=block,
+                                         HAS_COL_SCALE=col_scale is not None, num_warps=num_warps)
     return y, s
 
 
-def quantize_rows_reference(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x8, s): e4m3 rows and their fp32 scales (N, 1), in the kernel's arithmetic."""
+def quantize_rows_reference(x2: torch.Tensor, col_scale: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8, s): e4m3 rows and their fp32 scales (N, 1), in the kernel's arithmetic; with `col_scale` (M
+    values, e.g. a weight's (M, 1) row scales) the rows of x2 * col_scale^T."""
     xf = x2.to(torch.float32)
+    if col_scale is not None:
+        xf = xf * col_scale.reshape(1, -1).to(torch.float32)
     amax = xf.abs().amax(dim=1, keepdim=True).clamp(min=TINY)
     y = (xf * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return y, amax / E4M3_MAX
 
 
-def quantize_rows_fp8(x2: torch.Tensor, force_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row e4m3 quantisation of a 2-D tensor with unit column stride: Triton on CUDA, torch elsewhere."""
+def quantize_rows_fp8(x2: torch.Tensor, force_triton: bool | None = None,
+                      col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantisation of a 2-D tensor with unit column stride (times `col_scale` per column, when
+    given: the backward folds a weight's row scales into dy): Triton on CUDA, torch elsewhere."""
     if x2.dim() != 2 or (x2.shape[1] > 1 and x2.stride(1) != 1):
         raise ValueError(f"quantize_rows_fp8: expected a row-major 2-D tensor, got {tuple(x2.shape)} "
                          f"with strides {x2.stride()}")
-    if use_triton(x2, force=force_triton):
-        return _quantize_rows_triton(x2)
-    return quantize_rows_reference(x2)
+    if col_scale is not None and col_scale.numel() != x2.shape[1]:
+        raise ValueError(f"quantize_rows_fp8: {col_scale.numel()} column scales for {x2.shape[1]} columns")
+    if use_triton(x2, col_scale, force=force_triton):
+        return _quantize_rows_triton(x2, col_scale)
+    return quantize_rows_reference(x2, col_scale)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -125,13 +155,16 @@ def fp8_linear(x2: torch.Tensor, w: FP8Weight, out_dtype: torch.dtype = torch.bf
 
 def fp8_linear_reference(x8: torch.Tensor, sx: torch.Tensor, w: FP8Weight,
                          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The product in fp32 from the same FP8 operands: what the tensor cores compute, up to summation order."""
+    """The product in fp32 from the same FP8 operands: what the tensor cores compute, up to summation
+    order."""
     return ((x8.to(torch.float32) @ w.data.to(torch.float32).t()) * sx * w.scale.t()).to(out_dtype)
 
 
-def _cores_apply(x2: torch.Tensor, w: FP8Weight) -> bool:
-    n, k = x2.shape
-    return x2.is_cuda and n % 16 == 0 and k % 16 == 0 and w.data.shape[0] % 16 == 0
+def _cores_apply(t2: torch.Tensor, w: FP8Weight) -> bool:
+    """t2 (x (N, in) or dy (N, out)) times w on FP8 tensor cores: on the GPU, each dimension a multiple of
+    16."""
+    out_f, in_f = w.data.shape
+    return t2.is_cuda and t2.shape[0] % 16 == 0 and out_f % 16 == 0 and in_f % 16 == 0
 
 
 def fp8_input(x2: torch.Tensor, *weights) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -152,3 +185,52 @@ def fp8_product(x2: torch.Tensor, w: FP8Weight, dt: torch.dtype,
     if not x2.is_cuda:
         return fp8_linear_reference(*(x_fp8 or quantize_rows_reference(x2)), w, dt)
     return x2 @ dequantize_fp8(w, dt, reuse_buffer=True).t()
+
+
+_t_buffers: dict[torch.device, torch.Tensor] = {}
+_unit_scales: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+@torch.no_grad()
+def transpose_fp8(w: FP8Weight) -> torch.Tensor:
+    """W8^T (in, out) e4m3, contiguous, in one buffer per device (the largest weight so far) that the next
+    call overwrites: the caller runs its product before transposing again."""
+    out_f, in_f = w.data.shape
+    n = w.data.numel()
+    buf = _t_buffers.get(w.data.device)
+    if buf is None or buf.numel() < n:
+        buf = _t_buffers[w.data.device] = torch.empty(n, dtype=torch.uint8, device=w.data.device)
+    wt = buf[:n].view(in_f, out_f)
+    wt.copy_(w.data.view(torch.uint8).t())  # as bytes: exact, and needs no FP8 copy kernel
+    return wt.view(E4M3)
+
+
+def _unit_scale(n: int, device: torch.device) -> torch.Tensor:
+    """(1, n) fp32 ones: the column scales of d8 W8 (W's scales are folded into d8)."""
+    key = (device, n)
+    if key not in _unit_scales:
+        _unit_scales[key] = torch.ones(1, n, dtype=torch.float32, device=device)
+    return _unit_scales[key]
+
+
+def fp8_grad_reference(d8: torch.Tensor, sd: torch.Tensor, w: FP8Weight,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """sd * (d8 W8) in fp32 from the same FP8 operands: what the tensor cores compute, up to summation
+    order."""
+    return ((d8.to(torch.float32) @ w.data.to(torch.float32)) * sd).to(out_dtype)
+
+
+def fp8_grad_input(dy2: torch.Tensor, w: FP8Weight, dt: torch.dtype) -> torch.Tensor:
+    """dx = dy W (N, in) in `dt` from dy (N, out) and an FP8 weight (module docstring): on FP8 tensor cores
+    where the shapes allow (as `fp8_product`); on the CPU the same FP8 operands multiplied in fp32; on the GPU
+    otherwise against the bf16 dequantisation."""
+    if not dy2.is_cuda or _cores_apply(dy2, w):
+        dy2 = dy2 if dy2.shape[1] <= 1 or dy2.stride(1) == 1 else dy2.contiguous()
+        d8, sd = quantize_rows_fp8(dy2, col_scale=w.scale)  # (N, out) e4m3, (N, 1): dy diag(sw) ~ sd * d8
+        if not dy2.is_cuda:
+            return fp8_grad_reference(d8, sd, w, dt)
+        wt = transpose_fp8(w)  # (in, out): W8 column-major as (out, in)
+        dx = torch._scaled_mm(d8, wt.t(), scale_a=sd, scale_b=_unit_scale(wt.shape[0], wt.device),
+                              out_dtype=torch.bfloat16)
+        return dx if dt == torch.bfloat16 else dx.to(dt)
+    return (dy2 @ dequantize_fp8(w, dy2.dtype, reuse_buffer=True)).to(dt)

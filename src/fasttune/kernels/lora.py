@@ -54,7 +54,9 @@ adapter term the base product accumulates onto, and dx's adapter share): on CUDA
 `rank_product.py` writes them in one pass. The SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
 Triton kernels of `swiglu_lora.py` on CUDA; the torch path keeps complete g and u (the terms in the products).
 All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
-gradients are returned in the adapters' own dtype. `weight` may be a dense tensor or a callable returning one
+gradients are returned in the adapters' own dtype. An FP8 base (a dequantiser carrying `.fp8`,
+`models/fp8.py`) runs its base products in FP8 (`kernels/fp8.py`): the forward's x W^T and the backward's
+dy W (`_dx`). `weight` may be a dense tensor or a callable returning one
 (e.g. an NF4 dequantisation into a reused buffer, called once in the forward and once in the backward).
 """
 
@@ -67,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import use_triton
-from fasttune.kernels.fp8 import FP8Weight, fp8_input, fp8_product
+from fasttune.kernels.fp8 import FP8Weight, fp8_grad_input, fp8_input, fp8_product
 from fasttune.kernels.rank_product import _rank_product_fwd
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 from fasttune.kernels.swiglu_lora import _swiglu_lora_bwd, _swiglu_lora_fwd
@@ -132,6 +134,13 @@ def _dense(weight: WeightLike, dtype: torch.dtype) -> torch.Tensor:
 def _dense_or(w: torch.Tensor | None, dequant: Callable[[], torch.Tensor] | None, dtype) -> torch.Tensor:
     """The kept dense weight, or a fresh dequantisation when the base is quantised."""
     return w if w is not None else _dense(dequant, dtype)
+
+
+def _weight_term(w: torch.Tensor | None, dequant, dt: torch.dtype):
+    """The base operand of a dx term (`_dx`): the FP8 weight when the dequantiser carries one, else a getter
+    of the kept or dequantised dense weight."""
+    fp8 = getattr(dequant, "fp8", None) if w is None else None
+    return fp8 if fp8 is not None else (lambda: _dense_or(w, dequant, dt))
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -216,14 +225,23 @@ def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
     The adapter shares of all projections are one (N, sum r) x (sum r, in) product that writes dx once; each
     base product then accumulates in its GEMM's epilogue. A getter is called right before its product
     (dequantisers may share one buffer). `out`: a buffer for dx, e.g. a dead activation of the same shape.
+    A term may carry an FP8Weight instead of a getter (`_weight_term`): its dy_i W_i runs in FP8 first and
+    writes an output of its own (`torch._scaled_mm` cannot accumulate onto a given one); the first such
+    output becomes dx, and the adapter shares then accumulate onto it in one pass that reads and writes dx.
     """
+    dx = None
+    for dy2, w, *_ in terms:
+        if isinstance(w, FP8Weight):
+            p = fp8_grad_input(dy2, w, dy2.dtype)  # (N, in)
+            dx = p if dx is None else dx.add_(p)
+    rest = [t for t in terms if not isinstance(t[1], FP8Weight)]
     adapters = [(dyb, a * s) for _, _, dyb, a, s in terms if dyb is not None]
-    rest = terms
     if adapters:
-        dx = _rank_r(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), out=out)
-    else:
-        dx = torch.mm(terms[0][0], terms[0][1](), out=out)
-        rest = terms[1:]
+        dx = _rank_r(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), c=dx,
+                     out=out if dx is None else dx)
+    elif dx is None:
+        dx = torch.mm(rest[0][0], rest[0][1](), out=out)
+        rest = rest[1:]
     for dy2, get_w, *_ in rest:
         dx.addmm_(dy2, get_w())
     return dx
@@ -262,12 +280,14 @@ class LoRALinearFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x2, xl2, xa, w, a, b = ctx.saved_tensors
-        if w is None:  # a quantised base: dequantise again rather than keep the dense copy alive
+        fp8 = getattr(ctx.dequant, "fp8", None) if w is None else None  # dy W in FP8 (`_dx`)
+        if w is None and fp8 is None:  # a quantised base: dequantise again rather than keep the dense copy
             w = _dense(ctx.dequant, a.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(a.dtype)  # (N, out)
         n = ctx.needs_input_grad
         dyb, *grads = _grads(dy2, x2, a, b, ctx.scaling, xl2, xa, (n[1], n[2], n[3], n[4], n[6]))
-        dx = _dx([(dy2, lambda: w, dyb if xl2 is None else None, a, ctx.scaling)]) if n[0] else None
+        w_term = fp8 if fp8 is not None else (lambda: w)
+        dx = _dx([(dy2, w_term, dyb if xl2 is None else None, a, ctx.scaling)]) if n[0] else None
         dx, dw, dbias, da, db, dxl = (_cast(g, dt) for g, dt in zip((dx, *grads), ctx.dtypes))
         lead = dy.shape[:-1]
         dx = None if dx is None else dx.view(*lead, dx.shape[-1])
@@ -446,7 +466,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             # The kernel makes dg, du over g, u and writes h over dh (dh is read first): h is not recomputed
             # apart for dA_d = s_d (dy B_d)^T h.
             dybd = dy2 @ bbd  # (N, r)
-            dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)])  # (N, inter)
+            dh = _dx([(dy2, _weight_term(wd, dqd, dt), dybd, ad, sd)])  # (N, inter)
             dg, du, dybg, dybu, h = _swiglu_lora_bwd(dh, g, u, *terms, inplace=True, want_db=True,
                                                      db_scales=inv, want_h=True)
             del dh
@@ -458,7 +478,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             had = h @ ad.t() if had is None else had
             dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
             # dh goes into h's buffer: every read of h is above.
-            dh = _dx([(dy2, lambda: _dense_or(wd, dqd, dt), dybd, ad, sd)], out=h)
+            dh = _dx([(dy2, _weight_term(wd, dqd, dt), dybd, ad, sd)], out=h)
             del h
             dg, du = _silu_mul_grad(dh, g, u, ctx.triton)  # over g and u
             dybg = dybu = None  # made by _grads below
@@ -468,8 +488,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         dybu, dwu, dbu, _, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], False, n[8], False),
                                             dybu)
         dag, dau = _shared_da(x2, [dybg if n[3] else None, dybu if n[7] else None], (sg, su))
-        dx = _dx([(dg, lambda: _dense_or(wg, dqg, dt), dybg, ag, sg),
-                  (du, lambda: _dense_or(wu, dqu, dt), dybu, au, su)]) if n[0] else None
+        dx = _dx([(dg, _weight_term(wg, dqg, dt), dybg, ag, sg),
+                  (du, _weight_term(wu, dqu, dt), dybu, au, su)]) if n[0] else None
         grads = (dx, dwg, dbg, dag, dbbg, dwu, dbu, dau, dbbu, dwd, dbd, dad, dbbd)
         grads = [_cast(gr, t) for gr, t in zip(grads, ctx.dtypes)]
         if grads[0] is not None:
@@ -554,7 +574,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             flags = (n[1 + 4 * i], n[2 + 4 * i], False, n[4 + 4 * i], False)  # dA: below, one read of x
             dyb, dw, dbias, _, db, _ = _grads(dy2, x2, a, b, s, None, xas[i], flags)
             grads += [dw, dbias, None, db]
-            terms.append((dy2, lambda i=i: _dense_or(dense[i], ctx.dequants[i], x2.dtype), dyb, a, s))
+            terms.append((dy2, _weight_term(dense[i], ctx.dequants[i], x2.dtype), dyb, a, s))
         das = _shared_da(x2, [t[2] if n[3 + 4 * i] else None for i, t in enumerate(terms)], ctx.scalings)
         grads[2::4] = das
         dx = _dx(terms) if n[0] else None

@@ -1,10 +1,11 @@
 """FP8 frozen base: `load_in_fp8` stores each decoder linear's weight in e4m3 with one scale per output row
-(half the bytes of bf16) and runs its forward products on FP8 tensor cores (`kernels/fp8.py`).
+(half the bytes of bf16) and runs its products on FP8 tensor cores (`kernels/fp8.py`): the forward's x W^T
+and the backward's input gradient dy W.
 
 Only the frozen base changes: LoRA adapters, their products, norms, attention, the output head and the
-embeddings stay in 16/32-bit, and input gradients are computed against a bf16 dequantisation of the
-weight. The forward (and its rerun under checkpointing) sees FP8-rounded inputs and weights, so the loss
-moves within FP8's precision; benchmarks/RESULTS.md holds the loss curve against bf16.
+embeddings stay in 16/32-bit. The forward (and its rerun under checkpointing) sees FP8-rounded inputs and
+weights and the input gradients FP8-rounded output gradients, so the loss moves within FP8's precision;
+benchmarks/RESULTS.md holds the loss curve against bf16.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fasttune.kernels.fp8 import (
     E4M3,
     FP8Weight,
     dequantize_fp8,
+    fp8_grad_input,
     fp8_product,
     fp8_supported,
     quantize_weight_fp8,
@@ -27,7 +29,7 @@ SKIP = ("lm_head",)
 
 
 class FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T (+ b) with W in FP8; dx = dy W in the compute dtype (W dequantised), no weight gradient."""
+    """y = x W^T (+ b) and dx = dy W with W in FP8 (`kernels/fp8.py`), no weight gradient."""
 
     @staticmethod
     def forward(ctx, x, data, scale, bias):
@@ -45,8 +47,7 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         data, scale = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        w = dequantize_fp8(FP8Weight(data, scale), dy2.dtype, reuse_buffer=True)
-        dx = (dy2 @ w).to(ctx.x_dtype)
+        dx = fp8_grad_input(dy2, FP8Weight(data, scale), dy2.dtype).to(ctx.x_dtype)
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, None, None
 
 
@@ -78,7 +79,8 @@ class FP8Linear(nn.Linear):
         return FP8Weight(self.weight, self.weight_scale)
 
     def dequantizer(self):
-        """For `kernels.lora`: a callable giving the bf16 weight (shared buffer), carrying `.fp8`."""
+        """For `kernels.lora`: a callable giving the bf16 weight (shared buffer), carrying `.fp8` (which the
+        kernels' products use instead where FP8 tensor cores take the shapes)."""
         w = self.fp8()
 
         def dequant() -> torch.Tensor:
