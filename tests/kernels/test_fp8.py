@@ -1,5 +1,6 @@
-"""FP8 row quantisation (Triton vs reference), the FP8 product against fp32 math on the same operands, and the
-bf16 dequantisation into the shared buffer."""
+"""FP8 row quantisation (Triton vs reference, with and without column scales), the FP8 products (forward
+x W^T, backward dy W) against fp32 math on the same operands, and the bf16 dequantisation and the FP8
+transpose into their shared buffers."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from fasttune.kernels.fp8 import (
     E4M3_MAX,
     FP8Weight,
     dequantize_fp8,
+    fp8_grad_input,
+    fp8_grad_reference,
     fp8_linear,
     fp8_linear_reference,
     quantize_rows_fp8,
     quantize_rows_reference,
     quantize_weight_fp8,
+    transpose_fp8,
 )
 
 SHAPES = [(1, 16), (5, 48), (33, 96), (7, 1000)]
@@ -77,3 +81,56 @@ def test_dequantize_into_shared_buffer(device):
     with pytest.raises(ValueError, match="weight"):
         quantize_weight_fp8(torch.ones(3, device=device))
     assert isinstance(a, FP8Weight)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_rows_with_column_scales_kernel_matches_reference(device, shape):
+    x = _x(shape, device)
+    g = torch.Generator().manual_seed(3)
+    col = torch.logspace(-4, -1, shape[1])[torch.randperm(shape[1], generator=g)]
+    col = col[:, None].to(device)  # as a weight's (M, 1) row scales
+    y, s = quantize_rows_fp8(x, force_triton=True, col_scale=col)
+    y_ref, s_ref = quantize_rows_reference(x, col)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert torch.equal(y.float(), y_ref.float())
+    # the column scales are folded in before the row max: the rows of x * col^T, quantised
+    y_fold, s_fold = quantize_rows_reference(x.float() * col.t())
+    assert torch.equal(y_ref.float(), y_fold.float()) and torch.equal(s_ref, s_fold)
+    with pytest.raises(ValueError, match="column scales"):
+        quantize_rows_fp8(x, col_scale=col[1:])
+
+
+def test_transpose_fp8_into_shared_buffer(any_device):
+    a = quantize_weight_fp8(_x((64, 32), any_device))
+    b = quantize_weight_fp8(_x((16, 48), any_device, seed=2))
+    at = transpose_fp8(a)
+    assert at.dtype == E4M3 and at.shape == (32, 64) and at.is_contiguous()
+    assert torch.equal(at.float(), a.data.float().t())
+    bt = transpose_fp8(b)
+    assert bt.data_ptr() == at.data_ptr() and torch.equal(bt.float(), b.data.float().t())  # one buffer
+
+
+# (N, out, in): every dimension a multiple of 16 (tensor cores on the GPU), and not (the GPU falls back)
+GRAD_SHAPES = [(16, 32, 48), (48, 160, 96), (5, 48, 32), (32, 40, 64)]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES)
+def test_fp8_grad_input_folds_the_weight_scales_into_dy(any_device, shape):
+    n, out_f, in_f = shape
+    dy = _x((n, out_f), any_device)
+    w8 = quantize_weight_fp8(_x((out_f, in_f), any_device, seed=1) / 10)  # row scales over four decades
+    dx = fp8_grad_input(dy, w8, torch.float32)
+    assert dx.shape == (n, in_f) and dx.dtype == torch.float32
+    w = dequantize_fp8(w8, torch.bfloat16)
+    if any_device == "cuda" and any(d % 16 for d in shape):  # odd shapes: the dequantised product
+        torch.testing.assert_close(dx, (dy @ w).float(), rtol=0, atol=0)
+        return
+    ref = fp8_grad_reference(*quantize_rows_reference(dy, w8.scale), w8, torch.float32)
+    if any_device == "cpu":
+        assert torch.equal(dx, ref)  # the emulation: the same e4m3 operands multiplied in fp32
+    else:  # FP8 tensor cores, a bf16 output
+        torch.testing.assert_close(dx, ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item())
+    # within FP8's precision of the product with the dequantised weight, and not that product
+    exact = dy.float() @ w.float()
+    rel = ((dx - exact).norm() / exact.norm()).item()
+    assert 1e-4 < rel < 0.06, rel
