@@ -586,8 +586,10 @@ def group_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def ratios(r: dict, group: list[dict]) -> tuple[float, float]:
-    """tokens/s of `r` over Unsloth's and transformers + PEFT's of the same group and mode (nan if absent)."""
-    ref = {s["stack"]: s for s in group if "tokens_per_s" in s and s["mode"] == r["mode"]
+    """tokens/s of `r` over Unsloth's and transformers + PEFT's of the same group and mode (nan if absent);
+    an fp8 row over their bf16 rows (the peers train no FP8 base)."""
+    mode = "bf16" if r["mode"] == "fp8" else r["mode"]
+    ref = {s["stack"]: s for s in group if "tokens_per_s" in s and s["mode"] == mode
            and s["stack"] in ("unsloth", "hf")}
     vs_u = r["tokens_per_s"] / ref["unsloth"]["tokens_per_s"] if "unsloth" in ref else float("nan")
     vs_h = r["tokens_per_s"] / ref["hf"]["tokens_per_s"] if "hf" in ref else float("nan")

@@ -11,7 +11,8 @@
 #           327k-unsloth, l2-32k, l2-131k
 # shapes    qwen, mistral, llama32, llama2,         other shapes and families; packed rows
 #           small, packed
-# fp8       speed, loss                             FP8 frozen base
+# fp8       tests, speed, loss                      FP8 frozen base: its GPU tests; 8 x 2048 beside Unsloth's
+#                                                   bf16; loss over 200 steps against bf16 (within 1%)
 # decode    (one)                                   decoding at batch 1
 # serve     (one)                                   fasttune serve at 1/8/32/64 clients beside transformers'
 #                                                   batched generate (wheels: wheelhouse.sh --serve)
@@ -32,7 +33,7 @@ set -u
 cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
-  [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="speed loss" [decode]="" [serve]="" \
+  [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="tests speed loss" [decode]="" [serve]="" \
   [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [checks]="loss cli notebook" [ab]="8k 32k")
 usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven checks ab"
 STEPS=${1:-}
@@ -146,11 +147,17 @@ if has shapes packed; then
   step packed-32k 200 $B --stacks fasttune $ONE --seqs 32768 --steps 2 --variants offload+pack8
 fi
 
+if has fp8 tests; then  # the FP8 products on the tensor cores against their references
+  step fp8-tests-kernels 240 $PYTEST tests/kernels/test_fp8.py tests/kernels/test_lora_fp8.py
+  step fp8-tests-model 120 $PYTEST tests/models/test_fp8_base.py
+fi
 if has fp8 speed; then
   step fp8-bf16 300 $B --stacks fasttune unsloth --modes bf16 --batches 8
   step fp8 120 $B --stacks fasttune --modes fp8 --batches 8
 fi
-has fp8 loss && step fp8-loss 200 python3 benchmarks/loss_curve.py --fp8 --steps 50 \
+# the loss: the SmolLM2-135M shape (random weights: the real ones stay off the GPU machine), bf16 reference,
+# bf16 fast path and FP8 base, 200 steps, within 1% of the reference
+has fp8 loss && step fp8-loss 400 python3 benchmarks/loss_curve.py --fp8 --runs fast fp8 --steps 200 --tol 0.01 \
   --tokenizer $TOKENIZER --out bench_logs/loss_curves_fp8.json
 
 has decode && step decode 300 python3 benchmarks/bench_decode.py --out bench_logs/decode.jsonl

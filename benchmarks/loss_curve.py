@@ -1,6 +1,7 @@
 """Loss curves side by side: fasttune's GPU fast path, its plain PyTorch reference, transformers + PEFT.
 
     python benchmarks/loss_curve.py [--steps 40] [--shape smollm2-135m] [--out loss_curves.json]
+    python benchmarks/loss_curve.py --fp8 --runs fast fp8 --steps 200 --tol 0.01   (suite `fp8`, part `loss`)
 
 One process, one CUDA device. The same random-weight model (seeded) is built three times with the same base
 weights and the same LoRA initial adapters (r=16, alpha=16 on the seven projections; PEFT's adapters are
@@ -11,8 +12,11 @@ tokenizer (`--tokenizer`), concatenated and cut into `--batch` x `--seq` rows.
            (recompute in halves, inputs on the host)
     ref:   PyTorch references, no checkpointing
     hf:    transformers LlamaForCausalLM + PEFT LoRA, SDPA attention
-    fp8:   (with --fp8) the fast path over the same base weights stored in FP8 (`load_in_fp8`)
-Prints the losses per step and the largest differences; the last line is a verdict against `--tol`.
+    fp8:   (with --fp8) the fast path over the same base weights stored in FP8 (`load_in_fp8`): forward and
+           input-gradient products in FP8
+`--runs` picks the runs beside the reference (default: fast and hf, and fp8 with --fp8). Prints the losses
+per step and each run's largest relative difference from the reference (fp8 also from the fast path, its
+bf16 twin); the last line is a verdict against `--tol`, over every run against the reference.
 """
 
 from __future__ import annotations
@@ -116,10 +120,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("loss_curves.json"))
     p.add_argument("--fp8", action="store_true", help="also the fast path over an FP8 base (load_in_fp8), "
                    "judged against the bf16 reference with the same --tol")
+    p.add_argument("--runs", nargs="+", choices=("fast", "hf", "fp8"), default=None,
+                   help="the runs beside the reference (default: fast and hf, and fp8 with --fp8)")
     args = p.parse_args()
     batches = token_batches(args.tokenizer, args.batch, args.seq, args.steps)
     curves = {}
-    names = ("ref", "fast", "hf", "fp8") if args.fp8 else ("ref", "fast", "hf")
+    runs = args.runs or (["fast", "hf"] + (["fp8"] if args.fp8 else []))
+    names = ("ref", *[n for n in ("fast", "hf", "fp8") if n in runs])
     for name in names:
         ours = build_ours(args.shape, use_kernels=name in ("fast", "fp8"), fp8=name == "fp8")
         model = build_hf(ours) if name == "hf" else ours
@@ -137,6 +144,9 @@ def main() -> None:
     for name in names[1:]:
         worst[name] = max(abs(a - b) / abs(b) for a, b in zip(curves[name], curves["ref"]))
         print(f"{name} vs ref: largest relative difference {worst[name]:.4f}")
+    if "fp8" in curves and "fast" in curves:
+        beside = max(abs(a - b) / abs(b) for a, b in zip(curves["fp8"], curves["fast"]))
+        print(f"fp8 vs fast (its bf16 twin): largest relative difference {beside:.4f}")
     drop = curves["ref"][0] - curves["ref"][-1]
     ok = all(w <= args.tol for w in worst.values()) and drop > 0
     print(f"loss {curves['ref'][0]:.3f} -> {curves['ref'][-1]:.3f}; within {args.tol:.0%} of the reference: "

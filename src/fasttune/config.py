@@ -42,8 +42,9 @@ class ModelConfig:
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantise the frozen base to NF4 (QLoRA; CUDA only)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Quantise the frozen base to 8-bit (CUDA only)."})
     load_in_fp8: bool = field(default=False, metadata={"help": (
-        "Store the frozen base in FP8 (e4m3, a scale per row) and run its forward products on FP8 tensor "
-        "cores: faster, half the weight memory, FP8 numerics (GPUs of compute capability 8.9+, Llama family).")})
+        "Store the frozen base in FP8 (e4m3, a scale per row) and run its products (forward and input "
+        "gradients) on FP8 tensor cores: faster, half the weight memory, FP8 numerics (GPUs of compute "
+        "capability 8.9+, Llama family).")})
     cpu_fallback_16bit: bool = field(default=False, metadata={"help": (
         "On a machine without CUDA, load a 4/8-bit request in 16/32-bit instead of refusing.")})
     use_kernels: str = field(default="auto", metadata={"help": (

@@ -147,3 +147,9 @@ def test_packed_variant_feeds_rows_whose_positions_restart(monkeypatch):
     step(torch.arange(16).view(2, 8))
     assert seen["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]] * 2
     assert seen["targets"].tolist() == [[1, 2, 3, -100, 5, 6, 7, -100], [9, 10, 11, -100, 13, 14, 15, -100]]
+
+
+def test_an_fp8_row_is_measured_against_the_peers_bf16_rows():
+    g = [row("fasttune", 16000, mode="fp8", variant="offload"), row("unsloth", 10000), row("hf", 8000),
+         row("unsloth", 9000, mode="qlora")]
+    assert bt.ratios(g[0], g) == (1.6, 2.0)

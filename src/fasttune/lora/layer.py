@@ -106,7 +106,7 @@ class LoRALinear(nn.Module):
 
     def kernel_weight(self) -> torch.Tensor | Callable[[], torch.Tensor] | None:
         """The base weight for `fasttune.kernels.lora`: the dense tensor, a dequantiser for an NF4 or FP8 base
-        (into a reused buffer; FP8's carries the FP8 weight as `.fp8` for the forward products), or None
+        (into a reused buffer; FP8's carries the FP8 weight as `.fp8` for the FP8 products), or None
         where the kernels cannot read the base (8-bit, FP4)."""
         w = self.base_layer.weight
         if not self.quantized:

@@ -143,8 +143,11 @@ def estimate_memory(
         raise ValueError(f"memory estimate: optimizer {optimizer!r}: expected {sorted(OPTIMIZER_BYTES)}")
     N, H, L, act_bytes = plan.tokens, c.hidden_size, c.num_hidden_layers, plan.act_bytes
     weights = weight_bytes(c, quantization, act_bytes)
-    if quantization in ("4bit", "fp8"):  # one shared dequantisation buffer of the largest linear
-        weights += max(i * o for i, o in _linear_shapes(c).values()) * act_bytes
+    if quantization in ("4bit", "fp8"):  # one shared buffer of the largest linear: NF4's dequantisation, or
+        # FP8's transposed copy for the input gradients (a byte per element; FP8 dequantises to 16 bits only
+        # where the tensor cores do not take the shapes)
+        buffer_bytes = 1 if quantization == "fp8" else act_bytes
+        weights += max(i * o for i, o in _linear_shapes(c).values()) * buffer_bytes
     n_adapter = adapter_params(c, r, targets)
     adapters = int(n_adapter * (4 + 4 + OPTIMIZER_BYTES[optimizer]))
 
