@@ -100,11 +100,19 @@ def test_quantize_rows_with_column_scales_kernel_matches_reference(device, shape
         quantize_rows_fp8(x, col_scale=col[1:])
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (16, 48), (100, 70)])
+def test_transpose_fp8_kernel_matches_torch(device, shape):
+    w8 = quantize_weight_fp8(_x(shape, device))
+    wt = transpose_fp8(w8, force_triton=True)
+    assert wt.dtype == E4M3 and wt.shape == shape[::-1] and wt.is_contiguous()
+    assert torch.equal(wt.view(torch.uint8), w8.data.view(torch.uint8).t())  # bytes: NaN-free, exact
+    assert torch.equal(transpose_fp8(w8, force_triton=False).view(torch.uint8), w8.data.view(torch.uint8).t())
+
+
 def test_transpose_fp8_into_shared_buffer(any_device):
     a = quantize_weight_fp8(_x((64, 32), any_device))
     b = quantize_weight_fp8(_x((16, 48), any_device, seed=2))
     at = transpose_fp8(a)
-    assert at.dtype == E4M3 and at.shape == (32, 64) and at.is_contiguous()
     assert torch.equal(at.float(), a.data.float().t())
     bt = transpose_fp8(b)
     assert bt.data_ptr() == at.data_ptr() and torch.equal(bt.float(), b.data.float().t())  # one buffer

@@ -17,9 +17,10 @@ The backward's choices:
   W8; a second copy would add a byte per base parameter (7 GB at Llama-3.1-8B, more than half of that run's
   peak) and round W once more.
 - `torch._scaled_mm` takes its second operand column-major, which for d8 W8 is W8^T contiguous (in, out):
-  each product first transposes W8 into one FP8 buffer per device (`transpose_fp8`, the largest weight).
-  That is a read and a write of a byte per weight element, less than the bf16 dequantisation it replaces
-  (a byte read, two written, and two read again by the bf16 product).
+  each product first transposes W8 into one FP8 buffer per device (`transpose_fp8`: a tiled Triton kernel,
+  the buffer as large as the largest weight). That is a read and a write of a byte per weight element, less
+  than the bf16 dequantisation it replaces (a byte read, two written, and two read again by the bf16
+  product).
 - dy in e4m3, not e5m2: peers that cast gradients to e5m2 (Transformer Engine's hybrid format, torchao's
   tensor-wise recipe) do so because one scale per tensor must cover the gradient's range across all rows.
   With a scale per row (as torchao's row-wise recipe, which casts gradients to e4m3 too), each row's largest
@@ -33,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from fasttune.kernels._dispatch import jit, row_block, tl, use_triton
+from fasttune.kernels._dispatch import cdiv, jit, row_block, tl, use_triton
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -191,17 +192,41 @@ _t_buffers: dict[torch.device, torch.Tensor] = {}
 _unit_scales: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
+@jit
+def _transpose_kernel(x_ptr, y_ptr, n_rows, n_cols, BLOCK: tl.constexpr):
+    # One (BLOCK, BLOCK) tile per program, read along x's rows and written along y's rows (the transpose
+    # goes through shared memory): both sides coalesced, where an elementwise copy strides one of them.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.load(x_ptr + rows[:, None] * n_cols + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0)  # (BLOCK, BLOCK)
+    tl.store(y_ptr + cols[:, None] * n_rows + rows[None, :], tl.trans(tile),
+             mask=(cols[:, None] < n_cols) & (rows[None, :] < n_rows))
+
+
+_TRANSPOSE_BLOCK = 64
+
+
 @torch.no_grad()
-def transpose_fp8(w: FP8Weight) -> torch.Tensor:
+def transpose_fp8(w: FP8Weight, force_triton: bool | None = None) -> torch.Tensor:
     """W8^T (in, out) e4m3, contiguous, in one buffer per device (the largest weight so far) that the next
-    call overwrites: the caller runs its product before transposing again."""
+    call overwrites: the caller runs its product before transposing again. Moved as bytes (exact): a tiled
+    Triton transpose on CUDA, torch's copy elsewhere."""
     out_f, in_f = w.data.shape
     n = w.data.numel()
     buf = _t_buffers.get(w.data.device)
     if buf is None or buf.numel() < n:
         buf = _t_buffers[w.data.device] = torch.empty(n, dtype=torch.uint8, device=w.data.device)
     wt = buf[:n].view(in_f, out_f)
-    wt.copy_(w.data.view(torch.uint8).t())  # as bytes: exact, and needs no FP8 copy kernel
+    src = w.data.view(torch.uint8)
+    if not src.is_contiguous():
+        src = src.contiguous()
+    if use_triton(src, force=force_triton):
+        if n:
+            grid = (cdiv(out_f, _TRANSPOSE_BLOCK), cdiv(in_f, _TRANSPOSE_BLOCK))
+            _transpose_kernel[grid](src, wt, out_f, in_f, BLOCK=_TRANSPOSE_BLOCK, num_warps=4)
+    else:
+        wt.copy_(src.t())
     return wt.view(E4M3)
 
 
