@@ -135,7 +135,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--device",
         default="cpu",
         metavar="DEVICE",
-        help="where the LoRA products B@A are computed: cpu or cuda (default: cpu)",
+        help="where the LoRA products B@A (and, for a K-quant --type, the quantizer) run: cpu or cuda "
+        "(default: cpu)",
     )
     p.add_argument("--no_check", action="store_true", help=_CHECK_HELP)
     p.add_argument("--overwrite", action="store_true",
