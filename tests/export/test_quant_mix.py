@@ -102,3 +102,10 @@ def test_legacy_types_are_unchanged():
     t = tensor_types("q4_0", _model(2), 2)
     assert t["blk.0.attn_v.weight"] == Q.Q4_0 and t["token_embd.weight"] == t["output.weight"] == Q.Q8_0
     assert GGUF_TYPES["q4_k_m"].file_type == gguf.LlamaFileType.MOSTLY_Q4_K_M
+
+
+def test_position_embeddings_stay_16_bit():
+    tensors = [("token_embd.weight", (1000, 256)), ("position_embd.weight", (64, 256))]
+    assert tensor_types("q4_k_m", tensors, 1)["position_embd.weight"] == Q.F16
+    assert tensor_types("q8_0", tensors, 1)["position_embd.weight"] == Q.F16
+    assert tensor_types("f32", tensors, 1)["position_embd.weight"] == Q.F32

@@ -5,7 +5,7 @@ types): the output head gets Q6_K; attn_v and ffn_down get more bits in the firs
 layers and every third layer between (`more_bits`); Q3_K_M also widens attn_output and the fused QKV.
 A row that does not fill whole 256-value super-blocks takes llama.cpp's fallback type (Q4_K -> Q5_0,
 Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K -> IQ4_NL), and F16 where even that block does not fit. Norms and
-biases (1-D) stay F32.
+biases (1-D) stay F32; GPT-2's position embeddings stay 16-bit, as llama.cpp leaves them.
 
     tensor_types("q4_k_m", [("blk.0.attn_v.weight", (256, 1024)), ...], n_layer=16)
         -> {"blk.0.attn_v.weight": Q6_K, ...}
@@ -111,6 +111,9 @@ def tensor_types(type_name: str, tensors: list[tuple[str, tuple[int, ...]]], n_l
             types[name] = Q.F32
             continue
         cols = shape[-1]
+        if name == "position_embd.weight":  # llama.cpp never quantizes learned position embeddings
+            types[name] = spec.weight if spec.weight in (Q.F32, Q.F16, Q.BF16) else Q.F16
+            continue
         head = name == "output.weight" or (not has_output and name == "token_embd.weight")
         if spec.mix is None:
             qtype = spec.embed if name in ("token_embd.weight", "output.weight") else spec.weight
