@@ -155,8 +155,9 @@ class TrainConfig:
         "share that match the reference exactly and after normalisation; the final eval answers every "
         "question. 0: loss and perplexity only.")})
     seed: int = field(default=3407, metadata={"help": "Seed for data order, dropout and everything random."})
-    resume: bool = field(default=False, metadata={"help": (
-        "Continue from the newest checkpoint in output_dir that reads back intact.")})
+    resume: bool | str = field(default=False, metadata={"help": (
+        "Continue a run: true or latest (the newest checkpoint in output_dir that reads back intact), or "
+        "the path of one checkpoint directory (output_dir/checkpoints/step-N).")})
     max_nonfinite_steps: int = field(default=10, metadata={"help": (
         "A step whose loss or gradients are NaN/Inf is skipped (no update) and counted; this many in a row "
         "stop the run.")})
@@ -308,9 +309,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def resume_setting(value: Any, where: str = "resume") -> bool | str:
+    """train.resume: True for true/latest, False for false/none, else the checkpoint directory named."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected true, false, latest or a checkpoint directory, got {value!r}")
+    word = value.strip().lower()
+    if word in ("true", "yes", "1", "on", "latest"):
+        return True
+    if word in ("false", "no", "0", "off", "none", "null"):
+        return False
+    return value
+
+
 def _set(section_obj: Any, name: str, value: Any, where: str) -> None:
     cls = type(section_obj)
     f = {f.name: f for f in fields(cls)}[name]
+    if name == "resume":
+        setattr(section_obj, name, resume_setting(value, where))
+        return
     value = _coerce(value, _field_type(cls, f), where)
     if name in CHOICES and value not in CHOICES[name]:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[name])}")
@@ -400,6 +418,8 @@ def validate(cfg: RunConfig) -> None:
         (t.save_steps >= 0 and t.eval_steps >= 0, "save_steps and eval_steps must be >= 0"),
         (t.eval_answers >= 0, "eval_answers must be >= 0"),
         (not (t.resume and t.overwrite), "resume and overwrite exclude each other"),
+        (not isinstance(t.resume, str) or Path(t.resume).is_dir(),
+         f"resume {t.resume}: no such checkpoint directory (true or latest: the newest in output_dir)"),
         (t.max_nonfinite_steps > 0, "max_nonfinite_steps must be positive"),
         (not t.auto_batch_size or me.method == "sft", "auto_batch_size applies to method sft only"),
         (t.device_gate_up >= 0, "device_gate_up must be >= 0"),
@@ -456,10 +476,10 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
             shown = " ".join(default) if isinstance(default, list) else default
             help_text = f"{f.metadata.get('help', '')} (default: {shown})"
             kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": f.name}
-            if tp is bool:
+            if tp is bool or f.name == "resume":
                 kwargs["nargs"] = "?"
                 kwargs["const"] = "true"
-                kwargs["metavar"] = "BOOL"
+                kwargs["metavar"] = "latest|PATH" if f.name == "resume" else "BOOL"
             elif typing.get_origin(tp) is list:
                 kwargs["nargs"] = "+"
                 kwargs["metavar"] = "NAME"

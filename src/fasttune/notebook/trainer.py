@@ -125,9 +125,10 @@ class SFTTrainer:
         from fasttune.train.precision import resolve_precision
         from fasttune.train.trackers import Trackers
 
-        if isinstance(resume_from_checkpoint, str):
+        if isinstance(resume_from_checkpoint, str) and not Path(resume_from_checkpoint).is_dir():
             raise ValueError(
-                "train(resume_from_checkpoint=PATH): pass True to resume from output_dir's latest"
+                f"train(resume_from_checkpoint={resume_from_checkpoint!r}): no such checkpoint directory "
+                "(a step-N directory of output_dir/checkpoints, or True for the latest)"
             )
         inner, device = self.model.model, self.model.device
         if not any(p.requires_grad for p in inner.parameters()):
@@ -136,7 +137,10 @@ class SFTTrainer:
             )
         mode = inner.gradient_checkpointing if self.model.lora_config is not None else None
         cfg = to_train_config(self.args, device_type=device.type, gradient_checkpointing=mode)
-        cfg = dataclasses.replace(cfg, resume=bool(resume_from_checkpoint))
+        resume = resume_from_checkpoint
+        if not isinstance(resume, str):
+            resume = bool(resume)
+        cfg = dataclasses.replace(cfg, resume=resume)
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)
         examples = self.train_dataset.examples

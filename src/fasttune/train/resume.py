@@ -15,11 +15,24 @@ from typing import Any
 import torch
 
 from fasttune.run_dir import RunDir, RunDirError
-from fasttune.train.checkpoint import Checkpoint, load_resumable, set_rng_states, stale_temporaries, step_dirs
+from fasttune.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_resumable,
+    set_rng_states,
+    stale_temporaries,
+    step_dirs,
+    verify,
+)
 
 
-def find_start(run_dir: str | Path, resume: bool, log: Callable[[str], None]) -> Checkpoint | None:
-    """The checkpoint to continue from (None: start at step 0), or RunDirError when neither is allowed."""
+def find_start(run_dir: str | Path, resume: bool | str, log: Callable[[str], None]) -> Checkpoint | None:
+    """The checkpoint to continue from (None: start at step 0), or RunDirError when neither is allowed.
+
+    resume: True for the newest checkpoint of run_dir that reads back, or one checkpoint directory's path.
+    """
+    if isinstance(resume, str):
+        return _named(Path(resume), log)
     run = RunDir(run_dir)
     for tmp in stale_temporaries(run.root):
         log(f"  {tmp}: a checkpoint write that did not finish (its process ended); not used")
@@ -37,6 +50,21 @@ def find_start(run_dir: str | Path, resume: bool, log: Callable[[str], None]) ->
                           "Start again with --overwrite")
     if ckpt is None:
         log(f"no checkpoint in {run.checkpoints} yet; starting from step 0")
+    return ckpt
+
+
+def _named(path: Path, log: Callable[[str], None]) -> Checkpoint:
+    """The checkpoint directory a user named, verified against its manifest before it is loaded."""
+    if not path.name.startswith("step-") or not path.name[5:].isdigit():
+        raise RunDirError(f"resume {path}: not a checkpoint directory (output_dir/checkpoints/step-N)")
+    reason = verify(path)
+    if reason is not None:
+        raise RunDirError(f"resume {path}: {reason}; nothing was changed")
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file: say which checkpoint and why
+        raise RunDirError(f"resume {path}: does not load ({type(e).__name__}: {e})") from None
+    log(f"  resuming from {path}")
     return ckpt
 
 
