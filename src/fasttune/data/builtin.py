@@ -12,6 +12,8 @@ PREFIX = "builtin:"
 # name -> (train file, eval file), both under src/fasttune/assets/
 BUILTIN: dict[str, tuple[str, str]] = {
     "lumen": ("lumen_train.jsonl", "lumen_eval.jsonl"),
+    # the same manual's questions as preference pairs (prompt/chosen/rejected) for dpo and orpo
+    "lumen_pref": ("lumen_pref_train.jsonl", "lumen_pref_eval.jsonl"),
 }
 
 

@@ -66,7 +66,9 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
     return {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-            "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
+            "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
+            # not TRL's: the share of pairs whose chosen completion is the more likely one under the policy
+            "logps/accuracies": (chosen.detach() > rejected.detach()).float().sum()}
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
