@@ -31,7 +31,7 @@ from fasttune.run_dir import RunDir
 from fasttune.train.checkpoint import rng_states, save_checkpoint, set_rng_states
 from fasttune.train.interrupts import TrainingStopped
 from fasttune.train.metrics import MetricsWriter, memory_used, perplexity, truncate_after
-from fasttune.train.objective import Objective, TokenLoss
+from fasttune.train.objective import Objective, TokenLoss, add_metrics, merge_metrics, metric_means
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.precision import autocast, grad_scaler
 from fasttune.train.resume import find_start, restore
@@ -73,14 +73,14 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.dev
     loss_sum, n_units, sums = torch.zeros((), device=device), 0, {}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        n_units += objective.units(batch)
+        units = objective.units(batch)
         with autocast(precision, device):
             loss, stats = objective(model, batch)
         loss_sum += loss.float()
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        n_units += units
+        add_metrics(sums, stats, units)
     model.train(was_training)
-    return float(loss_sum) / max(n_units, 1), n_units, {k: v / max(n_units, 1) for k, v in sums.items()}
+    return float(loss_sum) / max(n_units, 1), n_units, metric_means(sums)
 
 
 def format_eval(rec: dict[str, Any]) -> str:
@@ -200,8 +200,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             loss = batch_loss.float() / max(window_tokens, 1)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += batch_loss.detach().float()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            add_metrics(sums, stats, objective.units(batch))
         return loss_sum, sums
 
     model.train()
@@ -256,8 +255,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             for key, value in (("loss_sum", float(loss_sum)), ("trained", window_tokens), ("tokens", n_input),
                                ("seconds", seconds)):
                 window_log[key] += value
-            for k, v in step_stats.items():
-                window_log["stats"][k] = window_log["stats"].get(k, 0.0) + v
+            merge_metrics(window_log["stats"], step_stats)
 
         mem, mem_kind = memory_used(device)
         tok_s = window_log["tokens"] / max(window_log["seconds"], 1e-9)
@@ -266,7 +264,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         if st["step"] % cfg.logging_steps == 0 or st["step"] == total:
             # per unit over the interval (NaN when every step of it was skipped)
             mean_loss = window_log["loss_sum"] / window_log["trained"] if window_log["trained"] else math.nan
-            stats = {k: v / max(window_log["trained"], 1) for k, v in window_log["stats"].items()}
+            stats = metric_means(window_log["stats"])
             record({"kind": "train", "step": st["step"], "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tok_s, "trained_tokens": st["trained_tokens"], "memory_gib": mem,
                     "memory_kind": mem_kind, "epoch": st["step"] * accum / len(batches), **stats})

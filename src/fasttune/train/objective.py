@@ -3,12 +3,13 @@ units the batch holds. The loop divides by the units of the whole accumulation w
 
 SFT's unit is the trained token (`TokenLoss`); the preference losses count pairs or rows
 (`train/preference.py`), GRPO completions (`train/grpo.py`). Besides the loss, an objective returns
-metric sums over the same units (e.g. "rewards/chosen"); the loop logs each divided by the units.
+metric sums over the same units (e.g. "rewards/chosen"), or (sum, count) pairs for a mean over something
+else (e.g. a reward per completion); `add_metrics` / `metric_means` turn them into the means the loop logs.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -26,9 +27,32 @@ class Objective(Protocol):
         """How many units (tokens, pairs, rows) the batch's loss sums over; read before any forward."""
         ...
 
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss summed over the batch's units, fp32 and differentiable; {metric: sum over the units})."""
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(loss summed over the batch's units, fp32 and differentiable; {metric: sum over the units, or a
+        (sum, count) pair})."""
         ...
+
+
+def add_metrics(store: dict[str, list[float]], stats: dict[str, Any], units: int) -> None:
+    """Add an objective's metrics to `store` ({name: [sum, count]}, JSON-serialisable for checkpoints): a
+    plain value is a sum over the batch's `units`, a (sum, count) pair brings its own count."""
+    for key, value in stats.items():
+        total, count = value if isinstance(value, tuple) else (value, units)
+        entry = store.setdefault(key, [0.0, 0.0])
+        entry[0] += float(total)
+        entry[1] += float(count)
+
+
+def merge_metrics(store: dict[str, list[float]], other: dict[str, list[float]]) -> None:
+    for key, (total, count) in other.items():
+        entry = store.setdefault(key, [0.0, 0.0])
+        entry[0] += total
+        entry[1] += count
+
+
+def metric_means(store: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's sum over its count (metrics with nothing counted are left out)."""
+    return {k: total / count for k, (total, count) in store.items() if count > 0}
 
 
 class TokenLoss:
@@ -40,5 +64,5 @@ class TokenLoss:
     def units(self, batch: Batch) -> int:
         return int((batch["targets"] != IGNORE_INDEX).sum())
 
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         return model(**batch).loss_sum.float(), {}

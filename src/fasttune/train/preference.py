@@ -151,9 +151,9 @@ class KTOObjective:
         losses = kto_loss(logps, ref, label, kl, self.beta, *self.weights)
         rewards = self.beta * (logps.detach() - ref)
         n_chosen, n_rejected = int(label.sum()), int((~label).sum())
-        # means over this micro-batch's desirable / undesirable rows, weighted by its rows in the interval
-        chosen = rewards[label].sum() / max(n_chosen, 1) * n
-        rejected = rewards[~label].sum() / max(n_rejected, 1) * n
-        metrics = {"kl": kl * n, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/margins": chosen - rejected}
+        metrics = {"kl": (kl, 1), "rewards/chosen": (rewards[label].sum(), n_chosen),
+                   "rewards/rejected": (rewards[~label].sum(), n_rejected)}
+        if n_chosen and n_rejected:  # TRL logs the margin of micro-batches holding both kinds
+            margin = rewards[label].sum() / n_chosen - rewards[~label].sum() / n_rejected
+            metrics["rewards/margins"] = (margin, 1)
         return losses.sum(), metrics
