@@ -189,10 +189,12 @@ def format_samples(title: str, samples: Sequence[Sample]) -> str:
 
 # ---- the whole job --------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunResult:
+def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
+          reward_funcs: Sequence[Callable] | None = None) -> RunResult:
     """Run the fine-tuning job `cfg` describes; everything it writes goes to cfg.train.output_dir.
 
     `log` gets every line meant for the user (default: printed above the progress bar).
+    `reward_funcs`: grpo's reward functions as Python callables (else cfg.method.reward names them).
     """
     from fasttune.data.packing import BatchStream, make_batches, resolve_packing
     from fasttune.lora.apply import count_parameters
@@ -274,13 +276,17 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None) -> RunRes
             eval_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed, epoch=0)
     else:
         from fasttune.lora.reference import Reference
-        from fasttune.train.methods import preference_parts
+        from fasttune.train.methods import grpo_parts, preference_parts
 
-        packing = packing and method in ("dpo", "orpo")  # kto rows are padded: its KL rows pair across rows
+        packing = packing and method in ("dpo", "orpo")  # kto and grpo rows are padded
         # the reference: the starting adapter of an init_from run, else the base with the adapter off
         reference = Reference(params, params if cfg.method.init_from else None)
-        stream, eval_batches, objective = preference_parts(cfg, train_data, eval_data, reference,
-                                                           contract.pad_id, packing)
+        if method == "grpo":
+            stream, eval_batches, objective = grpo_parts(cfg, model, tokenizer, train_data, reference,
+                                                         contract, reward_funcs)
+        else:
+            stream, eval_batches, objective = preference_parts(cfg, train_data, eval_data, reference,
+                                                               contract.pad_id, packing)
     steps_per_epoch = math.ceil(len(stream) / t.gradient_accumulation_steps)
     grouped = ", grouped by length" if cfg.data.group_by_length else ""
     log(f"  packing {'on' if packing else 'off'}{grouped}: {len(stream)} micro-batches of {batch_size} per "

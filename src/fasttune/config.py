@@ -187,7 +187,9 @@ class MethodConfig:
     beta: float | None = field(default=None, metadata={"help": (
         "dpo/kto: the KL strength (0.1); ipo: the regulariser tau (0.1); orpo: the odds-ratio weight lambda "
         "(0.1); grpo: the KL coefficient (0.0: no reference pass). Unset: TRL's default of the method.")})
-    loss_type: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid (DPO) or ipo (IPO)."})
+    loss_type: str | None = field(default=None, metadata={"help": (
+        "dpo: sigmoid (DPO, the default) or ipo (IPO); grpo: dapo (the default: the mean over every "
+        "completion token of the step) or grpo (the mean over each completion, then over completions).")})
     desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of desirable rows."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of undesirable rows."})
     num_generations: int = field(default=8, metadata={"help": "grpo: completions sampled per prompt (G)."})
@@ -248,8 +250,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gradient_checkpointing": ("auto", "off", "on", "offload", "selective"),
     "bias": ("none",),
     "method": ("sft", "dpo", "orpo", "kto", "grpo"),
-    "loss_type": ("sigmoid", "ipo"),
+    "loss_type": ("sigmoid", "ipo", "dapo", "grpo"),
 }
+
+
+LOSS_TYPES = {("dpo", "sigmoid"), ("dpo", "ipo"), ("grpo", "dapo"), ("grpo", "grpo")}
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -427,7 +432,9 @@ def validate(cfg: RunConfig) -> None:
         (m.load_in_4bit + m.load_in_8bit + m.load_in_fp8 <= 1,
          "load_in_4bit, load_in_8bit and load_in_fp8 exclude each other"),
         (me.beta is None or me.beta >= 0, "beta must be >= 0"),
-        (me.loss_type == "sigmoid" or me.method == "dpo", "loss_type applies to method dpo only"),
+        (me.loss_type is None or (me.method, me.loss_type) in LOSS_TYPES,
+         f"loss_type {me.loss_type!r} does not apply to method {me.method!r} (dpo: sigmoid or ipo; grpo: "
+         "dapo or grpo)"),
         (me.num_generations >= 2, "num_generations must be at least 2 (advantages compare a group)"),
         (me.max_completion_length > 0, "max_completion_length must be positive"),
         (me.temperature > 0 and 0 < me.top_p <= 1, "temperature must be > 0, top_p in (0, 1]"),

@@ -41,10 +41,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fasttune.export.source import ExportError
     from fasttune.hub import HubError
     from fasttune.run_dir import RunDirError, RunNotFound
+    from fasttune.train.rewards import RewardError
     from fasttune.train.step_guard import TrainingError
 
     return (ConfigError, DataError, ModelLoadError, ExportError, RunDirError, RunNotFound, TrainingError,
-            HubError)
+            HubError, RewardError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,8 +47,8 @@ def _std(x: torch.Tensor) -> torch.Tensor:
 
 class GRPOObjective:
     """The clipped policy-gradient loss on a micro-batch of sampled completions (keys of train/rollout.py:
-    the batch contract, `advantages` (B,), `rewards` (B, F) per function, `reward_total` (B,) their weighted sum,
-    `truncated` (B,), and `old_logps` (B, T) when a batch is optimised more than once)."""
+    the batch contract, `advantages` (B,), `rewards` (B, F) per function, `reward_total` (B,) their weighted
+    sum, `truncated` (B,), and `old_logps` (B, T) when a batch is optimised more than once)."""
 
     per_token = False
 

@@ -72,6 +72,11 @@ def method_data(cfg: RunConfig, tokenizer: Any, contract: PromptContract | None,
     log(str(train.summary))
     source = eval_source(cfg.data)
     held_out = None
+    if method == "grpo":  # its measure is the reward of the completions it samples while training
+        if cfg.data.eval_dataset not in ("auto", "none", "", None):
+            raise ConfigError("eval_dataset: grpo has no eval split (the logged rewards are its measure); "
+                              "set eval_dataset none")
+        source = None
     if source is not None:
         held_out = build_method_data(dataclasses.replace(cfg.data, max_rows=None), method, tokenizer, max_len,
                                      "eval", train.contract, source=source)
@@ -107,8 +112,42 @@ def preference_parts(cfg: RunConfig, train: MethodData, held_out: MethodData | N
         collate = partial(collate_pairs, pad_id=pad_id, max_len=max_len, packed=packed,
                           whole_chosen=me.method == "orpo")
         objective = (ORPOObjective(beta) if me.method == "orpo"
-                     else DPOObjective(reference, beta, me.loss_type))
+                     else DPOObjective(reference, beta, me.loss_type or "sigmoid"))
     batch = cfg.train.per_device_train_batch_size
     stream = ExampleStream(train.examples, batch, collate, cfg.train.seed)
     evals = None if held_out is None else fixed_batches(held_out.examples, batch, collate)
     return stream, evals, objective
+
+
+def grpo_parts(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, train: MethodData, reference: Any,
+               contract: PromptContract, reward_funcs: list | None = None) -> tuple[Any, None, Any]:
+    """(stream sampling completions from the policy, no eval batches, objective) of grpo. `reward_funcs`:
+    callables from the notebook layer; else cfg.method.reward by name."""
+    from fasttune.infer.load import stop_ids
+    from fasttune.train.grpo import GRPOObjective
+    from fasttune.train.rewards import resolve_reward, reward_name
+    from fasttune.train.rollout import RolloutStream
+
+    me, t = cfg.method, cfg.train
+    funcs = [resolve_reward(f) for f in (reward_funcs if reward_funcs is not None else me.reward)]
+    if not funcs:
+        raise ConfigError("reward: grpo needs at least one reward function (--reward module:function, "
+                          "exact_match or regex:PATTERN)")
+    if me.reward_weights is not None and len(me.reward_weights) != len(funcs):
+        raise ConfigError(f"reward_weights: {len(me.reward_weights)} weights for {len(funcs)} reward "
+                          "functions")
+    if cfg.data.packing == "on" or cfg.data.group_by_length:
+        raise ConfigError("packing / group_by_length: not supported for grpo (its micro-batches are groups "
+                          "of sampled completions)")
+    if t.per_device_train_batch_size % me.num_generations:
+        raise ConfigError(f"per_device_train_batch_size: {t.per_device_train_batch_size} is not a multiple "
+                          f"of num_generations {me.num_generations} (a micro-batch holds whole groups)")
+    stream = RolloutStream(model, tokenizer, train.examples, funcs, reward_weights=me.reward_weights,
+                           batch_size=t.per_device_train_batch_size, num_generations=me.num_generations,
+                           max_completion_length=me.max_completion_length, temperature=me.temperature,
+                           top_p=me.top_p, pad_id=contract.pad_id, eos_ids=stop_ids(contract, tokenizer),
+                           max_seq_length=cfg.model.max_seq_length, seed=t.seed,
+                           accumulation=t.gradient_accumulation_steps, num_iterations=me.num_iterations)
+    objective = GRPOObjective(reference, beta_of(cfg), me.epsilon, me.loss_type or "dapo", me.temperature,
+                              tuple(reward_name(f) for f in funcs))
+    return stream, None, objective

@@ -103,6 +103,7 @@ def call_reward(func: RewardFunc, rows: Sequence[int | None], columns: dict[str,
             try:
                 func(**{k: v[i:i + 1] for k, v in columns.items()})
             except Exception as e:
-                raise RewardError(f"reward function '{name}' raised {type(e).__name__} on row {row}: {e}") from e
+                raise RewardError(f"reward function '{name}' raised {type(e).__name__} on row {row}: "
+                                  f"{e}") from e
         raise RewardError(f"reward function '{name}' raised {type(batch_error).__name__} on rows "
                           f"{sorted(set(r for r in rows if r is not None))}: {batch_error}") from batch_error
