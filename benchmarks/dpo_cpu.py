@@ -22,12 +22,14 @@ from fasttune.config import RunConfig, apply_overrides
 
 
 def run(values: dict) -> Path:
-    cfg = apply_overrides(RunConfig(), {"show_samples": 0, "eval_answers": 0, "report": False, **values}, "dpo_cpu")
+    values = {"show_samples": 0, "eval_answers": 0, "report": False, **values}
+    cfg = apply_overrides(RunConfig(), values, "dpo_cpu")
     return api.train(cfg).run_dir
 
 
 def evals(run_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r for r in records if r["kind"] == "eval"]
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -63,7 +65,8 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     sft = run({"dataset": "builtin:lumen", "eval_dataset": "none", "max_steps": args.sft_steps,
-               "per_device_train_batch_size": args.batch, "max_seq_length": 128, "output_dir": str(out / "sft")})
+               "per_device_train_batch_size": args.batch, "max_seq_length": 128,
+               "output_dir": str(out / "sft")})
     dpo = run({"method": "dpo", "init_from": str(sft), "dataset": "builtin:lumen_pref", "beta": args.beta,
                "max_steps": args.dpo_steps, "per_device_train_batch_size": args.batch, "max_seq_length": 128,
                "learning_rate": args.dpo_lr, "warmup_steps": 0, "eval_steps": args.eval_steps,
@@ -74,8 +77,8 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['step']} | {r['eval_logps/accuracies']:.3f} | "
-              f"{r['eval_logps/chosen'] - r['eval_logps/rejected']:.2f} | {r['eval_rewards/accuracies']:.3f} | "
-              f"{r['eval_rewards/margins']:.3f} | {r['eval_loss']:.4f} |")
+              f"{r['eval_logps/chosen'] - r['eval_logps/rejected']:.2f} | "
+              f"{r['eval_rewards/accuracies']:.3f} | {r['eval_rewards/margins']:.3f} | {r['eval_loss']:.4f} |")
     if args.plot:
         plot(rows, args.plot)
 

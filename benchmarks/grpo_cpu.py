@@ -21,8 +21,8 @@ def prompts(path: Path, n: int) -> str:
     rows = []
     for k in range(n):
         a, b = (3 * k + 1) % 9 + 1, (5 * k + 2) % 9
-        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}],
-                     "answer": str(a + b)})
+        question = f"What is {a} + {b}? Reply with the number only."
+        rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(a + b)})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -66,8 +66,8 @@ def main() -> None:
     print("| GRPO step | mean reward | reward std | mean completion length | truncated share |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['step']} | {r['reward']:.3f} | {r['reward_std']:.3f} | {r['completions/mean_length']:.2f} | "
-              f"{r['completions/clipped_ratio']:.2f} |")
+        print(f"| {r['step']} | {r['reward']:.3f} | {r['reward_std']:.3f} | "
+              f"{r['completions/mean_length']:.2f} | {r['completions/clipped_ratio']:.2f} |")
     if args.plot:
         plot(rows, args.plot)
 

@@ -85,7 +85,8 @@ def test_grpo_advantages_loss_and_lora_grads_match_trl(tmp_path, beta, loss_type
     assert batch["advantages"].abs().sum() > 0
 
     params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    objective = GRPOObjective(Reference(params), beta=beta, loss_type=loss_type, reward_names=("exact", "short"))
+    objective = GRPOObjective(Reference(params), beta=beta, loss_type=loss_type,
+                              reward_names=("exact", "short"))
     ours.train()
     loss_sum, stats = objective(ours, batch)
     n = objective.units(batch)
