@@ -78,7 +78,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['step']} | {r['eval_logps/accuracies']:.3f} | "
               f"{r['eval_logps/chosen'] - r['eval_logps/rejected']:.2f} | "
-              f"{r['eval_rewards/accuracies']:.3f} | {r['eval_rewards/margins']:.3f} | {r['eval_loss']:.4f} |")
+              f"{r['eval_rewards/accuracies']:.3f} | {r['eval_rewards/margins']:.3f} | "
+              f"{r['eval_loss']:.4f} |")
     if args.plot:
         plot(rows, args.plot)
 
