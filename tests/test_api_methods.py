@@ -4,6 +4,7 @@ the logged preference metrics, batch x accumulation equivalence, and errors that
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,3 +107,37 @@ def test_method_errors_name_the_row_or_option(tmp_path, llama_dir, capsys):  # n
         api.train(_job(tmp_path, llama_dir, init_from=str(tmp_path)), log=lambda s: None)
     with pytest.raises(ConfigError, match="loss_type applies to method dpo only"):
         _job(tmp_path, llama_dir, method="orpo", loss_type="ipo")
+
+
+SUMS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
+
+
+def test_grpo_samples_scores_and_logs_rewards(tmp_path, llama_dir, monkeypatch, capsys):  # noqa: F811
+    seen = []
+
+    def short(completions, answer, **_):
+        seen.append(len(completions))
+        return [1.0 if len(c) < 12 else 0.0 for c in completions]
+
+    data = _write(tmp_path / "sums.jsonl", SUMS)
+    cfg = _job(tmp_path, llama_dir, method="grpo", dataset=data, eval_dataset="auto", template="completion",
+               reward=["exact_match"], num_generations=2, per_device_train_batch_size=4,
+               max_completion_length=4, beta=0.04, output_dir=str(tmp_path / "grpo"))
+    result = api.train(cfg, log=lambda s: None, reward_funcs=[short, "exact_match"])
+    assert seen == [4, 4] and result.metrics["unit"] == "completion tokens"
+    train = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(train) == 2
+    for key in ("reward", "reward_std", "rewards/short/mean", "rewards/short/std", "rewards/exact_match/mean",
+                "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio"):
+        assert key in train[-1], key
+    assert 0 < train[0]["completions/mean_length"] <= 4
+
+    # the CLI: --reward module:function, and a failing reward names itself and the row
+    (tmp_path / "my_rewards.py").write_text(
+        "def picky(completions, answer, **_):\n"
+        "    return [1.0 / (len(c) * 0) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["train", "--config", str(tmp_path / "grpo" / "run.yaml"), "--reward", "my_rewards:picky",
+                 "--output_dir", str(tmp_path / "grpo2"), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"reward function 'picky' raised ZeroDivisionError on row [1-4]: ", err)

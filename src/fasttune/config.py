@@ -89,7 +89,9 @@ class DataConfig:
         "Chat column: OpenAI messages (role/content) or ShareGPT conversations (from/value).")})
     text_field: str = field(default="text", metadata={"help": "Completion-format text column (dataset_text_field)."})
     template: str = field(default="auto", metadata={"help": (
-        "Prompt template for alpaca rows: auto (alpaca), alpaca, chat (the tokenizer's chat template).")})
+        "Prompt template for alpaca rows: auto (alpaca), alpaca, chat (the tokenizer's chat template); "
+        "for the plain prompts of dpo/orpo/kto/grpo rows also completion (the prompt text as it is, TRL's "
+        "plain format).")})
     chat_template: str | None = field(default=None, metadata={"help": (
         "Chat template instead of the tokenizer's: a name (chatml, qwen-2.5, llama-3, llama-2, mistral, gemma, "
         "alpaca, vicuna, zephyr, phi-3) or a .jinja file; rendered in Jinja's sandbox; alpaca rows are then "
@@ -240,7 +242,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "fp32", "bf16", "fp16"),
     "use_kernels": ("auto", "on", "off"),
     "format": ("auto", "alpaca", "messages", "completion"),
-    "template": ("auto", "alpaca", "chat"),
+    "template": ("auto", "alpaca", "chat", "completion"),
     "on_bad_row": ("error", "skip"),
     "on_long_row": ("truncate", "drop"),
     "packing": ("auto", "on", "off"),
@@ -335,7 +337,7 @@ def _set(section_obj: Any, name: str, value: Any, where: str) -> None:
         setattr(section_obj, name, resume_setting(value, where))
         return
     value = _coerce(value, _field_type(cls, f), where)
-    if name in CHOICES and value not in CHOICES[name]:
+    if name in CHOICES and value not in CHOICES[name] and not (value is None and f.default is None):
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[name])}")
     setattr(section_obj, name, value)
 
@@ -440,8 +442,6 @@ def validate(cfg: RunConfig) -> None:
         (me.temperature > 0 and 0 < me.top_p <= 1, "temperature must be > 0, top_p in (0, 1]"),
         (me.epsilon > 0 and me.num_iterations >= 1, "epsilon must be > 0, num_iterations >= 1"),
         (not me.reward or me.method == "grpo", "reward applies to method grpo only"),
-        (me.reward_weights is None or len(me.reward_weights) == len(me.reward),
-         "reward_weights must have one weight per reward function"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -80,6 +80,9 @@ def resolve_template(template: str, fmt: str) -> str:
         return "alpaca"
     if template == "chat":
         return "chat"
+    if template == "completion":
+        raise DataError("template 'completion' renders the plain prompts of preference and RL rows; alpaca "
+                        "rows take auto, alpaca or chat")
     raise DataError(f"unknown template '{template}' (known: auto, alpaca, chat)")
 
 
