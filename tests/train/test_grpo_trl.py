@@ -10,7 +10,7 @@ from pref_twins import assert_same_grads, copy_adapter, peft_config, smollm2_tok
 from fasttune.data.pairs import PromptExample
 from fasttune.lora.reference import Reference
 from fasttune.train.grpo import GRPOObjective, combine_rewards, group_advantages
-from fasttune.train.objective import MetricSums
+from fasttune.train.objective import add_metrics, metric_means
 from fasttune.train.rollout import RolloutStream
 
 trl = pytest.importorskip("trl")
@@ -92,9 +92,9 @@ def test_grpo_advantages_loss_and_lora_grads_match_trl(tmp_path, beta, loss_type
     n = objective.units(batch)
     (loss_sum / n).backward()
     torch.testing.assert_close(loss_sum / n, want, rtol=1e-5, atol=1e-6)
-    sums = MetricSums()
-    sums.add(stats, n)
-    means = sums.means()
+    sums: dict = {}
+    add_metrics(sums, stats, n)
+    means = metric_means(sums)
     for key in ["reward", "rewards/exact/mean", "rewards/short/mean", "completions/mean_length"] + (
             ["kl"] if beta else []):
         assert means[key] == pytest.approx(logged[key], rel=1e-4, abs=1e-6), key

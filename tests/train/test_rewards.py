@@ -17,7 +17,8 @@ def test_builtins():
     assert exact_match(completions=[" 7\n", "7.", [{"role": "assistant", "content": "7"}]],
                        answer=[7, "7", "7"]) == [1.0, 0.0, 1.0]
     fmt = resolve_reward(r"regex:<answer>\d+</answer>")
-    assert fmt(completions=["<answer>12</answer>", "<answer>x</answer>", "the <answer>1</answer>"]) == [1.0, 0.0, 0.0]
+    texts = ["<answer>12</answer>", "<answer>x</answer>", "the <answer>1</answer>"]
+    assert fmt(completions=texts) == [1.0, 0.0, 0.0]
     assert resolve_reward("exact_match") is exact_match
     assert resolve_reward("fasttune.train.rewards:exact_match") is exact_match
 
