@@ -105,7 +105,7 @@ def test_method_errors_name_the_row_or_option(tmp_path, llama_dir, capsys):  # n
                   log=lambda s: None)
     with pytest.raises(ConfigError, match="init_from: .*not a run directory"):
         api.train(_job(tmp_path, llama_dir, init_from=str(tmp_path)), log=lambda s: None)
-    with pytest.raises(ConfigError, match="loss_type applies to method dpo only"):
+    with pytest.raises(ConfigError, match="loss_type .ipo. does not apply to method .orpo."):
         _job(tmp_path, llama_dir, method="orpo", loss_type="ipo")
 
 
