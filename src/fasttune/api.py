@@ -83,6 +83,12 @@ def attach_lora(loaded: Any, lora: LoraConfig) -> torch.nn.Module:
     kwargs = dict(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                   target_modules=lora.target_modules, use_rslora=lora.use_rslora,
                   random_state=lora.random_state)
+    peft_only = {"use_dora": lora.use_dora, "modules_to_save": lora.modules_to_save}
+    for name, value in peft_only.items():
+        if value and loaded.family == "llama":
+            raise ConfigError(f"{name}: not supported by fasttune's own Llama-family model (its fused LoRA "
+                              "kernels compute plain LoRA); architectures that train through transformers + "
+                              "PEFT take it")
     try:
         if loaded.family == "llama":
             from fasttune.lora.apply import apply_lora
@@ -91,7 +97,7 @@ def attach_lora(loaded: Any, lora: LoraConfig) -> torch.nn.Module:
         else:
             from fasttune.models.generic import apply_lora_generic
 
-            apply_lora_generic(loaded.model, **kwargs)
+            apply_lora_generic(loaded.model, **kwargs, **peft_only)
     except ValueError as e:  # unknown target module names and the like
         raise ConfigError(f"target_modules: {e}") from e
     return loaded.model

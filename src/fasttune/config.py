@@ -67,6 +67,12 @@ class LoraConfig:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha / sqrt(r)."})
     random_state: int = field(default=3407, metadata={"help": "Seed for the LoRA initialisation."})
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported: biases stay frozen."})
+    use_dora: bool = field(default=False, metadata={"help": (
+        "DoRA (weight-decomposed LoRA), through PEFT: architectures on the transformers + PEFT path only "
+        "(fasttune's Llama-family model refuses it).")})
+    modules_to_save: list[str] = field(default_factory=list, metadata={"help": (
+        "Modules trained in full beside the adapters and saved with them (e.g. embeddings and head for new "
+        "tokens), through PEFT: the transformers + PEFT path only.")})
 
 
 @dataclass

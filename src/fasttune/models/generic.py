@@ -230,11 +230,14 @@ def apply_lora_generic(
     target_modules: list[str] | str = "all-linear",
     use_rslora: bool = False,
     random_state: int = 3407,
+    use_dora: bool = False,
+    modules_to_save: list[str] | None = None,
 ) -> GenericCausalLM:
     """Wrap the HF model with PEFT LoRA adapters (every base weight frozen); returns the same object.
 
     target_modules: 'default' or 'all-linear' (every linear/Conv1D layer except the output head), or
-    module names such as ['q_proj', 'v_proj'] (PEFT matching rules).
+    module names such as ['q_proj', 'v_proj'] (PEFT matching rules). use_dora and modules_to_save are
+    PEFT's own options.
     """
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
@@ -248,6 +251,8 @@ def apply_lora_generic(
         lora_dropout=lora_dropout,
         target_modules=_peft_targets(target_modules),
         use_rslora=use_rslora,
+        use_dora=use_dora,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
         bias="none",
         task_type="CAUSAL_LM",
         # GPT-2 style Conv1D stores weights transposed; PEFT needs to know.

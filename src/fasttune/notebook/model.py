@@ -325,8 +325,6 @@ class FastLanguageModel:
         refused = {  # name: (value, refused?)
             "bias": (bias, bias != "none"),
             "loftq_config": (loftq_config, bool(loftq_config)),
-            "modules_to_save": (modules_to_save, bool(modules_to_save)),
-            "use_dora": (use_dora, bool(use_dora)),
             "init_lora_weights": (init_lora_weights, init_lora_weights is not True),
             "layers_to_transform": (layers_to_transform, layers_to_transform is not None),
         }
@@ -348,6 +346,8 @@ class FastLanguageModel:
             use_rslora=use_rslora,
             random_state=random_state,
             bias=bias,
+            use_dora=bool(use_dora),  # through PEFT; fasttune's Llama-family model refuses it (attach_lora)
+            modules_to_save=list(modules_to_save or []),
         )
         attach_lora(model.loaded, lora)
         model.lora_config = lora
