@@ -104,7 +104,9 @@ class DataConfig:
         "rendered as chat too. none: the tokenizer's own.")})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on prompt tokens, not only responses."})
     on_bad_row: str = field(default="error", metadata={"help": "A malformed row: error (stop, naming it) or skip (count it)."})
-    on_long_row: str = field(default="truncate", metadata={"help": "A row over max_seq_length: truncate or drop."})
+    on_long_row: str = field(default="truncate", metadata={"help": (
+        "A row over max_seq_length: truncate, drop, or chunk (text rows for continued pretraining: "
+        "consecutive pieces, every token trained once).")})
     packing: str = field(default="auto", metadata={"help": (
         "Pack several rows per sequence with attention kept inside each row: auto (on where exact), on, off.")})
     group_by_length: bool = field(default=False, metadata={"help": (
@@ -250,7 +252,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "format": ("auto", "alpaca", "messages", "completion"),
     "template": ("auto", "alpaca", "chat", "completion"),
     "on_bad_row": ("error", "skip"),
-    "on_long_row": ("truncate", "drop"),
+    "on_long_row": ("truncate", "drop", "chunk"),
     "packing": ("auto", "on", "off"),
     "lr_scheduler_type": ("linear", "cosine", "constant"),
     "optim": ("adamw_torch", "adamw_8bit"),

@@ -251,6 +251,7 @@ class DataSummary:
     tokens: int = 0
     trained_tokens: int = 0
     longest: int = 0
+    chunked: int = 0  # rows split into several examples (on_long_row chunk)
 
     def __str__(self) -> str:
         skipped = sum(self.skipped.values())
@@ -261,7 +262,8 @@ class DataSummary:
             + (f" ({reasons})" if skipped else ""),
             f"  examples {self.examples}, truncated {self.truncated}, "
             f"dropped as too long {self.dropped_long}, "
-            f"dropped with nothing trained left {self.dropped_untrainable}",
+            f"dropped with nothing trained left {self.dropped_untrainable}"
+            + (f", split into chunks {self.chunked}" if self.chunked else ""),
             f"  tokens {self.tokens} ({self.trained_tokens} trained), longest example {self.longest}",
         ]
         return "\n".join(lines)
@@ -316,6 +318,9 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, spl
             if data_cfg.on_bad_row != "skip":
                 raise e.at(file=source, row=number) from None
             skipped[e.reason] += 1
+    if data_cfg.on_long_row == "chunk" and valid.format != "completion":
+        raise DataError(f"on_long_row chunk: splits text rows (continued pretraining); the {valid.format} "
+                        f"rows of {source} have a prompt and a response, so use truncate or drop")
     examples = []
     for start in range(0, len(rendered), TOKENIZE_CHUNK):
         stop = start + TOKENIZE_CHUNK
@@ -323,6 +328,12 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, spl
         for number, ex in zip(numbers[start:stop], chunk):
             ex.row = number
             if len(ex.input_ids) > max_seq_length:
+                if data_cfg.on_long_row == "chunk":
+                    from fasttune.data.chunking import chunk_example
+
+                    summary.chunked += 1
+                    examples.extend(chunk_example(ex, max_seq_length))
+                    continue
                 if data_cfg.on_long_row == "drop":
                     summary.dropped_long += 1
                     continue
