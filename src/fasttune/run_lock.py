@@ -8,6 +8,7 @@ other hosts, the PID and host in the file are what a user reads to decide.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -19,7 +20,7 @@ from fasttune.run_dir import RunDirError
 
 def _try_lock(fd: int) -> bool | None:
     """Take an exclusive lock on fd without waiting: True taken, False held by another process, None where
-    the platform has neither flock (POSIX) nor msvcrt.locking (Windows)."""
+    the platform has neither flock (POSIX) nor msvcrt.locking (Windows), or the filesystem has no locks."""
     try:
         import fcntl
     except ImportError:
@@ -29,6 +30,10 @@ def _try_lock(fd: int) -> bool | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        except OSError as e:  # a filesystem without locks (some network and FUSE mounts)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise
         return True
     try:
         import msvcrt
