@@ -1,4 +1,4 @@
-"""The run directory's lock: one holder, its PID and host in the file, a stale lock taken over and reported."""
+"""The run directory lock: one holder, its PID and host in the file, a stale lock taken over and said."""
 
 from __future__ import annotations
 
