@@ -69,7 +69,7 @@ def test_embedded_smollm2_serves_8_concurrent_clients_correctly(tmp_path):
         "What colour is the sky?",
         "Name a planet.",
     ]
-    requests = [{"question": q, "max_tokens": 16, "stream": i % 2 == 1} for i, q in enumerate(questions)]
+    requests = [{"question": q, "max_tokens": 10, "stream": i % 2 == 1} for i, q in enumerate(questions)]
     with LiveServer(
         im.model,
         im.tokenizer,
@@ -88,7 +88,7 @@ def test_embedded_smollm2_serves_8_concurrent_clients_correctly(tmp_path):
             ids = list(im.tokenizer(text, add_special_tokens=False)["input_ids"])
             expected.append(
                 reference(
-                    im.model, im.tokenizer, ids, max_new_tokens=16, eos_ids=im.eos_token_ids, stops=None
+                    im.model, im.tokenizer, ids, max_new_tokens=10, eos_ids=im.eos_token_ids, stops=None
                 )[0]
             )
         result = run_clients(live.url, "smollm2-135m", requests, tmp_path)
