@@ -87,7 +87,7 @@ class DataConfig:
     val_set_size: float = field(default=0.0, metadata={"help": (
         "Hold this share of the training rows out as the eval set (the same rows in every run; "
         "eval_dataset split:0.05 says the same). 0: none.")})
-    format: str = field(default="auto", metadata={"help": "Row format: auto, alpaca, messages, completion."})
+    format: str = field(default="auto", metadata={"help": "Row format: auto, alpaca, messages, completion (text), prompt_completion (TRL's)."})
     instruction_field: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
     input_field: str = field(default="input", metadata={"help": "Alpaca input column (may be absent)."})
     output_field: str = field(default="output", metadata={"help": "Alpaca output column."})
@@ -249,7 +249,7 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": D
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "fp32", "bf16", "fp16"),
     "use_kernels": ("auto", "on", "off"),
-    "format": ("auto", "alpaca", "messages", "completion"),
+    "format": ("auto", "alpaca", "messages", "completion", "prompt_completion"),
     "template": ("auto", "alpaca", "chat", "completion"),
     "on_bad_row": ("error", "skip"),
     "on_long_row": ("truncate", "drop", "chunk"),

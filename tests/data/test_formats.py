@@ -49,9 +49,9 @@ def test_column_mapping_and_optional_input(write_jsonl):
 
 
 def test_unknown_keys_name_the_row(write_jsonl):
-    path = write_jsonl([{"prompt": "x", "completion": "y"}])
+    path = write_jsonl([{"question": "x", "answer": "y"}])
     with pytest.raises(DataError, match=r"data\.jsonl, row 1: cannot tell the format from the keys "
-                                        r"\['completion', 'prompt'\]"):
+                                        r"\['answer', 'question'\]"):
         load_rows(str(path), DataConfig())
     # Skipping bad rows does not hide a format that matches nothing.
     with pytest.raises(DataError, match="cannot tell the format"):

@@ -18,7 +18,7 @@ from fasttune.config import DataConfig
 from fasttune.data.errors import DataError
 from fasttune.data.sources import read_rows
 
-FORMATS = ("alpaca", "messages", "completion")
+FORMATS = ("alpaca", "messages", "completion", "prompt_completion")
 TEXT_FIELD_DEFAULT = DataConfig.text_field
 SHAREGPT_FIELD = "conversations"
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
@@ -35,6 +35,8 @@ def detect_format(row: dict[str, Any], cfg: DataConfig) -> str | None:
         return "alpaca"
     if cfg.messages_field in row or SHAREGPT_FIELD in row:
         return "messages"
+    if "prompt" in row and "completion" in row:  # TRL's prompt-completion rows
+        return "prompt_completion"
     if cfg.text_field in row:
         return "completion"
     return None
@@ -112,6 +114,12 @@ def normalise_row(row: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, A
         return {"messages": _messages(row, cfg)}
     if fmt == "completion":
         return {"text": _string(row, cfg.text_field, required=True, nonempty=True)}
+    if fmt == "prompt_completion":
+        if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+            raise DataError("conversational prompt/completion rows are not supported; give messages rows, or "
+                            "prompt and completion strings", field="prompt", reason="conversational")
+        return {"prompt": _string(row, "prompt", required=True, nonempty=False),
+                "completion": _string(row, "completion", required=True, nonempty=True)}
     raise DataError(f"unknown format '{fmt}' (known: {', '.join(FORMATS)})")
 
 

@@ -71,6 +71,11 @@ def resolve_template(template: str, fmt: str) -> str:
     """The template a format is rendered with: 'auto' means alpaca for alpaca rows."""
     if fmt == "completion":
         return "completion"
+    if fmt == "prompt_completion":  # TRL's: the prompt is used as written, no template around it
+        if template == "chat":
+            raise DataError("prompt/completion rows are used as written; template 'chat' (or a "
+                            "chat_template) does not apply to them: give messages rows for a chat template")
+        return "completion"
     if fmt == "messages":
         if template == "alpaca":
             raise DataError("template 'alpaca' renders alpaca rows only; messages rows always use the "

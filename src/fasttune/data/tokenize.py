@@ -198,6 +198,9 @@ def render_row(row: dict[str, Any], fmt: str, tokenizer: Any, contract: PromptCo
     if fmt == "completion":
         text = _strip_end(row["text"], eos_markers)
         return Rendered(text, [(0, len(text))], append_eos=True)
+    if fmt == "prompt_completion":  # TRL's: prompt as written, the completion (and EOS) trained
+        text = row["prompt"] + _strip_end(row["completion"], eos_markers)
+        return Rendered(text, [(len(row["prompt"]), len(text))], append_eos=True)
     raise DataError(f"template '{contract.template}' cannot render {fmt} rows")
 
 
