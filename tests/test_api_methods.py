@@ -103,6 +103,8 @@ def test_method_errors_name_the_row_or_option(tmp_path, llama_dir, capsys):  # n
                        dataset=_write(tmp_path / "k.jsonl",
                                       [{"prompt": "q", "completion": "a", "label": True}])),
                   log=lambda s: None)
+    with pytest.raises(ConfigError, match="holding rows out of the training data is not supported for dpo"):
+        api.train(_job(tmp_path, llama_dir, eval_dataset="split:0.25"), log=lambda s: None)
     with pytest.raises(ConfigError, match="init_from: .*not a run directory"):
         api.train(_job(tmp_path, llama_dir, init_from=str(tmp_path)), log=lambda s: None)
     with pytest.raises(ConfigError, match="loss_type .ipo. does not apply to method .orpo."):

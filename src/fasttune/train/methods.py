@@ -70,6 +70,11 @@ def method_data(cfg: RunConfig, tokenizer: Any, contract: PromptContract | None,
     method, max_len = cfg.method.method, cfg.model.max_seq_length
     train = build_method_data(cfg.data, method, tokenizer, max_len, "train", contract)
     log(str(train.summary))
+    from fasttune.data.holdout import holdout_fraction
+
+    if holdout_fraction(cfg.data) is not None:
+        raise ConfigError("eval_dataset / val_set_size: holding rows out of the training data is not "
+                          f"supported for {method}; give a held-out file as eval_dataset")
     source = eval_source(cfg.data)
     held_out = None
     if method == "grpo":  # its measure is the reward of the completions it samples while training
