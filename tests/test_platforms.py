@@ -33,6 +33,7 @@ print("RESULT " + json.dumps([result.metrics["steps"], result.metrics["memory_ki
 """
 
 
+@pytest.mark.slow
 def test_a_cpu_run_without_posix_only_modules(tmp_path, tiny_run):
     rows = [{"instruction": f"Word {i}?", "output": f"W{i}."} for i in range(6)]
     data = tmp_path / "rows.jsonl"
