@@ -109,9 +109,9 @@ def write_slot(buf: torch.Tensor, slot: torch.Tensor, kv: torch.Tensor) -> None:
     row b's own column slot[b] when slot is (B,)."""
     if slot.numel() == 1:
         buf.index_copy_(2, slot, kv)
-    else:
-        rows = torch.arange(buf.shape[0], device=buf.device)
-        buf[rows, :, slot] = kv[:, :, 0]  # (B, n_kv, hd) at (b, :, slot[b])
+    else:  # a scatter takes no host value, so a CUDA graph can capture it
+        b, n_kv, _, hd = kv.shape
+        buf.scatter_(2, slot.view(b, 1, 1, 1).expand(b, n_kv, 1, hd), kv)  # kv[b] at (b, :, slot[b])
 
 
 class _Slots:
@@ -133,7 +133,7 @@ def visible_keys(static: StaticKV, slot: torch.Tensor, window: int | None) -> to
     if slot.numel() == 1:
         keys.index_fill_(1, slot, True)
     else:
-        keys[torch.arange(keys.shape[0], device=keys.device), slot] = True
+        keys.scatter_(1, slot.view(-1, 1), True)  # (b, slot[b]); a scalar fill, capturable in a CUDA graph
     if window is not None:
         # Mistral: slots more than `window` behind this one fall out of view.
         idx = torch.arange(keys.shape[1], device=keys.device)
