@@ -7,6 +7,7 @@ train_loop -> adapter + tokenizer + prompt contract + run.yaml + loss.png -> ans
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -206,6 +207,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     from fasttune.lora.apply import count_parameters
     from fasttune.memory.setup import run_estimate, run_plan, set_checkpointing
     from fasttune.model_card import write_card
+    from fasttune.train import dist_state as ft_state
+    from fasttune.train import distributed as ft_dist
     from fasttune.train.auto import choose_max_seq_length
     from fasttune.train.interrupts import StopRequests
     from fasttune.train.loop import seed_everything, train_loop
@@ -219,9 +222,15 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
 
     log = log or tqdm.write
     validate(cfg)
-    check_output_dir(cfg.train)  # an earlier run in the way is reported before anything loads
-    check_trackers(cfg.train.report_to)  # an absent tracker library too
-    device = resolve_device(cfg.train.device)
+    dist = ft_dist.setup(cfg.train.device)  # None unless launched by torchrun
+    main = dist is None or dist.is_main  # the rank that speaks and writes
+    if dist is not None:
+        log = log if main else _quiet
+        cfg = ft_dist.check_launch(cfg, dist, log)
+    if main:
+        check_output_dir(cfg.train)  # an earlier run in the way is reported before anything loads
+        check_trackers(cfg.train.report_to)  # an absent tracker library too
+    device = dist.device if dist is not None else resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
 
@@ -261,8 +270,12 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     checkpointing = set_checkpointing(model, cfg, device, precision=precision,
                                       quantization=loaded.quantization, log=log)
     estimate = run_estimate(model, cfg, device, precision=precision, quantization=loaded.quantization)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trainable, total = count_parameters(model)
+    if dist is not None:  # DDP or FSDP2 (which shards the model now, before its parameters are collected)
+        ft_dist.start_mode(dist, model, setting=cfg.train.distributed, estimate=estimate,
+                           precision=precision, quantization=loaded.quantization, optim=cfg.train.optim,
+                           family=loaded.family, log=log)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     log(f"  {loaded.family} model, weights {str(loaded.dtype).removeprefix('torch.')}, compute {precision}, "
         f"kernels {'on' if loaded.use_kernels else 'off'}, gradient checkpointing {checkpointing}")
     log(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha}: {trainable:,} trainable of {total:,} parameters "
@@ -271,13 +284,17 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
         log(f"  activation memory plan at {t.per_device_train_batch_size} x {max_len} tokens: "
             f"{run_plan(model, cfg, precision).describe()}")
         log(f"  GPU memory {estimate.describe()} at {t.per_device_train_batch_size} x {max_len} tokens")
+        if dist is not None:
+            log("  " + ft_dist.describe_per_rank(estimate, dist, model.config.num_hidden_layers,
+                                                 sum(p.numel() for p in params.values())))
 
     packing = resolve_packing(cfg.data.packing, exact=getattr(model, "supports_packing", False))
     batch_size = t.per_device_train_batch_size
     objective = None  # SFT's token loss
     if method == "sft":
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         stream = BatchStream(train_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed,
-                             group_by_length=cfg.data.group_by_length)
+                             group_by_length=cfg.data.group_by_length, rank=rank, world_size=world)
         eval_batches = None if eval_data is None else make_batches(
             eval_data.examples, batch_size, max_len, contract.pad_id, packing, seed=t.seed, epoch=0)
     else:
@@ -295,45 +312,63 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
                                                                contract.pad_id, packing)
     steps_per_epoch = math.ceil(len(stream) / t.gradient_accumulation_steps)
     grouped = ", grouped by length" if cfg.data.group_by_length else ""
-    log(f"  packing {'on' if packing else 'off'}{grouped}: {len(stream)} micro-batches of {batch_size} per "
+    per_rank = f"{dist.world_size} ranks x {batch_size}" if dist is not None else f"{batch_size}"
+    log(f"  packing {'on' if packing else 'off'}{grouped}: {len(stream)} micro-batches of {per_rank} per "
         f"epoch, "
         f"accumulation {t.gradient_accumulation_steps} -> {steps_per_epoch} optimiser steps per epoch")
 
     # inputs validated: from here on the run writes into output_dir; SIGTERM/SIGINT stop at a step boundary
-    with claim_output_dir(t, log), StopRequests(log) as stop:
-        # resume and overwrite off: `fasttune train --config run.yaml` runs the job again from the start;
-        # the values auto chose are written as numbers, so that it runs with the same ones
-        saved = dataclasses.replace(t, resume=False, overwrite=False)
-        dataclasses.replace(cfg, train=saved).save(run.run_yaml)
+    # rank 0 alone holds output_dir; every rank stops at a step boundary on a signal
+    with claim_output_dir(t, log) if main else contextlib.nullcontext(), StopRequests(log) as stop:
+        if main:
+            # resume and overwrite off: `fasttune train --config run.yaml` runs the job again from the
+            # start; the values auto chose are written as numbers, so that it runs with the same ones
+            saved = dataclasses.replace(t, resume=False, overwrite=False)
+            dataclasses.replace(cfg, train=saved).save(run.run_yaml)
 
-        before = answer(model, tokenizer, contract, questions)
-        save_answers(run.answers, before, None)
+        # greedy answers run on rank 0, on its whole copy of the model; under FSDP2 no rank has one
+        answering = main and (dist is None or dist.mode == "ddp")
+        if dist is not None and dist.mode == "fsdp" and (questions or eval_batches is not None):
+            log("  greedy answers are skipped under FSDP2 (no rank holds the whole model); eval loss is "
+                "computed sharded. Ask the trained run with fasttune generate")
+        before = answer(model, tokenizer, contract, questions) if answering else []
+        if main:
+            save_answers(run.answers, before, None)
         if before:
             log(format_samples("answers before training:", before))
         scorer = None
-        if eval_batches is not None and data is not None and data.answers is not None:
+        if answering and eval_batches is not None and data is not None and data.answers is not None:
             scorer = answer_eval(model, tokenizer, contract, data.answers, t.eval_answers)
             n = len(data.answers)
             log(f"  eval: loss and perplexity, and greedy answers to {min(t.eval_answers, n)} of {n} "
                 f"held-out questions ({n} at the end), at most {data.answers.max_new_tokens} new tokens each")
         try:
-            with Trackers(t.report_to, run_dir, cfg.to_dict(), run_dir.resolve().name) as trackers:
+            report_to = t.report_to if main else ["none"]  # rank 0 reports
+            with Trackers(report_to, run_dir, cfg.to_dict(), run_dir.resolve().name) as trackers:
                 metrics = train_loop(model, params, stream, t, run_dir, eval_batches=eval_batches,
                                      answer_eval=scorer, device=device, precision=precision, log=log,
-                                     objective=objective, stop_requested=stop, on_record=trackers.record)
+                                     objective=objective, stop_requested=stop, on_record=trackers.record,
+                                     dist=dist)
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory_error(batch_size, max_len, estimate and estimate.describe()) from None
-        adapter_dir = save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter)
-        write_card(adapter_dir, "adapter", run_dir)  # README.md: from run.yaml, metrics and the contract
-        after = answer(model, tokenizer, contract, questions)
-        save_answers(run.answers, before, after)
+        # the adapter whole, in PEFT format, whatever the mode (gathering FSDP2's shards is collective)
+        weights = ft_state.full_adapter(params) if dist is not None and dist.mode == "fsdp" else None
+        adapter_dir = run.adapter
+        if main:
+            save_run_adapter(model, loaded, tokenizer, cfg, contract, run.adapter, weights=weights)
+            write_card(adapter_dir, "adapter", run_dir)  # README.md: from run.yaml, metrics and the contract
+        after = answer(model, tokenizer, contract, questions) if answering else []
+        if main:
+            save_answers(run.answers, before, after)
         if after:
             log(format_samples("answers after training:", after))
 
         if estimate is not None:
             metrics["memory_estimate_gib"] = estimate.total / 2**30
         summary = summary_text(metrics)
-        if t.report:
+        if dist is not None:
+            ft_dist.barrier(dist)  # no rank returns before rank 0 has written the adapter
+        if t.report and main:
             plot_loss(run.metrics, run.loss_plot)
             log("summary\n" + summary)
             made = [run.adapter, run.run_yaml, run.metrics, run.loss_plot, run.checkpoints]
@@ -341,6 +376,10 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
                                                          for p in made if p.exists()))
         return RunResult(run_dir, adapter_dir, metrics, before, after, summary, model, tokenizer,
                          contract)
+
+
+def _quiet(line: str) -> None:
+    """The log of a rank other than 0."""
 
 
 @dataclass
@@ -483,8 +522,9 @@ def answer_eval(model: torch.nn.Module, tokenizer: Any, contract: Any, answers: 
 
 
 def save_run_adapter(model: torch.nn.Module, loaded: Any, tokenizer: Any, cfg: RunConfig, contract: Any,
-                     out: Path) -> Path:
+                     out: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """adapter_model.safetensors + adapter_config.json (PEFT format), tokenizer files, prompt contract.
+    `weights`: the adapter's tensors gathered whole (FSDP2), instead of the model's own.
 
     Written beside `out` and renamed into place, so `out` holds either the earlier adapter or the whole new
     one; a filesystem error names the path and leaves no partial directory."""
@@ -496,7 +536,7 @@ def save_run_adapter(model: torch.nn.Module, loaded: Any, tokenizer: Any, cfg: R
             from fasttune.lora.peft_format import save_adapter
 
             save_adapter(model, tmp, base_model_name_or_path=base_model_id(cfg.model, loaded),
-                         revision=cfg.model.revision)
+                         revision=cfg.model.revision, weights=weights)
         else:
             model.save_adapter(tmp)
         tokenizer.save_pretrained(str(tmp))

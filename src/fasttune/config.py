@@ -177,7 +177,13 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": (
         "Replace an earlier run in output_dir (its run.yaml, adapter, metrics, checkpoints); without it a "
         "fresh run into such a directory is an error.")})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA, else Apple mps, else CPU), cpu, mps, cuda or cuda:N."})
+    device: str = field(default="auto", metadata={"help": (
+        "auto (CUDA, else Apple mps, else CPU), cpu, mps, cuda or cuda:N. Under torchrun each rank takes "
+        "cuda:LOCAL_RANK (auto or cuda) or the CPU.")})
+    distributed: str = field(default="auto", metadata={"help": (
+        "Under torchrun: ddp (every rank holds the whole model; the LoRA gradients are all-reduced), fsdp "
+        "(FSDP2: the frozen base and the adapters sharded over the ranks), or auto (ddp when the memory "
+        "estimate of one step fits one GPU, else fsdp). One plain process ignores it.")})
     show_samples: int = field(default=3, metadata={"help": "Answer this many held-out questions before and after training."})
     report: bool = field(default=True, metadata={"help": "Write loss.png and print the summary at the end."})
 
@@ -258,6 +264,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim": ("adamw_torch", "adamw_8bit"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "gradient_checkpointing": ("auto", "off", "on", "offload", "selective"),
+    "distributed": ("auto", "ddp", "fsdp"),
     "bias": ("none",),
     "method": ("sft", "dpo", "orpo", "kto", "grpo"),
     "loss_type": ("sigmoid", "ipo", "dapo", "grpo"),

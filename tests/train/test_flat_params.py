@@ -256,3 +256,32 @@ def test_cuda_flat_steps_equal_per_tensor(optim):
     for a, b, p0 in zip(*runs, initial):
         assert not torch.equal(b.cpu(), p0.detach())
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_tensor_state_inverts_the_flat_layout():
+    """A flat optimizer's state split back per tensor (what FSDP2's per-tensor optimizer loads) steps exactly
+    as the per-tensor optimizer it came from would, and moves back into the flat layout unchanged."""
+    from fasttune.train.flat_params import _flat_state, per_tensor_state
+
+    torch.manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2)]
+    per_tensor = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    flat_members = [torch.nn.Parameter(p.detach().clone()) for p in per_tensor]
+    plain = torch.optim.AdamW(per_tensor, lr=0.1)
+    flat = flat_optimizer(torch.optim.AdamW, flat_members, lr=0.1)
+    for _ in range(2):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(per_tensor, flat_members, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        plain.step()
+        flat.step()
+    split = per_tensor_state(flat.state_dict(), [p.shape for p in flat_members])
+    want = plain.state_dict()
+    assert split["param_groups"][0]["params"] == [0, 1, 2]
+    for i in range(3):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(split["state"][i][key], want["state"][i][key])
+        assert float(split["state"][i]["step"]) == float(want["state"][i]["step"]) == 2
+    back = _flat_state(split, flat.flat_groups)
+    torch.testing.assert_close(back["state"][0]["exp_avg"], flat.state_dict()["state"][0]["exp_avg"])
+    assert per_tensor_state(want, [p.shape for p in per_tensor]) is want  # already per tensor

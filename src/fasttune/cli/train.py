@@ -12,8 +12,16 @@ PREVIEW_SECTIONS = ("model", "data", "method")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fasttune.api import train
+    from fasttune.train.distributed import launched_by_torchrun, shutdown
 
-    train(config_from_args(args))
+    run = train
+    if launched_by_torchrun():
+        # torchrun's failure report then shows this rank's own error, not only its exit status
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(train)
+    run(config_from_args(args))
+    shutdown()  # leave torchrun's process group, if this process joined one
     return 0
 
 

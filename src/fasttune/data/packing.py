@@ -147,7 +147,8 @@ def collate(batch: list[list[int]], input_ids: Sequence[Sequence[int]], targets:
 
 def filler_batch(pad_id: int) -> dict[str, torch.Tensor]:
     """A micro-batch that trains nothing: one row of PAD_MULTIPLE pad ids, the first attended, no
-    target. Its loss and gradient are zero; it only completes an accumulation window (BatchStream)."""
+    target. Its loss and gradient are zero; it completes an accumulation window, or stands for a rank's
+    empty share of an epoch's short last global micro-batch (BatchStream)."""
     ids = torch.full((1, PAD_MULTIPLE), pad_id, dtype=torch.long)
     mask = torch.zeros((1, PAD_MULTIPLE), dtype=torch.long)
     mask[0, 0] = 1
@@ -169,12 +170,21 @@ def make_batches(examples: Sequence[Any], batch_size: int, max_seq_length: int, 
 class BatchStream:
     """Endless micro-batches across epochs with an exact, resumable position.
 
-    `state_dict()` is {"epoch", "index"}: the next batch is micro-batch `index` of epoch `epoch`
-    (plans are rebuilt from the seed, so nothing else need be saved). `len()` is micro-batches per
-    epoch for this rank. With `world_size` > 1 each rank takes every world_size-th micro-batch and
-    all ranks get the same count (the remainder of an epoch is left out). `epoch_multiple` N > 1 ends
-    each epoch on a window of N micro-batches, as transformers' Trainer does: the last window of an
-    epoch holds its remaining micro-batches and is completed with `filler_batch`es, which train nothing.
+    The epoch's plan is one global sequence of micro-batches of `batch_size * world_size` sequences,
+    whatever the world size; rank r takes sequences [r * batch_size, (r + 1) * batch_size) of each. So
+    2 ranks x batch 1 and 1 rank x batch 2 train on the same rows at every step:
+    ```
+    global micro-batch k   s0 s1 | s2 s3 | ...        (sequences of the epoch's plan, 2 per micro-batch)
+    world 1, batch 2       rank 0: s0 s1
+    world 2, batch 1       rank 0: s0    rank 1: s1
+    ```
+    The last global micro-batch of an epoch may be short: a rank whose slice of it is empty gets a
+    `filler_batch` (nothing trained) and stays in step with the others' collectives. `state_dict()` is
+    {"epoch", "index"}: the next batch is global micro-batch `index` of epoch `epoch` (plans are rebuilt
+    from the seed, so nothing else need be saved), the same position on every rank. `len()` is global
+    micro-batches per epoch. `epoch_multiple` N > 1 ends each epoch on a window of N micro-batches, as
+    transformers' Trainer does: the last window of an epoch holds its remaining micro-batches and is
+    completed with filler batches.
     """
 
     def __init__(self, examples: Sequence[Any], batch_size: int, max_seq_length: int, pad_id: int,
@@ -182,6 +192,8 @@ class BatchStream:
                  sampler: str = "seeded", epoch_multiple: int = 1) -> None:
         if not examples:
             raise ValueError("no examples to batch")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.input_ids = [list(e.input_ids) for e in examples]
         self.targets = [shift_targets(e.labels) for e in examples]
         self.lengths = [len(x) for x in self.input_ids]
@@ -190,20 +202,20 @@ class BatchStream:
         self.group_by_length, self.sampler, self.epoch_multiple = group_by_length, sampler, epoch_multiple
         self.epoch, self.index = 0, 0
         self._plan: tuple[int, Plan] | None = None
-        if len(self) == 0:
-            raise ValueError(f"{len(self.plan(0)) * world_size} micro-batches cannot be shared by "
-                             f"{world_size} ranks; use more data or a smaller batch")
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per global micro-batch: batch_size on each of world_size ranks."""
+        return self.batch_size * self.world_size
 
     def plan(self, epoch: int) -> Plan:
-        """This rank's micro-batches of `epoch` (cached for the last epoch asked for)."""
+        """The global micro-batches of `epoch` (cached for the last epoch asked for)."""
         if self._plan is None or self._plan[0] != epoch:
-            full = plan_epoch(self.lengths, self.batch_size, self.max_seq_length, self.packing, self.seed,
+            full = plan_epoch(self.lengths, self.global_batch, self.max_seq_length, self.packing, self.seed,
                               epoch, group_by_length=self.group_by_length, sampler=self.sampler)
-            per_rank = len(full) // self.world_size
-            mine = full[self.rank::self.world_size][:per_rank] if self.world_size > 1 else full
-            if len(mine) % self.epoch_multiple:  # [] stands for a filler micro-batch
-                mine = mine + [[]] * (self.epoch_multiple - len(mine) % self.epoch_multiple)
-            self._plan = (epoch, mine)
+            if len(full) % self.epoch_multiple:  # [] stands for a filler micro-batch
+                full = full + [[]] * (self.epoch_multiple - len(full) % self.epoch_multiple)
+            self._plan = (epoch, full)
         return self._plan[1]
 
     def __len__(self) -> int:
@@ -215,8 +227,8 @@ class BatchStream:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         plan = self.plan(self.epoch)
-        entry = plan[self.index]
-        batch = (collate(entry, self.input_ids, self.targets, self.pad_id, self.max_seq_length) if entry
+        mine = plan[self.index][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        batch = (collate(mine, self.input_ids, self.targets, self.pad_id, self.max_seq_length) if mine
                  else filler_batch(self.pad_id))
         self.index += 1
         if self.index >= len(plan):

@@ -113,7 +113,9 @@ class LoRALinear(nn.Module):
             return w
         if type(self.base_layer).__name__ in QUANTIZED_FP8:
             return self.base_layer.dequantizer()
-        state = getattr(w, "quant_state", None)
+        # FSDP2 hands the layer its gathered weight as a plain tensor: the quantisation state is then the
+        # one bitsandbytes also keeps on the module
+        state = getattr(w, "quant_state", None) or getattr(self.base_layer, "quant_state", None)
         if type(self.base_layer).__name__ in QUANTIZED_4BIT and getattr(state, "quant_type", None) == "nf4":
             from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -81,8 +81,12 @@ def save_adapter(
     target_modules: Iterable[str] | str | None = None,
     use_rslora: bool | None = None,
     revision: str | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's LoRA weights and a PEFT `adapter_config.json` into `out_dir`; return out_dir.
+
+    `weights` (parameter name -> whole tensor) replaces the tensors read from the modules: the adapter of
+    a model whose parameters are FSDP2 shards, gathered whole beforehand.
 
     r, lora_alpha, lora_dropout and use_rslora are read from the LoRA layers; when given they must agree.
     `target_modules` is accepted for symmetry with LoraConfig, but the file always records the modules
@@ -139,8 +143,10 @@ def save_adapter(
     }
     tensors = {}
     for name, m in mods:
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}.weight"
+            w = weights[key] if weights is not None else getattr(m, part).weight
+            tensors[f"{PREFIX}{key}"] = w.detach().to("cpu").contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

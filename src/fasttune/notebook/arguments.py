@@ -3,8 +3,8 @@ mapping onto fasttune's `TrainConfig`.
 
 `args` may be this module's classes or the real `transformers.TrainingArguments` (or TRL's `SFTConfig`):
 the mapping reads fields by name. Every field fasttune cannot honour is named: an error where ignoring it
-would change what is trained (deepspeed, fsdp, push_to_hub, label smoothing, ...), a warning where it only
-changes logging or speed.
+would change what is trained (deepspeed, fsdp_config, push_to_hub, label smoothing, ...), a warning where it
+only changes logging or speed.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from fasttune.config import TrainConfig
 
 # Fields that change the training result or need infrastructure fasttune does not drive.
 UNSUPPORTED: dict[str, str] = {
-    "deepspeed": "DeepSpeed is not used; fasttune trains LoRA with its own loop (torchrun for several GPUs)",
-    "fsdp": "use fasttune's own multi-GPU training (torchrun) instead of the HF Trainer's FSDP",
-    "fsdp_config": "use fasttune's own multi-GPU training (torchrun) instead of the HF Trainer's FSDP",
+    "deepspeed": ("DeepSpeed is not used; run the script under torchrun and fasttune trains with DDP, or "
+                  "with FSDP2 given fsdp='full_shard'"),
+    "fsdp_config": "fasttune's FSDP2 takes no configuration: set fsdp='full_shard' and launch with torchrun",
     "push_to_hub": "upload the saved adapter yourself (model.save_pretrained, then huggingface_hub)",
     "torch_compile": "training is not compiled; fasttune's kernels are its fast path",
     "neftune_noise_alpha": "NEFTune embedding noise is not implemented",
@@ -40,7 +40,8 @@ UNSUPPORTED: dict[str, str] = {
     "ignore_data_skip": "resuming always continues the data where the checkpoint left it",
     "dataloader_drop_last": "the last, smaller micro-batch of an epoch is trained too",
     "use_cpu": "the device is the model's: FastLanguageModel.from_pretrained(..., device='cpu')",
-    "parallelism_config": "use fasttune's own multi-GPU training (torchrun)",
+    "parallelism_config": ("accelerate's ParallelismConfig is not used: under torchrun fasttune trains with "
+                           "DDP, or FSDP2 given fsdp='full_shard'"),
     "torch_compile_backend": "training is not compiled; fasttune's kernels are its fast path",
     "torch_compile_mode": "training is not compiled; fasttune's kernels are its fast path",
     # TRL's SFTConfig
@@ -181,6 +182,7 @@ class TrainingArguments:
     gradient_checkpointing: bool = False
     report_to: Any = "none"
     train_sampling_strategy: str = "random"
+    fsdp: Any = None  # 'full_shard' (with 'auto_wrap'): FSDP2 under torchrun (`fsdp_mode`)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # accepted transformers-only fields
 
     def __init__(self, **kwargs: Any) -> None:
@@ -312,6 +314,7 @@ MAPPED = frozenset(
         "train_sampling_strategy",
         "group_by_length",
         "data_seed",
+        "fsdp",
     }
 )
 
@@ -337,6 +340,27 @@ def check_fields(args: Any) -> list[str]:
         if ignored
         else []
     )
+
+
+FSDP_OPTIONS = ("full_shard", "auto_wrap")
+
+
+def fsdp_mode(value: Any) -> str:
+    """`fsdp` -> TrainConfig.distributed: 'full_shard' (optionally with 'auto_wrap') is what FSDP2 does under
+    torchrun (parameters, gradients and optimizer state sharded, one unit per decoder layer): 'fsdp'.
+    Unset: 'auto'. Any other FSDP option is an error naming it."""
+    value = _plain(value)
+    if _empty(value):
+        return "auto"
+    if value is True:
+        return "fsdp"
+    words = value.split() if isinstance(value, str) else [str(_plain(v)) for v in value]
+    other = [w for w in words if w not in FSDP_OPTIONS]
+    if other or "full_shard" not in words:
+        raise ValueError(f"TrainingArguments.fsdp={value!r}: fasttune's FSDP2 under torchrun is full_shard "
+                         f"(auto_wrap per decoder layer); {', '.join(other) or 'without full_shard'} is not "
+                         "supported")
+    return "fsdp"
 
 
 def to_train_config(
@@ -415,6 +439,7 @@ def to_train_config(
         if eval_strategy != "steps"
         else _steps("eval_steps", eval_steps or get("logging_steps")),
         seed=int(get("seed", 42)),
+        distributed=fsdp_mode(get("fsdp")),
         show_samples=0,
         report=False,
     )

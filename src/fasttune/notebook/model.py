@@ -9,6 +9,7 @@ parameters()`, `config`, `device`. `get_peft_model` adds LoRA to it in place (an
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,13 @@ class NotebookModel(nn.Module):
         other = sorted(k for k in kwargs if k not in ("push_to_hub", "safe_serialization", "token"))
         if other:
             warnings.warn(f"save_pretrained: fasttune ignores {', '.join(other)}", UserWarning, stacklevel=2)
+        from fasttune.train.dist_state import gathered_adapter, is_main_process
+
         out = Path(save_directory)
+        # Under torchrun every rank calls this: FSDP2's shards are gathered by all, rank 0 alone writes.
+        weights = gathered_adapter(self.model)
+        if not is_main_process():
+            return
         if self.loaded.family == "llama":
             from fasttune.api import base_model_id
             from fasttune.lora.peft_format import save_adapter
@@ -168,6 +175,7 @@ class NotebookModel(nn.Module):
                 out,
                 base_model_name_or_path=base_model_id(self.model_config, self.loaded),
                 revision=self.model_config.revision,
+                weights=weights,
             )
         else:
             self.model.save_adapter(out)
@@ -242,6 +250,7 @@ class FastLanguageModel:
         16/32-bit instead, with a warning."""
         from fasttune.api import load
         from fasttune.kernels.fp8 import fp8_supported
+        from fasttune.train.distributed import launched_by_torchrun, rank_device
         from fasttune.train.precision import resolve_device
 
         unknown = sorted(k for k in kwargs if k not in _IGNORED_LOAD)
@@ -268,7 +277,10 @@ class FastLanguageModel:
             raise ValueError(
                 f"from_pretrained: dtype={dtype!r} (use None, torch.float16, torch.bfloat16 or torch.float32)"
             )
-        dev = resolve_device(device or "auto")
+        if launched_by_torchrun():  # each rank on its own GPU, cuda:LOCAL_RANK
+            dev = rank_device(device or "auto", int(os.environ["LOCAL_RANK"]))
+        else:
+            dev = resolve_device(device or "auto")
         cfg = ModelConfig(
             model_name=model_name,
             max_seq_length=max_seq_length,

@@ -8,6 +8,7 @@ text ends with it; `trainer.train_dataset` then holds the rows as `input_ids` an
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -97,16 +98,17 @@ class SFTTrainer:
                                         formatting_func, contract=self.contract)
         self.state: Any = None
 
-    def batch_stream(self, batch_size: int, packing: bool, accumulation: int = 1) -> Any:
+    def batch_stream(self, batch_size: int, packing: bool, accumulation: int = 1, dist: Any = None) -> Any:
         """The training micro-batches as transformers' Trainer draws them: rows in its order (grouped by
         length if asked), each epoch ending on its own accumulation window, however few micro-batches
-        are left for it."""
+        are left for it; under torchrun (`dist`) this rank's slice of the global sequence."""
         from fasttune.data.packing import BatchStream
 
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         return BatchStream(self.train_dataset.examples, batch_size, self._batch_length(),
                            self.contract.pad_id, packing, seed=self.sampling.seed,
                            group_by_length=self.sampling.group_by_length, sampler="torch",
-                           epoch_multiple=accumulation)
+                           epoch_multiple=accumulation, rank=rank, world_size=world)
 
     def _batch_length(self) -> int:
         """The batch width limit: max_length, or with max_length=None the longest example."""
@@ -118,8 +120,6 @@ class SFTTrainer:
     # ------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """Run fasttune's loop on the adapters; return (global_step, training_loss, metrics)."""
-        import dataclasses
-
         from fasttune.data.packing import make_batches, resolve_packing
         from fasttune.train.loop import seed_everything, train_loop
         from fasttune.train.precision import resolve_precision
@@ -142,6 +142,7 @@ class SFTTrainer:
             resume = bool(resume)
         cfg = dataclasses.replace(cfg, resume=resume)
         precision = resolve_precision(cfg.precision, device)
+        dist, log = self._distributed(cfg, precision)
         seed_everything(cfg.seed)
         examples = self.train_dataset.examples
         if not examples:
@@ -154,7 +155,7 @@ class SFTTrainer:
             )
         packing = resolve_packing("on" if self.packing else "off", exact=exact)
         bs = cfg.per_device_train_batch_size
-        stream = self.batch_stream(bs, packing, cfg.gradient_accumulation_steps)
+        stream = self.batch_stream(bs, packing, cfg.gradient_accumulation_steps, dist)
         eval_batches = None
         if self.eval_dataset is not None:
             eval_batches = make_batches(self.eval_dataset.examples, bs, self._batch_length(),
@@ -162,11 +163,13 @@ class SFTTrainer:
                                         sampler="torch")
         params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
         records: list[dict[str, Any]] = []
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        if dist is None or dist.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         run_name = Path(cfg.output_dir).resolve().name
         config = {"train": dataclasses.asdict(cfg)}
-        with Trackers(cfg.report_to, cfg.output_dir, config, run_name) as trackers:
+        report_to = cfg.report_to if dist is None or dist.is_main else ["none"]  # rank 0 reports
+        with Trackers(report_to, cfg.output_dir, config, run_name) as trackers:
 
             def on_record(rec: dict[str, Any]) -> None:
                 records.append(rec)
@@ -181,11 +184,37 @@ class SFTTrainer:
                 eval_batches=eval_batches,
                 device=device,
                 precision=precision,
+                log=log,
                 on_record=on_record,
+                dist=dist,
             )
         runtime = time.perf_counter() - t0
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)
+
+    def _distributed(self, cfg: Any, precision: str) -> tuple[Any, Callable[[str], None]]:
+        """Under torchrun: join the group, check that every rank runs the same job, pick DDP or FSDP2 (the
+        latter shards the model now, before its trainable tensors are collected); else (None, the log)."""
+        from tqdm.auto import tqdm
+
+        from fasttune.train import distributed as ft_dist
+
+        inner, device = self.model.model, self.model.device
+        dist = ft_dist.setup("cpu" if device.type == "cpu" else "cuda")
+        if dist is None:
+            return None, tqdm.write
+        if dist.device != device:
+            raise ValueError(
+                f"SFTTrainer under torchrun: the model is on {device} but rank {dist.rank} trains on "
+                f"{dist.device}; load it with FastLanguageModel.from_pretrained in the script torchrun runs "
+                "(it takes cuda:LOCAL_RANK there)"
+            )
+        log = tqdm.write if dist.is_main else (lambda line: None)
+        ft_dist.check_same_config(dataclasses.asdict(cfg), dist)
+        loaded = self.model.loaded
+        ft_dist.start_mode(dist, inner, setting=cfg.distributed, estimate=None, precision=precision,
+                           quantization=loaded.quantization, optim=cfg.optim, family=loaded.family, log=log)
+        return dist, log
 
     def _output(
         self,

@@ -191,6 +191,36 @@ def _flat_state(state_dict: dict[str, Any], groups: list[FlatParams]) -> dict[st
     return {"state": {0: merged} if merged else {}, "param_groups": [{**saved[0], "params": [0]}]}
 
 
+def per_tensor_state(state_dict: dict[str, Any], shapes: Sequence[torch.Size]) -> dict[str, Any]:
+    """The inverse of `_flat_state`: an optimizer state saved over one flat buffer whose members had
+    `shapes` (in order), as per-tensor state (what an optimizer over the members themselves loads, e.g.
+    FSDP2's sharded adapters). A state already per tensor is returned unchanged."""
+    saved = state_dict["param_groups"]
+    if len(saved) != 1 or len(saved[0]["params"]) == len(shapes):
+        return state_dict
+    if len(saved[0]["params"]) != 1:
+        raise ValueError(f"the optimizer state holds {len(saved[0]['params'])} tensors, neither one flat "
+                         f"buffer nor the {len(shapes)} trainable tensors; was the LoRA configuration "
+                         "changed?")
+    flat = state_dict["state"].get(saved[0]["params"][0], {})
+    spans, offset = [], 0
+    for shape in shapes:
+        n = torch.Size(shape).numel()
+        spans.append((offset, n, shape))
+        offset += _round_up(n, ALIGN)
+    state: dict[int, dict[str, Any]] = {}
+    for i, (off, n, shape) in enumerate(spans):
+        member = {}
+        for key, value in flat.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == offset:
+                member[key] = value[off:off + n].reshape(shape).clone()
+            else:  # the step count: one for all
+                member[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        state[i] = member
+    groups = [{**saved[0], "params": list(range(len(shapes)))}]
+    return {"state": state if flat else {}, "param_groups": groups}
+
+
 def _bind_before_step(optimizer: _FlatStep, args: Any, kwargs: Any) -> None:
     for group in optimizer.flat_groups:
         group.bind_grads()

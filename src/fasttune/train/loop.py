@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from fasttune.config import TrainConfig
 from fasttune.run_dir import RunDir
+from fasttune.train import dist_state as ft_state
+from fasttune.train import distributed as ft_dist
 from fasttune.train.checkpoint import rng_states, save_checkpoint, set_rng_states
 from fasttune.train.interrupts import TrainingStopped
 from fasttune.train.metrics import MetricsWriter, memory_used, perplexity, truncate_after
@@ -103,7 +105,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                log: Callable[[str], None] = tqdm.write,
                on_record: Callable[[dict[str, Any]], None] | None = None,
                objective: Objective | None = None,
-               stop_requested: Callable[[], int | None] | None = None) -> dict[str, Any]:
+               stop_requested: Callable[[], int | None] | None = None,
+               dist: ft_dist.Distributed | None = None) -> dict[str, Any]:
     """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
 
     `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
@@ -114,12 +117,16 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     schedule, random generators and data position, and training continues from its step.
     `stop_requested()` (interrupts.StopRequests), read after each step, returns a signal number to
     checkpoint and raise TrainingStopped. NaN/Inf steps and out-of-memory: step_guard.py.
+    Under torchrun (`dist`, `train/distributed.py`) every rank calls this with its slice of the global batch
+    stream: the units are summed over ranks, DDP or FSDP2 reduce the gradients, rank 0 writes.
     """
+    d = dist or ft_dist.SINGLE
     run_dir, device = Path(run_dir), device or next(iter(params.values())).device
     objective = objective or TokenLoss()
     trainable = list(params.values())
     accum, total = cfg.gradient_accumulation_steps, count_steps(cfg, len(batches))
     optimizer = build_optimizer(trainable, cfg)
+    forward = ft_dist.wrap_ddp(model, d) if d.mode == "ddp" else model  # after the flat buffer exists
     scheduler = build_scheduler(optimizer, cfg, total)
     scaler = grad_scaler(precision, device)
     metrics_path = RunDir(run_dir).metrics
@@ -135,13 +142,19 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     wall_start = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
-        metrics.write(rec)
+        if d.is_main:
+            metrics.write(rec)
         if on_record is not None:
             on_record(rec)
 
     def run_eval() -> None:
         was_training = model.training
-        loss, n, stats = evaluate(model, eval_batches, device, precision, objective)
+        loss, n, stats = evaluate(model, ft_state.eval_share(eval_batches, d), device, precision, objective)
+        if d.launched:  # sharded: each rank scored its share
+            keys = sorted(stats)
+            sums = ft_dist.all_sum([loss * n, n, *(stats[k] * n for k in keys)], d)
+            n = int(sums[1])
+            loss, stats = sums[0] / max(n, 1), {k: v / max(n, 1) for k, v in zip(keys, sums[2:])}
         rec = {"kind": "eval", "step": st["step"], "eval_loss": loss, "eval_tokens": n,
                **{f"eval_{k}": v for k, v in stats.items()}}
         if objective.per_token:
@@ -168,51 +181,79 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         record(rec)
         log(f"step {st['step']:>5}/{total}  {format_eval(rec)}")
 
-    ckpt = find_start(run_dir, cfg.resume, log)
-    if ckpt is not None:
+    resume = cfg.resume or d.restart > 0  # a torchrun restart continues from the latest checkpoint
+    if d.restart:
+        log(f"torchrun restart {d.restart}: resuming from the latest checkpoint")
+    # rank 0 reads the checkpoint and hands it (or its error) to the others, whose nodes need not see it
+    ckpt = ft_state.from_rank0(lambda: find_start(run_dir, resume, log), d)
+    global_batch = getattr(batches, "global_batch", None)
+    if ckpt is not None and d.launched:
+        ft_dist.check_resume_batch(ckpt.state, global_batch, d)
+        ft_state.restore_ranks(ckpt, params, optimizer, scheduler, scaler, batches, d, cfg.seed)
+    elif ckpt is not None:
+        ft_dist.check_resume_batch(ckpt.state, global_batch, d)
         restore(ckpt, params, optimizer, scheduler, scaler, batches)
+    if ckpt is not None:
         st.update({k: ckpt.state[k] for k in st if k in ckpt.state})
-        truncate_after(metrics_path, st["step"])  # steps after the checkpoint are logged again
-        log(f"resumed from {ckpt.path} at step {st['step']}/{total}")
+        if d.is_main:
+            truncate_after(metrics_path, st["step"])  # steps after the checkpoint are logged again
+        ranks = ckpt.state.get("world_size", 1)
+        log(f"resumed from {ckpt.path} at step {st['step']}/{total}"
+            + (f" (written by {ranks} ranks)" if ranks > 1 else ""))
     else:
-        metrics_path.unlink(missing_ok=True)  # a resumed run that had reached no checkpoint logs again
-        seed_everything(cfg.seed)
+        if d.is_main:
+            metrics_path.unlink(missing_ok=True)  # a resumed run that had reached no checkpoint logs again
+        # rank 0 draws what one process would; the others their own streams (dropout differs per rank)
+        seed_everything(cfg.seed if d.rank == 0 else ft_state.fresh_seed(cfg.seed, d.rank, 0))
         if eval_batches is not None:
             run_eval()  # the baseline, so that the eval curve shows what training changed
 
     wall_before = st["seconds"]  # restored on resume
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
         st["seconds"] = wall_before + time.perf_counter() - wall_start
-        return save_checkpoint(run_dir, st["step"], {k: p.detach() for k, p in params.items()}, optimizer,
-                               scheduler, scaler, rng_states(), batches.state_dict(), dict(st),
-                               cfg.save_total_limit)
+        # whole tensors and every rank's generators: gathered on every rank (collectives), written by rank 0
+        adapter = (ft_state.full_adapter(params) if d.mode == "fsdp"
+                   else {k: p.detach() for k, p in params.items()})
+        opt, rng = ft_state.optimizer_state(optimizer, d), ft_state.gather_rng(rng_states(), d)
+        if not d.is_main:
+            return None
+        return save_checkpoint(run_dir, st["step"], adapter, opt, scheduler, scaler, rng,
+                               batches.state_dict(), {**st, "world_size": d.world_size,
+                                                      "global_batch": global_batch}, cfg.save_total_limit)
 
     def run_window(window: list[Batch], window_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward and backward of every micro-batch (each as `micro_splits` parts): the window's loss sum
         and its metric sums."""
         loss_sum, sums = torch.zeros((), device=device), {}
         parts = st["micro_splits"]
-        for batch in [p for b in window for p in split_batch(b, parts)] if parts > 1 else window:
+        micro = [p for b in window for p in split_batch(b, parts)] if parts > 1 else window
+        for i, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(precision, device):
-                batch_loss, stats = objective(model, batch)
-            loss = batch_loss.float() / max(window_tokens, 1)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # DDP reduces once, after the window's last backward; DDP and FSDP2 average gradients over the
+            # ranks, so the loss is scaled by the world size to make that average the sum the units divide
+            with ft_dist.no_sync(forward, sync=i == len(micro) - 1):
+                with autocast(precision, device):
+                    batch_loss, stats = objective(forward, batch)
+                loss = batch_loss.float() * d.world_size / max(window_tokens, 1)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += batch_loss.detach().float()
             add_metrics(sums, stats, objective.units(batch))
         return loss_sum, sums
 
     model.train()
     bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True,
-               disable=None)  # None: a bar on a terminal, none in a log file
+               disable=None if d.is_main else True)  # None: a bar on a terminal, none in a log file
     window_log = st["window_log"]
     while st["step"] < total:
         t0 = time.perf_counter()
         window = [next(batches) for _ in range(accum)]
         # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
-        # lengths then weigh the same whether they share a micro-batch or not.
-        window_tokens = sum(objective.units(b) for b in window)  # trained tokens for SFT, pairs for DPO, ...
+        # lengths then weigh the same whether they share a micro-batch or not. Under torchrun the window
+        # spans every rank's slice, so its units (and input tokens, for the log) are summed over ranks.
+        window_tokens, n_input = (int(v) for v in ft_dist.all_sum(
+            [sum(objective.units(b) for b in window),  # trained tokens for SFT, pairs for DPO, ...
+             sum(b["input_ids"].numel() for b in window)], d))
         while True:
             try:
                 loss_sum, step_stats = run_window(window, window_tokens)
@@ -231,9 +272,10 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        grad_norm = float(ft_state.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
         lr = scheduler.get_last_lr()[0]  # the lr this update uses
-        step_loss = float(loss_sum) / max(window_tokens, 1)
+        step_loss_sum = ft_dist.all_sum([float(loss_sum)], d)[0]
+        step_loss = step_loss_sum / max(window_tokens, 1)
         good = check_finite(st, step_loss, grad_norm, scaler is not None, cfg.max_nonfinite_steps, log)
         if scaler is not None:  # skips the update itself when a gradient is not finite
             scaler.step(optimizer)
@@ -244,7 +286,6 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - t0
-        n_input = sum(b["input_ids"].numel() for b in window)
         st["step"] += 1
         st["tokens"] += n_input
         st["train_seconds"] += seconds
@@ -252,7 +293,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             st["trained_tokens"] += window_tokens
             st["final_loss"] = step_loss
             st["first_loss"] = step_loss if st["first_loss"] is None else st["first_loss"]
-            for key, value in (("loss_sum", float(loss_sum)), ("trained", window_tokens), ("tokens", n_input),
+            for key, value in (("loss_sum", step_loss_sum), ("trained", window_tokens), ("tokens", n_input),
                                ("seconds", seconds)):
                 window_log[key] += value
             merge_metrics(window_log["stats"], step_stats)
@@ -276,11 +317,13 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                 (cfg.eval_steps and st["step"] % cfg.eval_steps == 0) or st["step"] == total):
             run_eval()
         saved = (cfg.save_steps and st["step"] % cfg.save_steps == 0) or st["step"] == total
-        if saved or (stop_requested is not None and stop_requested()):
+        # every rank stops at the same step: a signal reaches the ranks at different moments
+        stop = ft_dist.agree_stop(stop_requested() if stop_requested is not None else None, d)
+        if saved or stop:
             path = checkpoint()
-            if stop_requested is not None and stop_requested():
+            if stop:
                 bar.close()
-                raise TrainingStopped(stop_requested(), st["step"], str(path))
+                raise TrainingStopped(stop, st["step"], str(path))
     bar.close()
 
     mem, mem_kind = memory_used(device)
