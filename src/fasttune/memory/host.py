@@ -18,11 +18,19 @@ PIN_PIECE_MIN = 1 << 20  # bytes: the smallest power-of-two piece a pinned copy 
 
 
 def host_bytes() -> int:
-    """Physical memory of this host (a very large number where POSIX cannot tell)."""
+    """This process's share of the host's physical memory (a very large number where POSIX cannot tell):
+    all of it, or under torchrun 1 / LOCAL_WORLD_SIZE of it, since the ranks of one host pin their
+    offloaded activations in the same memory."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: assume the host is large enough
         return 1 << 62
+    return total // ranks_on_host()
+
+
+def ranks_on_host() -> int:
+    """How many training processes share this host: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if "RANK" in os.environ else 1
 
 
 def pinned_pieces(n: int) -> list[int]:

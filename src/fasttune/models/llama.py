@@ -238,6 +238,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c.hidden_size, c.intermediate_size, use_kernels)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, use_kernels)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, use_kernels)
+        # False when the layer must run through its own call (FSDP2 gathers its shards in call hooks, which
+        # LayerRecompute's calls to the branches would bypass): it then recomputes as a whole layer
+        self.halves_allowed = True
 
     def forward(
         self,
@@ -260,10 +263,11 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x, addend), layer_pass)
 
     def recompute_in_halves(self) -> bool:
-        """Whether `memory.recompute.LayerRecompute` may rerun this layer: all seven projections fused."""
+        """Whether `memory.recompute.LayerRecompute` may rerun this layer: allowed, and all seven projections
+        fused."""
         a, m = self.self_attn, self.mlp
         projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-        return a.use_kernels and fused_lora_weights(*projs) is not None
+        return self.halves_allowed and a.use_kernels and fused_lora_weights(*projs) is not None
 
 
 # ---------------------------------------------------------------- the model

@@ -310,10 +310,9 @@ def shard_model(model: nn.Module, d: Distributed, precision: str) -> None:
         nf4_storage(model, param_dtype)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+        if hasattr(layer, "halves_allowed"):
+            layer.halves_allowed = False  # LayerRecompute calls the layer's branches, bypassing FSDP's hooks
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    inner = getattr(model, "model", None)
-    if hasattr(inner, "recompute_halves"):
-        inner.recompute_halves = False  # LayerRecompute calls the layer's branches, bypassing FSDP's hooks
 
 
 @torch.no_grad()
