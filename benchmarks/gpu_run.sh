@@ -22,6 +22,9 @@
 #                                                   (notebook: both stacks at its own settings, curves)
 # ab        8k, 32k                                 this tree against .bench_assets/base_tree
 #                                                   (benchmarks/unpack_tree.sh REV)
+# dist      bf16, qlora, overhead, 70b              torchrun on the machine's GPUs (bench_dist.py): Llama-3.1-8B
+#                                                   8 x 2048 per GPU on 1, 2, 4 GPUs; one process against
+#                                                   torchrun at world size 1; 70B-shaped QLoRA, FSDP2, 2 GPUs
 #
 # Each part runs under its own time limit; none starts after DEADLINE seconds (default 560, for a machine
 # lent 10 minutes a command: a suite whose parts need longer runs as several calls, one part each, or with
@@ -34,8 +37,9 @@ cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="tests speed loss" [decode]="" [serve]="" \
-  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [checks]="loss cli notebook" [ab]="8k 32k")
-usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven checks ab"
+  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [checks]="loss cli notebook" [ab]="8k 32k" \
+  [dist]="bf16 qlora overhead 70b")
+usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven checks ab dist"
 STEPS=${1:-}
 [ -n "$STEPS" ] || { echo "$usage" >&2; exit 2; }
 for s in ${STEPS//,/ }; do
@@ -162,6 +166,16 @@ has fp8 loss && step fp8-loss 400 python3 benchmarks/loss_curve.py --fp8 --runs 
 
 has decode && step decode 300 python3 benchmarks/bench_decode.py --out bench_logs/decode.jsonl
 has serve && step serve 500 python3 benchmarks/bench_serve.py --out bench_logs/serve.jsonl
+# dist: as many GPUs as the machine has, up to 4 (the worlds past that are left out)
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+WORLDS=$(for w in 1 2 4; do [ "$w" -le "$GPUS" ] && printf '%s ' "$w"; done)
+has dist bf16 && step dist-bf16 560 python3 benchmarks/bench_dist.py --suite scaling --modes bf16 \
+  --worlds $WORLDS --out bench_logs/dist.jsonl
+has dist qlora && step dist-qlora 560 python3 benchmarks/bench_dist.py --suite scaling --modes qlora \
+  --worlds $WORLDS --out bench_logs/dist.jsonl
+has dist overhead && step dist-overhead 400 python3 benchmarks/bench_dist.py --suite overhead \
+  --out bench_logs/dist.jsonl
+has dist 70b && step dist-70b 560 python3 benchmarks/bench_dist.py --suite 70b --out bench_logs/dist.jsonl
 
 # uneven: rows of about 50 to 1,500 tokens (instruction_data.py); each part runs 9 processes (3 stacks x
 # packing off, off + grouped, on), each loading the 8B model
@@ -199,7 +213,7 @@ has ab 32k && step ab-32k 330 $B --stacks fasttune unsloth $ONE --seqs 32768 --s
 
 echo "=== total $(( $(date +%s) - START ))s"
 tar czf "$OUT/bench_logs.tgz" bench_logs
-for f in results.jsonl decode.jsonl serve.jsonl loss_curves.json loss_curves_fp8.json; do
+for f in results.jsonl decode.jsonl serve.jsonl dist.jsonl loss_curves.json loss_curves_fp8.json; do
   [ -f "bench_logs/$f" ] && cp "bench_logs/$f" "$OUT/"
 done
 python3 - <<'EOF'
