@@ -6,7 +6,8 @@ Every held-out row is rendered as training renders it (the run's prompt contract
 tokenized once with the run's tokenizer; the same ids go to llama.cpp (node-llama-cpp, CPU) for each exported
 file and to fasttune's own model (PyTorch, fp32: the unquantized reference). Perplexity = exp of the mean
 negative log-probability of every token after the first of each row. Also prints each export's size and
-time. Needs scripts/setup_llamacpp.sh.
+time (0 with --reuse). Needs scripts/setup_llamacpp.sh. node-llama-cpp hands over each position's whole
+next-token distribution as a map of the vocabulary, which dominates the time: keep --max_rows small on a CPU.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default="bench_gguf", help="directory for the exported files")
     ap.add_argument("--max_rows", type=int, default=30)
+    ap.add_argument("--reuse", action="store_true", help="read files already in --out instead of exporting")
     args = ap.parse_args()
 
     from importlib.metadata import version
@@ -84,11 +86,12 @@ def main() -> None:
     rows = held_out_ids(run, args.max_rows)
     files = {}
     for kind in args.types:
-        started = time.perf_counter()
-        files[kind] = export_gguf(run, out / f"{run.name}.{kind}.gguf", type=kind)
-        files[kind] = (files[kind], time.perf_counter() - started)
+        started, path = time.perf_counter(), out / f"{run.name}.{kind}.gguf"
+        if not (args.reuse and path.is_file()):
+            export_gguf(run, path, type=kind)
+        files[kind] = (path, time.perf_counter() - started)
     jobs = [(path, [{"op": "logprobs", "tokens": ids} for ids in rows]) for path, _ in files.values()]
-    answers = llama_cpp.run(jobs, context=max(512, max(len(r) for r in rows)))
+    answers = llama_cpp.run(jobs, context=max(512, max(len(r) for r in rows)), timeout=24 * 3600)
     reference = perplexity(reference_logprobs(run, rows))
     print(
         json.dumps(
@@ -103,7 +106,7 @@ def main() -> None:
             }
         )
     )
-    print("| file | size MiB | export s | perplexity (llama.cpp) | vs f16 |")
+    print("| file | size MiB | export s | perplexity (llama.cpp) | vs f16 |")  # export s: 0 with --reuse
     print("|---|---:|---:|---:|---:|")
     ppl = {kind: perplexity([a["logprobs"] for a in job]) for kind, job in zip(files, answers["jobs"])}
     for kind, (path, seconds) in files.items():
