@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 
-def held_out_ids(run: Path, max_rows: int) -> list[list[int]]:
+def held_out_ids(run: Path, max_rows: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each held-out row (prompt, answer, EOS) and the length of its prompt."""
     from fasttune.data.sources import read_rows
     from fasttune.data.templates import encode_prompt, render_chat, render_prompt
     from fasttune.export.check import _eval_source
@@ -33,19 +34,24 @@ def held_out_ids(run: Path, max_rows: int) -> list[list[int]]:
     data = src.run_yaml.get("data") or {}
     source = _eval_source(data) or "builtin:lumen"
     split = "eval" if source.startswith("builtin:") else None
-    out = []
+    out, prompts = [], []
     for _, row in read_rows(source, split):
+        prompt = render_prompt(row["instruction"], row.get("input", ""), contract, tokenizer)
         if contract.template == "chat":
             user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
             turns = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
             text = render_chat(turns, contract, tokenizer, add_generation_prompt=False)
         else:
-            text = render_prompt(row["instruction"], row.get("input", ""), contract, tokenizer)
-            text += row["output"] + contract.eos_token
-        out.append(encode_prompt(text, contract, tokenizer))
+            text = prompt + row["output"] + contract.eos_token
+        ids = encode_prompt(text, contract, tokenizer)
+        n_prompt = len(encode_prompt(prompt, contract, tokenizer))
+        if ids[:n_prompt] != encode_prompt(prompt, contract, tokenizer):
+            raise SystemExit(f"row {len(out)}: the prompt's tokens are not a prefix of the row's")
+        out.append(ids)
+        prompts.append(n_prompt)
         if len(out) == max_rows:
             break
-    return out
+    return out, prompts
 
 
 def reference_logprobs(run: Path, rows: list[list[int]]) -> list[list[float]]:
@@ -83,7 +89,7 @@ def main() -> None:
     if llama_cpp is None:
         raise SystemExit("llama.cpp is not installed: run scripts/setup_llamacpp.sh")
     run, out = Path(args.run), Path(args.out)
-    rows = held_out_ids(run, args.max_rows)
+    rows, prompts = held_out_ids(run, args.max_rows)
     files = {}
     for kind in args.types:
         started, path = time.perf_counter(), out / f"{run.name}.{kind}.gguf"
@@ -92,7 +98,12 @@ def main() -> None:
         files[kind] = (path, time.perf_counter() - started)
     jobs = [(path, [{"op": "logprobs", "tokens": ids} for ids in rows]) for path, _ in files.values()]
     answers = llama_cpp.run(jobs, context=max(512, max(len(r) for r in rows)), timeout=24 * 3600)
-    reference = perplexity(reference_logprobs(run, rows))
+    ref_lp = reference_logprobs(run, rows)
+
+    def answers_only(lps: list[list[float]]) -> list[list[float]]:
+        # position i predicts token i + 1: the answer's tokens (and EOS) from position n_prompt - 1 on
+        return [lp[n - 1 :] for lp, n in zip(lps, prompts)]
+
     print(
         json.dumps(
             {
@@ -106,13 +117,25 @@ def main() -> None:
             }
         )
     )
-    print("| file | size MiB | export s | perplexity (llama.cpp) | vs f16 |")  # export s: 0 with --reuse
-    print("|---|---:|---:|---:|---:|")
-    ppl = {kind: perplexity([a["logprobs"] for a in job]) for kind, job in zip(files, answers["jobs"])}
+    print("| file | size MiB | export s | ppl, answer tokens | vs f16 | ppl, all tokens | vs f16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    lps = {kind: [a["logprobs"] for a in job] for kind, job in zip(files, answers["jobs"])}
+    ans = {kind: perplexity(answers_only(lp)) for kind, lp in lps.items()}
+    full = {kind: perplexity(lp) for kind, lp in lps.items()}
+
+    def rel(ppl: dict, kind: str) -> str:
+        return f"{ppl[kind] / ppl['f16'] - 1:+.2%}" if "f16" in ppl else ""
+
     for kind, (path, seconds) in files.items():
-        rel = f"{ppl[kind] / ppl['f16'] - 1:+.2%}" if "f16" in ppl else ""
-        print(f"| {kind} | {path.stat().st_size / 2**20:,.1f} | {seconds:.1f} | {ppl[kind]:.4f} | {rel} |")
-    print(f"| fasttune fp32 (PyTorch, no export) | | | {reference:.4f} | |")
+        size = path.stat().st_size / 2**20
+        print(
+            f"| {kind} | {size:,.1f} | {seconds:.1f} | {ans[kind]:.4f} | {rel(ans, kind)} "
+            f"| {full[kind]:.4f} | {rel(full, kind)} |"
+        )
+    print(
+        f"| fasttune fp32 (PyTorch, no export) | | | {perplexity(answers_only(ref_lp)):.4f} | "
+        f"| {perplexity(ref_lp):.4f} | |"
+    )
 
 
 if __name__ == "__main__":
