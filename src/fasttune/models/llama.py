@@ -238,8 +238,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c.hidden_size, c.intermediate_size, use_kernels)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, use_kernels)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, use_kernels)
-        # False when the layer must run through its own call (FSDP2 gathers its shards in call hooks, which
-        # LayerRecompute's calls to the branches would bypass): it then recomputes as a whole layer
+        # False where the layer must recompute as a whole layer (`train/distributed.py`: FSDP2 gathers its
+        # shards in call hooks that LayerRecompute's calls to the branches would bypass; DDP's gradient
+        # hooks must not fire inside LayerRecompute's nested backward)
         self.halves_allowed = True
 
     def forward(

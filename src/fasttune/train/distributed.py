@@ -353,6 +353,12 @@ def wrap_ddp(model: nn.Module, d: Distributed) -> nn.Module:
     # keyword replaces broadcast_buffers where torch has it
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else "broadcast_buffers"
+    # Recomputed layers rerun whole, through torch's non-reentrant checkpoint: `LayerRecompute` runs each
+    # half's backward nested in the outer one, where DDP's first gradient hook would queue the end of its
+    # reduction on the inner backward instead of the step's
+    for layer in decoder_layers(model):
+        if hasattr(layer, "halves_allowed"):
+            layer.halves_allowed = False
     return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{sync: False})
 
 
