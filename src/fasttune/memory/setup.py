@@ -7,7 +7,6 @@ measured peak in the summary.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -98,10 +97,6 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
     ours = isinstance(model, LlamaForCausalLM)
     if mode == "auto":
         mode = auto_checkpointing(device.type) if ours else "on" if device.type == "cuda" else "off"
-        if mode == "offload" and all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-            log("  gradient_checkpointing auto: 'on' under torchrun (DDP cannot reduce the LoRA gradients of "
-                "layers recomputed in halves, which 'offload' runs)")
-            mode = "on"
     if not ours:
         if mode == "selective":
             raise ConfigError(f"gradient_checkpointing: 'selective' needs fasttune's own Llama-family model; "

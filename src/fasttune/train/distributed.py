@@ -31,9 +31,6 @@ from torch import nn
 
 from fasttune.config import ConfigError
 
-# checkpointing modes whose recomputed layers rerun in halves on the fused path (`memory/recompute.py`)
-HALVES_MODES = ("offload", "selective")
-
 MODES = ("none", "ddp", "fsdp")
 AUTO_FIT = 0.9  # share of one GPU's memory that the estimate of a step may fill for auto to pick DDP
 
@@ -350,11 +347,6 @@ def wrap_ddp(model: nn.Module, d: Distributed) -> nn.Module:
     DDP copies the reduced gradients into each tensor's `.grad`, the flat buffer's views)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    settings = getattr(getattr(model, "model", None), "checkpointing", None)
-    if settings is not None and settings.mode in HALVES_MODES and getattr(model, "use_kernels", False):
-        raise ConfigError(f"gradient_checkpointing: {settings.mode!r} with the fused kernels is not "
-                          "supported under DDP: a layer recomputed in halves accumulates its LoRA gradients "
-                          "twice in one backward, which DDP's reducer refuses; use gradient_checkpointing: on")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
     # no buffer sync in the forward (RoPE tables and the like are the same on every rank); the newer
