@@ -1,7 +1,7 @@
 """GRPO on the CPU with the embedded model and an exact-answer reward: does the mean reward rise?
 
-The prompts ask for the sum of two digits "with the number only". The reward, `first_number`, is 1.0 where
-the first number in the completion is exactly the answer column (the sum) and 0.0 otherwise; the built-in
+The prompts ask for the sum of two digits "with the number only". The reward, `states_answer`, is 1.0 where
+a number in the completion is exactly the answer column (the sum) and 0.0 otherwise; the built-in
 `exact_match` (the whole completion is the answer, nothing else) is logged beside it with weight 0, to show
 whether the bare format is learnt too. Prints the mean rewards per step and writes the curve to `--plot`.
 
@@ -19,10 +19,10 @@ from fasttune import api
 from fasttune.config import RunConfig, apply_overrides
 
 
-def first_number(completions, answer, **_):
-    """1.0 where the completion's first number is the answer."""
-    found = [re.search(r"-?\d+", c[-1]["content"]) for c in completions]
-    return [float(m is not None and m.group() == str(a)) for m, a in zip(found, answer)]
+def states_answer(completions, answer, **_):
+    """1.0 where one of the completion's numbers is exactly the answer."""
+    found = [re.findall(r"-?\d+", c[-1]["content"]) for c in completions]
+    return [float(str(a) in numbers) for numbers, a in zip(found, answer)]
 
 
 def prompts(path: Path, n: int) -> str:
@@ -43,7 +43,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["rewards/first_number/mean"] for r in rows], "o-", label="first number is the sum")
+    ax.plot(steps, [r["rewards/states_answer/mean"] for r in rows], "o-", label="a number in it is the sum")
     ax.plot(steps, [r["rewards/exact_match/mean"] for r in rows], "s--", label="completion is the sum alone")
     ax.set_xlabel("GRPO step"), ax.set_ylabel("mean reward"), ax.set_ylim(-0.02, 1.02)
     ax.legend()
@@ -71,14 +71,15 @@ def main() -> None:
               "max_steps": args.steps, "learning_rate": args.lr, "warmup_steps": 0, "logging_steps": 1,
               "max_seq_length": 128, "show_samples": 0, "report": False, "output_dir": str(out / "grpo")}
     cfg = apply_overrides(RunConfig(), values, "grpo_cpu")
-    result = api.train(cfg, reward_funcs=[first_number, "exact_match"])
+    result = api.train(cfg, reward_funcs=[states_answer, "exact_match"])
     rows = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"]
-    print("| GRPO step | first number is the sum | completion is the sum alone | mean completion length | "
+    print("| GRPO step | a number in it is the sum | completion is the sum alone | mean completion length | "
           "truncated share |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['step']} | {r['rewards/first_number/mean']:.3f} | {r['rewards/exact_match/mean']:.3f} | "
+        print(f"| {r['step']} | {r['rewards/states_answer/mean']:.3f} | "
+              f"{r['rewards/exact_match/mean']:.3f} | "
               f"{r['completions/mean_length']:.2f} | {r['completions/clipped_ratio']:.2f} |")
     if args.plot:
         plot(rows, args.plot)
