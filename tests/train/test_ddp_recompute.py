@@ -48,6 +48,7 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
         ddp(x, targets=x).loss_sum.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    dist.barrier()  # a rank that tears gloo down while its peer still works aborts the peer
     dist.destroy_process_group()
 
 
