@@ -122,7 +122,7 @@ def test_grpo_samples_scores_and_logs_rewards(tmp_path, llama_dir, monkeypatch, 
         return [1.0 if len(c) < 12 else 0.0 for c in completions]
 
     data = _write(tmp_path / "sums.jsonl", SUMS)
-    cfg = _job(tmp_path, llama_dir, method="grpo", dataset=data, eval_dataset="auto", template="completion",
+    cfg = _job(tmp_path, llama_dir, method="grpo", dataset=data, eval_dataset="auto", template="text",
                reward=["exact_match"], num_generations=2, per_device_train_batch_size=4,
                max_completion_length=4, beta=0.04, output_dir=str(tmp_path / "grpo"))
     result = api.train(cfg, log=lambda s: None, reward_funcs=[short, "exact_match"])

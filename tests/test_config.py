@@ -101,3 +101,29 @@ def test_saved_config_reloads_identically(tmp_path):
                                         "eval_dataset": "x.jsonl"}, "test")
     cfg.save(tmp_path / "run.yaml")
     assert load_yaml(tmp_path / "run.yaml").to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("yaml_text,match", [
+    ("format: completion\n", r"format: 'completion': plain text rows are format 'text' now; TRL's "
+                             r"prompt/completion rows are 'prompt_completion'"),
+    ("data:\n  template: completion\n",
+     r"data\.template: 'completion': the plain-text template is 'text' now"),
+])
+def test_the_old_completion_name_is_an_error_naming_the_new_one(tmp_path, yaml_text, match):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=match):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match=r"command line: format: 'completion': .* format 'text' now"):
+        config_from_args(parse(["--format", "completion"]))
+    assert config_from_args(parse(["--format", "text", "--template", "text"])).data.format == "text"
+
+
+def test_a_stored_run_yaml_reads_the_old_name_as_text(tmp_path):
+    """`fasttune eval --run` reads back a finished run's run.yaml, which may predate the rename."""
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  format: completion\n  template: completion\n  dataset: d.jsonl\n")
+    data = load_yaml(path, stored_run=True).data
+    assert (data.format, data.template, data.dataset) == ("text", "text", "d.jsonl")
+    path.write_text("format: completion\n")
+    assert load_yaml(path, stored_run=True).data.format == "text"

@@ -87,16 +87,18 @@ class DataConfig:
     val_set_size: float = field(default=0.0, metadata={"help": (
         "Hold this share of the training rows out as the eval set (the same rows in every run; "
         "eval_dataset split:0.05 says the same). 0: none.")})
-    format: str = field(default="auto", metadata={"help": "Row format: auto, alpaca, messages, completion (text), prompt_completion (TRL's)."})
+    format: str = field(default="auto", metadata={"help": (
+        "Row format: auto, alpaca, messages, text (plain text, every token trained), prompt_completion "
+        "(TRL's prompt/completion rows).")})
     instruction_field: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
     input_field: str = field(default="input", metadata={"help": "Alpaca input column (may be absent)."})
     output_field: str = field(default="output", metadata={"help": "Alpaca output column."})
     messages_field: str = field(default="messages", metadata={"help": (
         "Chat column: OpenAI messages (role/content) or ShareGPT conversations (from/value).")})
-    text_field: str = field(default="text", metadata={"help": "Completion-format text column (dataset_text_field)."})
+    text_field: str = field(default="text", metadata={"help": "Text-format column (dataset_text_field)."})
     template: str = field(default="auto", metadata={"help": (
         "Prompt template for alpaca rows: auto (alpaca), alpaca, chat (the tokenizer's chat template); "
-        "for the plain prompts of dpo/orpo/kto/grpo rows also completion (the prompt text as it is, TRL's "
+        "for the plain prompts of dpo/orpo/kto/grpo rows also text (the prompt text as it is, TRL's "
         "plain format).")})
     chat_template: str | None = field(default=None, metadata={"help": (
         "Chat template instead of the tokenizer's: a name (chatml, qwen-2.5, llama-3, llama-2, mistral, gemma, "
@@ -255,8 +257,8 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": D
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "fp32", "bf16", "fp16"),
     "use_kernels": ("auto", "on", "off"),
-    "format": ("auto", "alpaca", "messages", "completion", "prompt_completion"),
-    "template": ("auto", "alpaca", "chat", "completion"),
+    "format": ("auto", "alpaca", "messages", "text", "prompt_completion"),
+    "template": ("auto", "alpaca", "chat", "text"),
     "on_bad_row": ("error", "skip"),
     "on_long_row": ("truncate", "drop", "chunk"),
     "packing": ("auto", "on", "off"),
@@ -270,6 +272,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss_type": ("sigmoid", "ipo", "dapo", "grpo"),
 }
 
+
+# Values that were renamed: (option, old value) -> (new value, what to say). A config that writes the old
+# value is an error saying what it is called now; only a stored run's run.yaml is read under the new name.
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    ("format", "completion"): ("text", "plain text rows are format 'text' now; TRL's prompt/completion rows "
+                                       "are 'prompt_completion'"),
+    ("template", "completion"): ("text", "the plain-text template is 'text' now (the prompt as it is "
+                                         "written)"),
+}
 
 LOSS_TYPES = {("dpo", "sigmoid"), ("dpo", "ipo"), ("grpo", "dapo"), ("grpo", "grpo")}
 
@@ -352,6 +363,8 @@ def _set(section_obj: Any, name: str, value: Any, where: str) -> None:
         setattr(section_obj, name, resume_setting(value, where))
         return
     value = _coerce(value, _field_type(cls, f), where)
+    if isinstance(value, str) and (name, value) in RENAMED:
+        raise ConfigError(f"{where}: {value!r}: {RENAMED[name, value][1]}")
     if name in CHOICES and value not in CHOICES[name] and not (value is None and f.default is None):
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[name])}")
     setattr(section_obj, name, value)
@@ -396,12 +409,23 @@ _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def _renamed_to_current(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored run.yaml's values under their current names (format/template 'completion' -> 'text')."""
+    def fix(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: RENAMED[k, v][0] if isinstance(v, str) and (k, v) in RENAMED else v
+                for k, v in values.items()}
+
+    return {k: fix(v) if isinstance(v, dict) else v for k, v in fix(data).items()}
+
+
 def load_yaml(path: str | Path, cfg: RunConfig | None = None, *,
-              allow_remote_code: bool = False) -> RunConfig:
+              allow_remote_code: bool = False, stored_run: bool = False) -> RunConfig:
     """A RunConfig from a YAML file over `cfg` (default: the defaults).
 
     trust_remote_code cannot be turned on from a file, only by the command line or the Python call of the
     current process: a file that sets it is an error unless `allow_remote_code` says the command line did.
+    `stored_run`: the file is a finished run's run.yaml read back (by `fasttune eval`), so a value written
+    before it was renamed is read under its new name; a config a user passes keeps the error.
     """
     path = Path(path)
     try:
@@ -412,6 +436,8 @@ def load_yaml(path: str | Path, cfg: RunConfig | None = None, *,
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections or keys")
+    if stored_run:
+        data = _renamed_to_current(data)
     cfg = RunConfig() if cfg is None else cfg
     trusted = cfg.model.trust_remote_code or allow_remote_code
     loaded = apply_overrides(cfg, data, str(path))
@@ -505,8 +531,10 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
             elif typing.get_origin(tp) is list:
                 kwargs["nargs"] = "+"
                 kwargs["metavar"] = "NAME"
-            elif f.name in CHOICES:
+            elif f.name in CHOICES and not any(key == f.name for key, _ in RENAMED):
                 kwargs["choices"] = CHOICES[f.name]
+            elif f.name in CHOICES:  # checked in _set, which names a renamed value's new name
+                kwargs["metavar"] = "{" + ",".join(CHOICES[f.name]) + "}"
             else:
                 kwargs["metavar"] = {int: "N", float: "X"}.get(tp, "VALUE")
             group.add_argument(f"--{f.name}", **kwargs)

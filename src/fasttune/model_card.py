@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from fasttune.data.templates import PromptContract
 from fasttune.run_dir import ADAPTER_CONFIG, CONTRACT_FILE, Location, locate
 from fasttune.train.metrics import read_metrics
 
@@ -45,7 +46,7 @@ def facts_of(run_or_adapter: str | Path) -> CardFacts:
         config = yaml.safe_load(where.run.run_yaml.read_text()) or {}
         records = read_metrics(where.run.metrics)
     contract_path = where.contract_path()
-    contract = json.loads(contract_path.read_text()) if contract_path is not None else None
+    contract = PromptContract.load(contract_path).to_dict() if contract_path is not None else None
     trains = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     return CardFacts(base_model=str(adapter.get("base_model_name_or_path") or "unknown"), config=config,

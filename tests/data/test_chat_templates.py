@@ -106,7 +106,7 @@ def test_the_template_travels_with_the_run(tmp_path, tiny_run):
 
 def test_a_template_the_rows_do_not_use_is_an_error(tmp_path, tiny_run):
     model_dir = tiny_run.parent / "tiny-llama"
-    with pytest.raises(ConfigError, match=r"chat_template chatml: the completion rows of .* not rendered"):
+    with pytest.raises(ConfigError, match=r"chat_template chatml: the text rows of .* not rendered"):
         api.train(_job(tmp_path, model_dir, [{"text": "plain text"}] * 4, chat_template="chatml"),
                   log=lambda line: None)
     with pytest.raises(ConfigError, match=r"chat_template chatml: template 'alpaca' renders alpaca rows"):

@@ -15,7 +15,7 @@ def test_detects_each_format(write_jsonl):
     cases = {
         "alpaca": [GOOD],
         "messages": [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
-        "completion": [{"text": "Once upon a time"}],
+        "text": [{"text": "Once upon a time"}],
     }
     for fmt, rows in cases.items():
         valid = load_rows(str(write_jsonl(rows, f"{fmt}.jsonl")), DataConfig())
@@ -132,7 +132,7 @@ def test_format_detected_from_first_readable_row_when_skipping(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('nonsense\n{"text": "hello"}\n')
     valid = load_rows(str(path), DataConfig(on_bad_row="skip"))
-    assert valid.format == "completion" and valid.rows == [(2, {"text": "hello"})]
+    assert valid.format == "text" and valid.rows == [(2, {"text": "hello"})]
 
 
 def test_max_rows_counts_valid_rows(tmp_path):
@@ -143,15 +143,15 @@ def test_max_rows_counts_valid_rows(tmp_path):
 
 
 def test_a_text_column_beside_alpaca_columns(write_jsonl):
-    """Rows that carry Alpaca columns and the text a notebook built from them: --format completion, or a
+    """Rows that carry Alpaca columns and the text a notebook built from them: --format text, or a
     text_field named away from the default, trains the text; the default reads them as Alpaca rows."""
     row = dict(GOOD, text="### 질문: Say hi\n### 답: Hi!", body="Q: Say hi A: Hi!")
     path = str(write_jsonl([row]))
     assert load_rows(path, DataConfig()).format == "alpaca"
-    explicit = load_rows(path, DataConfig(format="completion"))
-    assert explicit.format == "completion" and explicit.rows == [(1, {"text": row["text"]})]
+    explicit = load_rows(path, DataConfig(format="text"))
+    assert explicit.format == "text" and explicit.rows == [(1, {"text": row["text"]})]
     named = load_rows(path, DataConfig(text_field="body"))
-    assert named.format == "completion" and named.rows == [(1, {"text": row["body"]})]
+    assert named.format == "text" and named.rows == [(1, {"text": row["body"]})]
 
 
 def test_explicit_format_validates_against_it(write_jsonl):

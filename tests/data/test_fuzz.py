@@ -39,7 +39,7 @@ def good_row(fmt: str, draw) -> dict:
 @st.composite
 def datasets(draw, columnar: bool):
     """(rows, format): rows of one format, each possibly broken in one way."""
-    fmt = draw(st.sampled_from(["alpaca", "messages", "completion"]))
+    fmt = draw(st.sampled_from(["alpaca", "messages", "text"]))
     rows: list[dict] = []
     for _ in range(draw(st.integers(1, 8))):
         row = good_row(fmt, draw)
@@ -57,7 +57,7 @@ def datasets(draw, columnar: bool):
         elif how == "huge":
             row[key] = "x" * 20000 if key != "messages" else [{"role": "user", "content": "y" * 20000}]
         elif how == "other_format":
-            row = good_row(draw(st.sampled_from(["alpaca", "messages", "completion"])), draw)
+            row = good_row(draw(st.sampled_from(["alpaca", "messages", "text"])), draw)
         elif how == "duplicate" and rows:
             row = json.loads(json.dumps(rows[-1]))
         rows.append(row)
@@ -149,7 +149,7 @@ SETTINGS = settings(max_examples=25, derandomize=True, deadline=None, database=N
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet", "saved"])
-@pytest.mark.parametrize("fmt_option", ["auto", "alpaca", "messages", "completion"])
+@pytest.mark.parametrize("fmt_option", ["auto", "alpaca", "messages", "text"])
 def test_every_source_and_format_errs_or_counts(kind, fmt_option, tmp_path_factory):
     @SETTINGS
     @given(st.data())

@@ -74,7 +74,7 @@ def test_kto_rows_and_grpo_prompts(write_jsonl, smol_tok):
     kto = _build(write_jsonl, smol_tok, [{"prompt": "q", "completion": "a", "label": False}], "kto")
     assert kto.examples[0].label is False and kto.format == "unpaired"
     grpo = _build(write_jsonl, smol_tok, [{"prompt": "What is 2 + 2?", "answer": "4"}], "grpo",
-                  template="completion")
+                  template="text")
     (ex,) = grpo.examples
     assert smol_tok.decode(ex.prompt_ids) == "What is 2 + 2?" and ex.row_data["answer"] == "4"
 

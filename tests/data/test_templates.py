@@ -51,7 +51,7 @@ def test_template_choice():
     assert resolve_template("auto", "alpaca") == "alpaca"
     assert resolve_template("chat", "alpaca") == "chat"
     assert resolve_template("auto", "messages") == "chat"
-    assert resolve_template("alpaca", "completion") == "completion"
+    assert resolve_template("alpaca", "text") == "text"
     with pytest.raises(DataError, match="messages rows always use the tokenizer's chat template"):
         resolve_template("alpaca", "messages")
 
@@ -95,3 +95,26 @@ def test_render_messages_alpaca_history(plain_tok):
     text = render_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                             {"role": "user", "content": "c"}], c, plain_tok)
     assert text == render_prompt("a", "", c, plain_tok) + "b\n\n" + render_prompt("c", "", c, plain_tok)
+
+
+def test_a_contract_stored_as_completion_reads_back_as_text(plain_tok, tmp_path):
+    """Runs and exports made before the plain-text template was renamed stored template 'completion'; every
+    reader (generate, serve, export, the model card) loads it as 'text' and frames prompts the same way."""
+    import json
+
+    from fasttune.export.ollama import ollama_template
+    from fasttune.model_card import facts_of
+    from fasttune.run_dir import ADAPTER_CONFIG, CONTRACT_FILE
+
+    c = make_contract("auto", "text", plain_tok)
+    assert c.template == "text"
+    stored = dict(c.to_dict(), template="completion")
+    (tmp_path / CONTRACT_FILE).write_text(json.dumps(stored))
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": "base"}))
+    loaded = PromptContract.load(tmp_path / CONTRACT_FILE)
+    assert loaded == c
+    assert render_prompt("Once upon", "", loaded, plain_tok) == "Once upon"
+    assert ollama_template(loaded, plain_tok).template == "{{ .Prompt }}{{ .Response }}"
+    assert facts_of(tmp_path).contract["template"] == "text"
+    with pytest.raises(DataError, match="template 'text' renders the plain prompts"):
+        resolve_template("text", "alpaca")

@@ -54,8 +54,8 @@ def test_eos_already_in_the_data_is_not_doubled(plain_tok):
     c = make_contract("auto", "alpaca", plain_tok)
     ex = encode_row({"instruction": "x", "input": "", "output": "done<|im_end|>"}, "alpaca", plain_tok, c)
     assert ex.input_ids.count(c.eos_id) == 1 and ex.input_ids[-1] == c.eos_id
-    comp = make_contract("auto", "completion", plain_tok)
-    ex = encode_row({"text": "story<|im_end|>\n"}, "completion", plain_tok, comp)
+    comp = make_contract("auto", "text", plain_tok)
+    ex = encode_row({"text": "story<|im_end|>\n"}, "text", plain_tok, comp)
     assert ex.input_ids.count(c.eos_id) == 1 and ex.input_ids[-1] == c.eos_id
 
 
@@ -68,9 +68,9 @@ def test_train_on_inputs_trains_everything(plain_tok):
     assert masked.n_trained < full.n_trained == len(full.input_ids) - 1
 
 
-def test_completion_trains_all_text_and_eos(plain_tok):
-    c = make_contract("auto", "completion", plain_tok)
-    ex = encode_row({"text": "Once upon a time"}, "completion", plain_tok, c)
+def test_text_trains_all_text_and_eos(plain_tok):
+    c = make_contract("auto", "text", plain_tok)
+    ex = encode_row({"text": "Once upon a time"}, "text", plain_tok, c)
     assert ex.labels == ex.input_ids and ex.input_ids[-1] == c.eos_id
 
 
@@ -89,8 +89,8 @@ def test_bos_added_once_when_the_tokenizer_adds_it(bos_tok):
     ex = encode_row({"instruction": "hi", "input": "", "output": "yo"}, "alpaca", bos_tok, c)
     assert ex.input_ids[0] == 256 and ex.input_ids.count(256) == 1 and ex.labels[0] == IGN
     assert ex.input_ids[-1] == 257 and trained_runs(ex, bos_tok) == ["yo</s>"]
-    comp = make_contract("auto", "completion", bos_tok)
-    ex = encode_row({"text": "<s>already has one"}, "completion", bos_tok, comp)
+    comp = make_contract("auto", "text", bos_tok)
+    ex = encode_row({"text": "<s>already has one"}, "text", bos_tok, comp)
     assert ex.input_ids.count(256) == 1 and ex.input_ids[0] == 256
 
 

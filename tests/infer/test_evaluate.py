@@ -74,7 +74,7 @@ def test_answer_set_keeps_the_questions_and_caps_new_tokens(smollm2_tokenizer):
     contract = make_contract("alpaca", "alpaca", smollm2_tokenizer)
     chat = {"messages": [{"role": "user", "content": "Which metal are the pedals?"},
                          {"role": "assistant", "content": "Brass, polished by hand every spring."}]}
-    rows = [ROWS[0], {"text": "a completion row asks nothing"}, chat, ROWS[2]]
+    rows = [ROWS[0], {"text": "a text row asks nothing"}, chat, ROWS[2]]
     asked = answer_set(rows, contract, smollm2_tokenizer)
     assert asked.questions == [ROWS[0]["instruction"], "Which metal are the pedals?", ROWS[2]["instruction"]]
     assert asked.references == [ROWS[0]["output"], chat["messages"][1]["content"], ROWS[2]["output"]]

@@ -43,7 +43,7 @@ def _write(tmp_path, rows):
 
 
 def _ours(tmp_path, tok, rows, method):
-    cfg = DataConfig(dataset=_write(tmp_path, rows), template="completion")
+    cfg = DataConfig(dataset=_write(tmp_path, rows), template="text")
     return build_method_data(cfg, method, tok, 128)
 
 

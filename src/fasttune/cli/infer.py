@@ -199,7 +199,7 @@ def _eval_rows(args: argparse.Namespace, im) -> tuple[list[dict], str]:
     if args.run is not None:
         found = locate(args.run)
         if found.run is not None:
-            data = load_yaml(found.run.run_yaml).data
+            data = load_yaml(found.run.run_yaml, stored_run=True).data
     source = args.dataset or (data.eval_dataset if data.eval_dataset not in (None, "", "none", "auto")
                               else data.dataset if is_builtin(data.dataset) else None)
     if source is None:

@@ -1,9 +1,10 @@
-"""Row formats: detect alpaca / messages / completion, validate every row, normalise it.
+"""Row formats: detect alpaca / messages / text / prompt_completion, validate every row, normalise it.
 
 Normalised rows are plain dicts, whatever the column names in the file were:
     alpaca      {"instruction": str, "input": str, "output": str}        (input "" when absent)
     messages    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-    completion  {"text": str}
+    text        {"text": str}                                            (plain text, every token trained)
+    prompt_completion  {"prompt": str, "completion": str}                  (TRL's: the completion trained)
 ShareGPT rows (`conversations` of {from: human/gpt/system, value}) become messages rows.
 """
 
@@ -18,7 +19,7 @@ from fasttune.config import DataConfig
 from fasttune.data.errors import DataError
 from fasttune.data.sources import read_rows
 
-FORMATS = ("alpaca", "messages", "completion", "prompt_completion")
+FORMATS = ("alpaca", "messages", "text", "prompt_completion")
 TEXT_FIELD_DEFAULT = DataConfig.text_field
 SHAREGPT_FIELD = "conversations"
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
@@ -30,7 +31,7 @@ def detect_format(row: dict[str, Any], cfg: DataConfig) -> str | None:
     names the column to train, so it wins over Alpaca columns in the same row (as dataset_text_field
     does in TRL); with the default name, a row with Alpaca columns is an Alpaca row."""
     if cfg.text_field != TEXT_FIELD_DEFAULT and cfg.text_field in row:
-        return "completion"
+        return "text"
     if cfg.instruction_field in row and cfg.output_field in row:
         return "alpaca"
     if cfg.messages_field in row or SHAREGPT_FIELD in row:
@@ -38,7 +39,7 @@ def detect_format(row: dict[str, Any], cfg: DataConfig) -> str | None:
     if "prompt" in row and "completion" in row:  # TRL's prompt-completion rows
         return "prompt_completion"
     if cfg.text_field in row:
-        return "completion"
+        return "text"
     return None
 
 
@@ -112,7 +113,7 @@ def normalise_row(row: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, A
                 "output": _string(row, cfg.output_field, required=True, nonempty=True)}
     if fmt == "messages":
         return {"messages": _messages(row, cfg)}
-    if fmt == "completion":
+    if fmt == "text":
         return {"text": _string(row, cfg.text_field, required=True, nonempty=True)}
     if fmt == "prompt_completion":
         if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
@@ -168,8 +169,9 @@ def load_rows(source: str, cfg: DataConfig, split: str | None = None) -> ValidRo
                     raise DataError(
                         f"cannot tell the format from the keys {sorted(raw)[:12]}: expected "
                         f"'{cfg.instruction_field}' + '{cfg.output_field}' (alpaca), "
-                        f"'{cfg.messages_field}' or '{SHAREGPT_FIELD}' (messages), or '{cfg.text_field}' "
-                        "(completion); set format and the *_field options to match your columns",
+                        f"'{cfg.messages_field}' or '{SHAREGPT_FIELD}' (messages), 'prompt' + 'completion' "
+                        f"(prompt_completion), or '{cfg.text_field}' (text); set format and the *_field "
+                        "options to match your columns",
                         file=source, row=number, reason="unknown format")
                 out.format = fmt
             out.rows.append((number, normalise_row(raw, fmt, cfg)))

@@ -8,7 +8,7 @@ P is a string or a conversation (a list of role/content messages); C and R are t
 assistant messages. A conversational row is rendered with the chat template: the completion is everything
 the template writes after the prompt's generation prompt. A plain row is rendered with the run's template:
 'alpaca' (the default) puts the prompt in the Alpaca instruction, 'chat' makes it one user turn, and
-'completion' is TRL's plain convention, the prompt text followed directly by the completion. EOS is
+'text' is TRL's plain convention, the prompt text followed directly by the completion. EOS is
 appended to a plain completion (once). Only completion tokens are trained, as in SFT's loss mask.
 """
 
@@ -153,8 +153,8 @@ def method_contract(template: str, prompt: Any, tokenizer: Any) -> PromptContrac
     """The prompt contract for rows whose first prompt is `prompt` (conversational -> the chat template)."""
     if isinstance(prompt, list):
         return make_contract("chat", "messages", tokenizer)
-    if template == "completion":
-        return make_contract("auto", "completion", tokenizer)
+    if template == "text":
+        return make_contract("auto", "text", tokenizer)
     return make_contract(template, "alpaca", tokenizer)
 
 

@@ -25,15 +25,16 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-TEMPLATES = ("alpaca", "chat", "completion")
+TEMPLATES = ("alpaca", "chat", "text")
 _PROBE = "FASTTUNE_PROBE_ANSWER"
 
 
 @dataclass
 class PromptContract:
-    """What frames every prompt of a run. `template` is 'alpaca', 'chat' or 'completion'.
+    """What frames every prompt of a run. `template` is 'alpaca', 'chat' or 'text' (the
+    prompt as written: plain text rows, TRL's prompt/completion rows, plain prompts of preference rows).
 
-    add_bos: prepend `bos_id` to tokenized alpaca/completion text (the tokenizer's own habit); chat
+    add_bos: prepend `bos_id` to tokenized alpaca/text rows (the tokenizer's own habit); chat
     templates write BOS themselves when they want one. end_of_turn: for chat, the special token the
     template closes an assistant turn with (ChatML '<|im_end|>'); None when it writes none, and then
     EOS is appended after each assistant turn.
@@ -57,6 +58,10 @@ class PromptContract:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PromptContract:
+        """A contract as saved; one saved before the plain-text template was renamed says 'completion',
+        which is read as 'text' (the same framing: the prompt as written)."""
+        if d.get("template") == "completion":
+            d = {**d, "template": "text"}
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -69,13 +74,13 @@ class PromptContract:
 
 def resolve_template(template: str, fmt: str) -> str:
     """The template a format is rendered with: 'auto' means alpaca for alpaca rows."""
-    if fmt == "completion":
-        return "completion"
+    if fmt == "text":
+        return "text"
     if fmt == "prompt_completion":  # TRL's: the prompt is used as written, no template around it
         if template == "chat":
             raise DataError("prompt/completion rows are used as written; template 'chat' (or a "
                             "chat_template) does not apply to them: give messages rows for a chat template")
-        return "completion"
+        return "text"
     if fmt == "messages":
         if template == "alpaca":
             raise DataError("template 'alpaca' renders alpaca rows only; messages rows always use the "
@@ -85,8 +90,8 @@ def resolve_template(template: str, fmt: str) -> str:
         return "alpaca"
     if template == "chat":
         return "chat"
-    if template == "completion":
-        raise DataError("template 'completion' renders the plain prompts of preference and RL rows; alpaca "
+    if template == "text":
+        raise DataError("template 'text' renders the plain prompts of preference and RL rows; alpaca "
                         "rows take auto, alpaca or chat")
     raise DataError(f"unknown template '{template}' (known: auto, alpaca, chat)")
 

@@ -195,7 +195,7 @@ def render_row(row: dict[str, Any], fmt: str, tokenizer: Any, contract: PromptCo
         prompt = alpaca_text(row["instruction"], row["input"], contract)
         text = prompt + _strip_end(row["output"], eos_markers)
         return Rendered(text, [(len(prompt), len(text))], append_eos=True)
-    if fmt == "completion":
+    if fmt == "text":
         text = _strip_end(row["text"], eos_markers)
         return Rendered(text, [(0, len(text))], append_eos=True)
     if fmt == "prompt_completion":  # TRL's: prompt as written, the completion (and EOS) trained
@@ -321,7 +321,7 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, spl
             if data_cfg.on_bad_row != "skip":
                 raise e.at(file=source, row=number) from None
             skipped[e.reason] += 1
-    if data_cfg.on_long_row == "chunk" and valid.format != "completion":
+    if data_cfg.on_long_row == "chunk" and valid.format != "text":
         raise DataError(f"on_long_row chunk: splits text rows (continued pretraining); the {valid.format} "
                         f"rows of {source} have a prompt and a response, so use truncate or drop")
     examples = []

@@ -118,7 +118,7 @@ def ollama_template(contract: PromptContract | None, tokenizer: Any) -> OllamaTe
     eos = contract.eos_token if contract is not None else tokenizer.eos_token
     if contract is not None and contract.template == "alpaca":
         return OllamaTemplate(alpaca_go_template(contract), _stops(contract.stop_strings, eos))
-    if contract is not None and contract.template == "completion":
+    if contract is not None and contract.template == "text":
         return OllamaTemplate("{{ .Prompt }}{{ .Response }}", _stops(contract.stop_strings, eos))
     chat = contract.chat_template if contract is not None else getattr(tokenizer, "chat_template", None)
     if not chat:

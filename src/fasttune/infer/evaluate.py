@@ -2,7 +2,7 @@
 greedy answers that match the reference, exactly and after normalisation.
 
 Normalisation lowercases, drops punctuation and collapses whitespace, so "The L-7 harp." and "the l7 harp"
-match. The rows are the normalised rows of `data.formats` (alpaca, messages or completion), rendered with
+match. The rows are the normalised rows of `data.formats` (alpaca, messages or text), rendered with
 the run's prompt contract exactly as in training.
 """
 
@@ -36,9 +36,9 @@ def row_format(row: dict[str, Any]) -> str:
     if "messages" in row:
         return "messages"
     if "text" in row:
-        return "completion"
+        return "text"
     raise ValueError(f"evaluate: a row with keys {sorted(row)} is none of alpaca (instruction/input/output), "
-                     "messages or completion (text)")
+                     "messages or text")
 
 
 def question_and_reference(row: dict[str, Any], contract: PromptContract,
@@ -147,7 +147,7 @@ ANSWER_MARGIN = 8  # tokens past the longest reference: re-tokenised spacing or 
 def answer_set(rows: Sequence[dict[str, Any]], contract: PromptContract, tokenizer: Any,
                margin: int = ANSWER_MARGIN) -> AnswerSet | None:
     """The rows that ask something (alpaca, or messages ending in an assistant turn), in order; None if
-    there are none (completion rows)."""
+    there are none (text rows)."""
     asked = [qr for row in rows if (qr := question_and_reference(row, contract, tokenizer)) is not None]
     if not asked:
         return None

@@ -259,9 +259,9 @@ def prepare(dataset: Any, name: str, tokenizer: Any, opts: TextOptions,
         texts = _strings(rows, opts.text_field, name) if kind == "text" else None
     _check(kind, opts, formatting_func is not None)
     if contract is None:
-        fmt = {"messages": "messages", "alpaca": "alpaca"}.get(kind, "completion")
+        fmt = {"messages": "messages", "alpaca": "alpaca"}.get(kind, "text")
         contract = make_contract("auto", fmt, tokenizer)
-        if fmt == "completion":
+        if fmt == "text":
             contract.add_bos = contract.add_bos and opts.add_special_tokens
             if eos != contract.eos_token:  # SFTConfig(eos_token=...): generation stops there too
                 contract.eos_token, contract.eos_id = eos, int(tokenizer.convert_tokens_to_ids(eos))
