@@ -143,3 +143,25 @@ def test_grpo_samples_scores_and_logs_rewards(tmp_path, llama_dir, monkeypatch, 
                  "--output_dir", str(tmp_path / "grpo2"), "--max_steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and re.search(r"reward function 'picky' raised ZeroDivisionError on row [1-4]: ", err)
+
+
+def test_dpo_resumed_mid_epoch_equals_uninterrupted(tmp_path, llama_dir):  # noqa: F811
+    # 4 pairs in micro-batches of 2: a checkpoint at step 3 stands inside the second epoch
+    cfg = lambda **kw: _job(tmp_path, llama_dir, max_steps=4, save_steps=3, eval_dataset="none", **kw)  # noqa: E731
+    api.train(cfg(), log=lambda s: None)
+    run = tmp_path / "dpo"
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-4")  # as if the run had died after step 3's checkpoint
+    (run / "checkpoints" / "latest").unlink()
+    lines: list[str] = []
+    api.train(cfg(resume=True), log=lines.append)
+    assert any("resumed from" in line and "step 3" in line for line in lines)
+    again = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(again) == 4 and again == pytest.approx(losses, abs=1e-6)
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    for k in weights:
+        torch.testing.assert_close(resumed[k], weights[k], rtol=0, atol=1e-6)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fasttune.data.position import EpochPosition
 from fasttune.models.base import IGNORE_INDEX
 
 PAD_MULTIPLE = 8
@@ -200,8 +201,8 @@ class BatchStream:
         self.batch_size, self.max_seq_length, self.pad_id = batch_size, max_seq_length, pad_id
         self.packing, self.seed, self.rank, self.world_size = packing, seed, rank, world_size
         self.group_by_length, self.sampler, self.epoch_multiple = group_by_length, sampler, epoch_multiple
-        self.epoch, self.index = 0, 0
         self._plan: tuple[int, Plan] | None = None
+        self.position = EpochPosition(self.plan)
 
     @property
     def global_batch(self) -> int:
@@ -220,26 +221,18 @@ class BatchStream:
 
     def __len__(self) -> int:
         # The number of sequences does not depend on the epoch: packing sees the same lengths each time.
-        return len(self.plan(self.epoch))
+        return len(self.position)
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        plan = self.plan(self.epoch)
-        mine = plan[self.index][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        batch = (collate(mine, self.input_ids, self.targets, self.pad_id, self.max_seq_length) if mine
-                 else filler_batch(self.pad_id))
-        self.index += 1
-        if self.index >= len(plan):
-            self.epoch, self.index = self.epoch + 1, 0
-        return batch
+        mine = self.position.take()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return (collate(mine, self.input_ids, self.targets, self.pad_id, self.max_seq_length) if mine
+                else filler_batch(self.pad_id))
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        if not 0 <= self.index < len(self.plan(self.epoch)):
-            raise ValueError(f"data position {state} is outside an epoch of {len(self)} micro-batches; "
-                             "was the dataset or batch size changed since the checkpoint?")
+        self.position.load_state_dict(state)

@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from fasttune.data.packing import padded_length, shift_targets
 from fasttune.data.pairs import PairExample, UnpairedExample
+from fasttune.data.position import EpochPosition, seeded_batches
 from fasttune.data.tokenize import Example
 from fasttune.models.base import IGNORE_INDEX
 
@@ -110,11 +110,10 @@ class ExampleStream:
         if not examples:
             raise ValueError("no examples to batch")
         self.examples, self.batch_size, self.collate, self.seed = list(examples), batch_size, collate, seed
-        self.epoch, self.index = 0, 0
+        self.position = EpochPosition(self.plan)
 
     def plan(self, epoch: int) -> list[list[int]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)).tolist()
-        return [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        return seeded_batches(len(self.examples), self.batch_size, self.seed, epoch)
 
     def __len__(self) -> int:
         return -(-len(self.examples) // self.batch_size)
@@ -123,21 +122,13 @@ class ExampleStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        plan = self.plan(self.epoch)
-        batch = self.collate([self.examples[i] for i in plan[self.index]])
-        self.index += 1
-        if self.index >= len(plan):
-            self.epoch, self.index = self.epoch + 1, 0
-        return batch
+        return self.collate([self.examples[i] for i in self.position.take()])
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        if not 0 <= self.index < len(self):
-            raise ValueError(f"data position {state} is outside an epoch of {len(self)} micro-batches; "
-                             "was the dataset or batch size changed since the checkpoint?")
+        self.position.load_state_dict(state)
 
 
 def fixed_batches(examples: Sequence[Any], batch_size: int, collate: Any) -> list[dict[str, torch.Tensor]]:

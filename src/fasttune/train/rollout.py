@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fasttune.data.packing import collate, shift_targets
+from fasttune.data.position import EpochPosition, seeded_batches
 from fasttune.models.base import IGNORE_INDEX
 from fasttune.train.grpo import combine_rewards, group_advantages
 from fasttune.train.logps import token_logps
@@ -43,13 +44,12 @@ class RolloutStream:
         self.max_new, self.temperature, self.top_p = max_completion_length, temperature, top_p
         self.pad_id, self.eos_ids, self.max_len, self.seed = pad_id, list(eos_ids), max_seq_length, seed
         self.accumulation, self.num_iterations = accumulation, num_iterations
-        self.epoch, self.index = 0, 0
+        self.position = EpochPosition(self.plan)
         self._replay: list[dict[str, torch.Tensor]] = []
         self._served = 0
 
     def plan(self, epoch: int) -> list[list[int]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts)).tolist()
-        return [order[k:k + self.per_batch] for k in range(0, len(order), self.per_batch)]
+        return seeded_batches(len(self.prompts), self.per_batch, self.seed, epoch)
 
     def __len__(self) -> int:
         return -(-len(self.prompts) // self.per_batch)
@@ -64,12 +64,9 @@ class RolloutStream:
             batch = self._replay[self._served % window]
             self._served += 1
             return batch
-        plan = self.plan(self.epoch)
-        seed = int(np.random.default_rng([self.seed, self.epoch, self.index]).integers(2**31))
-        batch = self.sample([self.prompts[i] for i in plan[self.index]], seed=seed)
-        self.index += 1
-        if self.index >= len(plan):
-            self.epoch, self.index = self.epoch + 1, 0
+        at = self.position
+        seed = int(np.random.default_rng([self.seed, at.epoch, at.index]).integers(2**31))
+        batch = self.sample([self.prompts[i] for i in at.take()], seed=seed)
         if self.num_iterations > 1:
             if len(self._replay) == window:
                 self._replay, self._served = [], 0
@@ -78,10 +75,10 @@ class RolloutStream:
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.position.load_state_dict(state)
         self._replay, self._served = [], 0
 
     @torch.no_grad()
