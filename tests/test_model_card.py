@@ -59,6 +59,22 @@ def test_hub_ids_only_enter_the_metadata(run):
     assert "`builtin:lumen`" in card.text
 
 
+def test_every_mixed_dataset_is_listed_with_its_weight(run, tmp_path):
+    from fasttune.config import RunConfig, apply_overrides
+
+    cfg = apply_overrides(RunConfig(), {"dataset": [
+        {"path": "yahma/alpaca-cleaned", "weight": 0.7},
+        {"path": "json", "data_files": "b.jsonl", "weight": 0.3, "columns": {"output": "answer"}}]}, "test")
+    cfg.save(tmp_path / "run.yaml")  # what the run directory records
+    facts = facts_of(run)
+    facts.config["data"] = yaml.safe_load((tmp_path / "run.yaml").read_text())["data"]
+    card = ModelCard(card_text("adapter", facts, "me/a"))
+    assert "`yahma/alpaca-cleaned` (weight 0.7)" in card.text
+    assert "`json` (weight 0.3, columns {'output': 'answer'}, data_files b.jsonl)" in card.text
+    assert "share of the training examples of each epoch" in card.text
+    assert card.data.datasets == ["yahma/alpaca-cleaned"]
+
+
 def test_a_chat_template_is_shown_as_written(run):
     facts = facts_of(run)
     facts.contract = {**facts.contract, "template": "chat",

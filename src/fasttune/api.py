@@ -393,23 +393,21 @@ class PreparedData:
 
 def prepare_data(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -> PreparedData:
     """Tokenized train and eval splits, the questions to show, and the eval questions to score answers on."""
-    from fasttune.data.formats import load_rows
-    from fasttune.data.tokenize import build_dataset
+    from fasttune.data import mixing
     from fasttune.infer.evaluate import answer_set
 
     max_len, train_data = tokenize_train(cfg, tokenizer, log)
     eval_cfg = eval_config(cfg.data)
     eval_data, eval_rows = None, None
     if eval_cfg is not None:
-        eval_data = build_dataset(eval_cfg, tokenizer, max_len, "eval", contract=train_data.contract)
+        eval_data = mixing.build_eval(eval_cfg, tokenizer, max_len, train_data.contract)
         log(str(eval_data.summary))
         if cfg.train.show_samples > 0 or cfg.train.eval_answers > 0:
-            eval_rows = [r for _, r in load_rows(eval_cfg.eval_dataset, eval_cfg, "eval").rows]
+            eval_rows = mixing.eval_rows(eval_cfg)
     questions: list[dict] = []
     if cfg.train.show_samples > 0:  # held-out questions where there are some, else training ones
         if eval_rows is None:
-            rows = load_rows(cfg.data.dataset, dataclasses.replace(cfg.data, max_rows=cfg.train.show_samples))
-            eval_or_train = [r for _, r in rows.rows]
+            eval_or_train = mixing.first_rows(cfg.data, cfg.train.show_samples)
         else:
             eval_or_train = eval_rows
         questions = questions_of(eval_or_train, cfg.train.show_samples)
@@ -423,12 +421,12 @@ def tokenize_train(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]) -
     """(max_seq_length, the tokenized training split). With max_seq_length 'auto' the rows are cut at the
     longest length auto may choose, and the choice follows from the longest example left
     (`train/auto.choose_max_seq_length`); every example then fits it as it is."""
-    from fasttune.data.tokenize import build_dataset
+    from fasttune.data.mixing import build_train
     from fasttune.train.auto import choose_max_seq_length
 
     cut, context = length_cut(cfg)
     max_len = cut.model.max_seq_length
-    train_data = build_dataset(cfg.data, tokenizer, max_len, "train")
+    train_data = build_train(cfg.data, tokenizer, max_len, cfg.train.seed)
     log(str(train_data.summary))
     if cfg.model.max_seq_length == AUTO:
         max_len = log_choice(choose_max_seq_length(train_data.summary.longest, context), log)
@@ -471,7 +469,10 @@ def use_chat_template(cfg: RunConfig, tokenizer: Any, log: Callable[[str], None]
 def check_chat_template_used(cfg: RunConfig, tokenizer: Any, contract: Any, fmt: str) -> None:
     """A chat_template the run's rows are not rendered with is an error, not a silent no-op."""
     if cfg.data.chat_template and contract.chat_template != tokenizer.chat_template:
-        raise ConfigError(f"chat_template {cfg.data.chat_template}: the {fmt} rows of {cfg.data.dataset} are "
+        from fasttune.data.mixing import describe
+
+        raise ConfigError(f"chat_template {cfg.data.chat_template}: the {fmt} rows of "
+                          f"{describe(cfg.data.dataset)} are "
                           "not rendered with a chat template (text rows are trained as they are)")
 
 

@@ -75,11 +75,51 @@ class LoraConfig:
         "tokens), through PEFT: the transformers + PEFT path only.")})
 
 
+# Canonical column names a dataset entry's `columns` may map to its own column names. The first five are
+# the roles of the *_field options (a mapped column is renamed to the run's field of that role), the
+# others the fixed column names of TRL's formats.
+COLUMN_ROLES = ("instruction", "input", "output", "messages", "text", "prompt", "completion", "chosen",
+                "rejected", "label")
+
+
+@dataclass
+class DatasetSpec:
+    """One entry of a `dataset` list: where its rows are, its share of the mix and how to read them.
+
+    `weight`: the entry's share of the training examples of each epoch (data/mixing.py); every entry
+    gives one or none does. `format`: this entry's row format (default: the run's `format`). `columns`:
+    canonical name -> this entry's column, e.g. {instruction: question, output: answer}. `name`,
+    `data_files`, `split`, `streaming` go to `datasets.load_dataset` (a hub id, or a builder such as json
+    with local data_files); `max_rows`: the first N valid rows of this entry (a streamed entry needs it).
+    """
+
+    path: str
+    weight: float | None = None
+    format: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    data_files: str | list[str] | dict[str, Any] | None = None
+    split: str | None = None
+    streaming: bool = False
+    max_rows: int | None = None
+
+    def __str__(self) -> str:
+        return self.path
+
+    @property
+    def uses_loader(self) -> bool:
+        """Read through `datasets.load_dataset` (a config name, data files or streaming asked for)."""
+        return self.name is not None or self.data_files is not None or self.streaming
+
+
 @dataclass
 class DataConfig:
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": (
+    dataset: str | list[DatasetSpec] = field(default=DEFAULT_DATASET, metadata={"help": (
         "Training data: 'builtin:lumen' (embedded), a .json/.jsonl/.csv/.parquet file, a directory "
-        "saved with datasets.save_to_disk, or a hub dataset name (optionally name:split).")})
+        "saved with datasets.save_to_disk, or a hub dataset name (optionally name:split). Several: a list "
+        "(on the command line several values), mixed; an entry is a path or a mapping with path and "
+        "optional weight, format, columns, name, data_files, split, streaming, max_rows (on the command "
+        "line as YAML, e.g. '{path: a.jsonl, weight: 0.7}'). See the README's Mixing datasets.")})
     eval_dataset: str | None = field(default="auto", metadata={"help": (
         "Held-out data in the same format: a file or directory, 'builtin:lumen' (its held-out split), "
         "'auto' (the built-in dataset's held-out split when training on one, else none), split:0.05 (that "
@@ -241,6 +281,7 @@ class RunConfig:
         """Write the configuration as YAML. A token is never written, and trust_remote_code is written as
         false (only the current command line or Python call turns it on); a comment says either was used."""
         data = self.to_dict()
+        data["data"]["dataset"] = dataset_record(self.data.dataset)
         notes = []
         if self.model.token:
             data["model"]["token"] = None
@@ -362,12 +403,113 @@ def _set(section_obj: Any, name: str, value: Any, where: str) -> None:
     if name == "resume":
         setattr(section_obj, name, resume_setting(value, where))
         return
+    if name == "dataset":
+        setattr(section_obj, name, dataset_setting(value, where))
+        return
     value = _coerce(value, _field_type(cls, f), where)
     if isinstance(value, str) and (name, value) in RENAMED:
         raise ConfigError(f"{where}: {value!r}: {RENAMED[name, value][1]}")
     if name in CHOICES and value not in CHOICES[name] and not (value is None and f.default is None):
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[name])}")
     setattr(section_obj, name, value)
+
+
+def dataset_setting(value: Any, where: str = "dataset") -> str | list[DatasetSpec]:
+    """data.dataset: one path or hub name stays a string (as it always was); a list, or one mapping, becomes
+    DatasetSpec entries. A command-line value that starts with '{' is a YAML mapping."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a path, a list of entries or a mapping, got {value!r}")
+    entries = []
+    for i, item in enumerate(value, start=1):
+        if isinstance(item, str) and item.lstrip().startswith("{"):
+            try:
+                item = yaml.load(item, Loader=_Yaml12Loader)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}[{i}]: not a valid YAML mapping: {e}") from None
+        entries.append(_dataset_spec(item, f"{where}[{i}]"))
+    if len(value) == 1 and isinstance(value[0], str) and not value[0].lstrip().startswith("{"):
+        return entries[0].path  # one plain path: exactly the single-string setting
+    weighted = [s.weight is not None for s in entries]
+    if any(weighted) and not all(weighted):
+        missing = weighted.index(False) + 1
+        raise ConfigError(f"{where}[{missing}] ({entries[missing - 1].path}): no weight, while other entries "
+                          "have one; give every entry a weight, or none (each row once per epoch)")
+    return entries
+
+
+def _dataset_spec(item: Any, where: str) -> DatasetSpec:
+    """One dataset entry, checked: every key known, every value of its type."""
+    if isinstance(item, str):
+        item = {"path": item}
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a path or a mapping, got {item!r}")
+    known = [f.name for f in fields(DatasetSpec)]
+    for key in item:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(known)})")
+    path = item.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"{where}: 'path' must name a file, directory, hub dataset or builder, "
+                          f"got {path!r}")
+    where = f"{where} ({path})"
+    spec = DatasetSpec(path=path)
+    for key in ("weight", "format", "name", "split", "streaming", "max_rows"):
+        if item.get(key) is not None:
+            tp = _field_type(DatasetSpec, _spec_field(key))
+            setattr(spec, key, _coerce(item[key], tp, f"{where}.{key}"))
+    if spec.weight is not None and not (spec.weight > 0 and spec.weight < float("inf")):
+        raise ConfigError(f"{where}.weight: must be a positive number, got {item['weight']!r} "
+                          "(leave the entry out to train on none of it)")
+    if spec.format is not None and spec.format not in CHOICES["format"]:
+        raise ConfigError(f"{where}.format: {spec.format!r} is not one of {', '.join(CHOICES['format'])}")
+    if spec.max_rows is not None and spec.max_rows <= 0:
+        raise ConfigError(f"{where}.max_rows: must be positive, got {spec.max_rows}")
+    columns = item.get("columns") or {}
+    if not isinstance(columns, dict):
+        raise ConfigError(f"{where}.columns: expected a mapping of column names, got {columns!r}")
+    for role, column in columns.items():
+        if role not in COLUMN_ROLES:
+            raise ConfigError(f"{where}.columns: unknown column '{role}' (known: {', '.join(COLUMN_ROLES)})")
+        if not isinstance(column, str) or not column:
+            raise ConfigError(f"{where}.columns.{role}: expected the name of a column, got {column!r}")
+    if len(set(columns.values())) != len(columns):
+        raise ConfigError(f"{where}.columns: one column is named for two roles: {columns}")
+    spec.columns = {str(k): str(v) for k, v in columns.items()}
+    files = item.get("data_files")
+    if files is not None and not _is_data_files(files):
+        raise ConfigError(f"{where}.data_files: expected a path, a list of paths or a mapping of split to "
+                          f"paths, got {files!r}")
+    spec.data_files = files
+    return spec
+
+
+def _spec_field(name: str) -> dataclasses.Field:
+    return {f.name: f for f in fields(DatasetSpec)}[name]
+
+
+def _is_data_files(value: Any) -> bool:
+    paths = lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))
+    return paths(value) or (isinstance(value, dict) and all(isinstance(k, str) and paths(v)
+                                                            for k, v in value.items()))
+
+
+def dataset_specs(data_cfg: Any) -> list[DatasetSpec]:
+    """The entries of data.dataset: one string is one entry with every option at its default."""
+    value = data_cfg.dataset
+    return [DatasetSpec(path=value)] if isinstance(value, str) else list(value)
+
+
+def dataset_record(value: str | list[DatasetSpec]) -> str | list[dict[str, Any]]:
+    """data.dataset as run.yaml writes it: a string as it is; each entry with the keys it sets."""
+    if isinstance(value, str):
+        return value
+    defaults = DatasetSpec(path="")
+    return [{f.name: getattr(s, f.name) for f in fields(DatasetSpec)
+             if f.name == "path" or getattr(s, f.name) != getattr(defaults, f.name)} for s in value]
 
 
 def _section_of(key: str) -> str | None:
@@ -483,6 +625,8 @@ def validate(cfg: RunConfig) -> None:
         (me.temperature > 0 and 0 < me.top_p <= 1, "temperature must be > 0, top_p in (0, 1]"),
         (me.epsilon > 0 and me.num_iterations >= 1, "epsilon must be > 0, num_iterations >= 1"),
         (not me.reward or me.method == "grpo", "reward applies to method grpo only"),
+        (isinstance(cfg.data.dataset, str) or me.method == "sft",
+         f"dataset: a list of datasets (mixing) is read by method sft; {me.method} reads one dataset"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -490,10 +634,26 @@ def validate(cfg: RunConfig) -> None:
     from fasttune.data.holdout import holdout_fraction
     from fasttune.train.trackers import tracker_names
 
-    holdout_fraction(cfg.data)  # a malformed split:F or val_set_size is an error here
+    fraction = holdout_fraction(cfg.data)  # a malformed split:F or val_set_size is an error here
+    _check_streaming(cfg.data, fraction)
 
     tracker_names(t.report_to)  # an unknown name is an error here, an absent library when the run starts
     _check_preset_name(m.model_name)
+
+
+def _check_streaming(data: DataConfig, fraction: float | None) -> None:
+    """A streamed entry is read as far as its first max_rows valid rows and no further, so what needs every
+    row of it (a held-out share, ranked over all rows) is an error, and so is a stream with no max_rows."""
+    for i, spec in enumerate(dataset_specs(data), start=1):
+        if not spec.streaming:
+            continue
+        where = f"dataset[{i}] ({spec.path}).streaming"
+        if spec.max_rows is None and data.max_rows is None:
+            raise ConfigError(f"{where}: a streamed dataset is tokenized up to max_rows rows, held in memory "
+                              "for exact epochs and resume; set max_rows (of the entry or of the run)")
+        if fraction is not None:
+            raise ConfigError(f"{where}: val_set_size / eval_dataset split:F hold out a share of every "
+                              "row of the dataset, which a stream does not read; give eval_dataset a file")
 
 
 def _check_preset_name(name: str) -> None:
@@ -524,7 +684,10 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
             shown = " ".join(default) if isinstance(default, list) else default
             help_text = f"{f.metadata.get('help', '')} (default: {shown})"
             kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": f.name}
-            if tp is bool or f.name == "resume":
+            if f.name == "dataset":  # one path (as ever), or several entries to mix
+                kwargs["nargs"] = "+"
+                kwargs["metavar"] = "PATH|{YAML}"
+            elif tp is bool or f.name == "resume":
                 kwargs["nargs"] = "?"
                 kwargs["const"] = "true"
                 kwargs["metavar"] = "latest|PATH" if f.name == "resume" else "BOOL"

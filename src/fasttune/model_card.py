@@ -54,10 +54,24 @@ def facts_of(run_or_adapter: str | Path) -> CardFacts:
                      final_eval=evals[-1] if evals else None, first_eval=evals[0] if evals else None)
 
 
-def _datasets(facts: CardFacts) -> list[str]:
-    data = facts.config.get("data", {})
-    value = data.get("dataset")
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)] if value else []
+def _datasets(facts: CardFacts) -> list[dict[str, Any]]:
+    """run.yaml's data.dataset as entries: one path, or each entry of a mixed list with the keys it set."""
+    value = facts.config.get("data", {}).get("dataset")
+    entries = value if isinstance(value, list) else [value] if value else []
+    return [dict(e) if isinstance(e, dict) else {"path": str(e)} for e in entries]
+
+
+def _dataset_line(entries: list[dict[str, Any]]) -> str:
+    """`a.jsonl` (weight 0.7, format alpaca), ... with what a weight means where there are weights."""
+    if not entries:
+        return "not recorded"
+    shown = []
+    for e in entries:
+        extra = ", ".join(f"{k} {v}" for k, v in e.items() if k != "path")
+        shown.append(f"`{e.get('path')}`" + (f" ({extra})" if extra else ""))
+    weighted = any("weight" in e for e in entries)
+    return ", ".join(shown) + ("; a weight is the entry's share of the training examples of each epoch"
+                               if weighted else "")
 
 
 def _hub_ids(names: list[str]) -> list[str]:
@@ -221,7 +235,7 @@ def card_text(kind: str, facts: CardFacts, repo_id: str | None = None, gguf_name
         base_model=None if facts.base_model == "unknown" or Path(facts.base_model).is_absolute()
         else facts.base_model,
         library_name={"adapter": "peft", "merged": "transformers", "gguf": "gguf"}[kind],
-        datasets=_hub_ids(datasets) or None,
+        datasets=_hub_ids([str(e.get("path")) for e in datasets]) or None,
         tags=["fasttune", "lora", kind] + (["sft"] if "supervised" in _method(facts) else []),
         pipeline_tag="text-generation",
     )
@@ -238,7 +252,7 @@ def card_text(kind: str, facts: CardFacts, repo_id: str | None = None, gguf_name
 ## Training
 
 - base model: `{facts.base_model}`
-- dataset(s): {", ".join(f"`{d}`" for d in datasets) if datasets else "not recorded"}
+- dataset(s): {_dataset_line(datasets)}
 - method: {_method(facts)}
 
 | hyperparameter | value |

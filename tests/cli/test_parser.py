@@ -60,7 +60,7 @@ def test_both_spellings_parse_the_same(underscored, dashed):
 def test_values_and_arguments_after_double_dash_are_kept():
     args = parse("generate", "--raw", "--", "--max-new-tokens")
     assert args["prompt"] == "--max-new-tokens" and args["max_new_tokens"] == 256
-    assert parse("train", "--dataset", "my-data.jsonl")["dataset"] == "my-data.jsonl"
+    assert parse("train", "--dataset", "my-data.jsonl")["dataset"] == ["my-data.jsonl"]  # one entry
 
 
 @pytest.mark.parametrize("value", ["-1e-4", "-2E-5", "-0.5", "-3"])

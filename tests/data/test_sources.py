@@ -172,3 +172,70 @@ def test_builtin_lumen_train_and_eval():
     assert {r["instruction"] for _, r in train}.isdisjoint({r["instruction"] for _, r in held_out})
     with pytest.raises(DataError, match="unknown built-in dataset 'builtin:nope'"):
         list(read_rows("builtin:nope"))
+
+
+# ---- dataset entries read through datasets.load_dataset (config name, data_files, split, streaming) -----
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """`datasets` writes the Arrow cache of a non-streamed load into this test's directory."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def _jsonl(path, rows, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail, encoding="utf-8")
+    return path
+
+
+def test_a_stream_is_read_only_as_far_as_it_is_consumed(tmp_path, datasets_cache):
+    from fasttune.config import DataConfig, DatasetSpec
+    from fasttune.data.formats import load_rows
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(300)]
+    # The json builder parses a file in blocks of megabytes, so the unread part is a second file: its
+    # last line is no JSON.
+    first = _jsonl(tmp_path / "part1.jsonl", rows)
+    second = _jsonl(tmp_path / "part2.jsonl", rows[:2], tail='{"instruction": "broken\n')
+    path = [str(first), str(second)]
+    streamed = DatasetSpec(path="json", data_files=path, streaming=True, max_rows=5)
+    got = load_rows(streamed, DataConfig(dataset=[streamed], max_rows=5))
+    assert [n for n, _ in got.rows] == [1, 2, 3, 4, 5] and got.rows[4][1]["instruction"] == "q4"
+    # Loaded whole, the same file fails at its broken last line: the stream above never read that far.
+    whole = DatasetSpec(path="json", data_files=path)
+    with pytest.raises(DataError, match=r"^json: datasets.load_dataset\('json', split='train', data_files="):
+        list(read_rows(whole))
+    with pytest.raises(DataError, match=r"^json, row 301: the datasets loader failed after row 300"):
+        list(read_rows(streamed))  # streamed to the end, the broken line is named where it stops
+
+
+def test_a_config_name_and_split_choose_the_files(tmp_path, datasets_cache):
+    from fasttune.config import DatasetSpec
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _jsonl(repo / "first.jsonl", [{"text": "first"}])
+    _jsonl(repo / "second_train.jsonl", [{"text": "second train"}])
+    _jsonl(repo / "second_test.jsonl", [{"text": "second test"}, {"text": "second test 2"}])
+    (repo / "README.md").write_text(  # a hub dataset repository's card declares its configs so
+        "---\nconfigs:\n- config_name: first\n  data_files: first.jsonl\n- config_name: second\n"
+        "  data_files:\n  - split: train\n    path: second_train.jsonl\n"
+        "  - split: test\n    path: second_test.jsonl\n---\n")
+    for streaming in (False, True):
+        spec = DatasetSpec(path=str(repo), name="second", split="test", streaming=streaming)
+        assert [r["text"] for _, r in read_rows(spec)] == ["second test", "second test 2"]
+        assert [r["text"] for _, r in read_rows(DatasetSpec(path=str(repo), name="first",
+                                                            streaming=streaming))] == ["first"]
+    with pytest.raises(DataError, match=r"name='third'"):
+        list(read_rows(DatasetSpec(path=str(repo), name="third")))
+
+
+def test_data_files_by_split(tmp_path, datasets_cache):
+    from fasttune.config import DatasetSpec
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"text": "a"}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"text": "b"}])
+    spec = DatasetSpec(path="json", data_files={"train": [str(a)], "dev": [str(b)]}, split="dev")
+    assert [r for _, r in read_rows(spec)] == [{"text": "b"}]
+    with pytest.raises(DataError, match=r"split='nope'"):
+        list(read_rows(DatasetSpec(path="json", data_files=str(a), split="nope")))

@@ -18,6 +18,7 @@ from importlib.resources import as_file
 from pathlib import Path
 from typing import Any
 
+from fasttune.config import DatasetSpec
 from fasttune.data.builtin import builtin_file, is_builtin
 from fasttune.data.errors import DataError
 
@@ -30,8 +31,24 @@ EVAL_SPLITS = ("validation", "test", "eval", "valid")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
 
-def read_rows(source: str, split: str | None = None) -> Iterator[Row]:
-    """Every row of `source` in order. Raises DataError for a source that cannot be opened at all."""
+# Column roles with a fixed name in their format (TRL's): a dataset entry's `columns` renames its own
+# column to the role. The other roles (instruction, input, output, messages, text) are the *_field options,
+# which data/mixing.py sets per entry instead, so errors name the entry's own column.
+RENAMED_ROLES = ("prompt", "completion", "chosen", "rejected", "label")
+
+
+def read_rows(source: str | DatasetSpec, split: str | None = None) -> Iterator[Row]:
+    """Every row of `source` in order. Raises DataError for a source that cannot be opened at all.
+
+    A DatasetSpec (one entry of a `dataset` list) is read through `datasets.load_dataset` when it names a
+    config, data files or streaming, else as its path; its `split` wins over `split`, and its `columns`
+    apply to its rows (`_map_columns`).
+    """
+    if isinstance(source, DatasetSpec):
+        rows = _read_loader(source, source.split or split) if source.uses_loader else \
+            read_rows(source.path, source.split or split)
+        yield from _map_columns(rows, source)
+        return
     if is_builtin(source):
         resource = builtin_file(source, split)
         with as_file(resource) as path:
@@ -223,3 +240,52 @@ def _read_hub(source: str, split: str | None) -> Iterator[Row]:
             f"failed: {type(e).__name__}: {str(e)[:500]}. Hub datasets need network access or a local "
             "cache; to use a file, check its path.", file=source) from None
     yield from enumerate(_pick_split(ds, want, source), start=1)
+
+
+def _read_loader(spec: DatasetSpec, split: str | None) -> Iterator[Row]:
+    """The rows `datasets.load_dataset(path, name, data_files=, split=, streaming=)` gives. Streamed, rows
+    are read one at a time as the caller asks for them: nothing holds the whole set."""
+    datasets = _datasets_module(spec.path)
+    want = split or "train"
+    args = {"name": spec.name, "data_files": spec.data_files, "streaming": spec.streaming}
+    shown = ", ".join(f"{k}={v!r}" for k, v in args.items() if v not in (None, False))
+    try:
+        ds = datasets.load_dataset(spec.path, split=None if want == "eval" else want, **args)
+    except Exception as e:  # offline, unknown repo or config, missing split or files: all end here
+        call = f"datasets.load_dataset({spec.path!r}, split={want!r}{', ' + shown if shown else ''})"
+        raise DataError(f"{call} failed: {type(e).__name__}: {str(e)[:500]}", file=spec.path) from None
+    rows = iter(_pick_split(ds, want, spec.path))
+    number = 0
+    while True:
+        try:
+            item = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a streamed file that fails to parse part-way
+            raise DataError(f"the datasets loader failed after row {number}: {type(e).__name__}: "
+                            f"{str(e)[:300]}", file=spec.path, row=number + 1) from None
+        number += 1
+        yield number, item
+
+
+def _map_columns(rows: Iterator[Row], spec: DatasetSpec) -> Iterator[Row]:
+    """`rows` with the entry's TRL-named columns renamed to their role ({completion: answer}: the
+    column 'answer' becomes 'completion'). A mapped column that no row has, once every row was read, is
+    an error naming it."""
+    if not spec.columns:
+        yield from rows
+        return
+    seen: set[str] = set()
+    for number, row in rows:
+        if isinstance(row, dict):
+            seen.update(c for c in spec.columns.values() if c in row)
+            renames = {c: r for r, c in spec.columns.items() if r in RENAMED_ROLES and c in row}
+            if renames:
+                # the role's own column, where the row also has one, gives way to the mapped column
+                row = {renames.get(k, k): v for k, v in row.items()
+                       if k in renames or k not in renames.values()}
+        yield number, row
+    for role, column in spec.columns.items():
+        if column not in seen:
+            raise DataError(f"column '{column}' (columns.{role}) is not in any row of the file",
+                            file=spec.path, field=column, reason="unknown column")

@@ -290,7 +290,8 @@ def eval_source(data_cfg: DataConfig) -> str | None:
         return f"{PREFIX}{fraction:g}"
     source = data_cfg.eval_dataset
     if source == "auto":
-        return data_cfg.dataset if is_builtin(data_cfg.dataset) else None
+        train = data_cfg.dataset
+        return train if isinstance(train, str) and is_builtin(train) else None  # a list: none
     return None if source in (None, "", "none") else source
 
 
