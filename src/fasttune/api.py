@@ -563,13 +563,13 @@ def preview_data(cfg: RunConfig, n: int = 3, color: bool | None = None) -> str:
     cfg = use_chat_template(cfg, tokenizer, lambda line: None)
     color = sys.stdout.isatty() if color is None else color
     if cfg.method.method != "sft":  # pairs, KTO rows or GRPO prompts, framed as the init_from run's
-        from fasttune.data.pairs import build_method_data
+        from fasttune.data.mixing import build_method_train
         from fasttune.data.preview import preview_method_rows
         from fasttune.train.methods import init_contract
 
         cut, _ = length_cut(cfg)
-        data = build_method_data(cfg.data, cfg.method.method, tokenizer, cut.model.max_seq_length, "train",
-                                 init_contract(cfg.method.init_from))
+        data = build_method_train(cfg.data, cfg.method.method, tokenizer, cut.model.max_seq_length,
+                                  init_contract(cfg.method.init_from), cfg.train.seed)
         return preview_method_rows(data.examples, tokenizer, n=n, color=color, summary=data.summary)
     chosen: list[str] = []
     _, data = tokenize_train(cfg, tokenizer, chosen.append)

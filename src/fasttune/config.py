@@ -625,8 +625,6 @@ def validate(cfg: RunConfig) -> None:
         (me.temperature > 0 and 0 < me.top_p <= 1, "temperature must be > 0, top_p in (0, 1]"),
         (me.epsilon > 0 and me.num_iterations >= 1, "epsilon must be > 0, num_iterations >= 1"),
         (not me.reward or me.method == "grpo", "reward applies to method grpo only"),
-        (isinstance(cfg.data.dataset, str) or me.method == "sft",
-         f"dataset: a list of datasets (mixing) is read by method sft; {me.method} reads one dataset"),
     ]
     for ok, msg in checks:
         if not ok:

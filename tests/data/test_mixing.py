@@ -110,6 +110,23 @@ def test_trl_columns_are_renamed_per_entry(write_jsonl, smol_tok):
     assert data.format == "prompt_completion" and "Say 0: 0 said." in _texts(data, smol_tok)[0]
 
 
+def test_preference_pairs_mix_with_their_own_columns(write_jsonl, smol_tok):
+    a = write_jsonl([{"prompt": f"alpha {i}?", "chosen": "yes.", "rejected": "no."} for i in range(6)],
+                    "a.jsonl")
+    b = write_jsonl([{"question": f"beta {i}?", "good": "yes.", "bad": "no."} for i in range(2)], "b.jsonl")
+    cfg = _cfg([{"path": str(a), "weight": 1},
+                {"path": str(b), "weight": 1, "columns": {"prompt": "question", "chosen": "good",
+                                                          "rejected": "bad"}}])
+    data = mixing.build_method_train(cfg, "dpo", smol_tok, 256, None, seed=5)
+    texts = [smol_tok.decode(e.chosen.input_ids) for e in data.examples]
+    assert len(texts) == 8 and sum("beta" in t for t in texts) == 4  # 2 pairs, each twice
+    assert data.summary.counts == [4, 4] and data.summary.examples == 8
+    with pytest.raises(DataError, match=r"^dataset\[2\] .*b.jsonl, row 1, field 'worse': missing"):
+        columns = {"prompt": "question", "chosen": "good", "rejected": "worse"}
+        cfg = _cfg([str(a), {"path": str(b), "columns": columns}])
+        mixing.build_method_train(cfg, "dpo", smol_tok, 256, None, seed=5)
+
+
 def test_entries_that_need_different_templates_are_an_error(write_jsonl, smol_tok):
     a = write_jsonl(_alpaca("alpha", 3), "a.jsonl")
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
@@ -199,7 +216,7 @@ def test_the_command_line_takes_several_datasets():
 
 
 @pytest.mark.slow
-def test_a_run_trains_on_a_weighted_list_and_records_it(tmp_path, write_jsonl):
+def test_a_run_trains_on_a_weighted_list_and_records_it(tmp_path, write_jsonl, capsys):
     import sys
     from pathlib import Path
 
@@ -223,3 +240,7 @@ def test_a_run_trains_on_a_weighted_list_and_records_it(tmp_path, write_jsonl):
     assert recorded == [{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}]
     card = (tmp_path / "run" / "adapter" / "README.md").read_text()
     assert f"`{a}` (weight 3.0)" in card and f"`{b}` (weight 1.0)" in card
+    from fasttune.cli import main
+
+    assert main(["eval", "--run", str(tmp_path / "run"), "--no_answers"]) == 0  # the same held-out rows
+    assert f"evaluating on 3 rows of split:0.1 of {a} (weight 3), {b} (weight 1)" in capsys.readouterr().err

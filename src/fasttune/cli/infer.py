@@ -7,6 +7,7 @@ Each command takes a run directory (`--run runs/x`), or a base model (`--model`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -191,8 +192,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _eval_rows(args: argparse.Namespace, im) -> tuple[list[dict], str]:
     from fasttune.config import DataConfig, load_yaml
+    from fasttune.data import mixing
     from fasttune.data.builtin import is_builtin
     from fasttune.data.formats import load_rows
+    from fasttune.data.holdout import parse_split
+    from fasttune.data.tokenize import eval_source
     from fasttune.run_dir import locate
 
     data = DataConfig()
@@ -200,11 +204,14 @@ def _eval_rows(args: argparse.Namespace, im) -> tuple[list[dict], str]:
         found = locate(args.run)
         if found.run is not None:
             data = load_yaml(found.run.run_yaml, stored_run=True).data
-    source = args.dataset or (data.eval_dataset if data.eval_dataset not in (None, "", "none", "auto")
-                              else data.dataset if is_builtin(data.dataset) else None)
+    # the run's held-out data as training chose it: eval_dataset, a built-in's eval split, a held-out share
+    source = args.dataset or eval_source(data)
     if source is None:
         raise ConfigError("no held-out data: this run has no eval_dataset; pass --dataset")
     data.max_rows = args.max_rows
+    if args.dataset is None and not isinstance(data.dataset, str) and parse_split(source) is not None:
+        rows = mixing.eval_rows(dataclasses.replace(data, eval_dataset=source))
+        return rows, f"{source} of {mixing.describe(data.dataset)}"
     valid = load_rows(source, data, split="eval" if is_builtin(source) else None)
     return [row for _, row in valid.rows], f"{source} ({valid.format} rows)"
 

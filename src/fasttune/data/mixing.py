@@ -124,10 +124,12 @@ def _build_parts(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, spli
     return parts
 
 
-def _run_contract(parts: list[TokenizedData], specs: list[DatasetSpec]) -> Any:
+def _run_contract(parts: list[Any], specs: list[DatasetSpec], plain_fits: bool = True) -> Any:
     """The one prompt contract of the run: the entries that need a prompt template must agree on it;
-    entries used as written (text, prompt/completion rows) fit any."""
-    framed = [(i, p) for i, p in enumerate(parts) if p.contract.template not in PLAIN_TEMPLATES]
+    SFT entries used as written (text, prompt/completion rows) fit any (`plain_fits`). The plain prompts of
+    preference and RL rows go through the run's template, so there every entry must agree."""
+    framed = [(i, p) for i, p in enumerate(parts)
+              if not plain_fits or p.contract.template not in PLAIN_TEMPLATES]
     for i, p in framed[1:]:
         j, first = framed[0]
         if p.contract != first.contract:
@@ -139,16 +141,36 @@ def _run_contract(parts: list[TokenizedData], specs: list[DatasetSpec]) -> Any:
     return (framed[0][1] if framed else parts[0]).contract
 
 
-def _summary(parts: list[TokenizedData], examples: list[Any], split: str, contract: Any,
+def _sequences(example: Any) -> list[Any]:
+    """The tokenized sequences of an example: itself (SFT), a pair's two, a KTO row's one (a GRPO prompt
+    has no trained sequence)."""
+    if hasattr(example, "chosen"):
+        return [example.chosen, example.rejected]
+    if hasattr(example, "example"):
+        return [example.example]
+    return [] if hasattr(example, "prompt_ids") else [example]
+
+
+def _summary(parts: list[Any], examples: list[Any], split: str, contract: Any,
              counts: list[int] | None, weights: list[float] | None) -> MixedSummary:
     formats = sorted({p.format for p in parts})
+    seqs = [s for e in examples for s in _sequences(e)]
+    prompts = sum(len(e.prompt_ids) for e in examples if hasattr(e, "prompt_ids"))
     return MixedSummary(
-        source=" + ".join(p.summary.source for p in parts), split=split, format="/".join(formats),
+        source=" + ".join(str(p.summary.source) for p in parts), split=split, format="/".join(formats),
         template=contract.template, rows_read=sum(p.summary.rows_read for p in parts),
         rows_valid=sum(p.summary.rows_valid for p in parts), examples=len(examples),
-        tokens=sum(len(e.input_ids) for e in examples), trained_tokens=sum(e.n_trained for e in examples),
-        longest=max((len(e.input_ids) for e in examples), default=0),
+        tokens=prompts + sum(len(s.input_ids) for s in seqs), trained_tokens=sum(s.n_trained for s in seqs),
+        longest=max((len(s.input_ids) for s in seqs), default=0),
         parts=[p.summary for p in parts], counts=counts, weights=weights)
+
+
+def _mix(parts: list[Any], specs: list[DatasetSpec], seed: int) -> tuple[list[Any], list[int], Any]:
+    """(the mixed examples, each entry's count, the weights or None)."""
+    weights = [s.weight for s in specs] if specs[0].weight is not None else None
+    chosen = mix_indices([len(p.examples) for p in parts], weights, seed)
+    examples = [p.examples[k] for p, picks in zip(parts, chosen) for k in picks]
+    return examples, [len(c) for c in chosen], weights
 
 
 def build_train(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, seed: int) -> TokenizedData:
@@ -158,11 +180,33 @@ def build_train(data_cfg: DataConfig, tokenizer: Any, max_seq_length: int, seed:
     specs = dataset_specs(data_cfg)
     parts = _build_parts(data_cfg, tokenizer, max_seq_length, "train", None)
     contract = _run_contract(parts, specs)
-    weights = [s.weight for s in specs] if specs[0].weight is not None else None
-    chosen = mix_indices([len(p.examples) for p in parts], weights, seed)
-    examples = [p.examples[k] for p, picks in zip(parts, chosen) for k in picks]
-    summary = _summary(parts, examples, "train", contract, [len(c) for c in chosen], weights)
+    examples, counts, weights = _mix(parts, specs, seed)
+    summary = _summary(parts, examples, "train", contract, counts, weights)
     return TokenizedData(examples=examples, summary=summary, contract=contract, format=summary.format)
+
+
+def build_method_train(data_cfg: DataConfig, method: str, tokenizer: Any, max_seq_length: int,
+                       contract: Any, seed: int) -> Any:
+    """The training data of a dpo/orpo/kto/grpo run (`pairs.build_method_data`), mixed for a list as
+    `build_train` mixes SFT examples (a pair, a KTO row or a GRPO prompt is one example)."""
+    from fasttune.data.pairs import MethodData, build_method_data
+
+    if isinstance(data_cfg.dataset, str):
+        return build_method_data(data_cfg, method, tokenizer, max_seq_length, "train", contract)
+    specs = dataset_specs(data_cfg)
+    parts = []
+    for i, spec in enumerate(specs, start=1):
+        try:
+            part = build_method_data(entry_config(data_cfg, spec), method, tokenizer, max_seq_length, "train",
+                                     contract, source=spec)
+        except DataError as e:
+            raise _named(e, i, spec) from None
+        part.summary.source = label(i, spec)
+        parts.append(part)
+    contract = _run_contract(parts, specs, plain_fits=False)
+    examples, counts, weights = _mix(parts, specs, seed)
+    summary = _summary(parts, examples, "train", contract, counts, weights)
+    return MethodData(examples, summary, contract, parts[0].format)
 
 
 def build_eval(eval_cfg: DataConfig, tokenizer: Any, max_seq_length: int,

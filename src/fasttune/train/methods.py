@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fasttune.config import ConfigError, RunConfig
+from fasttune.data.mixing import build_method_train
 from fasttune.data.pairs import MethodData, build_method_data
 from fasttune.data.templates import PromptContract
 from fasttune.data.tokenize import eval_source
@@ -68,7 +69,7 @@ def method_data(cfg: RunConfig, tokenizer: Any, contract: PromptContract | None,
                 log: Callable[[str], None]) -> tuple[MethodData, MethodData | None]:
     """The train split and, where there is one, the eval split of a dpo/orpo/kto/grpo dataset."""
     method, max_len = cfg.method.method, cfg.model.max_seq_length
-    train = build_method_data(cfg.data, method, tokenizer, max_len, "train", contract)
+    train = build_method_train(cfg.data, method, tokenizer, max_len, contract, cfg.train.seed)
     log(str(train.summary))
     from fasttune.data.holdout import holdout_fraction
 
