@@ -217,23 +217,35 @@ def test_the_command_line_takes_several_datasets():
 
 @pytest.mark.slow
 def test_a_run_trains_on_a_weighted_list_and_records_it(tmp_path, write_jsonl, capsys):
+    import shutil
     import sys
     from pathlib import Path
 
     import yaml
 
     from fasttune import api
+    from fasttune.train.metrics import read_metrics
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tiny_run import write_tiny_llama
 
     a, b = write_jsonl(_alpaca("alpha", 20), "a.jsonl"), write_jsonl(_alpaca("beta", 10), "b.jsonl")
     lines: list[str] = []
-    values = dict(model_name=str(write_tiny_llama(tmp_path / "tiny")), max_steps=2, r=4, eval_steps=0,
-                  show_samples=1, eval_answers=1, output_dir=str(tmp_path / "run"), report=False,
+    values = dict(model_name=str(write_tiny_llama(tmp_path / "tiny")), max_steps=4, save_steps=2, r=4,
+                  logging_steps=1, eval_steps=0, show_samples=1, eval_answers=1, report=False,
+                  output_dir=str(tmp_path / "run"),
                   val_set_size=0.1, dataset=[{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}])
     api.train(apply_overrides(RunConfig(), values, "test"), log=lines.append)
     log = "\n".join(lines)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    losses = [r["loss"] for r in read_metrics(metrics) if r["kind"] == "train"]
+
+    # A crash after step 2: the resumed run rebuilds the same mix and continues the same sequence.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
+    (tmp_path / "run" / "checkpoints" / "latest").unlink()
+    api.train(apply_overrides(RunConfig(), {**values, "resume": True}, "test"), log=lambda line: None)
+    again = [r["loss"] for r in read_metrics(metrics) if r["kind"] == "train"]
+    assert len(again) == 4 and max(abs(x - y) for x, y in zip(losses, again)) < 1e-5
     assert "in the mix: 20 of each epoch's 27 examples (weight 3, 74.1%, from its 18)" in log
     assert "eval data: 2 datasets" in log
     recorded = yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["data"]["dataset"]

@@ -102,10 +102,17 @@ async function showRun() {
   if (runs.some((r) => r.state === "training")) state.poll = setTimeout(() => { loadRuns(); showRun(); }, 3000);
 }
 
+// run.yaml's dataset: one path, or a mixed list of entries (a path, or {path, weight, ...})
+function datasetText(value) {
+  if (!Array.isArray(value)) return value;
+  return value.map((e) => (typeof e === "string" ? e : e.weight == null ? e.path : `${e.path} (weight ${e.weight})`))
+    .join(", ");
+}
+
 function drawSummary(runs) {
   const rows = [
     ["state", (r) => r.state], ["model", (r) => r.config.model?.model_name ?? r.config.model_name],
-    ["dataset", (r) => r.config.data?.dataset ?? r.config.dataset], ["steps", (r) => r.summary.step],
+    ["dataset", (r) => datasetText(r.config.data?.dataset ?? r.config.dataset)], ["steps", (r) => r.summary.step],
     ["train loss (first → last)", (r) => `${fmt(r.summary.first_loss, 3)} → ${fmt(r.summary.loss, 3)}`],
     ["eval loss (first → last)", (r) => `${fmt(r.summary.first_eval_loss, 3)} → ${fmt(r.summary.eval_loss, 3)}`],
     ["exact match", (r) => fmt(r.summary.exact_match, 3)],
