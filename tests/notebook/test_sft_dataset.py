@@ -178,3 +178,15 @@ def test_group_by_length_is_taken_from_either_transformers_field(loaded):
                  TrainingArguments(group_by_length=True)):
         trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"text": "a"}], args=args)
         assert trainer.sampling.group_by_length
+
+
+def test_a_list_of_datasets_is_refused_with_the_way_to_mix_them():
+    from datasets import Dataset, interleave_datasets
+
+    from fasttune.notebook.dataset import dataset_rows
+
+    parts = [Dataset.from_list([{"text": "a"}, {"text": "c"}]), Dataset.from_list([{"text": "b"}])]
+    with pytest.raises(TypeError, match="train_dataset is a list of datasets.*interleave_datasets"):
+        dataset_rows(parts, "train_dataset")
+    mixed = interleave_datasets(parts, stopping_strategy="all_exhausted")  # the way TRL users mix them
+    assert [r["text"] for r in dataset_rows(mixed, "train_dataset")] == ["a", "b", "c", "b"]

@@ -71,6 +71,10 @@ def dataset_rows(dataset: Any, name: str) -> list[dict[str, Any]]:
     if isinstance(dataset, dict) and all(isinstance(v, list) for v in dataset.values()):
         raise TypeError(f"SFTTrainer: {name} is a dict of columns; pass a datasets.Dataset or a list of rows")
     rows = list(dataset)
+    if isinstance(dataset, list | tuple) and any(hasattr(r, "column_names") for r in rows):
+        raise TypeError(f"SFTTrainer: {name} is a list of datasets; pass one, as TRL's SFTTrainer takes "
+                        "(datasets.interleave_datasets(..., probabilities=, seed=) or concatenate_datasets "
+                        "mixes several; fasttune train mixes a dataset list with weights)")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"expected a mapping of column names to values, got {type(row).__name__}",
