@@ -457,6 +457,8 @@ def _dataset_spec(item: Any, where: str) -> DatasetSpec:
                           f"got {path!r}")
     where = f"{where} ({path})"
     spec = DatasetSpec(path=path)
+    if isinstance(item.get("weight"), bool):
+        raise ConfigError(f"{where}.weight: expected a number, got {item['weight']!r}")
     for key in ("weight", "format", "name", "split", "streaming", "max_rows"):
         if item.get(key) is not None:
             tp = _field_type(DatasetSpec, _spec_field(key))

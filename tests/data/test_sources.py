@@ -239,3 +239,18 @@ def test_data_files_by_split(tmp_path, datasets_cache):
     assert [r for _, r in read_rows(spec)] == [{"text": "b"}]
     with pytest.raises(DataError, match=r"split='nope'"):
         list(read_rows(DatasetSpec(path="json", data_files=str(a), split="nope")))
+
+
+def test_a_local_file_streams_through_the_builder_of_its_type(tmp_path, datasets_cache):
+    from fasttune.config import DatasetSpec
+
+    rows = [{"text": f"row {i}", "n": f"n{i}"} for i in range(4)]  # (the csv builder would type digits)
+    jsonl = _jsonl(tmp_path / "d.jsonl", rows)
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tn\n" + "".join(f"{r['text']}\t{r['n']}\n" for r in rows), encoding="utf-8")
+    for path in (jsonl, tsv):
+        spec = DatasetSpec(path=str(path), streaming=True)
+        assert [r for _, r in read_rows(spec)] == rows  # as our own reader reads the same file
+        assert [r for _, r in read_rows(str(path))] == rows
+    with pytest.raises(DataError, match=r"path names a file and data_files names more; give the builder"):
+        list(read_rows(DatasetSpec(path=str(jsonl), data_files=[str(jsonl)])))

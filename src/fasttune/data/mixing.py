@@ -97,7 +97,8 @@ class MixedSummary(DataSummary):
     weights: list[float] | None = None
 
     def __str__(self) -> str:
-        lines = [f"{self.split} data: {len(self.parts)} datasets ({self.format} rows, "
+        n = len(self.parts)
+        lines = [f"{self.split} data: {n} dataset{'s' if n > 1 else ''} ({self.format} rows, "
                  f"template {self.template})"]
         for i, part in enumerate(self.parts):
             lines.extend("  " + line for line in str(part).splitlines())

@@ -247,12 +247,13 @@ def _read_loader(spec: DatasetSpec, split: str | None) -> Iterator[Row]:
     are read one at a time as the caller asks for them: nothing holds the whole set."""
     datasets = _datasets_module(spec.path)
     want = split or "train"
-    args = {"name": spec.name, "data_files": spec.data_files, "streaming": spec.streaming}
+    path, files, extra = _loader_target(spec)
+    args = {"name": spec.name, "data_files": files, "streaming": spec.streaming, **extra}
     shown = ", ".join(f"{k}={v!r}" for k, v in args.items() if v not in (None, False))
     try:
-        ds = datasets.load_dataset(spec.path, split=None if want == "eval" else want, **args)
+        ds = datasets.load_dataset(path, split=None if want == "eval" else want, **args)
     except Exception as e:  # offline, unknown repo or config, missing split or files: all end here
-        call = f"datasets.load_dataset({spec.path!r}, split={want!r}{', ' + shown if shown else ''})"
+        call = f"datasets.load_dataset({path!r}, split={want!r}{', ' + shown if shown else ''})"
         raise DataError(f"{call} failed: {type(e).__name__}: {str(e)[:500]}", file=spec.path) from None
     rows = iter(_pick_split(ds, want, spec.path))
     number = 0
@@ -266,6 +267,25 @@ def _read_loader(spec: DatasetSpec, split: str | None) -> Iterator[Row]:
                             f"{str(e)[:300]}", file=spec.path, row=number + 1) from None
         number += 1
         yield number, item
+
+
+_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+def _loader_target(spec: DatasetSpec) -> tuple[str, Any, dict[str, Any]]:
+    """(path, data_files, builder options) for `load_dataset`: a local file is read by the builder of its
+    type (`datasets` looks a bare file name up on the hub), anything else goes as it was given."""
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        return spec.path, spec.data_files, {}
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"unknown dataset file type '{path.suffix}' (known: {', '.join(sorted(SUFFIXES))})",
+                        file=spec.path)
+    if spec.data_files is not None:
+        raise DataError(f"path names a file and data_files names more; give the builder ({_BUILDERS[kind]}) "
+                        "as path with every file in data_files", file=spec.path)
+    return _BUILDERS[kind], str(path), {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
 
 
 def _map_columns(rows: Iterator[Row], spec: DatasetSpec) -> Iterator[Row]:
