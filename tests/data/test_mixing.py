@@ -127,6 +127,20 @@ def test_preference_pairs_mix_with_their_own_columns(write_jsonl, smol_tok):
         mixing.build_method_train(cfg, "dpo", smol_tok, 256, None, seed=5)
 
 
+def test_held_out_text_rows_are_rendered_as_written_beside_chat_rows(write_jsonl, smol_tok):
+    chat = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
+            for i in range(10)]
+    a = write_jsonl(chat, "a.jsonl")
+    b = write_jsonl([{"text": f"plain words {i}"} for i in range(10)], "b.jsonl")
+    cfg = _cfg([str(a), str(b)], val_set_size=0.2)
+    train = mixing.build_train(cfg, smol_tok, 256, seed=1)
+    assert train.contract.template == "chat" and len(train.examples) == 16
+    held = mixing.build_eval(eval_config(cfg), smol_tok, 256, train.contract)
+    texts = _texts(held, smol_tok)
+    assert len(texts) == 4 and sum("<|im_start|>" in t for t in texts) == 2
+    assert sum(t.startswith("plain words") for t in texts) == 2  # no chat frame around text rows
+
+
 def test_entries_that_need_different_templates_are_an_error(write_jsonl, smol_tok):
     a = write_jsonl(_alpaca("alpha", 3), "a.jsonl")
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]

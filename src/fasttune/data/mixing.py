@@ -213,10 +213,16 @@ def build_method_train(data_cfg: DataConfig, method: str, tokenizer: Any, max_se
 def build_eval(eval_cfg: DataConfig, tokenizer: Any, max_seq_length: int,
                contract: Any) -> TokenizedData | None:
     """The eval examples of `eval_cfg` (api.eval_config's). Held out of a list (split:F / val_set_size),
-    each entry holds out that share of its own rows, and the eval split is all of them, each once."""
+    each entry holds out that share of its own rows, and the eval split is all of them, each once, each
+    entry rendered as its training rows are (text rows as written, the others with the run's `contract`)."""
     if isinstance(eval_cfg.dataset, str) or holdout_fraction(eval_cfg) is None:
         return build_dataset(eval_cfg, tokenizer, max_seq_length, "eval", contract=contract)
-    parts = _build_parts(eval_cfg, tokenizer, max_seq_length, "eval", contract)
+    specs = dataset_specs(eval_cfg)
+    parts = _build_parts(eval_cfg, tokenizer, max_seq_length, "eval", None)
+    for i, part in enumerate(parts):
+        if part.contract.template not in PLAIN_TEMPLATES and part.contract != contract:
+            raise ConfigError(f"{label(i + 1, specs[i])}: its held-out rows would be rendered with template "
+                              f"{part.contract.template}, the training rows with {contract.template}")
     examples = [e for p in parts for e in p.examples]
     summary = _summary(parts, examples, "eval", contract, None, None)
     return TokenizedData(examples=examples, summary=summary, contract=contract, format=summary.format)
