@@ -142,8 +142,8 @@ class DataConfig:
         "plain format).")})
     chat_template: str | None = field(default=None, metadata={"help": (
         "Chat template instead of the tokenizer's: a name (chatml, qwen-2.5, llama-3, llama-2, mistral, gemma, "
-        "alpaca, vicuna, zephyr, phi-3) or a .jinja file; rendered in Jinja's sandbox; alpaca rows are then "
-        "rendered as chat too. none: the tokenizer's own.")})
+        "alpaca, vicuna, zephyr, phi-3; qwen-2.5 also renders tool-calling rows) or a .jinja file; rendered in "
+        "Jinja's sandbox; alpaca rows are then rendered as chat too. none: the tokenizer's own.")})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on prompt tokens, not only responses."})
     on_bad_row: str = field(default="error", metadata={"help": "A malformed row: error (stop, naming it) or skip (count it)."})
     on_long_row: str = field(default="truncate", metadata={"help": (

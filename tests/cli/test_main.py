@@ -152,6 +152,27 @@ def test_preview_marks_trained_tokens(tmp_path, capsys):
     assert "What is two plus two?" in shown and "«Four." in shown and "Name a colour" not in shown
 
 
+def test_preview_shows_a_tool_calling_row(tmp_path, capsys):
+    tools = [{"type": "function", "function": {"name": "tune_string", "parameters": {"type": "object"}}}]
+    row = {"tools": tools, "messages": [
+        {"role": "user", "content": "Tune the lowest string."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "tune_string", "arguments": {"string": 12}}}]},
+        {"role": "tool", "content": "tuned to 436 Hz"},
+        {"role": "assistant", "content": "Done: string 12 is at 436 Hz."}]}
+    data = write_jsonl(tmp_path / "tools.jsonl", [row])
+    assert main(["data", "preview", "--dataset", str(data), "--chat_template", "qwen-2.5", "--n", "1"]) == 0
+    shown = capsys.readouterr().out.split("train data")[0]
+    assert '<tools>\n{"type": "function", "function": {"name": "tune_string"' in shown
+    call = '{"name": "tune_string", "arguments": {"string": 12}}'
+    assert f"«<tool_call>\n{call}\n</tool_call><|im_end|>»" in shown
+    assert "<tool_response>\ntuned to 436 Hz\n</tool_response>" in shown and "«tuned" not in shown
+    assert "«Done: string 12 is at 436 Hz.<|im_end|>»" in shown
+    # the tokenizer's own template (SmolLM2's ChatML) writes no tools: the row is refused, naming the field
+    assert main(["data", "preview", "--dataset", str(data)]) == 2
+    assert f"{data}, row 1, field 'tools': the chat template ignores the tools" in capsys.readouterr().err
+
+
 def test_python_dash_m_and_console_script():
     out = subprocess.run([sys.executable, "-m", "fasttune", "--help"], capture_output=True, text=True,
                          check=True)

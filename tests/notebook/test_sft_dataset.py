@@ -3,6 +3,7 @@ and draws its rows in the order transformers' Trainer draws them."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -80,6 +81,34 @@ def test_prepared_rows_equal_trls(case, loaded, model_dir, tokenizer, tmp_path):
     make_rows, kw = CASES[case]
     rows = make_rows(tokenizer.eos_token)
     assert_same_rows(ours(loaded, rows, **kw), trl_prepared(model_dir, tokenizer, rows, tmp_path, **kw))
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object"}}}]
+TOOL_ROWS = [  # tools as a JSON string, as Arrow tables of mixed function specs hold them
+    {"tools": json.dumps(TOOLS), "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "9 C"}, {"role": "assistant", "content": "9 °C."}]},
+    {"tools": json.dumps(TOOLS), "messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "yo"}]},
+]
+
+
+def test_tool_rows_equal_trls(loaded, model_dir, tokenizer, tmp_path, monkeypatch):
+    """A `tools` column goes to the chat template as TRL passes it."""
+    from fasttune.data.chat_templates import NAMED
+    from fasttune.data.errors import DataError
+
+    for tok in (tokenizer, loaded[1]):
+        monkeypatch.setattr(tok, "chat_template", NAMED["qwen-2.5"])
+    trl_trainer = trl_prepared(model_dir, tokenizer, TOOL_ROWS, tmp_path, max_length=512)
+    assert "get_weather" in tokenizer.decode(trl_trainer.train_dataset[1]["input_ids"])
+    assert_same_rows(ours(loaded, TOOL_ROWS, max_length=512), trl_trainer)
+    monkeypatch.setattr(loaded[1], "chat_template", NAMED["chatml"])  # writes no tools: refused, not dropped
+    with pytest.raises(DataError, match=r"row 1, field 'tools': the chat template ignores the tools"):
+        ours(loaded, TOOL_ROWS)
 
 
 def test_formatting_func_rows_equal_trls(loaded, model_dir, tokenizer, tmp_path):

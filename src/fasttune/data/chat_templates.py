@@ -30,9 +30,43 @@ _CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+
+
+def _literal(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal (Jinja decodes backslash escapes in literals)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Qwen2.5: ChatML under a default system prompt. With `tools` (JSON-schema function specs) the system turn
+# lists them, one JSON object a line, and says how to call them. An assistant turn's `tool_calls` ({function:
+# {name, arguments}} or {name, arguments}) are written as <tool_call> blocks after its text; consecutive
+# `tool` results share one user turn, each inside <tool_response>.
+_QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_QWEN_TOOLS_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_QWEN_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and "
+                    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
 _QWEN_25 = (
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
-    "You are a helpful assistant.<|im_end|>\n' }}{% endif %}" + _CHATML
+    "{% set has_system = messages | length > 0 and messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\n' + (messages[0]['content'] if has_system else "
+    + _literal(_QWEN_SYSTEM) + ") }}"
+    "{% if tools %}{{ " + _literal(_QWEN_TOOLS_HEAD) + " }}{% for spec in tools %}{{ '\n' + spec | tojson }}"
+    "{% endfor %}{{ " + _literal(_QWEN_TOOLS_TAIL) + " }}{% endif %}{{ '<|im_end|>\n' }}"
+    "{% for message in (messages[1:] if has_system else messages) %}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ " + _literal('\n<tool_call>\n{"name": "') + " + fn['name'] + " + _literal('", "arguments": ')
+    + " + fn['arguments'] | tojson + " + _literal("}\n</tool_call>") + " }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.previtem is not defined or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user' }}"
+    "{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 _LLAMA_3 = (
@@ -129,10 +163,25 @@ def template_text(value: str) -> str:
 def render(text: str, messages: list[dict[str, Any]], bos_token: str = "", eos_token: str = "",
            add_generation_prompt: bool = False, **extra: Any) -> str:
     """`messages` rendered by the template `text` in Jinja's ImmutableSandboxedEnvironment, with the
-    settings transformers' apply_chat_template uses (trim_blocks, lstrip_blocks)."""
+    settings transformers' apply_chat_template uses (trim_blocks, lstrip_blocks, loop controls, `tojson` as
+    plain json.dumps without HTML escaping or sorted keys, `raise_exception`), so that both render alike."""
+    import json
+
+    from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(text).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
                                         add_generation_prompt=add_generation_prompt, **extra)
 

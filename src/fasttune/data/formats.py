@@ -2,15 +2,28 @@
 
 Normalised rows are plain dicts, whatever the column names in the file were:
     alpaca      {"instruction": str, "input": str, "output": str}        (input "" when absent)
-    messages    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    messages    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+                 "tools": [function spec, ...]}                          (tools only when the row has some)
     text        {"text": str}                                            (plain text, every token trained)
     prompt_completion  {"prompt": str, "completion": str}                  (TRL's: the completion trained)
 ShareGPT rows (`conversations` of {from: human/gpt/system, value}) become messages rows.
+
+Tool calling, as in TRL and transformers' apply_chat_template: a row's `tools` column is a list of
+JSON-schema function specs (or that list as a JSON string), an assistant message may carry `tool_calls`
+(its content may then be empty), and a `tool` message holds a call's result (`content`, with `name` and
+`tool_call_id` kept where given). Worked example:
+    {"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}],
+     "messages": [{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                      "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                  {"role": "tool", "name": "get_weather", "content": "18 C"},
+                  {"role": "assistant", "content": "It is 18 C in Paris."}]}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +35,9 @@ from fasttune.data.sources import read_rows
 FORMATS = ("alpaca", "messages", "text", "prompt_completion")
 TEXT_FIELD_DEFAULT = DataConfig.text_field
 SHAREGPT_FIELD = "conversations"
-ROLES = {"system": "system", "user": "user", "assistant": "assistant",
-         "human": "user", "gpt": "assistant"}  # ShareGPT names on the right of the first three
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+         "human": "user", "gpt": "assistant"}  # ShareGPT names on the right of the first four
+TOOLS_FIELD = "tools"  # TRL's column name for a row's function specs
 
 
 def detect_format(row: dict[str, Any], cfg: DataConfig) -> str | None:
@@ -74,7 +88,59 @@ def _content(value: Any, where: str) -> str:
                     reason="wrong type")
 
 
-def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
+def _function(item: Any, where: str, what: str) -> dict[str, Any]:
+    """The function part of a tool spec or tool call ({"function": {...}} or the bare {...}), with a name."""
+    if not isinstance(item, dict):
+        raise DataError(f"expected an object ({what}), found {type(item).__name__} {_short(item)}",
+                        field=where, reason="wrong type")
+    fn = item.get("function", item)
+    if not isinstance(fn, dict):
+        raise DataError(f"expected an object, found {type(fn).__name__} {_short(fn)}",
+                        field=f"{where}.function", reason="wrong type")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name.strip():
+        field = f"{where}.function.name" if "function" in item else f"{where}.name"
+        raise DataError(f"a {what} needs a function name, found {_short(name)}", field=field,
+                        reason="missing field")
+    return fn
+
+
+def _tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The row's tool specs: a list of objects, or that list as a JSON string (as Arrow tables often hold it);
+    None when the row has none."""
+    value = row.get(TOOLS_FIELD)
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"a JSON string that does not parse: {e.msg} at character {e.pos}",
+                            field=TOOLS_FIELD, reason="wrong type") from None
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise DataError(f"expected a list of function specs, found {type(value).__name__} {_short(value)}",
+                        field=TOOLS_FIELD, reason="wrong type")
+    for i, spec in enumerate(value):
+        _function(spec, f"{TOOLS_FIELD}[{i}]", "function spec")
+    return value
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"expected a non-empty list of tool calls, found {_short(value)}", field=where,
+                        reason="wrong type")
+    for i, call in enumerate(value):
+        fn = _function(call, f"{where}[{i}]", "tool call")
+        if not isinstance(fn.get("arguments"), dict | str):
+            field = f"{where}[{i}]" + (".function" if "function" in call else "") + ".arguments"
+            raise DataError(f"expected the call's arguments as an object or a JSON string, found "
+                            f"{_short(fn.get('arguments'))}", field=field, reason="wrong type")
+    return value
+
+
+def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, Any]]:
     key = cfg.messages_field if cfg.messages_field in row else SHAREGPT_FIELD
     turns = row.get(key)
     if turns is None:
@@ -93,13 +159,33 @@ def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
         if role is None:
             raise DataError("missing 'role' (or ShareGPT 'from')", field=where, reason="missing field")
         if not isinstance(role, str) or role.lower() not in ROLES:
-            raise DataError(f"unknown role {role!r} (known: system, user, assistant; ShareGPT human, gpt)",
-                            field=f"{where}.{role_key}", reason="unknown role")
+            raise DataError(f"unknown role {role!r} (known: system, user, assistant, tool; ShareGPT human, "
+                            "gpt)", field=f"{where}.{role_key}", reason="unknown role")
         role = ROLES[role.lower()]
+        calls = turn.get("tool_calls")
+        if calls is not None and calls != []:
+            if role != "assistant":
+                raise DataError(f"only assistant turns make tool calls, this one is {role!r}",
+                                field=f"{where}.tool_calls", reason="wrong role")
+            # a turn that only calls tools may have no text (OpenAI writes null): it renders as empty text
+            text = turn.get(content_key)
+            content = "" if text is None else _content(text, f"{where}.{content_key}")
+            calls = _tool_calls(calls, f"{where}.tool_calls")
+            out.append({"role": role, "content": content, "tool_calls": calls})
+            continue
         content = _content(turn.get(content_key), f"{where}.{content_key}")
         if role == "assistant" and not content.strip():
             raise DataError("empty string", field=f"{where}.{content_key}", reason="empty assistant turn")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if role == "tool":
+            for key in ("name", "tool_call_id"):
+                value = turn.get(key)
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"expected a string, found {type(value).__name__} {_short(value)}",
+                                    field=f"{where}.{key}", reason="wrong type")
+                if value is not None:
+                    message[key] = value
+        out.append(message)
     if not any(t["role"] == "assistant" for t in out):
         raise DataError("no assistant turn: nothing to train on", field=key, reason="no assistant turn")
     return out
@@ -112,7 +198,8 @@ def normalise_row(row: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, A
                 "input": _string(row, cfg.input_field, required=False, nonempty=False),
                 "output": _string(row, cfg.output_field, required=True, nonempty=True)}
     if fmt == "messages":
-        return {"messages": _messages(row, cfg)}
+        tools = _tools(row)
+        return {"messages": _messages(row, cfg)} | ({"tools": tools} if tools else {})
     if fmt == "text":
         return {"text": _string(row, cfg.text_field, required=True, nonempty=True)}
     if fmt == "prompt_completion":

@@ -41,7 +41,7 @@ def _messages(value: Any, where: str, *, assistant_only: bool = False) -> list[d
             raise DataError(f"expected a message with role and content, found {_short(turn)}", field=at,
                             reason="wrong type")
         role = ROLES.get(str(turn.get("role", "")).lower())
-        if role is None:
+        if role is None or role == "tool":  # tool-calling rows are SFT messages rows
             raise DataError(f"unknown role {turn.get('role')!r} (known: system, user, assistant)",
                             field=f"{at}.role", reason="unknown role")
         if assistant_only and role != "assistant":

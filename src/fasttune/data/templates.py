@@ -191,13 +191,14 @@ def alpaca_as_user_message(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input.strip() else instruction
 
 
-def render_chat(messages: list[dict[str, str]], contract: PromptContract, tokenizer: Any,
-                add_generation_prompt: bool) -> str:
-    """The conversation as text through the contract's chat template."""
+def render_chat(messages: list[dict[str, Any]], contract: PromptContract, tokenizer: Any,
+                add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation as text through the contract's chat template, in transformers' sandboxed Jinja
+    environment; `tools` (function specs) are passed to the template as apply_chat_template passes them."""
     if not contract.chat_template:
         raise DataError("this run's prompt contract has no chat template")
     return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=contract.chat_template,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt, tools=tools or None)
 
 
 def render_prompt(instruction: str, input: str, contract: PromptContract, tokenizer: Any) -> str:
@@ -210,11 +211,15 @@ def render_prompt(instruction: str, input: str, contract: PromptContract, tokeni
     return f"{instruction}\n\n{input}" if input else instruction
 
 
-def render_messages(messages: list[dict[str, str]], contract: PromptContract, tokenizer: Any) -> str:
-    """The generation-time prompt for a conversation ending in a user turn. With an alpaca contract the
-    earlier turns become alpaca blocks with their answers, and system turns are dropped."""
+def render_messages(messages: list[dict[str, Any]], contract: PromptContract, tokenizer: Any,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+    """The generation-time prompt for a conversation ending in a user (or tool) turn. With an alpaca
+    contract the earlier turns become alpaca blocks with their answers, and system turns are dropped."""
     if contract.template == "chat":
-        return render_chat(messages, contract, tokenizer, add_generation_prompt=True)
+        return render_chat(messages, contract, tokenizer, add_generation_prompt=True, tools=tools)
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        raise DataError(f"a conversation with tools needs a chat template that renders them; this run's "
+                        f"template is {contract.template!r}")
     text, pending = "", None
     for m in messages:
         if m["role"] == "user":

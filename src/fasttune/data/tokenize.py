@@ -115,42 +115,64 @@ def _tokenize(rendered: list[Rendered], tokenizer: Any) -> list[tuple[list[int],
         return out
 
 
-def _chat_spans(messages: list[dict[str, str]], contract: PromptContract,
-                tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+def _chat_spans(messages: list[dict[str, Any]], contract: PromptContract, tokenizer: Any,
+                tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text and the character span of every assistant turn (content + end token).
 
     The prompt before each assistant turn is rendered on its own (with the generation prompt); where
     it is a prefix of the whole text (true of every incremental template) the search for the answer
-    starts there, otherwise after the previous answer.
+    starts there, otherwise after the previous answer. An assistant turn with `tool_calls` is trained from
+    the end of that prompt to its end-of-turn token: the template writes the calls in its own syntax, so
+    the text is located by position, not searched for. Tool results (role `tool`) are context, never
+    trained. `tools` and every tool call and result must show in the text: a template that ignores them is
+    a DataError naming the field, never a row trained without them (tools_check.py).
     """
+    from fasttune.data import tools_check
+
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = messages[: last + 1]  # trailing user turns would only add masked tokens
     markers = (contract.end_of_turn, contract.eos_token)
     messages = [dict(m, content=_strip_end(m["content"], markers)) if m["role"] == "assistant" else m
                 for m in messages]
-    full = render_chat(messages, contract, tokenizer, add_generation_prompt=False)
+    full = render_chat(messages, contract, tokenizer, add_generation_prompt=False, tools=tools)
+    if tools:
+        tools_check.tools_rendered(full, render_chat(messages, contract, tokenizer, False))
     spans, inserts, cursor = [], [], 0
     for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            cursor = tools_check.result_rendered(full, m, i, cursor)
         if m["role"] != "assistant":
             continue
-        start = cursor
+        start, prefix_ok = cursor, False
         try:
-            prefix = render_chat(messages[:i], contract, tokenizer, add_generation_prompt=True)
+            prefix = render_chat(messages[:i], contract, tokenizer, add_generation_prompt=True, tools=tools)
             if full.startswith(prefix) and len(prefix) >= cursor:
-                start = len(prefix)
+                start, prefix_ok = len(prefix), True
         except Exception:  # a template that rejects a partial conversation: search from the cursor
             pass
-        content = m["content"].strip()
-        begin = full.find(content, start)
-        if begin < 0:
-            raise DataError("the chat template changed this assistant turn's text, so its tokens cannot be "
-                            "located for the loss mask", field="messages", reason="template error")
-        end = begin + len(content)
-        marker = full.find(contract.end_of_turn, end) if contract.end_of_turn else -1
-        if marker >= 0 and not full[end:marker].strip():
-            end = marker + len(contract.end_of_turn)
+        if m.get("tool_calls"):
+            if not prefix_ok:
+                raise DataError("the chat template does not render the conversation before this "
+                                "tool-calling turn as a prefix of the whole, so the turn cannot be located "
+                                "for the loss mask",
+                                field=f"messages[{i}].tool_calls", reason="template error")
+            begin = start
+            end, closed = _turn_end(messages, i, full, begin, contract, tokenizer, tools)
+            tools_check.calls_rendered(full[begin:end], m["tool_calls"], i)
+            if not closed:
+                inserts.append(end)  # the template closes this turn with no token: EOS is added and trained
         else:
-            inserts.append(end)  # the template closes this turn with no token: EOS is added and trained
+            content = m["content"].strip()
+            begin = full.find(content, start)
+            if begin < 0:
+                raise DataError("the chat template changed this assistant turn's text, so its tokens cannot "
+                                "be located for the loss mask", field="messages", reason="template error")
+            end = begin + len(content)
+            marker = full.find(contract.end_of_turn, end) if contract.end_of_turn else -1
+            if marker >= 0 and not full[end:marker].strip():
+                end = marker + len(contract.end_of_turn)
+            else:
+                inserts.append(end)  # the template closes this turn with no token: EOS is added and trained
         spans.append((begin, end))
         cursor = end
     # Insert EOS where needed, shifting later spans by what was inserted before them.
@@ -163,6 +185,24 @@ def _chat_spans(messages: list[dict[str, str]], contract: PromptContract,
         shift += len(extra)
         prev = b
     return text + full[prev:], out
+
+
+def _turn_end(messages: list[dict[str, Any]], i: int, full: str, begin: int, contract: PromptContract,
+              tokenizer: Any, tools: list[dict[str, Any]] | None) -> tuple[int, bool]:
+    """Where assistant turn i, which starts at `begin` in `full`, ends, and whether that end is the
+    template's end-of-turn token. The turn's text is what the conversation rendered up to it adds; a
+    template that renders a partial conversation otherwise is searched for the end-of-turn token."""
+    upto = render_chat(messages[: i + 1], contract, tokenizer, add_generation_prompt=False, tools=tools)
+    stop = len(upto) if full.startswith(upto) and len(upto) > begin else len(full)
+    if contract.end_of_turn:
+        marker = full.find(contract.end_of_turn, begin, stop)
+        if marker >= 0:
+            return marker + len(contract.end_of_turn), True
+    if stop == len(full) and not full.startswith(upto):
+        raise DataError("the chat template does not render this tool-calling turn as a prefix of the whole "
+                        "conversation, so its end cannot be located for the loss mask",
+                        field=f"messages[{i}].tool_calls", reason="template error")
+    return begin + len(full[begin:stop].rstrip()), False
 
 
 @dataclass
@@ -178,13 +218,14 @@ def render_row(row: dict[str, Any], fmt: str, tokenizer: Any, contract: PromptCo
     """One normalised row (see formats.py) as text with its trained character spans."""
     eos_markers = (contract.eos_token, contract.end_of_turn)
     if contract.template == "chat":
+        tools = row.get("tools")
         if fmt == "messages":
             messages = row["messages"]
         else:
             messages = [{"role": "user", "content": alpaca_as_user_message(row["instruction"], row["input"])},
                         {"role": "assistant", "content": row["output"]}]
         try:
-            text, spans = _chat_spans(messages, contract, tokenizer)
+            text, spans = _chat_spans(messages, contract, tokenizer, tools)
         except DataError:
             raise
         except Exception as e:  # jinja errors from the template, e.g. "roles must alternate"

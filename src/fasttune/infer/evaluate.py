@@ -51,10 +51,11 @@ def question_and_reference(row: dict[str, Any], contract: PromptContract,
     if fmt == "messages":
         msgs = row["messages"]
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if last is None or not any(m["role"] == "user" for m in msgs[:last]):
-            return None
+        if last is None or not any(m["role"] == "user" for m in msgs[:last]) or msgs[last].get("tool_calls"):
+            return None  # nothing asked, or an answer that is a tool call rather than text to compare
         question = next(m["content"] for m in reversed(msgs[:last]) if m["role"] == "user")
-        return render_messages(msgs[:last], contract, tokenizer), msgs[last]["content"], question
+        prompt = render_messages(msgs[:last], contract, tokenizer, tools=row.get("tools"))
+        return prompt, msgs[last]["content"], question
     return None
 
 

@@ -167,23 +167,27 @@ def _prompt_completion_examples(rows: list[dict[str, Any]], tokenizer: Any, opts
 
 def _message_examples(rows: list[dict[str, Any]], tokenizer: Any, opts: TextOptions, contract: Any,
                       name: str) -> list[Example]:
-    """The whole conversation as the chat template renders it (TRL's apply_chat_template), or with
-    assistant_only_loss the assistant turns only (fasttune finds their spans; any template works)."""
+    """The whole conversation as the chat template renders it (TRL's apply_chat_template, with the row's
+    `tools` column), or with assistant_only_loss the assistant turns only (fasttune finds their spans; any
+    template works). A row with tool parts the template does not write is refused (data/tools_check.py)."""
     from fasttune.data.formats import normalise_row
-    from fasttune.data.tokenize import encode_row
+    from fasttune.data.tokenize import encode_row, render_row
 
     cfg = DataConfig()
     out = []
     for i, row in enumerate(rows):
-        if "tools" in row or "chat_template_kwargs" in row:
-            raise DataError("the tools / chat_template_kwargs columns are not supported", file=name,
-                            row=i + 1)
+        if "chat_template_kwargs" in row:
+            raise DataError("the chat_template_kwargs column is not supported", file=name, row=i + 1)
         try:
-            messages = normalise_row(row, "messages", cfg)["messages"]
+            normal = normalise_row(row, "messages", cfg)
             if opts.assistant_only_loss:
-                out.append(encode_row({"messages": messages}, "messages", tokenizer, contract))
+                out.append(encode_row(normal, "messages", tokenizer, contract))
                 continue
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            messages, tools = normal["messages"], normal.get("tools")
+            if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+                render_row(normal, "messages", tokenizer, contract)  # the checks that the tool parts show
+            ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+                                                return_dict=True)["input_ids"]
         except DataError as e:
             raise e.at(file=name, row=i + 1) from None
         out.append(Example(input_ids=list(ids), labels=list(ids)))
