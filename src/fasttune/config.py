@@ -79,7 +79,7 @@ class LoraConfig:
 # the roles of the *_field options (a mapped column is renamed to the run's field of that role), the
 # others the fixed column names of TRL's formats.
 COLUMN_ROLES = ("instruction", "input", "output", "messages", "text", "prompt", "completion", "chosen",
-                "rejected", "label")
+                "rejected", "label", "tools")
 
 
 @dataclass
@@ -142,8 +142,9 @@ class DataConfig:
         "plain format).")})
     chat_template: str | None = field(default=None, metadata={"help": (
         "Chat template instead of the tokenizer's: a name (chatml, qwen-2.5, llama-3, llama-2, mistral, gemma, "
-        "alpaca, vicuna, zephyr, phi-3; qwen-2.5 also renders tool-calling rows) or a .jinja file; rendered in "
-        "Jinja's sandbox; alpaca rows are then rendered as chat too. none: the tokenizer's own.")})
+        "alpaca, vicuna, zephyr, phi-3; qwen-2.5 also renders tool-calling rows) or a .jinja file; "
+        "rendered in Jinja's sandbox; alpaca rows are then rendered as chat too. none: the tokenizer's "
+        "own.")})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on prompt tokens, not only responses."})
     on_bad_row: str = field(default="error", metadata={"help": "A malformed row: error (stop, naming it) or skip (count it)."})
     on_long_row: str = field(default="truncate", metadata={"help": (
@@ -466,6 +467,8 @@ def _dataset_spec(item: Any, where: str) -> DatasetSpec:
     if spec.weight is not None and not (spec.weight > 0 and spec.weight < float("inf")):
         raise ConfigError(f"{where}.weight: must be a positive number, got {item['weight']!r} "
                           "(leave the entry out to train on none of it)")
+    if spec.format is not None and ("format", spec.format) in RENAMED:
+        raise ConfigError(f"{where}.format: {spec.format!r}: {RENAMED['format', spec.format][1]}")
     if spec.format is not None and spec.format not in CHOICES["format"]:
         raise ConfigError(f"{where}.format: {spec.format!r} is not one of {', '.join(CHOICES['format'])}")
     if spec.max_rows is not None and spec.max_rows <= 0:

@@ -192,3 +192,19 @@ def test_a_template_that_drops_tool_parts_is_an_error(smol_tok, write_jsonl, tem
     assert str(err.value).startswith(f"{path}, row 2, field '{field}': {message}")
     skipped = build_dataset(DataConfig(dataset=str(path), on_bad_row="skip"), tok, 2048)
     assert skipped.summary.skipped == {"template drops tools": 1} and len(skipped.examples) == 1
+
+
+def test_a_dataset_entry_names_its_own_tools_column(qwen_tok, write_jsonl):
+    from fasttune.config import ConfigError, RunConfig, apply_overrides
+    from fasttune.data import mixing
+
+    path = write_jsonl([{"functions": TOOLS, "messages": MESSAGES}])
+    entry = {"path": str(path), "columns": {"tools": "functions"}}
+    data = apply_overrides(RunConfig(), {"data": {"dataset": [entry]}}, "test").data
+    (ex,) = mixing.build_train(data, qwen_tok, 2048, seed=1).examples
+    assert ex.input_ids == qwen_tok.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=True,
+                                                        return_dict=True)["input_ids"]
+    old = {"data": {"dataset": [{"path": str(path), "format": "completion"}]}}
+    with pytest.raises(ConfigError, match=r"dataset\[1\] .*\.format: 'completion': plain text rows are "
+                                          r"format 'text' now"):
+        apply_overrides(RunConfig(), old, "t")

@@ -34,7 +34,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 # Column roles with a fixed name in their format (TRL's): a dataset entry's `columns` renames its own
 # column to the role. The other roles (instruction, input, output, messages, text) are the *_field options,
 # which data/mixing.py sets per entry instead, so errors name the entry's own column.
-RENAMED_ROLES = ("prompt", "completion", "chosen", "rejected", "label")
+RENAMED_ROLES = ("prompt", "completion", "chosen", "rejected", "label", "tools")
 
 
 def read_rows(source: str | DatasetSpec, split: str | None = None) -> Iterator[Row]:
