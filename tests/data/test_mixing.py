@@ -178,6 +178,8 @@ def test_bad_rows_and_columns_name_the_entry_file_row_and_field(write_jsonl, smo
     ([{"path": "a.jsonl", "columns": {"answer": "x"}}], r"dataset\[1\] \(a.jsonl\).columns: unknown column"),
     ([{"path": "a.jsonl", "format": "alpacca"}], r"dataset\[1\] \(a.jsonl\).format: 'alpacca' is not one"),
     ([{"weight": 1}], r"dataset\[1\]: 'path' must name"),
+    ([{"path": "a.jsonl", "format": "completion"}], r"dataset\[1\] \(a.jsonl\).format: 'completion': plain"),
+    ([{"path": "a.jsonl", "weight": True}], r"dataset\[1\] \(a.jsonl\).weight: expected a number"),
     ([{"path": "a.jsonl", "streaming": True}], r"dataset\[1\] \(a.jsonl\).streaming: .*set max_rows"),
 ])
 def test_bad_entries_are_config_errors(entries, match):
