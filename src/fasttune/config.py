@@ -446,6 +446,8 @@ def _dataset_spec(item: Any, where: str) -> DatasetSpec:
     """One dataset entry, checked: every key known, every value of its type."""
     if isinstance(item, str):
         item = {"path": item}
+    if isinstance(item, DatasetSpec):  # built in Python: checked as its mapping would be
+        item = dataset_record([item])[0]
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: expected a path or a mapping, got {item!r}")
     known = [f.name for f in fields(DatasetSpec)]
@@ -637,6 +639,8 @@ def validate(cfg: RunConfig) -> None:
     from fasttune.data.holdout import holdout_fraction
     from fasttune.train.trackers import tracker_names
 
+    # entries built in Python (DataConfig(dataset=[...])) are checked and normalised as YAML's are
+    cfg.data.dataset = dataset_setting(cfg.data.dataset, "dataset")
     fraction = holdout_fraction(cfg.data)  # a malformed split:F or val_set_size is an error here
     _check_streaming(cfg.data, fraction)
 

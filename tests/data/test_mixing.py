@@ -272,3 +272,19 @@ def test_a_run_trains_on_a_weighted_list_and_records_it(tmp_path, write_jsonl, c
 
     assert main(["eval", "--run", str(tmp_path / "run"), "--no_answers"]) == 0  # the same held-out rows
     assert f"evaluating on 3 rows of split:0.1 of {a} (weight 3), {b} (weight 1)" in capsys.readouterr().err
+
+
+def test_entries_built_in_python_are_checked_as_yaml_entries_are():
+    from fasttune.config import validate
+
+    cfg = RunConfig()
+    cfg.data.dataset = [DatasetSpec(path="a.jsonl", weight=1.0), "b.jsonl"]
+    with pytest.raises(ConfigError, match=r"dataset\[2\] \(b.jsonl\): no weight"):
+        validate(cfg)
+    cfg.data.dataset = [DatasetSpec(path="a.jsonl", weight=1.0), {"path": "b.jsonl", "weight": 2}]
+    validate(cfg)
+    assert cfg.data.dataset == [DatasetSpec(path="a.jsonl", weight=1.0),
+                                DatasetSpec(path="b.jsonl", weight=2.0)]
+    cfg.data.dataset = ["a.jsonl"]
+    validate(cfg)
+    assert cfg.data.dataset == "a.jsonl"
