@@ -68,7 +68,8 @@ def label(index: int, spec: DatasetSpec) -> str:
 
 
 def entry_config(data_cfg: DataConfig, spec: DatasetSpec) -> DataConfig:
-    """The DataConfig that reads one entry: its format, its max_rows, its columns for the *_field roles."""
+    """The DataConfig that reads one entry: its format, its max_rows, its columns for the *_field roles.
+    Its `dataset` is the entry itself, which `sources.read_rows` takes as a source."""
     changes: dict[str, Any] = {FIELD_ROLES[r]: c for r, c in spec.columns.items() if r in FIELD_ROLES}
     if spec.format is not None:
         changes["format"] = spec.format
