@@ -116,5 +116,18 @@ def test_a_contract_stored_as_completion_reads_back_as_text(plain_tok, tmp_path)
     assert render_prompt("Once upon", "", loaded, plain_tok) == "Once upon"
     assert ollama_template(loaded, plain_tok).template == "{{ .Prompt }}{{ .Response }}"
     assert facts_of(tmp_path).contract["template"] == "text"
+    # the run.yaml of such a run, read back by generate/chat/serve (infer.load) and eval
+    from fasttune.config import RunConfig
+    from fasttune.infer.load import locate
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": "base"}))
+    RunConfig().save(run / "run.yaml")
+    text = (run / "run.yaml").read_text()
+    assert "format: auto" in text and "template: auto" in text
+    (run / "run.yaml").write_text(text.replace("format: auto", "format: completion")
+                                  .replace("template: auto", "template: completion"))
+    assert locate(run).base.model_name == RunConfig().model.model_name
     with pytest.raises(DataError, match="template 'text' renders the plain prompts"):
         resolve_template("text", "alpaca")

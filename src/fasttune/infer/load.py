@@ -55,7 +55,7 @@ def locate(path: str | Path, model_name: str | None = None) -> _Found:
     from fasttune.config import load_yaml
 
     where = locate_run(path)
-    base = load_yaml(where.run.run_yaml).model if where.run is not None else ModelConfig()
+    base = load_yaml(where.run.run_yaml, stored_run=True).model if where.run is not None else ModelConfig()
     if model_name is not None:
         base.model_name = model_name
     elif where.run is None:
