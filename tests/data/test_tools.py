@@ -208,3 +208,16 @@ def test_a_dataset_entry_names_its_own_tools_column(qwen_tok, write_jsonl):
     with pytest.raises(ConfigError, match=r"dataset\[1\] .*\.format: 'completion': plain text rows are "
                                           r"format 'text' now"):
         apply_overrides(RunConfig(), old, "t")
+
+
+@pytest.mark.parametrize("row,fmt", [
+    ({"instruction": "Weather in Seoul?", "output": "Sunny.", "tools": TOOLS}, "alpaca"),
+    ({"text": "Weather in Seoul: sunny.", "tools": TOOLS}, "text"),
+    ({"prompt": "Weather in Seoul?", "completion": "Sunny.", "tools": TOOLS}, "prompt_completion"),
+])
+def test_tools_on_rows_without_chat_turns_are_an_error(write_jsonl, row, fmt):
+    path = write_jsonl([{k: v for k, v in row.items() if k != "tools"}, row])
+    with pytest.raises(DataError) as err:
+        load_rows(str(path), DataConfig(format=fmt))
+    assert str(err.value).startswith(f"{path}, row 2, field 'tools': a 'tools' column needs messages rows")
+    assert len(load_rows(str(path), DataConfig(format=fmt, on_bad_row="skip")).rows) == 1

@@ -193,6 +193,11 @@ def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, Any]]:
 
 def normalise_row(row: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, Any]:
     """The normalised row, or DataError naming the field (file and row are added by the caller)."""
+    if fmt != "messages" and row.get(TOOLS_FIELD) not in (None, "", []):
+        # function specs only reach the model through a chat template's tool part: never dropped silently
+        raise DataError(f"a '{TOOLS_FIELD}' column needs messages rows (chat turns, with tool_calls and tool "
+                        f"results); {fmt} rows would not show the tools to the model", field=TOOLS_FIELD,
+                        reason="tools on non-chat rows")
     if fmt == "alpaca":
         return {"instruction": _string(row, cfg.instruction_field, required=True, nonempty=True),
                 "input": _string(row, cfg.input_field, required=False, nonempty=False),

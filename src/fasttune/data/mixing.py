@@ -32,7 +32,7 @@ from fasttune.data.tokenize import DataSummary, TokenizedData, build_dataset
 # the columns roles that are *_field options: an entry's `columns` sets them for that entry
 FIELD_ROLES = {"instruction": "instruction_field", "input": "input_field", "output": "output_field",
                "messages": "messages_field", "text": "text_field"}
-PLAIN_TEMPLATES = ("completion", "text")  # rows used as written: no prompt template to agree on
+PLAIN_TEMPLATES = ("text",)  # rows used as written: no prompt template to agree on
 _MIX_STREAM = 0x6D6978  # keeps the mix's random stream apart from the epoch order's (seed, epoch)
 
 
