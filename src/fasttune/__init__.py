@@ -3,8 +3,9 @@
     import fasttune
     result = fasttune.train(fasttune.RunConfig())         # the default job; see README.md
 
-The notebook names (FastLanguageModel, SFTTrainer, TrainingArguments, ...) are here too. Everything is
-imported on first use, so `import fasttune` loads neither torch nor transformers and changes nothing.
+The notebook names (FastLanguageModel, SFTTrainer, DPOTrainer, GRPOTrainer, TrainingArguments, ...)
+are here too. Everything is imported on first use, so `import fasttune` loads neither torch nor
+transformers and changes nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ _EXPORTS = {
     "SFTTrainer": "fasttune.notebook",
     "SFTConfig": "fasttune.notebook",
     "TrainingArguments": "fasttune.notebook",
+    "DPOTrainer": "fasttune.notebook",
+    "DPOConfig": "fasttune.notebook",
+    "ORPOTrainer": "fasttune.notebook",
+    "ORPOConfig": "fasttune.notebook",
+    "KTOTrainer": "fasttune.notebook",
+    "KTOConfig": "fasttune.notebook",
+    "GRPOTrainer": "fasttune.notebook",
+    "GRPOConfig": "fasttune.notebook",
     "is_bfloat16_supported": "fasttune.notebook",
     "train_on_responses_only": "fasttune.notebook",
 }

@@ -106,14 +106,16 @@ class ExampleStream:
     """Endless micro-batches of `batch_size` examples (pairs or KTO rows) in a seeded per-epoch order,
     with the resumable position {"epoch", "index"} of the training loop's `ResumableStream`."""
 
-    def __init__(self, examples: Sequence[Any], batch_size: int, collate: Any, seed: int) -> None:
+    def __init__(self, examples: Sequence[Any], batch_size: int, collate: Any, seed: int,
+                 shuffle: bool = True) -> None:
         if not examples:
             raise ValueError("no examples to batch")
         self.examples, self.batch_size, self.collate, self.seed = list(examples), batch_size, collate, seed
+        self.shuffle = shuffle  # False: every epoch in dataset order
         self.position = EpochPosition(self.plan)
 
     def plan(self, epoch: int) -> list[list[int]]:
-        return seeded_batches(len(self.examples), self.batch_size, self.seed, epoch)
+        return seeded_batches(len(self.examples), self.batch_size, self.seed, epoch, self.shuffle)
 
     def __len__(self) -> int:
         return -(-len(self.examples) // self.batch_size)

@@ -15,6 +15,7 @@ appended to a plain completion (once). Only completion tokens are trained, as in
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from fasttune.data.formats import ROLES, _short
 from fasttune.data.sources import read_rows
 from fasttune.data.templates import PromptContract, alpaca_text, encode_prompt, make_contract, render_chat
 from fasttune.data.tokenize import DataSummary, Example, Rendered, _strip_end, encode_rows
+from fasttune.models.base import IGNORE_INDEX
 
 # method -> the row format it reads, and that format's required columns
 METHOD_FORMAT = {"dpo": "preference", "orpo": "preference", "kto": "unpaired", "grpo": "prompt"}
@@ -173,16 +175,31 @@ def _truncate(ex: Example, max_len: int, summary: DataSummary, on_long_row: str)
     return ex
 
 
+def cut(ex: Example, max_prompt_length: int | None, max_completion_length: int | None) -> Example:
+    """The prompt's last `max_prompt_length` tokens and the completion's first `max_completion_length` (the
+    completion starts at the first trained token), as TRL before 1.0 cut them."""
+    start = next((i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX), len(ex.labels))
+    keep_from = 0 if max_prompt_length is None else max(0, start - max_prompt_length)
+    end = len(ex.input_ids) if max_completion_length is None else start + max_completion_length
+    return Example(ex.input_ids[keep_from:end], ex.labels[keep_from:end], ex.row)
+
+
 def build_method_data(data_cfg: DataConfig, method: str, tokenizer: Any, max_seq_length: int,
                       split: str = "train", contract: PromptContract | None = None,
-                      source: str | None = None) -> MethodData:
+                      source: str | None = None, rows_in: Iterable[tuple[int, Any]] | None = None,
+                      max_prompt_length: int | None = None,
+                      max_completion_length: int | None = None) -> MethodData:
     """Read, validate and tokenize one split of a dpo/orpo/kto/grpo dataset (the prompt-only rows of grpo
     keep their prompt ids alone). `contract`: an earlier run's or the train split's, else made from the
-    data."""
+    data. `rows_in`: (row number, row) in place of reading `source` (which then only names them).
+    `max_prompt_length` / `max_completion_length`: `cut` each sequence (prompts alone, for grpo) before
+    max_seq_length applies."""
     fmt = METHOD_FORMAT[method]
     source = source or data_cfg.dataset
     rows, read, skipped = [], 0, Counter()
-    for number, raw in read_rows(source, None if split == "train" else "eval"):
+    if rows_in is None:
+        rows_in = read_rows(source, None if split == "train" else "eval")
+    for number, raw in rows_in:
         read += 1
         try:
             if isinstance(raw, DataError):
@@ -218,6 +235,8 @@ def build_method_data(data_cfg: DataConfig, method: str, tokenizer: Any, max_seq
     if fmt == "prompt":
         for text, (number, row) in zip(rendered, numbers):
             ids = encode_prompt(text, contract, tokenizer)
+            if max_prompt_length is not None:
+                ids = ids[-max_prompt_length:]
             if len(ids) >= max_seq_length:
                 summary.dropped_long += 1
                 continue
@@ -227,8 +246,9 @@ def build_method_data(data_cfg: DataConfig, method: str, tokenizer: Any, max_seq
         encoded = encode_rows(rendered, tokenizer, contract, data_cfg.train_on_inputs)
         per_row = len(keys)
         for k, (number, row) in enumerate(numbers):
-            group = [_truncate(Example(e.input_ids, e.labels, number), max_seq_length, summary,
-                               data_cfg.on_long_row) for e in encoded[k * per_row:(k + 1) * per_row]]
+            group = [_truncate(cut(Example(e.input_ids, e.labels, number), max_prompt_length,
+                                   max_completion_length), max_seq_length, summary, data_cfg.on_long_row)
+                     for e in encoded[k * per_row:(k + 1) * per_row]]
             if any(e is None for e in group):
                 continue
             examples.append(PairExample(group[0], group[1], number) if fmt == "preference"

@@ -16,10 +16,11 @@ import numpy as np
 Entry = TypeVar("Entry")
 
 
-def seeded_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Indices 0..count-1 permuted by a generator seeded by (seed, epoch), cut into micro-batches of
-    `batch_size` (the last one may be short)."""
-    order = np.random.default_rng([seed, epoch]).permutation(count).tolist()
+def seeded_batches(count: int, batch_size: int, seed: int, epoch: int,
+                   shuffle: bool = True) -> list[list[int]]:
+    """Indices 0..count-1 permuted by a generator seeded by (seed, epoch) (`shuffle` False: in order), cut
+    into micro-batches of `batch_size` (the last one may be short)."""
+    order = np.random.default_rng([seed, epoch]).permutation(count).tolist() if shuffle else [*range(count)]
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 

@@ -3,14 +3,25 @@ libraries runs after changing only its import lines.
 
     from fasttune import FastLanguageModel, SFTTrainer, TrainingArguments, is_bfloat16_supported
     from fasttune import train_on_responses_only        # Unsloth's unsloth.chat_templates function
+    from fasttune import DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig   # and ORPO..., KTO...
 """
 
 from fasttune.notebook.arguments import SFTConfig, TrainingArguments
+from fasttune.notebook.method_args import DPOConfig, GRPOConfig, KTOConfig, ORPOConfig
+from fasttune.notebook.method_trainer import DPOTrainer, GRPOTrainer, KTOTrainer, ORPOTrainer
 from fasttune.notebook.model import FastLanguageModel, NotebookModel, is_bfloat16_supported
 from fasttune.notebook.responses import train_on_responses_only
 from fasttune.notebook.trainer import SFTTrainer, TrainOutput
 
 __all__ = [
+    "DPOConfig",
+    "DPOTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
+    "KTOConfig",
+    "KTOTrainer",
+    "ORPOConfig",
+    "ORPOTrainer",
     "FastLanguageModel",
     "NotebookModel",
     "SFTConfig",

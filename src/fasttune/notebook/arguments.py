@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from fasttune.config import TrainConfig
 
@@ -130,6 +130,20 @@ IGNORED = frozenset(
     }
 )
 
+@dataclass(frozen=True)
+class FieldTable:
+    """How the fields of one config class are treated: `unsupported` (name -> why) are errors when set,
+    `ignored` draw a warning when set, `mapped` are read. `label` names the class in messages."""
+
+    unsupported: dict[str, str]
+    ignored: frozenset[str]
+    mapped: frozenset[str]
+    label: str = "TrainingArguments"
+
+    def knows(self, name: str) -> bool:
+        return name in self.unsupported or name in self.ignored or name in self.mapped
+
+
 OPTIMIZERS = {
     "adamw_torch": "adamw_torch",
     "adamw_torch_fused": "adamw_torch",
@@ -184,6 +198,8 @@ class TrainingArguments:
     train_sampling_strategy: str = "random"
     fsdp: Any = None  # 'full_shard' (with 'auto_wrap'): FSDP2 under torchrun (`fsdp_mode`)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # accepted transformers-only fields
+    # which other field names the class accepts, and how each is treated (set below: SFT_FIELDS)
+    FIELDS: ClassVar[FieldTable]
 
     def __init__(self, **kwargs: Any) -> None:
         own = {f.name: f for f in fields(self) if f.name != "extra"}
@@ -194,7 +210,7 @@ class TrainingArguments:
             setattr(self, f.name, kwargs.pop(f.name, value))
         self.extra = {}
         for name, value in kwargs.items():
-            if name not in UNSUPPORTED and name not in IGNORED and name not in MAPPED:
+            if not self.FIELDS.knows(name):
                 raise TypeError(f"{type(self).__name__}: unknown field '{name}'")
             self.extra[name] = value
 
@@ -319,24 +335,43 @@ MAPPED = frozenset(
 )
 
 
+# TRL's SFTConfig fields among the above; the other TRL configs (notebook/method_args.py) start from
+# the rest
+SFT_ONLY_MAPPED = frozenset({
+    "dataset_text_field", "max_seq_length", "max_length", "packing", "assistant_only_loss",
+    "completion_only_loss", "dataset_num_proc", "dataset_kwargs", "eos_token", "truncation_mode",
+    "packing_strategy", "loss_type"})
+SFT_ONLY_UNSUPPORTED = frozenset({"shuffle_dataset", "chat_template_path", "model_init_kwargs",
+                                  "router_aux_loss_coef"})
+SFT_ONLY_IGNORED = frozenset({"padding_free", "pad_to_multiple_of", "pad_token", "eval_packing",
+                              "activation_offloading", "trust_remote_code"})
+SFT_FIELDS = FieldTable(UNSUPPORTED, IGNORED, MAPPED)
+# transformers' TrainingArguments alone
+TRAINER_FIELDS = FieldTable({k: v for k, v in UNSUPPORTED.items() if k not in SFT_ONLY_UNSUPPORTED},
+                            IGNORED - SFT_ONLY_IGNORED, MAPPED - SFT_ONLY_MAPPED)
+TrainingArguments.FIELDS = SFT_FIELDS
+
+
 def _steps(name: str, value: Any) -> int:
     if isinstance(value, float) and 0 < value < 1:
         raise ValueError(f"{name}={value}: a fraction of the total steps is not supported; give a step count")
     return int(value)
 
 
-def check_fields(args: Any) -> list[str]:
-    """Raise for unsupported fields that are set; return warnings for ignored ones."""
+def check_fields(args: Any, table: FieldTable | None = None) -> list[str]:
+    """Raise for unsupported fields that are set; return warnings for ignored ones. `table`: how the
+    trainer treats the fields (default: the class's own, else SFTTrainer's)."""
+    table = table or getattr(type(args), "FIELDS", SFT_FIELDS)
     changed = changed_fields(args)
     for name in changed:
-        if name in UNSUPPORTED:
+        if name in table.unsupported:
             raise ValueError(
-                f"TrainingArguments.{name}={changed[name]!r} is not supported by fasttune: "
-                f"{UNSUPPORTED[name]}"
+                f"{table.label}.{name}={changed[name]!r} is not supported by fasttune: "
+                f"{table.unsupported[name]}"
             )
-    ignored = sorted(n for n in changed if n not in MAPPED)
+    ignored = sorted(n for n in changed if n not in table.mapped)
     return (
-        [f"TrainingArguments: fasttune ignores {', '.join(ignored)} (no effect on what is trained)"]
+        [f"{table.label}: fasttune ignores {', '.join(ignored)} (no effect on what is trained)"]
         if ignored
         else []
     )
@@ -364,14 +399,15 @@ def fsdp_mode(value: Any) -> str:
 
 
 def to_train_config(
-    args: Any, *, device_type: str, gradient_checkpointing: str | None = None, warn: bool = True
+    args: Any, *, device_type: str, gradient_checkpointing: str | None = None, warn: bool = True,
+    table: FieldTable | None = None,
 ) -> TrainConfig:
     """fasttune's TrainConfig for `args`; warnings name every field that is set but has no effect here.
 
     gradient_checkpointing: the mode get_peft_model chose ('on', 'offload', 'off'); it wins over the
-    `gradient_checkpointing` flag of args.
+    `gradient_checkpointing` flag of args. `table`: as for check_fields.
     """
-    notes = check_fields(args)
+    notes = check_fields(args, table)
     get = lambda name, default=None: _plain(getattr(args, name, default))  # noqa: E731
     optim = str(get("optim", "adamw_torch"))
     if optim not in OPTIMIZERS:

@@ -64,12 +64,12 @@ class Prepared(Sequence):
         return {"input_ids": list(ex.input_ids), "labels": list(ex.labels)}
 
 
-def dataset_rows(dataset: Any, name: str) -> list[dict[str, Any]]:
+def dataset_rows(dataset: Any, name: str, trainer: str = "SFTTrainer") -> list[dict[str, Any]]:
     """The rows of a datasets.Dataset or a list of mappings."""
     if dataset is None:
-        raise ValueError(f"SFTTrainer: {name} is required")
+        raise ValueError(f"{trainer}: {name} is required")
     if isinstance(dataset, dict) and all(isinstance(v, list) for v in dataset.values()):
-        raise TypeError(f"SFTTrainer: {name} is a dict of columns; pass a datasets.Dataset or a list of rows")
+        raise TypeError(f"{trainer}: {name} is a dict of columns; pass a datasets.Dataset or a list of rows")
     rows = list(dataset)
     if isinstance(dataset, list | tuple) and any(hasattr(r, "column_names") for r in rows):
         raise TypeError(f"SFTTrainer: {name} is a list of datasets; pass one, as TRL's SFTTrainer takes "

@@ -31,6 +31,64 @@ class TrainOutput(NamedTuple):
     metrics: dict[str, Any]
 
 
+# keys of a metrics record that are not the method's own numbers
+RECORD_KEYS = frozenset({"kind", "step", "loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens",
+                         "memory_gib", "memory_kind", "epoch", "unit", "eval_loss", "eval_perplexity"})
+
+
+def train_output(result: dict[str, Any], records: list[dict[str, Any]], runtime: float, n_rows: int,
+                 micro_batches: int, cfg: Any, method_metrics: bool = False) -> tuple[TrainOutput, Any]:
+    """(what `trainer.train()` returns, `trainer.state`) from the loop's result and metrics records.
+    `method_metrics`: also the method's own numbers (rewards/..., kl, ...) of each record in log_history,
+    and those of the last training record in the metrics."""
+    from types import SimpleNamespace
+
+    steps = int(result["steps"])
+    train = [r for r in records if r.get("kind") == "train"]
+    # transformers reports the mean over steps; each record is the mean of its logging interval.
+    prev, total = 0, 0.0
+    for r in train:
+        total += r["loss"] * (r["step"] - prev)
+        prev = r["step"]
+    loss = total / max(prev, 1) if train else float(result.get("final_loss") or 0.0)
+    samples = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    metrics = {
+        "train_runtime": round(runtime, 4),
+        "train_samples_per_second": round(samples / runtime, 3),
+        "train_steps_per_second": round(steps / runtime, 3),
+        "total_flos": 0.0,
+        "train_loss": loss,
+        "epoch": steps * cfg.gradient_accumulation_steps / max(micro_batches, 1),
+        "train_tokens_per_second": result.get("tokens_per_s"),
+        "train_rows": n_rows,
+    }
+    if result.get("eval_loss") is not None:
+        metrics["eval_loss"] = result["eval_loss"]
+
+    def own(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in r.items() if k not in RECORD_KEYS} if method_metrics else {}
+
+    if method_metrics and train:
+        metrics.update(own(train[-1]))
+    state = SimpleNamespace(
+        global_step=steps,
+        log_history=[
+            {
+                "step": r["step"],
+                **(
+                    {"loss": r["loss"], "learning_rate": r["lr"], "grad_norm": r["grad_norm"]}
+                    if r.get("kind") == "train"
+                    else {"eval_loss": r["eval_loss"]}
+                ),
+                **own(r),
+            }
+            for r in records
+        ],
+    )
+    return TrainOutput(steps, loss, metrics), state
+
+
+
 class SFTTrainer:
     """TRL's SFTTrainer surface over fasttune's loop: `SFTTrainer(model=, tokenizer=, train_dataset=,
     args=TrainingArguments(...)).train()`."""
@@ -225,44 +283,8 @@ class SFTTrainer:
         micro_batches: int,
         cfg: Any,
     ) -> TrainOutput:
-        steps = int(result["steps"])
-        train = [r for r in records if r.get("kind") == "train"]
-        # transformers reports the mean over steps; each record is the mean of its logging interval.
-        prev, total = 0, 0.0
-        for r in train:
-            total += r["loss"] * (r["step"] - prev)
-            prev = r["step"]
-        loss = total / max(prev, 1) if train else float(result.get("final_loss") or 0.0)
-        samples = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        metrics = {
-            "train_runtime": round(runtime, 4),
-            "train_samples_per_second": round(samples / runtime, 3),
-            "train_steps_per_second": round(steps / runtime, 3),
-            "total_flos": 0.0,
-            "train_loss": loss,
-            "epoch": steps * cfg.gradient_accumulation_steps / max(micro_batches, 1),
-            "train_tokens_per_second": result.get("tokens_per_s"),
-            "train_rows": n_rows,
-        }
-        if result.get("eval_loss") is not None:
-            metrics["eval_loss"] = result["eval_loss"]
-        from types import SimpleNamespace
-
-        self.state = SimpleNamespace(
-            global_step=steps,
-            log_history=[
-                {
-                    "step": r["step"],
-                    **(
-                        {"loss": r["loss"], "learning_rate": r["lr"], "grad_norm": r["grad_norm"]}
-                        if r.get("kind") == "train"
-                        else {"eval_loss": r["eval_loss"]}
-                    ),
-                }
-                for r in records
-            ],
-        )
-        return TrainOutput(steps, loss, metrics)
+        output, self.state = train_output(result, records, runtime, n_rows, micro_batches, cfg)
+        return output
 
     def save_model(self, output_dir: str | None = None) -> None:
         """The adapter (PEFT format) in output_dir (default: args.output_dir)."""

@@ -97,8 +97,9 @@ def beta_of(cfg: RunConfig) -> float:
 
 
 def preference_parts(cfg: RunConfig, train: MethodData, held_out: MethodData | None, reference: Any,
-                     pad_id: int, packed: bool) -> tuple[Any, list | None, Any]:
-    """(stream of micro-batches, eval micro-batches or None, objective) of dpo, orpo or kto."""
+                     pad_id: int, packed: bool, shuffle: bool = True) -> tuple[Any, list | None, Any]:
+    """(stream of micro-batches, eval micro-batches or None, objective) of dpo, orpo or kto; `shuffle`
+    False draws the rows in dataset order."""
     from fasttune.data.pair_batches import ExampleStream, collate_pairs, collate_unpaired, fixed_batches
     from fasttune.train.preference import DPOObjective, KTOObjective, ORPOObjective
 
@@ -120,15 +121,17 @@ def preference_parts(cfg: RunConfig, train: MethodData, held_out: MethodData | N
         objective = (ORPOObjective(beta) if me.method == "orpo"
                      else DPOObjective(reference, beta, me.loss_type or "sigmoid"))
     batch = cfg.train.per_device_train_batch_size
-    stream = ExampleStream(train.examples, batch, collate, cfg.train.seed)
+    stream = ExampleStream(train.examples, batch, collate, cfg.train.seed, shuffle)
     evals = None if held_out is None else fixed_batches(held_out.examples, batch, collate)
     return stream, evals, objective
 
 
 def grpo_parts(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, train: MethodData, reference: Any,
-               contract: PromptContract, reward_funcs: list | None = None) -> tuple[Any, None, Any]:
+               contract: PromptContract, reward_funcs: list | None = None,
+               shuffle: bool = True) -> tuple[Any, None, Any]:
     """(stream sampling completions from the policy, no eval batches, objective) of grpo. `reward_funcs`:
-    callables from the notebook layer; else cfg.method.reward by name."""
+    callables from the notebook layer; else cfg.method.reward by name. `shuffle` False: prompts in dataset
+    order."""
     from fasttune.infer.load import stop_ids
     from fasttune.train.grpo import GRPOObjective
     from fasttune.train.rewards import resolve_reward, reward_name
@@ -153,7 +156,8 @@ def grpo_parts(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, train: Me
                            max_completion_length=me.max_completion_length, temperature=me.temperature,
                            top_p=me.top_p, pad_id=contract.pad_id, eos_ids=stop_ids(contract, tokenizer),
                            max_seq_length=cfg.model.max_seq_length, seed=t.seed,
-                           accumulation=t.gradient_accumulation_steps, num_iterations=me.num_iterations)
+                           accumulation=t.gradient_accumulation_steps, num_iterations=me.num_iterations,
+                           shuffle=shuffle)
     objective = GRPOObjective(reference, beta_of(cfg), me.epsilon, me.loss_type or "dapo", me.temperature,
                               tuple(reward_name(f) for f in funcs))
     return stream, None, objective

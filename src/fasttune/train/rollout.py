@@ -34,7 +34,7 @@ class RolloutStream:
                  reward_funcs: list[RewardFunc], *, reward_weights: Sequence[float] | None, batch_size: int,
                  num_generations: int, max_completion_length: int, temperature: float, top_p: float,
                  pad_id: int, eos_ids: Sequence[int], max_seq_length: int, seed: int, accumulation: int = 1,
-                 num_iterations: int = 1) -> None:
+                 num_iterations: int = 1, shuffle: bool = True) -> None:
         if batch_size % num_generations:
             raise ValueError(f"per_device_train_batch_size {batch_size} is not a multiple of num_generations "
                              f"{num_generations} (each micro-batch holds whole groups of completions)")
@@ -44,12 +44,13 @@ class RolloutStream:
         self.max_new, self.temperature, self.top_p = max_completion_length, temperature, top_p
         self.pad_id, self.eos_ids, self.max_len, self.seed = pad_id, list(eos_ids), max_seq_length, seed
         self.accumulation, self.num_iterations = accumulation, num_iterations
+        self.shuffle = shuffle  # False: the prompts of every epoch in dataset order
         self.position = EpochPosition(self.plan)
         self._replay: list[dict[str, torch.Tensor]] = []
         self._served = 0
 
     def plan(self, epoch: int) -> list[list[int]]:
-        return seeded_batches(len(self.prompts), self.per_batch, self.seed, epoch)
+        return seeded_batches(len(self.prompts), self.per_batch, self.seed, epoch, self.shuffle)
 
     def __len__(self) -> int:
         return -(-len(self.prompts) // self.per_batch)
