@@ -65,7 +65,7 @@ def _cli(tmp_path, model_dir, data, **values):
         "model_name": str(model_dir),
         "dataset": str(path),
         "eval_dataset": "none",
-        "template": "completion",
+        "template": "text",
         "r": 4,
         "lora_alpha": 8,
         "output_dir": str(tmp_path / "cli"),

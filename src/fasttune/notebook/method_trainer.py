@@ -109,7 +109,7 @@ class _MethodTrainer:
         rows = dataset_rows(dataset, name, type(self).__name__)
         opts = self.options
         return build_method_data(
-            DataConfig(dataset=name, template="completion"),
+            DataConfig(dataset=name, template="text"),
             self.method,
             self.tokenizer,
             opts.max_length or 2**31,
@@ -143,7 +143,7 @@ class _MethodTrainer:
         train = dataclasses.replace(train, resume=resume)
         return RunConfig(
             model=ModelConfig(max_seq_length=self._max_seq_length()),
-            data=DataConfig(dataset="train_dataset", template="completion", eval_dataset="none"),
+            data=DataConfig(dataset="train_dataset", template="text", eval_dataset="none"),
             train=train,
             method=self.options.method,
         )
