@@ -83,7 +83,10 @@ class RunLock:
                 os.close(fd)
                 continue
             previous = _read(fd)
-            if previous:
+            if previous and locked is None:  # without locks, nothing tells whether that run still lives
+                self.log(f"  {self.path}: it names {_describe(previous)}, which may still be running; "
+                         "this run writes here too")
+            elif previous:
                 self.stale = _describe(previous)
                 self.log(f"  {self.path}: a stale lock of a run that ended without releasing it "
                          f"({self.stale}); taking it over")
