@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,13 @@ def proc_status_mib(field: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def peak_rusage_mib() -> float:
+    """getrusage's ru_maxrss in MiB (KiB on Linux and BSD, bytes on macOS), where /proc has no VmHWM."""
+    import resource  # POSIX only: imported where it is read
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def build(stack: str, model_dir: Path):
@@ -110,7 +116,7 @@ def worker(stack: str, model_dir: Path, batch: int, seq: int, steps: int, warmup
         if i >= warmup:
             times.append(dt)
     step_s = statistics.median(times)
-    peak = proc_status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+    peak = proc_status_mib("VmHWM") or peak_rusage_mib()
     return {"stack": stack, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
             "step_s": step_s, "tokens_per_s": batch * seq / step_s, "step_times": times,
             "best_tokens_per_s": batch * seq / min(times),  # least disturbed by other load on the machine

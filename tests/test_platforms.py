@@ -45,7 +45,7 @@ def test_a_cpu_run_without_posix_only_modules(tmp_path, tiny_run):
                          text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     steps, memory_kind = json.loads(out.stdout.split("RESULT ")[-1])
-    assert steps == 2 and memory_kind == "not measured on this platform"
+    assert steps == 2 and memory_kind == "rss"  # psutil measures it on every platform
     assert "this platform has no file locks" in out.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 

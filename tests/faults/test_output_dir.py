@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from fault_jobs import train_args
 
 from fasttune.cli import main
@@ -56,6 +57,7 @@ def test_output_dir_that_is_a_file(tmp_path, tiny_llama, train_file, capsys):
         assert len(err.splitlines()) == 1 and "is a file, not a directory" in err
 
 
+@pytest.mark.posix("a real file lock (fcntl.flock): a live holder refused, a dead one stale")
 def test_a_second_writer_is_refused_naming_the_first(tmp_path, tiny_llama, train_file, capsys):
     run = tmp_path / "run"
     run.mkdir()

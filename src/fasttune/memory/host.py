@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import psutil
+
 HOST_SHARE = 0.4  # of host memory, for the pinned copies of offloaded activations
 # Forward FLOPs under which one byte of host copies hides: ~680 TFLOP/s of bf16 products over the ~57 GB/s the
 # copies run at on an H100 (benchmarks/RESULTS.md). Cards with less compute per byte of link hide more.
@@ -18,14 +20,10 @@ PIN_PIECE_MIN = 1 << 20  # bytes: the smallest power-of-two piece a pinned copy 
 
 
 def host_bytes() -> int:
-    """This process's share of the host's physical memory (a very large number where POSIX cannot tell):
-    all of it, or under torchrun 1 / LOCAL_WORLD_SIZE of it, since the ranks of one host pin their
-    offloaded activations in the same memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume the host is large enough
-        return 1 << 62
-    return total // ranks_on_host()
+    """This process's share of the host's physical memory (psutil, on every platform): all of it, or under
+    torchrun 1 / LOCAL_WORLD_SIZE of it, since the ranks of one host pin their offloaded activations in the
+    same memory."""
+    return psutil.virtual_memory().total // ranks_on_host()
 
 
 def ranks_on_host() -> int:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 
@@ -60,21 +60,11 @@ def truncate_after(path: str | Path, step: int) -> None:
 
 
 def memory_used(device: torch.device) -> tuple[float, str]:
-    """(GiB, what it measures): peak CUDA allocation on a GPU, current process RSS on the CPU."""
+    """(GiB, what it measures): peak CUDA allocation on a GPU, current process RSS on the CPU (psutil: the
+    same figure on Linux, macOS and Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
-    try:
-        # statm's second field is resident pages (Linux)
-        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return resident / 2**30, "rss"
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
-    try:
-        import resource  # POSIX (macOS, BSD)
-    except ImportError:  # Windows: no portable way without another dependency
-        return 0.0, "not measured on this platform"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on Linux
-    return peak / (2**30 if sys.platform == "darwin" else 2**20), "peak_rss"
+    return psutil.Process().memory_info().rss / 2**30, "rss"
 
 
 def plot_loss(metrics_path: str | Path, out_png: str | Path) -> Path | None:
