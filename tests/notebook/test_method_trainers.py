@@ -371,7 +371,6 @@ IMPORTS = {
 }
 
 
-@pytest.mark.slow
 def test_a_trl_notebook_runs_with_only_its_imports_changed(model_dir, tmp_path):
     original = NOTEBOOK.read_text()
     ported = original
