@@ -152,12 +152,18 @@ def test_transformers_training_arguments_map_the_same(tmp_path):
         ("label_smoothing_factor", 0.1),
         ("ignore_data_skip", True),
         ("dataloader_drop_last", True),
-        ("use_cpu", True),
     ],
 )
 def test_unsupported_fields_are_errors_naming_them(field, value):
     with pytest.raises(ValueError, match=field):
         to_train_config(TrainingArguments(**{field: value}), device_type="cpu")
+
+
+def test_use_cpu_agrees_with_a_model_on_the_cpu_and_is_an_error_on_a_gpu():
+    assert to_train_config(TrainingArguments(use_cpu=True), device_type="cpu") == to_train_config(
+        TrainingArguments(), device_type="cpu")
+    with pytest.raises(ValueError, match=r"use_cpu=True, but the model is on cuda"):
+        to_train_config(TrainingArguments(use_cpu=True), device_type="cuda")
 
 
 def test_unsupported_transformers_field_is_an_error():

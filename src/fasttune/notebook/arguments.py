@@ -39,7 +39,6 @@ UNSUPPORTED: dict[str, str] = {
     "full_determinism": "not implemented",
     "ignore_data_skip": "resuming always continues the data where the checkpoint left it",
     "dataloader_drop_last": "the last, smaller micro-batch of an epoch is trained too",
-    "use_cpu": "the device is the model's: FastLanguageModel.from_pretrained(..., device='cpu')",
     "parallelism_config": ("accelerate's ParallelismConfig is not used: under torchrun fasttune trains with "
                            "DDP, or FSDP2 given fsdp='full_shard'"),
     "torch_compile_backend": "training is not compiled; fasttune's kernels are its fast path",
@@ -289,6 +288,7 @@ def changed_fields(args: Any) -> dict[str, Any]:
 MAPPED = frozenset(
     {
         "output_dir",
+        "use_cpu",
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
         "learning_rate",
@@ -409,6 +409,9 @@ def to_train_config(
     """
     notes = check_fields(args, table)
     get = lambda name, default=None: _plain(getattr(args, name, default))  # noqa: E731
+    if get("use_cpu") and device_type != "cpu":  # the device is the model's; this flag can only agree with it
+        raise ValueError(f"TrainingArguments.use_cpu=True, but the model is on {device_type}: load it with "
+                         "FastLanguageModel.from_pretrained(..., device='cpu') to train on the CPU")
     optim = str(get("optim", "adamw_torch"))
     if optim not in OPTIMIZERS:
         raise ValueError(
