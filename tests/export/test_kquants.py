@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasttune.export.kquants import TYPES, quantize, quantize_with_values
+from fasttune.export.kquants import TYPES, WITH_IMPORTANCE, quantize, quantize_with_values
 
 Q = gguf.GGMLQuantizationType
 # relative RMS error on Gaussian rows: an upper bound per type (from the bits per weight, with room)
@@ -62,13 +62,52 @@ def test_scale_search_beats_a_plain_range_fit():
     assert (decoded - x).norm() < (naive.reshape_as(x) - x).norm()
 
 
-def test_importance_lowers_the_error_where_it_is_large():
+def _importance(cols: int, seed: int = 4) -> torch.Tensor:
+    """Mean squared activations as an imatrix holds them: spread over orders of magnitude, one zero."""
+    g = torch.Generator().manual_seed(seed)
+    imp = torch.rand(cols, generator=g).pow(4) * 10
+    imp[::4] = 100.0  # a quarter of the columns of every sub-block matter most
+    imp[5] = 0.0  # a channel no sample activated
+    return imp
+
+
+@pytest.mark.parametrize("qtype", TYPES + WITH_IMPORTANCE, ids=lambda q: q.name)
+def test_with_an_importance_matrix_the_bytes_still_decode_exactly(qtype):
+    x = _rows()
+    raw, values = quantize_with_values(x, qtype, _importance(x.shape[1]))
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    assert raw.shape == (x.shape[0], x.shape[1] // block * size)
+    decoded = gguf.quants.dequantize(raw, qtype)
+    np.testing.assert_array_equal(decoded, values.numpy())
+    assert np.all(decoded[4, :256] == 0)
+    err = float((torch.from_numpy(decoded) - x).norm() / x.norm())
+    assert 0 < err < {Q.Q5_0: 0.05, Q.Q5_1: 0.05}.get(qtype, MAX_ERR.get(qtype)) * 1.5, err
+
+
+@pytest.mark.parametrize("qtype", TYPES + WITH_IMPORTANCE, ids=lambda q: q.name)
+def test_importance_lowers_the_weighted_error(qtype):
+    """The error weighted by the importance (what an imatrix estimates: the change of the layer's output)
+    is lower than without it, against the plain quantizer (the `gguf` package's for Q5_0/Q5_1)."""
     x = _rows(seed=3)
-    importance = torch.ones(x.shape[1])
-    importance[::4] = 100.0  # a quarter of the columns of every sub-block
-    plain = torch.from_numpy(gguf.quants.dequantize(quantize(x, Q.Q4_K), Q.Q4_K))
-    weighted = torch.from_numpy(gguf.quants.dequantize(quantize(x, Q.Q4_K, importance), Q.Q4_K))
-    assert (weighted - x)[:, ::4].norm() < 0.9 * (plain - x)[:, ::4].norm()
+    imp = _importance(x.shape[1])
+    if qtype in WITH_IMPORTANCE:
+        plain = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), qtype), qtype)
+    else:
+        plain = gguf.quants.dequantize(quantize(x, qtype), qtype)
+    weighted = gguf.quants.dequantize(quantize(x, qtype, imp), qtype)
+
+    def cost(d: np.ndarray) -> float:
+        return float(((torch.from_numpy(d) - x).square() * imp).sum())
+
+    assert cost(weighted) < 0.9 * cost(plain), (cost(weighted), cost(plain))
+
+
+def test_importance_matrix_is_checked():
+    x = _rows(rows=8)
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        quantize(x, Q.Q4_K, torch.full((x.shape[1],), float("nan")))
+    with pytest.raises(ValueError, match="Q5_0"):
+        quantize(x, Q.Q5_0)  # only with an importance matrix: without one the gguf package writes Q5_0
 
 
 def test_chunking_does_not_change_the_bytes(monkeypatch):

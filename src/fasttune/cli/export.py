@@ -108,8 +108,11 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
     _refuse_existing(args)
     started = time.perf_counter()
-    out = export_gguf(args.input, args.out, type=args.type, base=args.base, device=args.device)
-    _report(f"GGUF ({args.type})", out, started)
+    out = export_gguf(
+        args.input, args.out, type=args.type, base=args.base, device=args.device, imatrix=args.imatrix
+    )
+    what = f"GGUF ({args.type}{f', imatrix of {args.imatrix} training rows' if args.imatrix else ''})"
+    _report(what, out, started)
     card = write_card(gguf_card_path(out), "gguf", args.input, gguf_name=Path(out).name)
     print(f"fasttune: wrote the model card {card} (README.md when pushed: fasttune push)", flush=True)
     _check(args, out)
@@ -196,6 +199,16 @@ def register(subs: argparse._SubParsersAction) -> None:
         help=f"tensor type: {types}; norms stay f32; q4_0..q5_1 keep embeddings and output in "
         "q8_0; the K-quant mixes give the output Q6_K and attn_v/ffn_down more bits in some layers, "
         "as llama.cpp does (default: f16)",
+    )
+    gguf.add_argument(
+        "--imatrix",
+        type=int,
+        default=None,
+        metavar="ROWS",
+        help="for a K-quant --type: collect an importance matrix (each quantized layer's mean squared input "
+        "per channel, as llama.cpp's llama-imatrix does) over ROWS rows sampled from the run's training "
+        "data, and quantize with it as llama-quantize --imatrix does; recorded in the metadata "
+        "(quantize.imatrix.*) (default: off)",
     )
     ollama = add_command(
         export_subs,

@@ -31,6 +31,7 @@ from fasttune.export.gguf_arch import (
     permute_qk,
 )
 from fasttune.export.gguf_tokenizer import vocab_from_tokenizer
+from fasttune.export.imatrix import ImportanceMatrix, collect_imatrix
 from fasttune.export.quant_mix import GGUF_TYPES, OWN_QUANTIZER, tensor_types
 from fasttune.export.source import ExportSource, iter_merged, resolve_source
 
@@ -80,9 +81,9 @@ def _nbytes(shape: list[int], qtype: Q) -> int:
     return math.prod(shape) // block * size
 
 
-def _encode(t: torch.Tensor, qtype: Q, device: str) -> np.ndarray:
-    if qtype in OWN_QUANTIZER:
-        return kquants.quantize(t.to(device), qtype)
+def _encode(t: torch.Tensor, qtype: Q, device: str, importance: torch.Tensor | None = None) -> np.ndarray:
+    if qtype in OWN_QUANTIZER or (importance is not None and qtype in kquants.WITH_IMPORTANCE):
+        return kquants.quantize(t.to(device), qtype, importance)
     a = t.detach().to(torch.float32).cpu().numpy()
     if qtype == Q.F32:
         return a
@@ -128,6 +129,7 @@ def export_gguf(
     *,
     base: str | None = None,
     device: str = "cpu",
+    imatrix: int | ImportanceMatrix | None = None,
 ) -> Path:
     """Write a GGUF file of the merged model. Returns `out_file`.
 
@@ -137,12 +139,21 @@ def export_gguf(
       q3_k_m (fasttune's quantizer, llama.cpp's type per tensor: see export/quant_mix.py). Norms stay f32.
     base: use this base model instead of the one the run names.
     device: where the LoRA products and the K-quant search run (cpu or cuda).
+    imatrix: for a K-quant mix, the number of training rows to collect an importance matrix on (imatrix.py),
+      or one already collected; the K-quant tensors and their Q5_0/Q5_1/IQ4_NL fallbacks are then
+      quantized with it, and the metadata records it (quantize.imatrix.*).
     """
     if type not in GGUF_TYPES:
         raise GGUFExportError(f"GGUF type {type!r}: expected one of {', '.join(GGUF_TYPES)}")
+    if imatrix is not None and GGUF_TYPES[type].mix is None:
+        mixes = ", ".join(name for name, spec in GGUF_TYPES.items() if spec.mix)
+        raise GGUFExportError(f"--imatrix: applies to the K-quant types ({mixes}), not --type {type}")
     src = resolve_source(run_or_adapter_or_model_dir, base=base)
     arch = gguf_supported(src)
     cfg = src.hf_config
+    if isinstance(imatrix, int):
+        imatrix = collect_imatrix(src, arch, imatrix, device=device)
+    importance = imatrix.values if imatrix is not None else {}
 
     tokenizer = load_tokenizer(src)
     contract = load_contract(src)
@@ -162,6 +173,8 @@ def export_gguf(
         arch.hparams(writer, cfg)
         writer.add_file_type(int(GGUF_TYPES[type].file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value in (imatrix.metadata() if imatrix is not None else {}).items():
+            (writer.add_string if isinstance(value, str) else writer.add_int32)(key, value)
         vocab.write(writer)
         for p in plan:
             # numpy order (out, in); the writer reverses it into GGUF's innermost-first order
@@ -184,7 +197,14 @@ def export_gguf(
         for key, t in iter_merged(src, device=device):
             if nxt is None or key != nxt.key:
                 continue  # a tensor GGUF leaves out (tied head, rotary buffer)
-            writer.write_tensor_data(_encode(arch.rewrite(key, t, cfg), nxt.qtype, device))
+            t = arch.rewrite(key, t, cfg)
+            imp = importance.get(nxt.name)
+            if imp is not None and imp.shape[0] != t.shape[-1]:
+                raise GGUFExportError(
+                    f"--imatrix: {nxt.name} has {t.shape[-1]} input columns but the importance matrix "
+                    f"holds {imp.shape[0]}"
+                )
+            writer.write_tensor_data(_encode(t, nxt.qtype, device, imp))
             nxt = next(todo, None)
         if nxt is not None:
             raise RuntimeError(f"GGUF export: tensor {nxt.key} was planned but never read")

@@ -1,4 +1,5 @@
-"""fasttune's own quantizer into llama.cpp's K-quant blocks (Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL, in torch.
+"""fasttune's own quantizer into llama.cpp's K-quant blocks (Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL, in torch;
+with an importance matrix also Q5_0 and Q5_1 (the K-quants' fallbacks for rows of partial super-blocks).
 
 Every function works on a whole tensor at once on any device (a CUDA GPU when the export runs there)
 and returns the bytes llama.cpp reads: one row of blocks per tensor row, the layout the `gguf` package's
@@ -11,13 +12,21 @@ dequantizers decode. A super-block holds 256 values:
     Q3_K (110 B): 32 B high-bit mask | 64 B low 2-bit pairs | 12 B of sixteen 6-bit scales | d f16
                   x = d * sc[j] * q per sub-block j of 16, q in -32..31 (-4..3 for Q3_K)
     IQ4_NL (18 B per 32 values): d f16 | 16 B of 4-bit indices into a fixed non-linear table
+    Q5_0 (22 B per 32): d f16 | 4 B fifth bits | 16 B nibbles, x = d * (q - 16)
+    Q5_1 (24 B per 32): d f16 | m f16 | 4 B fifth bits | 16 B nibbles, x = d * q + m
 
 Each sub-block's scale (and min) is chosen by trying a grid of candidate scales around the range fit,
 rounding, solving the weighted least-squares scale (and min) for those integers and keeping the one with
-the least weighted error; the weights favour the larger magnitudes (times an importance vector per
-column when one is given). The sub-block scales are then themselves quantized against one f16 scale
+the least weighted error. The sub-block scales are then themselves quantized against one f16 scale
 per super-block and the integers recomputed with the scales as stored, so what llama.cpp decodes is
 what the search measured.
+
+The error weights: without an importance matrix they favour the larger magnitudes. With one (`importance`:
+the mean squared activation of each input column, see imatrix.py) they are llama.cpp's for a quantization
+with an imatrix: importance * sqrt(sigma2 + x^2), sigma2 being twice the mean square of the super-block
+(of the 32-block for IQ4_NL, once the mean square of the whole row for Q5_0/Q5_1), and the importance
+alone for Q6_K; and the 6-bit sub-block scales (and mins) are searched against the f16 super-block scale
+weighted by each sub-block's summed weight, where the plain path maps the largest to 63.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ Q = gguf.GGMLQuantizationType
 QK_K = 256
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 TYPES = (Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL)
+WITH_IMPORTANCE = (Q.Q5_0, Q.Q5_1)  # written here only with an importance matrix (else the `gguf` package)
 _CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}  # values per step: cache-sized on a CPU, large on a GPU
 _GRID = torch.linspace(-1.0, 1.0, 21).tolist()  # candidate offsets of the integer range
 
@@ -43,12 +53,42 @@ def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).contiguous().view(torch.uint8).reshape(x.shape[0], 2)  # (N, 2)
 
 
-def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    """Per-value weights of the error: |x| plus the sub-block's RMS, times the column importance."""
-    w = x.abs() + x.square().mean(-1, keepdim=True).sqrt()
-    if importance is not None:
-        w = w * importance
-    return w
+def _weights(
+    x: torch.Tensor, importance: torch.Tensor | None, sigma2: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-value weights of the error. Without importance: |x| plus the sub-block's RMS. With it:
+    importance * sqrt(sigma2 + x^2), sigma2 (S, 1) by default twice the mean square of each row of x."""
+    if importance is None:
+        return x.abs() + x.square().mean(-1, keepdim=True).sqrt()
+    if sigma2 is None:
+        sigma2 = 2 * x.square().mean(-1, keepdim=True)
+    return importance * (sigma2 + x.square()).sqrt()
+
+
+def _super_sigma2(x: torch.Tensor, n_sub: int) -> torch.Tensor:
+    """Twice the mean square of each super-block of x (N, 256), once per sub-block: (N * n_sub, 1)."""
+    return (2 * x.square().mean(-1)).repeat_interleave(n_sub)[:, None]
+
+
+def _weighted_scale_ints(v: torch.Tensor, sw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative sub-block values v (N, k) -> (f16 scale (N,), ints 0..nmax (N, k)) with the least error
+    weighted by sw (N, k): candidates (nmax + 0.1 i) / max for i in -4..4, the least-squares scale for
+    the best one's integers, rounded to f16, the integers recomputed against it."""
+    peak = v.amax(-1)
+    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+    best_err = torch.full_like(peak, float("inf"))
+    best = torch.zeros_like(v)
+    for i in range(-4, 5):
+        iscale = (nmax + 0.1 * i) / safe
+        q = (v * iscale[:, None]).round().clamp(0, nmax)
+        err = (sw * (v - q / iscale[:, None]).square()).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better[:, None], q, best)
+    swq = sw * best
+    d = (swq * v).sum(-1) / torch.linalg.vecdot(swq, best).clamp(min=1e-30)
+    d = _f16(torch.where(peak > 0, d, torch.zeros_like(d)))
+    return d, _ints(v, d[:, None].expand_as(v), 0, nmax)
 
 
 def _fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,13 +176,19 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:
 def _q45k(x: torch.Tensor, importance: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     xs = x.reshape(n * 8, 32)
-    w = _weights(xs, None if importance is None else importance.reshape(n * 8, 32))
+    imp = None if importance is None else importance.reshape(n * 8, 32)
+    w = _weights(xs, imp, _super_sigma2(x, 8))
     scale, off = _fit_affine(xs, w, nmax)
     scale, mins = scale.reshape(n, 8), (-off).reshape(n, 8)
-    d = _f16(scale.amax(-1) / 63)  # (N,)
-    dmin = _f16(mins.amax(-1) / 63)
-    sc = _ints(scale, d[:, None].expand_as(scale), 0, 63)
-    m = _ints(mins, dmin[:, None].expand_as(mins), 0, 63)
+    if imp is None:
+        d = _f16(scale.amax(-1) / 63)  # (N,)
+        dmin = _f16(mins.amax(-1) / 63)
+        sc = _ints(scale, d[:, None].expand_as(scale), 0, 63)
+        m = _ints(mins, dmin[:, None].expand_as(mins), 0, 63)
+    else:
+        sw = w.sum(-1).reshape(n, 8)
+        d, sc = _weighted_scale_ints(scale, sw, 63)
+        dmin, m = _weighted_scale_ints(mins, sw, 63)
     step = (d[:, None] * sc)[:, :, None]  # (N, 8, 1)
     shift = (dmin[:, None] * m)[:, :, None]
     q = _ints(x.reshape(n, 8, 32) + shift, step.expand(n, 8, 32), 0, nmax)
@@ -166,10 +212,18 @@ def _symmetric_blocks(
     """
     n = x.shape[0]
     xs = x.reshape(n * 16, 16)
-    w = _weights(xs, None if importance is None else importance.reshape(n * 16, 16))
+    if importance is None:
+        w = _weights(xs, None)
+    elif nmax == 32:  # Q6_K: llama.cpp weighs by the importance alone
+        w = importance.reshape(n * 16, 16)
+    else:
+        w = _weights(xs, importance.reshape(n * 16, 16), _super_sigma2(x, 16))
     scale = _fit_symmetric(xs, w, nmax).reshape(n, 16)
-    peak = scale.gather(-1, scale.abs().argmax(-1, keepdim=True)).squeeze(-1)  # (N,)
-    d = _f16(-peak / smax)
+    if importance is None or nmax == 32:
+        peak = scale.gather(-1, scale.abs().argmax(-1, keepdim=True)).squeeze(-1)  # (N,)
+        d = _f16(-peak / smax)
+    else:  # Q3_K with an imatrix: the sixteen scales fitted like values, weighted by each sub-block's weight
+        d = _f16(_fit_symmetric(scale, w.sum(-1).reshape(n, 16), smax))
     sc = _ints(scale, d[:, None].expand_as(scale), -smax, smax - 1)
     step = (d[:, None] * sc)[:, :, None]  # (N, 16, 1)
     q = _ints(x.reshape(n, 16, 16), step.expand(n, 16, 16), -nmax, nmax - 1)
@@ -250,34 +304,80 @@ def _iq4nl(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tens
     return torch.cat([_f16_bytes(d.squeeze(-1)), qs], dim=1), values
 
 
-_BLOCKS = {
-    Q.Q4_K: lambda x, imp: _q45k(x, imp, 15),
-    Q.Q5_K: lambda x, imp: _q45k(x, imp, 31),
-    Q.Q6_K: _q6k,
-    Q.Q3_K: _q3k,
-    Q.IQ4_NL: _iq4nl,
+def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1's 32-bit qh of (N, 32) 5-bit values: bit e holds the fifth bit of element e (N, 4)."""
+    n = q.shape[0]
+    return _shifted_or((q >> 4).reshape(n, 4, 8, 1), 1).reshape(n, 4)
+
+
+def _low_nibbles32(q: torch.Tensor) -> torch.Tensor:
+    """(N, 32) -> (N, 16): element i in the low nibble of byte i, element 16 + i in its high nibble."""
+    return (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+
+
+def _q50(
+    x: torch.Tensor, importance: torch.Tensor, row_ms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, 32) blocks; row_ms (N, 1): the mean square of each block's whole row (llama.cpp's sigma2)."""
+    d = _f16(_fit_symmetric(x, _weights(x, importance, row_ms), 16))[:, None]  # (N, 1)
+    q = _ints(x, d.expand_as(x), -16, 15)
+    values = d * q
+    q = (q + 16).to(torch.uint8)
+    return torch.cat([_f16_bytes(d.squeeze(-1)), _fifth_bits(q), _low_nibbles32(q)], dim=1), values
+
+
+def _q51(
+    x: torch.Tensor, importance: torch.Tensor, row_ms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, off = _fit_affine(x, _weights(x, importance, row_ms), 31)
+    d, m = _f16(scale)[:, None], _f16(off)[:, None]  # (N, 1)
+    q = _ints(x - m, d.expand_as(x), 0, 31)
+    values = d * q + m
+    q = q.to(torch.uint8)
+    parts = [_f16_bytes(d.squeeze(-1)), _f16_bytes(m.squeeze(-1)), _fifth_bits(q), _low_nibbles32(q)]
+    return torch.cat(parts, dim=1), values
+
+
+_BLOCKS = {  # (blocks, importance or None, mean square of each block's row) -> (bytes, decoded values)
+    Q.Q4_K: lambda x, imp, _: _q45k(x, imp, 15),
+    Q.Q5_K: lambda x, imp, _: _q45k(x, imp, 31),
+    Q.Q6_K: lambda x, imp, _: _q6k(x, imp),
+    Q.Q3_K: lambda x, imp, _: _q3k(x, imp),
+    Q.IQ4_NL: lambda x, imp, _: _iq4nl(x, imp),
+    Q.Q5_0: _q50,
+    Q.Q5_1: _q51,
 }
 
 
 def _quantize(
     t: torch.Tensor, qtype: Q, importance: torch.Tensor | None, keep_values: bool
 ) -> tuple[np.ndarray, torch.Tensor | None]:
-    if qtype not in _BLOCKS:
-        raise ValueError(f"fasttune's quantizer writes {', '.join(q.name for q in TYPES)}, not {qtype.name}")
+    if qtype not in TYPES and not (qtype in WITH_IMPORTANCE and importance is not None):
+        raise ValueError(
+            f"fasttune's quantizer writes {', '.join(q.name for q in TYPES)} (with an importance matrix also "
+            f"{', '.join(q.name for q in WITH_IMPORTANCE)}), not {qtype.name}"
+        )
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = t.shape
     if cols % block:
         raise ValueError(f"{qtype.name} needs rows that are a multiple of {block} values; these have {cols}")
+    row_ms = t.detach().to(torch.float32).square().mean(-1).repeat_interleave(cols // block)[:, None]
     x = t.detach().to(torch.float32).reshape(-1, block)  # (blocks, block)
     imp = None
     if importance is not None:
-        imp = importance.to(x.device, torch.float32).reshape(1, cols).expand(rows, cols).reshape(-1, block)
+        imp = importance.to(x.device, torch.float32).reshape(cols)
+        if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+            raise ValueError("the importance matrix holds a negative or non-finite value")
+        # a column no sample activated would zero whole sub-blocks' weights: floor it far below the rest
+        imp = imp.clamp(min=float(imp.max()) * 1e-6) if float(imp.max()) > 0 else None
+    if imp is not None:
+        imp = imp.reshape(1, cols).expand(rows, cols).reshape(-1, block)
     out = np.empty((x.shape[0], size), dtype=np.uint8)
     values = torch.empty_like(x) if keep_values else None
     step = max(1, _CHUNK.get(x.device.type, _CHUNK["cpu"]) // block)
     for i in range(0, x.shape[0], step):
         part = None if imp is None else imp[i : i + step]
-        raw, val = _BLOCKS[qtype](x[i : i + step], part)
+        raw, val = _BLOCKS[qtype](x[i : i + step], part, row_ms[i : i + step])
         out[i : i + step] = raw.cpu().numpy()
         if values is not None:
             values[i : i + step] = val
@@ -291,8 +391,8 @@ def quantize_with_values(
     """Quantize a 2-D tensor (rows, cols) into `qtype` blocks on t's device.
 
     Returns the block bytes (rows, cols // block * type_size) uint8 and the values they decode to
-    (rows, cols) fp32, on t's device. importance: optional (cols,) weights of each input column
-    (an importance matrix), which the scale search multiplies into its error weights.
+    (rows, cols) fp32, on t's device. importance: optional (cols,) mean squared activation of each input
+    column (an importance matrix), which weighs the error as llama.cpp's quantizer does with an imatrix.
     """
     raw, values = _quantize(t, qtype, importance, keep_values=True)
     return raw, values
