@@ -1,6 +1,10 @@
 """Perplexity of a run's GGUF exports in the real llama.cpp, per --type, on the run's held-out set.
 
     python benchmarks/gguf_perplexity.py runs/default --types f16 q8_0 q6_k q5_k_m q4_k_m q4_k_s q3_k_m q4_0
+    python benchmarks/gguf_perplexity.py runs/default --types f16 q4_k_m q3_k_m --imatrix 128
+
+--imatrix ROWS also writes every K-quant type with an importance matrix collected on ROWS rows of the run's
+training data (`fasttune export gguf --imatrix ROWS`), scored beside the file without one.
 
 Every held-out row is rendered as training renders it (the run's prompt contract: prompt, answer, EOS) and
 tokenized once with the run's tokenizer; the same ids go to llama.cpp (node-llama-cpp, CPU) for each exported
@@ -76,26 +80,40 @@ def main() -> None:
     ap.add_argument("--out", default="bench_gguf", help="directory for the exported files")
     ap.add_argument("--max_rows", type=int, default=30)
     ap.add_argument("--reuse", action="store_true", help="read files already in --out instead of exporting")
+    ap.add_argument("--imatrix", type=int, default=None, metavar="ROWS",
+                    help="also export each K-quant type with an importance matrix of ROWS training rows")
     args = ap.parse_args()
 
     from importlib.metadata import version
 
     import transformers
 
-    from fasttune.export.gguf import export_gguf
+    from fasttune.export.gguf import GGUF_TYPES, export_gguf, gguf_supported
+    from fasttune.export.imatrix import collect_imatrix, describe
     from fasttune.export.llamacpp import find_llamacpp, perplexity
+    from fasttune.export.source import resolve_source
 
     llama_cpp = find_llamacpp()
     if llama_cpp is None:
         raise SystemExit("llama.cpp is not installed: run scripts/setup_llamacpp.sh")
     run, out = Path(args.run), Path(args.out)
     rows, prompts = held_out_ids(run, args.max_rows)
+    imatrix = None
+    if args.imatrix:
+        src = resolve_source(run)
+        imatrix = collect_imatrix(src, gguf_supported(src), args.imatrix)
+        print(describe(imatrix), flush=True)
     files = {}
     for kind in args.types:
-        started, path = time.perf_counter(), out / f"{run.name}.{kind}.gguf"
-        if not (args.reuse and path.is_file()):
-            export_gguf(run, path, type=kind)
-        files[kind] = (path, time.perf_counter() - started)
+        variants = [(kind, None)]
+        if imatrix is not None and GGUF_TYPES[kind].mix is not None:
+            variants.append((f"{kind} imatrix({args.imatrix})", imatrix))
+        for label, m in variants:
+            name = f"{run.name}.{kind}{'.imatrix' if m is not None else ''}.gguf"
+            started, path = time.perf_counter(), out / name
+            if not (args.reuse and path.is_file()):
+                export_gguf(run, path, type=kind, imatrix=m)
+            files[label] = (path, time.perf_counter() - started)
     jobs = [(path, [{"op": "logprobs", "tokens": ids} for ids in rows]) for path, _ in files.values()]
     answers = llama_cpp.run(jobs, context=max(512, max(len(r) for r in rows)), timeout=24 * 3600)
     ref_lp = reference_logprobs(run, rows)
