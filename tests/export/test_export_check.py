@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+import torch
+
 from fasttune.export.check import CheckResult, check_export, held_out_prompt
 from fasttune.export.contract import load_contract, load_tokenizer
 from fasttune.export.gguf import export_gguf
@@ -89,3 +92,32 @@ def test_eos_flags():
     assert r.eos_reference and not r.eos_exported
     assert r.agreement == 1 / 3 and not r.identical
     assert "EOS reached: exported no, reference yes" in r.summary()
+
+
+def test_gguf_arithmetic_is_the_same_in_fasttune_and_transformers(run_dir):
+    """`--as_gguf bf16` on fasttune's model and on transformers + PEFT merged: the same logits; weights
+    bf16 values, the adapter merged (the fp32 reference differs by far more than the two)."""
+    from fasttune.export.check import reference_model
+    from fasttune.export.source import resolve_source
+    from fasttune.infer.load import load_for_inference
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25]])
+    im = load_for_inference(run=run_dir, device="cpu", as_gguf="bf16")
+    assert all(torch.equal(p, p.bfloat16().float()) for p in im.model.parameters() if p.dim() == 2)
+    src = resolve_source(run_dir)
+    with torch.no_grad():
+        ours = im.model(ids).logits
+        theirs = reference_model(src, "bf16")(ids).logits
+        fp32 = reference_model(src)(ids).logits
+    assert float((ours - theirs).abs().max()) < 1e-4
+    assert float((fp32 - theirs).abs().max()) > 10 * float((ours - theirs).abs().max())
+    with pytest.raises(ValueError, match="not --dtype bf16"):
+        load_for_inference(run=run_dir, device="cpu", dtype="bf16", as_gguf="bf16")
+
+
+def test_bf16_gguf_check_uses_llama_cpps_arithmetic(llama_cpp, run_dir, tmp_path):
+    path = export_gguf(run_dir, tmp_path / "m.bf16.gguf", type="bf16")
+    result = check_export(run_dir, path, max_new_tokens=16)
+    assert result.reader == llama_cpp.name
+    assert "computed as llama.cpp's CPU backend computes a bf16 file" in result.summary()
+    assert result.identical, result.summary()

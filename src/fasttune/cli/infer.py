@@ -30,6 +30,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="Weights precision (default: auto: bf16 on GPUs that have it, fp32 on CPU)")
+    g.add_argument("--as_gguf", default=None, choices=("f16", "bf16"),
+                   help="Compute as llama.cpp's CPU backend runs this model's f16/bf16 GGUF export: adapter "
+                        "merged, weights and each matrix product's input rounded to the type, fp32 sums and "
+                        "everything else fp32; the reference for `fasttune export gguf --type f16/bf16` "
+                        "(default: off)")
     g.add_argument("--cpu_fallback_16bit", action="store_true",
                    help="Load a 4-bit run in 16/32-bit on a machine without CUDA (default: off)")
     g.add_argument("--trust_remote_code", action="store_true",
@@ -115,7 +120,7 @@ def _load(args: argparse.Namespace):
     try:
         im = load_for_inference(args.model, adapter=args.adapter, run=args.run, device=args.device,
                                 dtype=args.dtype, cpu_fallback_16bit=args.cpu_fallback_16bit,
-                                trust_remote_code=args.trust_remote_code)
+                                trust_remote_code=args.trust_remote_code, as_gguf=args.as_gguf)
     except (OSError, ValueError, RuntimeError) as e:
         what = args.run or args.adapter or args.model or "smollm2-135m"
         raise ConfigError(f"cannot load {what}: {e}") from e

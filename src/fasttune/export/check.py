@@ -4,7 +4,10 @@ The reference is transformers + PEFT on the base checkpoint (the unmerged adapte
 crosses libraries. The exported side reads the artifact as a user would: the merged directory with
 `AutoModelForCausalLM`; a GGUF file with the real llama.cpp (node-llama-cpp, see llamacpp.py) where it is
 installed, else through transformers' GGUF reader. Either way the artifact's own tokenizer encodes the
-prompt too, and the result names the reader.
+prompt too, and the result names the reader and the reference. An f16 or bf16 file read by llama.cpp is
+compared with the reference computed as llama.cpp's CPU backend computes that file (adapter merged, weights
+and each matrix product's input rounded to the type: infer/gguf_arithmetic.py), so that the answers must
+be identical; every other artifact with the fp32 reference.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class CheckResult:
     stop_ids: list[int] = field(default_factory=list)
     prompt_ids_match: bool = True  # the artifact's tokenizer encodes the prompt as the run's did
     reader: str = "transformers"  # what read the artifact
+    reference: str = "transformers + PEFT, fp32"  # how the reference answer was computed
 
     @property
     def agreement(self) -> float:
@@ -57,7 +61,7 @@ class CheckResult:
         verdict = "identical" if self.identical else f"{self.agreement:.0%} of tokens agree"
         lines = [
             f"check: {self.artifact} (read by {self.reader}): greedy answer {verdict} with base + adapter "
-            f"(EOS reached: exported {'yes' if self.eos_exported else 'no'}, "
+            f"({self.reference}; EOS reached: exported {'yes' if self.eos_exported else 'no'}, "
             f"reference {'yes' if self.eos_reference else 'no'})",
             f"  prompt:    {self.prompt.strip()[-200:]!r}",
             f"  exported:  {self.exported_text!r}",
@@ -139,8 +143,9 @@ def _cut(ids: list[int], stop_ids: list[int]) -> list[int]:
     return ids
 
 
-def reference_model(src: ExportSource) -> Any:
-    """transformers base + PEFT adapter (unmerged), fp32, eval mode."""
+def reference_model(src: ExportSource, as_gguf: str | None = None) -> Any:
+    """transformers base + PEFT adapter (unmerged), fp32, eval mode; with as_gguf (f16 or bf16) merged and
+    computed as llama.cpp's CPU backend computes that GGUF type."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(src.base_dir), dtype=torch.float32)
@@ -148,7 +153,22 @@ def reference_model(src: ExportSource) -> Any:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+        if as_gguf is not None:
+            model = model.merge_and_unload()
+    if as_gguf is not None:
+        from fasttune.infer.gguf_arithmetic import use_gguf_arithmetic
+
+        use_gguf_arithmetic(model, as_gguf)
     return model.eval()
+
+
+def _gguf_16bit_type(path: Path) -> str | None:
+    """'f16' or 'bf16' for a file of that type (general.file_type), else None."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    kind = int(field.contents()) if field is not None else None
+    return {int(gguf.LlamaFileType.MOSTLY_F16): "f16", int(gguf.LlamaFileType.MOSTLY_BF16): "bf16"}.get(kind)
 
 
 def _transformers_reads(path: Path) -> None:
@@ -216,7 +236,8 @@ def check_export(
         got = _cut(_greedy(exported, ids, max_new_tokens, stops), stops)
         del exported
     plain_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ref = _cut(_greedy(reference_model(src), ids, max_new_tokens, stops), stops)
+    as_gguf = _gguf_16bit_type(artifact) if llama_cpp is not None else None
+    ref = _cut(_greedy(reference_model(src, as_gguf), ids, max_new_tokens, stops), stops)
     return CheckResult(
         artifact=str(artifact),
         prompt=text,
@@ -227,4 +248,9 @@ def check_export(
         stop_ids=stops,
         prompt_ids_match=art_ids == plain_ids,
         reader=reader,
+        reference=(
+            f"transformers + PEFT merged, computed as llama.cpp's CPU backend computes a {as_gguf} file"
+            if as_gguf
+            else "transformers + PEFT, fp32"
+        ),
     )

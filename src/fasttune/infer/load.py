@@ -108,15 +108,22 @@ def load_for_inference(
     load_in_4bit: bool | None = None,
     cpu_fallback_16bit: bool = False,
     trust_remote_code: bool = False,
+    as_gguf: str | None = None,
 ) -> InferenceModel:
     """Load what `fasttune generate/chat/eval` talk to. `run` is a run or adapter directory; `adapter` an
     adapter directory on top of `model_name`; neither: the base model alone. `trust_remote_code` comes
-    only from this call: what a run directory saved never turns it on."""
+    only from this call: what a run directory saved never turns it on. `as_gguf` (f16 or bf16): compute as
+    llama.cpp's CPU backend runs that GGUF export of the model (infer/gguf_arithmetic.py); needs fp32."""
     from fasttune.models.loading import load_model
     from fasttune.train.precision import resolve_device
 
     if run is not None and adapter is not None:
         raise ValueError("pass either a run directory or --adapter, not both")
+    if as_gguf is not None:
+        if dtype not in ("auto", "fp32"):
+            raise ValueError(f"--as_gguf {as_gguf} computes in fp32 with {as_gguf} weights: "
+                             f"not --dtype {dtype}")
+        dtype = "fp32"
     found = locate(run or adapter, model_name) if (run or adapter) else _Found(
         ModelConfig(model_name=model_name or ModelConfig().model_name), None)
     base = replace(found.base, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -146,5 +153,13 @@ def load_for_inference(
             tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
         if contract is None:
             notes.append(f"{adapter_dir}: no {CONTRACT_FILE}; prompts are used as given")
+    if as_gguf is not None:
+        from fasttune.infer.gguf_arithmetic import use_gguf_arithmetic
+
+        hf = getattr(loaded.model, "hf_model", None)
+        if hf is not None and hasattr(hf, "merge_and_unload"):  # PEFT on the generic path
+            loaded.model.hf_model = hf.merge_and_unload()
+        use_gguf_arithmetic(loaded.model, as_gguf)
+        what += f", computed as llama.cpp's CPU backend runs its {as_gguf} GGUF"
     eos = stop_ids(contract, tokenizer, loaded.source)
     return InferenceModel(loaded.model, tokenizer, contract, eos, what, notes)
