@@ -77,6 +77,7 @@ def test_imatrix_is_the_mean_square_of_each_layer_input_under_transformers_and_p
         torch.testing.assert_close(m.values[key], want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_q4_k_m_with_imatrix_decodes_to_what_was_quantized_and_records_it(data_run, tmp_path):
     src = resolve_source(data_run["run"])
     m = collect_imatrix(src, LLAMA, rows=4)
