@@ -12,14 +12,19 @@ import torch
 pytestmark = pytest.mark.slow
 
 # Share of generated positions where llama.cpp's greedy answer equals fasttune's, over four held-out
-# questions. The reference for f16 and bf16 is `fasttune generate --as_gguf TYPE` (the adapter merged,
-# weights and each matrix product's input rounded to the type, as llama.cpp's CPU backend computes such a
-# file): the answers must be identical, EOS included. The quantized types are compared with fasttune's fp32
-# answers, to a bound below what was measured on this model and adapter (q8_0 0.53, q4_k_m 0.26; bf16
-# against fp32 instead of its own arithmetic: 0.81). Every type is read by llama.cpp in test_llamacpp.py;
-# here the shipped ones.
-MIN_AGREEMENT = {"f16": 1.0, "bf16": 1.0, "q8_0": 0.4, "q4_k_m": 0.15}
+# questions. The reference for f16 and bf16 is `fasttune generate --as_gguf TYPE`: the adapter merged, the
+# weights and the input of each matrix product rounded to the type, fp32 sums and fp32 elsewhere, as
+# llama.cpp's CPU backend computes such a file. Not modelled: the order of ggml's fp32 sums and its attention
+# (f16 key/value cache, flash attention's f16 accumulator), which move a logit by about 0.01 here. So an
+# answer may part from the reference only where the reference's top two logits are within TIE of each other;
+# everywhere else the tokens must be the same, EOS included. Measured on this model and adapter: f16 4 of 4
+# answers identical; bf16 3 of 4, the fourth parting at token 18 of 40 where the two candidates are 0.027
+# apart (against fasttune's fp32 answers instead, bf16 agreed on 0.81 of the positions). The quantized
+# types are compared with fasttune's fp32 answers, to a bound below what was measured (q8_0 0.53, q4_k_m
+# 0.26). Every type is read by llama.cpp in test_llamacpp.py; here the shipped ones.
+MIN_AGREEMENT = {"f16": 1.0, "bf16": 0.85, "q8_0": 0.4, "q4_k_m": 0.15}
 REFERENCE = {"f16": "f16", "bf16": "bf16", "q8_0": None, "q4_k_m": None}  # --as_gguf of each type's reference
+TIE = 0.05  # logits
 TEXTS = [
     "안녕하세요! 오늘 날씨가 좋네요. 조율은 어렵습니다.",
     "Emoji: 🙂🚀👍🏽 and 🦙🦙 — “quotes”",
@@ -57,10 +62,11 @@ def smol(smollm_run, tmp_path_factory):
         for r in rows
     ]
     stops = list(im.eos_token_ids)
-    answers = {}
+    answers, models = {}, {}
     for as_gguf in set(REFERENCE.values()):
         run = smollm_run["run"]
         ref = im if as_gguf is None else load_for_inference(run=run, device="cpu", as_gguf=as_gguf)
+        models[as_gguf] = ref.model
         answers[as_gguf] = []
         for ids in prompts:
             x = torch.tensor([ids])
@@ -68,7 +74,9 @@ def smol(smollm_run, tmp_path_factory):
             answer = full[0, len(ids) :].tolist()
             cut = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
             answers[as_gguf].append(answer[:cut])
-    return {"paths": paths, "prompts": prompts, "answers": answers, "stops": stops, "im": im}
+    return {
+        "paths": paths, "prompts": prompts, "answers": answers, "stops": stops, "im": im, "models": models
+    }
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
@@ -96,8 +104,17 @@ def test_greedy_answers_match_fasttune_generate(llama_cpp, smol):
     print(report, [len(a) for a in fp32], [a[-1] in smol["stops"] for a in fp32])
     for kind in got:
         assert report[kind] >= MIN_AGREEMENT[kind], (kind, report)
-    for kind in ("f16", "bf16"):  # token for token, EOS included
-        assert [r["tokens"] for r in got[kind]] == smol["answers"][kind], kind
+    for kind in ("f16", "bf16"):  # token for token, EOS included, except after a tie in the reference
+        for prompt, r, ref in zip(smol["prompts"], got[kind], smol["answers"][kind]):
+            if r["tokens"] == ref:
+                continue
+            k = next(i for i, (a, b) in enumerate(zip(r["tokens"] + [-1], ref + [-1])) if a != b)
+            with torch.no_grad():
+                logits = smol["models"][kind](torch.tensor([prompt + ref[:k]])).logits[0, -1]
+            both = k < min(len(ref), len(r["tokens"]))  # else one stopped where the other went on
+            margin = float(logits[ref[k]] - logits[r["tokens"][k]]) if both else float("inf")
+            print(kind, "parts at", k, "margin", margin)
+            assert margin < TIE, (kind, k, margin)
     assert any(ref[-1] in smol["stops"] for ref in smol["answers"]["bf16"])
 
 
