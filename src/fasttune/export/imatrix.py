@@ -56,7 +56,7 @@ def _training_rows(src: ExportSource, tokenizer, contract, rows: int) -> tuple[s
         )
     if not (src.run_yaml.get("data") or {}).get("dataset"):
         raise ExportError(f"--imatrix: {run_yaml} names no training dataset (data.dataset)")
-    cfg = load_yaml(run_yaml)
+    cfg = load_yaml(run_yaml, stored_run=True)
     max_len = cfg.model.max_seq_length  # 'auto' in a run.yaml that kept the default: the model's context
     if not isinstance(max_len, int):
         max_len = int(src.hf_config.get("max_position_embeddings") or 2048)
