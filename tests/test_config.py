@@ -127,3 +127,14 @@ def test_a_stored_run_yaml_reads_the_old_name_as_text(tmp_path):
     assert (data.format, data.template, data.dataset) == ("text", "text", "d.jsonl")
     path.write_text("format: completion\n")
     assert load_yaml(path, stored_run=True).data.format == "text"
+
+
+@pytest.mark.parametrize("method,kept", [("sft", None), ("grpo", None), ("dpo", "sigmoid")])
+def test_a_stored_run_yaml_with_the_former_default_loss_type_loads(tmp_path, method, kept):
+    """run.yaml files once recorded `loss_type: sigmoid` for every method; it applies to dpo only."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"method:\n  method: {method}\n  loss_type: sigmoid\n")
+    assert load_yaml(path, stored_run=True).method.loss_type == kept
+    if method != "dpo":  # a config a user passes keeps the error
+        with pytest.raises(ConfigError, match="loss_type 'sigmoid' does not apply"):
+            load_yaml(path)

@@ -559,12 +559,18 @@ _Yaml12Loader.add_implicit_resolver(
 
 
 def _renamed_to_current(data: dict[str, Any]) -> dict[str, Any]:
-    """A stored run.yaml's values under their current names (format/template 'completion' -> 'text')."""
+    """A stored run.yaml's values under their current names (format/template 'completion' -> 'text'), and
+    without `loss_type: sigmoid` where it was the former default written for every method (it applies to
+    dpo only)."""
     def fix(values: dict[str, Any]) -> dict[str, Any]:
         return {k: RENAMED[k, v][0] if isinstance(v, str) and (k, v) in RENAMED else v
                 for k, v in values.items()}
 
-    return {k: fix(v) if isinstance(v, dict) else v for k, v in fix(data).items()}
+    out = {k: fix(v) if isinstance(v, dict) else v for k, v in fix(data).items()}
+    method = out.get("method")
+    if isinstance(method, dict) and method.get("loss_type") == "sigmoid" and method.get("method") != "dpo":
+        out["method"] = {k: v for k, v in method.items() if k != "loss_type"}
+    return out
 
 
 def load_yaml(path: str | Path, cfg: RunConfig | None = None, *,
