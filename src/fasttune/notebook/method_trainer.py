@@ -16,7 +16,6 @@ its adapter switched off (`ref_model=None`, as TRL does for a PEFT model); no se
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from fasttune.notebook.arguments import check_fields, to_train_config
 from fasttune.notebook.dataset import dataset_rows
 from fasttune.notebook.method_args import TABLES, default_args, method_options
 from fasttune.notebook.model import NotebookModel
-from fasttune.notebook.trainer import TrainOutput, train_output
+from fasttune.notebook.trainer import TrainOutput, recorded_train_loop, train_output
 
 # constructor arguments of TRL's trainers that fasttune cannot honour when given: name -> why
 REFUSED = {
@@ -169,9 +168,8 @@ class _MethodTrainer:
         from fasttune.data.packing import resolve_packing
         from fasttune.lora.reference import Reference
         from fasttune.train.distributed import launched_by_torchrun
-        from fasttune.train.loop import seed_everything, train_loop
+        from fasttune.train.loop import seed_everything
         from fasttune.train.precision import resolve_precision
-        from fasttune.train.trackers import Trackers
 
         name = type(self).__name__
         if launched_by_torchrun():
@@ -204,33 +202,13 @@ class _MethodTrainer:
         reference = Reference(params, None)  # the adapter switched off
         packing = resolve_packing("auto", exact=getattr(inner, "supports_packing", False))
         stream, eval_batches, objective = self._parts(cfg, inner, reference, packing)
-        records: list[dict[str, Any]] = []
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with Trackers(
-            t.report_to, t.output_dir, cfg.to_dict(), Path(t.output_dir).resolve().name
-        ) as trackers:
+        from tqdm.auto import tqdm
 
-            def on_record(rec: dict[str, Any]) -> None:
-                records.append(rec)
-                trackers.record(rec)
-
-            from tqdm.auto import tqdm
-
-            result = train_loop(
-                inner,
-                params,
-                stream,
-                t,
-                t.output_dir,
-                eval_batches=eval_batches,
-                device=device,
-                precision=precision,
-                log=tqdm.write,
-                on_record=on_record,
-                objective=objective,
-            )
-        runtime = time.perf_counter() - t0
+        result, records, runtime = recorded_train_loop(
+            inner, params, stream, t, report_to=t.report_to, config=cfg.to_dict(), eval_batches=eval_batches,
+            device=device, precision=precision, log=tqdm.write, objective=objective,
+        )
         self.model.prompt_contract = self.contract
         output, self.state = train_output(
             result, records, runtime, len(self.train_dataset.examples), len(stream), t, method_metrics=True

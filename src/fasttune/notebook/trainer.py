@@ -89,6 +89,27 @@ def train_output(result: dict[str, Any], records: list[dict[str, Any]], runtime:
 
 
 
+def recorded_train_loop(
+    inner: Any, params: dict[str, Any], stream: Any, cfg: Any, *, report_to: Any, config: dict[str, Any],
+    **loop_args: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """train_loop into cfg.output_dir with every record kept and sent to the trackers of `report_to`:
+    (its result, the records, the seconds it took). `loop_args` go to train_loop."""
+    from fasttune.train.loop import train_loop
+    from fasttune.train.trackers import Trackers
+
+    records: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with Trackers(report_to, cfg.output_dir, config, Path(cfg.output_dir).resolve().name) as trackers:
+
+        def on_record(rec: dict[str, Any]) -> None:
+            records.append(rec)
+            trackers.record(rec)
+
+        result = train_loop(inner, params, stream, cfg, cfg.output_dir, on_record=on_record, **loop_args)
+    return result, records, time.perf_counter() - t0
+
+
 class SFTTrainer:
     """TRL's SFTTrainer surface over fasttune's loop: `SFTTrainer(model=, tokenizer=, train_dataset=,
     args=TrainingArguments(...)).train()`."""
@@ -179,9 +200,8 @@ class SFTTrainer:
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """Run fasttune's loop on the adapters; return (global_step, training_loss, metrics)."""
         from fasttune.data.packing import make_batches, resolve_packing
-        from fasttune.train.loop import seed_everything, train_loop
+        from fasttune.train.loop import seed_everything
         from fasttune.train.precision import resolve_precision
-        from fasttune.train.trackers import Trackers
 
         if isinstance(resume_from_checkpoint, str) and not Path(resume_from_checkpoint).is_dir():
             raise ValueError(
@@ -220,33 +240,13 @@ class SFTTrainer:
                                         self.contract.pad_id, packing, seed=self.sampling.seed, epoch=0,
                                         sampler="torch")
         params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
-        records: list[dict[str, Any]] = []
         if dist is None or dist.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        run_name = Path(cfg.output_dir).resolve().name
-        config = {"train": dataclasses.asdict(cfg)}
         report_to = cfg.report_to if dist is None or dist.is_main else ["none"]  # rank 0 reports
-        with Trackers(report_to, cfg.output_dir, config, run_name) as trackers:
-
-            def on_record(rec: dict[str, Any]) -> None:
-                records.append(rec)
-                trackers.record(rec)
-
-            result = train_loop(
-                inner,
-                params,
-                stream,
-                cfg,
-                cfg.output_dir,
-                eval_batches=eval_batches,
-                device=device,
-                precision=precision,
-                log=log,
-                on_record=on_record,
-                dist=dist,
-            )
-        runtime = time.perf_counter() - t0
+        result, records, runtime = recorded_train_loop(
+            inner, params, stream, cfg, report_to=report_to, config={"train": dataclasses.asdict(cfg)},
+            eval_batches=eval_batches, device=device, precision=precision, log=log, dist=dist,
+        )
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)
 
