@@ -22,6 +22,8 @@
 #                                                   (notebook: both stacks at its own settings, curves)
 # ab        8k, 32k                                 this tree against .bench_assets/base_tree
 #                                                   (benchmarks/unpack_tree.sh REV)
+# pref      (one)                                   DPO tokens/s (2 pairs of 512 + 512 tokens) and GRPO sampling
+#                                                   samples/s (G = 8, 256 new tokens) beside TRL + PEFT and Unsloth
 # dist      bf16, qlora, overhead, 70b              torchrun on the machine's GPUs (bench_dist.py): Llama-3.1-8B
 #                                                   8 x 2048 per GPU on 1, 2, 4 GPUs; one process against
 #                                                   torchrun at world size 1; 70B-shaped QLoRA, FSDP2, 2 GPUs
@@ -37,9 +39,9 @@ cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="tests speed loss" [decode]="" [serve]="" \
-  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [checks]="loss cli notebook" [ab]="8k 32k" \
+  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [pref]="" [checks]="loss cli notebook" [ab]="8k 32k" \
   [dist]="bf16 qlora overhead 70b")
-usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven checks ab dist"
+usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven pref checks ab dist"
 STEPS=${1:-}
 [ -n "$STEPS" ] || { echo "$usage" >&2; exit 2; }
 for s in ${STEPS//,/ }; do
@@ -186,6 +188,10 @@ has uneven bf16-b8 && step uneven-bf16-b8 560 $U --modes bf16 --batches 8
 has uneven qlora-b2 && step uneven-qlora-b2 560 $U --modes qlora --batches 2
 has uneven qlora-b8 && step uneven-qlora-b8 560 $U --modes qlora --batches 8
 
+# pref: three processes (fasttune, TRL + PEFT, Unsloth), each loading the 8B model once for both measures
+has pref && step pref 560 python3 benchmarks/bench_pref.py --stacks fasttune trl unsloth --timeout 240 \
+  --tokenizer $TOKENIZER --out bench_logs/pref.jsonl --log-dir bench_logs
+
 has checks loss && step loss-curve 200 python3 benchmarks/loss_curve.py --steps 50 --tokenizer $TOKENIZER \
   --out bench_logs/loss_curves.json
 if has checks cli || has checks notebook; then
@@ -213,7 +219,8 @@ has ab 32k && step ab-32k 330 $B --stacks fasttune unsloth $ONE --seqs 32768 --s
 
 echo "=== total $(( $(date +%s) - START ))s"
 tar czf "$OUT/bench_logs.tgz" bench_logs
-for f in results.jsonl decode.jsonl serve.jsonl dist.jsonl loss_curves.json loss_curves_fp8.json; do
+for f in results.jsonl decode.jsonl serve.jsonl dist.jsonl pref.jsonl uneven.jsonl notebook_curves.json \
+  notebook_curves.png loss_curves.json loss_curves_fp8.json; do
   [ -f "bench_logs/$f" ] && cp "bench_logs/$f" "$OUT/"
 done
 python3 - <<'EOF'
