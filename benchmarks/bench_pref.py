@@ -82,7 +82,8 @@ def pref_rows(tokenizer, pairs: int, steps: int, prompt_len: int, completion_len
         for k in ("chosen", "rejected"):
             got = len(tokenizer(row["prompt"] + row[k], add_special_tokens=False).input_ids) + 1
             if got != prompt_len + completion_len:
-                raise SystemExit(f"bench_pref: a {k} sequence has {got} tokens, not {prompt_len + completion_len}")
+                want = prompt_len + completion_len
+                raise SystemExit(f"bench_pref: a {k} sequence has {got} tokens, not {want}")
     return rows
 
 
@@ -95,8 +96,8 @@ def step_tokens(args) -> int:
 
 def fasttune_dpo(args, tokenizer, rows) -> dict:
     import torch
-
     from bench_train import build_fasttune, configure_fasttune, time_steps
+
     from fasttune.data.pair_batches import collate_pairs
     from fasttune.data.pairs import PairExample
     from fasttune.data.tokenize import Example
@@ -116,7 +117,8 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
         c = tokenizer(prompt + completion, add_special_tokens=False).input_ids[len(p):] + [eos]
         return Example(p + c, [IGNORE_INDEX] * len(p) + c)
 
-    pairs = [PairExample(example(r["prompt"], r["chosen"]), example(r["prompt"], r["rejected"])) for r in rows]
+    pairs = [PairExample(example(r["prompt"], r["chosen"]), example(r["prompt"], r["rejected"]))
+             for r in rows]
     length = args.prompt_len + args.completion_len
     batches = []
     for i in range(0, len(pairs), args.pairs):
@@ -134,7 +136,6 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
     row = time_steps(params, step, batches, args.warmup, flat=True)
     row.update(layout=f"{args.pairs} packed rows of {tuple(batches[0]['input_ids'].shape)[1]} tokens",
                scored_tokens=scored)
-    del model, params, objective, batches
     return row
 
 
@@ -230,8 +231,8 @@ def peer_dpo(args, model, tok, rows) -> dict:
                        max_length=args.prompt_len + args.completion_len, lr_scheduler_type="constant",
                        warmup_steps=0, dataloader_num_workers=0, seed=0)
     timer = StepTimes()
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         callbacks=[timer])
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[timer])
     trainer.train()
     times = timer.times[args.warmup:]
     row = {"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -312,7 +313,8 @@ def worker(args) -> None:
     if args.stack != "fasttune":
         model, tok = peer_model(args)
     if "dpo" in args.suites:
-        rows = pref_rows(tokenizer, args.pairs, args.warmup + args.steps, args.prompt_len, args.completion_len)
+        steps = args.warmup + args.steps
+        rows = pref_rows(tokenizer, args.pairs, steps, args.prompt_len, args.completion_len)
         row = {"suite": "dpo", "pairs": args.pairs, "prompt_len": args.prompt_len,
                "completion_len": args.completion_len, "step_tokens": step_tokens(args)}
         try:
@@ -350,7 +352,8 @@ def run_one(stack: str, args) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--mode", args.mode, "--shape", args.shape,
            "--model-dir", str(args.model_dir), "--tokenizer", str(args.tokenizer), "--suites", *args.suites,
            "--pairs", str(args.pairs), "--prompt-len", str(args.prompt_len),
-           "--completion-len", str(args.completion_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--completion-len", str(args.completion_len), "--steps", str(args.steps),
+           "--warmup", str(args.warmup),
            "--groups", *map(str, args.groups), "--generations", str(args.generations),
            "--new-tokens", str(args.new_tokens), "--gen-prompt-len", str(args.gen_prompt_len),
            "--gen-runs", str(args.gen_runs)]
@@ -375,24 +378,28 @@ def run_one(stack: str, args) -> list[dict]:
     return rows + [{"stack": stack, "mode": args.mode, "suite": "process", "error": error}]
 
 
-def print_tables(rows: list[dict]) -> None:
-    def ratio(r, ref_stack, key, match):
-        ref = [s for s in rows if s.get("stack") == ref_stack and key in s and match(s)]
-        return r[key] / ref[0][key] if ref else float("nan")
+def _ratio(rows: list[dict], r: dict, stack: str, key: str, same: tuple[str, ...]) -> float:
+    """r[key] over the `stack` row that agrees with r on the keys `same` (nan where there is none)."""
+    ref = [s for s in rows
+           if s.get("stack") == stack and key in s and all(s.get(k) == r.get(k) for k in same)]
+    return r[key] / ref[0][key] if ref else float("nan")
 
+
+def print_tables(rows: list[dict]) -> None:
     dpo = [r for r in rows if r.get("suite") == "dpo"]
     if dpo:
-        print(f"\nDPO, {dpo[0].get('pairs')} pairs a step, sequences of {dpo[0].get('prompt_len')} + "
-              f"{dpo[0].get('completion_len')} tokens ({dpo[0].get('step_tokens')} tokens a step)")
-        print(f"  {'stack':10} {'mode':6} {'tok/s':>8} {'step s':>7} {'peak GiB':>9} {'vs unsloth':>10} {'vs trl':>7}")
+        first = dpo[0]
+        print(f"\nDPO, {first.get('pairs')} pairs a step, sequences of {first.get('prompt_len')} + "
+              f"{first.get('completion_len')} tokens ({first.get('step_tokens')} tokens a step)")
+        print(f"  {'stack':10} {'mode':6} {'tok/s':>8} {'step s':>7} {'peak GiB':>9} {'vs unsloth':>10} "
+              f"{'vs trl':>7}")
         for r in dpo:
             if "error" in r:
                 print(f"  {r['stack']:10} {r['mode']:6} ERROR {r['error'][:110]}")
                 continue
-            same = lambda s: s.get("suite") == "dpo" and s["mode"] == r["mode"]  # noqa: E731
+            vs = [_ratio(rows, r, s, "tokens_per_s", ("suite", "mode")) for s in ("unsloth", "trl")]
             print(f"  {r['stack']:10} {r['mode']:6} {r['tokens_per_s']:8.0f} {r['step_s']:7.3f} "
-                  f"{r['peak_gib']:9.2f} {ratio(r, 'unsloth', 'tokens_per_s', same):10.2f} "
-                  f"{ratio(r, 'trl', 'tokens_per_s', same):7.2f}")
+                  f"{r['peak_gib']:9.2f} {vs[0]:10.2f} {vs[1]:7.2f}")
     gen = [r for r in rows if r.get("suite") == "gen"]
     if gen:
         print(f"\nGRPO sampling, G = {gen[0]['generations']}, {gen[0]['new_tokens']} new tokens, prompts of "
@@ -403,10 +410,10 @@ def print_tables(rows: list[dict]) -> None:
             if "error" in r:
                 print(f"  {r['stack']:10} {r['mode']:6} {r['samples']:7} ERROR {r['error'][:100]}")
                 continue
-            same = lambda s: s.get("suite") == "gen" and s["groups"] == r["groups"] and s["mode"] == r["mode"]  # noqa: E731
+            same = ("suite", "mode", "groups")
+            vs = [_ratio(rows, r, s, "samples_per_s", same) for s in ("unsloth", "trl")]
             print(f"  {r['stack']:10} {r['mode']:6} {r['samples']:7} {r['samples_per_s']:9.2f} "
-                  f"{r['new_tokens_per_s']:9.0f} {r['peak_gib']:9.2f} "
-                  f"{ratio(r, 'unsloth', 'samples_per_s', same):10.2f} {ratio(r, 'trl', 'samples_per_s', same):7.2f}")
+                  f"{r['new_tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {vs[0]:10.2f} {vs[1]:7.2f}")
     for r in rows:
         if r.get("suite") == "process":
             print(f"  {r['stack']}: process ERROR {r['error'][:150]}")
