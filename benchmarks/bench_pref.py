@@ -94,15 +94,25 @@ def step_tokens(args) -> int:
 # ---- fasttune ----------------------------------------------------------------------------------------
 
 
+def pair_example(tokenizer, prompt: str, completion: str):
+    """One sequence of a pair as fasttune trains it: the prompt's ids, then the completion's and EOS, only the
+    completion (EOS included) scored; the ids TRL builds from the same texts."""
+    from fasttune.data.tokenize import Example
+    from fasttune.models.base import IGNORE_INDEX
+
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    c = tokenizer(prompt + completion, add_special_tokens=False).input_ids[len(p):] + [tokenizer.eos_token_id]
+    return Example(p + c, [IGNORE_INDEX] * len(p) + c)
+
+
+
 def fasttune_dpo(args, tokenizer, rows) -> dict:
     import torch
     from bench_train import build_fasttune, configure_fasttune, time_steps
 
     from fasttune.data.pair_batches import collate_pairs
     from fasttune.data.pairs import PairExample
-    from fasttune.data.tokenize import Example
     from fasttune.lora.reference import Reference
-    from fasttune.models.base import IGNORE_INDEX
     from fasttune.train.preference import DPOObjective
 
     build = argparse.Namespace(shape=args.shape, mode=args.mode, device="cuda", kernels=True)
@@ -110,15 +120,8 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
     # packed: chosen and rejected of a pair in one row, as `fasttune train --method dpo` lays them out
     plan = argparse.Namespace(mode=args.mode, batch=args.pairs, seq=args.prompt_len + args.completion_len)
     configure_fasttune(model, "offload", plan)
-    eos = tokenizer.eos_token_id
-
-    def example(prompt: str, completion: str) -> Example:
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        c = tokenizer(prompt + completion, add_special_tokens=False).input_ids[len(p):] + [eos]
-        return Example(p + c, [IGNORE_INDEX] * len(p) + c)
-
-    pairs = [PairExample(example(r["prompt"], r["chosen"]), example(r["prompt"], r["rejected"]))
-             for r in rows]
+    pairs = [PairExample(pair_example(tokenizer, r["prompt"], r["chosen"]),
+                         pair_example(tokenizer, r["prompt"], r["rejected"])) for r in rows]
     length = args.prompt_len + args.completion_len
     batches = []
     for i in range(0, len(pairs), args.pairs):

@@ -22,7 +22,7 @@ def test_every_part_runs_a_step():
     text = SCRIPT.read_text()
     found = parts()
     assert set(found) == {"tests", "headline", "batch2", "long", "shapes", "fp8", "decode", "serve", "uneven",
-                          "checks", "ab", "dist"}
+                          "pref", "checks", "ab", "dist"}
     for suite, names in found.items():
         for part in names or [None]:
             pattern = rf"has {suite} {re.escape(part)}\b" if part else rf"has {suite}( |$|\))"
