@@ -136,7 +136,7 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
         (loss / int(batch["units"])).backward()
         return loss.detach()
 
-    row = time_steps(params, step, batches, args.warmup, flat=True)
+    row = time_steps(params, step, batches, args.warmup, getattr(args, "profile", None), flat=True)
     row.update(layout=f"{args.pairs} packed rows of {tuple(batches[0]['input_ids'].shape)[1]} tokens",
                scored_tokens=scored)
     return row
@@ -446,6 +446,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_logs/pref.jsonl"))
     p.add_argument("--log-dir", default="bench_logs")
     p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("--profile", default=None, help="worker: a profiler table of one fasttune DPO step")
     args = p.parse_args()
     if args.worker:
         worker(args)
