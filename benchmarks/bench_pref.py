@@ -34,15 +34,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import ENV, TARGETS, shape_vocab, write_model_dir  # noqa: E402
+from bench_train import TARGETS, run_worker, shape_vocab, worker_error, write_model_dir  # noqa: E402
 
 # ---- the data: texts of one-token words -------------------------------------------------------------
 
@@ -360,24 +358,13 @@ def run_one(stack: str, args) -> list[dict]:
            "--groups", *map(str, args.groups), "--generations", str(args.generations),
            "--new-tokens", str(args.new_tokens), "--gen-prompt-len", str(args.gen_prompt_len),
            "--gen-runs", str(args.gen_runs)]
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    log = Path(args.log_dir) / f"pref-{stack}-{args.mode}.log"
-    t0, rc = time.time(), None
-    try:
-        proc = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True,
-                              timeout=args.timeout)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = "TIMEOUT\n" + (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
-    log.write_text(out + "\n--- stderr ---\n" + err)
-    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    t0 = time.time()
+    rows, out, err, rc = run_worker(cmd, Path(args.log_dir) / f"pref-{stack}-{args.mode}.log", args.timeout)
     for r in rows:
         r["wall_s"] = time.time() - t0
     if rows and rc == 0:
         return rows
-    error = (f"TIMEOUT after {args.timeout} s" if rc is None
-             else " | ".join((err or out).strip().splitlines()[-3:]) or f"exit code {rc}")
+    error = worker_error(out, err, rc, args.timeout)
     return rows + [{"stack": stack, "mode": args.mode, "suite": "process", "error": error}]
 
 

@@ -531,32 +531,40 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", *args.variants]
     if args.profile and stack == "fasttune":
         cmd += ["--profile", str(Path(args.log_dir) / f"profile-{mode}-{batch}x{seq}.txt")]
-    env = {**os.environ, **ENV}
     t0 = time.time()
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     log = Path(args.log_dir) / f"{stack}-{args.shape}-{mode}-{batch}x{seq}.log"
+    rows, out, err, rc = run_worker(cmd, log, args.timeout)
+    for r in rows:
+        r["wall_s"] = time.time() - t0
+    if rows:
+        return rows
+    return [dict(key, error=worker_error(out, err, rc, args.timeout), wall_s=time.time() - t0)]
+
+
+def run_worker(cmd: list[str], log: Path, timeout: int) -> tuple[list[dict], str, str, int | None]:
+    """Run one worker process (environment ENV added) and write its output to `log`: its RESULT rows,
+    stdout, stderr and exit code (None when it ran past `timeout` seconds and was stopped)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     rc = None
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = "TIMEOUT\n" + (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
     log.write_text(out + "\n--- stderr ---\n" + err)
-    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    for r in rows:
-        r["wall_s"] = time.time() - t0
-    if rows:
-        return rows
+    return [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")], out, err, rc
+
+
+def worker_error(out: str, err: str, rc: int | None, timeout: int) -> str:
+    """What a worker that gave no (or not every) result died of, in one line."""
     if rc is None:
-        error = f"TIMEOUT after {args.timeout} s"
-    elif "OutOfMemory" in err or "out of memory" in err:
-        error = "OOM"
-    elif rc == -9:  # the kernel's OOM killer: host memory (pinned offload buffers), not the card's
-        error = "OOM (host: killed by signal 9)"
-    else:
-        error = " | ".join((err or out).strip().splitlines()[-3:]) or f"exit code {rc}"
-    return [dict(key, error=error, wall_s=time.time() - t0)]
+        return f"TIMEOUT after {timeout} s"
+    if "OutOfMemory" in err or "out of memory" in err.lower():
+        return "OOM"
+    if rc == -9:  # the kernel's OOM killer: host memory (pinned offload buffers), not the card's
+        return "OOM (host: killed by signal 9)"
+    return " | ".join((err or out).strip().splitlines()[-3:]) or f"exit code {rc}"
 
 
 def _label(r: dict) -> str:

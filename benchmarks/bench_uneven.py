@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -206,21 +204,10 @@ def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args
     key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "max_len": args.max_len,
            "packing": packing, "grouping": grouping}
     log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        proc = subprocess.run(cmd, env={**os.environ, **bt.ENV}, capture_output=True, text=True,
-                              timeout=args.timeout)
-        out, err = proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = f"TIMEOUT after {args.timeout} s\n" + (e.stderr.decode() if isinstance(e.stderr, bytes)
-                                                     else (e.stderr or ""))
-    log.write_text(out + "\n--- stderr ---\n" + err)
-    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    rows, out, err, rc = bt.run_worker(cmd, log, args.timeout)
     if rows:
         return rows[0]
-    tail = " | ".join((err or out).strip().splitlines()[-3:])
-    return dict(key, error="OOM" if "out of memory" in err.lower() else tail or "no result")
+    return dict(key, error=bt.worker_error(out, err, rc, args.timeout))
 
 
 def print_table(rows: list[dict]) -> None:

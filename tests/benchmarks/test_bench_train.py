@@ -153,3 +153,19 @@ def test_an_fp8_row_is_measured_against_the_peers_bf16_rows():
     g = [row("fasttune", 16000, mode="fp8", variant="offload"), row("unsloth", 10000), row("hf", 8000),
          row("unsloth", 9000, mode="qlora")]
     assert bt.ratios(g[0], g) == (1.6, 2.0)
+
+
+def test_run_worker_reads_results_and_names_failures(tmp_path):
+    import sys
+
+    ok = [sys.executable, "-c", 'print("noise"); print("RESULT {\\"a\\": 1}")']
+    rows, out, err, rc = bt.run_worker(ok, tmp_path / "logs" / "ok.log", timeout=60)
+    assert rows == [{"a": 1}] and rc == 0 and "noise" in (tmp_path / "logs" / "ok.log").read_text()
+    bad = [sys.executable, "-c", "import sys; sys.exit('CUDA out of memory. Tried to allocate')"]
+    rows, out, err, rc = bt.run_worker(bad, tmp_path / "bad.log", timeout=60)
+    assert rows == [] and rc == 1 and bt.worker_error(out, err, rc, 60) == "OOM"
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+    rows, out, err, rc = bt.run_worker(slow, tmp_path / "slow.log", timeout=1)
+    assert rc is None and bt.worker_error(out, err, rc, 1) == "TIMEOUT after 1 s"
+    assert bt.worker_error("", "", -9, 60).startswith("OOM (host")
+    assert bt.worker_error("", "Traceback\nValueError: x", 1, 60) == "Traceback | ValueError: x"
