@@ -404,6 +404,37 @@ def gpu_gaps(events, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_profile():
+    """A running torch profiler of CUDA and CPU activity, with input shapes (`write_profile` ends it)."""
+    import torch
+
+    kinds = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    prof = torch.profiler.profile(activities=kinds, record_shapes=True)
+    prof.__enter__()
+    return prof
+
+
+def write_profile(prof, step_s: float, path: str) -> None:
+    """End `prof` (one profiled step of `step_s` seconds) and write to `path`: the GPU's busy and idle time,
+    its longest waits (`gpu_gaps`), the ops by device time, and the ops by input shape."""
+    prof.__exit__(None, None, None)
+    avg = prof.key_averages()
+    try:
+        table = avg.table(sort_by="self_device_time_total", row_limit=70)
+    except (AttributeError, KeyError, ValueError):
+        table = avg.table(sort_by="self_cuda_time_total", row_limit=70)
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    try:
+        shapes = by_shape.table(sort_by="device_time_total", row_limit=60)
+    except (AttributeError, KeyError, ValueError):
+        shapes = by_shape.table(sort_by="cuda_time_total", row_limit=60)
+    events = prof.events()  # built once: both summaries read it
+    busy, copies = gpu_busy_ms(events)
+    head = (f"step {step_s:.3f} s; GPU computing {busy:.1f} ms ({busy / step_s / 10:.1f}% of the step), "
+            f"host copies on the GPU {copies:.1f} ms\n")
+    Path(path).write_text(head + gpu_gaps(events) + table + "\nby input shape:\n" + shapes)
+
+
 def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False) -> dict:
     """Median step time after `warmup` steps and the peak memory from the first step (optimiser included).
 
@@ -424,11 +455,7 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i, x in enumerate(batches):
-        prof = None
-        if profile and i == warmup:
-            kinds = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
-            prof = torch.profiler.profile(activities=kinds, record_shapes=True)
-            prof.__enter__()
+        prof = start_profile() if profile and i == warmup else None
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -438,22 +465,7 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if prof is not None:
-            prof.__exit__(None, None, None)
-            avg = prof.key_averages()
-            try:
-                table = avg.table(sort_by="self_device_time_total", row_limit=70)
-            except (AttributeError, KeyError, ValueError):
-                table = avg.table(sort_by="self_cuda_time_total", row_limit=70)
-            by_shape = prof.key_averages(group_by_input_shape=True)
-            try:
-                shapes = by_shape.table(sort_by="device_time_total", row_limit=60)
-            except (AttributeError, KeyError, ValueError):
-                shapes = by_shape.table(sort_by="cuda_time_total", row_limit=60)
-            events = prof.events()  # built once: both summaries read it
-            busy, copies = gpu_busy_ms(events)
-            head = (f"step {dt:.3f} s; GPU computing {busy:.1f} ms ({busy / dt / 10:.1f}% of the step), "
-                    f"host copies on the GPU {copies:.1f} ms\n")
-            Path(profile).write_text(head + gpu_gaps(events) + table + "\nby input shape:\n" + shapes)
+            write_profile(prof, dt, profile)
         losses.append(float(loss))
         if i >= warmup and prof is None:
             times.append(dt)

@@ -128,8 +128,9 @@ def build_peer(args):
     return model, params, step, {"attention": f"{attention}: position_ids only" if packed else attention}
 
 
-def timed(params, step, batches, warmup: int, device: str, flat: bool) -> dict:
-    """Wall time and real tokens of the steps after `warmup`; peak memory over all of them."""
+def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: str | None = None) -> dict:
+    """Wall time and real tokens of the steps after `warmup`, each step's time and width; peak memory over
+    all of them. `profile`: write a profiler table of the first timed step there (CUDA only)."""
     import torch
 
     cuda = device == "cuda"
@@ -148,9 +149,10 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    seconds, real, padded, losses = 0.0, 0, 0, []
+    seconds, real, padded, losses, steps = 0.0, 0, 0, [], []
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
+        prof = bt.start_profile() if profile and cuda and i == warmup else None
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -161,13 +163,16 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool) -> dict:
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if prof is not None:
+            bt.write_profile(prof, dt, profile)
         losses.append(float(loss))
+        steps.append([round(dt, 4), tuple(batch["input_ids"].shape)[1]])  # (seconds, padded width)
         if i >= warmup:
             seconds += dt
             real += int(batch["attention_mask"].sum())
             padded += batch["input_ids"].numel()
     out = {"seconds": seconds, "real_tokens": real, "batch_tokens": padded, "tokens_per_s": real / seconds,
-           "pad_share": 1 - real / padded, "loss0": losses[0], "losses": losses}
+           "pad_share": 1 - real / padded, "loss0": losses[0], "losses": losses, "steps": steps}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -182,7 +187,8 @@ def worker(args) -> dict:
     row = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch,
            "max_len": args.max_len, "packing": args.packing, "grouping": args.grouping, **info}
     try:
-        row.update(timed(params, step, batches, args.warmup, args.device, flat=args.stack == "fasttune"))
+        row.update(timed(params, step, batches, args.warmup, args.device, flat=args.stack == "fasttune",
+                         profile=getattr(args, "profile_to", None)))
     except Exception as e:  # one failure is a row of the table, not the end of the run
         row["error"] = "OOM" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"[:300]
     if args.device == "cuda":
@@ -204,6 +210,8 @@ def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args
     key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "max_len": args.max_len,
            "packing": packing, "grouping": grouping}
     log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
+    if args.profile:
+        cmd += ["--profile-to", str(log.with_suffix(".profile.txt"))]
     rows, out, err, rc = bt.run_worker(cmd, log, args.timeout)
     if rows:
         return rows[0]
@@ -256,6 +264,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_uneven.jsonl"))
     p.add_argument("--log-dir", default="bench_logs")
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--profile", action="store_true",
+                   help="write a profiler table of each process's first timed step beside its log (CUDA)")
+    p.add_argument("--profile-to", default=None, help=argparse.SUPPRESS)  # worker: that table's path
     args = p.parse_args()
     args.seq = args.max_len  # bench_train's builders size Unsloth's model by it
     if args.worker:

@@ -16,8 +16,10 @@
 # decode    (one)                                   decoding at batch 1
 # serve     (one)                                   fasttune serve at 1/8/32/64 clients beside transformers'
 #                                                   batched generate (wheels: wheelhouse.sh --serve)
-# uneven    bf16-b2, bf16-b8, qlora-b2, qlora-b8    uneven instruction rows: real tokens/s, packing off/on,
-#                                                   plain or length-grouped, beside Unsloth and HF + PEFT
+# uneven    bf16-b2, bf16-b8, qlora-b2, qlora-b8,   uneven instruction rows: real tokens/s, packing off/on,
+#           notebook                                plain or length-grouped, beside Unsloth and HF + PEFT;
+#                                                   notebook: the notebook's QLoRA b2 unpacked row, beside
+#                                                   Unsloth, with a profile of one step each
 # checks    loss, cli, notebook                     loss curves; `fasttune train` and the notebook on 8B
 #                                                   (notebook: both stacks at its own settings, curves)
 # ab        8k, 32k                                 this tree against .bench_assets/base_tree
@@ -39,7 +41,7 @@ cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="tests speed loss" [decode]="" [serve]="" \
-  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8" [pref]="" [checks]="loss cli notebook" [ab]="8k 32k" \
+  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8 notebook" [pref]="" [checks]="loss cli notebook" [ab]="8k 32k" \
   [dist]="bf16 qlora overhead 70b")
 usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven pref checks ab dist"
 STEPS=${1:-}
@@ -187,6 +189,8 @@ has uneven bf16-b2 && step uneven-bf16-b2 560 $U --modes bf16 --batches 2
 has uneven bf16-b8 && step uneven-bf16-b8 560 $U --modes bf16 --batches 8
 has uneven qlora-b2 && step uneven-qlora-b2 560 $U --modes qlora --batches 2
 has uneven qlora-b8 && step uneven-qlora-b8 560 $U --modes qlora --batches 8
+has uneven notebook && step uneven-notebook 300 $U --modes qlora --batches 2 --packings off --groupings off \
+  --stacks fasttune unsloth --profile
 
 # pref: three processes (fasttune, TRL + PEFT, Unsloth), each loading the 8B model once for both measures
 has pref && step pref 560 python3 benchmarks/bench_pref.py --stacks fasttune trl unsloth --timeout 240 \

@@ -36,6 +36,9 @@ def test_stacks_train_the_same_real_tokens(setup, packing):
     assert "error" not in ours and "error" not in peer, (ours, peer)
     assert ours["real_tokens"] == peer["real_tokens"] > 0 and ours["batch_tokens"] == peer["batch_tokens"]
     assert ours["tokens_per_s"] == pytest.approx(ours["real_tokens"] / ours["seconds"])
+    # each step's time and padded width, the timed ones summing to the reported seconds
+    assert len(ours["steps"]) == 2 and ours["steps"][1][1] * 2 == ours["batch_tokens"]
+    assert ours["steps"][1][0] == pytest.approx(ours["seconds"], abs=1e-4)
     if packing == "off":  # same weights, same tokens, LoRA B = 0: the base model's loss in both
         assert ours["loss0"] == pytest.approx(peer["loss0"], rel=1e-4)
         assert 0 < ours["pad_share"] < 1
