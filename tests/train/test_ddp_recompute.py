@@ -1,6 +1,7 @@
 """DDP over a model that recomputes its layers with offloaded inputs on the fused path (the default on a GPU):
 the gradients that two gloo ranks reduce equal one process's over the whole batch."""
 
+import gc
 import os
 import socket
 
@@ -48,7 +49,12 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
         ddp(x, targets=x).loss_sum.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
-    dist.barrier()  # a rank that tears gloo down while its peer still works aborts the peer
+    # DDP's reducer goes before the process group, as when `fasttune train` returns before `shutdown()`:
+    # a process group torn down under a live reducer can abort the process at exit ("terminate called
+    # without an active exception"). A rank that tears gloo down while its peer still works aborts the peer.
+    del ddp, model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
