@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import statistics
 import sys
 import time
@@ -61,8 +62,6 @@ def word_pool(tokenizer, n: int = 4000) -> list[str]:
 
 
 def texts(words: list[str], count: int, length: int, seed: int) -> list[str]:
-    import random
-
     rng = random.Random(seed)
     return ["".join(" " + rng.choice(words) for _ in range(length)) for _ in range(count)]
 
@@ -106,15 +105,14 @@ def pair_example(tokenizer, prompt: str, completion: str):
 
 def fasttune_dpo(args, tokenizer, rows) -> dict:
     import torch
-    from bench_train import build_fasttune, configure_fasttune, time_steps
+    from bench_train import configure_fasttune, time_steps
 
     from fasttune.data.pair_batches import collate_pairs
     from fasttune.data.pairs import PairExample
     from fasttune.lora.reference import Reference
     from fasttune.train.preference import DPOObjective
 
-    build = argparse.Namespace(shape=args.shape, mode=args.mode, device="cuda", kernels=True)
-    model, params, _ = build_fasttune(build)
+    model, params = fasttune_model(args)
     # packed: chosen and rejected of a pair in one row, as `fasttune train --method dpo` lays them out
     plan = argparse.Namespace(mode=args.mode, batch=args.pairs, seq=args.prompt_len + args.completion_len)
     configure_fasttune(model, "offload", plan)
@@ -140,13 +138,13 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
     return row
 
 
-def fasttune_model_for_gen(args):
-    import argparse as ap
-
+def fasttune_model(args):
+    """(model, trainable parameters): bench_train's fasttune model of the shape and mode, LoRA on all 7."""
     from bench_train import build_fasttune
 
-    model, _, _ = build_fasttune(ap.Namespace(shape=args.shape, mode=args.mode, device="cuda", kernels=True))
-    return model
+    model, params, _ = build_fasttune(argparse.Namespace(shape=args.shape, mode=args.mode, device="cuda",
+                                                         kernels=True))
+    return model, params
 
 
 def fasttune_generate(model, ids, mask, new_tokens: int, seed: int):
@@ -244,7 +242,7 @@ def peer_dpo(args, model, tok, rows) -> dict:
     return row
 
 
-def peer_generate(args, model, ids, mask, new_tokens: int, seed: int):
+def peer_generate(model, ids, mask, new_tokens: int, seed: int):
     import torch
     from transformers import GenerationConfig
 
@@ -264,8 +262,6 @@ def gen_rows(args, generate_fn) -> list[dict]:
 
     rows = []
     for groups in args.groups:
-        import random
-
         rng = random.Random(groups)
         prompts = [[rng.randrange(3, 49152) for _ in range(args.gen_prompt_len)] for _ in range(groups)]
         ids = torch.tensor([p for p in prompts for _ in range(args.generations)], device="cuda")
@@ -334,14 +330,14 @@ def worker(args) -> None:
         torch.cuda.empty_cache()
     if "gen" in args.suites:
         if args.stack == "fasttune":
-            model = fasttune_model_for_gen(args)
+            model, _ = fasttune_model(args)
             fn = lambda ids, mask, n, seed: fasttune_generate(model, ids, mask, n, seed)  # noqa: E731
         else:
             if args.stack == "unsloth":
                 from unsloth import FastLanguageModel
 
                 FastLanguageModel.for_inference(model)
-            fn = lambda ids, mask, n, seed: peer_generate(args, model, ids, mask, n, seed)  # noqa: E731
+            fn = lambda ids, mask, n, seed: peer_generate(model, ids, mask, n, seed)  # noqa: E731
         for row in gen_rows(args, fn):
             emit(row)
 
