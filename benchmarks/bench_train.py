@@ -435,6 +435,36 @@ def write_profile(prof, step_s: float, path: str) -> None:
     Path(path).write_text(head + gpu_gaps(events) + table + "\nby input shape:\n" + shapes)
 
 
+def host_profile_path(profile: str) -> str:
+    """Where `write_host_profile` puts the host's side of a profiled run: beside the profiler table."""
+    return str(Path(profile).with_suffix("")) + ".host.txt"
+
+
+def start_host_profile():
+    """A running cProfile of the host's Python (`write_host_profile` ends it): where a host-bound step's
+    time goes, function by function, which the torch profiler leaves as the self time of an autograd node."""
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
+
+
+def write_host_profile(prof, step_s: float, path: str) -> None:
+    """End `prof` (one step of `step_s` seconds, slowed by the profiling) and write its functions by own time
+    and by time including callees."""
+    import io
+    import pstats
+
+    prof.disable()
+    out = io.StringIO()
+    out.write(f"step {step_s:.3f} s under cProfile\n")
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(60)
+    stats.sort_stats("cumulative").print_stats(60)
+    Path(path).write_text(out.getvalue())
+
+
 def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False) -> dict:
     """Median step time after `warmup` steps and the peak memory from the first step (optimiser included).
 
@@ -455,7 +485,9 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i, x in enumerate(batches):
+        # with `profile`: the first step after the warmup under the torch profiler, the next under cProfile
         prof = start_profile() if profile and i == warmup else None
+        host = start_host_profile() if profile and i == warmup + 1 else None
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -466,8 +498,10 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
         dt = time.perf_counter() - t0
         if prof is not None:
             write_profile(prof, dt, profile)
+        if host is not None:
+            write_host_profile(host, dt, host_profile_path(profile))
         losses.append(float(loss))
-        if i >= warmup and prof is None:
+        if i >= warmup and prof is None and host is None:
             times.append(dt)
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30

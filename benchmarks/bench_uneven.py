@@ -130,7 +130,8 @@ def build_peer(args):
 
 def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: str | None = None) -> dict:
     """Wall time and real tokens of the steps after `warmup`, each step's time and width; peak memory over
-    all of them. `profile`: write a profiler table of the first timed step there (CUDA only)."""
+    all of them. `profile`: write a profiler table of the first step after the warmup there and a cProfile of
+    the next beside it (CUDA only); neither counts in the totals."""
     import torch
 
     cuda = device == "cuda"
@@ -152,7 +153,10 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
     seconds, real, padded, losses, steps = 0.0, 0, 0, [], []
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
+        # with `profile`: the first step after the warmup under the torch profiler, the next under cProfile;
+        # neither counts in the timed total
         prof = bt.start_profile() if profile and cuda and i == warmup else None
+        host = bt.start_host_profile() if profile and cuda and i == warmup + 1 else None
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -165,9 +169,11 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
         dt = time.perf_counter() - t0
         if prof is not None:
             bt.write_profile(prof, dt, profile)
+        if host is not None:
+            bt.write_host_profile(host, dt, bt.host_profile_path(profile))
         losses.append(float(loss))
         steps.append([round(dt, 4), tuple(batch["input_ids"].shape)[1]])  # (seconds, padded width)
-        if i >= warmup:
+        if i >= warmup and prof is None and host is None:
             seconds += dt
             real += int(batch["attention_mask"].sum())
             padded += batch["input_ids"].numel()

@@ -399,6 +399,16 @@ class LlamaForCausalLM(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final (normed) hidden states (B, T, H), the input of lm_head: `train.logps` runs the head only
+        at the scored positions, a chunk at a time, so the (tokens x vocab) logits never exist whole."""
+        return self.model(input_ids, position_ids, attention_mask)
+
     def forward(
         self,
         input_ids: torch.Tensor,

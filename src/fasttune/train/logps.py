@@ -34,8 +34,9 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     position_ids, attention_mask = batch.get("position_ids"), batch.get("attention_mask")
     kept = targets != IGNORE_INDEX  # (B, T)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
-        h = model.hidden_states(input_ids, position_ids, attention_mask)  # (B, T, H)
+    hidden_states = getattr(model, "hidden_states", None)  # our Llama family; not transformers' models
+    if hidden_states is not None:
+        h = hidden_states(input_ids, position_ids, attention_mask)  # (B, T, H)
         hk, y = h[kept], targets[kept]  # (N, H), (N,)
         vocab = model.lm_head.out_features
         step = max(1, CHUNK_ELEMS // vocab)
