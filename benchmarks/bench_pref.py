@@ -10,8 +10,9 @@ dpo   DPO (sigmoid, beta 0.1, reference = the base with the adapter off) on `--p
       non-reentrant for TRL; fasttune's `offload`). tokens/s = the tokens of every chosen and rejected
       sequence of a step over the median step time after `--warmup` steps; a step is the reference
       forward, the policy forward and backward, and the optimiser step. fasttune runs its `DPOObjective`
-      on the micro-batch `fasttune train --method dpo` builds (chosen and rejected packed into one row);
-      TRL and Unsloth run `trl.DPOTrainer` (Unsloth patched by its import) on the same texts.
+      on the micro-batch `fasttune train --method dpo` builds (chosen and rejected packed into one row,
+      the prompt they share computed once: `computed_tokens` in its row); TRL and Unsloth run
+      `trl.DPOTrainer` (Unsloth patched by its import) on the same texts.
 gen   GRPO's sampling: `--groups` prompts of `--gen-prompt-len` tokens, each repeated G = `--generations`
       times, `--new-tokens` new tokens per completion (no early stop), temperature 1, top_p 1, top_k 0:
       TRL's generation settings when it samples with `generate` (GRPOTrainer without vLLM). fasttune calls
@@ -113,7 +114,8 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
     from fasttune.train.preference import DPOObjective
 
     model, params = fasttune_model(args)
-    # packed: chosen and rejected of a pair in one row, as `fasttune train --method dpo` lays them out
+    # packed: chosen and rejected of a pair in one row, their shared prompt once, as `fasttune train
+    # --method dpo` lays them out
     plan = argparse.Namespace(mode=args.mode, batch=args.pairs, seq=args.prompt_len + args.completion_len)
     configure_fasttune(model, "offload", plan)
     pairs = [PairExample(pair_example(tokenizer, r["prompt"], r["chosen"]),
@@ -124,6 +126,7 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
         batch = collate_pairs(pairs[i:i + args.pairs], pad_id=0, max_len=length, packed=True)
         batches.append({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     scored = sum(int((b["sequence"] >= 0).sum()) for b in batches) / len(batches)
+    computed = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     objective = DPOObjective(Reference(named), beta=0.1)
 
@@ -134,7 +137,7 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
 
     row = time_steps(params, step, batches, args.warmup, getattr(args, "profile", None), flat=True)
     row.update(layout=f"{args.pairs} packed rows of {tuple(batches[0]['input_ids'].shape)[1]} tokens",
-               scored_tokens=scored)
+               scored_tokens=scored, computed_tokens=computed)
     return row
 
 

@@ -92,6 +92,7 @@ def test_dpo_loss_rewards_and_lora_grads_match_trl(tmp_path, tok, loss_type, pac
     objective = DPOObjective(Reference(params), beta=0.1, loss_type=loss_type)
     ours.train()
     ours_batch = collate_pairs(data.examples, tok.pad_token_id, 128, packed=packed)
+    assert ("branch" in ours_batch) == packed  # packed pairs compute their shared prompt once
     loss_sum, stats = objective(ours, ours_batch)
     n = objective.units(ours_batch)
     (loss_sum / n).backward()
@@ -120,6 +121,7 @@ def test_orpo_loss_rewards_and_lora_grads_match_trl(tmp_path, tok):
                          Example(r["rejected_input_ids"], r["rejected_labels"])) for r in rows]
     ours.train()
     batch = collate_pairs(pairs, tok.pad_token_id, 128, packed=True, whole_chosen=True)
+    assert "branch" in batch  # the shared prompt once, scored for chosen's NLL
     loss_sum, stats = ORPOObjective(beta=0.1)(ours, batch)
     n = len(pairs)
     (loss_sum / n).backward()

@@ -6,9 +6,16 @@ and `units`, the number of pairs (DPO, ORPO) or rows (KTO) the batch holds.
 
 Pairs, concatenated (the default; TRL's layout): rows are chosen_0 .. chosen_{n-1}, rejected_0 ..
 rejected_{n-1}, right-padded; sequence i is row i. Packed (`packing`, where the model keeps attention
-inside each packed row): row i holds chosen_i then rejected_i, positions restarting at the second;
-sequence i is chosen_i, n + i is rejected_i. With two pairs (prompt p, chosen c, rejected r):
-    packed row 0   p p c c | p p r r r      sequence  -1 0 0 -1 | -1 2 2 2 -1   (targets shifted by one)
+inside each packed row and takes `branch`): row i holds chosen_i whole, then rejected_i without the tokens
+it shares with chosen_i, computed once. The shared part is their common prefix, up to the position that
+predicts the first scored token of rejected_i (the prompt less its last token, when both carry the same
+prompt ids); `branch` (B, T) marks it 0, chosen's own tokens 1 and rejected's 2, and a token attends to the
+tokens before it in its row of its own branch or of branch 0. Rejected's positions go on from the shared
+part, as if it followed it alone. With two pairs (prompt p p p, chosen c c, rejected r r r):
+    packed row 0   p p | p c c | p r r r     position  0 1 | 2 3 4 | 2 3 4 5     branch  0 0 | 1 1 1 | 2 2 2 2
+                                             sequence -1 -1 | 0 0 -1 | 2 2 2 -1  (targets shifted by one)
+Pairs with no common prefix keep both sequences whole: rejected's positions restart at 0, a row of its own.
+Equal in every log-probability to the unshared layout; fewer tokens by the shared ones.
 `whole_chosen` (ORPO) also scores every token of each chosen sequence, prompt included, for its NLL term;
 `whole` (B, T) marks those positions.
 
@@ -19,6 +26,7 @@ completion_{i-1} (TRL's KL estimate, rotated inside the micro-batch); `label` (n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,19 +38,56 @@ from fasttune.data.tokenize import Example
 from fasttune.models.base import IGNORE_INDEX
 
 
-def _pieces(example: Example, whole: bool = False) -> tuple[list[int], list[int], list[bool]]:
-    """input ids, shifted targets (every next token when `whole`) and which targets are the completion's."""
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive tokens of one batch row: ids, shifted targets, which targets are scored (for sequence
+    `index`), whether `whole` scores every target, the position of its first token and its branch."""
+
+    ids: list[int]
+    targets: list[int]
+    scored: list[bool]
+    index: int
+    whole: bool = False
+    start: int = 0
+    branch: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def head(self, k: int) -> Segment:
+        """Its first k tokens, in the shared branch 0."""
+        return Segment(self.ids[:k], self.targets[:k], self.scored[:k], self.index, self.whole, self.start, 0)
+
+    def tail(self, k: int, branch: int) -> Segment:
+        """Its tokens from the k-th on, in `branch`; positions continue from k."""
+        return Segment(self.ids[k:], self.targets[k:], self.scored[k:], self.index, self.whole,
+                       self.start + k, branch)
+
+
+def _segment(example: Example, index: int, whole: bool = False) -> Segment:
+    """The example's ids and shifted targets (every next token when `whole`), scored on the completion."""
     targets = shift_targets(example.labels)
     scored = [t != IGNORE_INDEX for t in targets]
     if whole:
         targets = list(example.input_ids[1:]) + [IGNORE_INDEX]
-    return list(example.input_ids), targets, scored
+    return Segment(list(example.input_ids), targets, scored, index, whole)
 
 
-def _collate_rows(rows: list[list[tuple[list[int], list[int], list[bool], int, bool]]], pad_id: int,
-                  max_len: int) -> dict[str, torch.Tensor]:
-    """rows: per batch row, its segments (ids, targets, completion flags, sequence index, whole)."""
-    width = padded_length(max(sum(len(s[0]) for s in r) for r in rows), max_len * max(len(r) for r in rows))
+def shared_tokens(chosen: Segment, rejected: Segment) -> int:
+    """How many leading tokens rejected can take from chosen: their common prefix, up to rejected's first
+    scored position (a shared position has chosen's target only)."""
+    limit = next((i for i, s in enumerate(rejected.scored) if s), len(rejected))
+    n = 0
+    for a, b in zip(chosen.ids[:limit], rejected.ids[:limit]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _collate_rows(rows: list[list[Segment]], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+    """rows: per batch row, its segments. `branch` is in the batch only where some row shares tokens."""
+    width = padded_length(max(sum(len(s) for s in r) for r in rows), max_len * max(len(r) for r in rows))
     B = len(rows)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     tgt = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
@@ -50,30 +95,45 @@ def _collate_rows(rows: list[list[tuple[list[int], list[int], list[bool], int, b
     att = torch.zeros((B, width), dtype=torch.long)
     seq = torch.full((B, width), -1, dtype=torch.long)
     whole = torch.zeros((B, width), dtype=torch.bool)
+    branch = torch.zeros((B, width), dtype=torch.long)
     for b, segments in enumerate(rows):
         at = 0
-        for s_ids, s_tgt, s_scored, index, s_whole in segments:
-            n = len(s_ids)
-            ids[b, at:at + n] = torch.tensor(s_ids)
-            tgt[b, at:at + n] = torch.tensor(s_tgt)
-            pos[b, at:at + n] = torch.arange(n)
+        for s in segments:
+            n = len(s)
+            ids[b, at:at + n] = torch.tensor(s.ids)
+            tgt[b, at:at + n] = torch.tensor(s.targets)
+            pos[b, at:at + n] = torch.arange(s.start, s.start + n)
             att[b, at:at + n] = 1
-            seq[b, at:at + n] = torch.where(torch.tensor(s_scored), index, -1)
-            if s_whole:
-                whole[b, at:at + n] = torch.tensor(s_tgt) != IGNORE_INDEX
+            seq[b, at:at + n] = torch.where(torch.tensor(s.scored), s.index, -1)
+            branch[b, at:at + n] = s.branch
+            if s.whole:
+                whole[b, at:at + n] = torch.tensor(s.targets) != IGNORE_INDEX
             at += n
         last = int(pos[b, at - 1]) + 1
         pos[b, at:] = torch.arange(last, last + width - at)  # pads continue the last row's positions
-    return {"input_ids": ids, "targets": tgt, "position_ids": pos, "attention_mask": att, "sequence": seq,
-            "whole": whole}
+        branch[b, at:] = 3  # a branch of their own: they see the shared tokens and each other
+    out = {"input_ids": ids, "targets": tgt, "position_ids": pos, "attention_mask": att, "sequence": seq,
+           "whole": whole}
+    if any(s.branch for segments in rows for s in segments):  # some row shares tokens between sequences
+        out["branch"] = branch
+    return out
 
 
 def collate_pairs(pairs: Sequence[PairExample], pad_id: int, max_len: int, packed: bool,
                   whole_chosen: bool = False) -> dict[str, torch.Tensor]:
     n = len(pairs)
-    chosen = [(*_pieces(p.chosen, whole_chosen), i, whole_chosen) for i, p in enumerate(pairs)]
-    rejected = [(*_pieces(p.rejected), n + i, False) for i, p in enumerate(pairs)]
-    rows = [[c, r] for c, r in zip(chosen, rejected)] if packed else [[x] for x in chosen + rejected]
+    chosen = [_segment(p.chosen, i, whole_chosen) for i, p in enumerate(pairs)]
+    rejected = [_segment(p.rejected, n + i) for i, p in enumerate(pairs)]
+    if packed:
+        rows = []
+        for c, r in zip(chosen, rejected):
+            k = shared_tokens(c, r)
+            if k:  # chosen = shared part + its own tokens; rejected's own tokens follow
+                rows.append([c.head(k), c.tail(k, 1), r.tail(k, 2)])
+            else:
+                rows.append([c, r])
+    else:
+        rows = [[x] for x in chosen + rejected]
     batch = _collate_rows(rows, pad_id, max_len)
     batch["units"] = torch.tensor(n)
     return batch
@@ -90,12 +150,12 @@ def collate_unpaired(rows: Sequence[UnpairedExample], pad_id: int, max_len: int)
     parts = [_split(r.example) for r in rows]
     segments = []
     for i, r in enumerate(rows):
-        segments.append([(*_pieces(r.example), i, False)])
+        segments.append([_segment(r.example, i)])
     for i in range(n):  # prompt_i + completion_{i-1}: completions rotated by one inside the micro-batch
         prompt, completion = parts[i][0], parts[i - 1][1]
         kl = Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
         kl = Example(kl.input_ids[:max_len], kl.labels[:max_len])
-        segments.append([(*_pieces(kl), n + i, False)])
+        segments.append([_segment(kl, n + i)])
     batch = _collate_rows(segments, pad_id, max_len)
     batch["units"] = torch.tensor(n)
     batch["label"] = torch.tensor([r.label for r in rows], dtype=torch.bool)

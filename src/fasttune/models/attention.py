@@ -9,7 +9,13 @@ query 4 (d) sees keys 3, 4 only        mask[q, k] = doc[q] == doc[k] and k <= q
 ```
 (c) generation with a KV cache and an optional `attention_mask` (B, T_total) of 1/0 for left-padded prompts:
 query i of this step sits at slot past_len + i and sees slots k <= past_len + i whose mask is 1.
-`attend` then runs `F.scaled_dot_product_attention`, except for case (b) on CUDA, where the compiled
+(d) branched rows (`branch` (B, T), preference pairs sharing their prompt: `data/pair_batches.py`): a row
+begins where `position_ids == 0`, and a query sees the keys before it in its row whose branch is 0 (shared)
+or its own:
+```
+branch        0 0 1 1 2 2 2                           query 5 (branch 2) sees keys 0, 1, 4, 5
+```
+`attend` then runs `F.scaled_dot_product_attention`, except for cases (b) and (d) on CUDA, where the compiled
 `flex_attention` with a block mask built once per forward skips the blocks that cross rows (and never builds
 the (B, T, T) mask). `set_attention_backend` overrides the choice (benchmarks, tests).
 """
@@ -59,6 +65,7 @@ class AttentionMask:
     mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     doc_causal: bool = False
+    branch: torch.Tensor | None = None  # (B, T) for branched rows (case (d)), which flex runs without `mask`
     _bias: dict = field(default_factory=dict, repr=False, compare=False)
 
     def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -102,6 +109,7 @@ def build_attention_mask(
     sliding_window: int | None = None,
     device: torch.device | None = None,
     head_dim: int | None = None,
+    branch: torch.Tensor | None = None,
 ) -> AttentionMask:
     """Decide the attention pattern of one forward of `q_len` new tokens after `past_len` cached ones.
 
@@ -109,8 +117,12 @@ def build_attention_mask(
     attention_mask: (B, past_len + q_len) of 1 (real) / 0 (padding), or None.
     sliding_window: Mistral-style window (a query sees keys with q - k < window), or None.
     head_dim: of the attention heads; packed rows go to flex only for the sizes its compiled kernels take.
+    branch: (B, q_len) branch of each token (case (d)), or None.
     """
     kv_len = past_len + q_len
+    if branch is not None:
+        return _branched_mask(q_len, position_ids, attention_mask, branch, past_len, sliding_window, device,
+                              head_dim)
     key_ok = None
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[1] != kv_len:
@@ -153,6 +165,24 @@ def build_attention_mask(
     return AttentionMask(causal=False, mask=allowed[:, None], doc_ids=doc_ids, doc_causal=doc_causal)
 
 
+def _branched_mask(q_len, position_ids, attention_mask, branch, past_len, sliding_window, device,
+                   head_dim) -> AttentionMask:
+    """Case (d): rows from position restarts, each query on the keys before it of branch 0 or its own."""
+    if past_len or position_ids is None or branch.shape != (position_ids.shape[0], q_len):
+        raise ValueError("branch: needs position_ids of the same (B, T) shape and no KV cache")
+    if sliding_window is not None and q_len > sliding_window:
+        raise ValueError(f"branch: rows longer than the sliding window ({sliding_window}) are not supported")
+    if attention_mask is not None and not _is_right_padded(attention_mask):
+        raise ValueError("branch: the attention_mask must be right-padded")
+    doc_ids = (position_ids == 0).cumsum(dim=1)  # (B, T)
+    if _flex_for_packed(doc_ids.device, head_dim):
+        return AttentionMask(causal=False, doc_ids=doc_ids, branch=branch)  # flex needs no dense mask
+    pos = torch.arange(q_len, device=device)
+    allowed = (pos[None, :] <= pos[:, None])[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    allowed = allowed & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :]))
+    return AttentionMask(causal=False, mask=allowed[:, None], doc_ids=doc_ids, branch=branch)
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd); query head h reads kv head h // n_rep."""
     if n_rep == 1:
@@ -186,10 +216,14 @@ def _block_mask(mask: AttentionMask, q: torch.Tensor):
     bm = mask._bias.get("flex")
     if bm is None:
         B, T = q.shape[0], q.shape[2]
-        doc = mask.doc_ids
+        doc, branch = mask.doc_ids, mask.branch
         if doc is None:
             def pattern(b, h, qi, ki):
                 return ki <= qi
+        elif branch is not None:
+            def pattern(b, h, qi, ki):
+                return ((ki <= qi) & (doc[b, qi] == doc[b, ki])
+                        & ((branch[b, ki] == 0) | (branch[b, ki] == branch[b, qi])))
         else:
             def pattern(b, h, qi, ki):
                 return (ki <= qi) & (doc[b, qi] == doc[b, ki])
@@ -212,7 +246,7 @@ def _flex_for_packed(device: torch.device, head_dim: int | None) -> bool:
 
 
 def _use_flex(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
-    if mask.doc_causal and mask.mask is None:
+    if (mask.doc_causal or mask.branch is not None) and mask.mask is None:
         return True
     # Plain causal self-attention (no cache) goes to flex only when asked for.
     return _backend["name"] == "flex" and mask.causal and q.shape[2] == k.shape[2]

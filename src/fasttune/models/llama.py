@@ -297,7 +297,9 @@ class LlamaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        branch: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`branch` (B, T): rows whose sequences share tokens (`models.attention`, case (d))."""
         B, T = input_ids.shape
         past = 0
         if kv_cache is not None:
@@ -315,6 +317,7 @@ class LlamaModel(nn.Module):
         mask = build_attention_mask(
             T, position_ids=position_ids, attention_mask=attention_mask, past_len=past,
             sliding_window=self.config.sliding_window, device=input_ids.device, head_dim=self.config.head_dim,
+            branch=branch,
         )
         plan = None
         training = self.training and torch.is_grad_enabled() and kv_cache is None
@@ -404,10 +407,12 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        branch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (normed) hidden states (B, T, H), the input of lm_head: `train.logps` runs the head only
-        at the scored positions, a chunk at a time, so the (tokens x vocab) logits never exist whole."""
-        return self.model(input_ids, position_ids, attention_mask)
+        at the scored positions, a chunk at a time, so the (tokens x vocab) logits never exist whole.
+        `branch`: rows whose sequences share tokens (`data.pair_batches`)."""
+        return self.model(input_ids, position_ids, attention_mask, branch=branch)
 
     def forward(
         self,

@@ -31,12 +31,14 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     `temperature` divides the logits first (GRPO scores completions at its sampling temperature, as TRL).
     """
     input_ids, targets = batch["input_ids"], batch["targets"]
-    position_ids, attention_mask = batch.get("position_ids"), batch.get("attention_mask")
+    position_ids, attention_mask, branch = batch.get("position_ids"), batch.get("attention_mask"), \
+        batch.get("branch")
     kept = targets != IGNORE_INDEX  # (B, T)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     hidden_states = getattr(model, "hidden_states", None)  # our Llama family; not transformers' models
     if hidden_states is not None:
-        h = hidden_states(input_ids, position_ids, attention_mask)  # (B, T, H)
+        kw = {} if branch is None else {"branch": branch}  # rows sharing tokens (`data.pair_batches`)
+        h = hidden_states(input_ids, position_ids, attention_mask, **kw)  # (B, T, H)
         hk, y = h[kept], targets[kept]  # (N, H), (N,)
         vocab = model.lm_head.out_features
         step = max(1, CHUNK_ELEMS // vocab)
@@ -49,6 +51,9 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 parts.append(_chunk_logps(hk[a:a + step], model.lm_head, y[a:a + step], temperature))
         logps = torch.cat(parts) if parts else hk.new_zeros(0, dtype=torch.float32)
     else:  # the generic transformers path: its forward gives the logits of the whole batch
+        if branch is not None:
+            raise ValueError("token_logps: rows that share tokens (branch) need fasttune's Llama-family "
+                             "model")
         logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask).logits
         logits = logits[kept].float()  # (N, V)
         if temperature != 1.0:

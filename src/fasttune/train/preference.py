@@ -72,7 +72,8 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
-    return {k: batch[k][rows] for k in MODEL_KEYS}
+    """The model's inputs of `rows`; `branch` where the pairs share their prompt (`data.pair_batches`)."""
+    return {k: batch[k][rows] for k in (*MODEL_KEYS, "branch") if k in batch}
 
 
 class DPOObjective:
