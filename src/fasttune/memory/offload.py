@@ -78,6 +78,7 @@ class LayerInputOffloader:
         self.device = device
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.group: list[int] = []  # layer of each packed tensor: a layer's tensors are fetched together
+        self.first_of: dict[int, int] = {}  # layer -> the index of its first packed tensor
         self.layer = 0
         self.copying: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # (layer, x, its copy's event)
 
@@ -98,6 +99,7 @@ class LayerInputOffloader:
             return t
         idx = len(self.host)
         self.group.append(self.layer)
+        self.first_of.setdefault(self.layer, idx)
         if self.cuda:
             self._let_go(before=self.layer + 1 - self.copy_lag)  # older layers' copies are due
         if self.resident:  # its backward comes first, right after the loss: a round trip would stall it
@@ -120,21 +122,32 @@ class LayerInputOffloader:
         self.d2h.append(done)
         return idx
 
-    def _fetch(self, idx: int, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Start the copy back of input `idx` on `stream` into memory of the compute stream (once the work
-        queued there, which may have freed that memory, is done); returns the device tensor and the copy's
-        event, which the compute stream waits for before it reads the tensor."""
-        compute = torch.cuda.current_stream(self.device)
+    def _fetch_now(self, idx: int) -> torch.Tensor:
+        """Copy input `idx` back on the compute stream (a layer whose input was not prefetched: the first
+        layer the backward meets)."""
         host = self.host[idx]
         dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        if stream != compute:
-            stream.wait_stream(compute)
-        with torch.cuda.stream(stream):
-            stream.wait_event(self.d2h[idx])
-            host.copy_into(dev)
+        torch.cuda.current_stream(self.device).wait_event(self.d2h[idx])
+        host.copy_into(dev)
+        return dev
+
+    def _prefetch_layer(self, idxs: list[int]) -> None:
+        """Start the copy back of one layer's inputs `idxs` on the side stream into memory of the compute
+        stream (allocated there, once the work queued there, which may have freed that memory, is done),
+        under one wait, one stream switch and one event for them all (the compute stream waits for the
+        event before it reads them): this host work comes at the head of each layer's backward, where the
+        GPU waits on it whenever the host is barely ahead."""
+        compute = torch.cuda.current_stream(self.device)
+        devs = [torch.empty(self.host[j].shape, dtype=self.host[j].dtype, device=self.device) for j in idxs]
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            for j, dev in zip(idxs, devs):
+                self.stream.wait_event(self.d2h[j])
+                self.host[j].copy_into(dev)
             done = torch.cuda.Event()
-            done.record(stream)
-        return dev, done
+            done.record(self.stream)
+        for j, dev in zip(idxs, devs):
+            self.prefetched[j] = (dev, done)
 
     def unpack(self, idx: int | torch.Tensor) -> torch.Tensor:
         if isinstance(idx, torch.Tensor):
@@ -149,16 +162,14 @@ class LayerInputOffloader:
             dev, done = self.prefetched.pop(idx)
             torch.cuda.current_stream(self.device).wait_event(done)  # the copy is in before it is read
         else:
-            dev, _ = self._fetch(idx, torch.cuda.current_stream(self.device))
+            dev = self._fetch_now(idx)
         # Start copying back the previous layer's tensors, to overlap this layer's backward.
-        first = self.group.index(self.group[idx])
+        first = self.first_of[self.group[idx]]
         if first > 0 and self.cuda:
-            prev = self.group[first - 1]
-            for j in range(first - 1, -1, -1):
-                if self.group[j] != prev:
-                    break
-                if j not in self.prefetched and j not in self.kept:
-                    self.prefetched[j] = self._fetch(j, self.stream)
+            prev = self.first_of[self.group[first - 1]]
+            todo = [j for j in range(prev, first) if j not in self.prefetched and j not in self.kept]
+            if todo:
+                self._prefetch_layer(todo)
         return dev
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
