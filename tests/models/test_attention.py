@@ -129,3 +129,36 @@ def test_attention_backend_name_is_checked():
 
     with pytest.raises(ValueError, match="attention backend"):
         set_attention_backend("xformers")
+
+
+def test_compiled_flex_takes_new_batch_widths_without_a_compile_each():
+    """The compiled flex_attention of packed and branched rows sees a new batch width at most micro-batches
+    of real data: a few compiles serve them all (not one each), and no width falls back to the
+    unfused implementation (here compiled for the CPU, forward only)."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    import fasttune.models.attention as attention
+
+    torch._dynamo.reset()
+    counters.clear()
+    saved = dict(attention._compiled_flex)
+    attention._compiled_flex.clear()
+    try:
+        flex = attention._flex_attention(on_cuda=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for width in range(64, 64 + 8 * 11, 8):  # eleven widths: past dynamo's recompile limit of 8
+                q = torch.randn(1, 2, width, 16)
+                mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, width, width, device="cpu")
+                out = flex(q, q, q, block_mask=mask)
+                ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        assert counters["stats"]["unique_graphs"] <= 3  # static, dynamic, dynamic past one 128-block
+        assert not [w for w in caught if "without torch.compile" in str(w.message)]
+    finally:
+        attention._compiled_flex.clear()
+        attention._compiled_flex.update(saved)
+        torch._dynamo.reset()

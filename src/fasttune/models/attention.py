@@ -205,7 +205,10 @@ def _flex_attention(on_cuda: bool) -> Callable:
     if not on_cuda:
         return flex_attention
     if "fn" not in _compiled_flex:  # compiled once per process, on first use
-        _compiled_flex["fn"] = torch.compile(flex_attention, dynamic=False)
+        # torch's automatic dynamic shapes: the first batch width compiles static, a second one recompiles
+        # once with the width dynamic. (With dynamic=False every new width recompiled, and past dynamo's
+        # recompile limit flex ran unfused, with the whole score matrix in memory.)
+        _compiled_flex["fn"] = torch.compile(flex_attention)
     return _compiled_flex["fn"]
 
 
