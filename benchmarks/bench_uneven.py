@@ -5,7 +5,8 @@ Every stack loads the same random-weight model directory (`bench_train.write_mod
 r=16 alpha=16 on all seven projections with bitsandbytes AdamW 8-bit in bf16 on the same micro-batches:
 the rows of `instruction_data.py` (about 50 to 1,500 tokens) in the notebook's Alpaca prompt with EOS,
 trained whole as TRL trains a text column, batched by fasttune's own batcher (`data/packing.py`):
-    packing off   each row alone, padded to the longest of its batch (rounded up to 8), pads masked;
+    packing off   each row alone, padded to the longest of its batch (rounded up to 8), pads masked (fasttune's
+                  model runs such a batch padding-free: `models/padding_free.py`);
     packing on    rows packed best-fit into sequences of --max-len, positions restarting at each row;
     grouped       batches of similar lengths (transformers' group_by_length order), same rows per epoch.
 tokens/s = the real tokens of the timed steps / their wall time (warm-up steps left out). fasttune runs

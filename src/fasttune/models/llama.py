@@ -29,6 +29,7 @@ from fasttune.memory.settings import Checkpointing
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
 from fasttune.models.kv_cache import KVCache
+from fasttune.models.padding_free import unpad_rows
 from fasttune.models.rotary import RotaryEmbedding, rope_inv_freq  # noqa: F401  (importable from here)
 
 if TYPE_CHECKING:
@@ -423,7 +424,8 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
     ) -> LMOutput:
-        """With `targets` (B, T), already shifted, -100 ignored: loss_sum and n_tokens, never full logits.
+        """With `targets` (B, T), already shifted, -100 ignored: loss_sum and n_tokens, never full logits;
+        a right-padded batch runs padding-free (`models.padding_free`).
 
         Without: logits (B, T, V), or of the last `logits_to_keep` positions only (generation).
         """
@@ -431,6 +433,10 @@ class LlamaForCausalLM(nn.Module):
         if targets is not None:
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets {tuple(targets.shape)} != input_ids {tuple(input_ids.shape)}")
+            if attention_mask is not None and kv_cache is None:  # a padded batch runs padding-free
+                unpadded = unpad_rows(input_ids, position_ids, targets, attention_mask)
+                if unpadded is not None:
+                    (input_ids, position_ids, targets), attention_mask = unpadded, None
             if self._fused_loss():
                 rows = target_rows(targets)  # the host reads the targets now, not behind every layer's work
         h = self.model(input_ids, position_ids, attention_mask, kv_cache)  # (B, T, H)

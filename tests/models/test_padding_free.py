@@ -1,0 +1,96 @@
+"""A right-padded training batch runs padding-free (`models.padding_free`): its real tokens in one packed
+row, with the loss and LoRA gradients of its rows run one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttune.lora.apply import apply_lora
+from fasttune.models.base import IGNORE_INDEX
+from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
+from fasttune.models.padding_free import unpad_rows
+
+M = IGNORE_INDEX
+VOCAB = 53
+
+
+def _padded(lengths: list[int], width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    ids = torch.zeros(B, width, dtype=torch.long)
+    targets = torch.full((B, width), M)
+    mask = torch.zeros(B, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        row = torch.randint(1, VOCAB, (n,), generator=g)
+        ids[b, :n], mask[b, :n] = row, 1
+        targets[b, :n - 1] = row[1:]
+        targets[b, : 1 + b % 3] = M  # a prompt
+    pos = torch.arange(width).expand(B, width).clone()
+    return {"input_ids": ids, "position_ids": pos, "targets": targets, "attention_mask": mask}
+
+
+def test_unpadded_layout():
+    b = _padded([3, 5], 6)
+    ids, pos, tgt = unpad_rows(b["input_ids"], b["position_ids"], b["targets"], b["attention_mask"])
+    assert ids.shape == (1, 16)  # 8 real tokens, then 8 pads in a row of their own
+    assert ids[0, :8].tolist() == b["input_ids"][0, :3].tolist() + b["input_ids"][1, :5].tolist()
+    assert pos[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4] + list(range(8))
+    assert tgt[0, :8].tolist() == b["targets"][0, :3].tolist() + b["targets"][1, :5].tolist()
+    assert (tgt[0, 8:] == M).all() and (ids[0, 8:] == 0).all()
+
+
+def test_batches_it_leaves_alone():
+    def unpad(b):
+        return unpad_rows(b["input_ids"], b["position_ids"], b["targets"], b["attention_mask"])
+
+    assert unpad(_padded([4, 4], 4)) is None  # no padding
+    left = _padded([3, 4], 4)
+    left["attention_mask"] = left["attention_mask"].flip(1)  # left padding
+    assert unpad(left) is None
+    shifted = _padded([3, 4], 4)
+    shifted["position_ids"] = shifted["position_ids"] + 5  # rows that go on from earlier tokens
+    assert unpad(shifted) is None
+
+
+def _model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg, use_kernels=True)
+    model.init_weights(std=0.2)
+    apply_lora(model, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    return model.train()
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "offload"])
+def test_padded_batch_loss_and_grads_are_those_of_its_rows_alone(checkpointing):
+    lengths = [7, 13, 2, 10]
+    batch = _padded(lengths, 16)
+    model = _model()
+    if checkpointing != "off":
+        model.set_gradient_checkpointing(checkpointing, keep_attention="reference")
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    out = model(**batch)
+    hook.remove()
+    assert seen == [(1, 32)]  # the 32 real tokens in one row (16 divides 32: no pad row)
+    out.loss_sum.backward()
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    loss, count = 0.0, 0
+    for b, n in enumerate(lengths):  # each row alone, no padding
+        row = {k: v[b:b + 1, :n] for k, v in batch.items() if k != "attention_mask"}
+        alone = model(**row)
+        alone.loss_sum.backward()
+        loss, count = loss + alone.loss_sum.detach(), count + int(alone.n_tokens)
+    assert int(out.n_tokens) == count
+    torch.testing.assert_close(out.loss_sum.detach(), loss, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()))
