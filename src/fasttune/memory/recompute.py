@@ -145,7 +145,9 @@ def run_layers(
             x = checkpoint(run, layer, x, i, use_reentrant=False)
         elif lp.recompute == "halves" and layer.recompute_in_halves():
             offloader.layer, offloader.resident = i, lp.input == "device"
-            anchors = [p for p in layer.parameters() if p.requires_grad]
+            # the adapter weights make the output require grad where x does not (layer 0 under a frozen
+            # embedding); elsewhere x does, and walking the layer's parameters each step is host time
+            anchors = () if x.requires_grad else [p for p in layer.parameters() if p.requires_grad]
             with offloader.hooks():
                 x = LayerRecompute.apply(x, layer, attn_args, lp.gate_up, plan.keep_attention, plan.keep_qkv,
                                          *anchors)
