@@ -32,7 +32,8 @@ def _padded(lengths: list[int], width: int, seed: int = 0) -> dict[str, torch.Te
 
 def test_unpadded_layout():
     b = _padded([3, 5], 6)
-    ids, pos, tgt = unpad_rows(b["input_ids"], b["position_ids"], b["targets"], b["attention_mask"])
+    keep, ids, pos, tgt = unpad_rows(b["input_ids"], b["position_ids"], b["attention_mask"], b["targets"])
+    assert torch.equal(keep, b["attention_mask"].bool())
     assert ids.shape == (1, 16)  # 8 real tokens, then 8 pads in a row of their own
     assert ids[0, :8].tolist() == b["input_ids"][0, :3].tolist() + b["input_ids"][1, :5].tolist()
     assert pos[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4] + list(range(8))
@@ -42,7 +43,7 @@ def test_unpadded_layout():
 
 def test_batches_it_leaves_alone():
     def unpad(b):
-        return unpad_rows(b["input_ids"], b["position_ids"], b["targets"], b["attention_mask"])
+        return unpad_rows(b["input_ids"], b["position_ids"], b["attention_mask"], b["targets"])
 
     assert unpad(_padded([4, 4], 4)) is None  # no padding
     left = _padded([3, 4], 4)
@@ -92,5 +93,30 @@ def test_padded_batch_loss_and_grads_are_those_of_its_rows_alone(checkpointing):
         loss, count = loss + alone.loss_sum.detach(), count + int(alone.n_tokens)
     assert int(out.n_tokens) == count
     torch.testing.assert_close(out.loss_sum.detach(), loss, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()))
+
+
+def test_hidden_states_of_a_padded_batch_are_those_of_its_rows_alone():
+    """The log-probability path (`hidden_states`, for DPO/KTO/GRPO) runs padding-free too: each real token's
+    hidden state and its gradients as with the row alone; zeros at the pads."""
+    lengths = [5, 12, 9]
+    batch = _padded(lengths, 16, seed=2)
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+    hook.remove()
+    assert seen == [(1, 32)] and h.shape == (3, 16, 32)  # 26 real tokens and a row of 6 pads
+    weights = torch.randn(h.shape, generator=torch.Generator().manual_seed(5))
+    (h * weights).sum().backward()
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    for b, n in enumerate(lengths):
+        alone = model.hidden_states(batch["input_ids"][b:b + 1, :n], batch["position_ids"][b:b + 1, :n])
+        torch.testing.assert_close(h[b, :n].detach(), alone[0].detach(), rtol=1e-5, atol=1e-5)
+        assert (h[b, n:] == 0).all()
+        (alone[0] * weights[b, :n]).sum().backward()
     for g, p in zip(grads, params):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()))

@@ -75,5 +75,5 @@ def test_chunked_head_matches_the_whole_logits(monkeypatch):
     whole.sum().backward()
     torch.testing.assert_close(ours, whole, rtol=1e-5, atol=1e-5)
     assert (ours[batch["targets"] == IGNORE_INDEX] == 0).all()
-    for a, p in zip(ours_grads, trained):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    for a, p in zip(ours_grads, trained):  # fp32 sums in another order (the padded batch runs padding-free)
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()))

@@ -29,7 +29,7 @@ from fasttune.memory.settings import Checkpointing
 from fasttune.models.attention import AttentionMask, attend, build_attention_mask
 from fasttune.models.base import IGNORE_INDEX, LMOutput
 from fasttune.models.kv_cache import KVCache
-from fasttune.models.padding_free import unpad_rows
+from fasttune.models.padding_free import repad, unpad_rows
 from fasttune.models.rotary import RotaryEmbedding, rope_inv_freq  # noqa: F401  (importable from here)
 
 if TYPE_CHECKING:
@@ -412,7 +412,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final (normed) hidden states (B, T, H), the input of lm_head: `train.logps` runs the head only
         at the scored positions, a chunk at a time, so the (tokens x vocab) logits never exist whole.
-        `branch`: rows whose sequences share tokens (`data.pair_batches`)."""
+        `branch`: rows whose sequences share tokens (`data.pair_batches`). A right-padded batch runs
+        padding-free (`models.padding_free`); its pads' hidden states are zeros."""
+        if attention_mask is not None and branch is None:
+            unpadded = unpad_rows(input_ids, position_ids, attention_mask)
+            if unpadded is not None:
+                keep, ids, pos = unpadded
+                return repad(self.model(ids, pos), keep)
         return self.model(input_ids, position_ids, attention_mask, branch=branch)
 
     def forward(
@@ -434,9 +440,9 @@ class LlamaForCausalLM(nn.Module):
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets {tuple(targets.shape)} != input_ids {tuple(input_ids.shape)}")
             if attention_mask is not None and kv_cache is None:  # a padded batch runs padding-free
-                unpadded = unpad_rows(input_ids, position_ids, targets, attention_mask)
+                unpadded = unpad_rows(input_ids, position_ids, attention_mask, targets)
                 if unpadded is not None:
-                    (input_ids, position_ids, targets), attention_mask = unpadded, None
+                    (_, input_ids, position_ids, targets), attention_mask = unpadded, None
             if self._fused_loss():
                 rows = target_rows(targets)  # the host reads the targets now, not behind every layer's work
         h = self.model(input_ids, position_ids, attention_mask, kv_cache)  # (B, T, H)
