@@ -1,10 +1,9 @@
 """The host rule: how much pinned host memory offloaded activations may take, as the pinned allocator counts
 it, and what the host link carries beside the compute.
 
-Pinned copies of offloaded activations may take HOST_SHARE of host memory. The rule counts each tensor as
-power-of-two pieces (`pinned_pieces`, `pinned_bytes`), as torch's pinned allocator would round them: an upper
-bound of what the offloader takes from its slabs (`memory.offload.PinnedSlabs`), which hold the tensors
-back to back, but for the rest of the last slab.
+Pinned copies of offloaded activations may take HOST_SHARE of host memory. torch's pinned allocator rounds
+each allocation up to a power of two, so the offloader pins a tensor in power-of-two pieces (`pinned_pieces`)
+and the rule counts them as the allocator does (`pinned_bytes`).
 """
 
 from __future__ import annotations

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
+from fasttune.memory.host import pinned_pieces
+
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-SLAB_BYTES = 1 << 28  # 256 MiB, a power of two: torch's pinned allocator takes it without rounding up
-_ALIGN = 512  # bytes: where each copy starts in a slab
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -20,78 +18,24 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-class PinnedSlabs:
-    """The process's pinned host memory for offloaded activations, in slabs of SLAB_BYTES kept from step to
-    step. torch's pinned allocator caches blocks by their rounded size, so copies whose sizes change with the
-    batch width (padded rows) missed its cache at step after step, and each miss pinned new pages
-    (cudaHostAlloc, tens of milliseconds for a large block) while the GPU waited. `pin=False` (tests on the
-    CPU) takes plain host memory."""
-
-    def __init__(self, pin: bool = True) -> None:
-        self.pin, self.free, self.made = pin, [], 0
-
-    def take(self) -> torch.Tensor:
-        if self.free:
-            return self.free.pop()
-        self.made += 1
-        return torch.empty(SLAB_BYTES, dtype=torch.uint8, pin_memory=self.pin)
-
-    def give_back(self, slabs: list[torch.Tensor]) -> None:
-        self.free.extend(slabs)
-
-
-_SLABS: list[PinnedSlabs] = []
-
-
-def pinned_slabs() -> PinnedSlabs:
-    """The process's slabs (made on first use)."""
-    if not _SLABS:
-        _SLABS.append(PinnedSlabs())
-    return _SLABS[0]
-
-
-class SlabCursor:
-    """One offloader's pinned memory: byte ranges handed out in order from slabs of `slabs`, a copy that
-    does not fit the rest of one slab going on in the next; the slabs go back together (`release`). Every
-    read and write of them is a copy queued on the offloader's side stream or on the compute stream, which
-    the next offloader's copies to the host wait for, so they are free for it once given back."""
-
-    def __init__(self, slabs: PinnedSlabs) -> None:
-        self.slabs, self.held, self.at = slabs, [], SLAB_BYTES
-
-    def take(self, n: int) -> list[torch.Tensor]:
-        """uint8 views of n bytes in all, each within one slab (n a multiple of the element size)."""
-        views = []
-        while n > 0:
-            if self.at >= SLAB_BYTES:
-                self.held.append(self.slabs.take())
-                self.at = 0
-            k = min(n, SLAB_BYTES - self.at)
-            views.append(self.held[-1][self.at:self.at + k])
-            self.at = min(SLAB_BYTES, self.at + -(-k // _ALIGN) * _ALIGN)
-            n -= k
-        return views
-
-    def release(self) -> None:
-        self.slabs.give_back(self.held)
-        self.held = []
-
-
 class PinnedCopy:
-    """A device tensor's copy in pinned host memory: pieces that are views into a `SlabCursor`'s slabs. The
-    copies are queued on the current stream."""
+    """A device tensor's copy in pinned host memory, in `pinned_pieces` (a non-contiguous tensor, which our
+    layers do not offload, in one piece). The copies are queued on the current stream; `pin=False` (tests on
+    the CPU) takes plain host memory."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, pieces: list[torch.Tensor]) -> None:
         self.shape, self.dtype, self.pieces = shape, dtype, pieces
 
     @classmethod
-    def of(cls, t: torch.Tensor, cursor: SlabCursor) -> PinnedCopy:
+    def of(cls, t: torch.Tensor, pin: bool = True) -> PinnedCopy:
         t = t.detach()
-        if not t.is_contiguous():  # our layers offload contiguous tensors; any other is copied whole first
-            t = t.contiguous()
+        if not t.is_contiguous():
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            host.copy_(t, non_blocking=True)
+            return cls(t.shape, t.dtype, [host.view(-1)])
         flat, start, pieces = t.view(-1), 0, []
-        for view in cursor.take(t.numel() * t.element_size()):
-            piece = view.view(t.dtype)
+        for n in pinned_pieces(t.numel() * t.element_size()):
+            piece = torch.empty(n // t.element_size(), dtype=t.dtype, pin_memory=pin)
             piece.copy_(flat[start:start + piece.numel()], non_blocking=True)
             pieces.append(piece)
             start += piece.numel()
@@ -129,10 +73,6 @@ class LayerInputOffloader:
         self.kept: dict[int, torch.Tensor] = {}  # the resident tensors, until their backward reads them
         self.cuda = device.type == "cuda"
         self.stream = side_stream(device) if self.cuda else None
-        # pinned memory from the process's slabs, given back when this offloader is let go (after backward)
-        self.cursor = SlabCursor(pinned_slabs()) if self.cuda else None
-        if self.cursor is not None:
-            weakref.finalize(self, self.cursor.release)
         self.host: list[torch.Tensor] = []
         self.d2h: list[torch.cuda.Event | None] = []
         self.device = device
@@ -174,7 +114,7 @@ class LayerInputOffloader:
         compute = torch.cuda.current_stream(t.device)
         self.stream.wait_stream(compute)  # x is complete before the side stream reads it
         with torch.cuda.stream(self.stream):
-            host = PinnedCopy.of(t, self.cursor)
+            host = PinnedCopy.of(t)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.copying.append((self.layer, t, done))
