@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_cases import TINY, make_fused_lora_model
 
-from fasttune.lora.apply import apply_lora
 from fasttune.models.base import IGNORE_INDEX
-from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
 from fasttune.models.padding_free import unpad_rows
 
 M = IGNORE_INDEX
-VOCAB = 53
+VOCAB = TINY["vocab_size"]
 
 
 def _padded(lengths: list[int], width: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -54,19 +53,9 @@ def test_batches_it_leaves_alone():
     assert unpad(shifted) is None
 
 
-def _model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg, use_kernels=True)
-    model.init_weights(std=0.2)
-    apply_lora(model, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
-    return model.train()
+def _model():
+    return make_fused_lora_model(layers=2, b_std=0.3, hidden_size=32, intermediate_size=48,
+                                 num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.mark.parametrize("checkpointing", ["off", "offload"])
@@ -120,3 +109,15 @@ def test_hidden_states_of_a_padded_batch_are_those_of_its_rows_alone():
         (alone[0] * weights[b, :n]).sum().backward()
     for g, p in zip(grads, params):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()))
+
+
+def test_sliding_window_models_keep_the_padded_batch():
+    """With a sliding window the packed rows would need a dense (N, N) mask: the batch stays padded."""
+    model = make_fused_lora_model(layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                  num_key_value_heads=2, sliding_window=8)
+    batch = _padded([7, 13], 16)
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    model(**batch)
+    hook.remove()
+    assert seen == [(2, 16)]

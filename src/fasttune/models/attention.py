@@ -140,7 +140,7 @@ def build_attention_mask(
 
     windowed = sliding_window is not None and kv_len > sliding_window
     doc_causal = doc_ids is not None and key_ok is None and not windowed
-    if doc_causal and _flex_for_packed(doc_ids.device, head_dim):
+    if doc_causal and flex_for_packed(doc_ids.device, head_dim):
         return AttentionMask(causal=False, doc_ids=doc_ids, doc_causal=True)  # flex needs no dense mask
     if key_ok is None and doc_ids is None and not windowed:
         if past_len == 0:
@@ -175,7 +175,7 @@ def _branched_mask(q_len, position_ids, attention_mask, branch, past_len, slidin
     if attention_mask is not None and not _is_right_padded(attention_mask):
         raise ValueError("branch: the attention_mask must be right-padded")
     doc_ids = (position_ids == 0).cumsum(dim=1)  # (B, T)
-    if _flex_for_packed(doc_ids.device, head_dim):
+    if flex_for_packed(doc_ids.device, head_dim):
         return AttentionMask(causal=False, doc_ids=doc_ids, branch=branch)  # flex needs no dense mask
     pos = torch.arange(q_len, device=device)
     allowed = (pos[None, :] <= pos[:, None])[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
@@ -235,7 +235,7 @@ def _block_mask(mask: AttentionMask, q: torch.Tensor):
     return bm
 
 
-def _flex_for_packed(device: torch.device, head_dim: int | None) -> bool:
+def flex_for_packed(device: torch.device, head_dim: int | None) -> bool:
     """Whether packed rows go to flex (then `build_attention_mask` skips the dense (B, T, T) mask).
 
     Compiled flex_attention finds no kernel for some head sizes (24 on an H100 with torch 2.11): 'auto'

@@ -26,7 +26,7 @@ from fasttune.memory.kept_attention import rerun_from_kept
 from fasttune.memory.plan import ModelShape, plan_memory
 from fasttune.memory.recompute import run_layers
 from fasttune.memory.settings import Checkpointing
-from fasttune.models.attention import AttentionMask, attend, build_attention_mask
+from fasttune.models.attention import AttentionMask, attend, build_attention_mask, flex_for_packed
 from fasttune.models.base import IGNORE_INDEX, LMOutput
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.padding_free import repad, unpad_rows
@@ -413,8 +413,9 @@ class LlamaForCausalLM(nn.Module):
         """Final (normed) hidden states (B, T, H), the input of lm_head: `train.logps` runs the head only
         at the scored positions, a chunk at a time, so the (tokens x vocab) logits never exist whole.
         `branch`: rows whose sequences share tokens (`data.pair_batches`). A right-padded batch runs
-        padding-free (`models.padding_free`); its pads' hidden states are zeros."""
-        if attention_mask is not None and branch is None:
+        padding-free (`models.padding_free`) where `_padding_free` allows; its pads' hidden states are then
+        zeros."""
+        if attention_mask is not None and branch is None and self._padding_free(input_ids.device):
             unpadded = unpad_rows(input_ids, position_ids, attention_mask)
             if unpadded is not None:
                 keep, ids, pos = unpadded
@@ -431,7 +432,7 @@ class LlamaForCausalLM(nn.Module):
         logits_to_keep: int = 0,
     ) -> LMOutput:
         """With `targets` (B, T), already shifted, -100 ignored: loss_sum and n_tokens, never full logits;
-        a right-padded batch runs padding-free (`models.padding_free`).
+        a right-padded batch runs padding-free (`models.padding_free`) where `_padding_free` allows.
 
         Without: logits (B, T, V), or of the last `logits_to_keep` positions only (generation).
         """
@@ -439,7 +440,7 @@ class LlamaForCausalLM(nn.Module):
         if targets is not None:
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets {tuple(targets.shape)} != input_ids {tuple(input_ids.shape)}")
-            if attention_mask is not None and kv_cache is None:  # a padded batch runs padding-free
+            if attention_mask is not None and kv_cache is None and self._padding_free(input_ids.device):
                 unpadded = unpad_rows(input_ids, position_ids, attention_mask, targets)
                 if unpadded is not None:
                     (_, input_ids, position_ids, targets), attention_mask = unpadded, None
@@ -452,6 +453,12 @@ class LlamaForCausalLM(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return LMOutput(logits=self.lm_head(h), kv_cache=kv_cache)
+
+    def _padding_free(self, device: torch.device) -> bool:
+        """Whether a padded batch runs padding-free: where its packed rows need no dense (N, N) mask, i.e. no
+        sliding window, and on CUDA a head size flex attention takes (`models.attention`)."""
+        return self.config.sliding_window is None and (
+            device.type != "cuda" or flex_for_packed(device, self.config.head_dim))
 
     def _fused_loss(self) -> bool:
         """Whether the loss goes through `linear_cross_entropy` (a plain bias-free head)."""
