@@ -4,6 +4,7 @@ the same weights to the same loss; Llama-only stacks are skipped on them with a 
 
 import argparse
 import math
+from pathlib import Path
 
 import bench_train as bt
 import pytest
@@ -169,3 +170,20 @@ def test_run_worker_reads_results_and_names_failures(tmp_path):
     assert rc is None and bt.worker_error(out, err, rc, 1) == "TIMEOUT after 1 s"
     assert bt.worker_error("", "", -9, 60).startswith("OOM (host")
     assert bt.worker_error("", "Traceback\nValueError: x", 1, 60) == "Traceback | ValueError: x"
+
+
+def test_host_profile_writes_the_functions_of_the_step_beside_the_table(tmp_path):
+    table = tmp_path / "profile-bf16-2x2048.txt"
+    path = bt.host_profile_path(str(table))
+    assert path == str(tmp_path / "profile-bf16-2x2048.host.txt")
+
+    def a_host_bound_step():
+        return sum(i * i for i in range(20000))
+
+    prof = bt.start_host_profile()
+    a_host_bound_step()
+    bt.write_host_profile(prof, 0.25, path)
+    text = Path(path).read_text()
+    assert text.startswith("step 0.250 s under cProfile")
+    assert "a_host_bound_step" in text
+    assert text.count("Ordered by") == 2  # by own time, and by time with callees
