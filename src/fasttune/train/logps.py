@@ -31,14 +31,13 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     `temperature` divides the logits first (GRPO scores completions at its sampling temperature, as TRL).
     """
     input_ids, targets = batch["input_ids"], batch["targets"]
-    position_ids, attention_mask, branch = batch.get("position_ids"), batch.get("attention_mask"), \
-        batch.get("branch")
+    position_ids, attention_mask = batch.get("position_ids"), batch.get("attention_mask")
+    branch = batch.get("branch")  # rows sharing tokens (`data.pair_batches`)
     kept = targets != IGNORE_INDEX  # (B, T)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     hidden_states = getattr(model, "hidden_states", None)  # our Llama family; not transformers' models
     if hidden_states is not None:
-        kw = {} if branch is None else {"branch": branch}  # rows sharing tokens (`data.pair_batches`)
-        h = hidden_states(input_ids, position_ids, attention_mask, **kw)  # (B, T, H)
+        h = hidden_states(input_ids, position_ids, attention_mask, branch)  # (B, T, H)
         hk, y = h[kept], targets[kept]  # (N, H), (N,)
         vocab = model.lm_head.out_features
         step = max(1, CHUNK_ELEMS // vocab)
