@@ -16,8 +16,9 @@ or its own:
 branch        0 0 1 1 2 2 2                           query 5 (branch 2) sees keys 0, 1, 4, 5
 ```
 `attend` then runs `F.scaled_dot_product_attention`, except for cases (b) and (d) on CUDA, where the compiled
-`flex_attention` with a block mask built once per forward skips the blocks that cross rows (and never builds
-the (B, T, T) mask). `set_attention_backend` overrides the choice (benchmarks, tests).
+`flex_attention` with a block mask built once per forward (`models/flex_mask.py`, a chunk of query blocks at
+a time) skips the blocks that cross rows, and no (B, T, T) mask is kept. `set_attention_backend` overrides
+the choice (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.memory.kept_attention import PackedRows, attend_kept, keeps
+from fasttune.models.flex_mask import block_mask
 
 if TYPE_CHECKING:
     from fasttune.memory.layer_pass import LayerPass
@@ -214,8 +216,6 @@ def _flex_attention(on_cuda: bool) -> Callable:
 
 def _block_mask(mask: AttentionMask, q: torch.Tensor):
     """The flex BlockMask of this forward (cached on `mask`, so every layer and the recompute share it)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     bm = mask._bias.get("flex")
     if bm is None:
         B, T = q.shape[0], q.shape[2]
@@ -230,8 +230,7 @@ def _block_mask(mask: AttentionMask, q: torch.Tensor):
         else:
             def pattern(b, h, qi, ki):
                 return (ki <= qi) & (doc[b, qi] == doc[b, ki])
-        bm = mask._bias["flex"] = create_block_mask(pattern, B if doc is not None else None, None, T, T,
-                                                    device=q.device)
+        bm = mask._bias["flex"] = block_mask(pattern, B if doc is not None else None, T, q.device)
     return bm
 
 
