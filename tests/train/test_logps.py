@@ -57,14 +57,28 @@ def test_the_head_sees_only_scored_positions(monkeypatch):
     seen = []
     model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     monkeypatch.setattr(logps_module, "CHUNK_ELEMS", 4 * VOCAB)  # chunks of 4 positions
+    monkeypatch.setattr(logps_module, "CHUNK_ROWS_MIN", 1)
     token_logps(model, batch)
     assert sum(rows for rows, _ in seen) == n_scored  # never the (B, T) logits of every position
     assert all(rows <= 4 and width == HIDDEN for rows, width in seen)
     assert len(seen) == -(-n_scored // 4)
 
 
+def test_a_chunk_takes_at_least_the_minimum_rows(monkeypatch):
+    # a small memory allowance per chunk does not cut the head into products bound by reading its weight
+    model, batch = _model(), _batch()
+    n_scored = int((batch["targets"] != IGNORE_INDEX).sum())
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    monkeypatch.setattr(logps_module, "CHUNK_ELEMS", 2 * VOCAB)
+    monkeypatch.setattr(logps_module, "CHUNK_ROWS_MIN", 5)
+    token_logps(model, batch)
+    assert n_scored > 5 and seen[:-1] == [5] * (len(seen) - 1) and sum(seen) == n_scored
+
+
 def test_chunked_head_matches_the_whole_logits(monkeypatch):
     monkeypatch.setattr(logps_module, "CHUNK_ELEMS", 3 * VOCAB)
+    monkeypatch.setattr(logps_module, "CHUNK_ROWS_MIN", 1)
     model, batch = _model(), _batch()
     trained = [p for p in model.parameters() if p.requires_grad]
     ours = token_logps(model, batch)

@@ -14,7 +14,11 @@ from torch.utils.checkpoint import checkpoint
 
 from fasttune.models.base import IGNORE_INDEX
 
-CHUNK_ELEMS = 1 << 24  # logits per head chunk: 16M fp32 values (64 MiB), e.g. 130 rows of a 128k vocabulary
+CHUNK_ELEMS = 1 << 24  # logits per head chunk: 16M fp32 values (64 MiB), e.g. 341 rows of a 49k vocabulary
+# Each chunk reads the whole head weight (vocabulary x hidden); under about 256 rows that read, not the
+# arithmetic, bounds the product on an H100, so a chunk takes at least this many rows (a 128k vocabulary:
+# 128 MiB of fp32 logits).
+CHUNK_ROWS_MIN = 256
 
 
 def _chunk_logps(h: torch.Tensor, head: torch.nn.Module, y: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -40,7 +44,7 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         h = hidden_states(input_ids, position_ids, attention_mask, branch)  # (B, T, H)
         hk, y = h[kept], targets[kept]  # (N, H), (N,)
         vocab = model.lm_head.out_features
-        step = max(1, CHUNK_ELEMS // vocab)
+        step = max(CHUNK_ROWS_MIN, CHUNK_ELEMS // vocab)
         parts = []
         for a in range(0, y.numel(), step):
             if torch.is_grad_enabled():
