@@ -14,14 +14,13 @@ FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"
 
 
 def _rows(batch: int, length: int, seed: int):
-    """Packed rows of random lengths (doc ids) and random branches 0/1/2."""
+    """Two packed rows of random lengths in each batch row (doc ids) and branches 0/1/2 in runs of 256 tokens,
+    so that long enough rows have blocks wholly allowed as well as blocks cut by the pattern."""
     g = torch.Generator().manual_seed(seed)
     doc = torch.zeros(batch, length, dtype=torch.long)
     for r in range(batch):
-        cuts = torch.randint(1, length, (3,), generator=g).sort().values
-        for c in cuts:
-            doc[r, c:] += 1
-    branch = torch.randint(0, 3, (batch, length), generator=g)
+        doc[r, int(torch.randint(1, length, (1,), generator=g)):] = 1
+    branch = torch.randint(0, 3, (batch, length // 256 + 1), generator=g).repeat_interleave(256, dim=1)[:, :length]
     return doc, branch
 
 
@@ -41,7 +40,7 @@ def _assert_same(expected, got):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("length", [5, 128, 200, 391])
+@pytest.mark.parametrize("length", [5, 128, 200, 391, 1000])
 @pytest.mark.parametrize("kind", ["causal", "packed", "branched"])
 def test_block_mask_equals_create_block_mask(length, kind):
     batch = None if kind == "causal" else 2
@@ -55,6 +54,7 @@ def test_block_mask_in_chunks_of_query_blocks(monkeypatch):
     doc, branch = _rows(2, 700, seed=1)
     pattern = _patterns(doc, branch)["branched"]
     expected = create_block_mask(pattern, 2, None, 700, 700, device="cpu")
+    assert expected.full_kv_num_blocks.sum() > 0 and expected.kv_num_blocks.sum() > 0  # both kinds of block
     monkeypatch.setattr(flex_mask, "CHUNK_ELEMENTS", 1)  # one block of query rows a chunk
     _assert_same(expected, block_mask(pattern, 2, 700, torch.device("cpu")))
 
