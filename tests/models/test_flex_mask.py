@@ -20,7 +20,8 @@ def _rows(batch: int, length: int, seed: int):
     doc = torch.zeros(batch, length, dtype=torch.long)
     for r in range(batch):
         doc[r, int(torch.randint(1, length, (1,), generator=g)):] = 1
-    branch = torch.randint(0, 3, (batch, length // 256 + 1), generator=g).repeat_interleave(256, dim=1)[:, :length]
+    runs = torch.randint(0, 3, (batch, length // 256 + 1), generator=g)
+    branch = runs.repeat_interleave(256, dim=1)[:, :length]
     return doc, branch
 
 
