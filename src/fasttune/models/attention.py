@@ -97,9 +97,15 @@ def is_packed(position_ids: torch.Tensor | None) -> bool:
     return bool((position_ids[:, 1:] == 0).any())
 
 
+def right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: ones then zeros in every row (left on the device, for a caller that joins it to
+    other checks under one host sync)."""
+    return (attention_mask[:, 1:] <= attention_mask[:, :-1]).all()
+
+
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:
     """Ones then zeros in every row: causal attention already keeps real queries off the padding."""
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return bool(right_padded(attention_mask))
 
 
 def build_attention_mask(

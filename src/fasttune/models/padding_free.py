@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fasttune.models.attention import right_padded
 from fasttune.models.base import IGNORE_INDEX
 
 MULTIPLE = 16
@@ -32,8 +33,8 @@ def unpad_rows(input_ids: torch.Tensor, position_ids: torch.Tensor | None, atten
     if position_ids is None:
         position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device)
                         .expand_as(input_ids))
-    right_padded = (attention_mask[:, 1:] <= attention_mask[:, :-1]).all()
-    ok = torch.stack([~keep.all(), right_padded, (position_ids[:, 0] == 0).all(), keep[:, 0].all()])
+    ok = torch.stack([~keep.all(), right_padded(attention_mask), (position_ids[:, 0] == 0).all(),
+                      keep[:, 0].all()])
     if not bool(ok.all()):
         return None
     ids, pos = input_ids[keep], position_ids[keep]
