@@ -131,8 +131,9 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
     objective = DPOObjective(Reference(named), beta=0.1)
 
     def step(batch):
-        loss, _ = objective(model, batch)
-        (loss / int(batch["units"])).backward()
+        pairs = int(batch["units"])  # read before the forward, as the training loop reads it: read between
+        loss, _ = objective(model, batch)  # the forward and the backward, it would idle the GPU (a host sync)
+        (loss / pairs).backward()
         return loss.detach()
 
     row = time_steps(params, step, batches, args.warmup, getattr(args, "profile", None), flat=True)

@@ -162,3 +162,27 @@ def test_compiled_flex_takes_new_batch_widths_without_a_compile_each():
         attention._compiled_flex.clear()
         attention._compiled_flex.update(saved)
         torch._dynamo.reset()
+
+
+def test_the_right_padding_rule_is_read_once_per_unchanged_mask(monkeypatch):
+    # the reference and policy passes of a preference step build their masks from the same tensor: the
+    # second must not read the rule on the host again, and a changed or different mask must be read anew
+    import fasttune.models.attention as attention
+
+    reads = []
+    real = attention.right_padded
+    monkeypatch.setattr(attention, "right_padded", lambda m: reads.append(1) or real(m))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    branch = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    for _ in range(2):
+        build_attention_mask(6, position_ids=pos, attention_mask=mask, branch=branch)
+    assert len(reads) == 1
+    mask[0, 1] = 0  # in place: now padding in the middle, which branched rows refuse
+    with pytest.raises(ValueError, match="right-padded"):
+        build_attention_mask(6, position_ids=pos, attention_mask=mask, branch=branch)
+    assert len(reads) == 2
+    other = torch.tensor([[1, 0, 1, 1, 1, 0]])  # a different tensor: read, and refused
+    with pytest.raises(ValueError, match="right-padded"):
+        build_attention_mask(6, position_ids=pos, attention_mask=other, branch=branch)
+    assert len(reads) == 3

@@ -10,7 +10,7 @@ import fasttune.train.logps as logps_module
 from fasttune.lora.apply import apply_lora
 from fasttune.models.base import IGNORE_INDEX
 from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
-from fasttune.train.logps import token_logps
+from fasttune.train.logps import scored_index, token_logps
 
 VOCAB, HIDDEN = 97, 32
 
@@ -91,3 +91,24 @@ def test_chunked_head_matches_the_whole_logits(monkeypatch):
     assert (ours[batch["targets"] == IGNORE_INDEX] == 0).all()
     for a, p in zip(ours_grads, trained):  # fp32 sums in another order (the padded batch runs padding-free)
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()))
+
+
+def test_scored_index_lists_the_scored_positions_in_order():
+    targets = torch.tensor([[IGNORE_INDEX, 5, 6], [7, IGNORE_INDEX, 8]])
+    assert scored_index(targets).tolist() == [1, 2, 3, 5]
+
+
+def test_a_scored_index_in_the_batch_is_what_the_head_reads(monkeypatch):
+    # the objectives find the positions once, before the forward (`preference._rows`); token_logps must take
+    # them from the batch, not find them again by the mask (a host sync between forward and backward)
+    model, batch = _model(), _batch()
+    whole = token_logps(model, batch)
+    given = token_logps(model, {**batch, "scored_index": scored_index(batch["targets"])})
+    assert torch.equal(given, whole)
+    subset = scored_index(batch["targets"])[::2]
+    part = token_logps(model, {**batch, "scored_index": subset})
+    flat_part, flat_whole = part.reshape(-1), whole.reshape(-1)
+    assert torch.equal(flat_part[subset], flat_whole[subset])
+    rest = torch.ones_like(flat_part, dtype=torch.bool)
+    rest[subset] = False
+    assert (flat_part[rest] == 0).all() and (flat_whole[rest] != 0).any()

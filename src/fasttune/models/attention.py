@@ -23,6 +23,7 @@ the choice (benchmarks, tests).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 BACKENDS = ("auto", "sdpa", "flex")
 _backend = {"name": "auto"}
 _compiled_flex: dict[str, Callable] = {}
+_RIGHT_PADDED: dict[str, tuple] = {}  # "last": (weak reference to a mask, its version, right-padded)
 
 
 def set_attention_backend(name: str) -> None:
@@ -104,8 +106,17 @@ def right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """Ones then zeros in every row: causal attention already keeps real queries off the padding."""
-    return bool(right_padded(attention_mask))
+    """Ones then zeros in every row: causal attention already keeps real queries off the padding.
+
+    The answer is remembered for the last mask asked about, while that tensor lives unchanged (its version
+    counter): the passes of one preference or RL step over the same rows (reference, then policy) read it
+    on the host once, and the policy's forward does not wait for the reference's to finish on the GPU."""
+    seen = _RIGHT_PADDED.get("last")
+    if seen is not None and seen[0]() is attention_mask and seen[1] == attention_mask._version:
+        return seen[2]
+    value = bool(right_padded(attention_mask))
+    _RIGHT_PADDED["last"] = (weakref.ref(attention_mask), attention_mask._version, value)
+    return value
 
 
 def build_attention_mask(

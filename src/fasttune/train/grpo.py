@@ -19,7 +19,7 @@ import math
 import torch
 
 from fasttune.lora.reference import Reference
-from fasttune.train.logps import token_logps
+from fasttune.train.logps import scored_index, token_logps
 
 Batch = dict[str, torch.Tensor]
 MODEL_KEYS = ("input_ids", "targets", "position_ids", "attention_mask")
@@ -66,7 +66,10 @@ class GRPOObjective:
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         inputs = {k: batch[k] for k in MODEL_KEYS}
+        inputs["scored_index"] = scored_index(batch["targets"])  # once for both passes (`logps.scored_index`)
         mask = (batch["targets"] != -100).float()  # (B, T)
+        # the reward metrics count on the host: here, not after the forwards, where counting waits for them
+        metrics: dict = self._reward_metrics(batch, mask)
         ref = None
         if self.beta != 0.0:
             with torch.no_grad(), self.reference(model):
@@ -78,7 +81,6 @@ class GRPOObjective:
         clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + self.epsilon)
         per_token = -torch.min(ratio * adv, clipped * adv)
         n_tokens = mask.sum()
-        metrics: dict = {}
         if ref is not None:
             kl = torch.exp(ref - logps) - (ref - logps) - 1
             per_token = per_token + self.beta * kl * ratio  # TRL's bias-corrected KL term
@@ -89,7 +91,6 @@ class GRPOObjective:
             loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
         is_clipped = ((ratio < 1 - self.epsilon) & (adv < 0)) | ((ratio > 1 + self.epsilon) & (adv > 0))
         metrics["clip_ratio"] = ((is_clipped.float() * mask).sum(), n_tokens)
-        metrics.update(self._reward_metrics(batch, mask))
         return loss, metrics
 
     def _reward_metrics(self, batch: Batch, mask: torch.Tensor) -> dict:

@@ -28,21 +28,34 @@ def _chunk_logps(h: torch.Tensor, head: torch.nn.Module, y: torch.Tensor, temper
     return -F.cross_entropy(logits, y, reduction="none")  # (n,)
 
 
+def scored_index(targets: torch.Tensor) -> torch.Tensor:
+    """(N,) the flat positions of `targets` (B, T) that are scored (not -100), in order. A collate function
+    that computes them on the host (`data.pair_batches`) puts them in the batch as `scored_index`: on the
+    device `token_logps` then knows N from the index's shape, where picking the positions by the mask would
+    wait for the GPU to finish the forward before it can size the result, and the backward could not be
+    queued ahead of it."""
+    return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 temperature: float = 1.0) -> torch.Tensor:
     """(B, T) fp32: log p(targets[b, t] | tokens up to t) where targets != -100, else 0.
 
     `temperature` divides the logits first (GRPO scores completions at its sampling temperature, as TRL).
+    `batch["scored_index"]`, where present, is `scored_index(targets)`.
     """
     input_ids, targets = batch["input_ids"], batch["targets"]
     position_ids, attention_mask = batch.get("position_ids"), batch.get("attention_mask")
     branch = batch.get("branch")  # rows sharing tokens (`data.pair_batches`)
-    kept = targets != IGNORE_INDEX  # (B, T)
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    index = batch.get("scored_index")
+    if index is None:
+        index = scored_index(targets)  # a host sync on CUDA
+    B, T = targets.shape
+    y = targets.reshape(-1).index_select(0, index)  # (N,)
     hidden_states = getattr(model, "hidden_states", None)  # our Llama family; not transformers' models
     if hidden_states is not None:
         h = hidden_states(input_ids, position_ids, attention_mask, branch)  # (B, T, H)
-        hk, y = h[kept], targets[kept]  # (N, H), (N,)
+        hk = h.reshape(B * T, h.shape[-1]).index_select(0, index)  # (N, H)
         vocab = model.lm_head.out_features
         step = max(CHUNK_ROWS_MIN, CHUNK_ELEMS // vocab)
         parts = []
@@ -58,11 +71,12 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
             raise ValueError("token_logps: rows that share tokens (branch) need fasttune's Llama-family "
                              "model")
         logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask).logits
-        logits = logits[kept].float()  # (N, V)
+        logits = logits.reshape(B * T, logits.shape[-1]).index_select(0, index).float()  # (N, V)
         if temperature != 1.0:
             logits = logits / temperature
-        logps = -F.cross_entropy(logits, targets[kept], reduction="none")
-    return out.masked_scatter(kept, logps)
+        logps = -F.cross_entropy(logits, y, reduction="none")
+    out = torch.zeros(B * T, dtype=torch.float32, device=targets.device)
+    return out.index_copy(0, index, logps).view(B, T)
 
 
 def sequence_logps(token: torch.Tensor, sequence: torch.Tensor, n: int) -> torch.Tensor:

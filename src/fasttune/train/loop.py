@@ -225,10 +225,11 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     def run_window(window: list[Batch], window_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward and backward of every micro-batch (each as `micro_splits` parts): the window's loss sum
         and its metric sums."""
-        loss_sum, sums = torch.zeros((), device=device), {}
+        loss_sum, sums, pending = torch.zeros((), device=device), {}, []
         parts = st["micro_splits"]
         micro = [p for b in window for p in split_batch(b, parts)] if parts > 1 else window
         for i, batch in enumerate(micro):
+            units = objective.units(batch)  # from the host copy: on the device, reading it is a host sync
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # DDP reduces once, after the window's last backward; DDP and FSDP2 average gradients over the
             # ranks, so the loss is scaled by the world size to make that average the sum the units divide
@@ -238,7 +239,9 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                 loss = batch_loss.float() * d.world_size / max(window_tokens, 1)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += batch_loss.detach().float()
-            add_metrics(sums, stats, objective.units(batch))
+            pending.append((stats, units))
+        for stats, units in pending:  # read on the host after the window's last backward is queued, not
+            add_metrics(sums, stats, units)  # between micro-batches, where each read would idle the GPU
         return loss_sum, sums
 
     model.train()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.lora.reference import Reference
-from fasttune.train.logps import sequence_counts, sequence_logps, token_logps
+from fasttune.train.logps import scored_index, sequence_counts, sequence_logps, token_logps
 
 Batch = dict[str, torch.Tensor]
 MODEL_KEYS = ("input_ids", "targets", "position_ids", "attention_mask")
@@ -72,8 +72,12 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
-    """The model's inputs of `rows`; `branch` where the pairs share their prompt (`data.pair_batches`)."""
-    return {k: batch[k][rows] for k in (*MODEL_KEYS, "branch") if k in batch}
+    """The model's inputs of `rows`; `branch` where the pairs share their prompt (`data.pair_batches`), and
+    the scored positions (`logps.scored_index`), found here once for the passes that read these rows, so
+    that no pass waits for the GPU between its forward and the backward."""
+    inputs = {k: batch[k][rows] for k in (*MODEL_KEYS, "branch") if k in batch}
+    inputs["scored_index"] = scored_index(inputs["targets"])
+    return inputs
 
 
 class DPOObjective:
@@ -140,6 +144,8 @@ class KTOObjective:
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n, label = int(batch["units"]), batch["label"]
+        # counted on the host before the forwards: after them, the count would wait for them to finish
+        n_chosen, n_rejected = int(label.sum()), int((~label).sum())
         main, mismatched = _rows(batch, slice(0, n)), _rows(batch, slice(n, 2 * n))
         seq_main, seq_kl = batch["sequence"][:n], batch["sequence"][n:] - n * (batch["sequence"][n:] >= 0)
         with torch.no_grad(), self.reference(model):
@@ -151,10 +157,11 @@ class KTOObjective:
         logps = sequence_logps(token_logps(model, main), seq_main, n)
         losses = kto_loss(logps, ref, label, kl, self.beta, *self.weights)
         rewards = self.beta * (logps.detach() - ref)
-        n_chosen, n_rejected = int(label.sum()), int((~label).sum())
-        metrics = {"kl": (kl, 1), "rewards/chosen": (rewards[label].sum(), n_chosen),
-                   "rewards/rejected": (rewards[~label].sum(), n_rejected)}
+        # sums by `where`, not by picking rows with the mask (a host sync before the backward)
+        chosen_sum, rejected_sum = torch.where(label, rewards, 0).sum(), torch.where(label, 0, rewards).sum()
+        metrics = {"kl": (kl, 1), "rewards/chosen": (chosen_sum, n_chosen),
+                   "rewards/rejected": (rejected_sum, n_rejected)}
         if n_chosen and n_rejected:  # TRL logs the margin of micro-batches holding both kinds
-            margin = rewards[label].sum() / n_chosen - rewards[~label].sum() / n_rejected
+            margin = chosen_sum / n_chosen - rejected_sum / n_rejected
             metrics["rewards/margins"] = (margin, 1)
         return losses.sum(), metrics
