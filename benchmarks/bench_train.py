@@ -258,7 +258,8 @@ def configure_fasttune(model, variant: str, args) -> dict:
     dguK (offloading modes: the last K recomputed layers hold gate/up on the device, device_gate_up=K;
     default 1, dgu0 reruns them all),
     capG (the caching allocator may hold at most G GiB, as on a card of that size: past it, it frees its
-    cache and retries, counted in the row's alloc_retries).
+    cache and retries, counted in the row's alloc_retries),
+    ceN (the fused loss takes chunks of 2^N logits on CUDA, `kernels.cross_entropy.CHUNK_ELEMS_CUDA`).
     """
     import torch
 
@@ -288,6 +289,10 @@ def configure_fasttune(model, variant: str, args) -> dict:
         keep = int(arg or 0)
     PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
     cap = next((float(f[3:]) for f in flags if f.startswith("cap")), None)
+    ce = next((int(f[2:]) for f in flags if f.startswith("ce")), None)
+    if ce is not None:
+        from fasttune.kernels import cross_entropy
+        cross_entropy.CHUNK_ELEMS_CUDA = 1 << ce
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap * GiB / total))
     model.set_gradient_checkpointing(mode, keep_layers=keep, **options)

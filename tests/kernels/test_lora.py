@@ -373,3 +373,19 @@ def test_residual_is_added_in_the_product_in_the_compute_dtype_and_after_it_othe
     assert firsts[0] is None and firsts[1] is not None and firsts[2] is None  # written first in the product
     with pytest.raises(RuntimeError, match="no_grad"):
         lora_kernels.lora_linear(x, w, None, a, b, 0.5, layer_pass=LayerPass(residual=residual))
+
+
+def test_adapter_gradients_come_in_the_parameters_dtype_unrounded(any_device):
+    # dA and dB of fp32 adapters under bf16 compute: on CUDA one product writes fp32 from its fp32 sums (no
+    # bf16 rounding, no cast), elsewhere the bf16 product is cast; scaled by s in both, and at s = 1 untouched
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 300, generator=g).to(any_device, torch.bfloat16)
+    b = torch.randn(300, 24, generator=g).to(any_device, torch.bfloat16)
+    exact = a.double() @ b.double()
+    for s in (1.0, 0.5):
+        got = lora_kernels._grad_product(a, b, s, torch.float32)
+        assert got.dtype == torch.float32 and got.shape == (16, 24)
+        err = (got.double() - s * exact).abs().max() / (s * exact).abs().max()
+        # bf16 rounding of the output alone is ~2^-9 of the largest value; fp32 sums are far below it
+        assert err < (1e-5 if any_device == "cuda" else 1e-2), (s, float(err))
+    assert lora_kernels._grad_product(a, b, 1.0, torch.bfloat16).dtype == torch.bfloat16

@@ -89,6 +89,11 @@ def _chunk_loss_and_grad_triton(z: torch.Tensor, y: torch.Tensor, want_grad: boo
     return loss.sum()
 
 
+# Logits per chunk on CUDA, where the Triton path keeps a chunk in h's dtype (bf16: 256 MiB at 2^27); the
+# torch path keeps 2^24 in fp32.
+CHUNK_ELEMS_CUDA = 1 << 27
+
+
 def _chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 24) -> int:
     """Tokens per chunk so that one chunk of logits stays near `budget_elems` elements.
 
@@ -195,8 +200,7 @@ def linear_cross_entropy(
     if h.shape[0] == 0:
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float(), n_tokens
     triton = use_triton(h, weight, force=force_triton)
-    # The Triton path keeps a chunk in h's dtype (bf16: 256 MiB at 2^27 elements), the torch path in fp32.
-    rows = chunk_rows or _chunk_rows(h.shape[0], weight.shape[0], 1 << 27 if h.is_cuda else 1 << 24)
+    rows = chunk_rows or _chunk_rows(h.shape[0], weight.shape[0], CHUNK_ELEMS_CUDA if h.is_cuda else 1 << 24)
     return LinearCrossEntropyFunction.apply(h, weight, y, rows, triton), n_tokens
 
 

@@ -176,7 +176,7 @@ def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None, residual=None)
         y = fp8_product(x2, w, x2.dtype, x_fp8).addmm_(xa, b.t(), alpha=s)  # (N, out)
         y = y if bias is None else y.add_(bias)
         return (y if residual is None else y.add_(residual)), xa
-    bs = b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
+    bs = b.t() if s == 1.0 else b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
     first = residual if bias is None else (bias if residual is None else residual + bias)
     y = _rank_r(xa, bs, first)  # (N, out)
     y.addmm_(x2, w.t())
@@ -192,27 +192,50 @@ def _rank_r(a, b, c=None, out=None) -> torch.Tensor:
     return torch.mm(a, b, out=out) if c is None else torch.addmm(c, a, b, out=out)
 
 
-def _grads(dy2, x2, a, b, s, xl2, xa, needs, dyb=None):
+def _grad_product(a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """s (a b) as an adapter's gradient in `dtype`. fp32 adapters under 16-bit compute on CUDA: the product
+    accumulates in fp32 and writes fp32 itself (`torch.mm`'s out_dtype), unrounded, with no cast after it;
+    the scaling pass is skipped at s = 1 (lora_alpha = r). Elsewhere the product in a's dtype, then cast."""
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        p = torch.mm(a, b, out_dtype=dtype)
+    else:
+        p = a @ b
+    if s != 1.0:
+        p = p.mul_(s)
+    return p.to(dtype)
+
+
+def _one_dtype(*dtypes: torch.dtype) -> torch.dtype | None:
+    """The dtype the A parameters share, for `_shared_da` to write; None when they differ (the compute dtype,
+    then a cast each)."""
+    return dtypes[0] if len(set(dtypes)) == 1 else None
+
+
+def _grads(dy2, x2, a, b, s, xl2, xa, needs, dyb=None, dtypes=(None, None)):
     """Per-projection gradients of `_forward` other than dx: (dyB, dW, dbias, dA, dB, dx'), each only if
     flagged in `needs` = (W, bias, A, B, x'). dx of one or several projections of one x: `_dx`.
-    `dyb`: dy B when the caller has it already (the SwiGLU backward kernel makes it for gate and up)."""
+    `dyb`: dy B when the caller has it already (the SwiGLU backward kernel makes it for gate and up).
+    `dtypes`: of the A and B parameters, which dA and dB come in (None: the compute dtype)."""
     want_w, want_bias, want_a, want_b, want_xl = needs
     dyb = dy2 @ b if dyb is None else dyb  # (N, r)
-    da = (dyb.t() @ (x2 if xl2 is None else xl2)).mul_(s) if want_a else None  # (r, in)
-    db = (dy2.t() @ xa).mul_(s) if want_b else None  # (out, r)
+    dt_a, dt_b = (dt or dy2.dtype for dt in dtypes)
+    da = _grad_product(dyb.t(), x2 if xl2 is None else xl2, s, dt_a) if want_a else None  # (r, in)
+    db = _grad_product(dy2.t(), xa, s, dt_b) if want_b else None  # (out, r)
     dw = dy2.t() @ x2 if want_w else None  # (out, in)
     dbias = dy2.sum(0) if want_bias else None
     dxl = (dyb @ a).mul_(s) if want_xl and xl2 is not None else None  # (N, in)
     return dyb, dw, dbias, da, db, dxl
 
 
-def _shared_da(x2, dybs: list[torch.Tensor | None], scalings) -> list[torch.Tensor | None]:
+def _shared_da(x2, dybs: list[torch.Tensor | None], scalings, dtype=None) -> list[torch.Tensor | None]:
     """dA_i = s_i (dy_i B_i)^T x for several projections of one x as one product (one read of x, which is
-    (N, in) against their (N, r) operands); None where dy_i B_i is None (that A needs no gradient)."""
-    live = [(i, d * s) for i, (d, s) in enumerate(zip(dybs, scalings)) if d is not None]
+    (N, in) against their (N, r) operands); None where dy_i B_i is None (that A needs no gradient).
+    `dtype`: of the A parameters, which the product writes (`_grad_product`; None: the compute dtype)."""
+    live = [(i, d if s == 1.0 else d * s) for i, (d, s) in enumerate(zip(dybs, scalings)) if d is not None]
     out: list[torch.Tensor | None] = [None] * len(dybs)
     if live:
-        parts = (torch.cat([d for _, d in live], 1).t() @ x2).split([d.shape[1] for _, d in live], 0)
+        cat = torch.cat([d for _, d in live], 1).t()
+        parts = _grad_product(cat, x2, 1.0, dtype or x2.dtype).split([d.shape[1] for _, d in live], 0)
         for (i, _), da in zip(live, parts):
             out[i] = da  # (r_i, in)
     return out
@@ -235,7 +258,7 @@ def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
             p = fp8_grad_input(dy2, w, dy2.dtype)  # (N, in)
             dx = p if dx is None else dx.add_(p)
     rest = [t for t in terms if not isinstance(t[1], FP8Weight)]
-    adapters = [(dyb, a * s) for _, _, dyb, a, s in terms if dyb is not None]
+    adapters = [(dyb, a if s == 1.0 else a * s) for _, _, dyb, a, s in terms if dyb is not None]
     if adapters:
         dx = _rank_r(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), c=dx,
                      out=out if dx is None else dx)
@@ -285,7 +308,8 @@ class LoRALinearFunction(torch.autograd.Function):
             w = _dense(ctx.dequant, a.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(a.dtype)  # (N, out)
         n = ctx.needs_input_grad
-        dyb, *grads = _grads(dy2, x2, a, b, ctx.scaling, xl2, xa, (n[1], n[2], n[3], n[4], n[6]))
+        dyb, *grads = _grads(dy2, x2, a, b, ctx.scaling, xl2, xa, (n[1], n[2], n[3], n[4], n[6]),
+                             dtypes=ctx.dtypes[3:5])
         w_term = fp8 if fp8 is not None else (lambda: w)
         dx = _dx([(dy2, w_term, dyb if xl2 is None else None, a, ctx.scaling)]) if n[0] else None
         dx, dw, dbias, da, db, dxl = (_cast(g, dt) for g, dt in zip((dx, *grads), ctx.dtypes))
@@ -471,12 +495,13 @@ class LoRAMLPFunction(torch.autograd.Function):
                                                      db_scales=inv, want_h=True)
             del dh
             had = h @ ad.t() if had is None else had  # (N, r); None: a recompute for this backward skipped it
-            _, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags, dybd)
+            _, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags, dybd, ctx.dtypes[11:13])
             del h
         else:
             h = _silu_mul(g, u, None, ctx.triton)  # (N, inter), recomputed
             had = h @ ad.t() if had is None else had
-            dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags)
+            dybd, dwd, dbd, dad, dbbd, _ = _grads(dy2, h, ad, bbd, sd, None, had, flags,
+                                                  dtypes=ctx.dtypes[11:13])
             # dh goes into h's buffer: every read of h is above.
             dh = _dx([(dy2, _weight_term(wd, dqd, dt), dybd, ad, sd)], out=h)
             del h
@@ -484,10 +509,11 @@ class LoRAMLPFunction(torch.autograd.Function):
             dybg = dybu = None  # made by _grads below
             del dh
         dybg, dwg, dbg, _, dbbg, _ = _grads(dg, x2, ag, bbg, sg, None, xag, (n[1], n[2], False, n[4], False),
-                                            dybg)
+                                            dybg, ctx.dtypes[3:5])
         dybu, dwu, dbu, _, dbbu, _ = _grads(du, x2, au, bbu, su, None, xau, (n[5], n[6], False, n[8], False),
-                                            dybu)
-        dag, dau = _shared_da(x2, [dybg if n[3] else None, dybu if n[7] else None], (sg, su))
+                                            dybu, ctx.dtypes[7:9])
+        dag, dau = _shared_da(x2, [dybg if n[3] else None, dybu if n[7] else None], (sg, su),
+                              _one_dtype(ctx.dtypes[3], ctx.dtypes[7]))
         dx = _dx([(dg, _weight_term(wg, dqg, dt), dybg, ag, sg),
                   (du, _weight_term(wu, dqu, dt), dybu, au, su)]) if n[0] else None
         grads = (dx, dwg, dbg, dag, dbbg, dwu, dbu, dau, dbbu, dwd, dbd, dad, dbbd)
@@ -572,10 +598,12 @@ class LoRAQKVFunction(torch.autograd.Function):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (N, out_i)
             a, b, s = ab[2 * i], ab[2 * i + 1], ctx.scalings[i]
             flags = (n[1 + 4 * i], n[2 + 4 * i], False, n[4 + 4 * i], False)  # dA: below, one read of x
-            dyb, dw, dbias, _, db, _ = _grads(dy2, x2, a, b, s, None, xas[i], flags)
+            dyb, dw, dbias, _, db, _ = _grads(dy2, x2, a, b, s, None, xas[i], flags,
+                                              dtypes=ctx.dtypes[3 + 4 * i:5 + 4 * i])
             grads += [dw, dbias, None, db]
             terms.append((dy2, _weight_term(dense[i], ctx.dequants[i], x2.dtype), dyb, a, s))
-        das = _shared_da(x2, [t[2] if n[3 + 4 * i] else None for i, t in enumerate(terms)], ctx.scalings)
+        das = _shared_da(x2, [t[2] if n[3 + 4 * i] else None for i, t in enumerate(terms)], ctx.scalings,
+                         _one_dtype(*ctx.dtypes[3::4]))
         grads[2::4] = das
         dx = _dx(terms) if n[0] else None
         grads = [_cast(g, t) for g, t in zip([dx, *grads], ctx.dtypes)]
