@@ -161,6 +161,11 @@ def _base(weight, dequant, dt):
     return fp8 if fp8 is not None else _dense(dequant if weight is None else weight, dt)
 
 
+def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    """t s, or t itself at s = 1 (lora_alpha = r): no pass over it, no launch."""
+    return t if s == 1.0 else t * s
+
+
 def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None, residual=None):
     """y = residual + x W^T + bias + s (x' A^T) B^T on 2-D operands (x' = x when `xl2` is None, no residual
     when it is None); returns (y, xA).
@@ -176,7 +181,7 @@ def _forward(x2, w, bias, a, b, s, xl2=None, xa=None, x_fp8=None, residual=None)
         y = fp8_product(x2, w, x2.dtype, x_fp8).addmm_(xa, b.t(), alpha=s)  # (N, out)
         y = y if bias is None else y.add_(bias)
         return (y if residual is None else y.add_(residual)), xa
-    bs = b.t() if s == 1.0 else b.t() * s  # (r, out), scaled here rather than scaling the (N, out) product
+    bs = _scaled(b.t(), s)  # (r, out), scaled here rather than scaling the (N, out) product
     first = residual if bias is None else (bias if residual is None else residual + bias)
     y = _rank_r(xa, bs, first)  # (N, out)
     y.addmm_(x2, w.t())
@@ -231,7 +236,7 @@ def _shared_da(x2, dybs: list[torch.Tensor | None], scalings, dtype=None) -> lis
     """dA_i = s_i (dy_i B_i)^T x for several projections of one x as one product (one read of x, which is
     (N, in) against their (N, r) operands); None where dy_i B_i is None (that A needs no gradient).
     `dtype`: of the A parameters, which the product writes (`_grad_product`; None: the compute dtype)."""
-    live = [(i, d if s == 1.0 else d * s) for i, (d, s) in enumerate(zip(dybs, scalings)) if d is not None]
+    live = [(i, _scaled(d, s)) for i, (d, s) in enumerate(zip(dybs, scalings)) if d is not None]
     out: list[torch.Tensor | None] = [None] * len(dybs)
     if live:
         cat = torch.cat([d for _, d in live], 1).t()
@@ -258,7 +263,7 @@ def _dx(terms, out: torch.Tensor | None = None) -> torch.Tensor:
             p = fp8_grad_input(dy2, w, dy2.dtype)  # (N, in)
             dx = p if dx is None else dx.add_(p)
     rest = [t for t in terms if not isinstance(t[1], FP8Weight)]
-    adapters = [(dyb, a if s == 1.0 else a * s) for _, _, dyb, a, s in terms if dyb is not None]
+    adapters = [(dyb, _scaled(a, s)) for _, _, dyb, a, s in terms if dyb is not None]
     if adapters:
         dx = _rank_r(torch.cat([d for d, _ in adapters], 1), torch.cat([m for _, m in adapters], 0), c=dx,
                      out=out if dx is None else dx)
@@ -451,7 +456,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 had = _kept(had, (n, lora[2][0].shape[0]), dt, "h A_d^T")
             y = _placeholder(x2, (n, lora[2][1].shape[0]))
         else:
-            terms = (xag, lora[0][1] * sg, xau, lora[1][1] * su) if defer else None
+            terms = (xag, _scaled(lora[0][1], sg), xau, _scaled(lora[1][1], su)) if defer else None
             h = _silu_mul(g, u, terms, triton)  # (N, inter)
             residual = None if layer_pass is None else layer_pass.residual
             fused = _residual_rows(residual, (*shape[:-1], lora[2][1].shape[0]), dt)
@@ -482,7 +487,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         sg, su, sd = ctx.scalings
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (N, hidden)
-        terms = (xag, bbg * sg, xau, bbu * su) if ctx.defer else None  # the adapter terms g0 and u0 lack
+        terms = (xag, _scaled(bbg, sg), xau, _scaled(bbu, su)) if ctx.defer else None  # what g0, u0 lack
         flags = (n[9], n[10], n[11], n[12], False)
         # the kernel's dg B_g, du B_u come from its terms s B (s = 0: the adapter's gradients are zero)
         inv = tuple(1.0 / s if s else 0.0 for s in (sg, su))
