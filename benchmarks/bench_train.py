@@ -61,6 +61,16 @@ SHAPES = {
                          rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                          max_position_embeddings=131072, tie_word_embeddings=True),
+    # Llama-3.1-8B's depth and layer structure (32 layers, GQA, all seven projections) at a width whose GPU
+    # work is a few milliseconds a step: a step's time is then what the host takes to queue it, compared
+    # across stacks in seconds rather than with an 8B model
+    "llama-3.1-8b-thin": dict(vocab_size=49152, hidden_size=512, intermediate_size=1792, num_hidden_layers=32,
+                              num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5,
+                              rope_theta=500000.0,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192},
+                              max_position_embeddings=131072, tie_word_embeddings=False),
     # small shapes to smoke-test the harness itself
     "tiny": dict(vocab_size=49152, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
