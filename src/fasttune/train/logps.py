@@ -29,11 +29,11 @@ def _chunk_logps(h: torch.Tensor, head: torch.nn.Module, y: torch.Tensor, temper
 
 
 def scored_index(targets: torch.Tensor) -> torch.Tensor:
-    """(N,) the flat positions of `targets` (B, T) that are scored (not -100), in order. A collate function
-    that computes them on the host (`data.pair_batches`) puts them in the batch as `scored_index`: on the
-    device `token_logps` then knows N from the index's shape, where picking the positions by the mask would
-    wait for the GPU to finish the forward before it can size the result, and the backward could not be
-    queued ahead of it."""
+    """(N,) the flat positions of `targets` (B, T) that are scored (not -100), in order. The objectives find
+    them once, before their forwards (`preference._rows`, `grpo`), and pass them in the batch as
+    `scored_index`: `token_logps` then knows N from the index's shape, where picking the positions by the
+    mask after the forward would wait for the GPU to finish it before sizing the result, and the backward
+    could not be queued ahead of it."""
     return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
