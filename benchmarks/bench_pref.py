@@ -131,8 +131,8 @@ def fasttune_dpo(args, tokenizer, rows) -> dict:
     objective = DPOObjective(Reference(named), beta=0.1)
 
     def step(batch):
-        pairs = int(batch["units"])  # read before the forward, as the training loop reads it: read between
-        loss, _ = objective(model, batch)  # the forward and the backward, it would idle the GPU (a host sync)
+        pairs = int(batch["units"])  # before the forward, as the training loop has it: read between the
+        loss, _ = objective(model, batch)  # forward and the backward, it would make the host wait for the GPU
         (loss / pairs).backward()
         return loss.detach()
 

@@ -171,6 +171,7 @@ def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
 # ---- one stack, one process -------------------------------------------------------------------
 
 PACKING = {"rows": 1}  # rows per sequence of fasttune's steps (variant flag packN), set by configure_fasttune
+CE_CHUNK: dict[str, int] = {}  # the fused loss's chunk budget before any variant flag ceN changed it
 
 
 def fasttune_step(model):
@@ -300,9 +301,10 @@ def configure_fasttune(model, variant: str, args) -> dict:
     PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
     cap = next((float(f[3:]) for f in flags if f.startswith("cap")), None)
     ce = next((int(f[2:]) for f in flags if f.startswith("ce")), None)
-    if ce is not None:
-        from fasttune.kernels import cross_entropy
-        cross_entropy.CHUNK_ELEMS_CUDA = 1 << ce
+    from fasttune.kernels import cross_entropy
+
+    CE_CHUNK.setdefault("default", cross_entropy.CHUNK_ELEMS_CUDA)  # a later variant without ceN: the default
+    cross_entropy.CHUNK_ELEMS_CUDA = CE_CHUNK["default"] if ce is None else 1 << ce
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap * GiB / total))
     model.set_gradient_checkpointing(mode, keep_layers=keep, **options)
