@@ -186,3 +186,14 @@ def test_the_right_padding_rule_is_read_once_per_unchanged_mask(monkeypatch):
     with pytest.raises(ValueError, match="right-padded"):
         build_attention_mask(6, position_ids=pos, attention_mask=other, branch=branch)
     assert len(reads) == 3
+
+
+def test_masks_made_under_inference_mode_are_read_each_time():
+    # inference tensors keep no version counter: a padded prompt under torch.inference_mode must still work
+    pos = torch.arange(5).expand(2, 5)
+    with torch.inference_mode():
+        right = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+        left = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+        assert build_attention_mask(5, position_ids=pos, attention_mask=right).causal
+        m = build_attention_mask(5, position_ids=pos, attention_mask=left)
+    assert not m.causal and m.mask[1, 0, 4].tolist() == [False, False, True, True, True]

@@ -111,6 +111,8 @@ def _is_right_padded(attention_mask: torch.Tensor) -> bool:
     The answer is remembered for the last mask asked about, while that tensor lives unchanged (its version
     counter): the passes of one preference or RL step over the same rows (reference, then policy) read it
     on the host once, and the policy's forward does not wait for the reference's to finish on the GPU."""
+    if attention_mask.is_inference():  # no version counter to tell a changed mask by: read it each time
+        return bool(right_padded(attention_mask))
     seen = _RIGHT_PADDED.get("last")
     if seen is not None and seen[0]() is attention_mask and seen[1] == attention_mask._version:
         return seen[2]
