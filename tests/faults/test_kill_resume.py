@@ -62,6 +62,8 @@ def kill_and_resume(ctx, argv, run, rng, kills_wanted) -> int:
             if child.is_alive():
                 os.kill(child.pid, signal.SIGKILL)
                 child.join()
+                if child.exitcode == 0:  # it finished between the liveness check and the kill
+                    return kills
                 assert child.exitcode == -signal.SIGKILL
                 kills += 1
                 continue
