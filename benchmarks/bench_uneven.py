@@ -129,10 +129,11 @@ def build_peer(args):
     return model, params, step, {"attention": f"{attention}: position_ids only" if packed else attention}
 
 
-def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: str | None = None) -> dict:
+def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: str | None = None,
+          profile_step: int | None = None) -> dict:
     """Wall time and real tokens of the steps after `warmup`, each step's time and width; peak memory over
-    all of them. `profile`: write a profiler table of the first step after the warmup there and a cProfile of
-    the next beside it (CUDA only); neither counts in the totals."""
+    all of them. `profile`: write a profiler table of step `profile_step` (default: the first after the
+    warmup) there and a cProfile of the next beside it (CUDA only); neither counts in the totals."""
     import torch
 
     cuda = device == "cuda"
@@ -152,12 +153,13 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     seconds, real, padded, losses, steps = 0.0, 0, 0, [], []
+    at = warmup if profile_step is None else profile_step
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        # with `profile`: the first step after the warmup under the torch profiler, the next under cProfile;
+        # with `profile`: step `at` under the torch profiler, the next under cProfile;
         # neither counts in the timed total
-        prof = bt.start_profile() if profile and cuda and i == warmup else None
-        host = bt.start_host_profile() if profile and cuda and i == warmup + 1 else None
+        prof = bt.start_profile() if profile and cuda and i == at else None
+        host = bt.start_host_profile() if profile and cuda and i == at + 1 else None
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -195,7 +197,7 @@ def worker(args) -> dict:
            "max_len": args.max_len, "packing": args.packing, "grouping": args.grouping, **info}
     try:
         row.update(timed(params, step, batches, args.warmup, args.device, flat=args.stack == "fasttune",
-                         profile=getattr(args, "profile_to", None)))
+                         profile=getattr(args, "profile_to", None), profile_step=args.profile_step))
     except Exception as e:  # one failure is a row of the table, not the end of the run
         row["error"] = "OOM" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"[:300]
     if args.device == "cuda":
@@ -219,6 +221,8 @@ def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args
     log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
     if args.profile:
         cmd += ["--profile-to", str(log.with_suffix(".profile.txt"))]
+        if args.profile_step is not None:
+            cmd += ["--profile-step", str(args.profile_step)]
     rows, out, err, rc = bt.run_worker(cmd, log, args.timeout)
     if rows:
         return rows[0]
@@ -273,6 +277,10 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--profile", action="store_true",
                    help="write a profiler table of each process's first timed step beside its log (CUDA)")
+    p.add_argument("--profile-step", type=int, default=None,
+                   help="with --profile: the index of the step to profile, counting the warm-up steps "
+                   "(default: the first timed step); a later one shows the steady state, once the batch "
+                   "widths have been seen")
     p.add_argument("--profile-to", default=None, help=argparse.SUPPRESS)  # worker: that table's path
     args = p.parse_args()
     args.seq = args.max_len  # bench_train's builders size Unsloth's model by it

@@ -3,6 +3,7 @@ and the run's estimate read from the plan the model executes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fasttune.config import RunConfig, apply_overrides
@@ -13,7 +14,16 @@ from fasttune.memory.settings import Checkpointing
 from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
 from fasttune.train.metrics import summary_text
 
-SIZED = {"max_seq_length": 256}  # a number: 'auto' is resolved from the data when a run starts
+SIZED = {"max_seq_length": 256}
+
+
+@pytest.fixture(autouse=True)
+def reserved(monkeypatch) -> list:
+    """The pinned reservations `set_checkpointing` asks for, recorded (these tests name a CUDA device on a
+    machine that may have none)."""
+    calls = []
+    monkeypatch.setattr(setup.pinned, "reserve", lambda device, nbytes: calls.append((device, nbytes)))
+    return calls  # a number: 'auto' is resolved from the data when a run starts
 
 
 def tiny_lora_llama(targets=("default",), layers: int = 6):
@@ -161,3 +171,24 @@ def test_auto_checkpointing_offloads_on_a_gpu_however_small_the_host(monkeypatch
                           "memory, of the last 6 on the GPU: 40% of host memory holds no more)")
     assert setup.set_checkpointing(model, cfg, torch.device("cpu")) == "off"
     assert model.gradient_checkpointing == "off"
+
+
+@pytest.mark.parametrize("mode", ["offload", "selective", "on"])
+def test_offloading_reserves_the_pinned_copies_of_a_step_at_the_runs_shape(reserved, monkeypatch, mode):
+    """Offloading modes pin, before the first step, what the plan of batch x max_seq_length copies to the
+    host; 'on' keeps every input on the GPU and pins nothing."""
+    from fasttune.memory.plan import ModelShape, pinned_copy_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 80 * 2**30))  # selective keeps 0
+    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": mode, "max_seq_length": 128,
+                                        "per_device_train_batch_size": 3}, "test")
+    model = tiny_lora_llama()
+    setup.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16")
+    if mode == "on":
+        assert reserved == []
+        return
+    plan = step_plan(model.config, model.model.checkpointing, batch=3, seq=128, use_kernels=False)
+    want = pinned_copy_bytes(plan, ModelShape.of(model.config), setup.pinned.ALIGN)
+    # whole-layer recompute (no kernels): 5 of 6 layers put their input (3 x 128 x 32 bf16 = 6 pages) on the
+    # host, the last keeps its own
+    assert reserved == [(torch.device("cuda"), want)] and want == 5 * 24_576

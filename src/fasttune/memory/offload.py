@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fasttune.memory.host import pinned_pieces
+from fasttune.memory.pinned import arena
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -19,12 +22,19 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class PinnedCopy:
-    """A device tensor's copy in pinned host memory, in `pinned_pieces` (a non-contiguous tensor, which our
-    layers do not offload, in one piece). The copies are queued on the current stream; `pin=False` (tests on
-    the CPU) takes plain host memory."""
+    """A device tensor's copy in host memory: in a slice of the pinned arena (`into`), or pinned on its own
+    in `pinned_pieces` (`of`; a non-contiguous tensor, which our layers do not offload, in one piece). The
+    copies are queued on the current stream; `pin=False` (the CPU, tests) takes plain host memory."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, pieces: list[torch.Tensor]) -> None:
         self.shape, self.dtype, self.pieces = shape, dtype, pieces
+
+    @classmethod
+    def into(cls, t: torch.Tensor, block: torch.Tensor, non_blocking: bool) -> PinnedCopy:
+        """t copied into `block`, bytes of the arena (uint8, exactly t's size)."""
+        host = block.view(t.dtype).view(t.shape)
+        host.copy_(t.detach(), non_blocking=non_blocking)
+        return cls(t.shape, t.dtype, [host.view(-1)])
 
     @classmethod
     def of(cls, t: torch.Tensor, pin: bool = True) -> PinnedCopy:
@@ -62,7 +72,9 @@ class LayerInputOffloader:
     backward. The tensors of a layer whose plan keeps them on the device (`resident`, set by `run_layers`
     from `LayerPlan.input`) stay there: the last recomputed layer's, whose backward runs right after the loss
     with nothing to overlap their copy back, and those of the trailing layers the host rule leaves no room
-    for. One offloader serves one forward/backward; on the CPU it degrades to plain copies.
+    for. The host copies are slices of the device's pinned arena (`memory.pinned`), under a lease that ends
+    when the offloader is freed. One offloader serves one forward/backward; on the CPU its copies are plain
+    (synchronous) copies into the arena's host memory.
     """
 
     def __init__(self, device: torch.device, copy_lag: int = 2) -> None:
@@ -81,6 +93,16 @@ class LayerInputOffloader:
         self.first_of: dict[int, int] = {}  # layer -> the index of its first packed tensor
         self.layer = 0
         self.copying: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # (layer, x, its copy's event)
+        self.lease = arena(device).lease()
+        weakref.finalize(self, self.lease.arena.end, self.lease)
+
+    def _copy_out(self, t: torch.Tensor) -> PinnedCopy:
+        """t's copy on the host, queued on the current stream: into the lease's next slice, or pinned on its
+        own where the arena has no room left."""
+        block = self.lease.take(t.numel() * t.element_size())
+        if block is None:
+            return PinnedCopy.of(t, pin=self.cuda)
+        return PinnedCopy.into(t, block, non_blocking=self.cuda)
 
     def _let_go(self, before: int) -> None:
         """Release the device tensors of layers < `before` whose copies to the host were queued: the compute
@@ -108,13 +130,13 @@ class LayerInputOffloader:
             self.d2h.append(None)
             return idx
         if not self.cuda:
-            self.host.append(t.detach().clone())
+            self.host.append(self._copy_out(t))
             self.d2h.append(None)
             return idx
         compute = torch.cuda.current_stream(t.device)
         self.stream.wait_stream(compute)  # x is complete before the side stream reads it
         with torch.cuda.stream(self.stream):
-            host = PinnedCopy.of(t)
+            host = self._copy_out(t)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.copying.append((self.layer, t, done))
@@ -156,8 +178,11 @@ class LayerInputOffloader:
             self._let_go(before=1 << 30)
         if idx in self.kept:
             dev = self.kept.pop(idx)  # read once, by its layer's backward: not held past it
-        elif not self.cuda:
-            return self.host[idx]
+        elif not self.cuda:  # a tensor of its own: the arena's slice is written again by a later forward
+            host = self.host[idx]
+            dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            host.copy_into(dev)
+            return dev
         elif idx in self.prefetched:
             dev, done = self.prefetched.pop(idx)
             torch.cuda.current_stream(self.device).wait_event(done)  # the copy is in before it is read

@@ -195,6 +195,33 @@ def _plan(shape: ModelShape, s: Checkpointing, tokens: int, span: int, act_bytes
     return MemoryPlan(s.mode, tuple(layers), keep_attention, qkv > 0, qkv, on_host, fused, tokens, act_bytes)
 
 
+def pinned_copy_bytes(plan: MemoryPlan, shape: ModelShape, align: int) -> int:
+    """The host memory one step of `plan` copies its offloaded tensors into, each tensor in a slice of its
+    own rounded up to `align` bytes (`memory.pinned`): per layer in halves whose tensors go to the host its
+    input x and midpoint x_mid, with kept attention its output and log-sum-exp (fp32), with kept q/k/v those
+    three, and gate/up where the plan keeps them there; per whole layer on the host its input."""
+    def up(n: int) -> int:
+        return -(-n // align) * align
+
+    t, a = plan.tokens, plan.act_bytes
+    x, heads = up(t * shape.hidden * a), shape.heads * shape.head_dim
+    total = 0
+    for lp in plan.layers:
+        if lp.recompute == "none" or lp.input != "host":
+            continue
+        if lp.recompute == "whole":
+            total += x
+            continue
+        total += 2 * x
+        if plan.keep_attention != "off":
+            total += up(t * heads * a) + up(t * shape.heads * 4)
+            if plan.keep_qkv:
+                total += up(t * heads * a) + 2 * up(t * shape.kv_heads * shape.head_dim * a)
+        if lp.gate_up == "host":
+            total += 2 * up(t * shape.intermediate * a)
+    return total
+
+
 def whole_layer_input(i: int, recomputed: int, host_inputs: int) -> str:
     """Where offloaded whole-layer recompute keeps layer i's input: on the device for the last recomputed
     layer (its backward follows the loss at once, with nothing to overlap a copy back) and for those past

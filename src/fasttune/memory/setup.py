@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from fasttune.config import ConfigError, RunConfig
+from fasttune.memory import pinned
 from fasttune.memory.estimate import (
     MemoryEstimate,
     estimate_memory,
@@ -19,7 +20,7 @@ from fasttune.memory.estimate import (
     step_plan,
     weight_bytes,
 )
-from fasttune.memory.plan import MemoryPlan
+from fasttune.memory.plan import MemoryPlan, ModelShape, pinned_copy_bytes
 from fasttune.memory.settings import Checkpointing, parse_host_gate_up
 
 SELECTIVE_HEADROOM = 0.9  # share of the free GPU memory 'selective' plans into (fragmentation, eval)
@@ -82,6 +83,14 @@ def plan_selective(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
                             seq=cfg.model.max_seq_length, budget_bytes=budget, act_bytes=act_bytes, **kwargs)
 
 
+def reserve_pinned(model: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str) -> None:
+    """Pin, before the first step, the host memory a step of the run's shape copies its offloaded tensors
+    into (`memory.pinned`), so that no step pins memory whatever its batch width."""
+    plan = run_plan(model, cfg, precision)
+    if plan.offloads:
+        pinned.reserve(device, pinned_copy_bytes(plan, ModelShape.of(model.config), pinned.ALIGN))
+
+
 def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *,
                       precision: str = "fp32", quantization: str | None = None,
                       log: Callable[[str], None] = print) -> str:
@@ -116,6 +125,8 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
         keep = plan_selective(model, cfg, device, Checkpointing(mode, **held), precision=precision,
                               quantization=quantization)
     model.set_gradient_checkpointing(mode, keep_layers=keep, **held)
+    if mode in ("offload", "selective"):
+        reserve_pinned(model, cfg, device, precision)
     if mode == "offload":
         return f"offload ({run_plan(model, cfg, precision).placement()})"
     if mode == "selective":
