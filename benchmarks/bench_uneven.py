@@ -203,6 +203,12 @@ def worker(args) -> dict:
     if args.device == "cuda":
         import torch
 
+        if args.stack == "fasttune":  # the pinned block of the offloaded copies, and how often it grew
+            from fasttune.memory.pinned import arena
+
+            block = arena(torch.device("cuda"))
+            row["pinned_gib"], row["pinned_grows"] = round(block.capacity / 2**30, 3), block.grows
+
         row["gpu"] = torch.cuda.get_device_name()
     del model
     gc.collect()
