@@ -53,8 +53,9 @@ The matmuls run through torch (cuBLAS), except the rank-r products that write an
 adapter term the base product accumulates onto, and dx's adapter share): on CUDA the kernel of
 `rank_product.py` writes them in one pass. The SwiGLU of `lora_mlp` (with the gate/up adapter terms) runs the
 Triton kernels of `swiglu_lora.py` on CUDA; the torch path keeps complete g and u (the terms in the products).
-All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype; adapter
-gradients are returned in the adapters' own dtype. An FP8 base (a dequantiser carrying `.fp8`,
+All products run in one compute dtype: the autocast dtype when autocast is on, else x's dtype (adapters
+stepped as one flat buffer are read from its copy in that dtype, `adapter_cast`); adapter gradients are
+returned in the adapters' own dtype. An FP8 base (a dequantiser carrying `.fp8`,
 `models/fp8.py`) runs its base products in FP8 (`kernels/fp8.py`): the forward's x W^T and the backward's
 dy W (`_dx`). `weight` may be a dense tensor or a callable returning one
 (e.g. an NF4 dequantisation into a reused buffer, called once in the forward and once in the backward).
@@ -69,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.kernels._dispatch import use_triton
+from fasttune.kernels.adapter_cast import in_dtype
 from fasttune.kernels.fp8 import FP8Weight, fp8_grad_input, fp8_input, fp8_product
 from fasttune.kernels.rank_product import _rank_product_fwd
 from fasttune.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
@@ -283,7 +285,7 @@ class LoRALinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, in)
         xl2 = None if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dt)  # (N, in)
-        a, b = lora_A.to(dt), lora_B.to(dt)
+        a, b = in_dtype(lora_A, dt), in_dtype(lora_B, dt)
         skip = layer_pass is not None and layer_pass.rerun
         residual = None if layer_pass is None else layer_pass.residual
         fused = None
@@ -424,7 +426,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         # Dense weights are cast once and kept; a dequantiser is called right before its product, because
         # dequantisers may share one output buffer (nf4_buffer) across projections.
         dense = [None if w is None else _dense(w, dt) for w in (wg, wu, wd)]
-        lora = [(a.to(dt), b.to(dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
+        lora = [(in_dtype(a, dt), in_dtype(b, dt)) for a, b in ((ag, bbg), (au, bbu), (ad, bbd))]
         sg, su, sd = scalings
         rerun = layer_pass is not None and layer_pass.rerun
         kept = None if layer_pass is None else layer_pass.kept
@@ -576,7 +578,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)  # (N, hidden)
         dense = [None if w is None else _dense(w, dt) for w in (wq, wk, wv)]
-        lora = [(a.to(dt), b.to(dt)) for a, b in ((aq, bbq), (ak, bbk), (av, bbv))]
+        lora = [(in_dtype(a, dt), in_dtype(b, dt)) for a, b in ((aq, bbq), (ak, bbk), (av, bbv))]
         xas = _down_a(x2, [a for a, _ in lora])  # (N, r) each, one read of x
         if outputs:
             outs = []

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fasttune.kernels import adapter_cast
+
 # Members start at multiples of this many elements: bitsandbytes' 8-bit block size (see above), and
 # 1 KiB for fp32, so every member is as aligned as a tensor of its own (kernels, TMA, vector loads).
 ALIGN = 256
@@ -76,6 +78,7 @@ class FlatParams:
                 view.copy_(p)
                 p.data = view  # the Parameter object stays; its storage is now the buffer
         self.param = nn.Parameter(buffer)
+        adapter_cast.register(self.param, self.members, self.spans)  # one cast of the buffer per update
         self._grad: torch.Tensor | None = None  # the gradient buffer the views below belong to
         self._grad_views: list[torch.Tensor] = []
         self.bind_grads()
@@ -150,6 +153,7 @@ class _FlatStep:
         super().__init__([g.param for g in flat_groups], *args, **kwargs)
         self.flat_groups = flat_groups
         self.register_step_pre_hook(_bind_before_step)
+        self.register_step_post_hook(_announce_step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         del set_to_none  # always in place: see the class docstring
@@ -224,6 +228,13 @@ def per_tensor_state(state_dict: dict[str, Any], shapes: Sequence[torch.Size]) -
 def _bind_before_step(optimizer: _FlatStep, args: Any, kwargs: Any) -> None:
     for group in optimizer.flat_groups:
         group.bind_grads()
+
+
+def _announce_step(optimizer: _FlatStep, args: Any, kwargs: Any) -> None:
+    """Bump each buffer's in-place counter after a step: bitsandbytes' optimizers write through raw
+    pointers, which autograd's counter does not see, and the adapters' compute-dtype copies
+    (`kernels.adapter_cast`) are remade when it moves."""
+    torch.autograd.graph.increment_version([group.param for group in optimizer.flat_groups])
 
 
 @functools.cache
