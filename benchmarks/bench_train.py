@@ -541,7 +541,9 @@ def worker(args) -> list[dict]:
         model, params, step = build_hf(args, liger=args.stack == "liger")
     # Ids below both the peers' tokenizer (49,152) and the model's vocabulary (Llama-2: 32,000).
     limit = min(49152, shape_vocab(args.shape))
-    batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps, limit)]
+    # a profiled run takes two steps more (one under each profiler), so that as many steps are timed
+    extra = 2 if args.profile else 0
+    batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps + extra, limit)]
     base = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "training_mode": model.training,
             "gpu_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
