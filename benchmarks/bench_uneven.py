@@ -197,7 +197,8 @@ def worker(args) -> dict:
            "max_len": args.max_len, "packing": args.packing, "grouping": args.grouping, **info}
     try:
         row.update(timed(params, step, batches, args.warmup, args.device, flat=args.stack == "fasttune",
-                         profile=getattr(args, "profile_to", None), profile_step=args.profile_step))
+                         profile=getattr(args, "profile_to", None),
+                         profile_step=getattr(args, "profile_step", None)))
     except Exception as e:  # one failure is a row of the table, not the end of the run
         row["error"] = "OOM" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"[:300]
     if args.device == "cuda":
