@@ -14,11 +14,12 @@ from fasttune.memory.estimate import (
     adapter_params,
     estimate_memory,
     layer_saved_bytes,
+    narrow_keep_table,
     plan_keep_layers,
     step_plan,
     weight_bytes,
 )
-from fasttune.memory.plan import ModelShape, host_gate_up_share
+from fasttune.memory.plan import ModelShape, host_gate_up_share, plan_memory
 from fasttune.memory.settings import Checkpointing
 from fasttune.models.presets import SHAPES
 
@@ -295,3 +296,27 @@ def test_layer_saved_bytes_match_what_autograd_keeps_on_cuda():
     rope_bytes = sum(t.numel() * t.element_size() for t in rope)
     measured = sum(storages.values()) - rope_bytes
     assert measured == pytest.approx(layer_saved_bytes(model.config, B * T, r=16), rel=0.1)
+
+
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+def test_narrow_micro_batches_keep_layers_within_a_full_ones_activation_memory(quantization):
+    """Each entry of the table is the widest micro-batch whose last k layers keep their activations with its
+    activations and working memory within a full micro-batch's offload plan: one token more passes it."""
+    c = make_config(**SHAPES["llama-3.1-8b"])
+    settings = Checkpointing("offload")
+    kw = dict(quantization=quantization, r=16, optimizer="adamw_8bit")
+    table = narrow_keep_table(c, settings, batch=2, seq=2048, **kw)
+
+    def act_work(tokens, keep):
+        s = Checkpointing("selective", keep_layers=keep) if keep else settings
+        e = estimate_memory(c, plan_memory(ModelShape.of(c), s, tokens=tokens, span=min(2048, tokens),
+                                           act_bytes=2, fused=True), **kw)
+        return e.activations + e.working
+
+    budget = act_work(2 * 2048, 0)
+    assert len(table) == 32 and list(table) == sorted(table, reverse=True)
+    for k, most in enumerate(table, start=1):
+        assert act_work(most, k) <= budget < act_work(most + 1, k) or (k > 1 and most == table[k - 2]), k
+    assert table[0] < 2 * 2048  # a full micro-batch keeps none: its plan, and so the run's estimate, stand
+    assert 8 <= Checkpointing("offload", narrow_keep=table).kept_layers(2 * 250) <= 16  # notebook-sized rows
+    assert narrow_keep_table(c, Checkpointing("on"), batch=2, seq=2048, **kw) == ()

@@ -71,7 +71,8 @@ def test_settings_are_checked_and_normalised():
     for bad, match in ((dict(mode="sometimes"), "gradient_checkpointing"),
                        (dict(keep_layers=-1), "keep_layers"), (dict(host_gate_up=1.5), "host_gate_up"),
                        (dict(device_gate_up=-1), "device_gate_up"),
-                       (dict(keep_attention="yes"), "keep_attention")):
+                       (dict(keep_attention="yes"), "keep_attention"),
+                       (dict(narrow_keep=(100, 200)), "narrow_keep"), (dict(narrow_keep=(-1,)), "narrow_keep")):
         with pytest.raises(ValueError, match=match):
             Checkpointing(**{"mode": "offload", **bad})
     assert [parse_host_gate_up(v) for v in ("AUTO", " auto", "0.25", "1", "1.5", "x", 0)] == \
@@ -87,3 +88,16 @@ def test_the_run_log_line_says_what_each_layer_keeps_and_where(big_host):
     assert plan("selective", keep_layers=2, keep_attention="off", device_gate_up=0).describe() == (
         "selective: the last 2 of 32 layers keep their activations; recompute in halves, layer inputs in "
         "pinned host memory")
+
+
+def test_a_narrow_micro_batch_keeps_the_layers_its_width_allows(big_host):
+    """`narrow_keep` (k-1 -> the most tokens at which k layers keep their activations): the plan of a
+    micro-batch keeps the trailing layers its width allows, at least `keep_layers`; 'on' has no table."""
+    shape = ModelShape(layers=4, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16, qk_norm=False)
+    s = Checkpointing("offload", narrow_keep=(3000, 1000, 1000, 0))
+    assert [s.kept_layers(t) for t in (4000, 3000, 2000, 1000, 10)] == [0, 1, 1, 3, 3]
+    plan = plan_memory(shape, s, tokens=1000, span=500, act_bytes=2, fused=True)
+    assert [lp.recompute for lp in plan.layers] == ["halves", "none", "none", "none"]
+    assert plan.describe().startswith("offload: the last 3 of 4 layers keep their activations")
+    assert Checkpointing("selective", keep_layers=2, narrow_keep=(9, 9, 5)).kept_layers(100) == 2
+    assert Checkpointing("on", narrow_keep=(3000,)).narrow_keep == ()

@@ -192,3 +192,28 @@ def test_offloading_reserves_the_pinned_copies_of_a_step_at_the_runs_shape(reser
     # whole-layer recompute (no kernels): 5 of 6 layers put their input (3 x 128 x 32 bf16 = 6 pages) on the
     # host, the last keeps its own
     assert reserved == [(torch.device("cuda"), want)] and want == 5 * 24_576
+
+
+@pytest.mark.parametrize("keep_narrow", [True, False])
+def test_offload_on_cuda_lets_narrow_micro_batches_keep_layers_and_says_so(keep_narrow):
+    """On a GPU the run's offload plan carries the narrow-batch table made from the run's shape and
+    estimate options (`keep_narrow`, default on), and the run log says what it allows; off: none."""
+    from fasttune.memory.estimate import narrow_keep_table
+
+    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "offload", "max_seq_length": 256,
+                                        "per_device_train_batch_size": 2, "r": 4, "optim": "adamw_torch",
+                                        "keep_narrow": keep_narrow}, "test")
+    model = tiny_lora_llama(targets=("q_proj", "v_proj"))
+    said = []
+    setup.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16", log=said.append)
+    table = model.model.checkpointing.narrow_keep
+    if not keep_narrow:
+        assert table == () and said == []
+        return
+    assert table == narrow_keep_table(model.config, Checkpointing("offload"), batch=2, seq=256, act_bytes=2,
+                                      quantization=None, r=4, targets=["q_proj", "v_proj"],
+                                      optimizer="adamw_torch", use_kernels=False)
+    assert 0 < len(table) and table[0] < 2 * 256
+    assert said == ["  " + setup.describe_narrow(table, 0, 6)]
+    assert said[0].startswith(f"  micro-batches narrower than a full one keep their last layers' activations "
+                              f"within its memory: 1 layer up to {table[0]:,} tokens")

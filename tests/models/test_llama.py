@@ -674,3 +674,38 @@ def test_gate_up_on_host_matches_recompute_on_cuda(tiny_model):
         assert loss == ref_loss
         for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_narrow_micro_batch_keeps_the_layers_its_table_allows_with_the_same_gradients(monkeypatch):
+    """Offload with a narrow-batch table: a micro-batch of 18 tokens keeps its last 2 of 3 layers (they are
+    not rerun and copy nothing to the host), one of 36 tokens keeps none; loss and gradients are those
+    without checkpointing in both."""
+    from fasttune.memory import offload
+
+    packed = []
+    inner = offload.LayerInputOffloader.pack
+
+    def pack(self, t):
+        if t.numel():
+            packed.append(self.layer)
+        return inner(self, t)
+
+    monkeypatch.setattr(offload.LayerInputOffloader, "pack", pack)
+    model = make_fused_lora_model()
+    for width, kept_layers in ((9, 2), (18, 0)):
+        ids = torch.randint(0, 97, (2, width), generator=torch.Generator().manual_seed(width))
+        model.set_gradient_checkpointing("off")
+        ref_loss, ref_grads = loss_and_grads(model, ids, ids)
+        model.set_gradient_checkpointing("offload", keep_attention="reference", narrow_keep=(20, 18))
+        packed.clear()
+        calls = []
+        hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.append(i))
+                 for i, layer in enumerate(model.model.layers)]
+        loss, grads = loss_and_grads(model, ids, ids)
+        for h in hooks:
+            h.remove()
+        assert sorted(set(packed)) == list(range(3 - kept_layers)), width
+        assert sorted(calls) == sorted([0, 1, 2] + list(range(3 - kept_layers))), width  # reruns
+        torch.testing.assert_close(loss, ref_loss, atol=0, rtol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -192,10 +192,44 @@ def plan_keep_layers(c: LlamaConfig, settings: Checkpointing, *, batch: int, seq
     """How many trailing layers may keep their activations ('selective', with the other `settings`) with the
     estimate under budget. 0 means every layer recomputes (and the budget may still be exceeded: check
     `estimate_memory`). `kwargs`: the rest of `estimate_memory`'s."""
-    none_kept = dataclasses.replace(settings, mode="selective", keep_layers=0)
+    none_kept = dataclasses.replace(settings, mode="selective", keep_layers=0, narrow_keep=())
     plan = step_plan(c, none_kept, batch=batch, seq=seq, act_bytes=act_bytes, use_kernels=use_kernels)
     base = estimate_memory(c, plan, use_kernels=use_kernels, **kwargs).total
     per_layer = layer_saved_bytes(c, batch * seq, kwargs.get("r", 16), act_bytes, use_kernels)
     if budget_bytes <= base:
         return 0
     return min(c.num_hidden_layers, int((budget_bytes - base) // per_layer))
+
+
+def narrow_keep_table(c: LlamaConfig, settings: Checkpointing, *, batch: int, seq: int, act_bytes: int = 2,
+                      use_kernels: bool = True, **kwargs) -> tuple[int, ...]:
+    """`Checkpointing.narrow_keep` for an offloading run of micro-batches up to `batch` x `seq` tokens: entry
+    k-1 is the most tokens at which a micro-batch's last k layers keep their activations (no recompute, no
+    host copies) with its activations and working memory (`estimate_memory`) within those of a full
+    micro-batch under `settings`. Its peak is then at most the full micro-batch's, whose plan the run's
+    printed estimate counts. The table ends at the first k that no width allows. `kwargs`: the rest of
+    `estimate_memory`'s."""
+    if not settings.offloads:
+        return ()
+    full = dataclasses.replace(settings, narrow_keep=())
+    shape, n = ModelShape.of(c), c.num_hidden_layers
+
+    def act_work(tokens: int, keep: int) -> int:
+        s = dataclasses.replace(full, mode="selective", keep_layers=keep) if keep else full
+        plan = plan_memory(shape, s, tokens=tokens, span=min(seq, tokens), act_bytes=act_bytes,
+                           fused=use_kernels)
+        e = estimate_memory(c, plan, use_kernels=use_kernels, **kwargs)
+        return e.activations + e.working
+
+    tokens = batch * seq
+    budget = act_work(tokens, full.keep_layers)
+    table = [tokens] * min(full.keep_layers, n)
+    for k in range(len(table) + 1, n + 1):
+        lo, hi = 0, table[-1] if table else tokens  # the most tokens within budget lies in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if act_work(mid, k) <= budget else (lo, mid - 1)
+        if lo == 0:
+            break
+        table.append(lo)
+    return tuple(table)

@@ -162,7 +162,7 @@ def _plan(shape: ModelShape, s: Checkpointing, tokens: int, span: int, act_bytes
           fused: bool, host_size: int) -> MemoryPlan:
     del host_size  # a key only: the host rule reads it through `host.host_bytes()`
     n = shape.layers
-    R = 0 if s.mode == "off" else n - min(s.keep_layers, n) if s.mode == "selective" else n
+    R = 0 if s.mode == "off" else n - min(s.kept_layers(tokens), n)
     offload = s.offloads and R > 0
     x_bytes = tokens * shape.hidden * act_bytes
     gate_up_bytes = 2 * tokens * shape.intermediate * act_bytes

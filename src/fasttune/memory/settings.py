@@ -39,6 +39,9 @@ class Checkpointing:
                     math, for tests; 'off')
     keep_qkv        with kept attention, also keep q, k, v so that the rerun skips their products
     device_gate_up  offloading modes: how many of the last recomputed layers hold gate/up on the device
+    narrow_keep     offloading modes: entry k-1 is the most tokens at which a micro-batch's last k layers
+                    keep their activations (no recompute) within the activation memory of a full one
+                    (`memory.estimate.narrow_keep_table`); () keeps none beyond `keep_layers`
     """
 
     mode: str = "off"
@@ -47,6 +50,7 @@ class Checkpointing:
     keep_attention: str = "auto"
     keep_qkv: bool = True
     device_gate_up: int = 1
+    narrow_keep: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in CHECKPOINT_MODES:
@@ -61,9 +65,19 @@ class Checkpointing:
             raise ValueError(f"device_gate_up={self.device_gate_up}: a number of layers, >= 0")
         if self.keep_attention not in KEEP_ATTENTION:
             raise ValueError(f"keep_attention={self.keep_attention!r}: expected one of {KEEP_ATTENTION}")
+        table = tuple(int(t) for t in self.narrow_keep)
+        if any(t < 0 for t in table) or any(a < b for a, b in zip(table, table[1:])):
+            raise ValueError(f"narrow_keep={table}: token counts >= 0, non-increasing with the kept layers")
+        object.__setattr__(self, "narrow_keep", table if self.mode in OFFLOAD_MODES else ())
         object.__setattr__(self, "keep_layers", self.keep_layers if self.mode == "selective" else 0)
         object.__setattr__(self, "host_gate_up", share if self.mode in OFFLOAD_MODES else 0.0)
 
     @property
     def offloads(self) -> bool:
         return self.mode in OFFLOAD_MODES
+
+    def kept_layers(self, tokens: int) -> int:
+        """The trailing layers a micro-batch of `tokens` tokens keeps: `keep_layers`, or more where
+        `narrow_keep` allows it at this width."""
+        narrow = sum(1 for most in self.narrow_keep if tokens <= most)
+        return max(self.keep_layers, narrow)

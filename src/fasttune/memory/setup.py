@@ -16,6 +16,7 @@ from fasttune.memory import pinned
 from fasttune.memory.estimate import (
     MemoryEstimate,
     estimate_memory,
+    narrow_keep_table,
     plan_keep_layers,
     step_plan,
     weight_bytes,
@@ -91,6 +92,14 @@ def reserve_pinned(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
         pinned.reserve(device, pinned_copy_bytes(plan, ModelShape.of(model.config), pinned.ALIGN))
 
 
+def describe_narrow(table: tuple[int, ...], keep: int, layers: int) -> str:
+    """The run log's line for `Checkpointing.narrow_keep`."""
+    most, fewest = table[keep], table[-1]
+    every = " (every layer)" if len(table) == layers else ""
+    return (f"micro-batches narrower than a full one keep their last layers' activations within its memory: "
+            f"{keep + 1} layer{'s' * (keep > 0)} up to {most:,} tokens, {len(table)}{every} up to {fewest:,}")
+
+
 def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *,
                       precision: str = "fp32", quantization: str | None = None,
                       log: Callable[[str], None] = print) -> str:
@@ -124,7 +133,15 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
     if mode == "selective":  # the plan counts what the recomputed layers hold
         keep = plan_selective(model, cfg, device, Checkpointing(mode, **held), precision=precision,
                               quantization=quantization)
-    model.set_gradient_checkpointing(mode, keep_layers=keep, **held)
+    narrow: tuple[int, ...] = ()
+    if cfg.train.keep_narrow and device.type == "cuda":
+        narrow = narrow_keep_table(model.config, Checkpointing(mode, keep, **held),
+                                   batch=cfg.train.per_device_train_batch_size, seq=cfg.model.max_seq_length,
+                                   act_bytes=_act_bytes(precision),
+                                   **_estimate_kwargs(model, cfg, quantization))
+    model.set_gradient_checkpointing(mode, keep_layers=keep, narrow_keep=narrow, **held)
+    if narrow[keep:]:
+        log("  " + describe_narrow(narrow, keep, model.config.num_hidden_layers))
     if mode in ("offload", "selective"):
         reserve_pinned(model, cfg, device, precision)
     if mode == "offload":

@@ -386,10 +386,10 @@ class LlamaForCausalLM(nn.Module):
 
     def set_gradient_checkpointing(self, mode: str, keep_layers: int = 0, host_gate_up: float | str = "auto",
                                    keep_attention: str = "auto", keep_qkv: bool = True,
-                                   device_gate_up: int = 1) -> None:
+                                   device_gate_up: int = 1, narrow_keep: tuple[int, ...] = ()) -> None:
         """'off', 'on', 'offload' or 'selective', with their options: `memory.settings.Checkpointing`."""
         self.model.checkpointing = Checkpointing(mode, keep_layers, host_gate_up, keep_attention, keep_qkv,
-                                                 device_gate_up)
+                                                 device_gate_up, tuple(narrow_keep))
 
     def set_use_kernels(self, flag: bool) -> None:
         self.use_kernels = flag
