@@ -51,7 +51,10 @@ def _block(nbytes: int, pin: bool) -> torch.Tensor:
     if not pin or nbytes == 0:
         return block
     ptr = block.data_ptr()
-    torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    try:
+        torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    except (AttributeError, RuntimeError):  # a build without the binding: the pinned allocator's block
+        pass
     if not block.is_pinned():
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     # unregistered when the arena lets the block go (no lease is live then, so no slice of it is held)
