@@ -54,11 +54,11 @@ def _block(nbytes: int, pin: bool) -> torch.Tensor:
     try:
         torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
     except (AttributeError, RuntimeError):  # a build without the binding: the pinned allocator's block
-        pass
-    if not block.is_pinned():
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     # unregistered when the arena lets the block go (no lease is live then, so no slice of it is held)
     weakref.finalize(block, _unregister, ptr).atexit = False
+    if not block.is_pinned():
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return block
 
 
