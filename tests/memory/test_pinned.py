@@ -167,3 +167,11 @@ def test_the_cuda_block_is_pinned_at_its_exact_size_and_copies_round_trip_in_dev
     arena.end(lease)
     arena.reserve(8 * 2**20)
     assert arena.grows == 2 and arena.block.is_pinned() and arena.capacity == 8 * 2**20
+
+
+def test_cuda_without_an_index_is_the_current_devices_arena(monkeypatch):
+    """set_checkpointing is told 'cuda', tensors say 'cuda:0': both must reserve and take from one block."""
+    monkeypatch.setattr(pinned, "_ARENAS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert pinned.arena(torch.device("cuda")) is pinned.arena(torch.device("cuda", 0))
+    assert pinned.arena(torch.device("cuda", 1)) is not pinned.arena(torch.device("cuda", 0))

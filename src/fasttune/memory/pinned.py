@@ -135,7 +135,11 @@ class PinnedArena:
 
 
 def arena(device: torch.device) -> PinnedArena:
-    """The arena of `device`'s offloaded copies, one for the process (pinned for a CUDA device)."""
+    """The arena of `device`'s offloaded copies, one for the process (pinned for a CUDA device); 'cuda'
+    without an index is the current device, as tensors name it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _ARENAS:
         _ARENAS[device] = PinnedArena(pin=device.type == "cuda")
     return _ARENAS[device]
