@@ -35,19 +35,19 @@ class FlatCopies:
         self.versions: dict[torch.dtype, tuple[int, list[int]]] = {}
 
     def _current(self) -> tuple[int, list[int]]:
-        return self.flat._version, [m()._version if m() is not None else -1 for m in self.members]
+        return self.flat._version, [-1 if (m := ref()) is None else m._version for ref in self.members]
 
-    @torch.no_grad()
     def view(self, i: int, member: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Member i in `dtype`: its view of the buffer's copy, remade first if the buffer or a member has
-        changed since it was made."""
+        changed since it was made (the check alone on the hot path: no grad-mode switch per use)."""
         seen = self.versions.get(dtype)
         if seen is None or seen[0] != self.flat._version or seen[1][i] != member._version:
-            if dtype not in self.copies:
-                buf = torch.empty_like(self.flat, dtype=dtype)
-                views = [buf[o:o + n].view(s) for (o, n), s in zip(self.spans, self.shapes)]
-                self.copies[dtype] = (buf, views)
-            self.copies[dtype][0].copy_(self.flat)
+            with torch.no_grad():
+                if dtype not in self.copies:
+                    buf = torch.empty_like(self.flat, dtype=dtype)
+                    views = [buf[o:o + n].view(s) for (o, n), s in zip(self.spans, self.shapes)]
+                    self.copies[dtype] = (buf, views)
+                self.copies[dtype][0].copy_(self.flat)
             self.versions[dtype] = self._current()
         return self.copies[dtype][1][i]
 
