@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -305,31 +304,3 @@ def test_host_memory_rule_is_shared_by_the_ranks_of_a_host(monkeypatch):
     assert host.host_bytes() == whole  # not launched by torchrun: the variable is not ours
     monkeypatch.setenv("RANK", "5")
     assert host.ranks_on_host() == 4 and host.host_bytes() == whole // 4
-
-
-def test_a_process_group_fasttune_joins_is_left_at_exit(monkeypatch):
-    """setup() joins torchrun's group and registers shutdown() for the interpreter's exit (a notebook script
-    never calls it); a group that was already joined is not fasttune's to leave."""
-    import atexit
-
-    import torch.distributed as dist
-
-    from fasttune.train import distributed as ft_dist
-
-    registered = []
-    monkeypatch.setattr(atexit, "register", registered.append)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
-    try:
-        ft_dist.setup("cpu")
-        assert dist.is_initialized() and registered == [ft_dist.shutdown]
-        ft_dist.setup("cpu")  # joined already: nothing more registered
-        assert registered == [ft_dist.shutdown]
-    finally:
-        ft_dist.shutdown()
-    assert not dist.is_initialized()

@@ -18,7 +18,6 @@ Rank 0 alone writes; what the ranks exchange for checkpoints and evaluation is i
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import inspect
 import os
@@ -105,10 +104,6 @@ def setup(device_setting: str) -> Distributed | None:
             dist.init_process_group("nccl", device_id=device, **kwargs)
         else:
             dist.init_process_group("gloo", **kwargs)
-        # A script that never calls shutdown() (the notebook under torchrun) leaves the group before the
-        # interpreter tears down: a group destroyed in that teardown can abort the process ("terminate
-        # called without an active exception") after its work is done.
-        atexit.register(shutdown)
     return Distributed(rank=env["RANK"], world_size=env["WORLD_SIZE"], local_rank=env["LOCAL_RANK"],
                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
                        device=device, mode="ddp", restart=restart)
