@@ -189,3 +189,57 @@ def test_packed_kept_attention_matches_rerun_on_cuda():
             assert ref_grads[name].norm() > 0, name
             err = _rel_err(grads[name], ref_grads[name])
             assert err < 3e-2, (name, err)
+
+
+@pytest.mark.parametrize("H,Hk", [(4, 2), (3, 3)])
+def test_packed_attention_node_matches_sdpa_with_the_row_mask(H, Hk):
+    """The node of layers that are not recomputed (reference backend off CUDA): O and dq, dk, dv of SDPA under
+    the block-diagonal causal mask; None for inputs the kernel does not take."""
+    g = torch.Generator().manual_seed(4)
+    doc = _doc_ids(_positions([[2, 6, 3], [4, 7]]))
+    q, k, v = (_bthd(torch.randn(2, h, 11, 16, generator=g)) for h in (H, Hk, Hk))
+    d_out = torch.randn(2, H, 11, 16, generator=g)
+    ref_out, *ref_grads = _sdpa_packed(q, k, v, doc, d_out)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    rows = PackedRows.from_doc_ids(doc)
+    out = kept_attention.packed_attention(qg, kg, vg, rows, reference=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    out.backward(d_out)
+    for got, want in zip((qg.grad, kg.grad, vg.grad), ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert kept_attention.packed_attention(q, k, v, rows) is None  # off CUDA only with the reference
+    head_major = q.contiguous()  # (B, H, T, D) memory: not the layout the kernel was verified on
+    assert kept_attention.packed_attention(head_major, k, v, rows, reference=True) is None
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("H,Hk", [(8, 2), (4, 4)])
+def test_packed_attention_runs_the_varlen_kernel_for_layers_not_recomputed_on_cuda(H, Hk, monkeypatch):
+    """`attend` on packed bf16 rows without a LayerPass: the varlen flash node (flex is not called), O and
+    the gradients against the fp32 math."""
+    from fasttune.models import attention
+
+    g = torch.Generator("cuda").manual_seed(6)
+    position_ids = _positions([[300, 700, 24], [1, 511, 512]]).cuda()
+    q, k, v = (_bthd(torch.randn(2, h, 1024, 128, generator=g, device="cuda", dtype=torch.bfloat16))
+               for h in (H, Hk, Hk))
+    d_out = torch.randn(2, H, 1024, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    mask = attention.build_attention_mask(1024, position_ids=position_ids, device="cuda", head_dim=128)
+    assert mask.doc_causal and mask.mask is None
+    if kept_attention._backend(q, k, attention.packed_rows(mask)) != "flash_varlen":
+        pytest.skip("the flash kernel does not run here")
+
+    def no_flex(on_cuda):
+        raise AssertionError("flex ran")
+
+    monkeypatch.setattr(attention, "_flex_attention", no_flex)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = attention.attend(qg, kg, vg, mask)
+    out.backward(d_out)
+    doc = _doc_ids(position_ids)
+    o32, lse32 = attention_reference_forward(*(t.float() for t in (q, k, v)), doc)
+    assert _rel_err(out, o32) < 1e-2
+    exact = attention_reference_backward(d_out.float(), q.float(), k.float(), v.float(), o32, lse32, doc)
+    for name, got, want in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), exact):
+        assert _rel_err(got, want) < 1e-2, (name, _rel_err(got, want))

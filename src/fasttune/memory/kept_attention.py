@@ -215,6 +215,37 @@ def _kernel_backward(d_out, q, k, v, out, lse, backend: str, extra: tuple):
     return attention_reference_backward(d_out, q, k, v, out, lse, doc)
 
 
+class PackedAttentionFunction(torch.autograd.Function):
+    """Causal attention over packed rows as one autograd node of a layer that is not recomputed: the forward
+    runs the variable-length kernel (or the reference) and saves O and lse, the backward is that kernel's."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rows: PackedRows, backend: str):
+        out, kept = _forward(q, k, v, backend, rows)
+        ctx.save_for_backward(q, k, v, out, kept.lse)
+        ctx.backend, ctx.extra = backend, kept.extra
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _kernel_backward(d_out, q, k, v, out, lse, ctx.backend, ctx.extra)
+        return dq, dk, dv, None, None
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PackedRows,
+                     reference: bool = False) -> torch.Tensor | None:
+    """Causal attention within each packed row, q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D), by the
+    variable-length flash kernel where it takes these tensors (CUDA, token-major), else None (the caller
+    runs its usual path). `reference`: the fp32 math off CUDA (tests)."""
+    if q.shape[2] != k.shape[2] or not all(_token_major(t) for t in (q, k, v)):
+        return None
+    backend = _backend(q, k, rows, reference=reference)
+    if backend is None:
+        return None
+    return PackedAttentionFunction.apply(q, k, v, rows, backend)
+
+
 class KeptQKVAttentionFunction(torch.autograd.Function):
     """O = causal_attention(rope(q0), rope(k0), v0) where O, lse and the post-RoPE q, k and v are all kept:
     q0, k0, v0 (B, T, heads * D) are placeholders whose values are never read. The backward runs the

@@ -15,10 +15,12 @@ or its own:
 ```
 branch        0 0 1 1 2 2 2                           query 5 (branch 2) sees keys 0, 1, 4, 5
 ```
-`attend` then runs `F.scaled_dot_product_attention`, except for cases (b) and (d) on CUDA, where the compiled
-`flex_attention` with a block mask built once per forward (`models/flex_mask.py`, a chunk of query blocks at
-a time) skips the blocks that cross rows, and no (B, T, T) mask is kept. `set_attention_backend` overrides
-the choice (benchmarks, tests).
+`attend` then runs `F.scaled_dot_product_attention`, except for cases (b) and (d) on CUDA. Case (b) runs the
+variable-length flash kernel over the rows (`kept_attention.packed_attention`; one aten call, where compiled
+flex costs a guard check per call) where it takes the tensors; case (d), and (b) where it does not, run the
+compiled `flex_attention` with a block mask built once per forward (`models/flex_mask.py`, a chunk of query
+blocks at a time) that skips the blocks that cross rows. Neither keeps a (B, T, T) mask.
+`set_attention_backend` overrides the choice (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from fasttune.memory.kept_attention import PackedRows, attend_kept, keeps
+from fasttune.memory.kept_attention import PackedRows, attend_kept, keeps, packed_attention
 from fasttune.models.flex_mask import block_mask
 
 if TYPE_CHECKING:
@@ -46,8 +48,9 @@ _RIGHT_PADDED: dict[str, tuple] = {}  # "last": (weak reference to a mask, its v
 
 
 def set_attention_backend(name: str) -> None:
-    """'auto' (flex for packed rows on CUDA, SDPA otherwise), 'sdpa' (always), 'flex' (packed and plain causal
-    rows wherever flex_attention runs; compiled on CUDA, eager elsewhere, which is slow and for tests)."""
+    """'auto' (packed rows on CUDA: the varlen flash kernel, else flex; SDPA otherwise), 'sdpa' (always),
+    'flex' (packed and plain causal rows wherever flex_attention runs; compiled on CUDA, eager elsewhere,
+    which is slow and for tests)."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r}: expected one of {BACKENDS}")
     _backend["name"] = name
@@ -284,6 +287,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         kept = attend_kept(q, k, v, layer_pass, qkv_reusable, None if mask.causal else packed_rows(mask))
         if kept is not None:
             return kept
+    if layer_pass is None and mask.doc_causal and mask.mask is None and _backend["name"] == "auto":
+        out = packed_attention(q, k, v, packed_rows(mask))  # the varlen flash kernel, where it runs
+        if out is not None:
+            return out
     if _use_flex(q, k, mask):
         return _flex_attention(q.is_cuda)(q, k, v, block_mask=_block_mask(mask, q), enable_gqa=n_rep > 1)
     if mask.causal and _SDPA_HAS_GQA:
