@@ -304,3 +304,16 @@ def test_host_memory_rule_is_shared_by_the_ranks_of_a_host(monkeypatch):
     assert host.host_bytes() == whole  # not launched by torchrun: the variable is not ours
     monkeypatch.setenv("RANK", "5")
     assert host.ranks_on_host() == 4 and host.host_bytes() == whole // 4
+
+
+def test_the_notebook_layer_leaves_the_group_at_exit_once(monkeypatch):
+    """A notebook script under torchrun never calls shutdown(): the trainer registers it for the interpreter's
+    exit, once however many trainers run."""
+    import atexit
+
+    registered = []
+    monkeypatch.setattr(ft_dist, "_LEAVING_AT_EXIT", [])
+    monkeypatch.setattr(atexit, "register", registered.append)
+    ft_dist.leave_group_at_exit()
+    ft_dist.leave_group_at_exit()
+    assert registered == [ft_dist.shutdown]

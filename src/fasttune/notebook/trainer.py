@@ -261,6 +261,7 @@ class SFTTrainer:
         dist = ft_dist.setup("cpu" if device.type == "cpu" else "cuda")
         if dist is None:
             return None, tqdm.write
+        ft_dist.leave_group_at_exit()
         if dist.device != device:
             raise ValueError(
                 f"SFTTrainer under torchrun: the model is on {device} but rank {dist.rank} trains on "

@@ -18,6 +18,7 @@ Rank 0 alone writes; what the ranks exchange for checkpoints and evaluation is i
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import os
@@ -143,6 +144,19 @@ def barrier(d: Distributed) -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_LEAVING_AT_EXIT: list[bool] = []
+
+
+def leave_group_at_exit() -> None:
+    """Leave the process group when the interpreter exits (registered once per process). For the notebook
+    layer: a script that torchrun runs never calls `shutdown()`, and a group still joined during the
+    interpreter's teardown can abort the process there after the work is done. The CLI leaves the group
+    itself (`shutdown()`), so a rank of it that dies keeps its own exit code in torchrun's report."""
+    if not _LEAVING_AT_EXIT:
+        atexit.register(shutdown)
+        _LEAVING_AT_EXIT.append(True)
 
 
 # ---- agreement between ranks ---------------------------------------------------------------------
