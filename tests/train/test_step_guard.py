@@ -137,12 +137,17 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(toy, examples, make_str
 
 def test_a_second_ctrl_c_stops_at_once():
     said = []
-    with StopRequests(said.append) as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop() == signal.SIGINT and "stopping after this step" in said[0]
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own handler, as an interactive run has it (a background job inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequests(said.append) as stop:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop() == signal.SIGINT and "stopping after this step" in said[0]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_resume_logs_the_same_window_averages(toy, examples, make_stream, tmp_path):
