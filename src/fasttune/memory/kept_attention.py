@@ -215,35 +215,20 @@ def _kernel_backward(d_out, q, k, v, out, lse, backend: str, extra: tuple):
     return attention_reference_backward(d_out, q, k, v, out, lse, doc)
 
 
-class PackedAttentionFunction(torch.autograd.Function):
-    """Causal attention over packed rows as one autograd node of a layer that is not recomputed: the forward
-    runs the variable-length kernel (or the reference) and saves O and lse, the backward is that kernel's."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, rows: PackedRows, backend: str):
-        out, kept = _forward(q, k, v, backend, rows)
-        ctx.save_for_backward(q, k, v, out, kept.lse)
-        ctx.backend, ctx.extra = backend, kept.extra
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _kernel_backward(d_out, q, k, v, out, lse, ctx.backend, ctx.extra)
-        return dq, dk, dv, None, None
-
-
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PackedRows,
                      reference: bool = False) -> torch.Tensor | None:
     """Causal attention within each packed row, q (B, H, T, D), k/v (B, Hk, T, D) -> O (B, H, T, D), by the
     variable-length flash kernel where it takes these tensors (CUDA, token-major), else None (the caller
-    runs its usual path). `reference`: the fp32 math off CUDA (tests)."""
+    runs its usual path). `reference`: the fp32 math off CUDA (tests). The forward runs the kernel and the
+    node is the kept attention's, as for a recomputed layer's rerun."""
     if q.shape[2] != k.shape[2] or not all(_token_major(t) for t in (q, k, v)):
         return None
     backend = _backend(q, k, rows, reference=reference)
     if backend is None:
         return None
-    return PackedAttentionFunction.apply(q, k, v, rows, backend)
+    with torch.no_grad():
+        _, kept = _forward(q, k, v, backend, rows)
+    return KeptAttentionFunction.apply(q, k, v, kept)  # its backward is the kernel's, from O and lse
 
 
 class KeptQKVAttentionFunction(torch.autograd.Function):
