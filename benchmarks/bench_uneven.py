@@ -99,7 +99,7 @@ def build_fasttune(args):
                             dtype="bf16" if args.device == "cuda" else "fp32",
                             load_in_4bit=args.mode == "qlora")
     cfg.train.per_device_train_batch_size = args.batch
-    cfg.train.keep_narrow = bool(getattr(args, "keep_narrow", False))
+    cfg.train.keep_narrow = args.keep_narrow
     device = torch.device(args.device)
     loaded = load(cfg.model, device)
     model = attach_lora(loaded, LoraConfig(r=16, lora_alpha=16, target_modules=bt.TARGETS))
@@ -228,8 +228,7 @@ def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args
     key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "max_len": args.max_len,
            "packing": packing, "grouping": grouping}
     log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
-    if args.keep_narrow:
-        cmd += ["--keep-narrow"]
+    cmd += ["--keep-narrow" if args.keep_narrow else "--no-keep-narrow"]
     if args.profile:
         cmd += ["--profile-to", str(log.with_suffix(".profile.txt"))]
         if args.profile_step is not None:
@@ -288,9 +287,10 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--profile", action="store_true",
                    help="write a profiler table of each process's first timed step beside its log (CUDA)")
-    p.add_argument("--keep-narrow", action="store_true",
+    p.add_argument("--keep-narrow", action=argparse.BooleanOptionalAction, default=True,
                    help="fasttune: narrow micro-batches keep their last layers' activations within a full "
-                   "one's memory (TrainConfig.keep_narrow)")
+                   "one's memory (TrainConfig.keep_narrow, on by default as in `fasttune train`); "
+                   "--no-keep-narrow: every micro-batch runs the full one's plan")
     p.add_argument("--profile-step", type=int, default=None,
                    help="with --profile: the index of the step to profile, counting the warm-up steps "
                    "(default: the first timed step); a later one shows the steady state, once the batch "

@@ -196,12 +196,13 @@ class TrainConfig:
         "memory allows (40 percent of it for all pinned activations). auto: with kept attention, what the "
         "host link carries beside the other copies, none at short rows (6 of 32 layers for Llama-3.1-8B "
         "at 1 x 32768). 0: none.")})
-    keep_narrow: bool = field(default=False, metadata={"help": (
+    keep_narrow: bool = field(default=True, metadata={"help": (
         "Llama family, offload/selective on a GPU: a micro-batch narrower than batch x max_seq_length "
         "(short rows, packing off) keeps the activations of as many of its last layers as fit in the "
         "activation memory a full micro-batch takes, so they are neither recomputed nor copied to the host; "
-        "the peak stays within the printed estimate, but may pass that of the run's widest micro-batch. "
-        "Off by default until its speed is measured (benchmarks/bench_uneven.py --keep-narrow).")})
+        "the peak stays within the printed estimate (that of a full micro-batch), but may pass that of the "
+        "run's widest micro-batch when every row is shorter than max_seq_length. false: every micro-batch "
+        "runs the full one's plan.")})
     logging_steps: int = field(default=4, metadata={"help": "Log a line every N steps."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": (

@@ -26,7 +26,8 @@ def setup(tmp_path_factory, tokenizer_dir):
 def args_for(root, stack, packing, grouping="off", batch=2):
     return argparse.Namespace(stack=stack, shape="tiny", mode="bf16", batch=batch, packing=packing,
                               grouping=grouping, model_dir=root / "model", data=root / "data.jsonl",
-                              max_len=256, seq=256, steps=1, warmup=1, seed=0, device="cpu", kernels=False)
+                              max_len=256, seq=256, steps=1, warmup=1, seed=0, device="cpu", kernels=False,
+                              keep_narrow=True)
 
 
 @pytest.mark.slow

@@ -203,7 +203,7 @@ def test_offload_on_cuda_lets_narrow_micro_batches_keep_layers_and_says_so(keep_
     cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "offload", "max_seq_length": 256,
                                         "per_device_train_batch_size": 2, "r": 4, "optim": "adamw_torch",
                                         "keep_narrow": keep_narrow}, "test")
-    assert RunConfig().train.keep_narrow is False  # opt-in
+    assert RunConfig().train.keep_narrow is True  # on by default
     model = tiny_lora_llama(targets=("q_proj", "v_proj"))
     said = []
     setup.set_checkpointing(model, cfg, torch.device("cuda"), precision="bf16", log=said.append)

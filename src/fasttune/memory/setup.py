@@ -134,7 +134,7 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
         keep = plan_selective(model, cfg, device, Checkpointing(mode, **held), precision=precision,
                               quantization=quantization)
     narrow: tuple[int, ...] = ()
-    if cfg.train.keep_narrow and device.type == "cuda":  # opt-in (TrainConfig.keep_narrow)
+    if cfg.train.keep_narrow and device.type == "cuda":  # TrainConfig.keep_narrow, on by default
         narrow = narrow_keep_table(model.config, Checkpointing(mode, keep, **held),
                                    batch=cfg.train.per_device_train_batch_size, seq=cfg.model.max_seq_length,
                                    act_bytes=_act_bytes(precision),
