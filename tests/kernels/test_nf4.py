@@ -90,6 +90,16 @@ def test_nf4_public_op_on_cpu_and_errors():
         dequantize_nf4(bad)
 
 
+def test_nf4_kernel_operands_are_checked_and_made_once():
+    w = quantize_nf4(_weight((8, 64), seed=7), nested=True)
+    ops = w.operands()
+    assert w.operands() is ops and all(t.dtype == torch.float32 for t in ops) and ops[3].shape == (1,)
+    bad = quantize_nf4(_weight((5, 6)))
+    bad.shape = (5, 8)
+    with pytest.raises(ValueError, match="packed must be uint8 with 20 bytes"):
+        bad.operands()
+
+
 def test_nf4_from_bnb_reads_a_quant_state_by_attribute():
     ref = quantize_nf4(_weight((8, 64), seed=6), nested=True)
 

@@ -175,6 +175,45 @@ def test_nf4_base_reaches_the_kernel_as_a_dequantiser():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_nf4_dequantiser_is_made_once_and_again_where_the_weight_changed():
+    """The dequantiser of bitsandbytes' own parameter is reused across calls; `.to()` drops it, a weight
+    with other bytes or scales gets a new one that reads them, and a gathered FSDP2 weight (a plain tensor,
+    the state on the module) is never kept."""
+    from fasttune.kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+    from fasttune.lora import layer as layer_module
+
+    def state_of(q):
+        return types.SimpleNamespace(quant_type="nf4", absmax=q.absmax, shape=torch.Size(q.shape),
+                                     dtype=torch.float32, blocksize=64, code=q.code, nested=False)
+
+    q1, q2 = (quantize_nf4(torch.randn(32, 64, generator=torch.Generator().manual_seed(s))) for s in (1, 2))
+
+    class Linear4bit(nn.Linear):
+        pass
+
+    base = Linear4bit(64, 32, bias=False)
+    base.weight = nn.Parameter(q1.packed.clone(), requires_grad=False)
+    base.weight.quant_state = state_of(q1)
+    layer = LoRALinear(base, 4, 8)
+    first = layer.kernel_weight()
+    assert layer.kernel_weight() is first
+    torch.testing.assert_close(first(), dequantize_nf4_reference(q1), rtol=0, atol=0)
+    layer.to("cpu")
+    again = layer.kernel_weight()
+    assert again is not first and layer.kernel_weight() is again
+    # new bytes and scales in place of the old: the dequantiser made for them reads them
+    base.weight.data = q2.packed.clone()
+    base.weight.quant_state = state_of(q2)
+    torch.testing.assert_close(layer.kernel_weight()(), dequantize_nf4_reference(q2), rtol=0, atol=0)
+    assert layer in layer_module._NF4_DEQUANTISERS
+    # FSDP2's gathered weight: a plain tensor, the quantisation state on the module
+    base.quant_state = base.weight.quant_state
+    base.weight = nn.Parameter(q2.packed.clone(), requires_grad=False)
+    one, two = layer.kernel_weight(), layer.kernel_weight()
+    assert one is not two and layer not in layer_module._NF4_DEQUANTISERS
+    torch.testing.assert_close(one(), dequantize_nf4_reference(q2), rtol=0, atol=0)
+
+
 def test_rejects_non_linear():
     with pytest.raises(TypeError, match="Embedding"):
         LoRALinear(nn.Embedding(4, 4), 2, 4)

@@ -16,7 +16,8 @@ copy (see `kernels/lora.py`, which calls the dequantiser in its forward and agai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,12 +48,15 @@ class NF4Weight:
     nested_code: torch.Tensor | None = None  # fp32 (256,)
     nested_blocksize: int = 256
     offset: torch.Tensor | None = None  # fp32 scalar
+    # the kernel's table and scale operands, checked and made at the first dequantisation (`operands`); the
+    # fields above are fixed from then on
+    _operands: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def nested(self) -> bool:
         return self.nested_absmax is not None
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
@@ -78,6 +82,22 @@ class NF4Weight:
             nested_code=None if state2 is None else state2.code,
             nested_blocksize=256 if state2 is None else int(state2.blocksize),
             offset=offset)
+
+    def operands(self) -> tuple[torch.Tensor, ...]:
+        """(code, absmax2, code2, offset) as the Triton kernel reads them (fp32, on the packed bytes'
+        device), after `check`; made once. Without nested scales the last three are never read: the kernel
+        gets tensors it already has."""
+        if self._operands is None:
+            self.check()
+            device = self.packed.device
+            code = (self.code if self.code is not None else _nf4_code(device)).to(device=device,
+                                                                                 dtype=torch.float32)
+            if self.nested:
+                self._operands = (code, self.nested_absmax.float(), self.nested_code.float(),
+                                  self.offset.float().reshape(1))
+            else:
+                self._operands = (code, self.absmax, code, code)
+        return self._operands
 
     def check(self) -> None:
         n = self.numel
@@ -151,13 +171,7 @@ def _launch(w: NF4Weight, out: torch.Tensor, block_bytes: int = _BLOCK_BYTES, nu
     n = w.numel
     if n == 0:
         return
-    device = w.packed.device
-    code = (w.code if w.code is not None else _nf4_code(device)).to(device=device, dtype=torch.float32)
-    if w.nested:
-        absmax2, code2 = w.nested_absmax.float(), w.nested_code.float()
-        offset = w.offset.float().reshape(1)
-    else:  # the nested pointers are never read; pass the tensors we have
-        absmax2, code2, offset = w.absmax, code, code
+    code, absmax2, code2, offset = w.operands()
     rows = max(1, block_bytes // (w.blocksize // 2))  # quantisation blocks per program
     _nf4_dequant_fwd_kernel[(cdiv(cdiv(n, w.blocksize), rows),)](
         w.packed, w.absmax, code, absmax2, code2, offset, out, n,
@@ -178,13 +192,14 @@ def dequantize_nf4(
     out: a contiguous tensor of w.numel elements to write into; reuse_buffer=True writes into the shared
     `nf4_buffer` instead (valid until the next dequantisation into it); neither allocates a new tensor.
     """
-    w.check()
     if not use_triton(w.packed, w.absmax, force=force_triton):
+        w.check()
         dense = dequantize_nf4_reference(w)
         if out is None and not reuse_buffer:
             return dense
         target = out if out is not None else nf4_buffer(w.numel, w.dtype, w.packed.device)
         return target.view(-1).copy_(dense.view(-1)).view(w.shape)
+    w.operands()  # checks w first
     if out is None:
         out = nf4_buffer(w.numel, w.dtype, w.packed.device) if reuse_buffer else torch.empty(
             w.shape, dtype=w.dtype, device=w.packed.device)

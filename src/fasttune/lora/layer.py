@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,9 @@ import torch.nn as nn
 QUANTIZED_4BIT = ("Linear4bit", "LinearNF4", "LinearFP4")
 QUANTIZED_8BIT = ("Linear8bitLt",)
 QUANTIZED_FP8 = ("FP8Linear",)  # fasttune.models.fp8
+
+# layer -> (what its dequantiser was made from, the dequantiser): outside the module, which stays picklable
+_NF4_DEQUANTISERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _kernel_fn: Callable | None = None
 _kernel_looked_up = False
@@ -35,6 +39,20 @@ def _fused_lora_linear() -> Callable | None:
         if importlib.util.find_spec("fasttune.kernels.lora") is not None:
             _kernel_fn = getattr(importlib.import_module("fasttune.kernels.lora"), "lora_linear", None)
     return _kernel_fn
+
+
+def _nf4_dequantiser(packed: torch.Tensor, state) -> Callable[[], torch.Tensor]:
+    """The dequantiser `kernels.lora` takes for an NF4 base: into the shared buffer, and `.fresh` into an own
+    tensor, for a weight held past the next dequantisation."""
+    from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
+
+    nf4 = NF4Weight.from_bnb(packed, state)
+
+    def dequant() -> torch.Tensor:
+        return dequantize_nf4(nf4, reuse_buffer=True)
+
+    dequant.fresh = lambda: dequantize_nf4(nf4)
+    return dequant
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -115,19 +133,24 @@ class LoRALinear(nn.Module):
             return self.base_layer.dequantizer()
         # FSDP2 hands the layer its gathered weight as a plain tensor: the quantisation state is then the
         # one bitsandbytes also keeps on the module
-        state = getattr(w, "quant_state", None) or getattr(self.base_layer, "quant_state", None)
+        own = getattr(w, "quant_state", None)
+        state = own or getattr(self.base_layer, "quant_state", None)
         if type(self.base_layer).__name__ in QUANTIZED_4BIT and getattr(state, "quant_type", None) == "nf4":
-            from fasttune.kernels.nf4 import NF4Weight, dequantize_nf4
-
-            nf4 = NF4Weight.from_bnb(w.data, state)
-
-            def dequant() -> torch.Tensor:
-                return dequantize_nf4(nf4, reuse_buffer=True)
-
-            # an own tensor, for a weight held past the next dequantisation (`kernels.lora`, `fresh`)
-            dequant.fresh = lambda: dequantize_nf4(nf4)
-            return dequant
+            if own is None:  # a gathered FSDP2 weight: other tensors at each call, nothing is kept
+                _NF4_DEQUANTISERS.pop(self, None)
+                return _nf4_dequantiser(w.data, state)
+            # bitsandbytes' own parameter is the same tensors at every call: its dequantiser is made once, and
+            # again where they changed (`_apply` drops it at once: it holds the tensors it reads)
+            key = (w.data_ptr(), id(state), state.absmax.data_ptr())
+            cached = _NF4_DEQUANTISERS.get(self)
+            if cached is None or cached[0] != key:
+                cached = _NF4_DEQUANTISERS[self] = (key, _nf4_dequantiser(w.data, state))
+            return cached[1]
         return None
+
+    def _apply(self, fn, recurse=True):
+        _NF4_DEQUANTISERS.pop(self, None)  # `.to()` and the like replace the tensors its dequantiser holds
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
