@@ -25,6 +25,7 @@ shape and batch x seq, with ratios against Unsloth and transformers + PEFT of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -33,6 +34,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak_report import PeakRecorder  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -482,11 +487,14 @@ def write_host_profile(prof, step_s: float, path: str) -> None:
     Path(path).write_text(out.getvalue())
 
 
-def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False) -> dict:
+def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False,
+               peak_report: str | None = None) -> dict:
     """Median step time after `warmup` steps and the peak memory from the first step (optimiser included).
 
     `flat`: the optimiser steps `params` as one flat buffer, as fasttune's trainer does (one 8-bit step
     launch instead of a few per adapter tensor; its gradient buffer lives from here on, zeroed in place).
+    `peak_report`: the last step runs under the allocator's history (not timed) and what was live at its
+    peak is written to this path (`peak_report.py`).
     """
     import bitsandbytes as bnb
     import torch
@@ -505,20 +513,24 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
         # with `profile`: the first step after the warmup under the torch profiler, the next under cProfile
         prof = start_profile() if profile and i == warmup else None
         host = start_host_profile() if profile and i == warmup + 1 else None
+        recorder = PeakRecorder() if peak_report and i == len(batches) - 1 else None
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step(x)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with recorder or contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step(x)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if recorder is not None:
+            Path(peak_report).write_text(recorder.report())
         if prof is not None:
             write_profile(prof, dt, profile)
         if host is not None:
             write_host_profile(host, dt, host_profile_path(profile))
         losses.append(float(loss))
-        if i >= warmup and prof is None and host is None:
+        if i >= warmup and prof is None and host is None and recorder is None:
             times.append(dt)
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -542,7 +554,7 @@ def worker(args) -> list[dict]:
     # Ids below both the peers' tokenizer (49,152) and the model's vocabulary (Llama-2: 32,000).
     limit = min(49152, shape_vocab(args.shape))
     # a profiled run takes two steps more (one under each profiler), so that as many steps are timed
-    extra = 2 if args.profile else 0
+    extra = (2 if args.profile else 0) + (1 if args.peak_report else 0)
     batches = [b.cuda() for b in fixed_batches(args.batch, args.seq, args.warmup + args.steps + extra, limit)]
     base = {"stack": args.stack, "shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "training_mode": model.training,
@@ -563,7 +575,9 @@ def worker(args) -> list[dict]:
             profile = args.profile if n == 0 else None
             flat = args.stack == "fasttune" and "pertensor" not in variant.split("+")
             row["flat_optimizer"] = flat
-            row.update(time_steps(params, step, batches, args.warmup, profile, flat=flat))
+            peak_report = args.peak_report if n == 0 else None
+            row.update(time_steps(params, step, batches, args.warmup, profile, flat=flat,
+                                  peak_report=peak_report))
             row["tokens_per_s"] = args.batch * args.seq / row["step_s"]
         except torch.cuda.OutOfMemoryError:
             row["error"] = "OOM"
@@ -596,6 +610,8 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", *args.variants]
     if args.profile and stack == "fasttune":
         cmd += ["--profile", str(Path(args.log_dir) / f"profile-{mode}-{batch}x{seq}.txt")]
+    if args.peak_report:
+        cmd += ["--peak-report", str(Path(args.log_dir) / f"peak-{stack}-{mode}-{batch}x{seq}.txt")]
     t0 = time.time()
     log = Path(args.log_dir) / f"{stack}-{args.shape}-{mode}-{batch}x{seq}.log"
     rows, out, err, rc = run_worker(cmd, log, args.timeout)
@@ -714,6 +730,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': a dry run of the builder
     p.add_argument("--profile", default=None, help="worker: write a profiler table of one step here; "
                    "orchestrator: any value profiles the first fasttune variant of each run")
+    p.add_argument("--peak-report", default=None,
+                   help="worker: write what was live at one extra (untimed) step's peak memory here; "
+                   "orchestrator: any value writes peak-STACK-MODE-BxS.txt into --log-dir for each stack's "
+                   "first variant (peak_report.py)")
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/bench-model"))
     p.add_argument("--tokenizer", type=Path, default=Path(".bench_assets/tokenizer"))
     p.add_argument("--out", type=Path, default=Path("bench_results.jsonl"))
