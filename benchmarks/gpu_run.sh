@@ -121,7 +121,7 @@ has headline hf && step headline-hf 480 $B --stacks fasttune hf --modes bf16 qlo
 has headline liger && step headline-liger 400 $B --stacks fasttune liger --modes bf16 qlora --batches 8
 
 has batch2 llama31 && step batch2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 \
-  --variants offload offload+ce25 --peak-report 1
+  --variants offload offload+ce25 offload+dgu0 offload+ce26+dgu0 --peak-report 1
 has batch2 llama2 && step batch2-llama2 420 $B $L2 --stacks fasttune unsloth --modes bf16 qlora --batches 2
 
 has long 32k && step long-32k 330 $B --stacks fasttune unsloth $ONE --seqs 32768 --steps 2
