@@ -328,6 +328,26 @@ def test_sft_trainer_trains_the_adapters_and_reports_the_loss(loaded, tmp_path):
     assert ex["input_ids"].count(tok.eos_token_id) == 1 and ex["input_ids"][-1] == tok.eos_token_id
 
 
+def test_sft_trainer_plans_the_activation_memory_of_its_run(loaded, tmp_path, monkeypatch):
+    """train() hands its own shape to the offload planner (on a GPU it plans narrow micro-batches and pins the
+    host block there; `tests/memory/test_setup.py` checks what it plans)."""
+    model, tok = loaded
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing="unsloth")
+    seen = []
+    plan = SFTTrainer._plan_activation_memory
+
+    def recording(self, cfg, precision, log):
+        seen.append((cfg.gradient_checkpointing, cfg.per_device_train_batch_size, self._batch_length()))
+        return plan(self, cfg, precision, log)
+
+    monkeypatch.setattr(SFTTrainer, "_plan_activation_memory", recording)
+    args = TrainingArguments(per_device_train_batch_size=2, max_steps=1, output_dir=str(tmp_path),
+                             save_strategy="no")
+    rows = [{"text": t + tok.eos_token} for t in TEXTS]
+    SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args, max_seq_length=64).train()
+    assert seen == [("offload", 2, 64)]
+
+
 def test_bad_rows_are_named(loaded):
     model, tok = loaded
     with pytest.raises(ValueError, match=r"train_dataset, row 2, field 'text'"):

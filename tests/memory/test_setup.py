@@ -218,3 +218,40 @@ def test_offload_on_cuda_lets_narrow_micro_batches_keep_layers_and_says_so(keep_
     assert said == ["  " + setup.describe_narrow(table, 0, 6)]
     assert said[0].startswith(f"  micro-batches narrower than a full one keep their last layers' activations "
                               f"within its memory: 1 layer up to {table[0]:,} tokens")
+
+
+@pytest.mark.parametrize("keep_narrow", [True, False])
+def test_the_notebook_trainer_plans_offload_from_its_runs_shape_on_a_gpu(reserved, keep_narrow):
+    """SFTTrainer.train makes the offload plan that `fasttune train` makes, from its batch size and max
+    length: the narrow-batch table (unless keep_narrow is off) and the pinned block; off a GPU it leaves the
+    model as get_peft_model set it."""
+    import types
+
+    from fasttune.config import LoraConfig, TrainConfig
+    from fasttune.memory.estimate import narrow_keep_table
+    from fasttune.notebook.trainer import SFTTrainer
+
+    model = tiny_lora_llama()
+    model.set_gradient_checkpointing("offload")  # as get_peft_model(use_gradient_checkpointing="unsloth")
+    cfg = TrainConfig(gradient_checkpointing="offload", per_device_train_batch_size=2, optim="adamw_torch",
+                      keep_narrow=keep_narrow)
+    said = []
+
+    def trainer_on(device):
+        notebook_model = types.SimpleNamespace(model=model, device=torch.device(device),
+                                               lora_config=LoraConfig(r=4, lora_alpha=8),
+                                               loaded=types.SimpleNamespace(quantization=None))
+        return types.SimpleNamespace(model=notebook_model, _batch_length=lambda: 256)
+
+    SFTTrainer._plan_activation_memory(trainer_on("cpu"), cfg, "bf16", said.append)
+    assert model.model.checkpointing.narrow_keep == () and reserved == [] and said == []
+    SFTTrainer._plan_activation_memory(trainer_on("cuda"), cfg, "bf16", said.append)
+    table = model.model.checkpointing.narrow_keep
+    assert model.gradient_checkpointing == "offload" and len(reserved) == 1
+    if not keep_narrow:
+        assert table == () and said == []
+        return
+    assert table == narrow_keep_table(model.config, Checkpointing("offload"), batch=2, seq=256, act_bytes=2,
+                                      quantization=None, r=4, targets=setup.lora_targets(model),
+                                      optimizer="adamw_torch", use_kernels=False)
+    assert table and said == ["  " + setup.describe_narrow(table, 0, 6)]

@@ -221,6 +221,7 @@ class SFTTrainer:
         cfg = dataclasses.replace(cfg, resume=resume)
         precision = resolve_precision(cfg.precision, device)
         dist, log = self._distributed(cfg, precision)
+        self._plan_activation_memory(cfg, precision, log)
         seed_everything(cfg.seed)
         examples = self.train_dataset.examples
         if not examples:
@@ -249,6 +250,25 @@ class SFTTrainer:
         )
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)
+
+    def _plan_activation_memory(self, cfg: Any, precision: str, log: Callable[[str], None]) -> None:
+        """Our Llama model offloading on a GPU: its plan made from this run's shape, as `fasttune train` makes
+        it (`memory.setup.set_checkpointing`: 'selective' from the free memory, narrow micro-batches keeping
+        their last layers unless `keep_narrow` is off, the pinned block reserved before the first step)."""
+        from fasttune.config import ModelConfig, RunConfig
+        from fasttune.memory.settings import OFFLOAD_MODES
+        from fasttune.memory.setup import set_checkpointing
+        from fasttune.models.llama import LlamaForCausalLM
+
+        inner, device = self.model.model, self.model.device
+        if device.type != "cuda" or not isinstance(inner, LlamaForCausalLM):
+            return
+        if cfg.gradient_checkpointing not in OFFLOAD_MODES or self.model.lora_config is None:
+            return
+        run = RunConfig(model=ModelConfig(max_seq_length=self._batch_length()), lora=self.model.lora_config,
+                        train=cfg)
+        set_checkpointing(inner, run, device, precision=precision,
+                          quantization=self.model.loaded.quantization, log=log)
 
     def _distributed(self, cfg: Any, precision: str) -> tuple[Any, Callable[[str], None]]:
         """Under torchrun: join the group, check that every rank runs the same job, pick DDP or FSDP2 (the
