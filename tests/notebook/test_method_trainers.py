@@ -397,3 +397,21 @@ def test_a_trl_notebook_runs_with_only_its_imports_changed(model_dir, tmp_path):
     for name in ("int_reward_func", "correctness_reward_func"):
         assert f"rewards/{name}/mean" in grpo.metrics and f"rewards/{name}/std" in grpo.metrics
     assert (tmp_path / "lora_model" / "adapter_model.safetensors").is_file()
+
+
+def test_method_trainers_plan_the_activation_memory_of_their_run(model_dir, tmp_path, monkeypatch):
+    """train() hands the run's shape to the offload planner that SFTTrainer and `fasttune train` use (it acts
+    on a GPU only: `tests/memory/test_setup.py`)."""
+    from fasttune.notebook import method_trainer
+
+    seen = []
+    monkeypatch.setattr(method_trainer, "plan_activation_memory",
+                        lambda model, run, precision, log: seen.append(
+                            (model, run.model.max_seq_length, run.train.per_device_train_batch_size)))
+    model = _model(model_dir)
+    args = DPOConfig(output_dir=str(tmp_path), max_length=64, report_to="none", **{**SHARED, "max_steps": 1})
+    rows = datasets.Dataset.from_list(PAIRS)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=rows,
+                         processing_class=model.tokenizer)
+    trainer.train()
+    assert seen == [(model, trainer._max_seq_length(), 2)]

@@ -25,7 +25,7 @@ from fasttune.notebook.arguments import check_fields, to_train_config
 from fasttune.notebook.dataset import dataset_rows
 from fasttune.notebook.method_args import TABLES, default_args, method_options
 from fasttune.notebook.model import NotebookModel
-from fasttune.notebook.trainer import TrainOutput, recorded_train_loop, train_output
+from fasttune.notebook.trainer import TrainOutput, plan_activation_memory, recorded_train_loop, train_output
 
 # constructor arguments of TRL's trainers that fasttune cannot honour when given: name -> why
 REFUSED = {
@@ -193,6 +193,9 @@ class _MethodTrainer:
         cfg = self.run_config(device.type, resume)
         t = cfg.train
         precision = resolve_precision(t.precision, device)
+        from tqdm.auto import tqdm
+
+        plan_activation_memory(self.model, cfg, precision, tqdm.write)
         if self.options.disable_dropout:  # TRL's disable_dropout: every dropout of the model, for good
             for module in inner.modules():
                 if isinstance(module, nn.Dropout):
@@ -203,8 +206,6 @@ class _MethodTrainer:
         packing = resolve_packing("auto", exact=getattr(inner, "supports_packing", False))
         stream, eval_batches, objective = self._parts(cfg, inner, reference, packing)
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        from tqdm.auto import tqdm
-
         result, records, runtime = recorded_train_loop(
             inner, params, stream, t, report_to=t.report_to, config=cfg.to_dict(), eval_batches=eval_batches,
             device=device, precision=precision, log=tqdm.write, objective=objective,

@@ -88,6 +88,25 @@ def train_output(result: dict[str, Any], records: list[dict[str, Any]], runtime:
     return TrainOutput(steps, loss, metrics), state
 
 
+def plan_activation_memory(model: NotebookModel, run: Any, precision: str,
+                           log: Callable[[str], None]) -> None:
+    """Our Llama model offloading on a GPU: its plan made from the run's shape (`run`: a RunConfig whose
+    max_seq_length and train section are the trainer's), as `fasttune train` makes it
+    (`memory.setup.set_checkpointing`: narrow micro-batches keeping their last layers unless `keep_narrow` is
+    off, the pinned block reserved before the first step). get_peft_model sets the bare mode only."""
+    from fasttune.memory.settings import OFFLOAD_MODES
+    from fasttune.memory.setup import set_checkpointing
+    from fasttune.models.llama import LlamaForCausalLM
+
+    inner, device = model.model, model.device
+    if device.type != "cuda" or not isinstance(inner, LlamaForCausalLM) or model.lora_config is None:
+        return
+    if run.train.gradient_checkpointing not in OFFLOAD_MODES:
+        return
+    run = dataclasses.replace(run, lora=model.lora_config)  # the adapters' rank and targets, for the estimate
+    set_checkpointing(inner, run, device, precision=precision, quantization=model.loaded.quantization,
+                      log=log)
+
 
 def recorded_train_loop(
     inner: Any, params: dict[str, Any], stream: Any, cfg: Any, *, report_to: Any, config: dict[str, Any],
@@ -252,23 +271,10 @@ class SFTTrainer:
         return self._output(result, records, runtime, len(examples), len(stream), cfg)
 
     def _plan_activation_memory(self, cfg: Any, precision: str, log: Callable[[str], None]) -> None:
-        """Our Llama model offloading on a GPU: its plan made from this run's shape, as `fasttune train` makes
-        it (`memory.setup.set_checkpointing`: 'selective' from the free memory, narrow micro-batches keeping
-        their last layers unless `keep_narrow` is off, the pinned block reserved before the first step)."""
         from fasttune.config import ModelConfig, RunConfig
-        from fasttune.memory.settings import OFFLOAD_MODES
-        from fasttune.memory.setup import set_checkpointing
-        from fasttune.models.llama import LlamaForCausalLM
 
-        inner, device = self.model.model, self.model.device
-        if device.type != "cuda" or not isinstance(inner, LlamaForCausalLM):
-            return
-        if cfg.gradient_checkpointing not in OFFLOAD_MODES or self.model.lora_config is None:
-            return
-        run = RunConfig(model=ModelConfig(max_seq_length=self._batch_length()), lora=self.model.lora_config,
-                        train=cfg)
-        set_checkpointing(inner, run, device, precision=precision,
-                          quantization=self.model.loaded.quantization, log=log)
+        run = RunConfig(model=ModelConfig(max_seq_length=self._batch_length()), train=cfg)
+        plan_activation_memory(self.model, run, precision, log)
 
     def _distributed(self, cfg: Any, precision: str) -> tuple[Any, Callable[[str], None]]:
         """Under torchrun: join the group, check that every rank runs the same job, pick DDP or FSDP2 (the
