@@ -79,9 +79,24 @@ def _counts(window: list[dict], fasttune: bool) -> dict[str, Any]:
             lengths += batch["attention_mask"].sum(1)[(batch["targets"] != -100).any(1)].tolist()
         else:  # transformers' labels: the model shifts them, so position 0 is never a target
             trained += int((batch["labels"][:, 1:] != -100).sum())
-            mask = batch.get("attention_mask")
-            lengths += (mask if mask is not None else batch["labels"] != -100).sum(1).tolist()
+            lengths += _document_lengths(batch)
     return {"trained_tokens": trained, "row_lengths": [int(n) for n in lengths]}
+
+
+def _document_lengths(batch: dict) -> list[int]:
+    """The length of each row in a transformers-style micro-batch. A padding-free collator (TRL's
+    `padding_free`, which Unsloth turns on by itself) concatenates a micro-batch's rows into one sequence
+    whose position_ids restart at 0 where each row begins: those are split back into their rows."""
+    mask = batch.get("attention_mask")
+    positions = batch.get("position_ids")
+    if positions is None or not bool((positions[:, 1:] == 0).any()):
+        return (mask if mask is not None else batch["labels"] != -100).sum(1).tolist()
+    lengths: list[int] = []
+    for r in range(positions.shape[0]):
+        row = positions[r] if mask is None else positions[r][mask[r].bool()]
+        starts = (row == 0).nonzero().flatten().tolist() + [row.numel()]
+        lengths += [b - a for a, b in zip(starts, starts[1:])]
+    return lengths
 
 
 def step_records(trainer: Any, fasttune: bool) -> list[dict[str, Any]]:

@@ -59,3 +59,16 @@ def test_both_trainers_draw_the_same_rows_and_report_the_same_losses(tmp_path, t
         assert x["trained_tokens"] == y["trained_tokens"] == x["trained_tokens_logged"]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
     json.dumps(a)  # the records go into the run's JSON as they are
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_row_lengths_of_padded_and_padding_free_micro_batches(padding_free):
+    """Unsloth turns on TRL's padding-free collator: a micro-batch of rows becomes one sequence whose
+    position_ids restart at each row. Its rows and trained tokens must read as the padded batch's do."""
+    trl_sft = pytest.importorskip("trl.trainer.sft_trainer")
+    collate = trl_sft.DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)
+    batch = collate([{"input_ids": [5, 6, 7, 4]}, {"input_ids": [8, 9]}, {"input_ids": [3, 2, 1]}])
+    assert batch["input_ids"].shape[0] == (1 if padding_free else 3)
+    counts = ng._counts([batch], fasttune=False)
+    assert counts["row_lengths"] == [4, 2, 3]
+    assert counts["trained_tokens"] == 3 + 1 + 2
