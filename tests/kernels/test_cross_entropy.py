@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from kernel_checks import assert_bf16_close, assert_fp32_close
@@ -131,3 +133,33 @@ def test_target_rows_found_before_give_the_same_loss_and_are_used_as_given():
     assert int(n_given) == int(n_found) == 6
     fewer, _ = linear_cross_entropy(h, w, y, rows=rows[1:])  # one trained row left out: a smaller sum
     assert fewer < given
+
+
+class _LiveChunks(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, after each matrix product, how many earlier (rows, vocab) logit chunks are still alive."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.chunks, self.alive_at_product = vocab, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default:
+            self.alive_at_product.append(sum(ref() is not None for ref in self.chunks))
+            if out.shape[-1] == self.vocab:
+                self.chunks.append(weakref.ref(out))
+        return out
+
+
+@pytest.mark.parametrize("force_triton", [True, False])
+def test_linear_ce_keeps_one_logit_chunk_alive(device, force_triton):
+    """The chunks exist to bound the loss's memory: a chunk's logits must be freed before the next chunk's
+    product, or two chunks are alive at once (on the GPU, the training step's peak)."""
+    n, hd, v, rows = 13, 16, 256, 4
+    h, w, y = _inputs(n, hd, v, device, seed=2, ignore_every=n)  # one ignored row: 12 kept, 3 chunks
+    h.requires_grad_(True)
+    mode = _LiveChunks(v)
+    with mode:
+        loss, _ = linear_cross_entropy(h, w, y, chunk_rows=rows, force_triton=force_triton)
+    assert len(mode.chunks) == 3
+    assert mode.alive_at_product == [0, 0, 0]  # no earlier chunk alive when a product makes the next

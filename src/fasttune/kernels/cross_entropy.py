@@ -136,9 +136,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             h = hidden[start:start + chunk_rows]
             y = targets[start:start + chunk_rows]
             if triton:
-                z = h @ weight.t()  # (c, V) in h's dtype; becomes dz in place
-                loss_sum += _chunk_loss_and_grad_triton(z, y, want_dh or want_dw)
-                dz = z
+                # (c, V) in h's dtype, turned into dz in place; one name only, so that `del dz` below frees
+                # it before the next chunk's product (a second name would keep two chunks alive there)
+                dz = h @ weight.t()
+                loss_sum += _chunk_loss_and_grad_triton(dz, y, want_dh or want_dw)
             else:
                 dz = _chunk_loss_and_grad_torch(h, weight, y, loss_sum, want_dh or want_dw)
             if want_dh and dz.dtype == weight.dtype == grad_h.dtype:
