@@ -41,7 +41,11 @@ def use_triton(*tensors: torch.Tensor | None, force: bool | None = None) -> bool
     """
     if force is False:
         return False
-    on_cuda = all(t is None or t.is_cuda for t in tensors)
+    on_cuda = True
+    for t in tensors:  # a loop, not all(<generator>): this runs for every kernel call
+        if t is not None and not t.is_cuda:
+            on_cuda = False
+            break
     if force is None:
         if not HAS_TRITON:
             return False

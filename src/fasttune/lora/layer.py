@@ -55,8 +55,11 @@ def _nf4_dequantiser(packed: torch.Tensor, state) -> Callable[[], torch.Tensor]:
     return dequant
 
 
+_QUANTIZED = frozenset(QUANTIZED_4BIT + QUANTIZED_8BIT + QUANTIZED_FP8)
+
+
 def is_quantized(module: nn.Module) -> bool:
-    return type(module).__name__ in QUANTIZED_4BIT + QUANTIZED_8BIT + QUANTIZED_FP8
+    return type(module).__name__ in _QUANTIZED
 
 
 class LoRALinear(nn.Module):
@@ -126,16 +129,18 @@ class LoRALinear(nn.Module):
         """The base weight for `fasttune.kernels.lora`: the dense tensor, a dequantiser for an NF4 or FP8 base
         (into a reused buffer; FP8's carries the FP8 weight as `.fp8` for the FP8 products), or None
         where the kernels cannot read the base (8-bit, FP4)."""
-        w = self.base_layer.weight
-        if not self.quantized:
+        base = self._modules["base_layer"]  # not nn.Module's lookup: this runs per projection and pass
+        w = base.weight
+        kind = type(base).__name__
+        if kind not in _QUANTIZED:
             return w
-        if type(self.base_layer).__name__ in QUANTIZED_FP8:
-            return self.base_layer.dequantizer()
+        if kind in QUANTIZED_FP8:
+            return base.dequantizer()
         # FSDP2 hands the layer its gathered weight as a plain tensor: the quantisation state is then the
         # one bitsandbytes also keeps on the module
         own = getattr(w, "quant_state", None)
-        state = own or getattr(self.base_layer, "quant_state", None)
-        if type(self.base_layer).__name__ in QUANTIZED_4BIT and getattr(state, "quant_type", None) == "nf4":
+        state = own or getattr(base, "quant_state", None)
+        if kind in QUANTIZED_4BIT and getattr(state, "quant_type", None) == "nf4":
             if own is None:  # a gathered FSDP2 weight: other tensors at each call, nothing is kept
                 _NF4_DEQUANTISERS.pop(self, None)
                 return _nf4_dequantiser(w.data, state)

@@ -125,12 +125,16 @@ def fused_lora_weights(*projs: nn.Module) -> list[LoRAWeights] | None:
     for p in projs:
         if not isinstance(p, LoRALinear) or not p.use_kernels or p.merged or p.disabled:
             return None
-        if p.training and isinstance(p.lora_dropout, nn.Dropout):
+        # Submodules and the adapters' weights straight from the module's dicts: this runs for every
+        # projection at every forward and rerun, and nn.Module's attribute lookup is a Python call per level.
+        parts = p._modules
+        if p.training and isinstance(parts["lora_dropout"], nn.Dropout):
             return None
         weight = p.kernel_weight()
         if weight is None:
             return None
-        out.append(LoRAWeights(weight, p.base_layer.bias, p.lora_A.weight, p.lora_B.weight, p.scaling))
+        out.append(LoRAWeights(weight, parts["base_layer"].bias, parts["lora_A"]._parameters["weight"],
+                               parts["lora_B"]._parameters["weight"], p.scaling))
     return out
 
 
