@@ -22,8 +22,9 @@
 #                                                   Unsloth, with a profile of one step each
 # checks    loss, cli, notebook                     loss curves; `fasttune train` and the notebook on 8B
 #                                                   (notebook: both stacks at its own settings, curves)
-# ab        8k, 32k                                 this tree against .bench_assets/base_tree
-#                                                   (benchmarks/unpack_tree.sh REV)
+# ab        8k, 32k, b2, thin                       this tree against .bench_assets/base_tree
+#                                                   (benchmarks/unpack_tree.sh REV); thin: batch 2 at
+#                                                   llama-3.1-8b-thin, where a step is the host's time
 # pref      (one)                                   DPO tokens/s (2 pairs of 512 + 512 tokens) and GRPO sampling
 #                                                   samples/s (G = 8, 256 new tokens) beside TRL + PEFT and Unsloth
 # dist      bf16, qlora, overhead, 70b              torchrun on the machine's GPUs (bench_dist.py): Llama-3.1-8B
@@ -41,7 +42,7 @@ cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="tests speed loss" [decode]="" [serve]="" \
-  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8 notebook" [pref]="" [checks]="loss cli notebook" [ab]="8k 32k" \
+  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8 notebook" [pref]="" [checks]="loss cli notebook" [ab]="8k 32k b2 thin" \
   [dist]="bf16 qlora overhead 70b")
 usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven pref checks ab dist"
 STEPS=${1:-}
@@ -74,7 +75,7 @@ if [ ! -f "$TOKENIZER/tokenizer.json" ]; then
   exit 2
 fi
 BASE_TREE=.bench_assets/base_tree
-if has ab 8k || has ab 32k; then
+if has ab 8k || has ab 32k || has ab b2 || has ab thin; then
   if [ ! -d "$BASE_TREE/src/fasttune" ]; then
     echo "gpu_run.sh: $BASE_TREE/src is missing: run benchmarks/unpack_tree.sh REV and carry .bench_assets" >&2
     exit 2
@@ -218,6 +219,17 @@ has checks notebook && step notebook 560 python3 benchmarks/notebook_gpu.py --mo
 for mode in bf16 qlora; do
   has ab 8k && step "ab-$mode-base" 150 $BASE --stacks fasttune --modes $mode --batches 8
   has ab 8k && step "ab-$mode" 300 $B --stacks fasttune unsloth --modes $mode --batches 8
+done
+for mode in bf16 qlora; do
+  has ab b2 && step "ab-b2-$mode-base" 150 $BASE --stacks fasttune --modes $mode --batches 2
+  has ab b2 && step "ab-b2-$mode" 240 $B --stacks fasttune unsloth --modes $mode --batches 2
+done
+# the host's share: both trees twice each, alternating, at a width whose GPU work is a few milliseconds
+for turn in 1 2; do
+  has ab thin && step "ab-thin-base-$turn" 120 $BASE --shape llama-3.1-8b-thin --stacks fasttune \
+    --modes bf16 qlora --batches 2 --steps 8
+  has ab thin && step "ab-thin-$turn" 120 $B --shape llama-3.1-8b-thin --stacks fasttune --modes bf16 qlora \
+    --batches 2 --steps 8
 done
 has ab 32k && step ab-32k-base 160 $BASE --stacks fasttune $ONE --seqs 32768 --steps 2
 has ab 32k && step ab-32k 330 $B --stacks fasttune unsloth $ONE --seqs 32768 --steps 2
