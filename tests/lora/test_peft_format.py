@@ -141,3 +141,21 @@ def test_wrapped_model_saves_unwrapped_paths(tmp_path):
 
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_seeded_init_draws_peft_s_a_matrices():
+    """Unsloth's get_peft_model seeds the global RNG with random_state, then PEFT makes each adapter: the
+    same random_state in fasttune gives the very same lora_A values, so both stacks start from the same
+    adapters (their loss curves then differ only by the kernels' arithmetic)."""
+    ours, hf = _pair()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    apply_lora(ours, r=4, lora_alpha=8, target_modules=targets, random_state=3407)
+    torch.manual_seed(3407)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=targets))
+    a_theirs = {n.removeprefix("base_model.model.").replace(".lora_A.default", ".lora_A"): p
+                for n, p in theirs.named_parameters() if ".lora_A." in n}
+    a_ours = {n: p for n, p in ours.named_parameters() if ".lora_A." in n}
+    assert len(a_ours) == 7 * CFG["num_hidden_layers"] and a_ours.keys() == a_theirs.keys()
+    for name, a in a_ours.items():
+        torch.testing.assert_close(a, a_theirs[name], rtol=0, atol=0, msg=name)

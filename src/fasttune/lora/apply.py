@@ -75,7 +75,8 @@ def apply_lora(
     """Wrap the targeted linear layers in `LoRALinear`, freeze every other parameter; return the paths.
 
     The init of every lora_A comes from one CPU generator seeded with `random_state`, in model order, so
-    the same call gives the same adapters whatever the global RNG state or device.
+    the same call gives the same adapters whatever the global RNG state or device: the A matrices that PEFT
+    draws after `torch.manual_seed(random_state)` (as Unsloth's get_peft_model seeds it).
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("this model already has LoRA adapters; apply_lora once per model")

@@ -103,7 +103,13 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device="cpu", dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device="cpu", dtype=torch.float32)
         with torch.no_grad():
-            # PEFT's default: kaiming-uniform A, zero B, so training starts exactly at the base model.
+            # PEFT's default: kaiming-uniform A, zero B, so training starts exactly at the base model. With a
+            # generator, it draws what PEFT draws from the global one: A's and B's nn.Linear inits, then A's
+            # own init, the one kept. A generator seeded as the global RNG was (Unsloth's get_peft_model
+            # seeds it with random_state), in the same module order, then gives PEFT's very A matrices.
+            if generator is not None:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+                nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5), generator=generator)
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
             nn.init.zeros_(self.lora_B.weight)
         self.lora_A.to(device=device, dtype=adapter_dtype)
