@@ -13,9 +13,10 @@ fasttune the same batch stream its loop consumes, checked against the trained to
 It prints the two curves side by side with their differences and whether each step trained the same
 tokens; --plot draws both loss curves into one figure. The model directory is written once with
 `bench_train.write_model_dir` (random weights, the tokenizer in --tokenizer): the loss starts near
-ln(vocabulary) and says nothing about learning, only whether the two stacks train the same thing. The
-LoRA A matrices start from the same distribution but not the same random numbers, so the curves agree
-closely, not bit for bit; step 1 (B = 0) is the base model's loss in both.
+ln(vocabulary) and says nothing about learning, only whether the two stacks train the same thing. fasttune
+draws the LoRA A matrices that PEFT draws after Unsloth's get_peft_model seeds the RNG with random_state
+(tests/lora/test_peft_format.py), so where Unsloth draws nothing else in between both start from the same
+adapters and the curves differ by the kernels' arithmetic; step 1 (B = 0) is the base model's loss in both.
 """
 
 from __future__ import annotations
