@@ -36,6 +36,7 @@ from torch import nn
 
 from fasttune.infer.decode_weights import DecodeWeights, dense_base, pack_decode_weights
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
+from fasttune.kernels.scratch import keep_scratch
 from fasttune.kernels.swiglu import swiglu, swiglu_reference
 from fasttune.lora.layer import LoRALinear
 from fasttune.models.attention import AttentionMask
@@ -315,6 +316,8 @@ class Decoder:
         self.mode = mode
         self.fused = mode != "eager" and (on_cuda if fused is None else fused)
         self.cuda_graphs = on_cuda and mode != "eager"
+        if self.cuda_graphs:
+            keep_scratch()  # a graph replays kernels that write scratch tensors at the addresses it recorded
         self.static: StaticKV | None = None
         self.weights: tuple[int, ...] = ()
         self.packed: DecodeWeights | None = None

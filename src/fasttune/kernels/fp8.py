@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from fasttune.kernels._dispatch import cdiv, jit, row_block, tl, use_triton
+from fasttune.kernels.scratch import Scratch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -57,7 +58,7 @@ def quantize_weight_fp8(w: torch.Tensor) -> FP8Weight:
     return FP8Weight(data, scale)
 
 
-_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_buffers = Scratch()
 
 
 @torch.no_grad()
@@ -68,12 +69,8 @@ def dequantize_fp8(w: FP8Weight, dtype: torch.dtype = torch.bfloat16, reuse_buff
     out_shape = tuple(w.data.shape)
     if not reuse_buffer:
         return (w.data.to(torch.float32) * w.scale).to(dtype)
-    key = (w.data.device, dtype)
     n = w.data.numel()
-    buf = _buffers.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _buffers[key] = torch.empty(n, dtype=dtype, device=w.data.device)
-    out = buf[:n].view(out_shape)
+    out = _buffers.get((w.data.device, dtype), n, dtype, w.data.device).view(out_shape)
     out.copy_(w.data)  # exact: every e4m3 value is a bf16 value
     return out.mul_(w.scale)  # in fp32, rounded once to `dtype`, as the unbuffered branch
 
@@ -188,7 +185,7 @@ def fp8_product(x2: torch.Tensor, w: FP8Weight, dt: torch.dtype,
     return x2 @ dequantize_fp8(w, dt, reuse_buffer=True).t()
 
 
-_t_buffers: dict[torch.device, torch.Tensor] = {}
+_t_buffers = Scratch()
 _unit_scales: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -214,10 +211,7 @@ def transpose_fp8(w: FP8Weight, force_triton: bool | None = None) -> torch.Tenso
     Triton transpose on CUDA, torch's copy elsewhere."""
     out_f, in_f = w.data.shape
     n = w.data.numel()
-    buf = _t_buffers.get(w.data.device)
-    if buf is None or buf.numel() < n:
-        buf = _t_buffers[w.data.device] = torch.empty(n, dtype=torch.uint8, device=w.data.device)
-    wt = buf[:n].view(in_f, out_f)
+    wt = _t_buffers.get(w.data.device, n, torch.uint8, w.data.device).view(in_f, out_f)
     src = w.data.view(torch.uint8)
     if not src.is_contiguous():
         src = src.contiguous()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fasttune.kernels._dispatch import cdiv, jit, tl, to_dtype, use_triton
+from fasttune.kernels.scratch import Scratch
 
 # bitsandbytes' NF4 table (functional.py, get_4bit_type("nf4")).
 NF4_CODE = (
@@ -140,7 +141,7 @@ def _nf4_dequant_fwd_kernel(
 
 
 _code_cache: dict[torch.device, torch.Tensor] = {}
-_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_buffers = Scratch()
 
 
 def _nf4_code(device: torch.device) -> torch.Tensor:
@@ -152,17 +153,14 @@ def _nf4_code(device: torch.device) -> torch.Tensor:
 def nf4_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat scratch tensor of `numel` elements, shared by every caller with this dtype and device.
 
-    It grows to the largest request and is reused, so one dense copy of one layer's weight exists at a time.
-    Its contents are valid only until the next dequantisation into it: use the result, then let it go.
+    It grows to the largest request and is reused, so one dense copy of one layer's weight exists at a time
+    (`kernels.scratch`: released before the loss). Its contents are valid only until the next dequantisation
+    into it: use the result, then let it go.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (dtype, device)
-    buf = _buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
+    return _buffers.get((dtype, device), numel, dtype, device)
 
 
 def _launch(w: NF4Weight, out: torch.Tensor, block_bytes: int = _BLOCK_BYTES, num_warps: int = 4) -> None:

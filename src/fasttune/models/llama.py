@@ -20,6 +20,7 @@ from fasttune.kernels.cross_entropy import linear_cross_entropy, target_rows
 from fasttune.kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv
 from fasttune.kernels.rms_norm import rms_norm, rms_norm_reference
 from fasttune.kernels.rope import apply_rope, apply_rope_reference
+from fasttune.kernels.scratch import release_scratch
 from fasttune.kernels.swiglu import swiglu, swiglu_reference
 from fasttune.lora.layer import LoRALinear
 from fasttune.memory.kept_attention import rerun_from_kept
@@ -469,6 +470,8 @@ class LlamaForCausalLM(nn.Module):
         return type(self.lm_head) is nn.Linear and self.lm_head.bias is None
 
     def _loss(self, h: torch.Tensor, targets: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        # the step's peak: no dequantised weight is in use, so the dequantisation buffer need not be held
+        release_scratch()
         if self._fused_loss():
             return linear_cross_entropy(h, self.lm_head.weight, targets, rows=rows)
         # A wrapped head (adapter, quantised): run it whole; slower, still exact.
