@@ -608,8 +608,8 @@ def run_one(stack: str, mode: str, batch: int, seq: int, args) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--mode", mode, "--batch", str(batch),
            "--seq", str(seq), "--shape", args.shape, "--model-dir", str(args.model_dir),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", *args.variants]
-    if args.profile and stack == "fasttune":
-        cmd += ["--profile", str(Path(args.log_dir) / f"profile-{mode}-{batch}x{seq}.txt")]
+    if args.profile:
+        cmd += ["--profile", str(Path(args.log_dir) / f"profile-{stack}-{mode}-{batch}x{seq}.txt")]
     if args.peak_report:
         cmd += ["--peak-report", str(Path(args.log_dir) / f"peak-{stack}-{mode}-{batch}x{seq}.txt")]
     t0 = time.time()
@@ -729,7 +729,7 @@ def main() -> None:
     p.add_argument("--no-kernels", dest="kernels", action="store_false")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': a dry run of the builder
     p.add_argument("--profile", default=None, help="worker: write a profiler table of one step here; "
-                   "orchestrator: any value profiles the first fasttune variant of each run")
+                   "orchestrator: any value profiles each stack's run (fasttune's first variant)")
     p.add_argument("--peak-report", default=None,
                    help="worker: write what was live at one extra (untimed) step's peak memory here; "
                    "orchestrator: any value writes peak-STACK-MODE-BxS.txt into --log-dir for each stack's "

@@ -6,7 +6,8 @@
 # suite     parts                                   the RESULTS.md table it reproduces
 # tests     kernels, rest                           (the GPU tiers of the test suite, `-m gpu`)
 # headline  bf16, qlora, hf, liger                  Llama-3.1-8B, 8 x 2048, beside the peers
-# batch2    llama31, llama2                         batch 2 x 2048
+# batch2    llama31, llama2, profile                batch 2 x 2048; profile: one step of each stack (QLoRA,
+#                                                   bf16) under the torch profiler and under cProfile
 # long      32k, 131k, 262k, 262k-unsloth,          long context, QLoRA, batch 1
 #           327k-unsloth, l2-32k, l2-131k
 # shapes    qwen, mistral, llama32, llama2,         other shapes and families; packed rows
@@ -39,7 +40,7 @@
 # directories are written once per machine under /tmp.
 set -u
 cd "$(dirname "$0")/.."
-declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2" \
+declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2 profile" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="tests speed loss" [decode]="" [serve]="" \
   [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8 notebook" [pref]="" [checks]="loss cli notebook" [ab]="8k 32k b2 thin" \
@@ -122,7 +123,9 @@ has headline hf && step headline-hf 480 $B --stacks fasttune hf --modes bf16 qlo
 has headline liger && step headline-liger 400 $B --stacks fasttune liger --modes bf16 qlora --batches 8
 
 has batch2 llama31 && step batch2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 \
-  --variants offload offload+ce25 offload+dgu0 offload+ce26+dgu0 --peak-report 1
+  --peak-report 1
+has batch2 profile && step batch2-profile 300 $B --stacks fasttune unsloth --modes qlora bf16 --batches 2 \
+  --steps 2 --warmup 2 --profile 1
 has batch2 llama2 && step batch2-llama2 420 $B $L2 --stacks fasttune unsloth --modes bf16 qlora --batches 2
 
 has long 32k && step long-32k 330 $B --stacks fasttune unsloth $ONE --seqs 32768 --steps 2
