@@ -27,8 +27,9 @@ adapter's share of dx, s dyB A, goes to x' (autograd carries it through the drop
                the backward's peak instead of five. The saved g0, u0 are consumed, so a second backward
                through the same graph (retain_graph) is refused.
     quantised: a dequantiser may carry `fresh` (a callable giving an own dense tensor rather than the shared
-               buffer); in a recompute for the backward the gate and up weights are then dequantised once
-               and held for that backward's dx products (two (inter, hidden) tensors, while it runs).
+               buffer); in a recompute for the backward the gate weight is then dequantised once and held
+               for that backward's dx product (one (inter, hidden) tensor, while it runs); up and down are
+               dequantised into the shared buffer right before each product, as in a plain pass.
 
 `lora_qkv` is the three attention input projections of one x as one autograd node: x is saved once, and
 the backward accumulates dx = sum over q, k, v of (dy W + s dyB A) into one buffer (in-place addmm).
@@ -434,11 +435,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         given = kept.gate_up if rerun else None
         if given is not None:
             given = tuple(_kept(t, (n, inter), dt, "gate/up") for t in given)
-        if given is None and rerun:
-            # A rerun whose backward comes next: quantised gate and up weights are dequantised into tensors
-            # of their own and saved, so the backward's dx products use them instead of dequantising again.
-            dense[:2] = [_dense(dq.fresh, dt) if w is None and hasattr(dq, "fresh") else w
-                         for w, dq in zip(dense[:2], dequants[:2])]
+        if given is None and rerun and dense[0] is None and hasattr(dequants[0], "fresh"):
+            # A rerun whose backward comes next: the quantised gate weight is dequantised into a tensor of
+            # its own and saved, so the backward's dx product uses it instead of dequantising again. Up is
+            # not: at the backward's peak (dh, with down's weight in the shared buffer) one held dense copy
+            # costs (inter, hidden) less than two, for one more dequantisation after it.
+            dense[0] = _dense(dequants[0].fresh, dt)
         xag, xau = _down_a(x2, [lora[0][0], lora[1][0]])
         # g0, u0 without their adapter terms, for the Triton SwiGLU to add (in torch it would be extra work)
         defer = triton and max(ag.shape[0], au.shape[0]) <= DEFERRED_MAX_RANK
