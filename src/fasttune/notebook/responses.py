@@ -5,7 +5,9 @@ The two parts are found as token sequences (each tokenized alone, without specia
 `force_match=True`). A label stays trained only from just after an occurrence of `response_part` up to
 the next occurrence of `instruction_part` (not included), or to the end of the row; everything else
 becomes -100. Searching for the next response resumes one token past the end of that instruction part.
-Rows left with nothing trained are dropped, and counted in a warning.
+Rows left with nothing trained are dropped, and counted in a warning. As Unsloth's sets transformers'
+`DataCollatorForSeq2Seq`, the masked labels are then trained as they are, whatever collator the trainer
+was given (`notebook/collators.py`).
 
 Worked example, instruction_part "### Q:", response_part "### A:" (tokens shown as words):
     input_ids  ### Q: hi ### A: yo EOS ### Q: why ### A: so EOS
@@ -99,6 +101,8 @@ def train_on_responses_only(trainer: Any, instruction_part: str | None = None,
             raise TypeError(f"train_on_responses_only: trainer.{attr} is not a dataset prepared by "
                             "fasttune's SFTTrainer")
         _mask_examples(data, instruction, response, response_part, attr)
+    if hasattr(trainer, "untrained_token"):  # Unsloth sets DataCollatorForSeq2Seq: these labels are trained
+        trainer.untrained_token = None
     return trainer
 
 

@@ -3,7 +3,9 @@
 The datasets are prepared when the trainer is built, as TRL prepares them (`notebook/dataset.py`): the
 `dataset_text_field` column (or `formatting_func`'s text) is trained whole, with EOS appended unless the
 text ends with it; `trainer.train_dataset` then holds the rows as `input_ids` and `labels`, which
-`train_on_responses_only` can mask. Rows are drawn in the order transformers' Trainer draws them.
+`train_on_responses_only` can mask. A `data_collator` of transformers' changes what is trained as Unsloth
+applies it (`notebook/collators.py`), when `train()` starts. Rows are drawn in the order transformers'
+Trainer draws them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fasttune.notebook.arguments import SFTConfig, TrainingArguments, check_fields, to_train_config
+from fasttune.notebook.collators import has_labels, leave_untrained, untrained_token
 from fasttune.notebook.dataset import prepare
 from fasttune.notebook.model import NotebookModel
 from fasttune.notebook.sft_args import max_length, sampling, text_options
@@ -160,10 +163,6 @@ class SFTTrainer:
                 "SFTTrainer: model must come from fasttune's FastLanguageModel.from_pretrained "
                 f"(got {type(model).__name__})"
             )
-        if data_collator is not None:
-            raise ValueError(
-                "SFTTrainer: data_collator is not supported; fasttune batches (and packs) rows itself"
-            )
         if peft_config is not None:
             raise ValueError(
                 "SFTTrainer: peft_config is not supported; call FastLanguageModel.get_peft_model first"
@@ -188,8 +187,13 @@ class SFTTrainer:
         self.formatting_func = formatting_func
         self.dataset_num_proc = dataset_num_proc  # tokenizing is single-process and fast; accepted
         self.sampling = sampling(self.args)
+        labels_given = has_labels(train_dataset)
         self.train_dataset = prepare(train_dataset, SOURCE, self.tokenizer, self.options, formatting_func)
         self.contract = self.train_dataset.contract
+        self.data_collator = data_collator
+        # the token the collator leaves untrained (notebook/collators.py); train_on_responses_only clears it
+        self.untrained_token = untrained_token(data_collator, labels_given, self.train_dataset.kind,
+                                               self.tokenizer)
         self.eval_dataset = None
         if eval_dataset is not None:
             self.eval_dataset = prepare(eval_dataset, "eval_dataset", self.tokenizer, self.options,
@@ -245,6 +249,8 @@ class SFTTrainer:
         examples = self.train_dataset.examples
         if not examples:
             raise ValueError("SFTTrainer: train_dataset has no rows left to train")
+        if self.untrained_token is not None:
+            self._leave_untrained(self.untrained_token)
         exact = getattr(inner, "supports_packing", False)
         if self.packing and not exact:
             raise ValueError(
@@ -269,6 +275,15 @@ class SFTTrainer:
         )
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)
+
+    def _leave_untrained(self, token: int) -> None:
+        """The language-modeling collator's labels: every position of `token` untrained, in both datasets."""
+        for data in (self.train_dataset, self.eval_dataset):
+            if data is not None:
+                leave_untrained(data.examples, token)
+        if not any(ex.n_trained for ex in self.train_dataset.examples):
+            raise ValueError(f"SFTTrainer: with data_collator {type(self.data_collator).__name__} no token "
+                             f"of train_dataset is left to train (every target is the pad token, id {token})")
 
     def _plan_activation_memory(self, cfg: Any, precision: str, log: Callable[[str], None]) -> None:
         from fasttune.config import ModelConfig, RunConfig
