@@ -249,6 +249,29 @@ def test_generate_with_text_streamer_and_right_padded_batches(loaded):
     assert buf.getvalue() == tok.decode(streamed[0, one["input_ids"].shape[1] :]) + "\n"
 
 
+def test_generate_takes_the_encoding_apply_chat_template_returns(loaded):
+    """transformers 5's apply_chat_template(..., return_tensors="pt") is a BatchEncoding, which the
+    notebooks' inference cell passes as input_ids."""
+    model, tok = loaded
+    FastLanguageModel.for_inference(model)
+    encoding = tok(["The harp is"], return_tensors="pt")
+    assert isinstance(encoding, transformers.BatchEncoding)
+    assert torch.equal(model.generate(input_ids=encoding, max_new_tokens=4),
+                       model.generate(**encoding, max_new_tokens=4))
+
+
+def test_generate_takes_min_p(loaded):
+    """min_p=1.0 keeps only the most likely token: sampling then gives the greedy tokens."""
+    model, tok = loaded
+    FastLanguageModel.for_inference(model)
+    one = tok(["The harp is"], return_tensors="pt")
+    greedy = model.generate(**one, max_new_tokens=6, do_sample=False)
+    kept = model.generate(**one, max_new_tokens=6, do_sample=True, temperature=1.5, min_p=1.0, top_k=0)
+    assert torch.equal(kept, greedy)
+    with pytest.raises(ValueError, match="min_p"):
+        model.generate(**one, max_new_tokens=2, do_sample=True, min_p=2.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [

@@ -85,6 +85,23 @@ def test_sampling_equals_transformers_for_the_same_seed():
     assert not torch.equal(ours, generate(model, x, max_new_tokens=16, eos_token_ids=[], seed=124, **kw))
 
 
+def test_min_p_sampling_equals_transformers_for_the_same_seed():
+    """The notebooks' inference cell samples with temperature=1.5, min_p=0.1."""
+    model = make_model()
+    hf = hf_twin(model)
+    x = torch.tensor([prompt(5, 7)])
+    kw = dict(do_sample=True, temperature=1.5, top_k=0, min_p=0.1)
+    ours = generate(model, x, max_new_tokens=16, eos_token_ids=[], seed=5, **kw)
+    torch.manual_seed(5)
+    ref = hf.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=16, eos_token_id=None, pad_token_id=0, **kw
+    )
+    assert torch.equal(ours, ref)
+    unfiltered = generate(model, x, max_new_tokens=16, eos_token_ids=[], seed=5, do_sample=True,
+                          temperature=1.5, top_k=0)
+    assert not torch.equal(ours, unfiltered)
+
+
 def test_eos_ends_a_row_and_later_tokens_are_padding():
     model = make_model()
     prompts = [prompt(5, 8), prompt(7, 9)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -14,6 +15,7 @@ from transformers.generation.logits_process import (
 
 from fasttune.infer.sampling import (
     SamplingParams,
+    apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
@@ -63,11 +65,19 @@ def test_top_p_matches_transformers(logits, p):
     assert torch.equal(apply_top_p(logits, p), ref)
 
 
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 1.0])
+def test_min_p_matches_transformers(logits, p):
+    ref = MinPLogitsWarper(p)(None, logits.clone())
+    assert torch.equal(apply_min_p(logits, p), ref)
+    assert bool((apply_min_p(logits, p) > float("-inf")).sum(-1).ge(1).all())
+
+
 def test_all_filters_in_transformers_order(logits, seen):
-    params = SamplingParams(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.2)
+    params = SamplingParams(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.2,
+                            min_p=0.05)
     ref = LogitsProcessorList([
         RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20),
-        TopPLogitsWarper(0.8),
+        TopPLogitsWarper(0.8), MinPLogitsWarper(0.05),
     ])(seen, logits.clone())
     torch.testing.assert_close(process_logits(logits, params, seen), ref, rtol=0, atol=0)
 
@@ -91,7 +101,8 @@ def test_sampling_draws_only_kept_tokens_and_follows_the_seed(logits):
 
 @pytest.mark.parametrize("bad, field", [
     (dict(do_sample=True, temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0.0), "repetition_penalty")])
+    (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(min_p=1.5), "min_p")])
 def test_bad_settings_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**bad)

@@ -66,6 +66,17 @@ CASES = {
         {}),
     "prompt and completion, whole text trained": (
         lambda eos: [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}], {"completion_only_loss": False}),
+    "conversations of role/content turns beside the text they were rendered into": (
+        lambda eos: [{"conversations": [{"role": "user", "content": f"hi {i}"},
+                                        {"role": "assistant", "content": "yo"}],
+                      "text": f"<|im_start|>user\nhi {i}<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"}
+                     for i in range(2)],
+        {}),
+    "ShareGPT conversations beside a text column": (
+        lambda eos: [{"conversations": [{"from": "human", "value": f"hi {i}"},
+                                        {"from": "gpt", "value": "yo"}],
+                      "text": "not this"} for i in range(2)],
+        {}),
     "conversations": (
         lambda eos: [{"messages": [{"role": "user", "content": "hi"},
                                    {"role": "assistant", "content": "yo"}]},
@@ -150,6 +161,16 @@ def test_alpaca_rows_without_the_text_column_warn_and_train_the_response(loaded,
 def test_what_changes_the_trained_tokens_is_refused_by_name(loaded, kw, name):
     with pytest.raises(ValueError, match=name):
         ours(loaded, [{"text": "a b c"}], **kw)
+
+
+def test_sharegpt_rows_with_assistant_only_loss_are_refused(loaded):
+    """TRL keeps ShareGPT's role names (human, gpt): no chat template marks a `gpt` turn as the
+    assistant's."""
+    from fasttune.data.errors import DataError
+
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+    with pytest.raises(DataError, match=r"row 1, field 'conversations'.*standardize_sharegpt"):
+        ours(loaded, rows, assistant_only_loss=True)
 
 
 @pytest.mark.parametrize("field, value", [("shuffle_dataset", True), ("chat_template_path", "t.jinja"),

@@ -278,6 +278,7 @@ def generate(
     streamer: Any = None,
     compile: bool | str = "auto",
     pipeline: bool | None = None,
+    min_p: float = 0.0,
     stats: GenerationStats | None = None,
 ) -> torch.Tensor:
     """Prompt + generated ids, (B, T + n), like transformers' `generate`; rows that finish early are padded.
@@ -292,8 +293,9 @@ def generate(
     each step's (B,) tokens.
     pipeline: queue each decoding step before the previous token reaches the host (None: on CUDA; False
     waits for every token first, the loop as it was, kept to measure the difference).
+    min_p: with do_sample, keep only tokens at least min_p times as likely as the most likely (0: all).
     """
-    sampling = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty)
+    sampling = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, min_p)
     eos = resolve_eos(eos_token_ids, tokenizer)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -396,9 +398,10 @@ def hf_generate_kwargs(sampling: SamplingParams, max_new_tokens: int, eos: Seque
         num_beams=1,
     )
     if sampling.do_sample:
-        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                  min_p=sampling.min_p or None)
     else:
-        kw.update(temperature=None, top_p=None, top_k=None)
+        kw.update(temperature=None, top_p=None, top_k=None, min_p=None)
     if stop_strings:
         kw.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     return kw

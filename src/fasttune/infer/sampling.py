@@ -1,8 +1,9 @@
-"""Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, then argmax or a draw.
+"""Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, min-p, then argmax or
+a draw.
 
 Each filter computes what the transformers logits processor of the same name computes, applied in
-transformers' order (repetition penalty, temperature, top-k, top-p), so sampled runs match its `generate`
-for the same seed-free distribution; tests compare each filter with the transformers class.
+transformers' order (repetition penalty, temperature, top-k, top-p, min-p), so sampled runs match its
+`generate` for the same seed-free distribution; tests compare each filter with the transformers class.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one; 0 keeps all
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 and self.do_sample:
@@ -31,6 +33,8 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 disables it)")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1.0 disables it)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p}: must be in [0, 1] (0 disables it)")
 
 
 def apply_repetition_penalty(
@@ -76,6 +80,17 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep the tokens whose probability is at least `min_p` times the most likely token's (which always
+    stays); 0 keeps all."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    drop.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def process_logits(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -91,6 +106,7 @@ def process_logits(
             logits = logits / params.temperature
         logits = apply_top_k(logits, params.top_k)
         logits = apply_top_p(logits, params.top_p)
+        logits = apply_min_p(logits, params.min_p)
     return logits
 
 

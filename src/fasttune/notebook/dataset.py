@@ -4,8 +4,10 @@ A row is read in TRL's order:
  1. rows already tokenized (`input_ids`, optional `labels`): used as they are;
  2. `formatting_func`: the text it returns for the row (or, called on a batch of columns, one text per row);
  3. `prompt` + `completion` strings: joined, the completion trained (`completion_only_loss`, default on);
- 4. conversations (`messages`, ShareGPT `conversations`): the chat template's rendering of the whole
-    conversation, every token trained (`assistant_only_loss`: the assistant turns only);
+ 4. conversations (`messages`, or ShareGPT `conversations` of `from`/`value` turns, which TRL renames to
+    `messages`): the chat template's rendering of the whole conversation, every token trained
+    (`assistant_only_loss`: the assistant turns only). `conversations` of `role`/`content` turns beside
+    the text column are not read (TRL reads the text); without a text column fasttune renders them;
  5. the `dataset_text_field` column (default "text"), whatever other columns the row has;
  6. fasttune's addition: Alpaca rows (instruction/input/output) without that column are rendered with the
     Stanford Alpaca prompt and trained on the response, with a warning saying so (TRL stops there).
@@ -104,12 +106,21 @@ def formatted_texts(rows: list[dict[str, Any]], func: Callable, name: str) -> li
     return texts
 
 
+def _from_value(turns: list) -> bool:
+    """ShareGPT turns (`from`/`value`), which TRL renames to a `messages` column; `conversations` of
+    `role`/`content` turns are no conversation to TRL, which then reads the text column."""
+    return bool(turns) and isinstance(turns[0], dict) and "from" in turns[0] and "value" in turns[0]
+
+
 def _kind(row: dict[str, Any], opts: TextOptions) -> str | None:
     if "input_ids" in row:
         return "tokenized"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
-    if isinstance(row.get("messages"), list) or isinstance(row.get("conversations"), list):
+    if isinstance(row.get("messages"), list):
+        return "messages"
+    turns = row.get("conversations")
+    if isinstance(turns, list) and (_from_value(turns) or opts.text_field not in row):
         return "messages"
     if opts.text_field in row:
         return "text"
@@ -168,8 +179,9 @@ def _prompt_completion_examples(rows: list[dict[str, Any]], tokenizer: Any, opts
 def _message_examples(rows: list[dict[str, Any]], tokenizer: Any, opts: TextOptions, contract: Any,
                       name: str) -> list[Example]:
     """The whole conversation as the chat template renders it (TRL's apply_chat_template, with the row's
-    `tools` column), or with assistant_only_loss the assistant turns only (fasttune finds their spans; any
-    template works). A row with tool parts the template does not write is refused (data/tools_check.py)."""
+    `tools` column; ShareGPT turns as TRL converts them, `from`/`value` renamed, the role names kept), or
+    with assistant_only_loss the assistant turns only (fasttune finds their spans; any template works). A
+    row with tool parts the template does not write is refused (data/tools_check.py)."""
     from fasttune.data.formats import normalise_row
     from fasttune.data.tokenize import encode_row, render_row
 
@@ -178,12 +190,22 @@ def _message_examples(rows: list[dict[str, Any]], tokenizer: Any, opts: TextOpti
     for i, row in enumerate(rows):
         if "chat_template_kwargs" in row:
             raise DataError("the chat_template_kwargs column is not supported", file=name, row=i + 1)
+        turns = row.get("conversations") if "messages" not in row else None
+        sharegpt = isinstance(turns, list) and _from_value(turns)
         try:
+            if sharegpt and opts.assistant_only_loss:
+                raise DataError("ShareGPT turns keep their role names under TRL (from: human, gpt), which a "
+                                "chat template does not mark as assistant turns: with assistant_only_loss "
+                                "nothing would be trained; map them to user/assistant first (Unsloth's "
+                                "standardize_sharegpt)", field="conversations")
             normal = normalise_row(row, "messages", cfg)
             if opts.assistant_only_loss:
                 out.append(encode_row(normal, "messages", tokenizer, contract))
                 continue
             messages, tools = normal["messages"], normal.get("tools")
+            if sharegpt:  # TRL renames the keys only: the template sees the roles as written (human, gpt)
+                messages = [{("role" if k == "from" else "content" if k == "value" else k): v
+                             for k, v in turn.items()} for turn in turns]
             if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
                 render_row(normal, "messages", tokenizer, contract)  # the checks that the tool parts show
             ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,

@@ -8,6 +8,7 @@ and is not implemented (beam search, min_new_tokens, ...) is an error that names
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ SUPPORTED = {
     "temperature",
     "top_p",
     "top_k",
+    "min_p",
     "repetition_penalty",
     "use_cache",
     "streamer",
@@ -60,7 +62,7 @@ def _settings(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(
             f"generate: {', '.join(unknown)} not supported by fasttune (greedy and sampling with "
-            "temperature, top_k, top_p, repetition_penalty, stop strings)"
+            "temperature, top_k, top_p, min_p, repetition_penalty, stop strings)"
         )
     kwargs.pop("token_type_ids", None)  # some tokenizers return it; decoder-only models do not read it
     gc = kwargs.pop("generation_config", None)
@@ -85,6 +87,13 @@ def notebook_generate(
         raise ValueError(
             "generate: input_ids is required (model.generate(**tokenizer([...], return_tensors='pt')))"
         )
+    if isinstance(input_ids, Mapping) and "input_ids" in input_ids:
+        # tokenizer.apply_chat_template(..., return_tensors="pt") returns a BatchEncoding in transformers 5,
+        # which the notebooks pass as input_ids: its ids, and its mask unless one is given
+        encoding = input_ids
+        input_ids = encoding["input_ids"]
+        if attention_mask is None:
+            attention_mask = encoding.get("attention_mask")
     s = _settings(model, kwargs)
     tokenizer = s.get("tokenizer") or model.tokenizer
     device = model.device
@@ -113,6 +122,7 @@ def notebook_generate(
             temperature=float(s.get("temperature", 1.0)),
             top_p=float(s.get("top_p", 1.0)),
             top_k=int(s.get("top_k", 50)) if do_sample else 0,
+            min_p=float(s.get("min_p") or 0.0) if do_sample else 0.0,
             repetition_penalty=float(s.get("repetition_penalty", 1.0)),
             eos_token_ids=eos,
             pad_token_id=s.get("pad_token_id", tokenizer.pad_token_id),
