@@ -18,11 +18,13 @@ pytestmark = pytest.mark.slow
 # (f16 key/value cache, flash attention's f16 accumulator), which move a logit by about 0.01 here. So an
 # answer may part from the reference only where the reference's top two logits are within TIE of each other;
 # everywhere else the tokens must be the same, EOS included. Measured on this model and adapter: f16 4 of 4
-# answers identical; bf16 3 of 4, the fourth parting at token 18 of 40 where the reference's two candidates
-# are 0.0001 apart (0.87 of all positions agree; against fasttune's fp32 answers, 0.81). The quantized
-# types are compared with fasttune's fp32 answers, to a bound below what was measured (q8_0 0.53, q4_k_m
-# 0.26). Every type is read by llama.cpp in test_llamacpp.py; here the shipped ones.
-MIN_AGREEMENT = {"f16": 1.0, "bf16": 0.85, "q8_0": 0.4, "q4_k_m": 0.15}
+# answers identical. bf16 depends on the CPU: where ggml has AVX2 only, 3 of 4, the fourth parting at token
+# 18 of 40 where the reference's two candidates are 0.0001 apart (0.87 of all positions agree; against
+# fasttune's fp32 answers, 0.81); where it has AVX512_BF16 (native bf16 dot products), 2 of 4, parting at
+# tokens 10 and 31 where they are 0.040 and 0.006 apart (0.81 agree). The quantized types are compared with
+# fasttune's fp32 answers, to a bound below what was measured (q8_0 0.53 and 0.73, q4_k_m 0.26 and 0.18).
+# Every type is read by llama.cpp in test_llamacpp.py; here the shipped ones.
+MIN_AGREEMENT = {"f16": 1.0, "bf16": 0.75, "q8_0": 0.4, "q4_k_m": 0.15}
 REFERENCE = {"f16": "f16", "bf16": "bf16", "q8_0": None, "q4_k_m": None}  # --as_gguf of each type's reference
 TIE = 0.05  # logits
 TEXTS = [
