@@ -487,6 +487,17 @@ def write_host_profile(prof, step_s: float, path: str) -> None:
     Path(path).write_text(out.getvalue())
 
 
+def host_loop_s(n: int = 3_000_000) -> float:
+    """Seconds this process takes for a Python loop of n integer additions: how fast the host runs Python,
+    which sets the speed of a step bound by the host (hosts of one card model differ by up to 2x; a row's
+    ratio holds for its call's host only)."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i
+    return time.perf_counter() - t0
+
+
 def time_steps(params, step, batches, warmup: int, profile: str | None = None, flat: bool = False,
                peak_report: str | None = None) -> dict:
     """Median step time after `warmup` steps and the peak memory from the first step (optimiser included).
@@ -508,6 +519,7 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the reserved peak counts this run's blocks, not those cached by the build
     torch.cuda.reset_peak_memory_stats()
+    host_s = host_loop_s()
     times, losses = [], []
     for i, x in enumerate(batches):
         # with `profile`: the first step after the warmup under the torch profiler, the next under cProfile
@@ -536,7 +548,7 @@ def time_steps(params, step, batches, warmup: int, profile: str | None = None, f
     peak = torch.cuda.max_memory_allocated() / 2**30
     stats = torch.cuda.memory_stats()  # allocator retries: a full cache flush and a sync each
     del opt
-    return {"step_s": med, "peak_gib": peak, "losses": losses,
+    return {"step_s": med, "peak_gib": peak, "losses": losses, "host_loop_s": host_s,
             "alloc_retries": stats.get("num_alloc_retries"),
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
             "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))}
@@ -689,7 +701,7 @@ def print_table(rows: list[dict]) -> None:
     for (shape, batch, seq), group in group_rows(rows).items():
         print(f"\n{shape}, {batch} x {seq}")
         print(f"  {'stack':32} {'mode':6} {'tok/s':>9} {'peak GiB':>9} {'est GiB':>8} {'vs unsloth':>10} "
-              f"{'vs hf':>7}")
+              f"{'vs hf':>7} {'host s':>7}")
         for r in group:
             label = _label(r)
             if "error" in r or "skipped" in r:
@@ -698,8 +710,9 @@ def print_table(rows: list[dict]) -> None:
                 continue
             vs_u, vs_h = ratios(r, group)
             est = f"{r['est_gib']:8.2f}" if "est_gib" in r else f"{'':8}"
+            host = f"{r['host_loop_s']:7.3f}" if "host_loop_s" in r else ""  # Python's speed (host_loop_s)
             print(f"  {label:32} {r['mode']:6} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {est} "
-                  f"{vs_u:10.2f} {vs_h:7.2f}")
+                  f"{vs_u:10.2f} {vs_h:7.2f} {host}")
     maxlen = [r for r in rows if r.get("kind") == "maxlen"]
     if maxlen:
         print(f"\nlongest sequence that trains one step, batch 1\n  {'stack':10} {'shape':12} {'mode':6} "

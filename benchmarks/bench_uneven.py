@@ -154,6 +154,7 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    host_s = bt.host_loop_s()  # the host's Python speed: the steps at batch 2 are the host's time
     seconds, real, padded, losses, steps = 0.0, 0, 0, [], []
     at = warmup if profile_step is None else profile_step
     for i, batch in enumerate(batches):
@@ -183,7 +184,8 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
             real += int(batch["attention_mask"].sum())
             padded += batch["input_ids"].numel()
     out = {"seconds": seconds, "real_tokens": real, "batch_tokens": padded, "tokens_per_s": real / seconds,
-           "pad_share": 1 - real / padded, "loss0": losses[0], "losses": losses, "steps": steps}
+           "pad_share": 1 - real / padded, "loss0": losses[0], "losses": losses, "steps": steps,
+           "host_loop_s": host_s}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

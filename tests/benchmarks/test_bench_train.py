@@ -43,9 +43,11 @@ def test_table_groups_by_shape_and_batch_and_takes_ratios_within_the_group(capsy
     vs_u, vs_h = bt.ratios(g3[0], g3)
     assert math.isnan(vs_u) and vs_h == 2.0
 
+    rows[0]["host_loop_s"] = 0.2468
     bt.print_table(rows)
     out = capsys.readouterr().out
     assert "llama-2-7b, 8 x 2048" in out and "ERROR OOM" in out and "skipped: no gpt2" in out
+    assert "host s" in out and "  0.247" in out  # the host's Python speed beside the row it measured
     assert "longest sequence" in out and "262144" in out
 
 
