@@ -177,6 +177,7 @@ def write_model_dir(shape: str, model_dir: Path, tokenizer_dir: Path) -> None:
 
 PACKING = {"rows": 1}  # rows per sequence of fasttune's steps (variant flag packN), set by configure_fasttune
 CE_CHUNK: dict[str, int] = {}  # the fused loss's chunk budget before any variant flag ceN changed it
+GRAPH: dict = {"on": False, "step": None}  # variant flag graph: the step replayed as a CUDA graph (StepGraph)
 
 
 def fasttune_step(model):
@@ -188,17 +189,34 @@ def fasttune_step(model):
 
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def step(x):
+    def run(x):
         targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
         position_ids = None
         if PACKING["rows"] > 1:
             B, T = x.shape
             position_ids = (torch.arange(T, device=x.device) % -(-T // PACKING["rows"])).expand(B, T)
-            targets[position_ids.roll(-1, dims=1) == 0] = -100
+            targets.masked_fill_(position_ids.roll(-1, dims=1) == 0, -100)  # no sync: capturable
         out = model(input_ids=x, targets=targets, position_ids=position_ids)
         loss = out.loss_sum / out.n_tokens
         loss.backward()
         return loss.detach()
+
+    def step(x):
+        if not GRAPH["on"]:
+            return run(x)
+        if GRAPH["step"] is None:  # one eager warm-up step, then captured (the run's second warm-up step)
+            from fasttune.models.capture import BatchLayout, batch_layout
+            from fasttune.train.step_graph import StepGraph
+
+            rows = PACKING["rows"] * x.shape[0]
+            layout = BatchLayout(packed=rows > x.shape[0], max_rows=max(32, 1 << (rows - 1).bit_length()))
+
+            def captured(b):
+                with batch_layout(layout):
+                    return run(b["input_ids"])
+
+            GRAPH["step"] = StepGraph(captured, params, warmup=1)
+        return GRAPH["step"]({"input_ids": x})
 
     return params, step
 
@@ -275,7 +293,9 @@ def configure_fasttune(model, variant: str, args) -> dict:
     default 1, dgu0 reruns them all),
     capG (the caching allocator may hold at most G GiB, as on a card of that size: past it, it frees its
     cache and retries, counted in the row's alloc_retries),
-    ceN (the fused loss takes chunks of 2^N logits on CUDA, `kernels.cross_entropy.CHUNK_ELEMS_CUDA`).
+    ceN (the fused loss takes chunks of 2^N logits on CUDA, `kernels.cross_entropy.CHUNK_ELEMS_CUDA`),
+    graph (forward and backward captured as a CUDA graph after one eager step and replayed,
+    `train.step_graph.StepGraph`; the optimiser step stays eager).
     """
     import torch
 
@@ -304,6 +324,9 @@ def configure_fasttune(model, variant: str, args) -> dict:
     elif mode == "selective":
         keep = int(arg or 0)
     PACKING["rows"] = next((int(f[4:]) for f in flags if f.startswith("pack")), 1)
+    if GRAPH["step"] is not None:  # a graph of the previous variant holds memory and pinned slices
+        GRAPH["step"].close()
+    GRAPH.update(on="graph" in flags, step=None)
     cap = next((float(f[3:]) for f in flags if f.startswith("cap")), None)
     ce = next((int(f[2:]) for f in flags if f.startswith("ce")), None)
     from fasttune.kernels import cross_entropy
@@ -591,6 +614,8 @@ def worker(args) -> list[dict]:
             row.update(time_steps(params, step, batches, args.warmup, profile, flat=flat,
                                   peak_report=peak_report))
             row["tokens_per_s"] = args.batch * args.seq / row["step_s"]
+            if GRAPH["step"] is not None:  # how many steps ran as a replay (the timed ones, if captured)
+                row["graph_replays"] = GRAPH["step"].replays
         except torch.cuda.OutOfMemoryError:
             row["error"] = "OOM"
         except Exception as e:  # one broken variant must not cost the others their numbers

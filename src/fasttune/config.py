@@ -224,6 +224,10 @@ class TrainConfig:
     auto_batch_size: bool = field(default=False, metadata={"help": (
         "Out of GPU memory, run each micro-batch as 2, 4, ... parts over the same rows (the global batch and "
         "the update stay the same) instead of stopping with advice.")})
+    cuda_graph: str = field(default="auto", metadata={"help": (
+        "auto: on a GPU, the forward and backward of micro-batches of one shape without padding or packed "
+        "rows (continued pretraining's chunks, for example) are captured once as a CUDA graph and replayed, "
+        "which spares the host's time per kernel; off: every step runs eagerly.")})
     overwrite: bool = field(default=False, metadata={"help": (
         "Replace an earlier run in output_dir (its run.yaml, adapter, metrics, checkpoints); without it a "
         "fresh run into such a directory is an error.")})
@@ -316,6 +320,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "gradient_checkpointing": ("auto", "off", "on", "offload", "selective"),
     "distributed": ("auto", "ddp", "fsdp"),
+    "cuda_graph": ("auto", "off"),
     "bias": ("none",),
     "method": ("sft", "dpo", "orpo", "kto", "grpo"),
     "loss_type": ("sigmoid", "ipo", "dapo", "grpo"),

@@ -42,15 +42,26 @@ class FlatCopies:
         changed since it was made (the check alone on the hot path: no grad-mode switch per use)."""
         seen = self.versions.get(dtype)
         if seen is None or seen[0] != self.flat._version or seen[1][i] != member._version:
-            with torch.no_grad():
-                if dtype not in self.copies:
-                    buf = torch.empty_like(self.flat, dtype=dtype)
-                    views = [buf[o:o + n].view(s) for (o, n), s in zip(self.spans, self.shapes)]
-                    self.copies[dtype] = (buf, views)
-                self.copies[dtype][0].copy_(self.flat)
-            self.versions[dtype] = self._current()
+            self._remake(dtype)
         return self.copies[dtype][1][i]
 
+    def _remake(self, dtype: torch.dtype) -> None:
+        with torch.no_grad():
+            if dtype not in self.copies:
+                buf = torch.empty_like(self.flat, dtype=dtype)
+                views = [buf[o:o + n].view(s) for (o, n), s in zip(self.spans, self.shapes)]
+                self.copies[dtype] = (buf, views)
+            self.copies[dtype][0].copy_(self.flat)  # into the same buffer: its address does not move
+        self.versions[dtype] = self._current()
+
+    def refresh(self) -> None:
+        """Remake now every copy that a change of the buffer or a member has made stale."""
+        for dtype, seen in list(self.versions.items()):
+            if seen != self._current():
+                self._remake(dtype)
+
+
+_COPIES: weakref.WeakSet[FlatCopies] = weakref.WeakSet()
 
 # member -> (its buffer's copies, its index, its data pointer when registered); keyed by identity (a tensor's
 # == is elementwise)
@@ -61,6 +72,7 @@ def register(flat: torch.Tensor, members: Sequence[torch.Tensor], spans: Sequenc
     """`members` are views of `flat` at `spans` (offset, numel): `in_dtype` may hand out their casts from
     one copy of `flat`."""
     copies = FlatCopies(flat, members, spans)
+    _COPIES.add(copies)
     for i, m in enumerate(members):
         _MEMBERS[m] = (copies, i, m.data_ptr())
 
@@ -74,3 +86,10 @@ def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if entry is not None and entry[2] == t.data_ptr():
         return entry[0].view(entry[1], t, dtype)
     return t.to(dtype)
+
+
+def refresh_copies() -> None:
+    """Remake now every stale copy, as its next use would: a CUDA graph that replays a training step
+    (`train.step_graph`) reads the copies at the addresses it recorded and checks no version itself."""
+    for copies in list(_COPIES):
+        copies.refresh()

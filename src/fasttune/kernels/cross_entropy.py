@@ -172,6 +172,10 @@ def target_rows(targets: torch.Tensor) -> torch.Tensor | str:
 
 
 def _kept_rows(keep: torch.Tensor) -> torch.Tensor | str:
+    if keep.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a captured step (`train.step_graph`) cannot read the targets on the host: every row runs through
+        # the product, and the ones without a target add nothing to the loss or its gradient
+        return _ALL_ROWS
     return _ALL_ROWS if bool(keep.all()) else keep.nonzero().squeeze(1)
 
 

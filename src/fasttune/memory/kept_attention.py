@@ -59,10 +59,21 @@ class PackedRows:
 
     @classmethod
     def from_doc_ids(cls, doc_ids: torch.Tensor) -> PackedRows:
-        """A row starts at each sequence's first token and wherever the row id changes (one host sync)."""
+        """A row starts at each sequence's first token and wherever the row id changes (one host sync). While
+        a step is captured as a CUDA graph (`models.capture`), without the sync: the table has the layout's
+        `max_rows` rows, those past the batch's own empty (starting at B * T), and the longest row is taken
+        as T, which bounds every row."""
+        from fasttune.models.capture import captured_layout
+
         B, T = doc_ids.shape
         starts = torch.ones_like(doc_ids, dtype=torch.bool)
         starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        layout = captured_layout(doc_ids)
+        if layout is not None:
+            first = torch.nonzero_static(starts.reshape(-1), size=layout.max_rows, fill_value=B * T)
+            first = first.squeeze(1)
+            cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
+            return cls(cu, T, doc_ids)
         first = starts.reshape(-1).nonzero().squeeze(1)
         cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
         return cls(cu, int((cu[1:] - cu[:-1]).max()), doc_ids)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.memory.kept_attention import PackedRows, attend_kept, keeps, packed_attention
+from fasttune.models.capture import captured_layout
 from fasttune.models.flex_mask import block_mask
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ def is_packed(position_ids: torch.Tensor | None) -> bool:
     """True when some row restarts its positions after the first token, i.e. several rows share a sequence."""
     if position_ids is None or position_ids.shape[-1] < 2:
         return False
+    layout = captured_layout(position_ids)
+    if layout is not None:  # a captured step: the caller read it from the batch's host copy
+        return layout.packed
     return bool((position_ids[:, 1:] == 0).any())
 
 

@@ -311,6 +311,9 @@ class LlamaModel(nn.Module):
         if kv_cache is not None:
             kv_cache.check_room(T, B)
             past = kv_cache.length
+        # default positions without padding restart nowhere: the mask need not read them (a host sync)
+        defaulted = position_ids is None and attention_mask is None and branch is None
+        given = None if defaulted else position_ids
         if position_ids is None:
             position_ids = default_position_ids(B, T, past, attention_mask, input_ids.device)
         elif position_ids.shape != input_ids.shape:
@@ -321,7 +324,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         rope = self.rotary_emb(position_ids, x.dtype)  # cos, sin: (B, T, hd)
         mask = build_attention_mask(
-            T, position_ids=position_ids, attention_mask=attention_mask, past_len=past,
+            T, position_ids=given, attention_mask=attention_mask, past_len=past,
             sliding_window=self.config.sliding_window, device=input_ids.device, head_dim=self.config.head_dim,
             branch=branch,
         )
@@ -356,6 +359,7 @@ class LlamaForCausalLM(nn.Module):
     """The trainable model: model(input_ids, position_ids, targets, attention_mask, kv_cache) -> LMOutput."""
 
     supports_packing = True
+    supports_step_graph = True  # a step of plain rows reads nothing on the host (`train.step_graph`)
 
     def __init__(self, config: LlamaConfig, use_kernels: bool = False) -> None:
         super().__init__()

@@ -37,6 +37,7 @@ from fasttune.train.objective import Objective, TokenLoss, add_metrics, merge_me
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.precision import autocast, grad_scaler
 from fasttune.train.resume import find_start, restore
+from fasttune.train.step_graph import MicroStepGraph, graph_rows
 from fasttune.train.step_guard import check_finite, split_batch
 
 Batch = dict[str, torch.Tensor]
@@ -129,6 +130,10 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     forward = ft_dist.wrap_ddp(model, d) if d.mode == "ddp" else model  # after the flat buffer exists
     scheduler = build_scheduler(optimizer, cfg, total)
     scaler = grad_scaler(precision, device)
+    # one shape of plain rows captured as a CUDA graph (`train.step_graph`): single-process SFT on our model
+    graph = (MicroStepGraph(model, objective, precision, device, trainable, log)
+             if cfg.cuda_graph == "auto" and device.type == "cuda" and scaler is None and not d.launched
+             and type(objective) is TokenLoss and getattr(model, "supports_step_graph", False) else None)
     metrics_path = RunDir(run_dir).metrics
     metrics = MetricsWriter(metrics_path)
     # seconds: wall time of the run (eval and checkpoints included); train_seconds: the steps alone
@@ -230,14 +235,19 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         micro = [p for b in window for p in split_batch(b, parts)] if parts > 1 else window
         for i, batch in enumerate(micro):
             units = objective.units(batch)  # from the host copy: on the device, reading it is a host sync
+            graphed = graph_rows(batch) if graph is not None else None
+            batch = graphed[0] if graphed is not None else batch
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # DDP reduces once, after the window's last backward; DDP and FSDP2 average gradients over the
             # ranks, so the loss is scaled by the world size to make that average the sum the units divide
-            with ft_dist.no_sync(forward, sync=i == len(micro) - 1):
-                with autocast(precision, device):
-                    batch_loss, stats = objective(forward, batch)
-                loss = batch_loss.float() * d.world_size / max(window_tokens, 1)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if graphed is not None:  # the same forward and scaled backward, replayed
+                batch_loss, stats = graph(batch, graphed[1], d.world_size / max(window_tokens, 1))
+            else:
+                with ft_dist.no_sync(forward, sync=i == len(micro) - 1):
+                    with autocast(precision, device):
+                        batch_loss, stats = objective(forward, batch)
+                    loss = batch_loss.float() * d.world_size / max(window_tokens, 1)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += batch_loss.detach().float()
             pending.append((stats, units))
         for stats, units in pending:  # read on the host after the window's last backward is queued, not

@@ -1,0 +1,258 @@
+"""A training micro-step replayed as a CUDA graph (`train.step_graph`) and what makes its replays exact: the
+pinned slices held for the graph, the adapters' compute-dtype copy remade in place, the loss over every row
+while capturing, and default positions that the attention mask does not read.
+
+The replay itself needs a GPU (marked `gpu`); the pieces it relies on are checked here on the CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+from model_cases import make_fused_lora_model  # noqa: E402
+
+from fasttune.kernels import adapter_cast  # noqa: E402
+from fasttune.kernels.cross_entropy import linear_cross_entropy, target_rows  # noqa: E402
+from fasttune.memory.pinned import PinnedArena  # noqa: E402
+from fasttune.train.flat_params import flat_optimizer  # noqa: E402
+from fasttune.train.step_graph import StepGraph, graph_rows  # noqa: E402
+
+
+def test_a_hold_keeps_its_leases_live_until_released():
+    arena = PinnedArena(pin=False)
+    arena.reserve(1 << 16)
+    hold = arena.hold()
+    held = arena.lease()
+    first = held.take(1000)
+    hold.close()
+    arena.end(held)  # its offloader is gone, but the graph still writes its slices
+    assert held in arena.live
+    later = arena.lease()  # begun after the close: not held, and cut after the held slices
+    assert later.start == held.end and later not in hold.leases
+    slice_ = later.take(1000)
+    assert slice_.data_ptr() >= first.data_ptr() + 4096
+    arena.end(later)
+    assert later not in arena.live and held in arena.live
+    hold.release()
+    assert not arena.live and not arena.holds
+    assert arena.lease().start == 0  # the slices are free again
+
+
+def test_refreshed_copies_keep_their_address_and_follow_the_buffer():
+    members = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    opt = flat_optimizer(torch.optim.SGD, members, lr=0.1)
+    a16 = adapter_cast.in_dtype(members[0], torch.bfloat16)
+    ptr = a16.data_ptr()
+    for p in members:
+        p.grad.fill_(1.0)
+    opt.step()  # the buffer moves; nothing has asked for the copy since
+    stale = a16.clone()
+    adapter_cast.refresh_copies()
+    assert a16.data_ptr() == ptr  # remade in place: a graph that read it reads the new values
+    assert not torch.equal(a16, stale)
+    assert torch.equal(a16, members[0].detach().to(torch.bfloat16))
+    assert adapter_cast.in_dtype(members[0], torch.bfloat16).data_ptr() == ptr
+
+
+def test_the_loss_over_every_row_equals_the_loss_over_the_kept_rows():
+    """While capturing, the host cannot pick the rows with a target: all run, and the others add nothing."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (2, 9))
+    y[0, 3:5] = -100
+    y[1, -1] = -100
+    kept = target_rows(y)
+    assert not isinstance(kept, str)
+    results = []
+    for rows in (kept, "all"):
+        h.grad = w.grad = None
+        loss, n = linear_cross_entropy(h, w, y, rows=rows)
+        loss.backward()
+        results.append((loss.detach(), n, h.grad.clone(), w.grad.clone()))
+    (l1, n1, dh1, dw1), (l2, n2, dh2, dw2) = results
+    assert n1 == n2 == 15
+    torch.testing.assert_close(l2, l1)
+    torch.testing.assert_close(dh2, dh1)
+    torch.testing.assert_close(dw2, dw1)
+
+
+def test_default_positions_are_not_read_for_the_mask(monkeypatch):
+    """Without positions, padding or branches the rows restart nowhere: the mask is causal and the host
+    does not read the positions (a sync, which a capture refuses); the loss is that of explicit positions."""
+    from fasttune.models import attention
+
+    model = make_fused_lora_model(layers=2)
+    ids = torch.randint(0, 97, (2, 12))
+    explicit = model(ids, position_ids=torch.arange(12).expand(2, 12), targets=ids).loss_sum
+    read = []
+    monkeypatch.setattr(attention, "is_packed", lambda p: read.append(p) or False)
+    default = model(ids, targets=ids).loss_sum
+    assert all(p is None for p in read)
+    torch.testing.assert_close(default, explicit)
+
+
+def test_off_the_gpu_every_step_runs_eagerly():
+    calls = []
+    graph = StepGraph(lambda b: calls.append(b) or b["x"].sum(), [], warmup=0)
+    for i in range(3):
+        assert graph({"x": torch.full((2,), float(i))}) == 2 * i
+    assert len(calls) == 3 and graph.graph is None and graph.replays == 0
+
+
+def _run(model, opt, batches, graphed: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch):
+        out = model(batch["input_ids"], targets=batch["targets"])
+        loss = out.loss_sum / out.n_tokens
+        loss.backward()
+        return loss.detach()
+
+    run = StepGraph(step, params, warmup=2) if graphed else step
+    losses = []
+    for batch in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = run(batch)
+        losses.append(float(loss))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, run
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["offload", "on", "off"])
+def test_replayed_steps_train_as_eager_steps(mode):
+    """On the GPU: the same batches through eager steps and through a captured, replayed step (the
+    optimiser stepping the adapters between them) give the same losses and the same adapters; the
+    graph's replays are what ran after the warm-up."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    batches = []
+    for _ in range(6):
+        ids = torch.randint(0, 97, (2, 64), device="cuda")
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        targets[0, :7] = -100  # a masked prompt: rows without a target run through the loss while captured
+        batches.append({"input_ids": ids, "targets": targets})
+    results = []
+    for graphed in (False, True):
+        model = make_fused_lora_model(layers=3).cuda()
+        model.set_gradient_checkpointing(mode)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = flat_optimizer(torch.optim.AdamW, params, lr=1e-2)
+        losses, run = _run(model, opt, batches, graphed)
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((losses, trained))
+        if graphed:
+            assert run.replays == len(batches) - 2
+            run.close()
+    (eager, eager_p), (replayed, replayed_p) = results
+    assert eager[0] != eager[-1]  # the adapters moved, so stale copies in the graph would show
+    torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), rtol=2e-3, atol=2e-3)
+    for name, p in eager_p.items():
+        torch.testing.assert_close(replayed_p[name], p, rtol=2e-3, atol=2e-3, msg=name)
+
+
+def test_graph_rows_leaves_out_only_what_changes_nothing():
+    ids = torch.arange(12).view(2, 6)
+    t = ids.clone()
+    ones, pos = torch.ones(2, 6, dtype=torch.long), torch.arange(6).expand(2, 6)
+    plain, layout = graph_rows({"input_ids": ids, "targets": t, "attention_mask": ones, "position_ids": pos})
+    assert set(plain) == {"input_ids", "targets"} and plain["input_ids"] is ids and not layout.packed
+    padded = ones.clone()
+    padded[1, 4:] = 0  # right padding whose positions continue the row: computed as part of it
+    rows, layout = graph_rows({"input_ids": ids, "targets": t, "attention_mask": padded, "position_ids": pos})
+    assert set(rows) == {"input_ids", "targets"} and not layout.packed
+    packed = pos.clone()
+    packed[0, 3:] = torch.arange(3)  # rows of 3 and 3 in the first sequence
+    base = {"input_ids": ids, "targets": t, "attention_mask": padded}
+    rows, layout = graph_rows({**base, "position_ids": packed})
+    assert rows["position_ids"] is packed and layout.packed and layout.max_rows == 32
+    many = torch.arange(6).repeat(2, 6)[:, :36] % 2  # 18 rows of 2 in each of 2 sequences: 36 rows
+    assert graph_rows({"input_ids": many, "targets": many})[1].packed is False  # no positions: not packed
+    assert graph_rows({"input_ids": many, "targets": many, "position_ids": many})[1].max_rows == 64
+    restart = pos.clone()
+    restart[1, 4:] = torch.arange(2)  # the padding starts a row of its own
+    assert graph_rows({**base, "position_ids": restart}) is None
+    left = padded.flip(1)
+    assert graph_rows({"input_ids": ids, "targets": t, "attention_mask": left}) is None
+    assert graph_rows({"input_ids": ids, "targets": t, "branch": ones}) is None
+    assert graph_rows({"input_ids": ids}) is None
+
+
+class FixedRows:
+    """Endless micro-batches of 2 x 48 random tokens, seeded by their index: `plain` rows, or `packed` (rows
+    of a random length each, positions restarting, the tail padded as `data.packing.collate` pads)."""
+
+    def __init__(self, kind: str) -> None:
+        self.i, self.kind = 0, kind
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(self.i)
+        self.i += 1
+        ids = torch.randint(0, 97, (2, 48), generator=g)
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        targets[self.i % 2, :5] = -100
+        batch = {"input_ids": ids, "targets": targets, "attention_mask": torch.ones_like(ids)}
+        if self.kind == "packed":
+            pos = torch.empty_like(ids)
+            for b in range(2):
+                j = 0
+                while j < 40:
+                    n = min(int(torch.randint(3, 15, (), generator=g)), 40 - j)
+                    pos[b, j:j + n] = torch.arange(n)
+                    targets[b, j + n - 1] = -100  # no target across a row's end
+                    j += n
+                pos[b, 40:] = torch.arange(pos[b, 39] + 1, pos[b, 39] + 9)
+            targets[:, 40:] = -100
+            batch["attention_mask"][:, 40:] = 0
+            batch["position_ids"] = pos
+        return batch
+
+    def __len__(self) -> int:
+        return 1000
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state) -> None:
+        self.i = state["i"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["plain", "packed"])
+def test_the_loop_replays_its_micro_step_and_trains_as_eagerly(kind, tmp_path):
+    """On the GPU: `train_loop` with cuda_graph auto captures the micro-step of plain or packed, padded rows
+    after its warm-up and gives the losses and adapters of cuda_graph off (which runs packed rows through
+    the padding-free path, their padding left out)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from fasttune.config import TrainConfig
+    from fasttune.run_dir import RunDir
+    from fasttune.train.loop import train_loop
+    from fasttune.train.metrics import read_metrics
+
+    runs = {}
+    for mode in ("off", "auto"):
+        model = make_fused_lora_model(layers=3).cuda()
+        model.set_gradient_checkpointing("offload")
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        cfg = TrainConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5,
+                          learning_rate=1e-2, warmup_steps=0, logging_steps=1, save_steps=0, cuda_graph=mode)
+        lines: list[str] = []
+        train_loop(model, params, FixedRows(kind), cfg, tmp_path / mode, device=torch.device("cuda"),
+                   precision="bf16", log=lines.append)
+        losses = [r["loss"] for r in read_metrics(RunDir(tmp_path / mode).metrics) if r["kind"] == "train"]
+        runs[mode] = (losses, {n: p.detach().clone() for n, p in params.items()}, lines)
+    (eager, eager_p, eager_log), (replayed, replayed_p, log) = runs["off"], runs["auto"]
+    assert any("captured" in line for line in log) and not any("CUDA graph" in line for line in eager_log)
+    assert len(eager) == 5 and eager[0] != eager[-1]
+    torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), rtol=2e-3, atol=2e-3)
+    for name, p in eager_p.items():
+        torch.testing.assert_close(replayed_p[name], p, rtol=2e-3, atol=2e-3, msg=name)
