@@ -105,6 +105,41 @@ def test_off_the_gpu_every_step_runs_eagerly():
     assert len(calls) == 3 and graph.graph is None and graph.replays == 0
 
 
+class FakeGraph:
+    """Stands in for a captured graph on the CPU: a replay runs the step on the static batch."""
+
+    def __init__(self, owner: StepGraph) -> None:
+        self.owner = owner
+
+    def replay(self) -> None:
+        self.owner.out = self.owner.step(self.owner.static)
+
+
+def test_one_shape_is_captured_after_its_warm_up_in_a_row_and_let_go_when_shapes_move_on(monkeypatch):
+    ran: list[tuple[str, int]] = []
+    captures: list[tuple] = []
+    graph = StepGraph(lambda b: ran.append((b.get("kind", "eager"), b["x"].shape[0])) or b["x"].sum(), [],
+                      warmup=2)
+
+    def capture(key, batch):
+        captures.append(key)
+        graph.static = {"x": batch["x"].clone(), "kind": "replay"}
+        graph.graph, graph.key = FakeGraph(graph), key
+
+    def close():
+        graph.graph = None
+
+    monkeypatch.setattr(graph, "_on_gpu", lambda batch: True)
+    monkeypatch.setattr(graph, "_capture", capture)
+    monkeypatch.setattr(graph, "close", close)
+    widths = [4, 5, 4, 4, 4, 4, 5, 5, 5, 5]
+    sums = [float(graph({"x": torch.full((n,), float(i))})) for i, n in enumerate(widths)]
+    assert len(captures) == 2  # the third 4 in a row, then the third 5 in a row after the 4s' graph went
+    assert [r[0] for r in ran] == ["eager"] * 4 + ["replay"] * 2 + ["eager"] * 2 + ["replay"] * 2
+    # each replay ran the batch it was given, copied into the static input
+    assert sums == [n * float(i) for i, n in enumerate(widths)]
+
+
 def _run(model, opt, batches, graphed: bool):
     params = [p for p in model.parameters() if p.requires_grad]
 

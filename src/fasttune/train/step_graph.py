@@ -82,7 +82,7 @@ class StepGraph:
             self.close()
         self.streak = self.streak + 1 if key == self.last_key else 1
         self.last_key = key
-        if self.failed or self.streak <= self.warmup or not all(v.is_cuda for v in batch.values()):
+        if self.failed or self.streak <= self.warmup or not self._on_gpu(batch):
             return self.step(batch)
         try:
             self._capture(key, batch)
@@ -95,6 +95,10 @@ class StepGraph:
         self.graph.replay()  # the capture queued nothing: this batch's work
         self.replays += 1
         return self.out
+
+    @staticmethod
+    def _on_gpu(batch: Batch) -> bool:
+        return all(v.is_cuda for v in batch.values())
 
     def _capture(self, key: tuple, batch: Batch) -> None:
         missing = [i for i, p in enumerate(self.params) if p.grad is None]
