@@ -50,9 +50,9 @@ class StepGraph:
     had one shape, then captured and replayed for the batches of that shape (module docstring). A batch of
     another shape lets the graph go and runs eagerly, and the count starts again: a graph's memory is held
     only while its shape lasts, never beside the eager steps of other shapes. `params`: the trainable
-    tensors, whose `.grad` must exist when the capture begins. A capture that fails raises, or with `fallback` (not for running
-    out of memory) leaves every batch to run eagerly, `failed` saying why. Call `close()` (or drop the
-    object) to let the graph's memory go.
+    tensors, whose `.grad` must exist when the capture begins. A capture that fails raises, or with
+    `fallback` (not for running out of memory) leaves every batch to run eagerly, `failed` saying why.
+    Call `close()` (or drop the object) to let the graph's memory go.
     """
 
     def __init__(self, step: Callable[[Batch], object], params: Sequence[torch.Tensor], warmup: int = 2,
