@@ -211,11 +211,12 @@ def fasttune_step(model):
             rows = PACKING["rows"] * x.shape[0]
             layout = BatchLayout(packed=rows > x.shape[0], max_rows=max(32, 1 << (rows - 1).bit_length()))
 
+
             def captured(b):
                 with batch_layout(layout):
                     return run(b["input_ids"])
 
-            GRAPH["step"] = StepGraph(captured, params, warmup=1)
+            GRAPH["step"] = StepGraph(captured, params, warmup=1, min_eager=1)
         return GRAPH["step"]({"input_ids": x})
 
     return params, step

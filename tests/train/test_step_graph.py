@@ -20,27 +20,26 @@ from fasttune.kernels import adapter_cast  # noqa: E402
 from fasttune.kernels.cross_entropy import linear_cross_entropy, target_rows  # noqa: E402
 from fasttune.memory.pinned import PinnedArena  # noqa: E402
 from fasttune.train.flat_params import flat_optimizer  # noqa: E402
-from fasttune.train.step_graph import StepGraph, graph_rows  # noqa: E402
+from fasttune.train.step_graph import BUCKET, Captured, StepGraph, graph_rows  # noqa: E402
 
 
-def test_a_hold_keeps_its_leases_live_until_released():
+def test_a_frozen_arena_keeps_its_block():
+    """A graph recorded the block's addresses: while frozen it is not replaced, even where a lease asked for
+    more (that lease's excess is pinned on its own); once thawed it grows as before."""
     arena = PinnedArena(pin=False)
     arena.reserve(1 << 16)
-    hold = arena.hold()
-    held = arena.lease()
-    first = held.take(1000)
-    hold.close()
-    arena.end(held)  # its offloader is gone, but the graph still writes its slices
-    assert held in arena.live
-    later = arena.lease()  # begun after the close: not held, and cut after the held slices
-    assert later.start == held.end and later not in hold.leases
-    slice_ = later.take(1000)
-    assert slice_.data_ptr() >= first.data_ptr() + 4096
-    arena.end(later)
-    assert later not in arena.live and held in arena.live
-    hold.release()
-    assert not arena.live and not arena.holds
-    assert arena.lease().start == 0  # the slices are free again
+    block = arena.block
+    arena.freeze()
+    lease = arena.lease()
+    assert lease.take(1 << 15) is not None and lease.take(1 << 16) is None  # past the block: not grown
+    arena.end(lease)
+    assert arena.need > arena.capacity
+    arena.lease()  # a new forward with none live would grow the block here
+    assert arena.block is block
+    arena.end(arena.live[0])
+    arena.thaw()
+    arena.reserve(arena.need)
+    assert arena.block is not block and arena.capacity >= arena.need
 
 
 def test_refreshed_copies_keep_their_address_and_follow_the_buffer():
@@ -102,40 +101,37 @@ def test_off_the_gpu_every_step_runs_eagerly():
     graph = StepGraph(lambda b: calls.append(b) or b["x"].sum(), [], warmup=0)
     for i in range(3):
         assert graph({"x": torch.full((2,), float(i))}) == 2 * i
-    assert len(calls) == 3 and graph.graph is None and graph.replays == 0
+    assert len(calls) == 3 and not graph.graphs and graph.replays == 0
 
 
 class FakeGraph:
     """Stands in for a captured graph on the CPU: a replay runs the step on the static batch."""
 
-    def __init__(self, owner: StepGraph) -> None:
-        self.owner = owner
+    def __init__(self, owner: StepGraph, captured) -> None:
+        self.owner, self.captured = owner, captured
 
     def replay(self) -> None:
-        self.owner.out = self.owner.step(self.owner.static)
+        self.captured.out = self.owner.step(self.captured.static)
 
 
-def test_one_shape_is_captured_after_its_warm_up_in_a_row_and_let_go_when_shapes_move_on(monkeypatch):
-    ran: list[tuple[str, int]] = []
-    captures: list[tuple] = []
-    graph = StepGraph(lambda b: ran.append((b.get("kind", "eager"), b["x"].shape[0])) or b["x"].sum(), [],
-                      warmup=2)
+def test_each_shape_is_captured_after_its_warm_up_and_replayed(monkeypatch):
+    ran: list[str] = []
+    graph = StepGraph(lambda b: ran.append(b.get("kind", "eager")) or b["x"].sum(), [], warmup=1,
+                      min_eager=3, max_graphs=2)
 
-    def capture(key, batch):
-        captures.append(key)
-        graph.static = {"x": batch["x"].clone(), "kind": "replay"}
-        graph.graph, graph.key = FakeGraph(graph), key
-
-    def close():
-        graph.graph = None
+    def capture(batch):
+        captured = Captured(None, {"x": batch["x"].clone(), "kind": "replay"}, None)
+        captured.graph = FakeGraph(graph, captured)
+        return captured
 
     monkeypatch.setattr(graph, "_on_gpu", lambda batch: True)
     monkeypatch.setattr(graph, "_capture", capture)
-    monkeypatch.setattr(graph, "close", close)
-    widths = [4, 5, 4, 4, 4, 4, 5, 5, 5, 5]
+    widths = [4, 4, 5, 4, 5, 6, 4, 6, 5]
     sums = [float(graph({"x": torch.full((n,), float(i))})) for i, n in enumerate(widths)]
-    assert len(captures) == 2  # the third 4 in a row, then the third 5 in a row after the 4s' graph went
-    assert [r[0] for r in ran] == ["eager"] * 4 + ["replay"] * 2 + ["eager"] * 2 + ["replay"] * 2
+    # 4 4 5: eager (three eager steps first); 4: captured; 5: captured; 6: eager (its first), then no room
+    assert [k[0][0][1] for k in graph.captured] == [(4,), (5,)]
+    assert ran == ["eager"] * 3 + ["replay"] * 2 + ["eager"] + ["replay"] + ["eager"] + ["replay"]
+    assert graph.replays == 4
     # each replay ran the batch it was given, copied into the static input
     assert sums == [n * float(i) for i, n in enumerate(widths)]
 
@@ -194,31 +190,76 @@ def test_replayed_steps_train_as_eager_steps(mode):
         torch.testing.assert_close(replayed_p[name], p, rtol=2e-3, atol=2e-3, msg=name)
 
 
-def test_graph_rows_leaves_out_only_what_changes_nothing():
+def test_graph_rows_takes_rows_without_padding_as_they_are():
     ids = torch.arange(12).view(2, 6)
     t = ids.clone()
     ones, pos = torch.ones(2, 6, dtype=torch.long), torch.arange(6).expand(2, 6)
     plain, layout = graph_rows({"input_ids": ids, "targets": t, "attention_mask": ones, "position_ids": pos})
     assert set(plain) == {"input_ids", "targets"} and plain["input_ids"] is ids and not layout.packed
-    padded = ones.clone()
-    padded[1, 4:] = 0  # right padding whose positions continue the row: computed as part of it
-    rows, layout = graph_rows({"input_ids": ids, "targets": t, "attention_mask": padded, "position_ids": pos})
-    assert set(rows) == {"input_ids", "targets"} and not layout.packed
-    packed = pos.clone()
-    packed[0, 3:] = torch.arange(3)  # rows of 3 and 3 in the first sequence
-    base = {"input_ids": ids, "targets": t, "attention_mask": padded}
-    rows, layout = graph_rows({**base, "position_ids": packed})
-    assert rows["position_ids"] is packed and layout.packed and layout.max_rows == 32
     many = torch.arange(6).repeat(2, 6)[:, :36] % 2  # 18 rows of 2 in each of 2 sequences: 36 rows
     assert graph_rows({"input_ids": many, "targets": many})[1].packed is False  # no positions: not packed
-    assert graph_rows({"input_ids": many, "targets": many, "position_ids": many})[1].max_rows == 64
-    restart = pos.clone()
-    restart[1, 4:] = torch.arange(2)  # the padding starts a row of its own
-    assert graph_rows({**base, "position_ids": restart}) is None
-    left = padded.flip(1)
+    rows, layout = graph_rows({"input_ids": many, "targets": many, "position_ids": many})
+    assert rows["position_ids"] is many and layout.packed and layout.max_rows == 64
+
+
+def test_graph_rows_leaves_large_micro_batches_to_run_eagerly():
+    from fasttune.train.step_graph import MAX_TOKENS
+
+    ids = torch.zeros(2, MAX_TOKENS // 2, dtype=torch.long)
+    assert graph_rows({"input_ids": ids, "targets": ids}) is not None
+    wide = torch.zeros(2, MAX_TOKENS // 2 + 8, dtype=torch.long)
+    assert graph_rows({"input_ids": wide, "targets": wide}) is None
+    mask = torch.ones_like(wide)
+    mask[1, -16:] = 0  # padded: the real tokens fit
+    assert graph_rows({"input_ids": wide, "targets": wide, "attention_mask": mask})[0]["input_ids"].shape == (
+        1, MAX_TOKENS)
+
+
+def test_graph_rows_refuses_what_it_cannot_run_exactly():
+    ids = torch.arange(12).view(2, 6)
+    t = ids.clone()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    left = mask.flip(1)
     assert graph_rows({"input_ids": ids, "targets": t, "attention_mask": left}) is None
-    assert graph_rows({"input_ids": ids, "targets": t, "branch": ones}) is None
+    late = torch.arange(6).expand(2, 6) + 1  # a row not beginning at position 0 would join the row before it
+    assert graph_rows({"input_ids": ids, "targets": t, "attention_mask": mask, "position_ids": late}) is None
+    assert graph_rows({"input_ids": ids, "targets": t, "branch": mask}) is None
     assert graph_rows({"input_ids": ids}) is None
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_graph_rows_runs_a_padded_batch_as_its_real_tokens(packing):
+    """A collated, right-padded batch becomes one packed row of its real tokens padded to a multiple of
+    BUCKET, whose loss and adapter gradients through our model are the padded batch's."""
+    from fasttune.data.packing import collate, shift_targets
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 4, 13, 6]
+    input_ids = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
+    targets = [shift_targets(r) for r in input_ids]
+    targets[1][:2] = [-100, -100]  # a masked prompt
+    layout_of_batch = [[0, 1], [2, 3]] if packing else [[0], [2]]
+    batch = collate(layout_of_batch, input_ids, targets, pad_id=0, max_seq_length=32)
+    assert not bool(batch["attention_mask"].bool().all())
+    rows, layout = graph_rows(batch)
+    n = int(batch["attention_mask"].sum())
+    assert rows["input_ids"].shape == (1, BUCKET) and n < BUCKET
+    assert layout.packed and layout.max_rows == 32
+    assert int((rows["position_ids"] == 0).sum()) == sum(len(s) for s in layout_of_batch)
+    model = make_fused_lora_model(layers=2)
+    results = []
+    for b in (batch, rows):
+        model.zero_grad(set_to_none=True)
+        out = model(**b)
+        out.loss_sum.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss_sum.detach(), int(out.n_tokens), grads))
+    (l1, n1, g1), (l2, n2, g2) = results
+    assert n1 == n2 > 0
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 class FixedRows:

@@ -72,8 +72,8 @@ class PackedRows:
         if layout is not None:
             first = torch.nonzero_static(starts.reshape(-1), size=layout.max_rows, fill_value=B * T)
             first = first.squeeze(1)
-            cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
-            return cls(cu, T, doc_ids)
+            end = torch.full((1,), B * T, dtype=first.dtype, device=first.device)  # no copy from the host
+            return cls(torch.cat([first, end]).to(torch.int32), T, doc_ids)
         first = starts.reshape(-1).nonzero().squeeze(1)
         cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
         return cls(cu, int((cu[1:] - cu[:-1]).max()), doc_ids)

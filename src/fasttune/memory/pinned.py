@@ -11,9 +11,10 @@ backwards) takes its slices after the live ones, so no copy is written over befo
 that does not fit returns None and the offloader pins that tensor on its own, as before. The arena grows to
 what the passes asked for the next time no lease is live, after the device has finished with the old block.
 
-A captured training step (`train.step_graph`) replays its forward's copies into the slices it was captured
-with: its lease is taken under a `Hold`, which keeps the leases begun under it live (and the block from
-being replaced) until the graph is let go.
+A training step captured as a CUDA graph (`train.step_graph`) replays its forward's copies into the slices
+it was captured with, at their addresses: while such a graph lives the arena is frozen (`freeze`), and its
+block is not replaced. Its slices may be taken by other leases between replays, as eager steps take each
+other's: a replay writes them in its forward before its backward reads them, in device order.
 
 Reuse in device order: every copy into a slice is queued on the offloader's copy stream after it has waited
 for the compute stream, which by then has queued the previous step's backward (the reads of that slice), so
@@ -77,26 +78,6 @@ class Lease:
         return self.arena._take(self, nbytes)
 
 
-class Hold:
-    """Leases begun while the hold is open stay live until `release` (the slices a CUDA graph recorded)."""
-
-    def __init__(self, arena: PinnedArena) -> None:
-        self.arena, self.leases, self.open = arena, [], True
-
-    def close(self) -> None:
-        """Stop taking the leases begun from now on; those taken stay held."""
-        self.open = False
-
-    def release(self) -> None:
-        """The held leases end (their graph is gone): their slices may be taken again."""
-        self.open = False
-        leases, self.leases = self.leases, []
-        if self in self.arena.holds:
-            self.arena.holds.remove(self)
-        for lease in leases:
-            self.arena.end(lease)
-
-
 class PinnedArena:
     """The pinned block of one device and the leases cut from it (module docstring). `pin=False`: plain host
     memory (the CPU, tests)."""
@@ -107,7 +88,7 @@ class PinnedArena:
         self.live: list[Lease] = []  # in the order they began
         self.need = 0  # the most any lease asked for (aligned, from its start), or what `reserve` was told
         self.grows = 0  # how often the block was replaced by a larger one
-        self.holds: list[Hold] = []
+        self.frozen = 0  # graphs that recorded slices of the block: it is not replaced while any lives
 
     @property
     def capacity(self) -> int:
@@ -130,22 +111,18 @@ class PinnedArena:
             self._grow(margin=GROW_MARGIN)
         lease = Lease(self, self.live[-1].end if self.live else 0)
         self.live.append(lease)
-        for hold in self.holds:
-            if hold.open:
-                hold.leases.append(lease)
         return lease
 
-    def hold(self) -> Hold:
-        """Hold the leases begun from now until `Hold.close` (module docstring)."""
-        hold = Hold(self)
-        self.holds.append(hold)
-        return hold
+    def freeze(self) -> None:
+        """A graph recorded slices of the block: keep it until the matching `thaw` (module docstring)."""
+        self.frozen += 1
+
+    def thaw(self) -> None:
+        self.frozen -= 1
 
     def end(self, lease: Lease) -> None:
         """The lease's copies are no longer read: its slices may be taken again."""
         self.need = max(self.need, lease.start + lease.asked)
-        if any(lease in hold.leases for hold in self.holds):
-            return  # its hold ends it
         if lease in self.live:
             self.live.remove(lease)
 
@@ -161,7 +138,7 @@ class PinnedArena:
     def _grow(self, margin: float) -> None:
         """A larger block, of `margin` x `need` within the host rule, where `need` passes the block."""
         want = min(aligned(int(self.need * margin)), aligned(self.room()))
-        if self.need <= self.capacity or want <= self.capacity:
+        if self.need <= self.capacity or want <= self.capacity or self.frozen:
             return
         if self.pin and self.capacity:
             torch.cuda.synchronize()  # the old block's last copies are done before it is let go

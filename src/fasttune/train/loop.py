@@ -338,6 +338,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                 bar.close()
                 raise TrainingStopped(stop, st["step"], str(path))
     bar.close()
+    if graph is not None:
+        graph.close()  # the graphs' memory goes back before the caller's next work
 
     mem, mem_kind = memory_used(device)
     st["seconds"] = wall_before + time.perf_counter() - wall_start
