@@ -122,8 +122,9 @@ has headline qlora && step headline-qlora 300 $B --stacks fasttune unsloth --mod
 has headline hf && step headline-hf 480 $B --stacks fasttune hf --modes bf16 qlora --batches 8
 has headline liger && step headline-liger 400 $B --stacks fasttune liger --modes bf16 qlora --batches 8
 
+# fasttune as `fasttune train` runs a micro-batch of this size (captured as a CUDA graph), and eagerly
 has batch2 llama31 && step batch2 480 $B --stacks fasttune unsloth hf --modes bf16 qlora --batches 2 \
-  --peak-report 1
+  --variants offload+graph offload
 has batch2 profile && step batch2-profile 300 $B --stacks fasttune unsloth --modes qlora bf16 --batches 2 \
   --steps 2 --warmup 2 --profile 1
 has batch2 llama2 && step batch2-llama2 420 $B $L2 --stacks fasttune unsloth --modes bf16 qlora --batches 2
