@@ -359,7 +359,7 @@ class LlamaForCausalLM(nn.Module):
     """The trainable model: model(input_ids, position_ids, targets, attention_mask, kv_cache) -> LMOutput."""
 
     supports_packing = True
-    supports_step_graph = True  # a step of plain rows reads nothing on the host (`train.step_graph`)
+    supports_step_graph = True  # given the batch layout, a step reads nothing on the host (train.step_graph)
 
     def __init__(self, config: LlamaConfig, use_kernels: bool = False) -> None:
         super().__init__()

@@ -130,7 +130,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     forward = ft_dist.wrap_ddp(model, d) if d.mode == "ddp" else model  # after the flat buffer exists
     scheduler = build_scheduler(optimizer, cfg, total)
     scaler = grad_scaler(precision, device)
-    # one shape of plain rows captured as a CUDA graph (`train.step_graph`): single-process SFT on our model
+    # micro-batches captured as CUDA graphs, one per shape (`train.step_graph`): single-process SFT, our model
     graph = (MicroStepGraph(model, objective, precision, device, trainable, log)
              if cfg.cuda_graph == "auto" and device.type == "cuda" and scaler is None and not d.launched
              and type(objective) is TokenLoss and getattr(model, "supports_step_graph", False) else None)
@@ -273,6 +273,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                 break
             except torch.cuda.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
+                if graph is not None:
+                    graph.close()  # the graphs' memory too: the retry may capture again
                 torch.cuda.empty_cache()
                 rows = window[0]["input_ids"].shape[0]
                 # split only where the unit is the token: a split must not separate a pair's rows
