@@ -108,14 +108,46 @@ def build_fasttune(args):
                                       quantization=loaded.quantization, log=print)
     model.train()
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    info = {"checkpointing": checkpointing, "keep_narrow": cfg.train.keep_narrow,
+            "cuda_graph": args.cuda_graph}
+    if args.cuda_graph:  # as `fasttune train` runs them: each shape captured as a CUDA graph
+        return model, params, graph_step(model, params, device, precision), info
+
     def step(batch):
         out = model(**batch)
         loss = out.loss_sum / out.n_tokens
         loss.backward()
         return loss.detach()
 
-    info = {"checkpointing": checkpointing, "keep_narrow": cfg.train.keep_narrow}
-    return model, [p for p in model.parameters() if p.requires_grad], step, info
+    return model, params, step, info
+
+
+def graph_step(model, params, device, precision: str):
+    """A step taking the batch's host copy, through `MicroStepGraph` as `train_loop` runs it: a batch that
+    `graph_rows` takes (a padded one as one packed row of its real tokens) is captured once per shape and
+    replayed on the GPU (run eagerly elsewhere), any other runs eagerly."""
+
+    from fasttune.models.base import IGNORE_INDEX
+    from fasttune.train.objective import TokenLoss
+    from fasttune.train.step_graph import MicroStepGraph, graph_rows
+
+    micro = MicroStepGraph(model, TokenLoss(), precision, device, params, log=print)
+
+    def step(batch):
+        scale = 1.0 / max(int((batch["targets"] != IGNORE_INDEX).sum()), 1)  # the mean over trained tokens
+        rows = graph_rows(batch)
+        if rows is None:
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            loss = out.loss_sum * scale
+            loss.backward()
+            return loss.detach()
+        loss_sum, _ = micro({k: v.to(device) for k, v in rows[0].items()}, rows[1], scale)
+        return loss_sum * scale  # a new tensor: the graph's output is written again by the next step
+
+    step.takes_host_batch = True
+    step.graph = micro.graph
+    return step
 
 
 def build_peer(args):
@@ -157,8 +189,8 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
     host_s = bt.host_loop_s()  # the host's Python speed: the steps at batch 2 are the host's time
     seconds, real, padded, losses, steps = 0.0, 0, 0, [], []
     at = warmup if profile_step is None else profile_step
-    for i, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for i, host_batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in host_batch.items()}
         # with `profile`: step `at` under the torch profiler, the next under cProfile;
         # neither counts in the timed total
         prof = bt.start_profile() if profile and cuda and i == at else None
@@ -167,7 +199,7 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = step(batch)
+            loss = step(host_batch if getattr(step, "takes_host_batch", False) else batch)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -205,6 +237,9 @@ def worker(args) -> dict:
                          profile_step=getattr(args, "profile_step", None)))
     except Exception as e:  # one failure is a row of the table, not the end of the run
         row["error"] = "OOM" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"[:300]
+    graph = getattr(step, "graph", None)
+    if graph is not None:  # how many steps ran as a replay, of how many shapes; why a capture failed
+        row.update(graph_replays=graph.replays, graph_shapes=len(graph.captured), graph_failed=graph.failed)
     if args.device == "cuda":
         import torch
 
@@ -231,6 +266,7 @@ def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args
            "packing": packing, "grouping": grouping}
     log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
     cmd += ["--keep-narrow" if args.keep_narrow else "--no-keep-narrow"]
+    cmd += ["--cuda-graph" if args.cuda_graph else "--no-cuda-graph"]
     if args.profile:
         cmd += ["--profile-to", str(log.with_suffix(".profile.txt"))]
         if args.profile_step is not None:
@@ -293,6 +329,10 @@ def main() -> None:
                    help="fasttune: narrow micro-batches keep their last layers' activations within a full "
                    "one's memory (TrainConfig.keep_narrow, on by default as in `fasttune train`); "
                    "--no-keep-narrow: every micro-batch runs the full one's plan")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="fasttune: micro-batches captured as CUDA graphs, one per shape, and replayed, as "
+                   "`fasttune train` runs them (cuda_graph: auto; a padded batch as one packed row of its "
+                   "real tokens); --no-cuda-graph: every step eagerly")
     p.add_argument("--profile-step", type=int, default=None,
                    help="with --profile: the index of the step to profile, counting the warm-up steps "
                    "(default: the first timed step); a later one shows the steady state, once the batch "

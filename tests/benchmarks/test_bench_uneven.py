@@ -23,18 +23,23 @@ def setup(tmp_path_factory, tokenizer_dir):
     return root
 
 
-def args_for(root, stack, packing, grouping="off", batch=2):
+def args_for(root, stack, packing, grouping="off", batch=2, cuda_graph=True):
     return argparse.Namespace(stack=stack, shape="tiny", mode="bf16", batch=batch, packing=packing,
                               grouping=grouping, model_dir=root / "model", data=root / "data.jsonl",
                               max_len=256, seq=256, steps=1, warmup=1, seed=0, device="cpu", kernels=False,
-                              keep_narrow=True)
+                              keep_narrow=True, cuda_graph=cuda_graph)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("packing", ["off", "on"])
-def test_stacks_train_the_same_real_tokens(setup, packing):
-    ours, peer = (bu.worker(args_for(setup, s, packing)) for s in ("fasttune", "hf"))
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_stacks_train_the_same_real_tokens(setup, packing, cuda_graph):
+    """fasttune's step as `fasttune train` runs it (`graph_rows`' batch through `MicroStepGraph`, eager on the
+    CPU) and plain, against transformers + PEFT."""
+    ours = bu.worker(args_for(setup, "fasttune", packing, cuda_graph=cuda_graph))
+    peer = bu.worker(args_for(setup, "hf", packing))
     assert "error" not in ours and "error" not in peer, (ours, peer)
+    assert ours["cuda_graph"] is cuda_graph and ("graph_replays" in ours) is cuda_graph
     assert ours["real_tokens"] == peer["real_tokens"] > 0 and ours["batch_tokens"] == peer["batch_tokens"]
     assert ours["tokens_per_s"] == pytest.approx(ours["real_tokens"] / ours["seconds"])
     # each step's time and padded width, the timed ones summing to the reported seconds
