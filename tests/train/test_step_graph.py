@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from model_cases import make_fused_lora_model  # noqa: E402
+from model_cases import make_fused_lora_model, make_model  # noqa: E402
 
 from fasttune.kernels import adapter_cast  # noqa: E402
 from fasttune.kernels.cross_entropy import linear_cross_entropy, target_rows  # noqa: E402
@@ -94,6 +94,17 @@ def test_default_positions_are_not_read_for_the_mask(monkeypatch):
     default = model(ids, targets=ids).loss_sum
     assert all(p is None for p in read)
     torch.testing.assert_close(default, explicit)
+
+
+def test_models_with_dropout_are_not_captured():
+    from fasttune.lora.apply import apply_lora
+    from fasttune.train.step_graph import capturable
+
+    assert capturable(make_fused_lora_model(layers=1))
+    with_dropout = make_model(num_hidden_layers=1)
+    apply_lora(with_dropout, r=4, lora_alpha=8, lora_dropout=0.1)
+    assert not capturable(with_dropout)
+    assert not capturable(torch.nn.Linear(2, 2))
 
 
 def test_off_the_gpu_every_step_runs_eagerly():

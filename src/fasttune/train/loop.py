@@ -37,7 +37,7 @@ from fasttune.train.objective import Objective, TokenLoss, add_metrics, merge_me
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.precision import autocast, grad_scaler
 from fasttune.train.resume import find_start, restore
-from fasttune.train.step_graph import MicroStepGraph, graph_rows
+from fasttune.train.step_graph import MicroStepGraph, capturable, graph_rows
 from fasttune.train.step_guard import check_finite, split_batch
 
 Batch = dict[str, torch.Tensor]
@@ -133,7 +133,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     # micro-batches captured as CUDA graphs, one per shape (`train.step_graph`): single-process SFT, our model
     graph = (MicroStepGraph(model, objective, precision, device, trainable, log)
              if cfg.cuda_graph == "auto" and device.type == "cuda" and scaler is None and not d.launched
-             and type(objective) is TokenLoss and getattr(model, "supports_step_graph", False) else None)
+             and type(objective) is TokenLoss and capturable(model) else None)
     metrics_path = RunDir(run_dir).metrics
     metrics = MetricsWriter(metrics_path)
     # seconds: wall time of the run (eval and checkpoints included); train_seconds: the steps alone

@@ -161,6 +161,15 @@ class StepGraph:
             pass
 
 
+def capturable(model: torch.nn.Module) -> bool:
+    """Whether `train_loop` may capture this model's steps: our Llama model (`supports_step_graph`) without
+    dropout (a layer rerun for its backward must draw its forward's dropout mask again, which replays are not
+    checked to do)."""
+    if not getattr(model, "supports_step_graph", False):
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def _table(rows: int) -> int:
     """The packed-row table's size for `rows` rows: the next power of two, at least 32."""
     return max(32, 1 << (rows - 1).bit_length())
