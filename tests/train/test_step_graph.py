@@ -1,6 +1,7 @@
-"""A training micro-step replayed as a CUDA graph (`train.step_graph`) and what makes its replays exact: the
-pinned slices held for the graph, the adapters' compute-dtype copy remade in place, the loss over every row
-while capturing, and default positions that the attention mask does not read.
+"""Training micro-steps replayed as CUDA graphs (`train.step_graph`) and what makes the replays exact: the
+batches as a capture takes them (`graph_rows`), the pinned block kept while graphs live, the adapters'
+compute-dtype copy remade in place, the loss over every row while capturing, and default positions that the
+attention mask does not read.
 
 The replay itself needs a GPU (marked `gpu`); the pieces it relies on are checked here on the CPU.
 """
