@@ -168,9 +168,29 @@ def _run(model, opt, batches, graphed: bool):
     return losses, run
 
 
+def _model(nf4: bool):
+    """The tiny fused LoRA model on the GPU; `nf4`: its base quantised to NF4 first (QLoRA)."""
+    if not nf4:
+        return make_fused_lora_model(layers=3).cuda()
+    pytest.importorskip("bitsandbytes")
+    from fasttune.lora.apply import apply_lora
+    from fasttune.models.quantize import quantize_linears
+
+    model = make_model(num_hidden_layers=3).train()
+    quantize_linears(model, "4bit", "cuda", torch.bfloat16)
+    model.cuda()
+    apply_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)
+    model.set_use_kernels(True)
+    return model
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["offload", "on", "off"])
-def test_replayed_steps_train_as_eager_steps(mode):
+@pytest.mark.parametrize("mode,nf4", [("offload", False), ("on", False), ("off", False), ("offload", True)])
+def test_replayed_steps_train_as_eager_steps(mode, nf4):
     """On the GPU: the same batches through eager steps and through a captured, replayed step (the
     optimiser stepping the adapters between them) give the same losses and the same adapters; the
     graph's replays are what ran after the warm-up."""
@@ -185,7 +205,7 @@ def test_replayed_steps_train_as_eager_steps(mode):
         batches.append({"input_ids": ids, "targets": targets})
     results = []
     for graphed in (False, True):
-        model = make_fused_lora_model(layers=3).cuda()
+        model = _model(nf4)
         model.set_gradient_checkpointing(mode)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = flat_optimizer(torch.optim.AdamW, params, lr=1e-2)
