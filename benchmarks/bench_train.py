@@ -206,10 +206,10 @@ def fasttune_step(model):
             return run(x)
         if GRAPH["step"] is None:  # one eager warm-up step, then captured (the run's second warm-up step)
             from fasttune.models.capture import BatchLayout, batch_layout
-            from fasttune.train.step_graph import StepGraph
+            from fasttune.train.step_graph import StepGraph, row_table
 
             rows = PACKING["rows"] * x.shape[0]
-            layout = BatchLayout(packed=rows > x.shape[0], max_rows=max(32, 1 << (rows - 1).bit_length()))
+            layout = BatchLayout(packed=rows > x.shape[0], max_rows=row_table(rows))
 
 
             def captured(b):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fasttune.kernels._dispatch import next_pow2
 from fasttune.kernels.adapter_cast import refresh_copies
 from fasttune.kernels.scratch import release_scratch
 from fasttune.memory.pinned import arena
@@ -170,9 +171,9 @@ def capturable(model: torch.nn.Module) -> bool:
     return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def _table(rows: int) -> int:
+def row_table(rows: int) -> int:
     """The packed-row table's size for `rows` rows: the next power of two, at least 32."""
-    return max(32, 1 << (rows - 1).bit_length())
+    return max(32, next_pow2(rows))
 
 
 def graph_rows(batch: Batch) -> tuple[Batch, BatchLayout] | None:
@@ -189,17 +190,18 @@ def graph_rows(batch: Batch) -> tuple[Batch, BatchLayout] | None:
         return None  # reading a device copy would be the sync the graph avoids
     B, T = ids.shape
     mask, pos = batch.get("attention_mask"), batch.get("position_ids")
+    default = torch.arange(T).expand(B, T)
     if pos is None:
-        pos = torch.arange(T).expand(B, T)
+        pos = default
     if mask is None or bool(mask.bool().all()):
         if B * T > MAX_TOKENS:
             return None
         out = {"input_ids": ids, "targets": targets}
         rows = B + int((pos[:, 1:] == 0).sum())
-        if rows == B and torch.equal(pos, torch.arange(T).expand(B, T)):
+        if rows == B and (pos is default or torch.equal(pos, default)):
             return out, BatchLayout(packed=False)
         out["position_ids"] = pos
-        return out, BatchLayout(packed=rows > B, max_rows=_table(rows) if rows > B else 0)
+        return out, BatchLayout(packed=rows > B, max_rows=row_table(rows) if rows > B else 0)
     real = mask.bool()
     if bool((~real[:, :-1] & real[:, 1:]).any()):  # a real token after padding: not right padding
         return None
@@ -219,7 +221,7 @@ def graph_rows(batch: Batch) -> tuple[Batch, BatchLayout] | None:
     flat_tgt[:n] = targets[real]
     rows = int((flat_pos == 0).sum())
     out = {"input_ids": flat_ids[None], "targets": flat_tgt[None], "position_ids": flat_pos[None]}
-    return out, BatchLayout(packed=rows > 1, max_rows=_table(rows) if rows > 1 else 0)
+    return out, BatchLayout(packed=rows > 1, max_rows=row_table(rows) if rows > 1 else 0)
 
 
 class MicroStepGraph:
