@@ -5,8 +5,8 @@ Every stack loads the same random-weight model directory (`bench_train.write_mod
 r=16 alpha=16 on all seven projections with bitsandbytes AdamW 8-bit in bf16 on the same micro-batches:
 the rows of `instruction_data.py` (about 50 to 1,500 tokens) in the notebook's Alpaca prompt with EOS,
 trained whole as TRL trains a text column, batched by fasttune's own batcher (`data/packing.py`):
-    packing off   each row alone, padded to the longest of its batch (rounded up to 8), pads masked (fasttune's
-                  model runs such a batch padding-free: `models/padding_free.py`);
+    packing off   each row alone, padded to the longest of its batch (rounded up to 8), pads masked
+                  (fasttune's model runs such a batch padding-free: `models/padding_free.py`);
     packing on    rows packed best-fit into sequences of --max-len, positions restarting at each row;
     grouped       batches of similar lengths (transformers' group_by_length order), same rows per epoch.
 tokens/s = the real tokens of the timed steps / their wall time (warm-up steps left out). fasttune runs
@@ -63,10 +63,24 @@ def epoch_batches(args) -> list[dict]:
                         group_by_length=args.grouping == "on")
 
 
+def rows_in(batch: dict) -> int:
+    """How many rows a micro-batch holds: its row starts (position 0 on a real token), packed or not."""
+    return int(((batch["position_ids"] == 0) & (batch["attention_mask"] == 1)).sum())
+
+
 def micro_batches(args) -> list[dict]:
-    """The first warmup + steps micro-batches of epoch 0."""
+    """The first micro-batches of epoch 0: --warmup, then --steps of them, or with --rows-timed as many as
+    hold that many rows (the same rows at every batch size and packing)."""
     batches = epoch_batches(args)
     need = args.warmup + args.steps
+    if args.rows_timed:
+        held, need = 0, args.warmup
+        while held < args.rows_timed and need < len(batches):
+            held += rows_in(batches[need])
+            need += 1
+        if held < args.rows_timed:
+            raise SystemExit(f"the epoch after the warm-up holds {held} rows, --rows-timed "
+                             f"{args.rows_timed} asked: raise --rows")
     if len(batches) < need:
         raise SystemExit(f"{len(batches)} micro-batches in an epoch, {need} needed: raise --rows")
     return batches[:need]
@@ -187,7 +201,7 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     host_s = bt.host_loop_s()  # the host's Python speed: the steps at batch 2 are the host's time
-    seconds, real, padded, losses, steps = 0.0, 0, 0, [], []
+    seconds, real, padded, rows, losses, steps = 0.0, 0, 0, 0, [], []
     at = warmup if profile_step is None else profile_step
     for i, host_batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in host_batch.items()}
@@ -215,7 +229,9 @@ def timed(params, step, batches, warmup: int, device: str, flat: bool, profile: 
             seconds += dt
             real += int(batch["attention_mask"].sum())
             padded += batch["input_ids"].numel()
-    out = {"seconds": seconds, "real_tokens": real, "batch_tokens": padded, "tokens_per_s": real / seconds,
+            rows += rows_in(host_batch)
+    out = {"seconds": seconds, "rows": rows, "real_tokens": real, "batch_tokens": padded,
+           "tokens_per_s": real / seconds,
            "pad_share": 1 - real / padded, "loss0": losses[0], "losses": losses, "steps": steps,
            "host_loop_s": host_s}
     if cuda:
@@ -261,7 +277,8 @@ def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--mode", mode, "--batch", str(batch),
            "--packing", packing, "--grouping", grouping, "--shape", args.shape, "--model-dir",
            str(args.model_dir), "--data", str(args.data), "--max-len", str(args.max_len), "--steps",
-           str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device]
+           str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
+           "--rows-timed", str(args.rows_timed or 0)]
     key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "max_len": args.max_len,
            "packing": packing, "grouping": grouping}
     log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
@@ -319,6 +336,9 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rows-timed", type=int, default=0,
+                   help="time the micro-batches after the warm-up that hold this many rows, not --steps of "
+                   "them (480: the notebook's 60 steps x batch 2 x accumulation 4); 0: --steps")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': tests of the harness
     p.add_argument("--out", type=Path, default=Path("bench_uneven.jsonl"))
     p.add_argument("--log-dir", default="bench_logs")

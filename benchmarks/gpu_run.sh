@@ -17,10 +17,10 @@
 # decode    (one)                                   decoding at batch 1
 # serve     (one)                                   fasttune serve at 1/8/32/64 clients beside transformers'
 #                                                   batched generate (wheels: wheelhouse.sh --serve)
-# uneven    bf16-b2, bf16-b8, qlora-b2, qlora-b8,   uneven instruction rows: real tokens/s, packing off/on,
-#           notebook                                plain or length-grouped, beside Unsloth and HF + PEFT;
-#                                                   notebook: the notebook's QLoRA b2 unpacked row, beside
-#                                                   Unsloth, with a profile of one step each
+# uneven    M-bB, M-bB-grouped, M-bB-packed         uneven instruction rows: real tokens/s over the notebook's
+#           (M: bf16, qlora; B: 2, 8), notebook     480 rows, packing off (plain or length-grouped) and on,
+#                                                   beside Unsloth and HF + PEFT, one part a call; notebook:
+#                                                   QLoRA b2 unpacked beside Unsloth, a profile of one step each
 # checks    loss, cli, notebook                     loss curves; `fasttune train` and the notebook on 8B
 #                                                   (notebook: both stacks at its own settings, curves)
 # ab        8k, 32k, b2, thin                       this tree against .bench_assets/base_tree
@@ -43,7 +43,9 @@ cd "$(dirname "$0")/.."
 declare -A PARTS=([tests]="kernels rest" [headline]="bf16 qlora hf liger" [batch2]="llama31 llama2 profile" \
   [long]="32k 131k 262k 262k-unsloth 327k-unsloth l2-32k l2-131k" \
   [shapes]="qwen mistral llama32 llama2 small packed" [fp8]="tests speed loss" [decode]="" [serve]="" \
-  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8 notebook" [pref]="" [checks]="loss cli notebook" [ab]="8k 32k b2 thin" \
+  [uneven]="bf16-b2 bf16-b8 qlora-b2 qlora-b8 bf16-b2-grouped bf16-b8-grouped qlora-b2-grouped qlora-b8-grouped \
+bf16-b2-packed bf16-b8-packed qlora-b2-packed qlora-b8-packed notebook" \
+  [pref]="" [checks]="loss cli notebook" [ab]="8k 32k b2 thin" \
   [dist]="bf16 qlora overhead 70b")
 usage="usage: bash benchmarks/gpu_run.sh SUITE[/PART][,...]; suites: tests headline batch2 long shapes fp8 decode serve uneven pref checks ab dist"
 STEPS=${1:-}
@@ -187,14 +189,24 @@ has dist overhead && step dist-overhead 400 python3 benchmarks/bench_dist.py --s
   --out bench_logs/dist.jsonl
 has dist 70b && step dist-70b 560 python3 benchmarks/bench_dist.py --suite 70b --out bench_logs/dist.jsonl
 
-# uneven: rows of about 50 to 1,500 tokens (instruction_data.py); each part runs 9 processes (3 stacks x
-# packing off, off + grouped, on), each loading the 8B model
-U="python3 benchmarks/bench_uneven.py --steps 20 --warmup 3 --tokenizer $TOKENIZER --out bench_logs/uneven.jsonl \
---log-dir bench_logs"
-has uneven bf16-b2 && step uneven-bf16-b2 560 $U --modes bf16 --batches 2
-has uneven bf16-b8 && step uneven-bf16-b8 560 $U --modes bf16 --batches 8
-has uneven qlora-b2 && step uneven-qlora-b2 560 $U --modes qlora --batches 2
-has uneven qlora-b8 && step uneven-qlora-b8 560 $U --modes qlora --batches 8
+# uneven: rows of about 50 to 1,500 tokens (instruction_data.py); timed over the micro-batches holding the
+# notebook's 480 rows (60 steps x batch 2 x accumulation 4) after 3 of warm-up; each part runs the three
+# stacks, each process loading the 8B model (a part takes 4 to 9 minutes: one part a call)
+U="python3 benchmarks/bench_uneven.py --rows-timed 480 --warmup 3 --tokenizer $TOKENIZER \
+--out bench_logs/uneven.jsonl --log-dir bench_logs"
+PLAIN="--packings off --groupings off" GROUPED="--packings off --groupings on" PACKED="--packings on --groupings off"
+has uneven bf16-b2 && step uneven-bf16-b2 560 $U --modes bf16 --batches 2 $PLAIN
+has uneven bf16-b8 && step uneven-bf16-b8 560 $U --modes bf16 --batches 8 $PLAIN
+has uneven qlora-b2 && step uneven-qlora-b2 560 $U --modes qlora --batches 2 $PLAIN
+has uneven qlora-b8 && step uneven-qlora-b8 560 $U --modes qlora --batches 8 $PLAIN
+has uneven bf16-b2-grouped && step uneven-bf16-b2-grouped 560 $U --modes bf16 --batches 2 $GROUPED
+has uneven bf16-b8-grouped && step uneven-bf16-b8-grouped 560 $U --modes bf16 --batches 8 $GROUPED
+has uneven qlora-b2-grouped && step uneven-qlora-b2-grouped 560 $U --modes qlora --batches 2 $GROUPED
+has uneven qlora-b8-grouped && step uneven-qlora-b8-grouped 560 $U --modes qlora --batches 8 $GROUPED
+has uneven bf16-b2-packed && step uneven-bf16-b2-packed 560 $U --modes bf16 --batches 2 $PACKED
+has uneven bf16-b8-packed && step uneven-bf16-b8-packed 560 $U --modes bf16 --batches 8 $PACKED
+has uneven qlora-b2-packed && step uneven-qlora-b2-packed 560 $U --modes qlora --batches 2 $PACKED
+has uneven qlora-b8-packed && step uneven-qlora-b8-packed 560 $U --modes qlora --batches 8 $PACKED
 has uneven notebook && step uneven-notebook 300 $U --modes qlora --batches 2 --packings off --groupings off \
   --stacks fasttune unsloth --profile
 

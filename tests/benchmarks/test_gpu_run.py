@@ -15,6 +15,7 @@ def parts() -> dict[str, list[str]]:
     """The script's PARTS table: suite -> its parts ([] for a suite run whole)."""
     text = SCRIPT.read_text()
     table = re.search(r"declare -A PARTS=\((.*?)\)\n", text, re.S).group(1)
+    table = table.replace("\\\n", "")  # a line continued inside the quotes, as bash reads it
     return {s: p.split() for s, p in re.findall(r'\[(\w+)\]="([^"]*)"', table)}
 
 
