@@ -364,3 +364,48 @@ def test_the_loop_replays_its_micro_step_and_trains_as_eagerly(kind, tmp_path):
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), rtol=2e-3, atol=2e-3)
     for name, p in eager_p.items():
         torch.testing.assert_close(replayed_p[name], p, rtol=2e-3, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("ending", ["done", "interrupted"])
+def test_the_loop_lets_its_graphs_go_however_the_run_ends(ending, tmp_path, monkeypatch):
+    """The graphs' memory and the pinned block they froze go back when the run ends, and when it stops on
+    an exception (a notebook's interrupt keeps the loop's frame alive in the traceback, and a frozen block
+    would never grow for the next run). The graph runs eagerly here (the CPU); `step_graph` is the loop's
+    choice of it, made to choose it here."""
+    from fasttune.config import TrainConfig
+    from fasttune.train import loop
+    from fasttune.train.step_graph import MicroStepGraph
+
+    made: list[MicroStepGraph] = []
+    closed: list[int] = []
+
+    class Counted(MicroStepGraph):
+        def close(self) -> None:
+            closed.append(self.graph.replays)
+            super().close()
+
+    def choose(cfg, model, objective, precision, device, params, log, eligible):
+        made.append(Counted(model, objective, precision, device, params, log))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "step_graph", choose)
+
+    def stop_at_step_2(rec):
+        if ending == "interrupted" and rec.get("step") == 2:
+            raise KeyboardInterrupt
+
+    model = make_fused_lora_model(layers=1)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    cfg = TrainConfig(per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2, warmup_steps=0,
+                      logging_steps=1, save_steps=0)
+
+    def run():
+        loop.train_loop(model, params, FixedRows("plain"), cfg, tmp_path, device=torch.device("cpu"),
+                        precision="fp32", log=lambda line: None, on_record=stop_at_step_2)
+
+    if ending == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    else:
+        run()
+    assert len(made) == 1 and len(closed) == 1  # closed once, at the end, whichever way it came

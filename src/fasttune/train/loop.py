@@ -99,6 +99,17 @@ def format_eval(rec: dict[str, Any]) -> str:
     return text + f"  ({rec['eval_tokens']:,} {rec.get('unit', 'tokens')})"
 
 
+def step_graph(cfg: TrainConfig, model: torch.nn.Module, objective: Any, precision: str, device: torch.device,
+               params: list[torch.nn.Parameter], log: Callable[[str], None],
+               eligible: bool) -> MicroStepGraph | None:
+    """The micro-step's CUDA graphs (`train.step_graph`) where they apply: `cuda_graph: auto`, one process on
+    a GPU without a loss scaler (`eligible`), SFT's token loss, a model that can be captured."""
+    if (cfg.cuda_graph == "auto" and eligible and device.type == "cuda" and type(objective) is TokenLoss
+            and capturable(model)):
+        return MicroStepGraph(model, objective, precision, device, params, log)
+    return None
+
+
 def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches: ResumableStream,
                cfg: TrainConfig, run_dir: str | Path, *, eval_batches: Iterable[Batch] | None = None,
                answer_eval: Callable[[bool], dict[str, Any]] | None = None,
@@ -130,10 +141,6 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     forward = ft_dist.wrap_ddp(model, d) if d.mode == "ddp" else model  # after the flat buffer exists
     scheduler = build_scheduler(optimizer, cfg, total)
     scaler = grad_scaler(precision, device)
-    # micro-batches captured as CUDA graphs, one per shape (`train.step_graph`): single-process SFT, our model
-    graph = (MicroStepGraph(model, objective, precision, device, trainable, log)
-             if cfg.cuda_graph == "auto" and device.type == "cuda" and scaler is None and not d.launched
-             and type(objective) is TokenLoss and capturable(model) else None)
     metrics_path = RunDir(run_dir).metrics
     metrics = MetricsWriter(metrics_path)
     # seconds: wall time of the run (eval and checkpoints included); train_seconds: the steps alone
@@ -258,90 +265,98 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True,
                disable=None if d.is_main else True)  # None: a bar on a terminal, none in a log file
     window_log = st["window_log"]
-    while st["step"] < total:
-        t0 = time.perf_counter()
-        window = [next(batches) for _ in range(accum)]
-        # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
-        # lengths then weigh the same whether they share a micro-batch or not. Under torchrun the window
-        # spans every rank's slice, so its units (and input tokens, for the log) are summed over ranks.
-        window_tokens, n_input = (int(v) for v in ft_dist.all_sum(
-            [sum(objective.units(b) for b in window),  # trained tokens for SFT, pairs for DPO, ...
-             sum(b["input_ids"].numel() for b in window)], d))
-        while True:
-            try:
-                loss_sum, step_stats = run_window(window, window_tokens)
-                break
-            except torch.cuda.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                if graph is not None:
-                    graph.close()  # the graphs' memory too: the retry may capture again
-                torch.cuda.empty_cache()
-                rows = window[0]["input_ids"].shape[0]
-                # split only where the unit is the token: a split must not separate a pair's rows
-                splittable = cfg.auto_batch_size and isinstance(objective, TokenLoss)
-                if not splittable or math.ceil(rows / st["micro_splits"]) <= 1:
-                    raise
-                st["micro_splits"] *= 2
-                log(f"out of GPU memory: each micro-batch of {rows} rows now runs as {st['micro_splits']} "
-                    "parts (auto_batch_size; the global batch and the update are unchanged)")
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(ft_state.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
-        lr = scheduler.get_last_lr()[0]  # the lr this update uses
-        step_loss_sum = ft_dist.all_sum([float(loss_sum)], d)[0]
-        step_loss = step_loss_sum / max(window_tokens, 1)
-        good = check_finite(st, step_loss, grad_norm, scaler is not None, cfg.max_nonfinite_steps, log)
-        if scaler is not None:  # skips the update itself when a gradient is not finite
-            scaler.step(optimizer)
-            scaler.update()
-        elif good:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    # micro-batches captured as CUDA graphs, one per shape (`train.step_graph`): single-process SFT, our model
+    graph = step_graph(cfg, model, objective, precision, device, trainable, log,
+                       eligible=scaler is None and not d.launched)
+    try:
+        while st["step"] < total:
+            t0 = time.perf_counter()
+            window = [next(batches) for _ in range(accum)]
+            # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
+            # lengths then weigh the same whether they share a micro-batch or not. Under torchrun the window
+            # spans every rank's slice, so its units (and input tokens, for the log) are summed over ranks.
+            window_tokens, n_input = (int(v) for v in ft_dist.all_sum(
+                [sum(objective.units(b) for b in window),  # trained tokens for SFT, pairs for DPO, ...
+                 sum(b["input_ids"].numel() for b in window)], d))
+            while True:
+                try:
+                    loss_sum, step_stats = run_window(window, window_tokens)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    if graph is not None:
+                        graph.close()  # the graphs' memory too: the retry may capture again
+                    torch.cuda.empty_cache()
+                    rows = window[0]["input_ids"].shape[0]
+                    # split only where the unit is the token: a split must not separate a pair's rows
+                    splittable = cfg.auto_batch_size and isinstance(objective, TokenLoss)
+                    if not splittable or math.ceil(rows / st["micro_splits"]) <= 1:
+                        raise
+                    st["micro_splits"] *= 2
+                    log(f"out of GPU memory: each micro-batch of {rows} rows now runs as "
+                        f"{st['micro_splits']} parts (auto_batch_size; the global batch and the update are "
+                        "unchanged)")
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = float(ft_state.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
+            lr = scheduler.get_last_lr()[0]  # the lr this update uses
+            step_loss_sum = ft_dist.all_sum([float(loss_sum)], d)[0]
+            step_loss = step_loss_sum / max(window_tokens, 1)
+            good = check_finite(st, step_loss, grad_norm, scaler is not None, cfg.max_nonfinite_steps, log)
+            if scaler is not None:  # skips the update itself when a gradient is not finite
+                scaler.step(optimizer)
+                scaler.update()
+            elif good:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        seconds = time.perf_counter() - t0
-        st["step"] += 1
-        st["tokens"] += n_input
-        st["train_seconds"] += seconds
-        if good:
-            st["trained_tokens"] += window_tokens
-            st["final_loss"] = step_loss
-            st["first_loss"] = step_loss if st["first_loss"] is None else st["first_loss"]
-            for key, value in (("loss_sum", step_loss_sum), ("trained", window_tokens), ("tokens", n_input),
-                               ("seconds", seconds)):
-                window_log[key] += value
-            merge_metrics(window_log["stats"], step_stats)
+            seconds = time.perf_counter() - t0
+            st["step"] += 1
+            st["tokens"] += n_input
+            st["train_seconds"] += seconds
+            if good:
+                st["trained_tokens"] += window_tokens
+                st["final_loss"] = step_loss
+                st["first_loss"] = step_loss if st["first_loss"] is None else st["first_loss"]
+                for key, value in (("loss_sum", step_loss_sum), ("trained", window_tokens),
+                                   ("tokens", n_input), ("seconds", seconds)):
+                    window_log[key] += value
+                merge_metrics(window_log["stats"], step_stats)
 
-        mem, mem_kind = memory_used(device)
-        tok_s = window_log["tokens"] / max(window_log["seconds"], 1e-9)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mem=f"{mem:.2f}G")
-        bar.update(1)
-        if st["step"] % cfg.logging_steps == 0 or st["step"] == total:
-            # per unit over the interval (NaN when every step of it was skipped)
-            mean_loss = window_log["loss_sum"] / window_log["trained"] if window_log["trained"] else math.nan
-            stats = metric_means(window_log["stats"])
-            record({"kind": "train", "step": st["step"], "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tok_s, "trained_tokens": st["trained_tokens"], "memory_gib": mem,
-                    "memory_kind": mem_kind, "epoch": st["step"] * accum / len(batches), **stats})
-            log(f"step {st['step']:>5}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
-                + "".join(f"{k} {v:.4f}  " for k, v in stats.items())
-                + f"{tok_s:,.0f} tok/s  mem {mem:.2f} GiB")
-            window_log = st["window_log"] = {**dict.fromkeys(window_log, 0), "stats": {}}
-        if eval_batches is not None and (
-                (cfg.eval_steps and st["step"] % cfg.eval_steps == 0) or st["step"] == total):
-            run_eval()
-        saved = (cfg.save_steps and st["step"] % cfg.save_steps == 0) or st["step"] == total
-        # every rank stops at the same step: a signal reaches the ranks at different moments
-        stop = ft_dist.agree_stop(stop_requested() if stop_requested is not None else None, d)
-        if saved or stop:
-            path = checkpoint()
-            if stop:
-                bar.close()
-                raise TrainingStopped(stop, st["step"], str(path))
-    bar.close()
-    if graph is not None:
-        graph.close()  # the graphs' memory goes back before the caller's next work
+            mem, mem_kind = memory_used(device)
+            tok_s = window_log["tokens"] / max(window_log["seconds"], 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mem=f"{mem:.2f}G")
+            bar.update(1)
+            if st["step"] % cfg.logging_steps == 0 or st["step"] == total:
+                # per unit over the interval (NaN when every step of it was skipped)
+                trained = window_log["trained"]
+                mean_loss = window_log["loss_sum"] / trained if trained else math.nan
+                stats = metric_means(window_log["stats"])
+                record({"kind": "train", "step": st["step"], "loss": mean_loss, "lr": lr,
+                        "grad_norm": grad_norm, "tokens_per_s": tok_s, "trained_tokens": st["trained_tokens"],
+                        "memory_gib": mem, "memory_kind": mem_kind,
+                        "epoch": st["step"] * accum / len(batches), **stats})
+                log(f"step {st['step']:>5}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
+                    + "".join(f"{k} {v:.4f}  " for k, v in stats.items())
+                    + f"{tok_s:,.0f} tok/s  mem {mem:.2f} GiB")
+                window_log = st["window_log"] = {**dict.fromkeys(window_log, 0), "stats": {}}
+            if eval_batches is not None and (
+                    (cfg.eval_steps and st["step"] % cfg.eval_steps == 0) or st["step"] == total):
+                run_eval()
+            saved = (cfg.save_steps and st["step"] % cfg.save_steps == 0) or st["step"] == total
+            # every rank stops at the same step: a signal reaches the ranks at different moments
+            stop = ft_dist.agree_stop(stop_requested() if stop_requested is not None else None, d)
+            if saved or stop:
+                path = checkpoint()
+                if stop:
+                    bar.close()
+                    raise TrainingStopped(stop, st["step"], str(path))
+        bar.close()
+    finally:  # the graphs' memory and the frozen pinned block go back, however the run ends
+        if graph is not None:
+            graph.close()
 
     mem, mem_kind = memory_used(device)
     st["seconds"] = wall_before + time.perf_counter() - wall_start
