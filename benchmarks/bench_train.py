@@ -211,7 +211,6 @@ def fasttune_step(model):
             rows = PACKING["rows"] * x.shape[0]
             layout = BatchLayout(packed=rows > x.shape[0], max_rows=row_table(rows))
 
-
             def captured(b):
                 with batch_layout(layout):
                     return run(b["input_ids"])

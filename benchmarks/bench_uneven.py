@@ -125,23 +125,21 @@ def build_fasttune(args):
     params = [p for p in model.parameters() if p.requires_grad]
     info = {"checkpointing": checkpointing, "keep_narrow": cfg.train.keep_narrow,
             "cuda_graph": args.cuda_graph}
-    if args.cuda_graph:  # as `fasttune train` runs them: each shape captured as a CUDA graph
-        return model, params, graph_step(model, params, device, precision), info
-
     def step(batch):
         out = model(**batch)
         loss = out.loss_sum / out.n_tokens
         loss.backward()
         return loss.detach()
 
+    if args.cuda_graph:  # as `fasttune train` runs them: each shape captured as a CUDA graph
+        return model, params, graph_step(model, params, device, precision, step), info
     return model, params, step, info
 
 
-def graph_step(model, params, device, precision: str):
+def graph_step(model, params, device, precision: str, eager):
     """A step taking the batch's host copy, through `MicroStepGraph` as `train_loop` runs it: a batch that
     `graph_rows` takes (a padded one as one packed row of its real tokens) is captured once per shape and
-    replayed on the GPU (run eagerly elsewhere), any other runs eagerly."""
-
+    replayed on the GPU (run eagerly elsewhere), any other runs as `eager` runs it."""
     from fasttune.models.base import IGNORE_INDEX
     from fasttune.train.objective import TokenLoss
     from fasttune.train.step_graph import MicroStepGraph, graph_rows
@@ -149,13 +147,10 @@ def graph_step(model, params, device, precision: str):
     micro = MicroStepGraph(model, TokenLoss(), precision, device, params, log=print)
 
     def step(batch):
-        scale = 1.0 / max(int((batch["targets"] != IGNORE_INDEX).sum()), 1)  # the mean over trained tokens
         rows = graph_rows(batch)
         if rows is None:
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-            loss = out.loss_sum * scale
-            loss.backward()
-            return loss.detach()
+            return eager({k: v.to(device) for k, v in batch.items()})
+        scale = 1.0 / max(int((batch["targets"] != IGNORE_INDEX).sum()), 1)  # the mean over trained tokens
         loss_sum, _ = micro({k: v.to(device) for k, v in rows[0].items()}, rows[1], scale)
         return loss_sum * scale  # a new tensor: the graph's output is written again by the next step
 
@@ -278,7 +273,7 @@ def run_one(stack: str, mode: str, batch: int, packing: str, grouping: str, args
            "--packing", packing, "--grouping", grouping, "--shape", args.shape, "--model-dir",
            str(args.model_dir), "--data", str(args.data), "--max-len", str(args.max_len), "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
-           "--rows-timed", str(args.rows_timed or 0)]
+           "--rows-timed", str(args.rows_timed)]
     key = {"stack": stack, "shape": args.shape, "mode": mode, "batch": batch, "max_len": args.max_len,
            "packing": packing, "grouping": grouping}
     log = Path(args.log_dir) / f"uneven-{stack}-{mode}-b{batch}-pack{packing}-group{grouping}.log"
