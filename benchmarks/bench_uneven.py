@@ -250,7 +250,8 @@ def worker(args) -> dict:
         row["error"] = "OOM" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"[:300]
     graph = getattr(step, "graph", None)
     if graph is not None:  # how many steps ran as a replay, of how many shapes; why a capture failed
-        row.update(graph_replays=graph.replays, graph_shapes=len(graph.captured), graph_failed=graph.failed)
+        row.update(graph_replays=graph.replays, graph_padded=graph.padded, graph_shapes=len(graph.captured),
+                   graph_failed=graph.failed)
     if args.device == "cuda":
         import torch
 

@@ -227,8 +227,9 @@ class TrainConfig:
     cuda_graph: str = field(default="auto", metadata={"help": (
         "auto: one process on a GPU, SFT on the Llama family without LoRA dropout: the forward and backward "
         "of micro-batches of up to 8,192 tokens are captured as CUDA graphs, one per shape (a padded batch "
-        "runs as its real tokens in one packed row rounded up to 64 tokens), and replayed, sparing the "
-        "host's time per kernel; each shape runs eagerly once first. off: every micro-batch runs eagerly.")})
+        "runs as its real tokens in one packed row rounded up to 64 tokens, or padded into a captured row up "
+        "to 1.25 times as wide), and replayed, sparing the host's time per kernel; each shape runs eagerly "
+        "once first. off: every micro-batch runs eagerly.")})
     overwrite: bool = field(default=False, metadata={"help": (
         "Replace an earlier run in output_dir (its run.yaml, adapter, metrics, checkpoints); without it a "
         "fresh run into such a directory is an error.")})

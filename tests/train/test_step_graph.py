@@ -21,7 +21,7 @@ from fasttune.kernels import adapter_cast  # noqa: E402
 from fasttune.kernels.cross_entropy import linear_cross_entropy, target_rows  # noqa: E402
 from fasttune.memory.pinned import PinnedArena  # noqa: E402
 from fasttune.train.flat_params import flat_optimizer  # noqa: E402
-from fasttune.train.step_graph import BUCKET, Captured, StepGraph, graph_rows  # noqa: E402
+from fasttune.train.step_graph import BUCKET, Captured, StepGraph, graph_rows, packed_width, pad_row  # noqa: E402
 
 
 def test_a_frozen_arena_keeps_its_block():
@@ -148,6 +148,64 @@ def test_each_shape_is_captured_after_its_warm_up_and_replayed(monkeypatch):
     assert sums == [n * float(i) for i, n in enumerate(widths)]
 
 
+def _row(width: int, value: float) -> dict:
+    """A packed row as `graph_rows` hands it on: ids, targets, positions of (1, width), and a scale."""
+    return {"input_ids": torch.full((1, width), 7), "targets": torch.full((1, width), 3),
+            "position_ids": torch.arange(width)[None], "scale": torch.tensor(value)}
+
+
+def test_a_narrower_row_borrows_a_wider_graph_then_gets_its_own(monkeypatch):
+    """A packed row without a graph of its width replays the narrowest captured one at most SLACK times as
+    wide, padded as `graph_rows` pads, `borrow` times; then its width warms up and is captured."""
+    ran: list[tuple] = []
+
+    def step(b):
+        ran.append((b.get("kind", "eager"), b["input_ids"].shape[1]))
+        return (b["targets"] != -100).sum() * b["scale"]
+
+    graph = StepGraph(step, [], warmup=1, min_eager=1, borrow=2, width=packed_width, pad=pad_row)
+
+    def capture(batch):
+        captured = Captured(None, {**{k: v.clone() for k, v in batch.items()}, "kind": "replay"}, None)
+        captured.graph = FakeGraph(graph, captured)
+        return captured
+
+    monkeypatch.setattr(graph, "_on_gpu", lambda batch: True)
+    monkeypatch.setattr(graph, "_capture", capture)
+    widths = [128, 128, 112, 104, 112, 112, 112, 112, 64]
+    outs = [float(graph(_row(w, float(i)), tag="layout")) for i, w in enumerate(widths)]
+    # 128: eager, then captured; 112 and 104 (within 1.25 x) borrow it, 112 twice; then 112 runs eagerly and
+    # is captured, and replays its own; 64 is too narrow to borrow and runs eagerly
+    assert ran == [("eager", 128), ("replay", 128), ("replay", 128), ("replay", 128), ("replay", 128),
+                   ("eager", 112), ("replay", 112), ("replay", 112), ("eager", 64)]
+    assert graph.padded == 3 and graph.replays == 6 and [k[0][0][1] for k in graph.captured] == [(1, 128),
+                                                                                               (1, 112)]
+    # each step counted the batch's own targets: the padding has none
+    assert outs == [w * float(i) for i, w in enumerate(widths)]
+    # another tag (layout) or a batch that may not be padded borrows nothing
+    graph({**_row(100, 1.0)}, tag="other")
+    assert graph.padded == 3
+    graph({"input_ids": torch.zeros(2, 100), "targets": torch.zeros(2, 100), "scale": torch.tensor(1.0)})
+    assert graph.padded == 3
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # close() waits for the device
+    graph.close()
+    graph(_row(100, 1.0), tag="layout")  # the graphs are gone: nothing to borrow
+    assert graph.padded == 3 and ran[-1] == ("eager", 100)
+
+
+def test_pad_row_continues_the_last_row_and_keeps_the_rest():
+    row = {"input_ids": torch.tensor([[5, 6, 7]]), "targets": torch.tensor([[6, 7, -100]]),
+           "position_ids": torch.tensor([[0, 0, 1]]), "scale": torch.tensor(0.5)}
+    out = pad_row(row, 6)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0, 0]]
+    assert out["targets"].tolist() == [[6, 7, -100, -100, -100, -100]]
+    assert out["position_ids"].tolist() == [[0, 0, 1, 2, 3, 4]]
+    assert out["scale"] is row["scale"] and pad_row(row, 3) is row
+    assert packed_width(row) == 3
+    assert packed_width({"input_ids": torch.zeros(2, 3), "position_ids": 0}) is None  # two rows
+    assert packed_width({"input_ids": torch.zeros(1, 3)}) is None  # default positions
+
+
 def _run(model, opt, batches, graphed: bool):
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -263,7 +321,8 @@ def test_graph_rows_refuses_what_it_cannot_run_exactly():
 @pytest.mark.parametrize("packing", [False, True])
 def test_graph_rows_runs_a_padded_batch_as_its_real_tokens(packing):
     """A collated, right-padded batch becomes one packed row of its real tokens padded to a multiple of
-    BUCKET, whose loss and adapter gradients through our model are the padded batch's."""
+    BUCKET, whose loss and adapter gradients through our model are the padded batch's; and so are those of
+    the row padded further, as it runs in a wider graph (`pad_row`)."""
     from fasttune.data.packing import collate, shift_targets
 
     g = torch.Generator().manual_seed(0)
@@ -281,22 +340,29 @@ def test_graph_rows_runs_a_padded_batch_as_its_real_tokens(packing):
     assert int((rows["position_ids"] == 0).sum()) == sum(len(s) for s in layout_of_batch)
     model = make_fused_lora_model(layers=2)
     results = []
-    for b in (batch, rows):
+    for b in (batch, rows, pad_row(rows, BUCKET + BUCKET // 4)):
         model.zero_grad(set_to_none=True)
         out = model(**b)
         out.loss_sum.backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
         results.append((out.loss_sum.detach(), int(out.n_tokens), grads))
-    (l1, n1, g1), (l2, n2, g2) = results
-    assert n1 == n2 > 0
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
-    for k in g1:
-        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+    (l1, n1, g1) = results[0]
+    for l2, n2, g2 in results[1:]:
+        assert n1 == n2 > 0
+        torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+        for k in g1:
+            torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# real tokens of the two rows of each `uneven` micro-batch: run as packed rows of 384 or 320 tokens
+UNEVEN = [(190, 180), (185, 190), (150, 140), (190, 170), (140, 150), (150, 150), (180, 190), (145, 150),
+          (190, 190), (140, 150)]
 
 
 class FixedRows:
     """Endless micro-batches of 2 x 48 random tokens, seeded by their index: `plain` rows, or `packed` (rows
-    of a random length each, positions restarting, the tail padded as `data.packing.collate` pads)."""
+    of a random length each, positions restarting, the tail padded as `data.packing.collate` pads), or
+    `uneven`: 2 x 192 with the rows of `UNEVEN` right-padded."""
 
     def __init__(self, kind: str) -> None:
         self.i, self.kind = 0, kind
@@ -304,6 +370,14 @@ class FixedRows:
     def __next__(self):
         g = torch.Generator().manual_seed(self.i)
         self.i += 1
+        if self.kind == "uneven":
+            ids = torch.randint(1, 97, (2, 192), generator=g)
+            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+            mask = torch.ones_like(ids)
+            for b, n in enumerate(UNEVEN[(self.i - 1) % len(UNEVEN)]):
+                ids[b, n:], mask[b, n:] = 0, 0
+                targets[b, n - 1:] = -100
+            return {"input_ids": ids, "targets": targets, "attention_mask": mask}
         ids = torch.randint(0, 97, (2, 48), generator=g)
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
         targets[self.i % 2, :5] = -100
@@ -334,18 +408,22 @@ class FixedRows:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["plain", "packed"])
-def test_the_loop_replays_its_micro_step_and_trains_as_eagerly(kind, tmp_path):
+@pytest.mark.parametrize("kind", ["plain", "packed", "uneven"])
+def test_the_loop_replays_its_micro_step_and_trains_as_eagerly(kind, tmp_path, monkeypatch):
     """On the GPU: `train_loop` with cuda_graph auto captures the micro-step of plain or packed, padded rows
     after its warm-up and gives the losses and adapters of cuda_graph off (which runs packed rows through
-    the padding-free path, their padding left out)."""
+    the padding-free path, their padding left out); `uneven` rows of 320 tokens replay the graph of 384."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from fasttune.config import TrainConfig
     from fasttune.run_dir import RunDir
+    from fasttune.train import loop
     from fasttune.train.loop import train_loop
     from fasttune.train.metrics import read_metrics
 
+    made = []
+    choose = loop.step_graph
+    monkeypatch.setattr(loop, "step_graph", lambda *a: made.append(choose(*a)) or made[-1])
     runs = {}
     for mode in ("off", "auto"):
         model = make_fused_lora_model(layers=3).cuda()
@@ -360,6 +438,9 @@ def test_the_loop_replays_its_micro_step_and_trains_as_eagerly(kind, tmp_path):
         runs[mode] = (losses, {n: p.detach().clone() for n, p in params.items()}, lines)
     (eager, eager_p, eager_log), (replayed, replayed_p, log) = runs["off"], runs["auto"]
     assert any("captured" in line for line in log) and not any("CUDA graph" in line for line in eager_log)
+    assert made[0] is None and made[1].graph.replays > 0
+    if kind == "uneven":
+        assert made[1].graph.padded == 4 and len(made[1].graph.captured) == 1
     assert len(eager) == 5 and eager[0] != eager[-1]
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), rtol=2e-3, atol=2e-3)
     for name, p in eager_p.items():

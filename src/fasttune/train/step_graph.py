@@ -25,6 +25,11 @@ What a replay needs, and how `StepGraph` provides it:
   block settle), and nothing is captured before `min_eager` eager steps in all; the next batch of the shape
   is captured and replayed. The graphs share one memory pool: they never run at once, so the memory they
   hold is about one step's, not one per shape.
+- Borrowed graphs: a capture costs about an eager step, and repays it only if its shape comes again. A
+  packed row narrower than a captured one of the same layout by at most `SLACK` is padded to that width
+  (`pad_row`, as `graph_rows` pads) and replayed there, `borrow` times; after that its width is warmed up
+  and captured as any other. Short uneven runs (the notebook's 60 steps) meet few widths twice; long runs
+  end with a graph for each width they use often.
 
 The optimiser step stays outside the graphs (bitsandbytes' 8-bit step reads its own state on the host).
 """
@@ -48,10 +53,17 @@ BUCKET = 64  # tokens: a padded batch runs as one packed row of a multiple of th
 # tokens: a larger micro-batch runs eagerly; past it the step is the GPU's time rather than the host's, and a
 # graph would gain little for the memory it holds
 MAX_TOKENS = 8192
+SLACK = 1.25  # a packed row runs in a captured graph up to this many times its width (`StepGraph` borrow)
 
 
 def _key(batch: Batch) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(batch.items()))
+
+
+def _family(key: tuple) -> tuple:
+    """A shape key without its tensors' last dimension: the same for batches that differ in width only."""
+    fields, tag = key
+    return tuple((k, shape[:-1], dtype, device) for k, shape, dtype, device in fields), tag
 
 
 @dataclass
@@ -68,14 +80,24 @@ class StepGraph:
     `params`: the trainable tensors, whose `.grad` must exist when a capture begins. A capture that fails
     raises, or with `fallback` (not for running out of memory) leaves every batch to run eagerly, `failed`
     saying why. `close()` (or dropping the object) lets the graphs and their memory go.
+    `width(batch)`: the width `pad(batch, wider)` may pad it from (every tensor of one or more dimensions
+    that wide in its last), or None where it may not be padded; such a batch without a graph of its own
+    replays the narrowest captured one of its family (the same tag, other dimensions and dtypes) at most
+    `SLACK` times as wide, up to `borrow` times (module docstring).
     """
 
     def __init__(self, step: Callable[[Batch], object], params: Sequence[torch.Tensor], warmup: int = 1,
-                 min_eager: int = 2, max_graphs: int = 48, fallback: bool = False) -> None:
+                 min_eager: int = 2, max_graphs: int = 48, fallback: bool = False,
+                 width: Callable[[Batch], int | None] | None = None,
+                 pad: Callable[[Batch, int], Batch] | None = None, borrow: int = 8) -> None:
         self.step, self.params, self.fallback = step, list(params), fallback
         self.warmup, self.min_eager, self.max_graphs = warmup, min_eager, max_graphs
+        self.width, self.pad, self.borrow = width, pad, borrow
         self.graphs: dict[tuple, Captured] = {}
         self.seen: dict[tuple, int] = {}  # eager runs of each shape
+        self.widths: dict[tuple, dict[int, tuple]] = {}  # captured widths of each family: width -> key
+        self.borrowed: dict[tuple, int] = {}  # runs of each shape in a wider graph
+        self.padded = 0  # replays of a wider graph
         self.eager = 0
         self.pool = None  # the graphs' shared memory pool
         self.frozen = None  # the pinned arena kept while graphs live
@@ -88,6 +110,11 @@ class StepGraph:
         captured = self.graphs.get(key)
         if captured is not None:
             return self._replay(captured, batch)
+        wider = self._wider(batch, key)
+        if wider is not None:
+            self.borrowed[key] = self.borrowed.get(key, 0) + 1
+            self.padded += 1
+            return self._replay(self.graphs[wider[1]], self.pad(batch, wider[0]))
         runs = self.seen.get(key, 0)
         if (self.failed or runs < self.warmup or self.eager < self.min_eager
                 or len(self.graphs) >= self.max_graphs or not self._on_gpu(batch)):
@@ -105,9 +132,22 @@ class StepGraph:
             return self.step(batch)
         self.graphs[key] = captured
         self.captured.append(key)
+        width = self.width(batch) if self.width is not None else None
+        if width is not None:
+            self.widths.setdefault(_family(key), {})[width] = key
         captured.graph.replay()  # the capture queued nothing: this batch's work
         self.replays += 1
         return captured.out
+
+    def _wider(self, batch: Batch, key: tuple) -> tuple[int, tuple] | None:
+        """The narrowest captured graph this batch may borrow (class docstring): (its width, its key)."""
+        if self.width is None or self.borrowed.get(key, 0) >= self.borrow:
+            return None
+        width = self.width(batch)
+        if width is None:
+            return None
+        fits = [w for w in self.widths.get(_family(key), ()) if width < w <= width * SLACK]
+        return (min(fits), self.widths[_family(key)][min(fits)]) if fits else None
 
     def _replay(self, captured: Captured, batch: Batch) -> object:
         for k, v in batch.items():
@@ -150,6 +190,7 @@ class StepGraph:
         if self.graphs:
             torch.cuda.synchronize()
         self.graphs.clear()
+        self.widths.clear()
         self.pool = None
         if self.frozen is not None:
             self.frozen.thaw()
@@ -212,16 +253,30 @@ def graph_rows(batch: Batch) -> tuple[Batch, BatchLayout] | None:
     width = -(-n // BUCKET) * BUCKET
     if width > MAX_TOKENS:
         return None
-    flat_pos = torch.empty(width, dtype=pos.dtype)
-    flat_pos[:n] = pos[real]
-    flat_pos[n:] = torch.arange(1, width - n + 1) + (flat_pos[n - 1] if n else -1)
-    flat_ids = torch.zeros(width, dtype=ids.dtype)
-    flat_ids[:n] = ids[real]
-    flat_tgt = torch.full((width,), IGNORE_INDEX, dtype=targets.dtype)
-    flat_tgt[:n] = targets[real]
-    rows = int((flat_pos == 0).sum())
-    out = {"input_ids": flat_ids[None], "targets": flat_tgt[None], "position_ids": flat_pos[None]}
-    return out, BatchLayout(packed=rows > 1, max_rows=row_table(rows) if rows > 1 else 0)
+    flat = {"input_ids": ids[real][None], "targets": targets[real][None], "position_ids": pos[real][None]}
+    rows = int((flat["position_ids"] == 0).sum())
+    return pad_row(flat, width), BatchLayout(packed=rows > 1, max_rows=row_table(rows) if rows > 1 else 0)
+
+
+def pad_row(batch: Batch, width: int) -> Batch:
+    """One packed row (`input_ids`, `targets`, `position_ids` of shape (1, w); anything else is kept) padded
+    to `width` tokens: token 0, no target, positions continuing the last row's, so that no real token
+    attends to the padding and the loss and gradients are the row's."""
+    n = width - batch["input_ids"].shape[1]
+    if n == 0:
+        return batch
+    ids, targets, pos = batch["input_ids"], batch["targets"], batch["position_ids"]
+    last = pos[:, -1:] if pos.shape[1] else pos.new_full((1, 1), -1)
+    after = last + torch.arange(1, n + 1, dtype=pos.dtype, device=pos.device)
+    return {**batch, "input_ids": torch.cat([ids, ids.new_zeros(1, n)], 1),
+            "targets": torch.cat([targets, targets.new_full((1, n), IGNORE_INDEX)], 1),
+            "position_ids": torch.cat([pos, after], 1)}
+
+
+def packed_width(batch: Batch) -> int | None:
+    """The width of a batch that `pad_row` may pad (one row with explicit positions), else None."""
+    ids = batch["input_ids"]
+    return ids.shape[1] if "position_ids" in batch and ids.dim() == 2 and ids.shape[0] == 1 else None
 
 
 class MicroStepGraph:
@@ -244,7 +299,7 @@ class MicroStepGraph:
             (batch_loss.float() * batch["scale"]).backward()
             return batch_loss.detach().float(), stats
 
-        self.graph = StepGraph(micro, params, fallback=True)
+        self.graph = StepGraph(micro, params, fallback=True, width=packed_width, pad=pad_row)
 
     def __call__(self, batch: Batch, layout: BatchLayout, scale: float):
         device = batch["input_ids"].device
