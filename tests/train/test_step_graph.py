@@ -423,7 +423,7 @@ def test_the_loop_replays_its_micro_step_and_trains_as_eagerly(kind, tmp_path, m
 
     made = []
     choose = loop.step_graph
-    monkeypatch.setattr(loop, "step_graph", lambda *a: made.append(choose(*a)) or made[-1])
+    monkeypatch.setattr(loop, "step_graph", lambda *a, **kw: made.append(choose(*a, **kw)) or made[-1])
     runs = {}
     for mode in ("off", "auto"):
         model = make_fused_lora_model(layers=3).cuda()
