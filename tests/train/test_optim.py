@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import (
     get_constant_schedule_with_warmup,
     get_cosine_schedule_with_warmup,
@@ -72,8 +73,8 @@ def test_warmup_ratio_rounds_up():
 
 
 def test_optimizer_settings():
-    p = torch.nn.Parameter(torch.zeros(3))
-    frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    frozen = torch.nn.Parameter(torch.zeros(3, 2), requires_grad=False)
     opt = build_optimizer([p, frozen], TrainConfig(learning_rate=3e-4, weight_decay=0.01, adam_beta2=0.95))
     assert isinstance(opt, torch.optim.AdamW)
     group = opt.param_groups[0]
@@ -82,7 +83,7 @@ def test_optimizer_settings():
 
 
 def test_several_tensors_are_stepped_as_one_flat_buffer():
-    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5, 1))
     before = [a.detach().clone(), b.detach().clone()]
     opt = build_optimizer([a, b, a], TrainConfig(learning_rate=3e-4, weight_decay=0.01, adam_beta2=0.95))
     assert isinstance(opt, torch.optim.AdamW)
@@ -95,6 +96,20 @@ def test_several_tensors_are_stepped_as_one_flat_buffer():
     assert (a < before[0]).all() and torch.equal(b, before[1] * (1 - 3e-4 * 0.01))  # b: decay only
     state = opt.state_dict()["state"]
     assert list(state) == [0] and state[0]["exp_avg"].shape == (2 * ALIGN,)
+
+
+def test_biases_and_norm_weights_are_not_decayed_as_in_transformers():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
+                                torch.nn.Linear(4, 2, bias=False))
+    cfg = TrainConfig(learning_rate=1e-3, weight_decay=0.1)
+    opt = build_optimizer(model.parameters(), cfg)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert names == {"0.weight", "2.weight"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == 5
+    only_bias = build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg)
+    assert [g["weight_decay"] for g in only_bias.param_groups] == [0.0]
 
 
 def test_adamw_8bit_on_cpu_is_a_clear_error():

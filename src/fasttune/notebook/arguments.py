@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -35,7 +36,6 @@ UNSUPPORTED: dict[str, str] = {
     "metric_for_best_model": "the adapter of the last step is kept",
     "resume_from_checkpoint": "call trainer.train(resume_from_checkpoint=True) to resume from output_dir",
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "eval_on_start": "the baseline evaluation always runs when an eval_dataset is given",
     "full_determinism": "not implemented",
     "ignore_data_skip": "resuming always continues the data where the checkpoint left it",
     "dataloader_drop_last": "the last, smaller micro-batch of an epoch is trained too",
@@ -64,7 +64,6 @@ IGNORED = frozenset(
         "dataloader_persistent_workers",
         "dataloader_prefetch_factor",
         "remove_unused_columns",
-        "overwrite_output_dir",
         "do_train",
         "do_eval",
         "do_predict",
@@ -254,8 +253,14 @@ def _empty(value: Any) -> bool:
 def _reference(args: Any) -> Any:
     """A default-constructed object of the same class, to tell fields the user set from defaults that
     transformers' __post_init__ rewrote."""
+    output_dir = getattr(args, "output_dir", None) or "trainer_output"
     try:
-        return type(args)(output_dir=getattr(args, "output_dir", None) or "trainer_output")
+        return type(args)(output_dir=output_dir)
+    except Exception:  # e.g. TRL's bf16 default on a machine without bf16: with the user's precision flags
+        pass
+    try:
+        return type(args)(output_dir=output_dir, **{k: getattr(args, k) for k in ("bf16", "fp16", "use_cpu")
+                                                   if hasattr(args, k)})
     except Exception:  # a class we cannot build with defaults: compare with field defaults instead
         return None
 
@@ -331,6 +336,8 @@ MAPPED = frozenset(
         "group_by_length",
         "data_seed",
         "fsdp",
+        "overwrite_output_dir",  # replace an earlier run in output_dir (SFTTrainer.train)
+        "eval_on_start",  # the baseline evaluation runs whenever the trainer evaluates
     }
 )
 
@@ -439,15 +446,25 @@ def to_train_config(
     warmup, ratio = get("warmup_steps", 0) or 0, float(get("warmup_ratio", 0.0) or 0.0)
     if isinstance(warmup, float) and 0 < warmup < 1:  # transformers 5: a float below 1 is a ratio
         warmup, ratio = 0, warmup
+    if schedule == "constant" and (warmup or ratio):  # transformers' constant schedule has no warm-up
+        notes.append("TrainingArguments.lr_scheduler_type='constant' takes no warm-up (as in transformers): "
+                     "warmup_steps/warmup_ratio are not used; 'constant_with_warmup' warms up")
+        warmup, ratio = 0, 0.0
     save_strategy, eval_strategy = str(get("save_strategy", "steps")), str(get("eval_strategy", "no"))
+    if save_strategy == "best":
+        raise ValueError("TrainingArguments.save_strategy='best' saves on the best metric_for_best_model, "
+                         "which fasttune does not track; use 'steps'")
     for name, strategy in (("save_strategy", save_strategy), ("eval_strategy", eval_strategy)):
         if strategy == "epoch":
             notes.append(
                 f"TrainingArguments.{name}='epoch' is not supported; fasttune uses steps "
                 f"({name.split('_')[0]}_steps, and always at the end)"
             )
-        elif strategy not in ("steps", "no", "best"):
+        elif strategy not in ("steps", "no"):
             raise ValueError(f"TrainingArguments.{name}={strategy!r}: expected 'steps' or 'no'")
+    if get("average_tokens_across_devices", True) is False and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("TrainingArguments.average_tokens_across_devices=False is not supported: fasttune "
+                         "divides each window's loss by the trained tokens of every rank (True)")
     report_to = notebook_report_to(get("report_to"))
     if gradient_checkpointing is None:
         gradient_checkpointing = "on" if get("gradient_checkpointing") else "off"
@@ -473,7 +490,7 @@ def to_train_config(
         gradient_checkpointing=gradient_checkpointing,
         logging_steps=max(1, _steps("logging_steps", get("logging_steps", 500))),
         save_steps=0 if save_strategy != "steps" else _steps("save_steps", get("save_steps", 500)),
-        save_total_limit=int(get("save_total_limit") or 2),
+        save_total_limit=max(0, int(get("save_total_limit") or 0)),  # None or 0: keep all, as transformers
         eval_steps=0
         if eval_strategy != "steps"
         else _steps("eval_steps", eval_steps or get("logging_steps")),
@@ -481,6 +498,7 @@ def to_train_config(
         distributed=fsdp_mode(get("fsdp")),
         show_samples=0,
         report=False,
+        overwrite=bool(get("overwrite_output_dir", False)),
     )
     if warn:
         for note in notes:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fasttune.notebook.arguments import SFTConfig, TrainingArguments, check_fields, to_train_config
+from fasttune.notebook.arguments import SFTConfig, TrainingArguments, _plain, check_fields, to_train_config
 from fasttune.notebook.collators import has_labels, leave_untrained, untrained_token
 from fasttune.notebook.dataset import prepare
 from fasttune.notebook.model import NotebookModel
@@ -111,6 +111,32 @@ def plan_activation_memory(model: NotebookModel, run: Any, precision: str,
                       log=log)
 
 
+def prepare_output_dir(cfg: Any, log: Callable[[str], None], main: bool) -> None:
+    """Before a notebook run writes into cfg.output_dir: an earlier run there is continued only with
+    `train(resume_from_checkpoint=True)` and replaced (its files removed, by the main process) only with
+    `overwrite_output_dir=True`, as the CLI's --resume and --overwrite; otherwise its checkpoints stop the
+    run with the ways on."""
+    import shutil
+
+    from fasttune.run_dir import RunDir
+    from fasttune.train.checkpoint import step_dirs
+
+    run = RunDir(cfg.output_dir)
+    if cfg.resume:
+        return
+    if cfg.overwrite:
+        for path in run.run_files() if main else ():
+            log(f"overwrite_output_dir: removing the earlier run's {path}")
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    earlier = step_dirs(run.root)
+    if earlier:
+        raise ValueError(f"output_dir {run.root} holds checkpoints of an earlier run ({earlier[-1].name} the "
+                         "newest): continue it with trainer.train(resume_from_checkpoint=True), replace it "
+                         "with overwrite_output_dir=True in the trainer's arguments, or choose another "
+                         "output_dir")
+
+
 def recorded_train_loop(
     inner: Any, params: dict[str, Any], stream: Any, cfg: Any, *, report_to: Any, config: dict[str, Any],
     **loop_args: Any,
@@ -122,6 +148,8 @@ def recorded_train_loop(
 
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    dist = loop_args.get("dist")
+    prepare_output_dir(cfg, loop_args.get("log", print), dist is None or dist.is_main)
     with Trackers(report_to, cfg.output_dir, config, Path(cfg.output_dir).resolve().name) as trackers:
 
         def on_record(rec: dict[str, Any]) -> None:
@@ -261,7 +289,12 @@ class SFTTrainer:
         bs = cfg.per_device_train_batch_size
         stream = self.batch_stream(bs, packing, cfg.gradient_accumulation_steps, dist)
         eval_batches = None
-        if self.eval_dataset is not None:
+        evaluates = str(_plain(getattr(self.args, "eval_strategy", "no"))) != "no" or bool(
+            getattr(self.args, "eval_on_start", False))
+        if evaluates and self.eval_dataset is None:
+            raise ValueError(f"SFTTrainer: {type(self.args).__name__}.eval_strategy="
+                             f"{_plain(self.args.eval_strategy)!r} needs an eval_dataset")
+        if evaluates:
             eval_batches = make_batches(self.eval_dataset.examples, bs, self._batch_length(),
                                         self.contract.pad_id, packing, seed=self.sampling.seed, epoch=0,
                                         sampler="torch")

@@ -1,9 +1,10 @@
 """The optimiser and the learning-rate schedule, built from TrainConfig.
 
-Weight decay is applied to every trainable tensor. With LoRA only the `lora_A`/`lora_B` matrices
-train (biases and norms stay frozen, `bias: none`), so there is no bias or norm to exempt, and one
-parameter group serves them all. That is what lets the optimiser step them as one flat buffer
-(`fasttune.train.flat_params`): one launch per step instead of a few per adapter tensor.
+Weight decay is applied to the trainable matrices, not to biases and norm weights (the one-dimensional
+tensors), as transformers' Trainer exempts them. With LoRA only the `lora_A`/`lora_B` matrices usually
+train (`bias: none`, no norm in `modules_to_save`), so one parameter group serves them all. That is what lets
+the optimiser step them as one flat buffer (`fasttune.train.flat_params`): one launch per step instead of a
+few per adapter tensor.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> t
         cls = bnb.optim.AdamW8bit
     else:
         raise ConfigError(f"optim: unknown optimiser {cfg.optim!r} (adamw_torch or adamw_8bit)")
+    exempt = [p for p in params if p.dim() < 2] if cfg.weight_decay else []
+    if exempt:  # two groups (not flattened): the biases and norm weights without weight decay
+        ids = {id(p) for p in exempt}
+        groups = [{"params": [p for p in params if id(p) not in ids]},
+                  {"params": exempt, "weight_decay": 0.0}]
+        return cls([g for g in groups if g["params"]], **kwargs)
     if len(params) > 1 and can_flatten(params):
         return flat_optimizer(cls, params, **kwargs)
     return cls(params, **kwargs)

@@ -1,0 +1,134 @@
+"""Training fields of transformers' TrainingArguments whose meaning fasttune keeps: the constant schedule
+without a warm-up, checkpoints kept, when the trainer evaluates, an earlier run in output_dir, and the
+fields it refuses rather than reinterpret."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import transformers
+
+from fasttune.notebook import FastLanguageModel, SFTTrainer, TrainingArguments
+from fasttune.notebook.arguments import changed_fields, to_train_config
+from fasttune.train.optim import build_scheduler
+
+trl = pytest.importorskip("trl")
+ROWS = [{"text": "The river runs past the mill and the old bridge."}, {"text": "Bread rises in a warm room."}]
+
+
+def _lrs(args, steps: int) -> list[float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = to_train_config(args, device_type="cpu")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    sched = build_scheduler(opt, cfg, steps)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [3, 0.25])
+def test_each_schedule_sets_transformers_learning_rates(kind, warmup):
+    """`constant` takes no warm-up in transformers (warmup_steps is not used); the others warm up."""
+    args = TrainingArguments(output_dir="x", learning_rate=1e-3, lr_scheduler_type=kind, warmup_steps=warmup)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    steps = 12
+    ref = transformers.get_scheduler(kind, opt, num_warmup_steps=3, num_training_steps=steps)
+    theirs = []
+    for _ in range(steps):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert _lrs(args, steps) == pytest.approx(theirs, abs=1e-12)
+
+
+def test_a_warm_up_with_the_constant_schedule_is_named():
+    with pytest.warns(UserWarning, match="constant_with_warmup"):
+        to_train_config(TrainingArguments(output_dir="x", lr_scheduler_type="constant", warmup_ratio=0.1),
+                        device_type="cpu")
+
+
+@pytest.mark.parametrize("limit,kept", [(None, 0), (0, 0), (-1, 0), (3, 3)])
+def test_save_total_limit_none_keeps_every_checkpoint(limit, kept):
+    assert to_train_config(TrainingArguments(output_dir="x", save_total_limit=limit),
+                           device_type="cpu").save_total_limit == kept
+
+
+@pytest.mark.parametrize("field", ["save_strategy", "eval_strategy"])
+def test_best_strategies_are_refused(field):
+    with pytest.raises(ValueError, match=field):
+        to_train_config(TrainingArguments(output_dir="x", **{field: "best"}), device_type="cpu")
+
+
+def test_per_rank_token_averaging_is_refused_under_torchrun(monkeypatch):
+    args = TrainingArguments(output_dir="x", average_tokens_across_devices=False)
+    with pytest.warns(UserWarning, match="average_tokens_across_devices"):
+        to_train_config(args, device_type="cpu")  # one process: the same division
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="average_tokens_across_devices=False"):
+        to_train_config(args, device_type="cpu")
+
+
+def test_trls_config_on_a_cpu_reports_only_what_the_user_set(tmp_path):
+    args = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", weight_decay=0.01)
+    assert set(changed_fields(args)) <= {"output_dir", "use_cpu", "report_to", "weight_decay", "bf16"}
+
+
+def _train(model, tok, out, **kw):
+    kw = {"per_device_train_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1,
+          "output_dir": str(out), "report_to": "none", **kw}
+    eval_dataset = kw.pop("eval_dataset", None)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ROWS, eval_dataset=eval_dataset,
+                         args=TrainingArguments(**kw), max_seq_length=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trainer, trainer.train()
+
+
+def _steps(out):
+    return sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def peft(loaded):
+    model, tok = loaded
+    return FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False), tok
+
+
+def test_the_trainer_evaluates_as_eval_strategy_says(peft, tmp_path):
+    model, tok = peft
+    _train(model, tok, tmp_path / "no", eval_dataset=ROWS)  # eval_strategy 'no': none, as transformers
+    assert not [r for r in _records(tmp_path / "no") if r["kind"] == "eval"]
+    _train(model, tok, tmp_path / "steps", eval_dataset=ROWS, eval_strategy="steps", eval_steps=1,
+           eval_on_start=True)
+    assert [r["step"] for r in _records(tmp_path / "steps") if r["kind"] == "eval"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="eval_strategy='steps' needs an eval_dataset"):
+        _train(model, tok, tmp_path / "none", eval_strategy="steps")
+
+
+def test_an_earlier_run_is_continued_or_replaced_only_when_asked(peft, tmp_path):
+    """Running the training cell again: the earlier run's checkpoints are kept and the ways on named; with
+    overwrite_output_dir=True they are replaced, with resume_from_checkpoint the run continues."""
+    model, tok = peft
+    trainer, _ = _train(model, tok, tmp_path, save_steps=1)
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=True.*overwrite_output_dir=True"):
+        trainer.train()
+    assert _steps(tmp_path) == ["step-1", "step-2"]
+    _, out = _train(model, tok, tmp_path, max_steps=1, overwrite_output_dir=True)
+    assert out.global_step == 1
+    assert _steps(tmp_path) == ["step-1"]
+    assert [r["step"] for r in _records(tmp_path) if r["kind"] == "train"] == [1]
+    trainer, _ = _train(model, tok, tmp_path / "more", max_steps=1)
+    trainer.args.max_steps = 2
+    assert trainer.train(resume_from_checkpoint=True).global_step == 2
