@@ -24,3 +24,14 @@ def test_every_package_is_walked():
 @pytest.mark.parametrize("name", MODULES)
 def test_module_imports(name):
     importlib.import_module(name)
+
+
+def test_every_public_name_resolves():
+    """`from fasttune import X` works for each name in `__all__` (lazily imported), transformers' collators
+    and streamers among them as the classes themselves."""
+    import transformers
+
+    for name in fasttune.__all__:
+        assert getattr(fasttune, name) is not None, name
+    assert fasttune.DataCollatorForSeq2Seq is transformers.DataCollatorForSeq2Seq
+    assert fasttune.TextStreamer is transformers.TextStreamer

@@ -42,6 +42,11 @@ _EXPORTS = {
     "GRPOConfig": "fasttune.notebook",
     "is_bfloat16_supported": "fasttune.notebook",
     "train_on_responses_only": "fasttune.notebook",
+    # transformers' own classes that notebooks import on the same line as TrainingArguments
+    "DataCollatorForSeq2Seq": "transformers",
+    "DataCollatorForLanguageModeling": "transformers",
+    "TextStreamer": "transformers",
+    "TextIteratorStreamer": "transformers",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -67,6 +67,38 @@ class CausalLMOutput(dict):
     __getattr__ = dict.get
 
 
+def _saved_adapter(model_name: str) -> Any:
+    """What `infer.load.locate` finds for a directory holding an adapter and no model of its own (what
+    `save_pretrained` writes, or a run directory); None for anything else."""
+    from fasttune.run_dir import holds_adapter
+
+    path = Path(model_name)
+    if not path.is_dir() or (path / "config.json").is_file() or not holds_adapter(path):
+        return None
+    from fasttune.infer.load import locate
+
+    return locate(path)
+
+
+def _reattach(model: NotebookModel, where: Any) -> None:
+    """The adapter of `where` (a run_dir.Location) on the loaded base, trainable as `get_peft_model` leaves
+    it, with its LoRA settings and the prompt contract saved beside it."""
+    from fasttune.data.templates import PromptContract
+    from fasttune.infer.load import attach_adapter
+    from fasttune.lora.peft_format import read_adapter_config
+
+    attach_adapter(model.loaded, where.adapter_dir)
+    config = read_adapter_config(where.adapter_dir)
+    targets = config["target_modules"]
+    model.lora_config = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
+                                   lora_dropout=float(config.get("lora_dropout") or 0.0),
+                                   target_modules=[targets] if isinstance(targets, str) else list(targets),
+                                   use_rslora=bool(config.get("use_rslora", False)))
+    contract = where.contract_path()
+    if contract is not None:
+        model.prompt_contract = PromptContract.load(contract)
+
+
 class NotebookModel(nn.Module):
     """fasttune's model with the methods of a transformers/PEFT model that notebooks use."""
 
@@ -247,7 +279,9 @@ class FastLanguageModel:
         **kwargs: Any,
     ) -> tuple[NotebookModel, Any]:
         """(model, tokenizer). 4-bit on a machine without CUDA, or FP8 without FP8 tensor cores, loads in
-        16/32-bit instead, with a warning."""
+        16/32-bit instead, with a warning. `model_name` may be a directory `model.save_pretrained` wrote (or
+        a fasttune run directory): its base model loads, with the saved adapters on it, as Unsloth reloads
+        a LoRA directory."""
         from fasttune.api import load
         from fasttune.kernels.fp8 import fp8_supported
         from fasttune.train.distributed import launched_by_torchrun, rank_device
@@ -277,6 +311,9 @@ class FastLanguageModel:
             raise ValueError(
                 f"from_pretrained: dtype={dtype!r} (use None, torch.float16, torch.bfloat16 or torch.float32)"
             )
+        saved = _saved_adapter(model_name)
+        if saved is not None:
+            model_name = saved.base.model_name
         if launched_by_torchrun():  # each rank on its own GPU, cuda:LOCAL_RANK
             dev = rank_device(device or "auto", int(os.environ["LOCAL_RANK"]))
         else:
@@ -305,7 +342,10 @@ class FastLanguageModel:
                           f"{model_name} unquantised on {dev}", UserWarning, stacklevel=2)
             cfg.cpu_fallback_16bit = True
         loaded = load(cfg, dev)
-        return NotebookModel(loaded, cfg), loaded.tokenizer
+        model = NotebookModel(loaded, cfg)
+        if saved is not None:
+            _reattach(model, saved.location)
+        return model, loaded.tokenizer
 
     @staticmethod
     def get_peft_model(
