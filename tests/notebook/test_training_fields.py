@@ -110,9 +110,11 @@ def test_the_trainer_evaluates_as_eval_strategy_says(peft, tmp_path):
     model, tok = peft
     _train(model, tok, tmp_path / "no", eval_dataset=ROWS)  # eval_strategy 'no': none, as transformers
     assert not [r for r in _records(tmp_path / "no") if r["kind"] == "eval"]
-    _train(model, tok, tmp_path / "steps", eval_dataset=ROWS, eval_strategy="steps", eval_steps=1,
+    _train(model, tok, tmp_path / "steps", eval_dataset=ROWS, eval_strategy="steps", eval_steps=1)
+    assert [r["step"] for r in _records(tmp_path / "steps") if r["kind"] == "eval"] == [1, 2]
+    _train(model, tok, tmp_path / "start", eval_dataset=ROWS, eval_strategy="steps", eval_steps=1,
            eval_on_start=True)
-    assert [r["step"] for r in _records(tmp_path / "steps") if r["kind"] == "eval"] == [0, 1, 2]
+    assert [r["step"] for r in _records(tmp_path / "start") if r["kind"] == "eval"] == [0, 1, 2]
     with pytest.raises(ValueError, match="eval_strategy='steps' needs an eval_dataset"):
         _train(model, tok, tmp_path / "none", eval_strategy="steps")
 

@@ -337,7 +337,7 @@ MAPPED = frozenset(
         "data_seed",
         "fsdp",
         "overwrite_output_dir",  # replace an earlier run in output_dir (SFTTrainer.train)
-        "eval_on_start",  # the baseline evaluation runs whenever the trainer evaluates
+        "eval_on_start",  # SFTTrainer.train: an evaluation before the first step
     }
 )
 

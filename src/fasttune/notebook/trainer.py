@@ -305,6 +305,7 @@ class SFTTrainer:
         result, records, runtime = recorded_train_loop(
             inner, params, stream, cfg, report_to=report_to, config={"train": dataclasses.asdict(cfg)},
             eval_batches=eval_batches, device=device, precision=precision, log=log, dist=dist,
+            eval_on_start=bool(getattr(self.args, "eval_on_start", False)),
         )
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)

@@ -118,13 +118,14 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                on_record: Callable[[dict[str, Any]], None] | None = None,
                objective: Objective | None = None,
                stop_requested: Callable[[], int | None] | None = None,
-               dist: ft_dist.Distributed | None = None) -> dict[str, Any]:
+               dist: ft_dist.Distributed | None = None, eval_on_start: bool = True) -> dict[str, Any]:
     """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
 
     `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
     `answer_eval(final)`, called at each eval with `eval_batches` (final: the last eval of the run), returns
     {"n_answered", "exact_match", "normalized_match"} for the held-out questions it had the model answer.
     `log` receives the human-readable lines; `on_record` every metrics record as it is written.
+    `eval_on_start`: a fresh run evaluates before its first step (the baseline of the eval curve).
     With `cfg.resume`, the latest complete checkpoint in `run_dir` restores the adapter, optimizer,
     schedule, random generators and data position, and training continues from its step.
     `stop_requested()` (interrupts.StopRequests), read after each step, returns a signal number to
@@ -217,7 +218,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             metrics_path.unlink(missing_ok=True)  # a resumed run that had reached no checkpoint logs again
         # rank 0 draws what one process would; the others their own streams (dropout differs per rank)
         seed_everything(cfg.seed if d.rank == 0 else ft_state.fresh_seed(cfg.seed, d.rank, 0))
-        if eval_batches is not None:
+        if eval_batches is not None and eval_on_start:
             run_eval()  # the baseline, so that the eval curve shows what training changed
 
     wall_before = st["seconds"]  # restored on resume
