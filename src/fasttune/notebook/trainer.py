@@ -289,12 +289,13 @@ class SFTTrainer:
         bs = cfg.per_device_train_batch_size
         stream = self.batch_stream(bs, packing, cfg.gradient_accumulation_steps, dist)
         eval_batches = None
-        evaluates = str(_plain(getattr(self.args, "eval_strategy", "no"))) != "no" or bool(
-            getattr(self.args, "eval_on_start", False))
-        if evaluates and self.eval_dataset is None:
-            raise ValueError(f"SFTTrainer: {type(self.args).__name__}.eval_strategy="
-                             f"{_plain(self.args.eval_strategy)!r} needs an eval_dataset")
-        if evaluates:
+        strategy = str(_plain(getattr(self.args, "eval_strategy", "no")))
+        asked = [f"eval_strategy={strategy!r}"] if strategy != "no" else []
+        asked += ["eval_on_start=True"] if getattr(self.args, "eval_on_start", False) else []
+        if asked and self.eval_dataset is None:
+            raise ValueError(f"SFTTrainer: {type(self.args).__name__}.{' and '.join(asked)} needs an "
+                             "eval_dataset")
+        if asked:
             eval_batches = make_batches(self.eval_dataset.examples, bs, self._batch_length(),
                                         self.contract.pad_id, packing, seed=self.sampling.seed, epoch=0,
                                         sampler="torch")
