@@ -134,3 +134,27 @@ def test_an_earlier_run_is_continued_or_replaced_only_when_asked(peft, tmp_path)
     trainer, _ = _train(model, tok, tmp_path / "more", max_steps=1)
     trainer.args.max_steps = 2
     assert trainer.train(resume_from_checkpoint=True).global_step == 2
+
+
+def test_the_logged_loss_is_the_mean_of_the_steps_losses_as_in_transformers(model_dir, tmp_path):
+    """With logging_steps 2 each logged loss is the mean of its two steps' losses (logging_steps 1), not the
+    token-weighted loss of the interval, and training_loss is the mean over all steps either way."""
+    rows = ROWS + [{"text": "A short row."}, {"text": "Rain fell on the roofs of the town all night long."}]
+    runs = {}
+    for every in (1, 2):
+        model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=128,
+                                                       dtype=torch.float32)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+        args = TrainingArguments(per_device_train_batch_size=1, max_steps=4, learning_rate=1e-2,
+                                 logging_steps=every, output_dir=str(tmp_path / str(every)), report_to="none")
+        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args, max_seq_length=32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = trainer.train()
+        runs[every] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], out.training_loss)
+    (single, loss1), (paired, loss2) = runs[1], runs[2]
+    assert len(single) == 4 and len(set(single)) == 4
+    assert paired == pytest.approx([(single[0] + single[1]) / 2, (single[2] + single[3]) / 2], rel=1e-6)
+    assert loss1 == pytest.approx(sum(single) / 4, rel=1e-6) and loss2 == pytest.approx(loss1, rel=1e-6)
+    tokens = [r for r in _records(tmp_path / "2") if r["kind"] == "train"]
+    assert tokens[0]["loss"] != pytest.approx(paired[0], rel=1e-6)  # metrics.jsonl: per trained token

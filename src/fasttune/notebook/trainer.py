@@ -48,7 +48,7 @@ def train_output(result: dict[str, Any], records: list[dict[str, Any]], runtime:
 
     steps = int(result["steps"])
     train = [r for r in records if r.get("kind") == "train"]
-    # transformers reports the mean over steps; each record is the mean of its logging interval.
+    # transformers reports the mean over steps; each record is the mean of its interval's steps.
     prev, total = 0, 0.0
     for r in train:
         total += r["loss"] * (r["step"] - prev)
@@ -153,6 +153,9 @@ def recorded_train_loop(
     with Trackers(report_to, cfg.output_dir, config, Path(cfg.output_dir).resolve().name) as trackers:
 
         def on_record(rec: dict[str, Any]) -> None:
+            if "step_mean_loss" in rec:  # transformers logs the mean of the steps' losses as `loss`
+                rec = {**rec, "loss": rec["step_mean_loss"]}
+                del rec["step_mean_loss"]
             records.append(rec)
             trackers.record(rec)
 

@@ -151,7 +151,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
           "first_normalized_match": None, "normalized_match": None, "first_n_answered": None,
           "n_answered": None, "skipped_steps": 0, "nonfinite_in_a_row": 0, "micro_splits": 1,
           # the logging interval so far, checkpointed so that a resumed run logs the same averages
-          "window_log": {"loss_sum": 0.0, "trained": 0, "tokens": 0, "seconds": 0.0, "stats": {}}}
+          "window_log": {"loss_sum": 0.0, "trained": 0, "tokens": 0, "seconds": 0.0, "step_losses": 0.0,
+                         "steps": 0, "stats": {}}}
     wall_start = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
@@ -266,6 +267,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True,
                disable=None if d.is_main else True)  # None: a bar on a terminal, none in a log file
     window_log = st["window_log"]
+    for key in ("step_losses", "steps"):  # a checkpoint written before these were logged
+        window_log.setdefault(key, 0)
     # micro-batches captured as CUDA graphs, one per shape (`train.step_graph`): single-process SFT, our model
     graph = step_graph(cfg, model, objective, precision, device, trainable, log,
                        eligible=scaler is None and not d.launched)
@@ -322,7 +325,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                 st["final_loss"] = step_loss
                 st["first_loss"] = step_loss if st["first_loss"] is None else st["first_loss"]
                 for key, value in (("loss_sum", step_loss_sum), ("trained", window_tokens),
-                                   ("tokens", n_input), ("seconds", seconds)):
+                                   ("tokens", n_input), ("seconds", seconds), ("step_losses", step_loss),
+                                   ("steps", 1)):
                     window_log[key] += value
                 merge_metrics(window_log["stats"], step_stats)
 
@@ -334,10 +338,13 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                 # per unit over the interval (NaN when every step of it was skipped)
                 trained = window_log["trained"]
                 mean_loss = window_log["loss_sum"] / trained if trained else math.nan
+                # transformers' logged loss: the mean of the steps' losses (equal at logging_steps 1)
+                steps = window_log["steps"]
+                step_mean = window_log["step_losses"] / steps if steps else math.nan
                 stats = metric_means(window_log["stats"])
-                record({"kind": "train", "step": st["step"], "loss": mean_loss, "lr": lr,
-                        "grad_norm": grad_norm, "tokens_per_s": tok_s, "trained_tokens": st["trained_tokens"],
-                        "memory_gib": mem, "memory_kind": mem_kind,
+                record({"kind": "train", "step": st["step"], "loss": mean_loss, "step_mean_loss": step_mean,
+                        "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
+                        "trained_tokens": st["trained_tokens"], "memory_gib": mem, "memory_kind": mem_kind,
                         "epoch": st["step"] * accum / len(batches), **stats})
                 log(f"step {st['step']:>5}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
                     + "".join(f"{k} {v:.4f}  " for k, v in stats.items())
