@@ -116,18 +116,16 @@ def prepare_output_dir(cfg: Any, log: Callable[[str], None], main: bool) -> None
     `train(resume_from_checkpoint=True)` and replaced (its files removed, by the main process) only with
     `overwrite_output_dir=True`, as the CLI's --resume and --overwrite; otherwise its checkpoints stop the
     run with the ways on."""
-    import shutil
-
     from fasttune.run_dir import RunDir
     from fasttune.train.checkpoint import step_dirs
+    from fasttune.train.output_dir import remove_earlier_run
 
     run = RunDir(cfg.output_dir)
     if cfg.resume:
         return
     if cfg.overwrite:
-        for path in run.run_files() if main else ():
-            log(f"overwrite_output_dir: removing the earlier run's {path}")
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if main:
+            remove_earlier_run(run, log, "overwrite_output_dir")
         return
     earlier = step_dirs(run.root)
     if earlier:

@@ -50,7 +50,12 @@ def claim(cfg: TrainConfig, log: Callable[[str], None]) -> Iterator[RunDir]:
     with RunLock(run.lock, log):
         check(cfg)  # another run may have finished here since the first check
         if cfg.overwrite and not cfg.resume:
-            for path in run.run_files():
-                log(f"  overwrite: removing the earlier run's {path}")
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_earlier_run(run, log, "  overwrite")
         yield run
+
+
+def remove_earlier_run(run: RunDir, log: Callable[[str], None], why: str) -> None:
+    """Remove the files an earlier run wrote in `run` (`RunDir.run_files`), each named in the log."""
+    for path in run.run_files():
+        log(f"{why}: removing the earlier run's {path}")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
