@@ -299,8 +299,9 @@ def configure_fasttune(model, variant: str, args) -> dict:
     """
     import torch
 
+    from fasttune.memory import pinned
     from fasttune.memory.estimate import GiB, estimate_memory, plan_keep_layers, step_plan
-    from fasttune.memory.plan import ModelShape, plan_memory
+    from fasttune.memory.plan import ModelShape, pinned_copy_bytes, plan_memory
     from fasttune.memory.settings import Checkpointing
     from fasttune.models.attention import set_attention_backend
 
@@ -343,6 +344,9 @@ def configure_fasttune(model, variant: str, args) -> dict:
     plan = plan_memory(ModelShape.of(c), settings, tokens=args.batch * args.seq,
                        span=args.seq if PACKING["rows"] == 1 else 0, act_bytes=2, fused=kernels)
     host_layers = plan.count(gate_up="host")
+    if plan.offloads:  # pinned before the first step, as `fasttune train` does (memory.setup.reserve_pinned)
+        device = next(model.parameters()).device
+        pinned.reserve(device, pinned_copy_bytes(plan, ModelShape.of(c), pinned.ALIGN))
     print(f"[{variant}] keep_layers={keep} host_gate_up_layers={host_layers} {est.describe()}; "
           f"{plan.describe()}", flush=True)
     return {"variant": variant, "checkpointing": mode, "keep_layers": keep, "kernels": kernels,
