@@ -220,6 +220,23 @@ def test_offload_on_cuda_lets_narrow_micro_batches_keep_layers_and_says_so(keep_
                               f"within its memory: 1 layer up to {table[0]:,} tokens")
 
 
+def test_a_pinned_block_of_a_gib_or_more_is_announced_before_it_is_pinned(reserved, monkeypatch):
+    """Long rows pin tens of GiB before step 1, which takes seconds: the run log says how much first. Smaller
+    blocks pin quickly and are not mentioned."""
+    cfg = apply_overrides(RunConfig(), {"gradient_checkpointing": "offload", "max_seq_length": 256,
+                                        "per_device_train_batch_size": 2, "r": 4, "optim": "adamw_torch",
+                                        "keep_narrow": False}, "test")
+    for nbytes, said_size in ((3 * 2**29, "1.5"), (2**30 - 1, None)):
+        monkeypatch.setattr(setup, "pinned_copy_bytes", lambda *a, n=nbytes: n)
+        said, reserved[:] = [], []
+        setup.set_checkpointing(tiny_lora_llama(), cfg, torch.device("cuda"), precision="bf16",
+                                log=said.append)
+        assert [n for _, n in reserved] == [nbytes]
+        pins = [line for line in said if "pinning" in line]
+        assert pins == ([f"  pinning {said_size} GiB of host memory for the offloaded activations (once)"]
+                        if said_size else [])
+
+
 @pytest.mark.parametrize("keep_narrow", [True, False])
 def test_the_notebook_trainer_plans_offload_from_its_runs_shape_on_a_gpu(reserved, keep_narrow):
     """SFTTrainer.train makes the offload plan that `fasttune train` makes, from its batch size and max

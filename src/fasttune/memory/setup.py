@@ -84,12 +84,17 @@ def plan_selective(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
                             seq=cfg.model.max_seq_length, budget_bytes=budget, act_bytes=act_bytes, **kwargs)
 
 
-def reserve_pinned(model: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str) -> None:
+def reserve_pinned(model: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str,
+                   log: Callable[[str], None] = print) -> None:
     """Pin, before the first step, the host memory a step of the run's shape copies its offloaded tensors
-    into (`memory.pinned`), so that no step pins memory whatever its batch width."""
+    into (`memory.pinned`), so that no step pins memory whatever its batch width. Pinning tens of GiB
+    (long rows) takes seconds: on a GPU the run log says how much before it waits."""
     plan = run_plan(model, cfg, precision)
     if plan.offloads:
-        pinned.reserve(device, pinned_copy_bytes(plan, ModelShape.of(model.config), pinned.ALIGN))
+        nbytes = pinned_copy_bytes(plan, ModelShape.of(model.config), pinned.ALIGN)
+        if device.type == "cuda" and nbytes >= 2**30:
+            log(f"  pinning {nbytes / 2**30:.1f} GiB of host memory for the offloaded activations (once)")
+        pinned.reserve(device, nbytes)
 
 
 def describe_narrow(table: tuple[int, ...], keep: int, layers: int) -> str:
@@ -143,7 +148,7 @@ def set_checkpointing(model: torch.nn.Module, cfg: RunConfig, device: torch.devi
     if narrow[keep:]:
         log("  " + describe_narrow(narrow, keep, model.config.num_hidden_layers))
     if mode in ("offload", "selective"):
-        reserve_pinned(model, cfg, device, precision)
+        reserve_pinned(model, cfg, device, precision, log)
     if mode == "offload":
         return f"offload ({run_plan(model, cfg, precision).placement()})"
     if mode == "selective":
