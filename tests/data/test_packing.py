@@ -237,6 +237,20 @@ def test_stream_resumes_inside_a_grouped_epoch():
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_sequential_sampler_keeps_dataset_order():
+    """Evaluation order (transformers' SequentialSampler): rows, or packed sequences built in dataset order,
+    batched as they come, whatever the seed and epoch; the 'torch' sampler permutes the same sequences."""
+    lengths = [5, 9, 3, 7, 2, 8, 4]
+    for seed, epoch in ((0, 0), (5, 3)):
+        assert plan_epoch(lengths, 3, 16, False, seed=seed, epoch=epoch, sampler="sequential") == [
+            [[0], [1], [2]], [[3], [4], [5]], [[6]]]
+    packed = plan_epoch(lengths, 2, 16, True, seed=1, epoch=0, sampler="sequential")
+    shuffled = plan_epoch(lengths, 2, 16, True, seed=1, epoch=0, sampler="torch")
+    rows = [i for batch in packed for seq in batch for i in seq]
+    assert sorted(rows) == list(range(7)) and rows != [i for b in shuffled for s in b for i in s]
+    assert sorted(seq for b in packed for seq in b) == sorted(seq for b in shuffled for seq in b)
+
+
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="sampler 'hf'"):
         plan_epoch([3, 4], 1, 8, False, seed=0, epoch=0, sampler="hf")

@@ -158,3 +158,47 @@ def test_the_logged_loss_is_the_mean_of_the_steps_losses_as_in_transformers(mode
     assert loss1 == pytest.approx(sum(single) / 4, rel=1e-6) and loss2 == pytest.approx(loss1, rel=1e-6)
     tokens = [r for r in _records(tmp_path / "2") if r["kind"] == "train"]
     assert tokens[0]["loss"] != pytest.approx(paired[0], rel=1e-6)  # metrics.jsonl: per trained token
+
+
+@pytest.mark.parametrize("eval_batch", [3, 4])
+def test_eval_loss_is_trls_mean_of_batch_means(model_dir, tokenizer, tmp_path, eval_batch):
+    """eval_loss is what TRL's SFTTrainer.evaluate() reports: the eval rows in dataset order, in batches of
+    per_device_eval_batch_size, each batch's mean token loss weighted by its rows (7 rows of unequal
+    lengths in batches of 3 + 3 + 1 or 4 + 3, where a mean over all tokens, or over the batches, differs)."""
+    import datasets
+
+    words = "the tide wheel turns the moon pedal and the salt reed sings".split()
+    rows = [{"text": " ".join(words[: 2 + (5 * i) % 11])} for i in range(7)]
+    model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=128,
+                                                   dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    args = TrainingArguments(per_device_train_batch_size=2, per_device_eval_batch_size=eval_batch,
+                             max_steps=1, learning_rate=0.0, eval_strategy="steps", eval_steps=1,
+                             logging_steps=1, output_dir=str(tmp_path / "ours"), report_to="none")
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ROWS, eval_dataset=rows, args=args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    ours = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    trl_args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=eval_batch,
+                             bf16=False, report_to="none", max_length=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = trl.SFTTrainer(model=hf, args=trl_args, processing_class=tokenizer,
+                                train_dataset=datasets.Dataset.from_list(ROWS),
+                                eval_dataset=datasets.Dataset.from_list(rows)).evaluate()["eval_loss"]
+    assert len(ours) == 1 and ours[0] == pytest.approx(theirs, rel=1e-5)
+
+    # the mean over all the rows' tokens, and the plain mean of the batch means, are other numbers
+    losses, counts = [], []
+    with torch.no_grad():
+        for row in rows:
+            ids = tokenizer(row["text"] + tokenizer.eos_token, return_tensors="pt")["input_ids"]
+            losses.append(float(hf(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1))
+            counts.append(ids.shape[1] - 1)
+    batches = [slice(k, k + eval_batch) for k in range(0, len(rows), eval_batch)]
+    means = [sum(losses[b]) / sum(counts[b]) for b in batches]
+    for other in (sum(losses) / sum(counts), sum(means) / len(means)):
+        assert abs(other - theirs) > 1e-3 * theirs

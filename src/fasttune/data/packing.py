@@ -64,7 +64,7 @@ def pack_bins(lengths: Sequence[int], capacity: int, order: Sequence[int]) -> li
     return bins
 
 
-SAMPLERS = ("seeded", "torch")
+SAMPLERS = ("seeded", "torch", "sequential")
 
 
 def _length_grouped(sequences: list[list[int]], lengths: Sequence[int], batch_size: int,
@@ -87,8 +87,10 @@ def plan_epoch(lengths: Sequence[int], batch_size: int, max_seq_length: int, pac
     or one row per sequence, the sequences permuted again. sampler 'torch': the order in which
     transformers' Trainer draws rows (`torch.randperm` with a generator seeded by seed + epoch, as
     accelerate's seedable sampler does); packed sequences are built once in dataset order, as TRL packs
-    a dataset before sampling, and permuted the same way. group_by_length: the sequences are then
-    ordered as transformers' group_by_length orders rows (`_length_grouped`), seeded by seed + epoch.
+    a dataset before sampling, and permuted the same way. sampler 'sequential': dataset order, as
+    transformers' Trainer evaluates (packed sequences built in dataset order). group_by_length: the
+    sequences are then ordered as transformers' group_by_length orders rows (`_length_grouped`), seeded by
+    seed + epoch.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
@@ -107,8 +109,9 @@ def plan_epoch(lengths: Sequence[int], batch_size: int, max_seq_length: int, pac
     else:
         rows = range(len(lengths))
         sequences = pack_bins(lengths, max_seq_length, rows) if packing else [[i] for i in rows]
-        perm = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed + epoch))
-        sequences = [sequences[k] for k in perm.tolist()]
+        if sampler == "torch":
+            perm = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed + epoch))
+            sequences = [sequences[k] for k in perm.tolist()]
     if group_by_length:
         generator = torch.Generator().manual_seed(seed + epoch)
         sequences = _length_grouped(sequences, lengths, batch_size, generator)

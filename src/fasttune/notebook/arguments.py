@@ -67,7 +67,6 @@ IGNORED = frozenset(
         "do_train",
         "do_eval",
         "do_predict",
-        "per_device_eval_batch_size",
         "eval_accumulation_steps",
         "save_safetensors",
         "save_only_model",
@@ -338,6 +337,7 @@ MAPPED = frozenset(
         "fsdp",
         "overwrite_output_dir",  # replace an earlier run in output_dir (SFTTrainer.train)
         "eval_on_start",  # SFTTrainer.train: an evaluation before the first step
+        "per_device_eval_batch_size",  # SFTTrainer: the batches whose mean losses eval_loss averages
     }
 )
 
@@ -352,10 +352,13 @@ SFT_ONLY_UNSUPPORTED = frozenset({"shuffle_dataset", "chat_template_path", "mode
                                   "router_aux_loss_coef"})
 SFT_ONLY_IGNORED = frozenset({"padding_free", "pad_to_multiple_of", "pad_token", "eval_packing",
                               "activation_offloading", "trust_remote_code"})
+# transformers' fields that SFTTrainer reads and the other trainers ignore (with the warning)
+SFT_READS_OTHERS_IGNORE = frozenset({"per_device_eval_batch_size"})
 SFT_FIELDS = FieldTable(UNSUPPORTED, IGNORED, MAPPED)
 # transformers' TrainingArguments alone
 TRAINER_FIELDS = FieldTable({k: v for k, v in UNSUPPORTED.items() if k not in SFT_ONLY_UNSUPPORTED},
-                            IGNORED - SFT_ONLY_IGNORED, MAPPED - SFT_ONLY_MAPPED)
+                            (IGNORED - SFT_ONLY_IGNORED) | SFT_READS_OTHERS_IGNORE,
+                            MAPPED - SFT_ONLY_MAPPED - SFT_READS_OTHERS_IGNORE)
 TrainingArguments.FIELDS = SFT_FIELDS
 
 

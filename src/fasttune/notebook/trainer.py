@@ -253,6 +253,7 @@ class SFTTrainer:
         """Run fasttune's loop on the adapters; return (global_step, training_loss, metrics)."""
         from fasttune.data.packing import make_batches, resolve_packing
         from fasttune.train.loop import seed_everything
+        from fasttune.train.objective import BatchMeanLoss
         from fasttune.train.precision import resolve_precision
 
         if isinstance(resume_from_checkpoint, str) and not Path(resume_from_checkpoint).is_dir():
@@ -296,10 +297,12 @@ class SFTTrainer:
         if asked and self.eval_dataset is None:
             raise ValueError(f"SFTTrainer: {type(self.args).__name__}.{' and '.join(asked)} needs an "
                              "eval_dataset")
-        if asked:
-            eval_batches = make_batches(self.eval_dataset.examples, bs, self._batch_length(),
+        if asked:  # as transformers evaluates: in dataset order (length-grouped when training is), in
+            # batches of per_device_eval_batch_size, eval_loss the mean of the batches' mean losses
+            eval_bs = int(_plain(getattr(self.args, "per_device_eval_batch_size", 8)) or 8)
+            eval_batches = make_batches(self.eval_dataset.examples, eval_bs, self._batch_length(),
                                         self.contract.pad_id, packing, seed=self.sampling.seed, epoch=0,
-                                        sampler="torch")
+                                        group_by_length=self.sampling.group_by_length, sampler="sequential")
         params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
         if dist is None or dist.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -307,7 +310,7 @@ class SFTTrainer:
         result, records, runtime = recorded_train_loop(
             inner, params, stream, cfg, report_to=report_to, config={"train": dataclasses.asdict(cfg)},
             eval_batches=eval_batches, device=device, precision=precision, log=log, dist=dist,
-            eval_on_start=bool(getattr(self.args, "eval_on_start", False)),
+            eval_on_start=bool(getattr(self.args, "eval_on_start", False)), eval_objective=BatchMeanLoss(),
         )
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)

@@ -118,7 +118,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                on_record: Callable[[dict[str, Any]], None] | None = None,
                objective: Objective | None = None,
                stop_requested: Callable[[], int | None] | None = None,
-               dist: ft_dist.Distributed | None = None, eval_on_start: bool = True) -> dict[str, Any]:
+               dist: ft_dist.Distributed | None = None, eval_on_start: bool = True,
+               eval_objective: Objective | None = None) -> dict[str, Any]:
     """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
 
     `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
@@ -126,6 +127,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     {"n_answered", "exact_match", "normalized_match"} for the held-out questions it had the model answer.
     `log` receives the human-readable lines; `on_record` every metrics record as it is written.
     `eval_on_start`: a fresh run evaluates before its first step (the baseline of the eval curve).
+    `eval_objective`: what evaluation averages (default: the training objective; the notebook's trainers
+    take transformers' mean of batch means, `BatchMeanLoss`).
     With `cfg.resume`, the latest complete checkpoint in `run_dir` restores the adapter, optimizer,
     schedule, random generators and data position, and training continues from its step.
     `stop_requested()` (interrupts.StopRequests), read after each step, returns a signal number to
@@ -136,6 +139,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     d = dist or ft_dist.SINGLE
     run_dir, device = Path(run_dir), device or next(iter(params.values())).device
     objective = objective or TokenLoss()
+    eval_objective = eval_objective or objective
     trainable = list(params.values())
     accum, total = cfg.gradient_accumulation_steps, count_steps(cfg, len(batches))
     optimizer = build_optimizer(trainable, cfg)
@@ -163,7 +167,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
 
     def run_eval() -> None:
         was_training = model.training
-        loss, n, stats = evaluate(model, ft_state.eval_share(eval_batches, d), device, precision, objective)
+        loss, n, stats = evaluate(model, ft_state.eval_share(eval_batches, d), device, precision,
+                                  eval_objective)
         if d.launched:  # sharded: each rank scored its share
             keys = sorted(stats)
             sums = ft_dist.all_sum([loss * n, n, *(stats[k] * n for k in keys)], d)
@@ -171,10 +176,10 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
             loss, stats = sums[0] / max(n, 1), {k: v / max(n, 1) for k, v in zip(keys, sums[2:])}
         rec = {"kind": "eval", "step": st["step"], "eval_loss": loss, "eval_tokens": n,
                **{f"eval_{k}": v for k, v in stats.items()}}
-        if objective.per_token:
+        if eval_objective.per_token:
             rec["perplexity"] = perplexity(loss)
         else:  # eval_tokens counts the objective's units
-            rec["unit"] = objective.unit
+            rec["unit"] = eval_objective.unit
         if answer_eval is not None:
             t0, states = time.perf_counter(), rng_states()
             try:

@@ -66,3 +66,22 @@ class TokenLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         return model(**batch).loss_sum.float(), {}
+
+
+class BatchMeanLoss:
+    """transformers' evaluation loss: each batch's mean cross-entropy over its trained tokens, weighted by
+    the batch's rows (sequences), as `Trainer.evaluate` repeats each batch's loss per row and averages
+    over the rows. A batch without a trained token counts nothing, as transformers leaves its NaN out.
+    Evaluation only: the loop trains on `TokenLoss`."""
+
+    per_token = False
+    unit = "rows"
+
+    def units(self, batch: Batch) -> int:
+        targets = batch["targets"]
+        return int(targets.shape[0]) if bool((targets != IGNORE_INDEX).any()) else 0
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = model(**batch)
+        n, rows = int(out.n_tokens), int(batch["targets"].shape[0])
+        return (out.loss_sum.float() * (rows / n) if n else out.loss_sum.float() * 0), {}
