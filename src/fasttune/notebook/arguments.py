@@ -337,7 +337,7 @@ MAPPED = frozenset(
         "fsdp",
         "overwrite_output_dir",  # replace an earlier run in output_dir (SFTTrainer.train)
         "eval_on_start",  # SFTTrainer.train: an evaluation before the first step
-        "per_device_eval_batch_size",  # SFTTrainer: the batches whose mean losses eval_loss averages
+        "per_device_eval_batch_size",  # SFTTrainer: the batches whose mean losses make eval_loss
     }
 )
 

@@ -298,7 +298,7 @@ class SFTTrainer:
             raise ValueError(f"SFTTrainer: {type(self.args).__name__}.{' and '.join(asked)} needs an "
                              "eval_dataset")
         if asked:  # as transformers evaluates: in dataset order (length-grouped when training is), in
-            # batches of per_device_eval_batch_size, eval_loss the mean of the batches' mean losses
+            # batches of per_device_eval_batch_size; eval_loss: the batches' mean losses weighted by rows
             eval_bs = int(_plain(getattr(self.args, "per_device_eval_batch_size", 8)) or 8)
             eval_batches = make_batches(self.eval_dataset.examples, eval_bs, self._batch_length(),
                                         self.contract.pad_id, packing, seed=self.sampling.seed, epoch=0,

@@ -127,8 +127,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     {"n_answered", "exact_match", "normalized_match"} for the held-out questions it had the model answer.
     `log` receives the human-readable lines; `on_record` every metrics record as it is written.
     `eval_on_start`: a fresh run evaluates before its first step (the baseline of the eval curve).
-    `eval_objective`: what evaluation averages (default: the training objective; the notebook's trainers
-    take transformers' mean of batch means, `BatchMeanLoss`).
+    `eval_objective`: what evaluation averages (default: the training objective; the notebook's SFTTrainer
+    takes transformers' batch means weighted by their rows, `BatchMeanLoss`).
     With `cfg.resume`, the latest complete checkpoint in `run_dir` restores the adapter, optimizer,
     schedule, random generators and data position, and training continues from its step.
     `stop_requested()` (interrupts.StopRequests), read after each step, returns a signal number to
