@@ -190,6 +190,11 @@ def test_eval_loss_is_trls_mean_of_batch_means(model_dir, tokenizer, tmp_path, e
                                 train_dataset=datasets.Dataset.from_list(ROWS),
                                 eval_dataset=datasets.Dataset.from_list(rows)).evaluate()["eval_loss"]
     assert len(ours) == 1 and ours[0] == pytest.approx(theirs, rel=1e-5)
+    # trainer.evaluate() as transformers', on its eval_dataset or on one passed in (learning rate 0: the
+    # adapters did not move)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(theirs, rel=1e-5)
+    out = trainer.evaluate(rows, metric_key_prefix="test")
+    assert out["test_loss"] == pytest.approx(theirs, rel=1e-5) and out["test_runtime"] > 0
 
     # the mean over all the rows' tokens, and the plain mean of the batch means, are other numbers
     losses, counts = [], []
@@ -202,3 +207,14 @@ def test_eval_loss_is_trls_mean_of_batch_means(model_dir, tokenizer, tmp_path, e
     means = [sum(losses[b]) / sum(counts[b]) for b in batches]
     for other in (sum(losses) / sum(counts), sum(means) / len(means)):
         assert abs(other - theirs) > 1e-3 * theirs
+
+
+def test_evaluate_without_an_eval_dataset_says_so(peft):
+    model, tok = peft
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ROWS,
+                         args=TrainingArguments(output_dir="unused", report_to="none"))
+    with pytest.raises(ValueError, match="there is no eval_dataset"):
+        trainer.evaluate()
+    with pytest.raises(ValueError, match="ignore_keys is not supported"):
+        trainer.evaluate(ROWS, ignore_keys=["past_key_values"])
+

@@ -251,7 +251,7 @@ class SFTTrainer:
     # ------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """Run fasttune's loop on the adapters; return (global_step, training_loss, metrics)."""
-        from fasttune.data.packing import make_batches, resolve_packing
+        from fasttune.data.packing import resolve_packing
         from fasttune.train.loop import seed_everything
         from fasttune.train.objective import BatchMeanLoss
         from fasttune.train.precision import resolve_precision
@@ -297,12 +297,8 @@ class SFTTrainer:
         if asked and self.eval_dataset is None:
             raise ValueError(f"SFTTrainer: {type(self.args).__name__}.{' and '.join(asked)} needs an "
                              "eval_dataset")
-        if asked:  # as transformers evaluates: in dataset order (length-grouped when training is), in
-            # batches of per_device_eval_batch_size; eval_loss: the batches' mean losses weighted by rows
-            eval_bs = int(_plain(getattr(self.args, "per_device_eval_batch_size", 8)) or 8)
-            eval_batches = make_batches(self.eval_dataset.examples, eval_bs, self._batch_length(),
-                                        self.contract.pad_id, packing, seed=self.sampling.seed, epoch=0,
-                                        group_by_length=self.sampling.group_by_length, sampler="sequential")
+        if asked:
+            eval_batches = self._eval_batches(self.eval_dataset, packing)
         params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
         if dist is None or dist.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -314,6 +310,61 @@ class SFTTrainer:
         )
         self.model.prompt_contract = self.contract
         return self._output(result, records, runtime, len(examples), len(stream), cfg)
+
+    def _eval_batches(self, data: Any, packing: bool) -> list[Any]:
+        """`data`'s rows as transformers evaluates them: in dataset order (length-grouped when training is),
+        in batches of per_device_eval_batch_size, each batch's mean loss weighted by its rows
+        (`train.objective.BatchMeanLoss`)."""
+        from fasttune.data.packing import make_batches
+
+        size = int(_plain(getattr(self.args, "per_device_eval_batch_size", 8)) or 8)
+        width = self._batch_length()
+        if self.max_seq_length is None:  # a dataset given to evaluate() may hold a longer row
+            width = max([width, *(len(ex.input_ids) for ex in data.examples)])
+        return make_batches(data.examples, size, width, self.contract.pad_id, packing,
+                            seed=self.sampling.seed, epoch=0, group_by_length=self.sampling.group_by_length,
+                            sampler="sequential")
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """transformers' Trainer.evaluate on the adapters as they are: `eval_dataset` (prepared as the
+        trainer prepares its own), else the trainer's eval_dataset. Returns {PREFIX_loss: the eval batches'
+        mean token losses weighted by their rows, as TRL's SFTTrainer reports it, PREFIX_runtime,
+        PREFIX_samples_per_second, PREFIX_steps_per_second}."""
+        from fasttune.data.packing import resolve_packing
+        from fasttune.train.loop import evaluate
+        from fasttune.train.objective import BatchMeanLoss
+        from fasttune.train.precision import resolve_precision
+
+        if ignore_keys:
+            raise ValueError("SFTTrainer.evaluate: ignore_keys is not supported (only the loss is computed)")
+        data = self.eval_dataset
+        if eval_dataset is not None:
+            data = prepare(eval_dataset, "eval_dataset", self.tokenizer, self.options, self.formatting_func,
+                           contract=self.contract)
+        if data is None:
+            raise ValueError("SFTTrainer.evaluate: there is no eval_dataset; pass one, or give the trainer "
+                             "one")
+        if not any(ex.n_trained for ex in data.examples):
+            raise ValueError("SFTTrainer.evaluate: eval_dataset has no trained token to score")
+        if self.untrained_token is not None:
+            leave_untrained(data.examples, self.untrained_token)
+        inner, device = self.model.model, self.model.device
+        with warnings.catch_warnings():  # the fields were checked and warned about when the trainer was made
+            warnings.simplefilter("ignore")
+            cfg = to_train_config(self.args, device_type=device.type, warn=False)
+        packing = resolve_packing("on" if self.packing else "off",
+                                  exact=getattr(inner, "supports_packing", False))
+        batches = self._eval_batches(data, packing)
+        t0 = time.perf_counter()
+        precision = resolve_precision(cfg.precision, device)
+        loss, _, _ = evaluate(inner, batches, device, precision, BatchMeanLoss())
+        seconds = max(time.perf_counter() - t0, 1e-9)
+        p = metric_key_prefix
+        return {f"{p}_loss": loss, f"{p}_runtime": round(seconds, 4),
+                f"{p}_samples_per_second": round(len(data.examples) / seconds, 3),
+                f"{p}_steps_per_second": round(len(batches) / seconds, 3)}
 
     def _leave_untrained(self, token: int) -> None:
         """The language-modeling collator's labels: every position of `token` untrained, in both datasets."""
