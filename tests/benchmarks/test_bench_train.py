@@ -189,3 +189,29 @@ def test_host_profile_writes_the_functions_of_the_step_beside_the_table(tmp_path
     assert text.startswith("step 0.250 s under cProfile")
     assert "a_host_bound_step" in text
     assert text.count("Ordered by") == 2  # by own time, and by time with callees
+
+
+def test_each_variant_pins_the_block_its_plan_copies_before_the_first_step(monkeypatch):
+    """As `fasttune train` does (memory.setup.reserve_pinned): otherwise the first timed steps pin the block
+    (45.5 GiB at 1 x 32,768 on the 8B shape) and the row measures that."""
+    from types import SimpleNamespace
+
+    from fasttune.lora.apply import apply_lora
+    from fasttune.memory import pinned
+    from fasttune.memory.plan import ModelShape, pinned_copy_bytes, plan_memory
+    from fasttune.models.llama import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(pinned, "_ARENAS", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction: None)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256))
+    apply_lora(model, r=4, lora_alpha=8, target_modules=["default"])
+    arena, args = pinned.arena(torch.device("cpu")), argparse.Namespace(mode="bf16", batch=2, seq=128)
+    bt.configure_fasttune(model, "on", args)  # nothing goes to the host
+    assert arena.capacity == 0
+    bt.configure_fasttune(model, "offload", args)
+    shape = ModelShape.of(model.config)
+    plan = plan_memory(shape, model.model.checkpointing, tokens=256, span=128, act_bytes=2, fused=True)
+    assert arena.capacity == pinned_copy_bytes(plan, shape, pinned.ALIGN) > 0
