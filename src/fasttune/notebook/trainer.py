@@ -351,9 +351,7 @@ class SFTTrainer:
         if self.untrained_token is not None:
             leave_untrained(data.examples, self.untrained_token)
         inner, device = self.model.model, self.model.device
-        with warnings.catch_warnings():  # the fields were checked and warned about when the trainer was made
-            warnings.simplefilter("ignore")
-            cfg = to_train_config(self.args, device_type=device.type, warn=False)
+        cfg = to_train_config(self.args, device_type=device.type, warn=False)  # warned at build
         packing = resolve_packing("on" if self.packing else "off",
                                   exact=getattr(inner, "supports_packing", False))
         batches = self._eval_batches(data, packing)
