@@ -209,7 +209,11 @@ def test_dying_rank_stops_the_attempt_and_max_restarts_resumes(tiny, uninterrupt
     job = tiny_job(tiny, "dies", save_steps=1)
     proc = ok(torchrun(job, "--per_device_train_batch_size", "1", script=script,
                        extra_env={"FASTTUNE_TEST_DIE": "3"}, launcher=("--max-restarts=1",)))
-    assert "exitcode: 7" in proc.stderr.replace("  ", " ") or "exitcode 7" in proc.stderr, proc.stderr[-3000:]
+    # torchrun names the failure with the earliest timestamp, in whole seconds: rank 1's exit code 7, or, when
+    # a second turned between rank 0's failed collective (its error file) and torchrun's poll, rank 0's error
+    named = proc.stderr.replace("  ", " ")
+    assert ("exitcode: 7" in named or "exitcode 7" in named
+            or "Connection closed by peer" in proc.stderr), proc.stderr[-3000:]
     assert "torchrun restart 1: resuming from the latest checkpoint" in proc.stdout
     # rank 1 died right after its optimiser step 3, before that step's checkpoint: step 2 is the latest
     assert "resumed from" in proc.stdout and "step-2 at step 2/4" in proc.stdout, proc.stdout
