@@ -466,3 +466,62 @@ def test_unsloth_alpaca_notebook_runs_with_only_its_imports_changed(tmp_path):
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     assert (saved / "adapter_model.safetensors").is_file() and (saved / "tokenizer_config.json").is_file()
+
+
+CONVERSATIONAL = Path(__file__).parent / "notebooks" / "unsloth_conversational.py"
+CONVERSATIONAL_IMPORTS = {
+    "from unsloth import FastLanguageModel": "from fasttune import FastLanguageModel",
+    "from unsloth import is_bfloat16_supported": "from fasttune import is_bfloat16_supported",
+    "from unsloth.chat_templates import get_chat_template": "from fasttune import get_chat_template",
+    "from unsloth.chat_templates import standardize_sharegpt": "from fasttune import standardize_sharegpt",
+    "from unsloth.chat_templates import train_on_responses_only": "from fasttune import train_on_responses_only",
+    "from trl import SFTTrainer": "from fasttune import SFTTrainer",
+    "from transformers import TrainingArguments, DataCollatorForSeq2Seq":
+        "from fasttune import TrainingArguments, DataCollatorForSeq2Seq",
+}
+
+
+@pytest.mark.slow
+def test_unsloth_conversational_notebook_runs_with_only_its_imports_changed(tmp_path):
+    """ShareGPT rows standardized, rendered by the chat template get_chat_template set (ChatML: the embedded
+    model's own turns), trained on the assistant turns only; the tokenizer saved with that template."""
+    original = CONVERSATIONAL.read_text()
+    ported = original
+    for theirs, ours in CONVERSATIONAL_IMPORTS.items():
+        assert theirs in original
+        ported = ported.replace(theirs, ours)
+    changed = [(a, b) for a, b in zip(original.splitlines(), ported.splitlines()) if a != b]
+    assert len(changed) == len(CONVERSATIONAL_IMPORTS)
+    assert all(a.startswith("from ") and b.startswith("from fasttune import") for a, b in changed)
+    script = tmp_path / "notebook.py"
+    script.write_text(ported)
+    assets = Path(importlib.util.find_spec("fasttune").submodule_search_locations[0]) / "assets"
+    rows = [json.loads(line) for line in (assets / "lumen_train.jsonl").read_text().splitlines()[:12]]
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": r["output"]}]}) + "\n"
+        for r in rows))
+
+    with pytest.warns(UserWarning), redirect_stdout(io.StringIO()):
+        ns = runpy.run_path(str(script), init_globals=dict(
+            MODEL_NAME="smollm2-135m", DATA_FILE=str(data), OUTPUT_DIR=str(tmp_path / "outputs"),
+            SAVE_DIR=str(tmp_path / "lora_model"), CHAT_TEMPLATE="chatml",
+            INSTRUCTION_PART="<|im_start|>user\n", RESPONSE_PART="<|im_start|>assistant\n", **CPU_SIZES))
+    tok = ns["tokenizer"]
+    first = rows[0]
+    text = (f"<|im_start|>user\n{first['instruction']}<|im_end|>\n<|im_start|>assistant\n{first['output']}"
+            "<|im_end|>\n")
+    assert ns["dataset"][0]["text"] == text
+    # the whole rendered text is the input (TRL appends EOS: the text ends in '\n', not in <|im_end|>);
+    # only the answer, its <|im_end|> and what follows it are trained
+    assert ns["masked_input"] == text + tok.eos_token
+    trained = ns["masked_labels"].strip()
+    assert trained == f"{first['output']}<|im_end|>\n{tok.eos_token}".strip()
+    stats, model = ns["trainer_stats"], ns["model"]
+    assert stats.global_step == 2 and math.isfinite(stats.training_loss)
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    prompt = ns["inputs"]["input_ids"]
+    assert torch.equal(ns["outputs"][:, :prompt.shape[1]], prompt)
+    assert tok.decode(prompt[0]).endswith("<|im_start|>assistant\n")
+    saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "lora_model"))
+    assert saved.chat_template == tok.chat_template

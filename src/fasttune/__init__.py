@@ -42,6 +42,8 @@ _EXPORTS = {
     "GRPOConfig": "fasttune.notebook",
     "is_bfloat16_supported": "fasttune.notebook",
     "train_on_responses_only": "fasttune.notebook",
+    "get_chat_template": "fasttune.notebook",
+    "standardize_sharegpt": "fasttune.notebook",
     # transformers' own classes that notebooks import on the same line as TrainingArguments
     "DataCollatorForSeq2Seq": "transformers",
     "DataCollatorForLanguageModeling": "transformers",

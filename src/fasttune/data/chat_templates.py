@@ -47,27 +47,36 @@ _QWEN_TOOLS_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist
 _QWEN_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and "
                     "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
                     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
-_QWEN_25 = (
-    "{% set has_system = messages | length > 0 and messages[0]['role'] == 'system' %}"
-    "{{ '<|im_start|>system\n' + (messages[0]['content'] if has_system else "
-    + _literal(_QWEN_SYSTEM) + ") }}"
-    "{% if tools %}{{ " + _literal(_QWEN_TOOLS_HEAD) + " }}{% for spec in tools %}{{ '\n' + spec | tojson }}"
-    "{% endfor %}{{ " + _literal(_QWEN_TOOLS_TAIL) + " }}{% endif %}{{ '<|im_end|>\n' }}"
-    "{% for message in (messages[1:] if has_system else messages) %}"
-    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
-    "{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
-    "{% for call in message['tool_calls'] %}"
-    "{% set fn = call['function'] if call['function'] is defined else call %}"
-    "{{ " + _literal('\n<tool_call>\n{"name": "') + " + fn['name'] + " + _literal('", "arguments": ')
-    + " + fn['arguments'] | tojson + " + _literal("}\n</tool_call>") + " }}{% endfor %}{{ '<|im_end|>\n' }}"
-    "{% elif message['role'] == 'tool' %}"
-    "{% if loop.previtem is not defined or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user' }}"
-    "{% endif %}"
-    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
-    "{% if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
-    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+
+
+def qwen_25(system: str) -> str:
+    """The Qwen2.5 template, `system` written when the conversation has no system turn."""
+    return (
+        "{% set has_system = messages | length > 0 and messages[0]['role'] == 'system' %}"
+        "{{ '<|im_start|>system\n' + (messages[0]['content'] if has_system else "
+        + _literal(system) + ") }}"
+        "{% if tools %}{{ " + _literal(_QWEN_TOOLS_HEAD) + " }}"
+        "{% for spec in tools %}{{ '\n' + spec | tojson }}"
+        "{% endfor %}{{ " + _literal(_QWEN_TOOLS_TAIL) + " }}{% endif %}{{ '<|im_end|>\n' }}"
+        "{% for message in (messages[1:] if has_system else messages) %}"
+        "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+        "{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+        "{% for call in message['tool_calls'] %}"
+        "{% set fn = call['function'] if call['function'] is defined else call %}"
+        "{{ " + _literal('\n<tool_call>\n{"name": "') + " + fn['name'] + " + _literal('", "arguments": ')
+        + " + fn['arguments'] | tojson + " + _literal("}\n</tool_call>") + " }}{% endfor %}"
+        "{{ '<|im_end|>\n' }}"
+        "{% elif message['role'] == 'tool' %}"
+        "{% if loop.previtem is not defined or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user' }}"
+        "{% endif %}"
+        "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+        "{% if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\n' }}"
+        "{% endif %}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
 
 _LLAMA_3 = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
@@ -131,7 +140,7 @@ _PHI_3 = (
 
 NAMED: dict[str, str] = {
     "chatml": _CHATML,
-    "qwen-2.5": _QWEN_25,
+    "qwen-2.5": qwen_25(_QWEN_SYSTEM),
     "llama-3": _LLAMA_3,
     "llama-2": _LLAMA_2,
     "mistral": _MISTRAL,

@@ -2,11 +2,13 @@
 libraries runs after changing only its import lines.
 
     from fasttune import FastLanguageModel, SFTTrainer, TrainingArguments, is_bfloat16_supported
-    from fasttune import train_on_responses_only        # Unsloth's unsloth.chat_templates function
+    from fasttune import train_on_responses_only        # Unsloth's unsloth.chat_templates functions
+    from fasttune import get_chat_template, standardize_sharegpt
     from fasttune import DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig   # and ORPO..., KTO...
 """
 
 from fasttune.notebook.arguments import SFTConfig, TrainingArguments
+from fasttune.notebook.chat_templates import get_chat_template, standardize_sharegpt
 from fasttune.notebook.method_args import DPOConfig, GRPOConfig, KTOConfig, ORPOConfig
 from fasttune.notebook.method_trainer import DPOTrainer, GRPOTrainer, KTOTrainer, ORPOTrainer
 from fasttune.notebook.model import FastLanguageModel, NotebookModel, is_bfloat16_supported
@@ -28,6 +30,8 @@ __all__ = [
     "SFTTrainer",
     "TrainOutput",
     "TrainingArguments",
+    "get_chat_template",
     "is_bfloat16_supported",
+    "standardize_sharegpt",
     "train_on_responses_only",
 ]

@@ -1,0 +1,268 @@
+"""Unsloth's `get_chat_template` and `standardize_sharegpt` (its `unsloth.chat_templates` functions), with
+Unsloth's names and what they render, so that a conversational notebook runs after changing its imports:
+
+    tokenizer = get_chat_template(tokenizer, chat_template="llama-3.1")
+    dataset = standardize_sharegpt(dataset)      # {"from": "human", "value": ..} -> {"role": "user", ..}
+    dataset = dataset.map(lambda rows: {"text": [tokenizer.apply_chat_template(c, tokenize=False)
+                                                 for c in rows["conversations"]]}, batched=True)
+
+`get_chat_template` sets `tokenizer.chat_template` to the named format (the text each name renders equals
+what Unsloth's renders for it) and returns the tokenizer. It never rewrites the vocabulary: where Unsloth
+would rename the EOS token to the template's stop word (`map_eos_token=True` with `chatml` on a tokenizer
+whose EOS is another token), it stops and says so. Names Unsloth has that are not here are an error that
+lists those that are.
+
+Worked example: `llama-3.1` on [user "Hi", assistant "Hello!"] with bos <|begin_of_text|> renders
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\n
+    Today Date: 26 July 2024\\n\\n<|eot_id|><|start_header_id|>user<|end_header_id|>\\n\\nHi<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\nHello!<|eot_id|>
+(one string; the line breaks after `\\n` are only for reading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fasttune.data.chat_templates import _QWEN_SYSTEM, NAMED, _literal, qwen_25, render
+
+# Unsloth's default for `mapping`: the messages already carry role/content with user/assistant roles
+DEFAULT_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
+
+_LLAMA_31_DATE = "26 July 2024"
+
+
+def llama_31(system: str) -> str:
+    """Llama 3.1/3.2/3.3 Instruct as Unsloth writes it: a system turn that always opens with the knowledge
+    cutoff and `date_string` (default 26 July 2024), then the conversation's system text or `system`; turns
+    are not trimmed. Tools are refused rather than dropped (this template does not write them)."""
+    no_tools = _literal("this llama-3.1 template does not write tools, tool calls or tool results")
+    return (
+        "{{ bos_token }}"
+        "{% if tools or custom_tools or builtin_tools %}"
+        "{{ raise_exception(" + no_tools + ") }}{% endif %}"
+        "{% if date_string is not defined %}{% set date_string = " + _literal(_LLAMA_31_DATE) + " %}"
+        "{% endif %}"
+        "{% if messages and messages[0]['role'] == 'system' %}{% set system_text = messages[0]['content'] %}"
+        "{% set turns = messages[1:] %}{% else %}{% set system_text = " + _literal(system) + " %}"
+        "{% set turns = messages %}{% endif %}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n'"
+        " + 'Today Date: ' + date_string + '\n\n' + system_text + '<|eot_id|>' }}"
+        "{% for message in turns %}"
+        "{% if message['role'] in ('tool', 'ipython') or message['tool_calls'] %}"
+        "{{ raise_exception(" + no_tools + ") }}{% endif %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content']"
+        " + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    )
+
+
+@dataclass(frozen=True)
+class NamedTemplate:
+    """One of Unsloth's template names: how to build its text, the stop word it ends a turn with
+    ("eos_token": the tokenizer's EOS), whether Unsloth maps that stop word onto EOS, and its default
+    system message (None: the format has none to replace)."""
+    build: Any
+    stop_word: str
+    maps_eos: bool
+    default_system: str | None
+
+    def text(self, system: str | None) -> str:
+        return self.build(self.default_system if system is None else system)
+
+
+def _fixed(name: str):
+    return lambda _system: NAMED[name]
+
+
+_CHATML = NamedTemplate(_fixed("chatml"), "<|im_end|>", True, None)
+_QWEN = NamedTemplate(qwen_25, "eos_token", False, _QWEN_SYSTEM)
+_LLAMA_3 = NamedTemplate(_fixed("llama-3"), "eos_token", False, None)
+_LLAMA_31 = NamedTemplate(llama_31, "eos_token", False, "")
+_PHI_3 = NamedTemplate(_fixed("phi-3"), "<|end|>", False, None)
+
+TEMPLATES: dict[str, NamedTemplate] = {
+    "chatml": _CHATML,
+    "zephyr": NamedTemplate(_fixed("zephyr"), "eos_token", False, None),
+    "llama": NamedTemplate(_fixed("llama-2"), "eos_token", False, None),
+    **dict.fromkeys(("llama-3", "llama3"), _LLAMA_3),
+    **dict.fromkeys(("llama-3.1", "llama-31", "llama-3.2", "llama-32", "llama-3.3", "llama-33"), _LLAMA_31),
+    **dict.fromkeys(("qwen-2.5", "qwen-25", "qwen25", "qwen2.5", "qwen-2.5-coder", "qwen-25-coder",
+                     "qwen2.5-coder", "qwen25-coder"), _QWEN),
+    **dict.fromkeys(("phi-3", "phi-35", "phi-3.5"), _PHI_3),
+}
+
+
+def _sharegpt_reader(mapping: dict[str, str]) -> str:
+    """A template prefix that rewrites messages keyed as `mapping` says (say from/value with human/gpt)
+    into role/content with user/assistant before the format renders them; messages that already have a
+    `role` key pass unchanged."""
+    role, content = _literal(mapping["role"]), _literal(mapping["content"])
+    user, assistant = _literal(mapping["user"]), _literal(mapping["assistant"])
+    return (
+        "{% if messages and 'role' not in messages[0] %}{% set converted = namespace(items=[]) %}"
+        "{% for message in messages %}{% set name = message[" + role + "] %}"
+        "{% set name = 'user' if name == " + user + " else ('assistant' if name == " + assistant
+        + " else name) %}"
+        "{% set converted.items = converted.items + [dict(message, role=name, content=message[" + content
+        + "])] %}{% endfor %}{% set messages = converted.items %}{% endif %}"
+    )
+
+
+def _check_renders(text: str, tokenizer: Any, what: str) -> None:
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    try:
+        render(text, probe, bos_token=str(tokenizer.bos_token or ""),
+               eos_token=str(tokenizer.eos_token or ""), add_generation_prompt=True)
+    except SecurityError as e:
+        raise ValueError(f"get_chat_template: {what} is refused by Jinja's sandbox: {e}") from None
+    except (TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"get_chat_template: {what} does not render a conversation: {e}") from None
+
+
+def get_chat_template(tokenizer: Any, chat_template: str | Sequence[str] = "chatml",
+                      mapping: dict[str, str] | None = None, map_eos_token: bool = True,
+                      system_message: str | None = None) -> Any:
+    """Set `tokenizer.chat_template` to Unsloth's format `chat_template` (a name, or a (template text,
+    stop word) pair) and return the tokenizer.
+
+    `mapping` (Unsloth's: role/content key names and the user/assistant role names) lets the template read
+    ShareGPT messages directly. `system_message` replaces the default system text of a format that has one
+    (llama-3.1: empty; qwen-2.5: Qwen's); for a format without one it is an error, as is a mapping of the stop
+    word onto EOS that would need the vocabulary rewritten."""
+    if not isinstance(map_eos_token, bool):
+        raise TypeError(f"get_chat_template: map_eos_token must be True or False, not {map_eos_token!r}")
+    if type(tokenizer).__name__.startswith("Gemma"):
+        raise ValueError("get_chat_template: Gemma tokenizers need Unsloth's gemma formats, which fasttune "
+                         "does not provide; set tokenizer.chat_template yourself")
+    if isinstance(chat_template, str):
+        if chat_template not in TEMPLATES:
+            raise ValueError(f"get_chat_template: chat_template={chat_template!r} is not one of the "
+                             f"formats fasttune provides ({', '.join(TEMPLATES)}); pass (template_text, "
+                             "stop_word) or set tokenizer.chat_template yourself")
+        named = TEMPLATES[chat_template]
+        if system_message is not None and named.default_system is None:
+            raise ValueError(f"get_chat_template: {chat_template!r} has no default system message to "
+                             "replace with system_message; put a system turn in the conversations instead")
+        text, stop_word = named.text(system_message), named.stop_word
+        what = f"chat_template={chat_template!r}"
+        map_eos_token = map_eos_token and named.maps_eos
+    elif isinstance(chat_template, (list, tuple)) and len(chat_template) == 2 \
+            and all(isinstance(x, str) for x in chat_template):
+        text, stop_word = chat_template
+        what = "the template text"
+        if "{system_message}" in text:
+            if system_message is None:
+                raise ValueError("get_chat_template: the template has a {system_message} placeholder: pass "
+                                 "system_message")
+            text = text.replace("{system_message}", system_message)
+        elif system_message is not None:
+            raise ValueError("get_chat_template: system_message was given, but the template has no "
+                             "{system_message} placeholder to put it in")
+    else:
+        raise TypeError("get_chat_template: chat_template must be a format name or a (template_text, "
+                        f"stop_word) pair of strings, not {chat_template!r}")
+    eos = tokenizer.eos_token
+    if map_eos_token and stop_word not in ("eos_token", eos):
+        raise ValueError(f"get_chat_template: with map_eos_token=True, Unsloth renames the tokenizer's EOS "
+                         f"token {eos!r} to {stop_word!r} in its vocabulary; fasttune does not rewrite a "
+                         f"vocabulary. Pass map_eos_token=False: {stop_word!r} then ends each turn as text "
+                         f"and EOS stays {eos!r}")
+    if mapping is not None and mapping != DEFAULT_MAPPING:
+        missing = [k for k in DEFAULT_MAPPING if k not in mapping]
+        if missing:
+            raise ValueError(f"get_chat_template: mapping lacks {', '.join(missing)} (it needs role, "
+                             "content, user and assistant)")
+        text = _sharegpt_reader(mapping) + text
+    _check_renders(text, tokenizer, what)
+    tokenizer.chat_template = text
+    return tokenizer
+
+
+def _normal(role: str) -> str:
+    return role.strip().lower()
+
+
+def standardize_sharegpt(dataset: Any, tokenizer: Any = None,
+                         aliases_for_system: Sequence[str] = ("system",),
+                         aliases_for_user: Sequence[str] = ("user", "human", "input"),
+                         aliases_for_assistant: Sequence[str] = ("gpt", "assistant", "output"),
+                         batch_size: int = 1000, num_proc: int | None = None) -> Any:
+    """The `conversations` column of a datasets.Dataset rewritten as role/content messages with system,
+    user and assistant roles (ShareGPT's from/value with human/gpt, or any two string keys of which one holds
+    the role names); role names match their aliases without regard to case or surrounding spaces. A
+    dataset without a `conversations` column is returned unchanged, as Unsloth's is.
+
+    Every row is checked: a message whose keys differ from the first message's, a value that is not a
+    string, or a role that is no alias stops with the row and message named."""
+    if tokenizer is not None and (hasattr(tokenizer, "image_processor") or hasattr(tokenizer, "tokenizer")):
+        raise ValueError("standardize_sharegpt: a processor (vision model) was given as tokenizer; fasttune "
+                         "trains text models, whose messages hold plain strings")
+    columns = dataset.column_names
+    if columns is None:  # an IterableDataset whose features are not known: its first row's
+        columns = list(next(iter(dataset)))
+    if "conversations" not in columns:
+        return dataset
+    aliases: dict[str, str] = {}
+    for role, names in (("system", aliases_for_system), ("user", aliases_for_user),
+                        ("assistant", aliases_for_assistant)):
+        for name in names:
+            key = _normal(name)
+            if aliases.get(key, role) != role:
+                raise ValueError(f"standardize_sharegpt: the alias {name!r} stands for both {aliases[key]} "
+                                 f"and {role} (aliases are compared without case or surrounding spaces)")
+            aliases[key] = role
+    role_key, content_key = _role_and_content_keys(dataset, aliases)
+
+    def standard(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out = []
+        for i, conversation in zip(indices, rows["conversations"]):
+            messages = []
+            for j, message in enumerate(conversation):
+                where = f"row {i + 1}, conversations[{j}]"
+                if set(message) != {role_key, content_key}:
+                    raise ValueError(f"standardize_sharegpt: {where} has the keys {sorted(message)}, where "
+                                     f"the first message has {sorted((role_key, content_key))}")
+                name, text = message[role_key], message[content_key]
+                if not isinstance(name, str) or not isinstance(text, str):
+                    raise ValueError(f"standardize_sharegpt: {where}: {role_key} and {content_key} must be "
+                                     "strings")
+                if _normal(name) not in aliases:
+                    raise ValueError(f"standardize_sharegpt: {where}.{role_key} is {name!r}, which is in "
+                                     "none of aliases_for_system, aliases_for_user, aliases_for_assistant")
+                messages.append({"role": aliases[_normal(name)], "content": text})
+            out.append(messages)
+        return {"conversations": out}
+
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": batch_size, "with_indices": True}
+    if type(dataset).__name__ != "IterableDataset":
+        kwargs.update(num_proc=num_proc, desc="Standardizing conversations")
+    return dataset.map(standard, **kwargs)
+
+
+def _role_and_content_keys(dataset: Any, aliases: dict[str, str]) -> tuple[str, str]:
+    """The (role key, content key) of the first message: the key named `role` or `from` when one is, else the
+    one whose values in the first rows are all role names."""
+    first_rows = dataset.take(10) if hasattr(dataset, "take") else dataset
+    messages = [m for row in first_rows for m in (row["conversations"] or [])]
+    if not messages:
+        raise ValueError("standardize_sharegpt: the first rows' conversations hold no messages")
+    keys = list(messages[0])
+    if len(keys) != 2:
+        raise ValueError(f"standardize_sharegpt: the first message has the keys {sorted(keys)}; a message "
+                         "has two, its role and its text")
+    named = [k for k in keys if k in ("role", "from")]
+    if len(named) == 1:
+        role_key = named[0]
+    else:
+        roles_only = [k for k in keys if all(isinstance(m.get(k), str) and _normal(m[k]) in aliases
+                                             for m in messages)]
+        if len(roles_only) != 1:
+            raise ValueError(f"standardize_sharegpt: cannot tell which of {sorted(keys)} holds the role: "
+                             "name it `role` or `from`")
+        role_key = roles_only[0]
+    return role_key, keys[1] if keys[0] == role_key else keys[0]
