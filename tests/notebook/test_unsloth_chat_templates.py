@@ -66,11 +66,31 @@ def test_named_formats(tok):
         tok.bos_token + HEAD.format("user") + "Hi<|eot_id|>" + HEAD.format("assistant") + "Hello!<|eot_id|>"
     assert get_chat_template(tok, "phi-3.5").apply_chat_template(CHAT, tokenize=False) == \
         "<|user|>\nHi <|end|>\n<|assistant|>\nHello!<|end|>\n"
+    # Unsloth's chatml writes every role but user and assistant as system
+    tool_turn = [CHAT[0], {"role": "tool", "content": "42"}]
+    assert get_chat_template(tok, "chatml").apply_chat_template(tool_turn, tokenize=False) == \
+        "<|im_start|>user\nHi <|im_end|>\n<|im_start|>system\n42<|im_end|>\n"
+    alpaca = get_chat_template(tok, "alpaca").apply_chat_template(CHAT, tokenize=False)
+    assert alpaca == (tok.bos_token + "Below are some instructions that describe some tasks. Write responses "
+                      "that appropriately complete each request.\n\n### Instruction:\nHi \n\n### Response:\n"
+                      "Hello!" + tok.eos_token + "\n\n")
+    assert get_chat_template(tok, "mistral").apply_chat_template(SYSTEM, tokenize=False) == \
+        tok.bos_token + "[INST] Be brief. Hi  [/INST]Hello!" + tok.eos_token
+    gemma = get_chat_template(tok, "gemma", map_eos_token=False)
+    assert gemma.apply_chat_template(SYSTEM, tokenize=False, add_generation_prompt=True) == (
+        tok.bos_token + "<start_of_turn>user\nBe brief. Hi<end_of_turn>\n<start_of_turn>model\nHello!"
+        "<end_of_turn>\n<start_of_turn>model\n")
+    gemma_3 = get_chat_template(tok, "gemma-3")
+    assert gemma_3.apply_chat_template(SYSTEM, tokenize=False) == (
+        tok.bos_token + "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!"
+        "<end_of_turn>\n")
+    with pytest.raises(Exception, match="Conversation roles must alternate"):
+        gemma_3.apply_chat_template([CHAT[0], CHAT[0]], tokenize=False)
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_each_name_renders_alike_in_transformers_and_in_fasttunes_sandbox(tok, name):
-    tok = get_chat_template(tok, chat_template=name)
+    tok = get_chat_template(tok, chat_template=name, map_eos_token=False)
     ours = render(tok.chat_template, SYSTEM, bos_token=tok.bos_token, eos_token=tok.eos_token,
                   add_generation_prompt=True)
     assert ours == tok.apply_chat_template(SYSTEM, tokenize=False, add_generation_prompt=True)
@@ -107,8 +127,11 @@ def test_what_cannot_be_honoured_is_an_error(tok):
     assert get_chat_template(tok, "chatml", map_eos_token=False).eos_token == "<|endoftext|>"
     with pytest.raises(ValueError, match="Pass map_eos_token=False"):
         get_chat_template(tok, ("{{ messages[0]['content'] }}", "</s>"))
-    with pytest.raises(ValueError, match="'gemma-3' is not one of the formats fasttune provides"):
-        get_chat_template(tok, "gemma-3")
+    with pytest.raises(ValueError, match="'qwen-3' is not one of the formats fasttune provides"):
+        get_chat_template(tok, "qwen-3")
+    # gemma's stop word <end_of_turn> is not this tokenizer's EOS: Unsloth would rename EOS to it
+    with pytest.raises(ValueError, match="Pass map_eos_token=False"):
+        get_chat_template(tok, "gemma")
     with pytest.raises(ValueError, match="'chatml' has no default system message"):
         get_chat_template(tok, "chatml", map_eos_token=False, system_message="S")
     with pytest.raises(TypeError, match="map_eos_token must be True or False"):

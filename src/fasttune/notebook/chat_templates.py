@@ -22,77 +22,13 @@ Worked example: `llama-3.1` on [user "Hi", assistant "Hello!"] with bos <|begin_
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from fasttune.data.chat_templates import _QWEN_SYSTEM, NAMED, _literal, qwen_25, render
+from fasttune.data.chat_templates import _literal, render
+from fasttune.notebook.unsloth_formats import TEMPLATES
 
 # Unsloth's default for `mapping`: the messages already carry role/content with user/assistant roles
 DEFAULT_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
-
-_LLAMA_31_DATE = "26 July 2024"
-
-
-def llama_31(system: str) -> str:
-    """Llama 3.1/3.2/3.3 Instruct as Unsloth writes it: a system turn that always opens with the knowledge
-    cutoff and `date_string` (default 26 July 2024), then the conversation's system text or `system`; turns
-    are not trimmed. Tools are refused rather than dropped (this template does not write them)."""
-    no_tools = _literal("this llama-3.1 template does not write tools, tool calls or tool results")
-    return (
-        "{{ bos_token }}"
-        "{% if tools or custom_tools or builtin_tools %}"
-        "{{ raise_exception(" + no_tools + ") }}{% endif %}"
-        "{% if date_string is not defined %}{% set date_string = " + _literal(_LLAMA_31_DATE) + " %}"
-        "{% endif %}"
-        "{% if messages and messages[0]['role'] == 'system' %}{% set system_text = messages[0]['content'] %}"
-        "{% set turns = messages[1:] %}{% else %}{% set system_text = " + _literal(system) + " %}"
-        "{% set turns = messages %}{% endif %}"
-        "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n'"
-        " + 'Today Date: ' + date_string + '\n\n' + system_text + '<|eot_id|>' }}"
-        "{% for message in turns %}"
-        "{% if message['role'] in ('tool', 'ipython') or message['tool_calls'] %}"
-        "{{ raise_exception(" + no_tools + ") }}{% endif %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content']"
-        " + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-    )
-
-
-@dataclass(frozen=True)
-class NamedTemplate:
-    """One of Unsloth's template names: how to build its text, the stop word it ends a turn with
-    ("eos_token": the tokenizer's EOS), whether Unsloth maps that stop word onto EOS, and its default
-    system message (None: the format has none to replace)."""
-    build: Any
-    stop_word: str
-    maps_eos: bool
-    default_system: str | None
-
-    def text(self, system: str | None) -> str:
-        return self.build(self.default_system if system is None else system)
-
-
-def _fixed(name: str):
-    return lambda _system: NAMED[name]
-
-
-_CHATML = NamedTemplate(_fixed("chatml"), "<|im_end|>", True, None)
-_QWEN = NamedTemplate(qwen_25, "eos_token", False, _QWEN_SYSTEM)
-_LLAMA_3 = NamedTemplate(_fixed("llama-3"), "eos_token", False, None)
-_LLAMA_31 = NamedTemplate(llama_31, "eos_token", False, "")
-_PHI_3 = NamedTemplate(_fixed("phi-3"), "<|end|>", False, None)
-
-TEMPLATES: dict[str, NamedTemplate] = {
-    "chatml": _CHATML,
-    "zephyr": NamedTemplate(_fixed("zephyr"), "eos_token", False, None),
-    "llama": NamedTemplate(_fixed("llama-2"), "eos_token", False, None),
-    **dict.fromkeys(("llama-3", "llama3"), _LLAMA_3),
-    **dict.fromkeys(("llama-3.1", "llama-31", "llama-3.2", "llama-32", "llama-3.3", "llama-33"), _LLAMA_31),
-    **dict.fromkeys(("qwen-2.5", "qwen-25", "qwen25", "qwen2.5", "qwen-2.5-coder", "qwen-25-coder",
-                     "qwen2.5-coder", "qwen25-coder"), _QWEN),
-    **dict.fromkeys(("phi-3", "phi-35", "phi-3.5"), _PHI_3),
-}
 
 
 def _sharegpt_reader(mapping: dict[str, str]) -> str:
@@ -136,9 +72,11 @@ def get_chat_template(tokenizer: Any, chat_template: str | Sequence[str] = "chat
     word onto EOS that would need the vocabulary rewritten."""
     if not isinstance(map_eos_token, bool):
         raise TypeError(f"get_chat_template: map_eos_token must be True or False, not {map_eos_token!r}")
-    if type(tokenizer).__name__.startswith("Gemma"):
-        raise ValueError("get_chat_template: Gemma tokenizers need Unsloth's gemma formats, which fasttune "
-                         "does not provide; set tokenizer.chat_template yourself")
+    gemma = type(tokenizer).__name__.startswith("Gemma")
+    if gemma and chat_template == "chatml":
+        raise ValueError("get_chat_template: chatml on a Gemma tokenizer is Unsloth's gemma_chatml, which "
+                         "renames tokens in the vocabulary; fasttune does not rewrite a vocabulary: use "
+                         "chat_template='gemma' or 'gemma-3'")
     if isinstance(chat_template, str):
         if chat_template not in TEMPLATES:
             raise ValueError(f"get_chat_template: chat_template={chat_template!r} is not one of the "
@@ -172,6 +110,8 @@ def get_chat_template(tokenizer: Any, chat_template: str | Sequence[str] = "chat
                          f"token {eos!r} to {stop_word!r} in its vocabulary; fasttune does not rewrite a "
                          f"vocabulary. Pass map_eos_token=False: {stop_word!r} then ends each turn as text "
                          f"and EOS stays {eos!r}")
+    if gemma and not text.startswith(("{{ bos_token }}", "{{- bos_token }}")):
+        text = "{{ bos_token }}" + text   # as Unsloth: Gemma trains badly without its BOS
     if mapping is not None and mapping != DEFAULT_MAPPING:
         missing = [k for k in DEFAULT_MAPPING if k not in mapping]
         if missing:
