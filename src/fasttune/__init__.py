@@ -44,6 +44,7 @@ _EXPORTS = {
     "train_on_responses_only": "fasttune.notebook",
     "get_chat_template": "fasttune.notebook",
     "standardize_sharegpt": "fasttune.notebook",
+    "standardize_data_formats": "fasttune.notebook",
     # transformers' own classes that notebooks import on the same line as TrainingArguments
     "DataCollatorForSeq2Seq": "transformers",
     "DataCollatorForLanguageModeling": "transformers",

@@ -10,7 +10,7 @@ import re
 import pytest
 from datasets import Dataset, IterableDataset
 
-from fasttune import get_chat_template, standardize_sharegpt
+from fasttune import get_chat_template, standardize_data_formats, standardize_sharegpt
 from fasttune.data.chat_templates import render
 from fasttune.notebook.chat_templates import TEMPLATES
 
@@ -156,6 +156,7 @@ def test_standardize_sharegpt_turns_from_value_into_role_content():
     renamed = [{"conversations": [{"content": "Hi", "role": "input"}, {"content": "Yo", "role": "output"}]}]
     assert standardize_sharegpt(Dataset.from_list(renamed))["conversations"] == [
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
+    assert standardize_data_formats(Dataset.from_list(ROWS))["conversations"] == out["conversations"]
     streamed = standardize_sharegpt(IterableDataset.from_generator(lambda: iter(ROWS)))
     assert [r["conversations"] for r in streamed] == out["conversations"]
     # a dataset without conversations passes unchanged, as Unsloth's

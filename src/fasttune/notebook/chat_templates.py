@@ -184,6 +184,9 @@ def standardize_sharegpt(dataset: Any, tokenizer: Any = None,
     return dataset.map(standard, **kwargs)
 
 
+standardize_data_formats = standardize_sharegpt   # Unsloth's newer name for the same function
+
+
 def _role_and_content_keys(dataset: Any, aliases: dict[str, str]) -> tuple[str, str]:
     """The (role key, content key) of the first message: the key named `role` or `from` when one is, else the
     one whose values in the first rows are all role names."""
