@@ -160,6 +160,40 @@ def test_the_logged_loss_is_the_mean_of_the_steps_losses_as_in_transformers(mode
     assert tokens[0]["loss"] != pytest.approx(paired[0], rel=1e-6)  # metrics.jsonl: per trained token
 
 
+def test_after_a_resume_training_loss_and_rates_cover_the_steps_that_call_ran(model_dir, tmp_path):
+    """As transformers' Trainer: a resumed train() reports the mean loss of its own steps (here 3 and 4, equal to
+    the uninterrupted run's) and its rates over them; the uninterrupted run's training_loss is the mean over all
+    four."""
+    import shutil
+
+    rows = ROWS + [{"text": "A short row."}, {"text": "Rain fell on the roofs of the town all night long."}]
+
+    def trainer_for(out):
+        model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=128,
+                                                       dtype=torch.float32)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+        args = TrainingArguments(per_device_train_batch_size=1, max_steps=4, learning_rate=1e-2, save_steps=2,
+                                 logging_steps=1, output_dir=str(out), report_to="none")
+        return SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args, max_seq_length=32)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = trainer_for(tmp_path / "whole")
+        out = whole.train()
+        losses = [r["loss"] for r in whole.state.log_history]
+        shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-4")
+        resumed = trainer_for(tmp_path / "resumed")
+        again = resumed.train(resume_from_checkpoint=True)
+    assert len(losses) == 4 and out.training_loss == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert [r["step"] for r in resumed.state.log_history] == [3, 4]
+    assert [r["loss"] for r in resumed.state.log_history] == pytest.approx(losses[2:], rel=1e-5)
+    assert again.global_step == 4
+    assert again.training_loss == pytest.approx((losses[2] + losses[3]) / 2, rel=1e-5)
+    runtime = again.metrics["train_runtime"]
+    assert again.metrics["train_steps_per_second"] == pytest.approx(2 / runtime, rel=1e-2)
+
+
 @pytest.mark.parametrize("eval_batch", [3, 4])
 def test_eval_loss_is_trls_mean_of_batch_means(model_dir, tokenizer, tmp_path, eval_batch):
     """eval_loss is what TRL's SFTTrainer.evaluate() reports: the eval rows in dataset order, in batches of

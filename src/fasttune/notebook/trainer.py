@@ -48,17 +48,16 @@ def train_output(result: dict[str, Any], records: list[dict[str, Any]], runtime:
 
     steps = int(result["steps"])
     train = [r for r in records if r.get("kind") == "train"]
-    # transformers reports the mean over steps; each record is the mean of its interval's steps.
-    prev, total = 0, 0.0
-    for r in train:
-        total += r["loss"] * (r["step"] - prev)
-        prev = r["step"]
-    loss = total / max(prev, 1) if train else float(result.get("final_loss") or 0.0)
-    samples = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    # as transformers: the mean of the losses of the steps this call ran (after a resume, those past the
+    # checkpoint; none: 0.0), and the rates over those steps
+    ran = steps - int(result.get("started_at", 0))
+    loss = result.get("mean_step_loss")
+    loss = 0.0 if loss is None else float(loss)
+    samples = ran * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     metrics = {
         "train_runtime": round(runtime, 4),
         "train_samples_per_second": round(samples / runtime, 3),
-        "train_steps_per_second": round(steps / runtime, 3),
+        "train_steps_per_second": round(ran / runtime, 3),
         "total_flos": 0.0,
         "train_loss": loss,
         "epoch": steps * cfg.gradient_accumulation_steps / max(micro_batches, 1),
