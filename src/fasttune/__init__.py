@@ -45,6 +45,7 @@ _EXPORTS = {
     "get_chat_template": "fasttune.notebook",
     "standardize_sharegpt": "fasttune.notebook",
     "standardize_data_formats": "fasttune.notebook",
+    "unsloth_train": "fasttune.notebook",
     # transformers' own classes that notebooks import on the same line as TrainingArguments
     "DataCollatorForSeq2Seq": "transformers",
     "DataCollatorForLanguageModeling": "transformers",

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from fasttune.notebook import FastLanguageModel, SFTTrainer, TrainingArguments
+from fasttune.notebook import FastLanguageModel, SFTTrainer, TrainingArguments, unsloth_train
 from fasttune.notebook.arguments import changed_fields, to_train_config
 from fasttune.train.optim import build_scheduler
 
@@ -161,9 +161,9 @@ def test_the_logged_loss_is_the_mean_of_the_steps_losses_as_in_transformers(mode
 
 
 def test_after_a_resume_training_loss_and_rates_cover_the_steps_that_call_ran(model_dir, tmp_path):
-    """As transformers' Trainer: a resumed train() reports the mean loss of its own steps (here 3 and 4, equal to
-    the uninterrupted run's) and its rates over them; the uninterrupted run's training_loss is the mean over all
-    four."""
+    """As transformers' Trainer: a resumed train() reports the mean loss of its own steps (here 3 and 4,
+    equal to the uninterrupted run's) and its rates over them; the uninterrupted run's training_loss is the
+    mean over all four."""
     import shutil
 
     rows = ROWS + [{"text": "A short row."}, {"text": "Rain fell on the roofs of the town all night long."}]
@@ -184,7 +184,7 @@ def test_after_a_resume_training_loss_and_rates_cover_the_steps_that_call_ran(mo
         shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-4")
         resumed = trainer_for(tmp_path / "resumed")
-        again = resumed.train(resume_from_checkpoint=True)
+        again = unsloth_train(resumed, resume_from_checkpoint=True)   # Unsloth's name for trainer.train()
     assert len(losses) == 4 and out.training_loss == pytest.approx(sum(losses) / 4, rel=1e-6)
     assert [r["step"] for r in resumed.state.log_history] == [3, 4]
     assert [r["loss"] for r in resumed.state.log_history] == pytest.approx(losses[2:], rel=1e-5)

@@ -13,7 +13,7 @@ from fasttune.notebook.method_args import DPOConfig, GRPOConfig, KTOConfig, ORPO
 from fasttune.notebook.method_trainer import DPOTrainer, GRPOTrainer, KTOTrainer, ORPOTrainer
 from fasttune.notebook.model import FastLanguageModel, NotebookModel, is_bfloat16_supported
 from fasttune.notebook.responses import train_on_responses_only
-from fasttune.notebook.trainer import SFTTrainer, TrainOutput
+from fasttune.notebook.trainer import SFTTrainer, TrainOutput, unsloth_train
 
 __all__ = [
     "DPOConfig",
@@ -35,4 +35,5 @@ __all__ = [
     "standardize_data_formats",
     "standardize_sharegpt",
     "train_on_responses_only",
+    "unsloth_train",
 ]

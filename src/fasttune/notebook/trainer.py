@@ -420,4 +420,9 @@ class SFTTrainer:
         self.model.save_pretrained(output_dir or getattr(self.args, "output_dir", "trainer_output"))
 
 
-__all__ = ["SFTConfig", "SFTTrainer", "TrainOutput", "TrainingArguments"]
+def unsloth_train(trainer: Any, *args: Any, **kwargs: Any) -> TrainOutput:
+    """Unsloth's `unsloth_train(trainer)`: with current transformers it is `trainer.train()`, and so here."""
+    return trainer.train(*args, **kwargs)
+
+
+__all__ = ["SFTConfig", "SFTTrainer", "TrainOutput", "TrainingArguments", "unsloth_train"]
