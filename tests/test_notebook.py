@@ -474,7 +474,8 @@ CONVERSATIONAL_IMPORTS = {
     "from unsloth import is_bfloat16_supported": "from fasttune import is_bfloat16_supported",
     "from unsloth.chat_templates import get_chat_template": "from fasttune import get_chat_template",
     "from unsloth.chat_templates import standardize_sharegpt": "from fasttune import standardize_sharegpt",
-    "from unsloth.chat_templates import train_on_responses_only": "from fasttune import train_on_responses_only",
+    "from unsloth.chat_templates import train_on_responses_only":
+        "from fasttune import train_on_responses_only",
     "from trl import SFTTrainer": "from fasttune import SFTTrainer",
     "from transformers import TrainingArguments, DataCollatorForSeq2Seq":
         "from fasttune import TrainingArguments, DataCollatorForSeq2Seq",
