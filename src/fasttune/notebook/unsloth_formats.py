@@ -135,23 +135,28 @@ _GEMMA = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
-# Gemma 3: the system text opens the first turn; user and model turns must alternate; text is trimmed, and a
-# content list's text items are written in order (an image item is refused: fasttune trains text models)
-_GEMMA_3 = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] %}"
-    "{% set prefix = (first if first is string else first[0]['text']) + '\n\n' %}"
-    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
-    "{% for message in turns %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n'"
-    " + (prefix if loop.first else '') }}"
-    "{% if message['content'] is string %}{{ message['content'] | trim }}"
-    "{% elif message['content'] is iterable %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] | trim }}{% elif item['type'] == 'image' %}"
-    "{{ raise_exception('this gemma-3 template renders text only') }}{% endif %}{% endfor %}"
-    "{% else %}{{ raise_exception('Invalid content type') }}{% endif %}{{ '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+# Gemma 3 (and 3n, alike on text): the system text opens the first turn; user and model turns must alternate;
+# text is trimmed, and a content list's text items are written in order (an image or audio item is refused:
+# fasttune trains text models)
+def _gemma_3(name: str) -> str:
+    refused = _literal(f"this {name} template renders text only")
+    return (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] %}"
+        "{% set prefix = (first if first is string else first[0]['text']) + '\n\n' %}"
+        "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role'])"
+        " + '\n' + (prefix if loop.first else '') }}"
+        "{% if message['content'] is string %}{{ message['content'] | trim }}"
+        "{% elif message['content'] is iterable %}{% for item in message['content'] %}"
+        "{% if item['type'] == 'text' %}{{ item['text'] | trim }}"
+        "{% elif item['type'] in ('image', 'audio') %}{{ raise_exception(" + refused + ") }}{% endif %}"
+        "{% endfor %}{% else %}{{ raise_exception('Invalid content type') }}{% endif %}"
+        "{{ '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    )
+
 
 # Phi-4: <|im_sep|> after the role; turns of other roles are left out, as Unsloth's format leaves them
 _PHI_4 = (
@@ -192,7 +197,8 @@ _LLAMA_3 = NamedTemplate(_fixed(NAMED["llama-3"]), "eos_token", False, None)
 _LLAMA_31 = NamedTemplate(llama_31, "eos_token", False, "")
 _PHI_3 = NamedTemplate(_fixed(NAMED["phi-3"]), "<|end|>", False, None)
 _GEMMA_1_2 = NamedTemplate(_fixed(_GEMMA), "<end_of_turn>", True, None)
-_GEMMA_3_ = NamedTemplate(_fixed(_GEMMA_3), "<end_of_turn>", False, None)
+_GEMMA_3_ = NamedTemplate(_fixed(_gemma_3("gemma-3")), "<end_of_turn>", False, None)
+_GEMMA_3N = NamedTemplate(_fixed(_gemma_3("gemma-3n")), "<end_of_turn>", False, None)
 _VICUNA_OLD = NamedTemplate(vicuna_old, "eos_token", False,
                             "A chat between a curious human and an artificial intelligence assistant. The "
                             "assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -213,6 +219,7 @@ TEMPLATES: dict[str, NamedTemplate] = {
                             "appropriately complete each request."),
     **dict.fromkeys(("gemma", "gemma2"), _GEMMA_1_2),
     **dict.fromkeys(("gemma-3", "gemma3"), _GEMMA_3_),
+    **dict.fromkeys(("gemma-3n", "gemma3n"), _GEMMA_3N),
     **dict.fromkeys(("llama-3", "llama3"), _LLAMA_3),
     **dict.fromkeys(("llama-3.1", "llama-31", "llama-3.2", "llama-32", "llama-3.3", "llama-33"), _LLAMA_31),
     **dict.fromkeys(("qwen-2.5", "qwen-25", "qwen25", "qwen2.5", "qwen-2.5-coder", "qwen-25-coder",
