@@ -192,6 +192,28 @@ def test_dataset_kwargs_add_special_tokens_false_is_honoured(loaded, tokenizer):
     assert plain.train_dataset[0]["input_ids"] == tokenizer("a b" + tokenizer.eos_token)["input_ids"]
 
 
+def test_text_that_begins_with_bos_trains_as_trls_and_says_so(loaded, model_dir, tokenizer, tmp_path):
+    """A text rendered by a template that writes BOS, under a tokenizer that adds BOS: two BOS tokens, as in
+    TRL, with a warning that names the way to train the text as written."""
+    import copy
+
+    model, _ = loaded
+    tok = copy.deepcopy(tokenizer)
+    tok.add_bos_token = True
+    rows = [{"text": tok.bos_token + "user: hi"}, {"text": "no BOS written"}]
+    with pytest.warns(UserWarning, match="1 of 2 texts begin with the BOS token"):
+        doubled = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                             args=SFTConfig(output_dir="unused"))
+    assert doubled.train_dataset[0]["input_ids"][:3] == [tok.bos_token_id, tok.bos_token_id,
+                                                        tok("user", add_special_tokens=False)["input_ids"][0]]
+    assert_same_rows(doubled, trl_prepared(model_dir, tok, rows, tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        single = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows[:1],
+                            args=SFTConfig(output_dir="unused", dataset_kwargs={"add_special_tokens": False}))
+    assert single.train_dataset[0]["input_ids"] == doubled.train_dataset[0]["input_ids"][1:]
+
+
 def test_max_length_comes_from_the_keyword_then_args_then_the_model(loaded):
     model, tok = loaded  # the model was loaded with max_seq_length=128
     rows = [{"text": "x " * 300}]

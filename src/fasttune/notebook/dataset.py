@@ -150,6 +150,14 @@ def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[lis
 
 def _text_examples(texts: list[str], tokenizer: Any, opts: TextOptions, eos: str) -> list[Example]:
     ids = _ids(tokenizer, [_with_eos(t, eos) for t in texts], opts.add_special_tokens)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    doubled = sum(1 for x in ids if bos is not None and x[:2] == [bos, bos]) if opts.add_special_tokens else 0
+    if doubled:  # a chat template's rendering that begins with BOS, tokenized by a tokenizer that adds one
+        warnings.warn(
+            f"SFTTrainer: {doubled} of {len(ids)} texts begin with the BOS token {tokenizer.bos_token!r} and "
+            "the tokenizer adds another: they train with two, as TRL's SFTTrainer does (Unsloth's adds none "
+            "then). SFTConfig(dataset_kwargs={'add_special_tokens': False}) trains each text as written",
+            UserWarning, stacklevel=4)
     return [Example(input_ids=x, labels=list(x)) for x in ids]
 
 
