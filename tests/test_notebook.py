@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from notebook_port import ported
 
 from fasttune.config import TrainConfig
 from fasttune.infer.generate import generate
@@ -422,15 +423,7 @@ CPU_SIZES = dict(MAX_SEQ_LENGTH=256, GRADIENT_ACCUMULATION_STEPS=1, WARMUP_STEPS
 
 @pytest.mark.slow
 def test_unsloth_alpaca_notebook_runs_with_only_its_imports_changed(tmp_path):
-    original = NOTEBOOK.read_text()
-    ported = original
-    for theirs, ours in IMPORTS.items():
-        assert theirs in original
-        ported = ported.replace(theirs, ours)
-    changed = [(a, b) for a, b in zip(original.splitlines(), ported.splitlines()) if a != b]
-    assert all(a.startswith("from ") and b.startswith("from fasttune import") for a, b in changed)
-    script = tmp_path / "notebook.py"
-    script.write_text(ported)
+    script = ported(NOTEBOOK, IMPORTS, tmp_path)
     data = tmp_path / "alpaca.jsonl"
     assets = Path(importlib.util.find_spec("fasttune").submodule_search_locations[0]) / "assets"
     data.write_text("".join((assets / "lumen_train.jsonl").read_text().splitlines(keepends=True)[:12]))
@@ -470,13 +463,9 @@ def test_unsloth_alpaca_notebook_runs_with_only_its_imports_changed(tmp_path):
 
 CONVERSATIONAL = Path(__file__).parent / "notebooks" / "unsloth_conversational.py"
 CONVERSATIONAL_IMPORTS = {
-    "from unsloth import FastLanguageModel": "from fasttune import FastLanguageModel",
-    "from unsloth import is_bfloat16_supported": "from fasttune import is_bfloat16_supported",
-    "from unsloth.chat_templates import get_chat_template": "from fasttune import get_chat_template",
-    "from unsloth.chat_templates import standardize_sharegpt": "from fasttune import standardize_sharegpt",
-    "from unsloth.chat_templates import train_on_responses_only":
-        "from fasttune import train_on_responses_only",
-    "from trl import SFTTrainer": "from fasttune import SFTTrainer",
+    **{theirs: ours for theirs, ours in IMPORTS.items() if not theirs.startswith("from transformers")},
+    **{f"from unsloth.chat_templates import {name}": f"from fasttune import {name}"
+       for name in ("get_chat_template", "standardize_sharegpt", "train_on_responses_only")},
     "from transformers import TrainingArguments, DataCollatorForSeq2Seq":
         "from fasttune import TrainingArguments, DataCollatorForSeq2Seq",
 }
@@ -486,16 +475,7 @@ CONVERSATIONAL_IMPORTS = {
 def test_unsloth_conversational_notebook_runs_with_only_its_imports_changed(tmp_path):
     """ShareGPT rows standardized, rendered by the chat template get_chat_template set (ChatML: the embedded
     model's own turns), trained on the assistant turns only; the tokenizer saved with that template."""
-    original = CONVERSATIONAL.read_text()
-    ported = original
-    for theirs, ours in CONVERSATIONAL_IMPORTS.items():
-        assert theirs in original
-        ported = ported.replace(theirs, ours)
-    changed = [(a, b) for a, b in zip(original.splitlines(), ported.splitlines()) if a != b]
-    assert len(changed) == len(CONVERSATIONAL_IMPORTS)
-    assert all(a.startswith("from ") and b.startswith("from fasttune import") for a, b in changed)
-    script = tmp_path / "notebook.py"
-    script.write_text(ported)
+    script = ported(CONVERSATIONAL, CONVERSATIONAL_IMPORTS, tmp_path)
     assets = Path(importlib.util.find_spec("fasttune").submodule_search_locations[0]) / "assets"
     rows = [json.loads(line) for line in (assets / "lumen_train.jsonl").read_text().splitlines()[:12]]
     data = tmp_path / "sharegpt.jsonl"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from notebook_port import ported
 
 from fasttune import api
 from fasttune.config import RunConfig, apply_overrides
@@ -372,15 +373,7 @@ IMPORTS = {
 
 
 def test_a_trl_notebook_runs_with_only_its_imports_changed(model_dir, tmp_path):
-    original = NOTEBOOK.read_text()
-    ported = original
-    for theirs, ours in IMPORTS.items():
-        assert theirs in original
-        ported = ported.replace(theirs, ours)
-    changed = [(a, b) for a, b in zip(original.splitlines(), ported.splitlines()) if a != b]
-    assert len(changed) == 2 and all(b.startswith("from fasttune import") for _, b in changed)
-    script = tmp_path / "notebook.py"
-    script.write_text(ported)
+    script = ported(NOTEBOOK, IMPORTS, tmp_path)
     with pytest.warns(UserWarning) as caught:
         ns = runpy.run_path(
             str(script),

@@ -195,17 +195,25 @@ def render(text: str, messages: list[dict[str, Any]], bos_token: str = "", eos_t
                                         add_generation_prompt=add_generation_prompt, **extra)
 
 
-def resolve_chat_template(value: str, tokenizer: Any) -> str:
-    """The template text for `chat_template: value`, checked by rendering a probe conversation in the
-    sandbox; any failure is a ConfigError naming the option."""
+def template_problem(text: str, tokenizer: Any) -> str | None:
+    """Why the template `text` cannot render a probe conversation in the sandbox; None when it can."""
     from jinja2.exceptions import SecurityError, TemplateError
 
-    text = template_text(value)
     try:
         render(text, _PROBE, bos_token=str(tokenizer.bos_token or ""),
                eos_token=str(tokenizer.eos_token or ""), add_generation_prompt=True)
     except SecurityError as e:
-        raise ConfigError(f"chat_template {value}: refused by Jinja's sandbox: {e}") from None
+        return f"refused by Jinja's sandbox: {e}"
     except (TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise ConfigError(f"chat_template {value}: does not render a conversation: {e}") from None
+        return f"does not render a conversation: {e}"
+    return None
+
+
+def resolve_chat_template(value: str, tokenizer: Any) -> str:
+    """The template text for `chat_template: value`, checked by rendering a probe conversation in the
+    sandbox; any failure is a ConfigError naming the option."""
+    text = template_text(value)
+    problem = template_problem(text, tokenizer)
+    if problem is not None:
+        raise ConfigError(f"chat_template {value}: {problem}")
     return text

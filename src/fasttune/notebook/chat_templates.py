@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fasttune.data.chat_templates import _literal, render
+from fasttune.data.chat_templates import _literal, template_problem
 from fasttune.notebook.unsloth_formats import TEMPLATES
 
 # Unsloth's default for `mapping`: the messages already carry role/content with user/assistant roles
@@ -45,19 +45,6 @@ def _sharegpt_reader(mapping: dict[str, str]) -> str:
         "{% set converted.items = converted.items + [dict(message, role=name, content=message[" + content
         + "])] %}{% endfor %}{% set messages = converted.items %}{% endif %}"
     )
-
-
-def _check_renders(text: str, tokenizer: Any, what: str) -> None:
-    from jinja2.exceptions import SecurityError, TemplateError
-
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    try:
-        render(text, probe, bos_token=str(tokenizer.bos_token or ""),
-               eos_token=str(tokenizer.eos_token or ""), add_generation_prompt=True)
-    except SecurityError as e:
-        raise ValueError(f"get_chat_template: {what} is refused by Jinja's sandbox: {e}") from None
-    except (TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise ValueError(f"get_chat_template: {what} does not render a conversation: {e}") from None
 
 
 def get_chat_template(tokenizer: Any, chat_template: str | Sequence[str] = "chatml",
@@ -118,7 +105,9 @@ def get_chat_template(tokenizer: Any, chat_template: str | Sequence[str] = "chat
             raise ValueError(f"get_chat_template: mapping lacks {', '.join(missing)} (it needs role, "
                              "content, user and assistant)")
         text = _sharegpt_reader(mapping) + text
-    _check_renders(text, tokenizer, what)
+    problem = template_problem(text, tokenizer)
+    if problem is not None:
+        raise ValueError(f"get_chat_template: {what}: {problem}")
     tokenizer.chat_template = text
     return tokenizer
 
