@@ -191,42 +191,37 @@ def _fixed(text: str) -> Callable[[str | None], str]:
     return lambda _system: text
 
 
-_CHATML = NamedTemplate(_fixed(_CHATML_UNSLOTH), "<|im_end|>", True, None)
-_QWEN = NamedTemplate(qwen_25, "eos_token", False, _QWEN_SYSTEM)
-_LLAMA_3 = NamedTemplate(_fixed(NAMED["llama-3"]), "eos_token", False, None)
-_LLAMA_31 = NamedTemplate(llama_31, "eos_token", False, "")
-_PHI_3 = NamedTemplate(_fixed(NAMED["phi-3"]), "<|end|>", False, None)
-_GEMMA_1_2 = NamedTemplate(_fixed(_GEMMA), "<end_of_turn>", True, None)
-_GEMMA_3_ = NamedTemplate(_fixed(_gemma_3("gemma-3")), "<end_of_turn>", False, None)
-_GEMMA_3N = NamedTemplate(_fixed(_gemma_3("gemma-3n")), "<end_of_turn>", False, None)
-_VICUNA_OLD = NamedTemplate(vicuna_old, "eos_token", False,
-                            "A chat between a curious human and an artificial intelligence assistant. The "
-                            "assistant gives helpful, detailed, and polite answers to the human's questions.")
-_LFM_2 = NamedTemplate(_fixed("{{ bos_token }}" + NAMED["chatml"]), "<|im_end|>", False, None)
+_VICUNA_SYSTEM = ("A chat between a curious {0} and an artificial intelligence assistant. The assistant "
+                  "gives helpful, detailed, and polite answers to the {0}'s questions.")
 
 TEMPLATES: dict[str, NamedTemplate] = {
     "unsloth": NamedTemplate(unsloth, "eos_token", False, "You are a helpful assistant to the user"),
-    "chatml": _CHATML,
+    "chatml": NamedTemplate(_fixed(_CHATML_UNSLOTH), "<|im_end|>", True, None),
     "zephyr": NamedTemplate(_fixed(_ZEPHYR_UNSLOTH), "eos_token", False, None),
     "mistral": NamedTemplate(_fixed(_MISTRAL), "eos_token", False, None),
     "llama": NamedTemplate(_fixed(_LLAMA_2_UNSLOTH), "eos_token", False, None),
-    "vicuna": NamedTemplate(vicuna, "eos_token", False,
-                            "A chat between a curious user and an artificial intelligence assistant. The "
-                            "assistant gives helpful, detailed, and polite answers to the user's questions."),
-    **dict.fromkeys(("vicuna_old", "vicuna old"), _VICUNA_OLD),
+    "vicuna": NamedTemplate(vicuna, "eos_token", False, _VICUNA_SYSTEM.format("user")),
+    **dict.fromkeys(("vicuna_old", "vicuna old"),
+                    NamedTemplate(vicuna_old, "eos_token", False, _VICUNA_SYSTEM.format("human"))),
     "alpaca": NamedTemplate(alpaca, "eos_token", False,
                             "Below are some instructions that describe some tasks. Write responses that "
                             "appropriately complete each request."),
-    **dict.fromkeys(("gemma", "gemma2"), _GEMMA_1_2),
-    **dict.fromkeys(("gemma-3", "gemma3"), _GEMMA_3_),
-    **dict.fromkeys(("gemma-3n", "gemma3n"), _GEMMA_3N),
-    **dict.fromkeys(("llama-3", "llama3"), _LLAMA_3),
-    **dict.fromkeys(("llama-3.1", "llama-31", "llama-3.2", "llama-32", "llama-3.3", "llama-33"), _LLAMA_31),
+    **dict.fromkeys(("gemma", "gemma2"), NamedTemplate(_fixed(_GEMMA), "<end_of_turn>", True, None)),
+    **dict.fromkeys(("gemma-3", "gemma3"),
+                    NamedTemplate(_fixed(_gemma_3("gemma-3")), "<end_of_turn>", False, None)),
+    **dict.fromkeys(("gemma-3n", "gemma3n"),
+                    NamedTemplate(_fixed(_gemma_3("gemma-3n")), "<end_of_turn>", False, None)),
+    **dict.fromkeys(("llama-3", "llama3"), NamedTemplate(_fixed(NAMED["llama-3"]), "eos_token", False, None)),
+    **dict.fromkeys(("llama-3.1", "llama-31", "llama-3.2", "llama-32", "llama-3.3", "llama-33"),
+                    NamedTemplate(llama_31, "eos_token", False, "")),
     **dict.fromkeys(("qwen-2.5", "qwen-25", "qwen25", "qwen2.5", "qwen-2.5-coder", "qwen-25-coder",
-                     "qwen2.5-coder", "qwen25-coder"), _QWEN),
-    **dict.fromkeys(("phi-3", "phi-35", "phi-3.5"), _PHI_3),
+                     "qwen2.5-coder", "qwen25-coder"),
+                    NamedTemplate(qwen_25, "eos_token", False, _QWEN_SYSTEM)),
+    **dict.fromkeys(("phi-3", "phi-35", "phi-3.5"),
+                    NamedTemplate(_fixed(NAMED["phi-3"]), "<|end|>", False, None)),
     "phi-4": NamedTemplate(_fixed(_PHI_4), "<|im_end|>", False, None),
     "starling": NamedTemplate(_fixed(_STARLING), "<|end_of_turn|>", False, None),
     "yi-chat": NamedTemplate(_fixed(NAMED["chatml"]), "<|endoftext|>", False, None),
-    **dict.fromkeys(("lfm-2", "lfm-2.5"), _LFM_2),
+    **dict.fromkeys(("lfm-2", "lfm-2.5"),
+                    NamedTemplate(_fixed("{{ bos_token }}" + NAMED["chatml"]), "<|im_end|>", False, None)),
 }
