@@ -162,8 +162,8 @@ def test_the_logged_loss_is_the_mean_of_the_steps_losses_as_in_transformers(mode
 
 def test_after_a_resume_training_loss_and_rates_cover_the_steps_that_call_ran(model_dir, tmp_path):
     """As transformers' Trainer: a resumed train() reports the mean loss of its own steps (here 3 and 4,
-    equal to the uninterrupted run's) and its rates over them; the uninterrupted run's training_loss is the
-    mean over all four."""
+    equal to the uninterrupted run's) and its rates over them, and logs a new interval from the checkpoint;
+    the uninterrupted run's training_loss is the mean over all four."""
     import shutil
 
     rows = ROWS + [{"text": "A short row."}, {"text": "Rain fell on the roofs of the town all night long."}]
@@ -185,6 +185,17 @@ def test_after_a_resume_training_loss_and_rates_cover_the_steps_that_call_ran(mo
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-4")
         resumed = trainer_for(tmp_path / "resumed")
         again = unsloth_train(resumed, resume_from_checkpoint=True)   # Unsloth's name for trainer.train()
+        # logging every 3 steps, the interval 1-3 straddles the step-2 checkpoint: the resumed run, as
+        # transformers', logs at step 3 the mean of its own steps there (step 3 alone)
+        logs = {}
+        for name, resume in (("every3", False), ("every3_resumed", True)):
+            if resume:
+                shutil.copytree(tmp_path / "every3" / "checkpoints" / "step-2",
+                                tmp_path / name / "checkpoints" / "step-2")
+            trainer = trainer_for(tmp_path / name)
+            trainer.args.logging_steps = 3
+            trainer.train(resume_from_checkpoint=resume)
+            logs[name] = [(r["step"], r["loss"]) for r in trainer.state.log_history]
     assert len(losses) == 4 and out.training_loss == pytest.approx(sum(losses) / 4, rel=1e-6)
     assert [r["step"] for r in resumed.state.log_history] == [3, 4]
     assert [r["loss"] for r in resumed.state.log_history] == pytest.approx(losses[2:], rel=1e-5)
@@ -192,6 +203,10 @@ def test_after_a_resume_training_loss_and_rates_cover_the_steps_that_call_ran(mo
     assert again.training_loss == pytest.approx((losses[2] + losses[3]) / 2, rel=1e-5)
     runtime = again.metrics["train_runtime"]
     assert again.metrics["train_steps_per_second"] == pytest.approx(2 / runtime, rel=1e-2)
+    assert logs["every3"] == [(3, pytest.approx(sum(losses[:3]) / 3, rel=1e-5)),
+                              (4, pytest.approx(losses[3], rel=1e-5))]
+    assert logs["every3_resumed"] == [(3, pytest.approx(losses[2], rel=1e-5)),
+                                      (4, pytest.approx(losses[3], rel=1e-5))]
 
 
 @pytest.mark.parametrize("eval_batch", [3, 4])

@@ -156,7 +156,9 @@ def recorded_train_loop(
             records.append(rec)
             trackers.record(rec)
 
-        result = train_loop(inner, params, stream, cfg, cfg.output_dir, on_record=on_record, **loop_args)
+        # as transformers' Trainer, a resumed run starts a new logging interval at the checkpoint
+        result = train_loop(inner, params, stream, cfg, cfg.output_dir, on_record=on_record,
+                            resume_log_window=False, **loop_args)
     return result, records, time.perf_counter() - t0
 
 

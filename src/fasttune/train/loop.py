@@ -119,7 +119,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                objective: Objective | None = None,
                stop_requested: Callable[[], int | None] | None = None,
                dist: ft_dist.Distributed | None = None, eval_on_start: bool = True,
-               eval_objective: Objective | None = None) -> dict[str, Any]:
+               eval_objective: Objective | None = None, resume_log_window: bool = True) -> dict[str, Any]:
     """Train `params` (name -> trainable parameter of `model`) and return the run's numbers.
 
     `model(**batch)` must return an LMOutput with `loss_sum` and `n_tokens` (docs/ARCHITECTURE.md).
@@ -131,6 +131,9 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     takes transformers' batch means weighted by their rows, `BatchMeanLoss`).
     With `cfg.resume`, the latest complete checkpoint in `run_dir` restores the adapter, optimizer,
     schedule, random generators and data position, and training continues from its step.
+    `resume_log_window`: a resumed run carries on the logging interval the checkpoint was in, so that it logs
+    the uninterrupted run's averages; False starts a new interval at the checkpoint, as transformers' Trainer
+    does (the notebook's trainers).
     `stop_requested()` (interrupts.StopRequests), read after each step, returns a signal number to
     checkpoint and raise TrainingStopped. NaN/Inf steps and out-of-memory: step_guard.py.
     Under torchrun (`dist`, `train/distributed.py`) every rank calls this with its slice of the global batch
@@ -213,7 +216,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
         ft_dist.check_resume_batch(ckpt.state, global_batch, d)
         restore(ckpt, params, optimizer, scheduler, scaler, batches)
     if ckpt is not None:
-        st.update({k: ckpt.state[k] for k in st if k in ckpt.state})
+        st.update({k: ckpt.state[k] for k in st if k in ckpt.state if resume_log_window or k != "window_log"})
         if d.is_main:
             truncate_after(metrics_path, st["step"])  # steps after the checkpoint are logged again
         ranks = ckpt.state.get("world_size", 1)
