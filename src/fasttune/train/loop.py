@@ -232,7 +232,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
 
     wall_before = st["seconds"]  # restored on resume
     # this call's steps (after a resume, those past the checkpoint): transformers' train_loss is their mean
-    started_at, call = st["step"], {"step_losses": 0.0, "steps": 0}
+    started_at, call_loss_sum, call_steps = st["step"], 0.0, 0
 
     def checkpoint() -> Path | None:
         st["seconds"] = wall_before + time.perf_counter() - wall_start
@@ -339,8 +339,8 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                                    ("steps", 1)):
                     window_log[key] += value
                 merge_metrics(window_log["stats"], step_stats)
-                call["step_losses"] += step_loss
-                call["steps"] += 1
+                call_loss_sum += step_loss
+                call_steps += 1
 
             mem, mem_kind = memory_used(device)
             tok_s = window_log["tokens"] / max(window_log["seconds"], 1e-9)
@@ -381,6 +381,6 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     mem, mem_kind = memory_used(device)
     st["seconds"] = wall_before + time.perf_counter() - wall_start
     return {**st, "steps": st["step"], "total_steps": total, "unit": objective.unit, "started_at": started_at,
-            "mean_step_loss": call["step_losses"] / call["steps"] if call["steps"] else None,
+            "mean_step_loss": call_loss_sum / call_steps if call_steps else None,
             "tokens_per_s": st["tokens"] / max(st["train_seconds"], 1e-9), "memory_gib": mem,
             "memory_kind": mem_kind}
