@@ -67,6 +67,12 @@ def test_best_strategies_are_refused(field):
         to_train_config(TrainingArguments(output_dir="x", **{field: "best"}), device_type="cpu")
 
 
+@pytest.mark.parametrize("field", ["save_strategy", "eval_strategy"])
+def test_epoch_strategies_are_refused_where_epochs_do_not_end_on_a_step(field):
+    with pytest.raises(ValueError, match=f"{field}='epoch' is supported by SFTTrainer only"):
+        to_train_config(TrainingArguments(output_dir="x", **{field: "epoch"}), device_type="cpu")
+
+
 def test_per_rank_token_averaging_is_refused_under_torchrun(monkeypatch):
     args = TrainingArguments(output_dir="x", average_tokens_across_devices=False)
     with pytest.warns(UserWarning, match="average_tokens_across_devices"):
@@ -117,6 +123,34 @@ def test_the_trainer_evaluates_as_eval_strategy_says(peft, tmp_path):
     assert [r["step"] for r in _records(tmp_path / "start") if r["kind"] == "eval"] == [0, 1, 2]
     with pytest.raises(ValueError, match="eval_strategy='steps' needs an eval_dataset"):
         _train(model, tok, tmp_path / "none", eval_strategy="steps")
+
+
+def test_epoch_strategies_save_and_evaluate_where_trls_trainer_does(peft, model_dir, tokenizer, tmp_path):
+    """save_strategy and eval_strategy 'epoch' as TRL's SFTTrainer (transformers' Trainer) runs them: 5 rows at
+    batch 2 x accumulation 2 make 3 micro-batches an epoch, so 2 steps (the second of one micro-batch), and
+    1.5 epochs 3 steps: saved and evaluated at each epoch's last step and at the end."""
+    from datasets import Dataset
+
+    rows = ROWS + [{"text": "A short row."}, {"text": "Rain fell all night."}, {"text": "The bell rang."}]
+    kw = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "num_train_epochs": 1.5,
+          "save_strategy": "epoch", "eval_strategy": "epoch", "logging_steps": 1, "report_to": "none"}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ref = trl.SFTTrainer(model=hf, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(ROWS),
+                         args=trl.SFTConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_length=32, **kw))
+    assert ref.train().global_step == 3
+    trl_saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "trl").glob("checkpoint-*"))
+    trl_evals = [h["step"] for h in ref.state.log_history if "eval_loss" in h]
+    assert trl_saved == [2, 3] and trl_evals == [2, 3]
+
+    model, tok = peft
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, eval_dataset=ROWS, max_seq_length=32,
+                         args=TrainingArguments(output_dir=str(tmp_path / "ours"), **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert trainer.train().global_step == 3
+    assert _steps(tmp_path / "ours") == [f"step-{n}" for n in trl_saved]
+    assert [r["step"] for r in _records(tmp_path / "ours") if r["kind"] == "eval"] == trl_evals
 
 
 def test_an_earlier_run_is_continued_or_replaced_only_when_asked(peft, tmp_path):

@@ -410,12 +410,14 @@ def fsdp_mode(value: Any) -> str:
 
 def to_train_config(
     args: Any, *, device_type: str, gradient_checkpointing: str | None = None, warn: bool = True,
-    table: FieldTable | None = None,
+    table: FieldTable | None = None, epoch_strategies: bool = False,
 ) -> TrainConfig:
     """fasttune's TrainConfig for `args`; warnings name every field that is set but has no effect here.
 
     gradient_checkpointing: the mode get_peft_model chose ('on', 'offload', 'off'); it wins over the
-    `gradient_checkpointing` flag of args. `table`: as for check_fields.
+    `gradient_checkpointing` flag of args. `table`: as for check_fields. `epoch_strategies`: the caller's
+    epochs end on whole steps and it sets the 'epoch' intervals (`epoch_intervals`) once it knows an
+    epoch's steps; until then they are 0. Without it 'epoch' is refused.
     """
     notes = check_fields(args, table)
     get = lambda name, default=None: _plain(getattr(args, name, default))  # noqa: E731
@@ -458,13 +460,11 @@ def to_train_config(
         raise ValueError("TrainingArguments.save_strategy='best' saves on the best metric_for_best_model, "
                          "which fasttune does not track; use 'steps'")
     for name, strategy in (("save_strategy", save_strategy), ("eval_strategy", eval_strategy)):
-        if strategy == "epoch":
-            notes.append(
-                f"TrainingArguments.{name}='epoch' is not supported; fasttune uses steps "
-                f"({name.split('_')[0]}_steps, and always at the end)"
-            )
-        elif strategy not in ("steps", "no"):
-            raise ValueError(f"TrainingArguments.{name}={strategy!r}: expected 'steps' or 'no'")
+        if strategy == "epoch" and not epoch_strategies:
+            raise ValueError(f"TrainingArguments.{name}='epoch' is supported by SFTTrainer only; use 'steps' "
+                             f"with {name.split('_')[0]}_steps")
+        if strategy not in ("steps", "no", "epoch"):
+            raise ValueError(f"TrainingArguments.{name}={strategy!r}: expected 'steps', 'epoch' or 'no'")
     if get("average_tokens_across_devices", True) is False and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("TrainingArguments.average_tokens_across_devices=False is not supported: fasttune "
                          "divides each window's loss by the trained tokens of every rank (True)")
@@ -507,6 +507,15 @@ def to_train_config(
         for note in notes:
             warnings.warn(note, UserWarning, stacklevel=3)
     return cfg
+
+
+def epoch_intervals(args: Any, steps_per_epoch: int) -> dict[str, int]:
+    """The TrainConfig intervals that `save_strategy` / `eval_strategy` 'epoch' set: every epoch's last step,
+    for a trainer whose epochs end on whole steps (transformers' Trainer ends each epoch on a shorter
+    accumulation window); the run's last step saves and evaluates anyway."""
+    fields = {"save_strategy": "save_steps", "eval_strategy": "eval_steps"}
+    return {steps: steps_per_epoch for name, steps in fields.items()
+            if str(_plain(getattr(args, name, "no"))) == "epoch"}
 
 
 def notebook_report_to(report: Any) -> list[str]:

@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fasttune.notebook.arguments import SFTConfig, TrainingArguments, _plain, check_fields, to_train_config
+from fasttune.notebook.arguments import (
+    SFTConfig,
+    TrainingArguments,
+    _plain,
+    check_fields,
+    epoch_intervals,
+    to_train_config,
+)
 from fasttune.notebook.collators import has_labels, leave_untrained, untrained_token
 from fasttune.notebook.dataset import prepare
 from fasttune.notebook.model import NotebookModel
@@ -268,7 +275,8 @@ class SFTTrainer:
                 "SFTTrainer: the model has no LoRA adapters; call FastLanguageModel.get_peft_model"
             )
         mode = inner.gradient_checkpointing if self.model.lora_config is not None else None
-        cfg = to_train_config(self.args, device_type=device.type, gradient_checkpointing=mode)
+        cfg = to_train_config(self.args, device_type=device.type, gradient_checkpointing=mode,
+                              epoch_strategies=True)
         resume = resume_from_checkpoint
         if not isinstance(resume, str):
             resume = bool(resume)
@@ -289,8 +297,10 @@ class SFTTrainer:
                 "kept inside each packed row); set packing=False"
             )
         packing = resolve_packing("on" if self.packing else "off", exact=exact)
-        bs = cfg.per_device_train_batch_size
-        stream = self.batch_stream(bs, packing, cfg.gradient_accumulation_steps, dist)
+        bs, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+        stream = self.batch_stream(bs, packing, accumulation, dist)
+        # 'epoch' strategies: the stream's epochs end on whole windows, so an epoch is a whole number of steps
+        cfg = dataclasses.replace(cfg, **epoch_intervals(self.args, len(stream) // accumulation))
         eval_batches = None
         strategy = str(_plain(getattr(self.args, "eval_strategy", "no")))
         asked = [f"eval_strategy={strategy!r}"] if strategy != "no" else []
@@ -352,7 +362,8 @@ class SFTTrainer:
         if self.untrained_token is not None:
             leave_untrained(data.examples, self.untrained_token)
         inner, device = self.model.model, self.model.device
-        cfg = to_train_config(self.args, device_type=device.type, warn=False)  # warned at build
+        cfg = to_train_config(self.args, device_type=device.type, warn=False,  # warned at build
+                              epoch_strategies=True)
         packing = resolve_packing("on" if self.packing else "off",
                                   exact=getattr(inner, "supports_packing", False))
         batches = self._eval_batches(data, packing)
