@@ -51,3 +51,18 @@ def test_example_stream_resumed_mid_epoch_equals_uninterrupted():
     assert [next(resumed)["rows"].tolist() for _ in range(6)] == expected
     with pytest.raises(ValueError, match="outside an epoch of 4 micro-batches"):
         resumed.load_state_dict({"epoch": 0, "index": 4})
+
+
+def test_with_epoch_windows_a_step_takes_no_micro_batch_of_the_next_epoch():
+    """4 micro-batches an epoch at accumulation 3: windows of 3 and 1, also after a resume at index 3."""
+    collate = lambda xs: {"rows": torch.tensor(xs)}  # noqa: E731
+    stream = ExampleStream(list(range(7)), 2, collate, seed=3, epoch_windows=True)
+    sizes = []
+    for _ in range(4):
+        sizes.append(stream.window_size(3))
+        for _ in range(sizes[-1]):
+            next(stream)
+    assert sizes == [3, 1, 3, 1] and stream.state_dict() == {"epoch": 2, "index": 0}
+    stream.load_state_dict({"epoch": 0, "index": 3})
+    assert stream.window_size(3) == 1
+    assert ExampleStream(list(range(7)), 2, collate, seed=3).window_size(3) == 3  # windows may cross

@@ -172,6 +172,11 @@ def test_epochs_to_steps():
     assert count_steps(TrainConfig(num_train_epochs=1, gradient_accumulation_steps=4), 10) == 3
     assert count_steps(TrainConfig(num_train_epochs=2.5, gradient_accumulation_steps=1), 10) == 25
     assert count_steps(TrainConfig(num_train_epochs=0.01), 10) == 1
+    # 10 micro-batches at accumulation 4: 2 epochs are 5 steps when windows cross epochs, 6 (3 an epoch, as
+    # transformers' Trainer counts) when each epoch ends on its own window; 1.5 epochs: ceil(4.5)
+    two = TrainConfig(num_train_epochs=2, gradient_accumulation_steps=4)
+    assert count_steps(two, 10) == 5 and count_steps(two, 10, epoch_windows=True) == 6
+    assert count_steps(TrainConfig(num_train_epochs=1.5, gradient_accumulation_steps=4), 10, True) == 5
 
 
 def test_answer_eval_leaves_training_undisturbed(toy, examples, make_stream, tmp_path):

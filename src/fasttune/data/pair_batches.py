@@ -164,15 +164,26 @@ def collate_unpaired(rows: Sequence[UnpairedExample], pad_id: int, max_len: int)
 
 class ExampleStream:
     """Endless micro-batches of `batch_size` examples (pairs or KTO rows) in a seeded per-epoch order,
-    with the resumable position {"epoch", "index"} of the training loop's `ResumableStream`."""
+    with the resumable position {"epoch", "index"} of the training loop's `ResumableStream`.
+
+    `epoch_windows`: each epoch ends on its own accumulation window, as transformers' Trainer ends it: the
+    loop asks `window_size` how many micro-batches its next step takes, fewer than the accumulation where
+    the epoch has fewer left. Without it a window may reach into the next epoch.
+    """
 
     def __init__(self, examples: Sequence[Any], batch_size: int, collate: Any, seed: int,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, epoch_windows: bool = False) -> None:
         if not examples:
             raise ValueError("no examples to batch")
         self.examples, self.batch_size, self.collate, self.seed = list(examples), batch_size, collate, seed
         self.shuffle = shuffle  # False: every epoch in dataset order
+        self.epoch_windows = epoch_windows
         self.position = EpochPosition(self.plan)
+
+    def window_size(self, accumulation: int) -> int:
+        """Micro-batches of the next optimiser step: `accumulation`, with `epoch_windows` at most those left
+        in the epoch."""
+        return min(accumulation, self.position.left()) if self.epoch_windows else accumulation
 
     def plan(self, epoch: int) -> list[list[int]]:
         return seeded_batches(len(self.examples), self.batch_size, self.seed, epoch, self.shuffle)

@@ -36,6 +36,10 @@ class EpochPosition(Generic[Entry]):
         """Micro-batches in the current epoch."""
         return len(self.plan(self.epoch))
 
+    def left(self) -> int:
+        """Micro-batches of the current epoch not yet taken."""
+        return len(self) - self.index
+
     def take(self) -> Entry:
         """The next micro-batch's plan entry; the position moves past it, to the next epoch after the last."""
         plan = self.plan(self.epoch)

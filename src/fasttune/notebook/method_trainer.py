@@ -159,6 +159,7 @@ class _MethodTrainer:
             self.contract.pad_id,
             packing and self.method in ("dpo", "orpo"),
             shuffle=self.options.shuffle,
+            epoch_windows=True,  # each epoch ends on its own accumulation window, as in TRL's trainers
         )
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
@@ -168,7 +169,7 @@ class _MethodTrainer:
         from fasttune.data.packing import resolve_packing
         from fasttune.lora.reference import Reference
         from fasttune.train.distributed import launched_by_torchrun
-        from fasttune.train.loop import seed_everything
+        from fasttune.train.loop import epoch_slots, seed_everything
         from fasttune.train.precision import resolve_precision
 
         name = type(self).__name__
@@ -212,7 +213,8 @@ class _MethodTrainer:
         )
         self.model.prompt_contract = self.contract
         output, self.state = train_output(
-            result, records, runtime, len(self.train_dataset.examples), len(stream), t, method_metrics=True
+            result, records, runtime, len(self.train_dataset.examples),
+            epoch_slots(t, len(stream), getattr(stream, "epoch_windows", False)), t, method_metrics=True,
         )
         return output
 

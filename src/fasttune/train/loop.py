@@ -58,11 +58,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def count_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
-    """max_steps, or enough steps for num_train_epochs passes (the last window may reach into the next)."""
+def count_steps(cfg: TrainConfig, micro_batches_per_epoch: int, epoch_windows: bool = False) -> int:
+    """max_steps, or enough steps for num_train_epochs passes: the last window of an epoch may reach into the
+    next, or with `epoch_windows` (the stream ends each epoch on a shorter window) an epoch is
+    ceil(micro-batches / accumulation) steps, as transformers' Trainer counts them."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * micro_batches_per_epoch / cfg.gradient_accumulation_steps))
+    return max(1, math.ceil(cfg.num_train_epochs * epoch_slots(cfg, micro_batches_per_epoch, epoch_windows)
+                            / cfg.gradient_accumulation_steps))
+
+
+def epoch_slots(cfg: TrainConfig, micro_batches_per_epoch: int, epoch_windows: bool) -> int:
+    """The micro-batches an epoch takes of the steps' windows: with `epoch_windows` its last window counts
+    whole."""
+    accum = cfg.gradient_accumulation_steps
+    return -(-micro_batches_per_epoch // accum) * accum if epoch_windows else micro_batches_per_epoch
+
+
+def window_size(batches: Any, accum: int) -> int:
+    """Micro-batches of the next step: `accum`, or fewer where the stream ends its epoch on a shorter window
+    (a stream with `window_size`, `data/pair_batches.ExampleStream`)."""
+    size = getattr(batches, "window_size", None)
+    return size(accum) if size is not None else accum
 
 
 @torch.no_grad()
@@ -144,7 +161,9 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     objective = objective or TokenLoss()
     eval_objective = eval_objective or objective
     trainable = list(params.values())
-    accum, total = cfg.gradient_accumulation_steps, count_steps(cfg, len(batches))
+    epoch_windows = bool(getattr(batches, "epoch_windows", False))
+    accum, total = cfg.gradient_accumulation_steps, count_steps(cfg, len(batches), epoch_windows)
+    slots = epoch_slots(cfg, len(batches), epoch_windows)
     optimizer = build_optimizer(trainable, cfg)
     forward = ft_dist.wrap_ddp(model, d) if d.mode == "ddp" else model  # after the flat buffer exists
     scheduler = build_scheduler(optimizer, cfg, total)
@@ -285,7 +304,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
     try:
         while st["step"] < total:
             t0 = time.perf_counter()
-            window = [next(batches) for _ in range(accum)]
+            window = [next(batches) for _ in range(window_size(batches, accum))]
             # Normalise by the trained tokens of the whole window, not per micro-batch: rows of different
             # lengths then weigh the same whether they share a micro-batch or not. Under torchrun the window
             # spans every rank's slice, so its units (and input tokens, for the log) are summed over ranks.
@@ -357,7 +376,7 @@ def train_loop(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], ba
                 record({"kind": "train", "step": st["step"], "loss": mean_loss, "step_mean_loss": step_mean,
                         "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
                         "trained_tokens": st["trained_tokens"], "memory_gib": mem, "memory_kind": mem_kind,
-                        "epoch": st["step"] * accum / len(batches), **stats})
+                        "epoch": st["step"] * accum / slots, **stats})
                 log(f"step {st['step']:>5}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
                     + "".join(f"{k} {v:.4f}  " for k, v in stats.items())
                     + f"{tok_s:,.0f} tok/s  mem {mem:.2f} GiB")

@@ -97,9 +97,11 @@ def beta_of(cfg: RunConfig) -> float:
 
 
 def preference_parts(cfg: RunConfig, train: MethodData, held_out: MethodData | None, reference: Any,
-                     pad_id: int, packed: bool, shuffle: bool = True) -> tuple[Any, list | None, Any]:
+                     pad_id: int, packed: bool, shuffle: bool = True,
+                     epoch_windows: bool = False) -> tuple[Any, list | None, Any]:
     """(stream of micro-batches, eval micro-batches or None, objective) of dpo, orpo or kto; `shuffle`
-    False draws the rows in dataset order."""
+    False draws the rows in dataset order; `epoch_windows` ends each epoch on its own accumulation window
+    (`ExampleStream`)."""
     from fasttune.data.pair_batches import ExampleStream, collate_pairs, collate_unpaired, fixed_batches
     from fasttune.train.preference import DPOObjective, KTOObjective, ORPOObjective
 
@@ -121,7 +123,7 @@ def preference_parts(cfg: RunConfig, train: MethodData, held_out: MethodData | N
         objective = (ORPOObjective(beta) if me.method == "orpo"
                      else DPOObjective(reference, beta, me.loss_type or "sigmoid"))
     batch = cfg.train.per_device_train_batch_size
-    stream = ExampleStream(train.examples, batch, collate, cfg.train.seed, shuffle)
+    stream = ExampleStream(train.examples, batch, collate, cfg.train.seed, shuffle, epoch_windows)
     evals = None if held_out is None else fixed_batches(held_out.examples, batch, collate)
     return stream, evals, objective
 
