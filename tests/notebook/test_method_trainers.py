@@ -122,18 +122,20 @@ def test_dpo_trainer_runs_the_cli_dpo_run(model_dir, tmp_path):
 def test_each_epoch_ends_on_its_own_window_as_in_trls_dpo_trainer(model_dir, tmp_path):
     """5 pairs at batch 1 x accumulation 2 over 2 epochs: TRL's DPOTrainer (transformers' Trainer) takes 3
     steps an epoch, the third of one pair, 6 in all; the notebook's DPOTrainer the same, no window reaching
-    into the next epoch."""
+    into the next epoch, and save_strategy 'epoch' saves where TRL's does."""
     import transformers
 
     trl = pytest.importorskip("trl")
     pairs = PAIRS + [{"prompt": "Where is it played?", "chosen": "In Norhaven.", "rejected": "In Rome."}]
     kw = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "num_train_epochs": 2,
-          "max_length": 64, "beta": 0.1, "logging_steps": 1, "report_to": "none", "save_strategy": "no"}
+          "max_length": 64, "beta": 0.1, "logging_steps": 1, "report_to": "none", "save_strategy": "epoch"}
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     ref = trl.DPOTrainer(model=hf, args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, **kw),
                          train_dataset=datasets.Dataset.from_list(pairs), processing_class=tok)
     assert ref.train().global_step == 6
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "trl").glob("checkpoint-*"))
+    assert saved == [3, 6]
 
     model = _model(model_dir)
     trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(output_dir=str(tmp_path / "nb"), **kw),
@@ -142,6 +144,8 @@ def test_each_epoch_ends_on_its_own_window_as_in_trls_dpo_trainer(model_dir, tmp
     assert out.global_step == 6 and out.metrics["epoch"] == 2.0
     seen = [r["trained_tokens"] for r in _train_records(tmp_path / "nb")]  # pairs trained so far
     assert [b - a for a, b in zip([0] + seen, seen)] == [2, 2, 1, 2, 2, 1]
+    ours = sorted(p.name for p in (tmp_path / "nb" / "checkpoints").glob("step-*"))
+    assert ours == [f"step-{n}" for n in saved]
 
 
 def length_reward(completions, answer, **_):

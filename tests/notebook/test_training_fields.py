@@ -69,7 +69,7 @@ def test_best_strategies_are_refused(field):
 
 @pytest.mark.parametrize("field", ["save_strategy", "eval_strategy"])
 def test_epoch_strategies_are_refused_where_epochs_do_not_end_on_a_step(field):
-    with pytest.raises(ValueError, match=f"{field}='epoch' is supported by SFTTrainer only"):
+    with pytest.raises(ValueError, match=f"{field}='epoch' is not supported by GRPOTrainer"):
         to_train_config(TrainingArguments(output_dir="x", **{field: "epoch"}), device_type="cpu")
 
 
@@ -126,8 +126,8 @@ def test_the_trainer_evaluates_as_eval_strategy_says(peft, tmp_path):
 
 
 def test_epoch_strategies_save_and_evaluate_where_trls_trainer_does(peft, model_dir, tokenizer, tmp_path):
-    """save_strategy and eval_strategy 'epoch' as TRL's SFTTrainer (transformers' Trainer) runs them: 5 rows at
-    batch 2 x accumulation 2 make 3 micro-batches an epoch, so 2 steps (the second of one micro-batch), and
+    """save_strategy and eval_strategy 'epoch' as TRL's SFTTrainer (transformers' Trainer) runs them: 5 rows
+    at batch 2 x accumulation 2 make 3 micro-batches an epoch, so 2 steps (the second of one micro-batch), and
     1.5 epochs 3 steps: saved and evaluated at each epoch's last step and at the end."""
     from datasets import Dataset
 
@@ -135,9 +135,9 @@ def test_epoch_strategies_save_and_evaluate_where_trls_trainer_does(peft, model_
     kw = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "num_train_epochs": 1.5,
           "save_strategy": "epoch", "eval_strategy": "epoch", "logging_steps": 1, "report_to": "none"}
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    trl_args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_length=32, **kw)
     ref = trl.SFTTrainer(model=hf, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-                         eval_dataset=Dataset.from_list(ROWS),
-                         args=trl.SFTConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_length=32, **kw))
+                         eval_dataset=Dataset.from_list(ROWS), args=trl_args)
     assert ref.train().global_step == 3
     trl_saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "trl").glob("checkpoint-*"))
     trl_evals = [h["step"] for h in ref.state.log_history if "eval_loss" in h]

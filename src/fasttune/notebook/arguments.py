@@ -461,8 +461,9 @@ def to_train_config(
                          "which fasttune does not track; use 'steps'")
     for name, strategy in (("save_strategy", save_strategy), ("eval_strategy", eval_strategy)):
         if strategy == "epoch" and not epoch_strategies:
-            raise ValueError(f"TrainingArguments.{name}='epoch' is supported by SFTTrainer only; use 'steps' "
-                             f"with {name.split('_')[0]}_steps")
+            every = name.split("_")[0] + "_steps"
+            raise ValueError(f"TrainingArguments.{name}='epoch' is not supported by GRPOTrainer, whose "
+                             f"epochs do not end on a whole step; use 'steps' with {every}")
         if strategy not in ("steps", "no", "epoch"):
             raise ValueError(f"TrainingArguments.{name}={strategy!r}: expected 'steps', 'epoch' or 'no'")
     if get("average_tokens_across_devices", True) is False and int(os.environ.get("WORLD_SIZE", "1")) > 1:

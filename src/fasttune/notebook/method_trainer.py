@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fasttune.notebook.arguments import check_fields, to_train_config
+from fasttune.notebook.arguments import check_fields, epoch_intervals, to_train_config
 from fasttune.notebook.dataset import dataset_rows
 from fasttune.notebook.method_args import TABLES, default_args, method_options
 from fasttune.notebook.model import NotebookModel
@@ -137,7 +137,8 @@ class _MethodTrainer:
         inner = self.model.model
         mode = inner.gradient_checkpointing if self.model.lora_config is not None else None
         train = to_train_config(
-            self.args, device_type=device_type, gradient_checkpointing=mode, table=self.table
+            self.args, device_type=device_type, gradient_checkpointing=mode, table=self.table,
+            epoch_strategies=self.method != "grpo",  # its epochs end on a whole step (`ExampleStream`)
         )
         train = dataclasses.replace(train, resume=resume)
         return RunConfig(
@@ -206,6 +207,10 @@ class _MethodTrainer:
         reference = Reference(params, None)  # the adapter switched off
         packing = resolve_packing("auto", exact=getattr(inner, "supports_packing", False))
         stream, eval_batches, objective = self._parts(cfg, inner, reference, packing)
+        if getattr(stream, "epoch_windows", False):  # 'epoch' strategies: every epoch's last step
+            steps_per_epoch = epoch_slots(t, len(stream), True) // t.gradient_accumulation_steps
+            t = dataclasses.replace(t, **epoch_intervals(self.args, steps_per_epoch))
+            cfg = dataclasses.replace(cfg, train=t)
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
         result, records, runtime = recorded_train_loop(
             inner, params, stream, t, report_to=t.report_to, config=cfg.to_dict(), eval_batches=eval_batches,
