@@ -207,8 +207,10 @@ class _MethodTrainer:
         reference = Reference(params, None)  # the adapter switched off
         packing = resolve_packing("auto", exact=getattr(inner, "supports_packing", False))
         stream, eval_batches, objective = self._parts(cfg, inner, reference, packing)
-        if getattr(stream, "epoch_windows", False):  # 'epoch' strategies: every epoch's last step
-            steps_per_epoch = epoch_slots(t, len(stream), True) // t.gradient_accumulation_steps
+        windows = getattr(stream, "epoch_windows", False)  # GRPO's stream has none
+        slots = epoch_slots(t, len(stream), windows)
+        if windows:  # 'epoch' strategies: every epoch's last step
+            steps_per_epoch = slots // t.gradient_accumulation_steps
             t = dataclasses.replace(t, **epoch_intervals(self.args, steps_per_epoch))
             cfg = dataclasses.replace(cfg, train=t)
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
@@ -218,8 +220,7 @@ class _MethodTrainer:
         )
         self.model.prompt_contract = self.contract
         output, self.state = train_output(
-            result, records, runtime, len(self.train_dataset.examples),
-            epoch_slots(t, len(stream), getattr(stream, "epoch_windows", False)), t, method_metrics=True,
+            result, records, runtime, len(self.train_dataset.examples), slots, t, method_metrics=True
         )
         return output
 
